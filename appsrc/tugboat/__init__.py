@@ -1,0 +1,3 @@
+"""Tugboat: a workbench for making neural networks smaller and faster."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from tugboat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,272 @@
+"""Datasets: the demo set, ``.npz`` arrays, image folders and CSV files, with fixed splits.
+
+A :class:`Dataset` holds every sample as numpy arrays keyed by the model's input names, optional
+integer labels, and index arrays for the ``train`` / ``val`` / ``calib`` / ``test`` splits. Without
+labels, quality is measured as fidelity to the original model.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import zoo
+from .errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import ModelHandle
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SPLITS = ("train", "val", "calib", "test")
+
+
+@dataclass
+class Dataset:
+    ref: str
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    splits: dict[str, np.ndarray]
+    classes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def split(self, name: str, limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        idx = self.splits[name]
+        if limit is not None:
+            idx = idx[:limit]
+        xs = {k: v[idx] for k, v in self.inputs.items()}
+        return xs, (self.labels[idx] if self.labels is not None else None)
+
+    def split_sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.splits.items()}
+
+    def batches(self, split: str, batch_size: int, *, names: list[str], shuffle: bool = False,
+                seed: int = 0, extra: list[np.ndarray] | None = None,
+                ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]]:
+        """Yield (inputs in ``names`` order, labels or None, rows of ``extra`` arrays) per batch.
+
+        ``extra`` arrays are aligned with the split (e.g. cached teacher outputs)."""
+        idx = self.splits[split]
+        order = np.random.default_rng(seed).permutation(len(idx)) if shuffle else np.arange(len(idx))
+        for i in range(0, len(idx), batch_size):
+            local = order[i : i + batch_size]
+            rows = idx[local]
+            xs = [torch.from_numpy(np.ascontiguousarray(self.inputs[n][rows])) for n in names]
+            ys = torch.from_numpy(self.labels[rows]) if self.labels is not None else None
+            ex = [torch.from_numpy(np.ascontiguousarray(e[local])) for e in (extra or [])]
+            yield xs, ys, ex
+
+    def summary(self) -> dict:
+        return {"ref": self.ref, "samples": len(self), "labels": self.has_labels,
+                "classes": len(self.classes) if self.classes else None,
+                "splits": self.split_sizes(),
+                "inputs": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)}
+                           for k, v in self.inputs.items()}}
+
+
+def default_splits(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    if n < 2:
+        raise DataError(f"has {n} sample{'s' if n != 1 else ''}; at least 2 are needed to measure anything")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, round(n * 0.2))
+    n_val = max(1, round(n * 0.1)) if n >= 10 else 0
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    if len(train) == 0:
+        train = test
+    if len(val) == 0:
+        val = test
+    return {"train": np.sort(train), "val": np.sort(val), "calib": np.sort(train[:256]),
+            "test": np.sort(test)}
+
+
+def load_data(ref: str | os.PathLike, model: ModelHandle | None = None, *,
+              label_column: str = "label") -> Dataset:
+    """Load a data reference and check it against the model's inputs (when given)."""
+    ref = str(ref)
+    if ref.startswith("demo:"):
+        ds = _load_demo(ref)
+    else:
+        path = Path(ref)
+        if not path.exists():
+            raise DataError("file or folder not found", path=ref)
+        if path.is_dir():
+            ds = _load_image_folder(path, model)
+        elif path.suffix.lower() == ".npz":
+            ds = _load_npz(path, model)
+        elif path.suffix.lower() == ".csv":
+            ds = _load_csv(path, model, label_column)
+        else:
+            raise DataError(f"unknown data format '{path.suffix or '(none)'}'", path=ref,
+                            hint="use demo:digits, a .npz, a .csv or a folder of class sub-folders")
+    if model is not None:
+        check_against(ds, model)
+    return ds
+
+
+def _load_demo(ref: str) -> Dataset:
+    name = ref[5:]
+    if name not in zoo.DEMO_DATASETS:
+        raise DataError(f"unknown demo dataset; available: {', '.join('demo:' + d for d in zoo.DEMO_DATASETS)}",
+                        path=ref)
+    x, y = zoo.digits_arrays()
+    return Dataset(ref, {"input": x}, y, zoo.digits_splits(len(x)), classes=[str(i) for i in range(10)])
+
+
+def _load_npz(path: Path, model: ModelHandle | None) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError("holds pickled object arrays, which are never loaded", path=path) from None
+        raise DataError(f"not a readable .npz file ({exc})", path=path) from None
+    except Exception as exc:
+        raise DataError(f"not a readable .npz file ({' '.join(str(exc).split())[:160]})", path=path) from None
+    if not arrays:
+        raise DataError("holds no arrays", path=path)
+    labels = arrays.pop("labels", None)
+    if model is not None:
+        names = model.input_names
+        if len(names) == 1 and names[0] not in arrays and len(arrays) == 1:
+            # a single unnamed array feeds a single-input model
+            arrays = {names[0]: next(iter(arrays.values()))}
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise DataError(
+                f"has no array named {', '.join(map(repr, missing))} (the model's input"
+                f"{'s' if len(names) > 1 else ''}: {', '.join(names)}); arrays found: "
+                f"{', '.join(arrays) or 'none'}", path=path)
+        arrays = {n: arrays[n] for n in names}
+    return _make_dataset(str(path), arrays, labels)
+
+
+def _make_dataset(ref: str, arrays: dict[str, np.ndarray], labels, classes=None) -> Dataset:
+    lengths = {k: (len(v) if v.ndim else 0) for k, v in arrays.items()}
+    if any(n == 0 for n in lengths.values()):
+        raise DataError("holds no samples (an array is empty)", path=ref)
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"arrays have different sample counts: {lengths}", path=ref)
+    n = next(iter(lengths.values()))
+    for k, v in arrays.items():
+        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            raise DataError(f"array '{k}' contains NaN or Inf values", path=ref)
+        if v.dtype.kind not in "fiub":
+            raise DataError(f"array '{k}' has dtype {v.dtype}; numbers are needed", path=ref)
+        if v.dtype == np.float64:
+            arrays[k] = v.astype(np.float32)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataError(f"'labels' must be a 1-D integer array, got shape {labels.shape} "
+                            f"dtype {labels.dtype}", path=ref)
+        if len(labels) != n:
+            raise DataError(f"has {len(labels)} labels for {n} samples", path=ref)
+        if labels.min() < 0:
+            raise DataError("'labels' contains negative class indices", path=ref)
+        labels = labels.astype(np.int64)
+    try:
+        splits = default_splits(n)
+    except DataError as exc:
+        raise DataError(exc.message, path=ref) from None
+    return Dataset(ref, arrays, labels, splits, classes)
+
+
+def _load_csv(path: Path, model: ModelHandle | None, label_column: str) -> Dataset:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"not a readable CSV file ({exc})", path=path) from None
+    if len(rows) < 2:
+        raise DataError("has no data rows", path=path)
+    header, body = rows[0], [r for r in rows[1:] if r]
+    labels = None
+    try:
+        table = np.array([[float(v) for v in r] for r in body], dtype=np.float32)
+    except ValueError as exc:
+        raise DataError(f"has a non-numeric value ({exc})", path=path) from None
+    if table.ndim != 2 or table.shape[1] != len(header):
+        raise DataError(f"rows have different numbers of columns than the header ({len(header)})", path=path)
+    if label_column in header:
+        col = header.index(label_column)
+        labels = table[:, col].astype(np.int64)
+        table = np.delete(table, col, axis=1)
+    name = model.input_names[0] if model is not None else "input"
+    if model is not None:
+        shape = model.inputs[0].shape[1:]
+        if all(isinstance(d, int) for d in shape) and int(np.prod(shape)) == table.shape[1]:
+            table = table.reshape(len(table), *shape)
+    return _make_dataset(str(path), {name: table}, labels)
+
+
+def _load_image_folder(path: Path, model: ModelHandle | None) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError("has no class sub-folders (expected one sub-folder of images per class)", path=path)
+    if model is not None:
+        shape = model.inputs[0].shape[1:]
+    else:
+        shape = (3, 32, 32)
+    if len(shape) != 3 or not all(isinstance(d, int) for d in shape):
+        raise DataError(f"images need a model input of shape (C, H, W); the model takes {shape}", path=path)
+    c, h, w = shape
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((path / cls).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if c == 1 else "RGB").resize((w, h))
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"image could not be read ({exc})", path=f) from None
+            xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise DataError("holds no images", path=path)
+    name = model.input_names[0] if model is not None else "input"
+    return _make_dataset(str(path), {name: np.stack(xs)}, np.array(ys), classes)
+
+
+def check_against(ds: Dataset, model: ModelHandle) -> None:
+    """Names, shapes and dtypes of the data must fit the model's inputs; labels its outputs."""
+    for spec in model.inputs:
+        if spec.name not in ds.inputs:
+            raise DataError(f"has no array for the model's input '{spec.name}' "
+                            f"(found: {', '.join(ds.inputs)})", path=ds.ref)
+        arr = ds.inputs[spec.name]
+        want = spec.shape[1:]
+        got = arr.shape[1:]
+        if len(want) != len(got) or any(isinstance(d, int) and d > 0 and d != g for d, g in zip(want, got)):
+            raise DataError(f"array '{spec.name}' has samples of shape {tuple(got)}; the model expects "
+                            f"{tuple(want)}", path=ds.ref)
+        want_int = spec.dtype.startswith(("int", "uint", "bool"))
+        if want_int != (arr.dtype.kind in "iub"):
+            raise DataError(f"array '{spec.name}' has dtype {arr.dtype}; the model expects {spec.dtype}",
+                            path=ds.ref)
+        if want_int and arr.dtype != np.dtype(spec.dtype):
+            ds.inputs[spec.name] = arr.astype(spec.dtype)
+        if not want_int and arr.dtype != np.float32 and spec.dtype == "float32":
+            ds.inputs[spec.name] = arr.astype(np.float32)
+    if ds.labels is not None and model.outputs and model.task == "classification":
+        out = model.outputs[0].shape
+        n_classes = out[-1] if out and isinstance(out[-1], int) else None
+        if n_classes is not None and int(ds.labels.max()) >= n_classes:
+            raise DataError(f"has label {int(ds.labels.max())} but the model has {n_classes} classes",
+                            path=ds.ref)

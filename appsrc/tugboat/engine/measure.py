@@ -1,0 +1,336 @@
+"""Honest measurement: size on disk, parameters, FLOPs, latency in a real runtime, quality.
+
+Every number here is measured on the artifact that would be deployed (the ONNX graph) or on the
+torch module itself; nothing is estimated. Latency runs warm-up iterations first, then repeats
+until both a minimum count and a minimum time are reached, and reports median and p90 with the
+batch size, thread count and runtime it was measured with (threads pinned while measuring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from .errors import NumericalError
+from .models import ModelHandle
+from .progress import Progress, null_progress
+from .runtime import ort_session, predict, torch_threads
+
+RUNTIMES = ("onnxruntime", "torch")
+
+
+def default_threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+@dataclass
+class MeasureConfig:
+    """How latency is measured: the user's deployment target (``[measure]`` in a recipe)."""
+
+    batch: int = 64
+    threads: int = 0  # 0: the default (up to 2)
+    runtime: str = "onnxruntime"
+    warmup: int = 5
+    min_runs: int = 15
+    min_seconds: float = 0.25
+    max_seconds: float = 2.0
+    also_batch1: bool = True  # also time batch 1 (interactive use)
+    both_runtimes: bool = True  # also time the other runtime when the variant can run there
+
+    def __post_init__(self) -> None:
+        if not self.threads:
+            self.threads = default_threads()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- size --------------------------------------------------------------------------------------
+
+def size_metrics(artifact: bytes) -> dict[str, int]:
+    """Artifact bytes and deflate-compressed bytes (what sparsity saves in a zip or an app store)."""
+    return {"size_bytes": len(artifact), "compressed_bytes": len(zlib.compress(artifact, 6))}
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------
+
+_CONV = {"Conv", "ConvInteger", "QLinearConv", "ConvTranspose"}
+_MATMUL = {"MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulNBits",
+           "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+def onnx_flops(model: onnx.ModelProto, batch: int = 1) -> tuple[int, list[dict[str, Any]]]:
+    """FLOPs (2 x multiply-accumulates) of Conv / MatMul / Gemm nodes at ``batch``, per node too."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    inits = {i.name for i in work.graph.initializer}
+    for value in work.graph.input:
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if not d.HasField("dim_value"):
+                d.dim_value = batch if i == 0 else 1
+    with contextlib.suppress(Exception):
+        work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
+    shapes: dict[str, list[int]] = {}
+    for init in work.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for v in list(work.graph.value_info) + list(work.graph.input) + list(work.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [d.dim_value for d in dims]
+    total, rows = 0, []
+    for node in work.graph.node:
+        flops = _node_flops(node, shapes)
+        if flops:
+            total += flops
+            rows.append({"name": node.name or node.output[0], "type": node.op_type, "flops": flops})
+    return total, rows
+
+
+def _node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    out = shapes.get(node.output[0]) if node.output else None
+    if not out:
+        return 0
+    op = node.op_type
+    if op in _CONV:
+        w_index = 3 if op == "QLinearConv" else 1
+        w = shapes.get(node.input[w_index]) if len(node.input) > w_index else None
+        if not w:
+            return 0
+        if op == "ConvTranspose":
+            return 2 * int(np.prod(shapes.get(node.input[0], [0]))) * int(np.prod(w[1:]))
+        return 2 * int(np.prod(out)) * int(np.prod(w[1:]))
+    if op in _MATMUL:
+        if op == "MatMulNBits":
+            k = next((a.i for a in node.attribute if a.name == "K"), 0)
+        else:
+            a = shapes.get(node.input[0])
+            k = a[-1] if a else 0
+        return 2 * int(np.prod(out)) * int(k)
+    if op == "Gemm":
+        a = shapes.get(node.input[0])
+        trans_a = next((att.i for att in node.attribute if att.name == "transA"), 0)
+        if not a:
+            return 0
+        k = a[0] if trans_a else a[-1]
+        return 2 * int(np.prod(out)) * int(k)
+    return 0
+
+
+def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
+    """One row per layer with weights: name, type, params, FLOPs at batch 1.
+
+    From the torch module (FlopCounterMode per module) when there is one, else the ONNX nodes."""
+    if handle.module is not None and handle.onnx_model is None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        module = handle.module
+        counter = FlopCounterMode(display=False)
+        try:
+            with counter, torch.inference_mode():
+                module(*handle.example_inputs(1))
+            counts = counter.get_flop_counts()
+        except Exception:
+            counts = {}
+        rows = []
+        for name, sub in module.named_modules():
+            own = list(sub.parameters(recurse=False))
+            if not name or not own:
+                continue
+            key = next((k for k in counts if k.endswith("." + name) or k == name), None)
+            flops = int(sum(counts[key].values())) if key else 0
+            rows.append({"name": name, "type": type(sub).__name__,
+                         "params": int(sum(p.numel() for p in own)), "flops": flops})
+        return rows
+    model = handle.to_onnx()
+    _, nodes = onnx_flops(model)
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    rows = []
+    for node, info in zip([n for n in model.graph.node if (n.name or n.output[0]) in
+                           {r["name"] for r in nodes}], nodes):
+        params = sum(sizes.get(i, 0) for i in node.input[1:] if sizes.get(i, 0) > 1)
+        rows.append({"name": info["name"], "type": info["type"], "params": params, "flops": info["flops"]})
+    return rows
+
+
+# --- latency -----------------------------------------------------------------------------------
+
+def _time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None) -> list[float]:
+    for _ in range(cfg.warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+        elapsed = time.perf_counter() - start
+        if (len(times) >= cfg.min_runs and elapsed >= cfg.min_seconds) or elapsed >= cfg.max_seconds:
+            break
+        if progress is not None and len(times) % 10 == 0:
+            progress.check()
+    return times
+
+
+def _summary(times: list[float], batch: int, threads: int, runtime: str) -> dict[str, Any]:
+    times = sorted(times)
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+    return {"median": round(statistics.median(times), 4), "p90": round(p90, 4), "batch": batch,
+            "threads": threads, "runtime": runtime, "device": "cpu", "runs": len(times)}
+
+
+def batch_inputs(handle: ModelHandle, batch: int, samples: dict[str, np.ndarray] | None) -> list[np.ndarray]:
+    """A batch of real samples when there are any (repeated to fill), random ones otherwise."""
+    if samples:
+        out = []
+        for name in handle.input_names:
+            arr = samples[name]
+            reps = int(np.ceil(batch / len(arr)))
+            out.append(np.ascontiguousarray(np.concatenate([arr] * reps)[:batch]))
+        return out
+    return [t.numpy() for t in handle.example_inputs(batch)]
+
+
+def latency_onnx(model: onnx.ModelProto | bytes, inputs: list[np.ndarray], cfg: MeasureConfig,
+                 progress: Progress | None = None, session=None) -> dict[str, Any]:
+    sess = session or ort_session(model, cfg.threads)
+    feeds = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
+    times = _time_loop(lambda: sess.run(None, feeds), cfg, progress)
+    return _summary(times, len(inputs[0]), cfg.threads, "onnxruntime")
+
+
+def latency_torch(module: torch.nn.Module, inputs: list[np.ndarray], cfg: MeasureConfig,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    module.eval()
+    tensors = [torch.from_numpy(x) for x in inputs]
+    with torch_threads(cfg.threads), torch.inference_mode():
+        times = _time_loop(lambda: module(*tensors), cfg, progress)
+    return _summary(times, len(inputs[0]), cfg.threads, "torch")
+
+
+def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
+                progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """Latency per runtime and batch: ``{"onnxruntime": {"b64": {...}, "b1": {...}}, "torch": ...}``."""
+    batches = [cfg.batch] + ([1] if cfg.also_batch1 and cfg.batch != 1 else [])
+    runtimes = [cfg.runtime]
+    if cfg.both_runtimes:
+        runtimes += [r for r in RUNTIMES if r != cfg.runtime]
+    torch_ok = handle.module is not None and handle.onnx_model is None
+    result: dict[str, dict[str, Any]] = {}
+    session = None
+    for runtime in runtimes:
+        if runtime == "torch" and not torch_ok:
+            continue
+        result[runtime] = {}
+        for b in batches:
+            x = batch_inputs(handle, b, samples)
+            if runtime == "onnxruntime":
+                session = session or ort_session(handle.to_onnx(), cfg.threads)
+                result[runtime][f"b{b}"] = latency_onnx(None, x, cfg, progress, session=session)
+            else:
+                result[runtime][f"b{b}"] = latency_torch(handle.module, x, cfg, progress)
+    return result
+
+
+# --- quality -----------------------------------------------------------------------------------
+
+def check_finite(outputs: list[np.ndarray], where: str) -> None:
+    for i, o in enumerate(outputs):
+        if o.dtype.kind == "f" and not np.all(np.isfinite(o)):
+            bad = int(np.count_nonzero(~np.isfinite(o)))
+            raise NumericalError(f"output {i} has {bad} NaN/Inf values out of {o.size}", path=where)
+
+
+def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray] | None,
+             classification: bool = True) -> dict[str, float | None]:
+    if reference is None:
+        return {"top1_agreement": 1.0 if classification else None, "cosine": 1.0, "rel_error": 0.0}
+    y = outputs[0].astype(np.float64).reshape(len(outputs[0]), -1)
+    y0 = reference[0].astype(np.float64).reshape(len(reference[0]), -1)
+    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(y0, axis=1)
+    cos = np.sum(y * y0, axis=1) / np.maximum(norms, 1e-12)
+    rel = float(np.linalg.norm(y - y0) / max(np.linalg.norm(y0), 1e-12))
+    top1 = float(np.mean(y.argmax(1) == y0.argmax(1))) if classification else None
+    return {"top1_agreement": top1, "cosine": float(np.clip(cos.mean(), -1, 1)), "rel_error": rel}
+
+
+def quality(handle: ModelHandle, data, reference: list[np.ndarray] | None, runtime: str,
+            threads: int, progress: Progress | None = None) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Accuracy (with labels) and fidelity to ``reference`` on the test split; also the outputs."""
+    xs, labels = data.split("test")
+    outputs = predict(handle, xs, runtime=runtime, threads=threads, progress=progress)
+    check_finite(outputs, handle.source)
+    classification = handle.task == "classification"
+    acc = None
+    if labels is not None and classification:
+        acc = float(np.mean(outputs[0].reshape(len(labels), -1).argmax(1) == labels))
+    return {"accuracy": acc, "fidelity": fidelity(outputs, reference, classification)}, outputs
+
+
+# --- all together --------------------------------------------------------------------------------
+
+def measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
+            reference: list[np.ndarray] | None = None, progress: Progress | None = None,
+            artifact: bytes | None = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+    """All metrics of DESIGN.md for one model; returns (metrics, test-split outputs)."""
+    cfg = cfg or MeasureConfig()
+    progress = progress or null_progress()
+    t0 = time.perf_counter()
+    progress.update(0.0, "measuring size")
+    model = handle.to_onnx()
+    artifact = artifact if artifact is not None else model.SerializeToString()
+    metrics: dict[str, Any] = size_metrics(artifact)
+    params, nonzero = handle.param_count()
+    metrics["params"] = max(1, params)
+    metrics["nonzero_params"] = nonzero
+    try:
+        metrics["flops"] = onnx_flops(model)[0]
+    except Exception:
+        metrics["flops"] = None
+    runtime = cfg.runtime if (cfg.runtime != "torch" or (handle.module is not None and handle.onnx_model is None)) \
+        else "onnxruntime"
+    outputs = None
+    if data is not None:
+        progress.update(0.1, "measuring quality")
+        q, outputs = quality(handle, data, reference, runtime, cfg.threads, progress.sub(0.1, 0.4))
+        metrics.update(q)
+    else:
+        metrics["accuracy"] = None
+        metrics["fidelity"] = fidelity([np.zeros(1)], None, handle.task == "classification")
+    progress.update(0.4, "measuring latency")
+    samples = data.split("test", limit=cfg.batch)[0] if data is not None else None
+    lat = latency_all(handle, cfg, samples, progress)
+    metrics["latency_ms"] = lat.get(runtime, {}).get(f"b{cfg.batch}") or next(
+        iter(next(iter(lat.values())).values()))
+    metrics["latency"] = lat
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    progress.update(1.0, "measured")
+    return metrics, outputs
+
+
+def slower_than(variant: dict[str, Any], baseline: dict[str, Any], tolerance: float = 1.05) -> list[str]:
+    """The "is it actually faster?" check: warnings for every runtime/batch where the variant is
+    slower than the float baseline measured with the same runtime, batch and threads."""
+    warnings: list[str] = []
+    for runtime, per_batch in (variant.get("latency") or {}).items():
+        for key, lat in per_batch.items():
+            base = (baseline.get("latency") or {}).get(runtime, {}).get(key)
+            if not base or base.get("threads") != lat.get("threads"):
+                continue
+            if lat["median"] > base["median"] * tolerance:
+                warnings.append(
+                    f"slower than the original in {runtime} at batch {lat['batch']}: "
+                    f"{lat['median']:.3g} ms vs {base['median']:.3g} ms "
+                    f"({lat['median'] / base['median']:.2f}x)")
+    return warnings

@@ -1,0 +1,588 @@
+"""Loading and saving models: one :class:`ModelHandle` for every format.
+
+Formats: ONNX (kept as the original graph for ONNX Runtime and converted with onnx2torch for
+techniques that need torch), TorchScript, ``torch.export`` programs (``.pt2``), a ``state_dict``
+for a named built-in architecture, a whole pickled ``nn.Module`` (only when the caller passes
+``trust=True``), and the demo zoo (``demo:NAME``).
+
+Nothing is unpickled unless trusted: plain ``torch.load`` always runs with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import sys
+import types
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import zoo
+from .errors import ModelLoadError, UntrustedFileError
+
+ONNX_OPSET = 17
+METADATA_NAME = "tugboat.json"  # spec stored inside TorchScript / .pt2 archives we write
+
+_NP_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
+}
+
+
+@dataclass
+class TensorSpec:
+    """A model input or output: name, shape (``None`` or a string for symbolic dims), dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: str = "float32"
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        dims = []
+        for i, d in enumerate(self.shape):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+            elif i == 0:
+                dims.append(batch)
+            else:
+                raise ModelLoadError(
+                    f"input '{self.name}' has an unknown size in dimension {i} ({self.shape})",
+                    hint="give the input shape, e.g. --input-shape 1,8,8",
+                )
+        return tuple(dims)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(d["name"], tuple(d["shape"]), d.get("dtype", "float32"))
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model and everything known about it.
+
+    ``module`` is the torch module (``None`` when the model exists only as an ONNX graph, e.g. an
+    ONNX file onnx2torch could not convert, or an ONNX Runtime int8 variant). ``onnx_model`` is an
+    ONNX graph that is *the* deployable artifact when set (loaded ONNX files, quantized variants);
+    when ``None`` the artifact is exported from ``module`` on demand.
+    """
+
+    module: nn.Module | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    source: str
+    format: str
+    onnx_model: onnx.ModelProto | None = None
+    task: str = "classification"  # classification | embedding | regression
+    arch: str | None = None
+    conversion_error: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # steps applied, in order
+    info: dict[str, Any] = field(default_factory=dict)  # technique notes (kept layers, ...)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def has_torch(self) -> bool:
+        return self.module is not None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def derive(self, module: nn.Module | None = None, onnx_model: onnx.ModelProto | None = None,
+               step: dict[str, Any] | None = None) -> ModelHandle:
+        """A new handle for a variant made from this one (the original stays untouched)."""
+        new = copy.copy(self)
+        new.module = module
+        new.onnx_model = onnx_model
+        new.conversion_error = None if module is not None else self.conversion_error
+        new.history = [*self.history, step] if step else list(self.history)
+        new.info = dict(self.info)
+        new.warnings = list(self.warnings)
+        return new
+
+    def example_inputs(self, batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for spec in self.inputs:
+            shape = spec.concrete(batch)
+            if spec.dtype.startswith("int"):
+                high = int(self.info.get("vocab_size", {}).get(spec.name, 2))
+                out.append(torch.randint(0, high, shape, generator=gen, dtype=getattr(torch, spec.dtype)))
+            elif spec.dtype == "bool":
+                out.append(torch.ones(shape, dtype=torch.bool))
+            else:
+                out.append(torch.rand(shape, generator=gen, dtype=getattr(torch, spec.dtype)))
+        return out
+
+    def torch_module(self) -> nn.Module:
+        if self.module is None:
+            why = self.conversion_error or "this variant exists only as an ONNX graph"
+            raise ModelLoadError(f"no trainable torch module: {why}", path=self.source)
+        return self.module
+
+    def param_count(self) -> tuple[int, int]:
+        """(parameters, non-zero parameters); from the torch module or the ONNX initializers."""
+        if self.module is not None and self.onnx_model is None:
+            params = nonzero = 0
+            for t in _unique_tensors(self.module):
+                params += t.numel()
+                nonzero += int(torch.count_nonzero(t))
+            return params, nonzero
+        return onnx_param_count(self.to_onnx())
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """The deployable ONNX graph (exported from torch with a dynamic batch if needed)."""
+        if self.onnx_model is not None:
+            return self.onnx_model
+        from .export import export_onnx_model
+
+        return export_onnx_model(self)
+
+    def spec_dict(self) -> dict[str, Any]:
+        return {"inputs": [s.to_dict() for s in self.inputs],
+                "outputs": [s.to_dict() for s in self.outputs],
+                "task": self.task, "arch": self.arch}
+
+
+def _unique_tensors(module: nn.Module):
+    seen: set[int] = set()
+    for t in module.parameters():
+        if id(t) not in seen and t.dim() > 0:
+            seen.add(id(t))
+            yield t.detach()
+
+
+def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
+    """Elements of weight initializers (scalars such as scales and zero points excluded)."""
+    from onnx import numpy_helper
+
+    params = nonzero = 0
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        if n <= 1 or init.data_type == onnx.TensorProto.INT64:
+            continue
+        params += n
+        nonzero += int(np.count_nonzero(numpy_helper.to_array(init)))
+    return params, nonzero
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None = None,
+               input_shape: tuple[int, ...] | None = None) -> ModelHandle:
+    """Load a model reference: ``demo:NAME`` or a file path.
+
+    ``trust`` allows unpickling a whole ``nn.Module`` (arbitrary code can run: only for files the
+    user vouches for). ``arch`` names the built-in architecture for a bare ``state_dict``.
+    ``input_shape`` (without batch) fills in the input spec when the file does not record it.
+    """
+    ref = str(ref)
+    if ref.startswith("demo:"):
+        return load_demo(ref[5:])
+    path = Path(ref)
+    if not path.exists():
+        raise ModelLoadError("file not found", path=ref)
+    if path.is_dir():
+        raise ModelLoadError("is a folder, not a model file", path=ref)
+    if path.stat().st_size == 0:
+        raise ModelLoadError("the file is empty", path=ref)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return load_onnx(path)
+    if suffix == ".pt2":
+        return _with_shape(_load_exported(path), input_shape, path)
+    if suffix in (".pt", ".pth", ".bin", ".ckpt", ".torchscript", ".jit"):
+        return _with_shape(_load_torch_file(path, trust=trust, arch=arch), input_shape, path)
+    raise ModelLoadError(
+        f"unknown model format '{suffix or '(no extension)'}'",
+        path=ref, hint="supported: .onnx, .pt/.pth (TorchScript, state_dict or trusted pickle), .pt2",
+    )
+
+
+def load_demo(name: str, progress=None) -> ModelHandle:
+    if name not in zoo.ARCHITECTURES:
+        raise ModelLoadError(
+            f"unknown demo model '{name}'; available: {', '.join('demo:' + a for a in zoo.ARCHITECTURES)}",
+            path=f"demo:{name}",
+        )
+    module = zoo.pretrained(name, progress)
+    return ModelHandle(module, [TensorSpec("input", ("batch", *zoo.IMAGE_SHAPE))],
+                       [TensorSpec("logits", ("batch", zoo.NUM_CLASSES))],
+                       source=f"demo:{name}", format="demo", arch=name)
+
+
+def _with_shape(handle: ModelHandle, input_shape, path) -> ModelHandle:
+    if input_shape is not None:
+        if len(handle.inputs) > 1:
+            raise ModelLoadError("--input-shape only works for single-input models", path=path)
+        name = handle.inputs[0].name if handle.inputs else "input"
+        dtype = handle.inputs[0].dtype if handle.inputs else "float32"
+        handle.inputs = [TensorSpec(name, ("batch", *input_shape), dtype)]
+    if not handle.outputs and handle.inputs and all(
+        isinstance(d, int) for d in handle.inputs[0].shape[1:]
+    ):
+        handle.outputs = _infer_outputs(handle)
+    return handle
+
+
+def _infer_outputs(handle: ModelHandle) -> list[TensorSpec]:
+    try:
+        with torch.inference_mode():
+            out = handle.torch_module()(*handle.example_inputs(2))
+    except Exception as exc:
+        raise ModelLoadError(f"the model fails on inputs of shape {handle.inputs[0].shape}: {exc}",
+                             path=handle.source) from exc
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    return [TensorSpec(n, ("batch", *o.shape[1:]), str(o.dtype).replace("torch.", ""))
+            for n, o in zip(names, outs)]
+
+
+def _read_meta(extra: dict[str, Any]) -> dict[str, Any]:
+    raw = extra.get(METADATA_NAME)
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, TypeError):
+        return {}
+
+
+def _apply_meta(handle: ModelHandle, meta: dict[str, Any]) -> ModelHandle:
+    if meta.get("inputs"):
+        handle.inputs = [TensorSpec.from_dict(d) for d in meta["inputs"]]
+    if meta.get("outputs"):
+        handle.outputs = [TensorSpec.from_dict(d) for d in meta["outputs"]]
+    handle.task = meta.get("task", handle.task)
+    handle.arch = meta.get("arch", handle.arch)
+    return handle
+
+
+def _zip_names(path: Path) -> list[str] | None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def _load_torch_file(path: Path, *, trust: bool, arch: str | None) -> ModelHandle:
+    names = _zip_names(path)
+    if names is not None and any(n.split("/", 1)[-1].startswith("code/") for n in names):
+        return _load_torchscript(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "Unsupported global" in text or "Unsupported operand" in text or "weights_only" in text:
+            if not trust:
+                raise UntrustedFileError(
+                    "holds pickled Python objects, which can run arbitrary code when loaded; "
+                    "it was not loaded",
+                    path=path,
+                    hint="if you trust where this file came from, load it with --trust "
+                    "(or confirm in the app)",
+                ) from None
+            return _load_pickled_module(path)
+        raise ModelLoadError(f"not a readable PyTorch file ({_short(exc)})", path=path) from None
+    if isinstance(obj, dict):
+        state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
+        meta = obj.get("tugboat", {}) if isinstance(obj.get("tugboat"), dict) else {}
+        return _from_state_dict(path, state, arch or meta.get("arch"), meta)
+    raise ModelLoadError(f"holds a {type(obj).__name__}, not a model or a state_dict", path=path)
+
+
+def _load_torchscript(path: Path) -> ModelHandle:
+    extra = {METADATA_NAME: ""}
+    try:
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as exc:
+        raise ModelLoadError(f"not a valid TorchScript archive ({_short(exc)})", path=path) from None
+    handle = ModelHandle(module.eval(), [], [], source=str(path), format="torchscript")
+    return _apply_meta(handle, _read_meta(extra))
+
+
+def _load_exported(path: Path) -> ModelHandle:
+    extra = {METADATA_NAME: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:
+        raise ModelLoadError(f"not a valid torch.export program ({_short(exc)})", path=path) from None
+    module = program.module()
+    handle = ModelHandle(module, [], [], source=str(path), format="pt2")
+    meta = _read_meta(extra)
+    if not meta.get("inputs"):
+        # placeholders of user inputs carry fake tensors with the example shapes
+        specs = []
+        user_inputs = program.graph_signature.user_inputs
+        for node in program.graph.nodes:
+            if node.op == "placeholder" and node.name in user_inputs:
+                val = node.meta.get("val")
+                if val is not None:
+                    shape = tuple(d if isinstance(d, int) else str(d) for d in val.shape)
+                    specs.append(TensorSpec(node.name, ("batch", *shape[1:]),
+                                            str(val.dtype).replace("torch.", "")))
+        handle.inputs = specs
+    return _apply_meta(handle, meta)
+
+
+def _from_state_dict(path: Path, state: dict[str, Any], arch: str | None, meta: dict) -> ModelHandle:
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError("holds a dictionary that is not a state_dict of tensors", path=path)
+    if arch is None:
+        raise ModelLoadError(
+            "is a state_dict (weights only); name its architecture",
+            path=path, hint=f"--arch one of: {', '.join(zoo.ARCHITECTURES)}",
+        )
+    try:
+        module = zoo.build(arch, **meta.get("arch_kwargs", {}))
+    except KeyError:
+        raise ModelLoadError(f"unknown architecture '{arch}'; built-in: {', '.join(zoo.ARCHITECTURES)}",
+                             path=path) from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"weights do not fit architecture '{arch}': {_short(exc, 300)}",
+                             path=path) from None
+    handle = load_demo_spec(module, arch, str(path), "state_dict")
+    return _apply_meta(handle, meta)
+
+
+def load_demo_spec(module: nn.Module, arch: str, source: str, fmt: str) -> ModelHandle:
+    return ModelHandle(module.eval(), [TensorSpec("input", ("batch", *zoo.IMAGE_SHAPE))],
+                       [TensorSpec("logits", ("batch", zoo.NUM_CLASSES))],
+                       source=source, format=fmt, arch=arch)
+
+
+def _load_pickled_module(path: Path) -> ModelHandle:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelLoadError(f"could not unpickle the trusted file ({_short(exc)})", path=path) from None
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
+        meta = obj.get("tugboat", {}) or {}
+        obj = obj["model"]
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(f"holds a {type(obj).__name__}, not an nn.Module", path=path)
+    handle = ModelHandle(obj.eval(), [], [], source=str(path), format="pickle")
+    meta = meta or getattr(obj, "_tugboat_meta", {}) or {}
+    return _apply_meta(handle, meta)
+
+
+# --- ONNX --------------------------------------------------------------------------------------
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external-data locations that point outside the model's folder."""
+    base = path.resolve().parent
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or base not in target.parents:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' points to external data outside the model's folder "
+                f"({location!r}); refused", path=path)
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def load_onnx(path: Path) -> ModelHandle:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(f"not a valid ONNX file ({_short(exc)})", path=path) from None
+    if not model.graph.node:
+        raise ModelLoadError("not a valid ONNX file (the graph has no nodes)", path=path)
+    check_external_data(model, path)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"its external weight data could not be read ({_short(exc)})",
+                             path=path) from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelLoadError(f"the ONNX graph is invalid: {_short(exc, 300)}", path=path) from None
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [_spec(v) for v in model.graph.input if v.name not in inits]
+    outputs = [_spec(v) for v in model.graph.output]
+    handle = ModelHandle(None, inputs, outputs, source=str(path), format="onnx", onnx_model=model)
+    for prop in model.metadata_props:
+        if prop.key == "tugboat":
+            meta = _read_meta({METADATA_NAME: prop.value})
+            handle.task = meta.get("task", handle.task)
+            handle.arch = meta.get("arch")
+    try:
+        handle.module = onnx_to_torch(model)
+    except ModelLoadError as exc:
+        handle.conversion_error = exc.message
+        handle.warnings.append(f"loaded for ONNX Runtime only: {exc.message}")
+    return handle
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    t = value.type.tensor_type
+    dims: list[int | str | None] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorSpec(value.name, tuple(dims), _NP_DTYPES.get(t.elem_type, "float32"))
+
+
+def _import_onnx2torch():
+    """Import onnx2torch, which imports torchvision only for its NMS / RoiAlign converters.
+
+    PyPI's torchvision cannot load beside the CPU torch used here, so when it is missing a stub
+    stands in during the import; graphs with those two ops then fail to convert with a clear
+    message instead of breaking every conversion.
+    """
+    try:
+        import onnx2torch
+
+        return onnx2torch
+    except ImportError as exc:
+        if "torchvision" not in str(exc):
+            raise
+    stub = types.ModuleType("torchvision")
+    stub.ops = types.ModuleType("torchvision.ops")  # type: ignore[attr-defined]
+
+    def _missing(*_a, **_k):
+        raise RuntimeError("this operator needs torchvision, which is not installed")
+
+    for name in ("nms", "box_convert", "roi_align"):
+        setattr(stub.ops, name, _missing)
+    saved = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.ops")}
+    sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, stub.ops
+    try:
+        for key in [k for k in sys.modules if k.startswith("onnx2torch")]:
+            del sys.modules[key]
+        import onnx2torch
+
+        return onnx2torch
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def onnx_to_torch(model: onnx.ModelProto) -> nn.Module:
+    """Convert an ONNX graph to a trainable torch module; the error names the failing operator."""
+    try:
+        onnx2torch = _import_onnx2torch()
+    except Exception as exc:  # pragma: no cover - environment problem
+        raise ModelLoadError(f"onnx2torch is not available ({exc})") from None
+    work = model
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset > 18:
+        try:
+            work = onnx.version_converter.convert_version(model, 18)
+        except Exception:
+            work = model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = onnx2torch.convert(work)
+    except NotImplementedError as exc:
+        op = _failing_op(str(exc))
+        raise ModelLoadError(f"could not convert operator {op} to torch") from None
+    except Exception as exc:
+        raise ModelLoadError(f"could not convert the graph to torch ({_short(exc)})") from None
+    return module.eval()
+
+
+def _failing_op(text: str) -> str:
+    # onnx2torch: "Converter is not implemented (OperationDescription(domain='', operation_type='X', version=N))"
+    import re
+
+    m = re.search(r"operation_type='([^']+)'.*?version=(\d+)", text)
+    if m:
+        return f"'{m.group(1)}' (opset {m.group(2)})"
+    return repr(text[:120])
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+def save_torchscript(handle: ModelHandle, path: str | os.PathLike) -> Path:
+    module = handle.torch_module()
+    with torch.inference_mode():
+        scripted = torch.jit.trace(module, tuple(handle.example_inputs(2)), check_trace=False)
+    path = Path(path)
+    torch.jit.save(scripted, str(path), _extra_files={METADATA_NAME: json.dumps(handle.spec_dict())})
+    return path
+
+
+def save_exported(handle: ModelHandle, path: str | os.PathLike) -> Path:
+    module = handle.torch_module()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dims = {f"arg{i}": {0: batch} for i in range(len(handle.inputs))}
+    args = tuple(handle.example_inputs(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(module, args, dynamic_shapes=tuple(dims.values()))
+        except Exception:
+            program = torch.export.export(module, args)
+    path = Path(path)
+    torch.export.save(program, str(path), extra_files={METADATA_NAME: json.dumps(handle.spec_dict())})
+    return path
+
+
+def save_state_dict(handle: ModelHandle, path: str | os.PathLike) -> Path:
+    """Weights only (loadable with ``weights_only=True``); needs a built-in architecture."""
+    if not handle.arch:
+        raise ModelLoadError("a state_dict needs a built-in architecture; save TorchScript instead",
+                             path=handle.source)
+    path = Path(path)
+    torch.save(handle.torch_module().state_dict(), path)
+    return path
+
+
+def save_pickle(handle: ModelHandle, path: str | os.PathLike) -> Path:
+    """The whole module pickled (for pruned models whose shapes no architecture matches).
+    Loading it back needs trust, like any pickle."""
+    path = Path(path)
+    torch.save({"model": handle.torch_module(), "tugboat": handle.spec_dict()}, path)
+    return path
+
+
+def serialize_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

@@ -1,0 +1,357 @@
+"""Recipes: a model, data, and ordered compression steps; loading, validation and running.
+
+The TOML format is the one in DESIGN.md. Validation goes through the technique registry
+(:mod:`tugboat.engine.steps`), so every unknown name gets the closest valid one and every
+out-of-range value its range. Running a recipe measures the baseline, applies the steps, measures
+the variant with the same settings and writes artifacts plus ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import steps as step_registry
+from .data import Dataset, load_data
+from .errors import Cancelled, NumericalError, RecipeError, TugboatError
+from .measure import RUNTIMES, MeasureConfig, measure, slower_than
+from .models import ModelHandle, load_model
+from .progress import Progress, null_progress
+
+TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
+                  "input_shape", "search"}
+MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIMES, "warmup": (0, 1000),
+                "min_runs": (1, 100000), "min_seconds": (0.0, 600.0), "max_seconds": (0.01, 3600.0),
+                "also_batch1": bool, "both_runtimes": bool}
+
+
+@dataclass
+class Recipe:
+    model: str
+    data: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    target: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    trust: bool = False
+    arch: str | None = None
+    input_shape: list[int] | None = None
+    source: str | None = None  # the recipe file, for messages and relative paths
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"model": self.model}
+        if self.data:
+            d["data"] = self.data
+        if self.name:
+            d["name"] = self.name
+        if self.arch:
+            d["arch"] = self.arch
+        if self.input_shape:
+            d["input_shape"] = list(self.input_shape)
+        d["steps"] = [dict(s) for s in self.steps]
+        m = self.measure
+        d["measure"] = {"batch": m.batch, "threads": m.threads, "runtime": m.runtime}
+        if self.sweep:
+            d["sweep"] = dict(self.sweep)
+        if self.target:
+            d["target"] = dict(self.target)
+        if self.search:
+            d["search"] = dict(self.search)
+        return d
+
+    def with_steps(self, steps: list[dict[str, Any]]) -> Recipe:
+        new = copy.deepcopy(self)
+        new.steps, new.sweep, new.target, new.search = [dict(s) for s in steps], {}, {}, {}
+        return new
+
+
+def _closest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
+    """Validate a recipe dictionary (as read from TOML) into a :class:`Recipe`."""
+    where = source or "recipe"
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe must be a table of keys", path=where)
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise RecipeError(f"unknown key {key!r}" + _closest(key, TOP_LEVEL_KEYS), path=where)
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise RecipeError("'model' is missing (a file path or demo:NAME)", path=where)
+    data = raw.get("data")
+    if data is not None and not isinstance(data, str):
+        raise RecipeError("'data' must be a string (a file path or demo:NAME)", path=where)
+    base = Path(source).parent if source else None
+    model, data = _resolve(model, base), _resolve(data, base) if data else None
+    raw_steps = raw.get("steps", [])
+    if not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
+        raise RecipeError("'steps' must be a list of tables ([[steps]])", path=where)
+    steps = validate_steps(raw_steps, where)
+    cfg = _parse_measure(raw.get("measure", {}), where)
+    sweep = raw.get("sweep", {})
+    if not isinstance(sweep, dict):
+        raise RecipeError("'sweep' must be a table of parameter lists", path=where)
+    recipe = Recipe(model=model, data=data, steps=steps, sweep=dict(sweep), measure=cfg,
+                    target=dict(raw.get("target", {}) or {}), search=dict(raw.get("search", {}) or {}),
+                    name=raw.get("name"), trust=bool(raw.get("trust", False)), arch=raw.get("arch"),
+                    input_shape=raw.get("input_shape"), source=source)
+    return recipe
+
+
+def _resolve(ref: str | None, base: Path | None) -> str | None:
+    if ref is None or ref.startswith("demo:") or base is None or os.path.isabs(ref):
+        return ref
+    return str(base / ref)
+
+
+def validate_steps(raw_steps: list[dict[str, Any]], where: str = "recipe") -> list[dict[str, Any]]:
+    steps = []
+    for i, raw in enumerate(raw_steps):
+        loc = f"steps.{i}"
+        name = raw.get("technique")
+        if not isinstance(name, str):
+            raise RecipeError(f"'{loc}.technique' is missing (prune, quantize or distill)", path=where)
+        try:
+            tech = step_registry.get(name, f"{loc}.technique")
+            steps.append(tech.validate(raw, loc))
+        except RecipeError as exc:
+            raise RecipeError(exc.message, path=where) from None
+    # a step whose output is ONNX-only (e.g. ONNX Runtime int8) cannot feed a torch step
+    for i, s in enumerate(steps[:-1]):
+        tech = step_registry.get(s["technique"])
+        nxt = step_registry.get(steps[i + 1]["technique"])
+        if tech.final and nxt.needs_torch:
+            raise RecipeError(f"'steps.{i + 1}': {nxt.name} needs a torch model, but steps.{i} "
+                              f"({s['technique']} {s['method']}) produces an ONNX-only model; "
+                              f"put {s['technique']} last", path=where)
+    return steps
+
+
+def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
+    if not isinstance(raw, dict):
+        raise RecipeError("'measure' must be a table", path=where)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in MEASURE_KEYS:
+            raise RecipeError(f"unknown key 'measure.{key}'" + _closest(key, MEASURE_KEYS), path=where)
+        rule = MEASURE_KEYS[key]
+        if rule is bool:
+            if not isinstance(value, bool):
+                raise RecipeError(f"'measure.{key}' must be true or false", path=where)
+        elif isinstance(rule, tuple) and isinstance(rule[0], str):
+            if value not in rule:
+                raise RecipeError(f"'measure.{key}' must be one of {', '.join(rule)}, got {value!r}"
+                                  + _closest(str(value), rule), path=where)
+        else:
+            lo, hi = rule
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise RecipeError(f"'measure.{key}' = {value!r} is out of range [{lo}, {hi}]", path=where)
+            if isinstance(lo, int):
+                value = int(value)
+        kwargs[key] = value
+    return MeasureConfig(**kwargs)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError("recipe file not found", path=str(path))
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"not valid TOML: {exc}", path=str(path)) from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise RecipeError(f"could not be read as text ({exc})", path=str(path)) from None
+    return parse_recipe(raw, str(path))
+
+
+def recipe_to_toml(recipe: Recipe | dict[str, Any]) -> str:
+    import tomli_w
+
+    d = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+    return tomli_w.dumps(_toml_safe(d))
+
+
+def _toml_safe(obj):
+    if isinstance(obj, dict):
+        return {k: _toml_safe(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_toml_safe(v) for v in obj]
+    return obj
+
+
+# --- running -------------------------------------------------------------------------------------
+
+def step_label(step: dict[str, Any]) -> str:
+    """A short, readable name for a step: ``prune-structured-r0.5``."""
+    parts = [step["technique"], step["method"]]
+    for key, short in (("ratio", "r"), ("width", "w"), ("temperature", "T"), ("block_size", "bs")):
+        value = step.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{short}{value:g}")
+    return "-".join(p for p in parts if p)
+
+
+def variant_name(steps: list[dict[str, Any]]) -> str:
+    return "+".join(step_label(s) for s in steps) if steps else "baseline"
+
+
+@dataclass
+class Variant:
+    name: str
+    recipe: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    status: str = "ok"  # ok | failed | cancelled
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # per-technique extras (kept layers, curves)
+    handle: ModelHandle | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "recipe": self.recipe, "metrics": self.metrics,
+             "artifacts": self.artifacts, "warnings": self.warnings, "status": self.status,
+             "error": self.error}
+        if self.info:
+            d["info"] = _jsonable(self.info)
+        return d
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset | None,
+                progress: Progress) -> ModelHandle:
+    """Apply validated steps in order; each technique returns a new handle."""
+    n = max(1, len(steps))
+    for i, step in enumerate(steps):
+        tech = step_registry.get(step["technique"])
+        sub = progress.sub(i / n, (i + 1) / n, prefix=f"{step['technique']}: ")
+        params = {k: v for k, v in step.items() if k not in ("technique", "method")}
+        params["method"] = step["method"]
+        if tech.needs_torch and handle.module is None:
+            why = handle.conversion_error or "this model is ONNX-only"
+            raise TugboatError(f"{tech.name} needs a torch model, but {why}", path=handle.source)
+        progress.check()
+        handle = tech.apply(handle, params, data, sub)
+        if not handle.history or handle.history[-1] is not step:
+            handle.history = [*handle.history, step]
+    return handle
+
+
+@dataclass
+class Baseline:
+    """The loaded original model, its data, metrics and test outputs (the reference)."""
+
+    handle: ModelHandle
+    data: Dataset | None
+    metrics: dict[str, Any]
+    outputs: list[np.ndarray] | None
+    cfg: MeasureConfig
+
+
+def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
+    progress = progress or null_progress()
+    progress.update(0.0, f"loading {recipe.model}")
+    handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
+                        input_shape=tuple(recipe.input_shape) if recipe.input_shape else None)
+    data = load_data(recipe.data, handle) if recipe.data else None
+    progress.update(0.3, "measuring the original model")
+    metrics, outputs = measure(handle, data, recipe.measure, reference=None,
+                               progress=progress.sub(0.3, 1.0, "baseline: "))
+    return Baseline(handle, data, metrics, outputs, recipe.measure)
+
+
+def finish_variant(variant: Variant, handle: ModelHandle, base: Baseline,
+                   progress: Progress) -> Variant:
+    """Measure a produced handle against the baseline and fill in the variant."""
+    metrics, _ = measure(handle, base.data, base.cfg, reference=base.outputs, progress=progress)
+    variant.metrics = metrics
+    variant.handle = handle
+    variant.info.update(handle.info)
+    variant.warnings += handle.warnings[len(base.handle.warnings):]
+    variant.warnings += slower_than(metrics, base.metrics)
+    return variant
+
+
+def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None,
+                start: ModelHandle | None = None, done_steps: int = 0) -> Variant:
+    """Apply ``recipe.steps`` (from ``start`` after ``done_steps`` steps, for prefix reuse) and
+    measure. Numerical failures become a failed variant with the reason, not garbage metrics."""
+    progress = progress or null_progress()
+    variant = Variant(variant_name(recipe.steps), recipe.to_dict())
+    t0 = time.perf_counter()
+    try:
+        handle = apply_steps(start or base.handle, recipe.steps[done_steps:], base.data,
+                             progress.sub(0.0, 0.7))
+        finish_variant(variant, handle, base, progress.sub(0.7, 1.0, "measuring: "))
+    except NumericalError as exc:
+        variant.status, variant.error = "failed", f"numerical failure: {exc.message}"
+    except Cancelled:
+        variant.status, variant.error = "cancelled", "cancelled by the user"
+        raise
+    if variant.metrics:
+        variant.metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    return variant
+
+
+def write_variant_artifacts(variant: Variant, folder: str | os.PathLike) -> dict[str, str]:
+    """Write the variant's ONNX artifact (and torch file where there is one), atomically."""
+    from .export import write_onnx
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if variant.handle is None:
+        return {}
+    safe = _safe_name(variant.name)
+    path = write_onnx(variant.handle, folder / f"{safe}.onnx")
+    variant.artifacts["onnx"] = str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+    return variant.artifacts
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+    return keep[:120] or "variant"
+
+
+def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:
+    """``tugboat run``: baseline, one variant (if the recipe has steps), artifacts, report.json."""
+    from .report import build_report, write_report
+
+    progress = progress or null_progress()
+    out = Path(out_dir)
+    base = prepare(recipe, progress.sub(0.0, 0.3 if recipe.steps else 0.9))
+    variants: list[Variant] = []
+    baseline_variant = Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle)
+    write_variant_artifacts(baseline_variant, out)
+    if recipe.steps:
+        v = run_variant(base, recipe, progress.sub(0.3, 0.95))
+        if v.status == "ok":
+            write_variant_artifacts(v, out)
+        variants.append(v)
+    report = build_report(recipe, base.metrics, variants, baseline_artifacts=baseline_variant.artifacts)
+    write_report(report, out / "report.json")
+    progress.update(1.0, "done")
+    return report

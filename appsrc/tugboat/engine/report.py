@@ -1,0 +1,83 @@
+"""``report.json``: the contract of DESIGN.md (``shared/report.schema.json``), and the Pareto front."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .export import atomic_write_bytes
+
+REPORT_VERSION = 1
+
+
+def quality_of(metrics: dict[str, Any]) -> float | None:
+    """The quality number used for trade-offs: accuracy with labels, else top-1 agreement, else
+    cosine similarity to the original."""
+    if metrics.get("accuracy") is not None:
+        return float(metrics["accuracy"])
+    fid = metrics.get("fidelity") or {}
+    for key in ("top1_agreement", "cosine"):
+        if fid.get(key) is not None:
+            return float(fid[key])
+    return None
+
+
+def objectives(metrics: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(size, latency, -quality): all minimised."""
+    q = quality_of(metrics)
+    lat = (metrics.get("latency_ms") or {}).get("median")
+    size = metrics.get("size_bytes")
+    if q is None or lat is None or size is None:
+        return None
+    return float(size), float(lat), -q
+
+
+def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def pareto_front(named: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Names of the non-dominated entries over size, latency and quality (3-objective)."""
+    points = [(name, objectives(m)) for name, m in named]
+    points = [(n, p) for n, p in points if p is not None]
+    return [n for n, p in points if not any(dominates(q, p) for m, q in points if m != n)]
+
+
+def build_report(recipe, baseline_metrics: dict[str, Any], variants: list, *,
+                 baseline_artifacts: dict[str, str] | None = None, extra: dict | None = None) -> dict[str, Any]:
+    ok = [v for v in variants if v.status == "ok" and v.metrics]
+    named = [("baseline", baseline_metrics)] + [(v.name, v.metrics) for v in ok]
+    report = {
+        "version": REPORT_VERSION,
+        "model": recipe.model,
+        "data": recipe.data or "",
+        "recipe": recipe.to_dict(),
+        "baseline": {"metrics": baseline_metrics, "artifacts": baseline_artifacts or {}},
+        "variants": [v.to_dict() for v in variants],
+        "pareto": pareto_front(named),
+    }
+    if extra:
+        report.update(extra)
+    return report
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    data = json.dumps(report, indent=2, default=_default).encode("utf-8")
+    return atomic_write_bytes(path, data)
+
+
+def _default(obj):
+    try:
+        import numpy as np
+
+        if isinstance(obj, (np.floating, np.integer)):
+            return obj.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(obj)
+
+
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

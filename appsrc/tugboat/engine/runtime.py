@@ -1,0 +1,76 @@
+"""Running a model: ONNX Runtime sessions and torch eager, with pinned thread counts."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import torch
+
+
+def ort_session(model: onnx.ModelProto | bytes, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model, inputs: Sequence[np.ndarray], threads: int = 1, session=None) -> list[np.ndarray]:
+    sess = session or ort_session(model, threads)
+    feeds = {i.name: _cast(x, i.type) for i, x in zip(sess.get_inputs(), inputs)}
+    return [np.asarray(o) for o in sess.run(None, feeds)]
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+
+
+def _cast(x: np.ndarray, ort_type: str) -> np.ndarray:
+    dtype = _ORT_TYPES.get(ort_type)
+    return np.ascontiguousarray(x.astype(dtype, copy=False) if dtype is not None else x)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_torch(module: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    module.eval()
+    with torch.inference_mode():
+        out = module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [o.detach().float().numpy() if o.is_floating_point() else o.numpy() for o in outs]
+
+
+def predict(handle, inputs: dict[str, np.ndarray], *, runtime: str = "onnxruntime",
+            batch: int = 256, threads: int = 1, progress=None) -> list[np.ndarray]:
+    """Outputs of the model over all samples, in batches (``inputs``: name -> array)."""
+    arrays = [inputs[name] for name in handle.input_names]
+    n = len(arrays[0]) if arrays else 0
+    use_torch = runtime == "torch" and handle.module is not None and handle.onnx_model is None
+    session = None if use_torch else ort_session(handle.to_onnx(), threads)
+    chunks: list[list[np.ndarray]] = []
+    with torch_threads(threads):
+        for i in range(0, n, batch):
+            part = [a[i : i + batch] for a in arrays]
+            out = run_torch(handle.module, part) if use_torch else run_onnx(None, part, session=session)
+            chunks.append(out)
+            if progress is not None:
+                progress.update(min(1.0, (i + batch) / n), "evaluating")
+    if not chunks:
+        return []
+    return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]

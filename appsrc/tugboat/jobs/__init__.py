@@ -1,0 +1,1 @@
+"""The bridge: runs engine calls on worker threads and turns their callbacks into Qt signals."""

@@ -1,0 +1,1 @@
+"""The desktop app: Qt widgets that show state and emit user intent (no torch math here)."""

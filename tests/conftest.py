@@ -1,0 +1,54 @@
+"""Shared fixtures. Qt runs offscreen; caches and settings live in a per-session temp folder so
+tests never touch the user's real files; torch uses one thread so the suite is repeatable."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+_SESSION_HOME = Path(os.environ.get("TUGBOAT_TEST_HOME", ROOT / ".test-home"))
+# the demo zoo cache is shared across test runs (training is deterministic); settings are not
+os.environ.setdefault("TUGBOAT_CACHE_DIR", str(_SESSION_HOME / "cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUGBOAT_CONFIG_DIR", str(tmp_path / "config"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def demo_data():
+    from tugboat.engine.data import load_data
+
+    return load_data("demo:digits")
+
+
+@pytest.fixture(scope="session")
+def demo_models():
+    """Loaded demo models by name, each loaded once per session."""
+    from tugboat.engine.models import load_model
+
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_model(f"demo:{name}")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def python():
+    return sys.executable
