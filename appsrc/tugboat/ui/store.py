@@ -68,8 +68,7 @@ class VariantStore(QObject):
     # --- writing (GUI thread only) -----------------------------------------------------------
     def add(self, variant: Variant) -> str:
         """Add a variant (renamed if the name is taken); returns its name."""
-        variant.name = self.unique_name(variant.name) if variant.name != BASELINE or BASELINE in self._variants \
-            else variant.name
+        variant.name = self.unique_name(variant.name)
         self._variants[variant.name] = variant
         self.variant_added.emit(variant.name)
         return variant.name
