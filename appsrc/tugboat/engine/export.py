@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from .errors import ModelLoadError, TugboatError
-from .models import ONNX_OPSET, ModelHandle
+from .models import ONNX_OPSET, ModelHandle, eval_mode
 
 
 def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
@@ -28,7 +28,7 @@ def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
     dynamic = {n: {0: "batch"} for n in handle.input_names + handle.output_names}
     buf = io.BytesIO()
     was_training = module.training
-    module.eval()
+    eval_mode(module)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -41,7 +41,7 @@ def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
         raise TugboatError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}",
                            path=handle.source) from None
     finally:
-        module.train(was_training)
+        eval_mode(module, was_training)
     model = onnx.load_from_string(buf.getvalue())
     meta = model.metadata_props.add()
     meta.key, meta.value = "tugboat", json.dumps(handle.spec_dict())

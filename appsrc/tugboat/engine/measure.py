@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from .errors import NumericalError
-from .models import ModelHandle
+from .models import ModelHandle, eval_mode
 from .progress import Progress, null_progress
 from .runtime import ort_session, predict, torch_threads
 
@@ -212,7 +212,7 @@ def latency_onnx(model: onnx.ModelProto | bytes, inputs: list[np.ndarray], cfg: 
 
 def latency_torch(module: torch.nn.Module, inputs: list[np.ndarray], cfg: MeasureConfig,
                   progress: Progress | None = None) -> dict[str, Any]:
-    module.eval()
+    eval_mode(module)
     tensors = [torch.from_numpy(x) for x in inputs]
     with torch_threads(cfg.threads), torch.inference_mode():
         times = _time_loop(lambda: module(*tensors), cfg, progress)

@@ -162,6 +162,16 @@ class ModelHandle:
                 "task": self.task, "arch": self.arch}
 
 
+def eval_mode(module: nn.Module, training: bool = False) -> nn.Module:
+    """``module.train(training)``, tolerating modules that refuse it (``torch.export`` programs are
+    always in the mode they were exported in)."""
+    try:
+        module.train(training)
+    except NotImplementedError:
+        pass
+    return module
+
+
 def _unique_tensors(module: nn.Module):
     seen: set[int] = set()
     for t in module.parameters():
@@ -529,7 +539,7 @@ def _failing_op(text: str) -> str:
     m = re.search(r"operation_type='([^']+)'.*?version=(\d+)", text)
     if m:
         return f"'{m.group(1)}' (opset {m.group(2)})"
-    return repr(text[:120])
+    return f"(a converter refused: {' '.join(text.split())[:120]})"
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:

@@ -49,7 +49,9 @@ def torch_threads(n: int):
 
 
 def run_torch(module: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    module.eval()
+    from .models import eval_mode
+
+    eval_mode(module)
     with torch.inference_mode():
         out = module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
     outs = out if isinstance(out, (tuple, list)) else [out]

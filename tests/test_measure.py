@@ -1,0 +1,103 @@
+"""Measurement is honest: sizes match files, FLOPs and latency track the real work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import FAST, Wide
+from tugboat.engine.export import write_onnx
+from tugboat.engine.measure import MeasureConfig, fidelity, measure, onnx_flops, slower_than
+from tugboat.engine.models import ModelHandle, TensorSpec, load_model
+
+
+def _handle(module) -> ModelHandle:
+    return ModelHandle(module.eval(), [TensorSpec("input", ("batch", 1, 8, 8))],
+                       [TensorSpec("logits", ("batch", 10))], "test", "torch")
+
+
+def test_size_bytes_equals_the_artifact_file(tmp_path, demo_models, demo_data):
+    handle = demo_models("digits-cnn")
+    path = write_onnx(handle, tmp_path / "cnn.onnx")
+    metrics, _ = measure(handle, demo_data, FAST, artifact=path.read_bytes())
+    assert metrics["size_bytes"] == path.stat().st_size
+    assert 0 < metrics["compressed_bytes"] < metrics["size_bytes"]
+    assert metrics["params"] == sum(p.numel() for p in handle.module.parameters())
+    assert metrics["nonzero_params"] <= metrics["params"]
+
+
+def test_flops_match_the_architecture():
+    torch.manual_seed(0)
+    handle = _handle(Wide(128))
+    total, rows = onnx_flops(handle.to_onnx())
+    expected = 2 * (64 * 128 + 4 * 128 * 128 + 128 * 10)
+    assert total == expected
+    assert len(rows) == 6
+
+
+def test_ten_times_the_flops_measures_slower():
+    torch.manual_seed(0)
+    small, big = _handle(Wide(64)), _handle(Wide(232))
+    f_small, f_big = onnx_flops(small.to_onnx())[0], onnx_flops(big.to_onnx())[0]
+    assert 9 <= f_big / f_small <= 12
+    cfg = MeasureConfig(batch=64, threads=1, min_runs=30, min_seconds=0.2, also_batch1=False)
+    m_small, _ = measure(small, None, cfg)
+    m_big, _ = measure(big, None, cfg)
+    for runtime in ("onnxruntime", "torch"):
+        fast = m_small["latency"][runtime]["b64"]["median"]
+        slow = m_big["latency"][runtime]["b64"]["median"]
+        assert slow > 2 * fast, (runtime, fast, slow)
+
+
+def test_latency_records_how_it_was_measured(demo_models, demo_data):
+    cfg = MeasureConfig(batch=16, threads=1, min_runs=5, min_seconds=0.0, also_batch1=True)
+    metrics, _ = measure(demo_models("digits-mlp"), demo_data, cfg)
+    lat = metrics["latency_ms"]
+    assert lat["batch"] == 16 and lat["threads"] == 1 and lat["runtime"] == "onnxruntime"
+    assert 0 < lat["median"] <= lat["p90"]
+    assert set(metrics["latency"]) == {"onnxruntime", "torch"}
+    assert set(metrics["latency"]["torch"]) == {"b16", "b1"}
+
+
+def test_accuracy_and_fidelity(demo_models, demo_data):
+    handle = demo_models("digits-cnn")
+    base, ref = measure(handle, demo_data, FAST)
+    same, _ = measure(handle, demo_data, FAST, reference=ref)
+    assert same["accuracy"] == pytest.approx(base["accuracy"])
+    assert same["fidelity"]["top1_agreement"] == 1.0
+    assert same["fidelity"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert same["fidelity"]["rel_error"] < 1e-5
+    noisy = [r + np.random.default_rng(0).normal(0, 3.0, r.shape).astype(np.float32) for r in ref]
+    fid = fidelity(noisy, ref)
+    assert fid["top1_agreement"] < 1.0 and fid["cosine"] < 1.0 and fid["rel_error"] > 0.1
+
+
+def test_slower_variant_gets_a_warning():
+    base = {"latency": {"onnxruntime": {"b64": {"median": 1.0, "batch": 64, "threads": 2}}}}
+    slow = {"latency": {"onnxruntime": {"b64": {"median": 3.0, "batch": 64, "threads": 2}}}}
+    fast = {"latency": {"onnxruntime": {"b64": {"median": 0.5, "batch": 64, "threads": 2}}}}
+    other = {"latency": {"onnxruntime": {"b64": {"median": 3.0, "batch": 64, "threads": 1}}}}
+    assert "slower" in slower_than(slow, base)[0]
+    assert slower_than(fast, base) == []
+    assert slower_than(other, base) == []  # not comparable: different thread count
+
+
+def test_layer_table_lists_weighted_layers(demo_models):
+    from tugboat.engine.measure import layer_table
+
+    rows = layer_table(demo_models("digits-cnn"))
+    convs = [r for r in rows if r["type"] == "Conv2d"]
+    assert len(convs) == 3
+    assert convs[1]["flops"] == 2 * (64 * 8 * 8) * (32 * 9)  # out elements x (in channels x kernel)
+    assert sum(r["params"] for r in rows) == sum(p.numel() for p in demo_models("digits-cnn").module.parameters())
+
+
+def test_onnx_only_model_measures(tmp_path, demo_models, demo_data):
+    path = write_onnx(demo_models("digits-mlp"), tmp_path / "mlp.onnx")
+    handle = load_model(path)
+    handle.module = None  # as if onnx2torch had failed
+    metrics, _ = measure(handle, demo_data, FAST)
+    assert metrics["params"] == sum(p.numel() for p in demo_models("digits-mlp").module.parameters())
+    assert metrics["accuracy"] > 0.9
+    assert "torch" not in metrics["latency"]
