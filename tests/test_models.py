@@ -134,7 +134,7 @@ def test_empty_and_missing_files(tmp_path):
         load_model(tmp_path / "nope.onnx")
     text = tmp_path / "notes.onnx"
     text.write_text("this is not a model\n")
-    with pytest.raises(ModelLoadError, match="notes.onnx"):
+    with pytest.raises(ModelLoadError, match=r"notes\.onnx"):
         load_model(text)
 
 

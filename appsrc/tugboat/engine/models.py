@@ -10,6 +10,7 @@ Nothing is unpickled unless trusted: plain ``torch.load`` always runs with ``wei
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -165,10 +166,8 @@ class ModelHandle:
 def eval_mode(module: nn.Module, training: bool = False) -> nn.Module:
     """``module.train(training)``, tolerating modules that refuse it (``torch.export`` programs are
     always in the mode they were exported in)."""
-    try:
+    with contextlib.suppress(NotImplementedError):
         module.train(training)
-    except NotImplementedError:
-        pass
     return module
 
 
