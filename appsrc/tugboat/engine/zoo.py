@@ -112,7 +112,7 @@ class Attention(nn.Module):
     def forward(self, x):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # unbind (not indexing) lets torch-pruning map qkv channels to heads
         attn = (q @ k.transpose(-2, -1)) * self.scale
         x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         return self.proj(x)

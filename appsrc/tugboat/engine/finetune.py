@@ -1,0 +1,155 @@
+"""The shared fine-tuning loop: recover accuracy after pruning, quantization-aware training or
+distillation.
+
+With labels it trains with cross-entropy on the ``train`` split. Without labels it trains on soft
+targets: the original model's outputs for the same rows (``teacher_outputs``, or computed from
+``reference``), so the compressed model learns to agree with the original. Every batch checks for
+cancellation; every epoch publishes ``progress.record("epoch", ...)`` for the GUI's live curves.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import DataError, TugboatError
+from .progress import Progress, null_progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import Dataset
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    raise TugboatError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def outputs_for(module: nn.Module, data: Dataset, split: str, input_names: list[str],
+                batch_size: int = 256) -> np.ndarray:
+    """The first output of ``module`` for every row of ``split``, in split order."""
+    module.eval()
+    chunks = []
+    with torch.inference_mode():
+        for xs, _, _ in data.batches(split, batch_size, names=input_names):
+            out = module(*xs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            chunks.append(out.detach().float().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+
+
+def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                     classification: bool = True) -> torch.Tensor:
+    """KL divergence between softened class distributions (classification) or MSE (other tasks)."""
+    if not classification:
+        return F.mse_loss(student, teacher)
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=-1), F.softmax(teacher / t, dim=-1),
+                    reduction="batchmean") * (t * t)
+
+
+def evaluate(module: nn.Module, data: Dataset, split: str, input_names: list[str],
+             reference_outputs: np.ndarray | None = None,
+             classification: bool = True) -> dict[str, float | None]:
+    """Accuracy (with labels) and top-1 agreement with ``reference_outputs`` on ``split``."""
+    out = outputs_for(module, data, split, input_names)
+    _, labels = data.split(split)
+    acc = agree = None
+    if classification and out.size:
+        pred = out.reshape(len(out), -1).argmax(1)
+        if labels is not None:
+            acc = float(np.mean(pred == labels))
+        if reference_outputs is not None:
+            agree = float(np.mean(pred == reference_outputs.reshape(len(out), -1).argmax(1)))
+    return {"accuracy": acc, "fidelity": agree}
+
+
+def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs: int, lr: float,
+             optimizer: str = "adamw", batch_size: int = 64,
+             teacher_outputs: np.ndarray | None = None, progress: Progress | None = None,
+             split: str = "train", seed: int = 0, reference: nn.Module | None = None,
+             classification: bool = True, temperature: float = 1.0,
+             trainable: list[nn.Parameter] | None = None) -> list[dict[str, Any]]:
+    """Train ``module`` in place for ``epochs`` epochs; returns one history row per epoch.
+
+    ``teacher_outputs`` are the original model's outputs for the rows of ``split`` (in split
+    order); with them and no labels the loss is a soft-target loss. ``reference`` (the original
+    module) fills them in when missing and gives the per-epoch fidelity on the ``val`` split.
+    """
+    progress = progress or null_progress()
+    if epochs <= 0:
+        return []
+    if data is None:
+        raise DataError("fine-tuning needs data (a dataset with a training split)")
+    use_labels = data.has_labels and classification
+    if teacher_outputs is None and reference is not None and not use_labels:
+        teacher_outputs = outputs_for(reference, data, split, input_names)
+    if not use_labels and teacher_outputs is None:
+        raise DataError("fine-tuning without labels needs the original model's outputs as targets",
+                        path=data.ref)
+    if teacher_outputs is not None and len(teacher_outputs) != len(data.splits[split]):
+        raise TugboatError(f"teacher_outputs has {len(teacher_outputs)} rows for "
+                           f"{len(data.splits[split])} rows of split '{split}'")
+    val_reference = outputs_for(reference, data, "val", input_names) if reference is not None else None
+
+    torch.manual_seed(seed)
+    params = trainable if trainable is not None else [p for p in module.parameters() if p.requires_grad]
+    opt = make_optimizer(optimizer, params, lr)
+    n_rows = len(data.splits[split])
+    n_batches = max(1, -(-n_rows // batch_size))
+    total = epochs * n_batches
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    extra = [teacher_outputs] if (teacher_outputs is not None and not use_labels) else None
+    history: list[dict[str, Any]] = []
+    step = 0
+    for epoch in range(1, epochs + 1):
+        module.train()
+        losses = []
+        for xs, ys, ex in data.batches(split, batch_size, names=input_names, shuffle=True,
+                                       seed=seed + epoch, extra=extra):
+            out = module(*xs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if use_labels:
+                loss = F.cross_entropy(out.reshape(len(ys), -1), ys)
+            else:
+                loss = soft_target_loss(out, ex[0], temperature, classification)
+            if not torch.isfinite(loss.detach()):
+                module.eval()
+                from .errors import NumericalError
+
+                raise NumericalError(f"fine-tuning diverged (loss {loss.item()} at epoch {epoch}); "
+                                     f"try a lower learning rate than {lr:g}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            step += 1
+            progress.update(step / total, f"fine-tuning epoch {epoch}/{epochs}")
+        module.eval()
+        ev = evaluate(module, data, "val", input_names, val_reference, classification)
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+               "val_accuracy": ev["accuracy"], "fidelity": ev["fidelity"]}
+        history.append(row)
+        progress.record("epoch", **row)
+    module.eval()
+    return history
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode deep copy whose parameters need no gradients (a fixed teacher)."""
+    ref = copy.deepcopy(module).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref

@@ -1,0 +1,595 @@
+"""Pruning: remove the weights, channels, hidden units and attention heads that matter least.
+
+Two methods:
+
+* ``unstructured``: magnitude pruning with :mod:`torch.nn.utils.prune` (global or per layer). The
+  masks are made permanent, so the tensors keep their shapes with zeros in them: the file only
+  shrinks once compressed, and a dense runtime runs it no faster. The variant says so.
+* ``structured``: whole channels / filters / hidden units / head dimensions are removed through
+  torch-pruning's dependency graph, so residual additions, concatenations, depthwise convolutions
+  and attention stay consistent. The result is a genuinely smaller dense model that exports to
+  ONNX and runs faster in ONNX Runtime.
+
+Both can be followed by fine-tuning (:mod:`tugboat.engine.finetune`). :func:`layer_sensitivity`
+measures, for every prunable layer, how much quality it loses when pruned alone, which the GUI
+charts and ``allocation = "sensitivity"`` uses to prune less where it hurts.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import TugboatError
+from .finetune import OPTIMIZERS, evaluate, finetune, frozen_copy, outputs_for, soft_target_loss
+from .progress import Progress, null_progress
+from .steps import Param, Technique, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import Dataset
+    from .models import ModelHandle
+
+IMPORTANCES = ("l1", "l2", "taylor", "random")
+DENSE_RUNTIME_NOTE = (
+    "unstructured pruning zeroes weights but keeps every tensor's shape: a dense runtime "
+    "(ONNX Runtime, torch) runs it no faster and the file is the same size until compressed; "
+    "use structured pruning for a smaller, faster model")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _tp():
+    import torch_pruning as tp
+
+    return tp
+
+
+def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _forward(module: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = module(*inputs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _prunable_types() -> tuple[type, ...]:
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def execution_order(module: nn.Module, example_inputs) -> list[str]:
+    """Names of Conv / Linear modules in the order a forward pass runs them."""
+    names = {m: n for n, m in module.named_modules()}
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(names[mod]))
+             for m in module.modules() if isinstance(m, _prunable_types())]
+    try:
+        with torch.no_grad():
+            module.eval()
+            module(*_as_tuple(example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def default_ignored(module: nn.Module, example_inputs) -> list[str]:
+    """The classifier head: the last Linear (or Conv) the forward pass runs."""
+    order = execution_order(module, example_inputs)
+    linears = [n for n in order if isinstance(module.get_submodule(n), nn.Linear)]
+    if linears:
+        return [linears[-1]]
+    return order[-1:]
+
+
+def attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm-style attention: a fused ``qkv`` Linear and an integer ``num_heads``."""
+    found = []
+    for name, m in module.named_modules():
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int):
+            found.append((name, m))
+    return found
+
+
+def _importance(name: str):
+    tp = _tp()
+    if name == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if name == "random":
+        return tp.importance.RandomImportance()
+    raise TugboatError(f"unknown importance {name!r}; valid: {', '.join(IMPORTANCES)}")
+
+
+def _resolve_names(module: nn.Module, names: Iterable[str], what: str) -> list[nn.Module]:
+    out = []
+    known = dict(module.named_modules())
+    for n in names:
+        if n not in known:
+            import difflib
+
+            close = difflib.get_close_matches(n, [k for k in known if k], n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TugboatError(f"{what}: the model has no layer named {n!r}{hint}")
+        out.append(known[n])
+    return out
+
+
+def _param_count(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _channels(module: nn.Module) -> dict[str, int]:
+    """Output channels / features of every Conv and Linear (what structured pruning changes)."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            out[name] = m.out_features
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = m.out_channels
+    return out
+
+
+# --- structured ----------------------------------------------------------------------------------
+
+def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, importance: str = "l1",
+                            scope: str = "uniform", ignored: Iterable[str] | None = None,
+                            iterative_steps: int = 1, round_to: int | None = None,
+                            per_layer: dict[str, float] | None = None,
+                            data_batches: Callable[[], Iterable] | Iterable | None = None,
+                            progress: Progress | None = None) -> nn.Module:
+    """Structured pruning of a deep copy of ``module``; returns the smaller dense module.
+
+    ``ratio`` is the share of channels removed from each group (``scope = "uniform"``) or across
+    the whole model ranked together (``"global"``). ``ignored`` names layers whose outputs are kept
+    (default: the classifier head). ``per_layer`` maps layer names to their own ratios (used by
+    sensitivity allocation). ``data_batches`` yields ``(inputs, loss_fn_target)`` pairs; Taylor
+    importance needs it to compute gradients: each item is ``(inputs, labels)`` with labels a
+    LongTensor (cross-entropy) or float targets (soft targets).
+    """
+    tp = _tp()
+    progress = progress or null_progress()
+    if not 0.0 <= ratio < 1.0:
+        raise TugboatError(f"structured pruning ratio must be in [0, 1), got {ratio}")
+    example = _as_tuple(example_inputs)
+    model = copy.deepcopy(module).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ignored_names = list(ignored) if ignored is not None else default_ignored(model, example)
+    ignored_layers = _resolve_names(model, ignored_names, "ignored")
+    attn = attention_modules(model)
+    num_heads = {m.qkv: m.num_heads for _, m in attn}
+    ratio_dict = None
+    if per_layer:
+        ratio_dict = {m: float(r) for m, r in zip(_resolve_names(model, per_layer, "per_layer"),
+                                                   per_layer.values())}
+    if importance == "taylor" and data_batches is None:
+        raise TugboatError("Taylor importance needs data to compute gradients")
+    steps = max(1, int(iterative_steps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=_importance(importance),
+            global_pruning=(scope == "global"), pruning_ratio=float(ratio),
+            pruning_ratio_dict=ratio_dict, iterative_steps=steps,
+            ignored_layers=ignored_layers, round_to=round_to,
+            num_heads=num_heads, prune_num_heads=False, prune_head_dims=True,
+            max_pruning_ratio=0.95,
+        )
+        for step in range(steps):
+            progress.update(step / steps, f"pruning step {step + 1}/{steps}")
+            if importance == "taylor":
+                _accumulate_gradients(model, data_batches)
+            pruner.step()
+            model.zero_grad(set_to_none=True)
+    for _, m in attn:
+        m.num_heads = pruner.num_heads[m.qkv]
+        if hasattr(m, "head_dim"):
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    progress.update(1.0, "pruned")
+    return model.eval()
+
+
+def _accumulate_gradients(model: nn.Module, data_batches) -> None:
+    batches = data_batches() if callable(data_batches) else data_batches
+    model.zero_grad(set_to_none=True)
+    model.eval()  # BatchNorm statistics stay fixed while scoring
+    for xs, target in batches:
+        out = _forward(model, xs)
+        if target.dtype == torch.long:
+            loss = nn.functional.cross_entropy(out.reshape(len(target), -1), target)
+        else:
+            loss = soft_target_loss(out, target)
+        loss.backward()
+
+
+def prunable_layers(module: nn.Module, example_inputs, ignored: Iterable[str] | None = None) -> list[str]:
+    """Names of the layers whose output channels structured pruning can remove (group roots)."""
+    tp = _tp()
+    example = _as_tuple(example_inputs)
+    ignored_names = list(ignored) if ignored is not None else default_ignored(module, example)
+    ignored_layers = []
+    for m in _resolve_names(module, ignored_names, "ignored"):
+        ignored_layers.extend(m.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(module, example_inputs=example)
+        names = {m: n for n, m in module.named_modules()}
+        roots = []
+        for group in dg.get_all_groups(ignored_layers=ignored_layers,
+                                       root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+            root = group[0].dep.target.module
+            if root in names and names[root] not in roots:
+                roots.append(names[root])
+    order = execution_order(module, example)
+    return sorted(roots, key=lambda n: order.index(n) if n in order else len(order))
+
+
+# --- unstructured --------------------------------------------------------------------------------
+
+def prune_unstructured_module(module: nn.Module, ratio: float, *, scope: str = "global",
+                              ignored: Iterable[str] = (), permanent: bool = True) -> nn.Module:
+    """Magnitude pruning of the Conv / Linear weights of a deep copy of ``module``.
+
+    With ``permanent=False`` the masks stay attached (so fine-tuning keeps the zeros at zero);
+    call :func:`make_permanent` afterwards."""
+    from torch.nn.utils import prune as tprune
+
+    if not 0.0 <= ratio <= 0.99:
+        raise TugboatError(f"unstructured pruning ratio must be in [0, 0.99], got {ratio}")
+    model = copy.deepcopy(module).eval()
+    skip = set(ignored)
+    targets = [(m, "weight") for n, m in model.named_modules()
+               if isinstance(m, _prunable_types()) and n not in skip]
+    if not targets:
+        raise TugboatError("the model has no Conv or Linear weights to prune")
+    if scope == "global":
+        tprune.global_unstructured(targets, pruning_method=tprune.L1Unstructured, amount=float(ratio))
+    elif scope in ("layer", "uniform"):
+        for m, name in targets:
+            tprune.l1_unstructured(m, name, amount=float(ratio))
+    else:
+        raise TugboatError(f"unknown scope {scope!r}; valid: global, layer (= uniform)")
+    if permanent:
+        make_permanent(model)
+    return model
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold pruning masks into the weights (no lingering ``weight_orig`` / ``weight_mask``)."""
+    from torch.nn.utils import prune as tprune
+
+    for m in model.modules():
+        for name in [k[: -len("_mask")] for k, _ in list(m.named_buffers(recurse=False))
+                     if k.endswith("_mask")]:
+            tprune.remove(m, name)
+    return model
+
+
+# --- sensitivity ---------------------------------------------------------------------------------
+
+def _quality_fn(handle: ModelHandle, data: Dataset | None, split: str = "val"):
+    """quality(module) -> float: accuracy with labels, top-1 agreement (or cosine) without."""
+    names = handle.input_names
+    classification = handle.task == "classification"
+    original = handle.torch_module()
+    if data is None:
+        batch = handle.example_inputs(128, seed=3)
+        with torch.inference_mode():
+            ref = _forward(original.eval(), batch).float().numpy()
+
+        def q_nodata(module):
+            with torch.inference_mode():
+                out = _forward(module.eval(), batch).float().numpy()
+            a, b = out.reshape(len(out), -1), ref.reshape(len(ref), -1)
+            if classification:
+                return float(np.mean(a.argmax(1) == b.argmax(1)))
+            return float(np.mean(np.sum(a * b, 1) / np.maximum(
+                np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)))
+
+        return q_nodata, "fidelity"
+    if data.has_labels and classification:
+        return (lambda module: evaluate(module, data, split, names)["accuracy"]), "accuracy"
+    ref = outputs_for(original, data, split, names)
+
+    def q(module):
+        if classification:
+            return evaluate(module, data, split, names, ref)["fidelity"]
+        out = outputs_for(module, data, split, names)
+        a, b = out.reshape(len(out), -1), ref.reshape(len(ref), -1)
+        return float(np.mean(np.sum(a * b, 1) / np.maximum(
+            np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)))
+
+    return q, "fidelity"
+
+
+def _layer_latency(module: nn.Module, inputs: Sequence[torch.Tensor], names: list[str],
+                   repeats: int = 5) -> dict[str, float]:
+    """Measured torch time (ms) spent inside each named layer at the given batch (median)."""
+    subs = {n: module.get_submodule(n) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    starts: dict[str, float] = {}
+    hooks = []
+    for n, m in subs.items():
+        hooks.append(m.register_forward_pre_hook(lambda _m, _i, n=n: starts.__setitem__(n, time.perf_counter())))
+        hooks.append(m.register_forward_hook(
+            lambda _m, _i, _o, n=n: times[n].append((time.perf_counter() - starts[n]) * 1000.0)))
+    try:
+        with torch.inference_mode():
+            module(*inputs)  # warm-up
+            for t in times.values():
+                t.clear()
+            for _ in range(repeats):
+                module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: float(np.median(t)) if t else 0.0 for n, t in times.items()}
+
+
+def layer_sensitivity(handle: ModelHandle, data: Dataset | None, ratios: Sequence[float] = (0.25, 0.5, 0.75),
+                      progress: Progress | None = None, *, importance: str = "l1",
+                      ignored: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """For every prunable layer: quality when only that layer is pruned at each ratio, and the
+    layer's share of parameters, FLOPs and measured latency (torch, batch 64).
+
+    Rows: ``{"name", "type", "out_channels", "params", "params_share", "flops", "flops_share",
+    "latency_ms", "latency_share", "baseline_quality", "quality": {ratio: q}, "drop": {ratio: d},
+    "sensitivity": mean drop, "metric": "accuracy" | "fidelity"}``."""
+    from .measure import layer_table
+
+    progress = progress or null_progress()
+    module = handle.torch_module().eval()
+    example = tuple(handle.example_inputs(2))
+    layers = prunable_layers(module, example, ignored)
+    quality, metric = _quality_fn(handle, data)
+    base_q = quality(module)
+    table = {r["name"]: r for r in layer_table(handle)}
+    total_params = max(1, _param_count(module))
+    total_flops = max(1, sum(r["flops"] for r in table.values()))
+    lat_inputs = tuple(handle.example_inputs(64))
+    lat = _layer_latency(module, lat_inputs, layers)
+    total_lat = max(1e-9, sum(lat.values()))
+    rows = []
+    n_jobs = max(1, len(layers) * len(ratios))
+    done = 0
+    for name in layers:
+        sub = module.get_submodule(name)
+        q_at, drop_at = {}, {}
+        for r in ratios:
+            progress.update(done / n_jobs, f"sensitivity of {name} at {r:g}")
+            pruned = prune_structured_module(module, example, 0.0, importance=importance,
+                                             ignored=ignored, per_layer={name: float(r)})
+            q = quality(pruned)
+            q_at[f"{r:g}"] = q
+            drop_at[f"{r:g}"] = base_q - q
+            done += 1
+        row = table.get(name, {})
+        params = int(sum(p.numel() for p in sub.parameters(recurse=False)))
+        rows.append({
+            "name": name, "type": type(sub).__name__, "out_channels": _channels(sub).get("", None),
+            "params": params, "params_share": params / total_params,
+            "flops": int(row.get("flops", 0)), "flops_share": row.get("flops", 0) / total_flops,
+            "latency_ms": lat.get(name, 0.0), "latency_share": lat.get(name, 0.0) / total_lat,
+            "baseline_quality": base_q, "quality": q_at, "drop": drop_at,
+            "sensitivity": float(np.mean(list(drop_at.values()))), "metric": metric,
+        })
+    progress.update(1.0, "sensitivity measured")
+    return rows
+
+
+def sensitivity_allocation(module: nn.Module, example_inputs, ratio: float, rows: list[dict[str, Any]],
+                           *, ignored: Iterable[str] | None = None, importance: str = "l1",
+                           round_to: int | None = None, max_ratio: float = 0.9) -> dict[str, float]:
+    """Per-layer ratios that remove as many parameters as uniform ``ratio`` would, but less from
+    layers whose quality drops more when pruned alone (and more from those that barely notice).
+
+    Each layer's weight is ``1 / (sensitivity + eps)``, normalised to mean 1; its ratio is
+    ``k * ratio * weight`` clipped to ``[0, max_ratio]``, with ``k`` found by bisection so the
+    pruned model's parameter count matches the uniformly pruned one's."""
+    example = _as_tuple(example_inputs)
+    if not rows:
+        return {}
+    target = _param_count(prune_structured_module(module, example, ratio, ignored=ignored,
+                                                  importance=importance, round_to=round_to))
+    sens = np.array([max(0.0, r["sensitivity"]) for r in rows])
+    eps = max(0.005, 0.1 * float(sens.mean()))
+    w = 1.0 / (sens + eps)
+    w = w / w.mean()
+    names = [r["name"] for r in rows]
+
+    def ratios_for(k: float) -> dict[str, float]:
+        return {n: float(np.clip(k * ratio * wi, 0.0, max_ratio)) for n, wi in zip(names, w)}
+
+    def params_for(k: float) -> int:
+        pruned = prune_structured_module(module, example, 0.0, ignored=ignored, importance=importance,
+                                         round_to=round_to, per_layer=ratios_for(k))
+        return _param_count(pruned)
+
+    lo, hi = 0.0, 1.0
+    while params_for(hi) > target and hi < 64:
+        lo, hi = hi, hi * 2
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        if params_for(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return ratios_for(hi)
+
+
+# --- the technique -------------------------------------------------------------------------------
+
+def _data_batches(handle: ModelHandle, data: Dataset | None, reference: nn.Module, n_batches: int = 4,
+                  batch_size: int = 64):
+    """Batches for Taylor importance: labels when there are any, else the original's outputs."""
+    names = handle.input_names
+
+    def gen():
+        if data is None:
+            for i in range(n_batches):
+                xs = handle.example_inputs(batch_size, seed=10 + i)
+                with torch.no_grad():
+                    yield xs, _forward(reference, xs).float()
+            return
+        for i, (xs, ys, _) in enumerate(data.batches("train", batch_size, names=names, shuffle=True)):
+            if i >= n_batches:
+                break
+            if ys is None or handle.task != "classification":
+                with torch.no_grad():
+                    ys = _forward(reference, xs).float()
+            yield xs, ys
+
+    return gen
+
+
+def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, Any], data: Dataset | None,
+                    progress: Progress, reference: nn.Module) -> list[dict[str, Any]]:
+    epochs = int(params.get("finetune_epochs", 0))
+    if epochs <= 0:
+        return []
+    if data is None:
+        handle.warnings.append("fine-tuning skipped: it needs data (give a dataset)")
+        return []
+    return finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=float(params["lr"]),
+                    optimizer=params.get("optimizer", "adamw"), batch_size=int(params.get("batch_size", 64)),
+                    progress=progress, reference=reference,
+                    classification=handle.task == "classification")
+
+
+def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
+          progress: Progress) -> ModelHandle:
+    method = params.get("method", "structured")
+    params = {**TECHNIQUE.defaults(method), **params, "method": method}  # direct callers may omit some
+    original = handle.torch_module()
+    reference = frozen_copy(original)
+    example = tuple(handle.example_inputs(2))
+    ignored = list(params.get("ignored") or [])
+    info: dict[str, Any] = {"method": method}
+    tune_progress = progress.sub(0.5, 1.0, "fine-tuning: ")
+    before_params = _param_count(original)
+    if method == "unstructured":
+        progress.update(0.0, "magnitude pruning")
+        head = default_ignored(original, example) if params.get("keep_head", False) else []
+        model = prune_unstructured_module(original, float(params["ratio"]), scope=params.get("scope", "global"),
+                                          ignored=ignored + head, permanent=False)
+        progress.update(0.5, "pruned")
+        history = _finetune_after(handle, model, params, data, tune_progress, reference)
+        make_permanent(model)
+        zeros = sum(int((m.weight == 0).sum()) for m in model.modules()
+                    if isinstance(m, _prunable_types()))
+        weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _prunable_types()))
+        info["pruning"] = {"method": method, "ratio": float(params["ratio"]), "scope": params.get("scope"),
+                           "weights_zeroed": zeros, "weights": weights,
+                           "achieved_weight_sparsity": zeros / max(1, weights),
+                           "finetune": history}
+        new = handle.derive(module=model, step={"technique": "prune", **params})
+        if DENSE_RUNTIME_NOTE not in new.warnings:
+            new.warnings.append(DENSE_RUNTIME_NOTE)
+    elif method == "structured":
+        ratio = float(params["ratio"])
+        importance = params.get("importance", "l1")
+        ign = ignored or None
+        per_layer = None
+        rows = None
+        if params.get("allocation", "uniform") == "sensitivity":
+            rows = layer_sensitivity(handle, data, progress=progress.sub(0.0, 0.35, "sensitivity: "),
+                                     importance="l1" if importance in ("taylor", "random") else importance,
+                                     ignored=ign)
+            per_layer = sensitivity_allocation(original, example, ratio, rows, ignored=ign,
+                                               importance="l1" if importance == "taylor" else importance,
+                                               round_to=params.get("round_to") or None)
+        model = prune_structured_module(
+            original, example, ratio, importance=importance, scope=params.get("scope", "uniform"),
+            ignored=ign, iterative_steps=int(params.get("iterative_steps", 1)),
+            round_to=params.get("round_to") or None, per_layer=per_layer,
+            data_batches=_data_batches(handle, data, reference) if importance == "taylor" else None,
+            progress=progress.sub(0.35, 0.5, "pruning: "))
+        _check_shapes(handle, original, model, example)
+        history = _finetune_after(handle, model, params, data, tune_progress, reference)
+        before_ch, after_ch = _channels(original), _channels(model)
+        after_params = _param_count(model)
+        info["pruning"] = {
+            "method": method, "ratio": ratio, "importance": importance, "scope": params.get("scope"),
+            "allocation": params.get("allocation", "uniform"),
+            "ignored": ign or default_ignored(original, example),
+            "params_before": before_params, "params_after": after_params,
+            "achieved_param_ratio": after_params / max(1, before_params),
+            "kept_channels": {n: {"before": before_ch[n], "after": after_ch.get(n, before_ch[n])}
+                              for n in before_ch},
+            "per_layer_ratio": per_layer, "finetune": history,
+        }
+        if rows is not None:
+            info["sensitivity"] = rows
+        new = handle.derive(module=model, step={"technique": "prune", **params})
+    else:  # the registry validates methods; this guards direct callers
+        raise TugboatError(f"unknown prune method {method!r}; valid: unstructured, structured")
+    new.info.update(info)
+    progress.update(1.0, "done")
+    return new
+
+
+def _check_shapes(handle: ModelHandle, original: nn.Module, pruned: nn.Module, example) -> None:
+    with torch.no_grad():
+        a, b = _forward(original.eval(), example), _forward(pruned.eval(), example)
+    if a.shape != b.shape:
+        raise TugboatError(f"structured pruning changed the output shape from {tuple(a.shape)} to "
+                           f"{tuple(b.shape)}; add the output layer to 'ignored'", path=handle.source)
+
+
+_FT = ("unstructured", "structured")
+TECHNIQUE = register(Technique(
+    name="prune",
+    title="Pruning",
+    summary="Remove the weights or channels that matter least, then fine-tune to recover accuracy.",
+    methods={
+        "structured": "remove whole channels, hidden units and head dimensions: smaller and faster",
+        "unstructured": "zero the smallest weights: smaller only when compressed, not faster",
+    },
+    default_method="structured",
+    params=[
+        Param("ratio", "float", 0.5, "share of channels (structured) or weights (unstructured) removed",
+              minimum=0.0, maximum=0.99),
+        Param("scope", "choice", "uniform", "uniform: same ratio in every layer (structured) / "
+              "layer: per layer (unstructured); global: rank all layers together",
+              choices=("uniform", "global", "layer")),
+        Param("importance", "choice", "l1", "how channels are ranked: weight magnitude (l1, l2), "
+              "gradient x weight (taylor), or random as a control", choices=IMPORTANCES,
+              methods=("structured",)),
+        Param("ignored", "list", [], "layer names never pruned (the classifier head always is kept)"),
+        Param("iterative_steps", "int", 1, "prune in this many smaller steps", minimum=1, maximum=20,
+              methods=("structured",)),
+        Param("round_to", "int", 0, "keep channel counts a multiple of this (0: any); 8 or 16 suit "
+              "vectorised runtimes", minimum=0, maximum=256, methods=("structured",)),
+        Param("allocation", "choice", "uniform", "uniform: the ratio everywhere; sensitivity: less "
+              "where pruning hurts, more where it does not (measured per layer first)",
+              choices=("uniform", "sensitivity"), methods=("structured",)),
+        Param("finetune_epochs", "int", 2, "epochs of fine-tuning after pruning (0: none)",
+              minimum=0, maximum=200, methods=_FT),
+        Param("lr", "float", 1e-3, "fine-tuning learning rate", minimum=1e-7, maximum=1.0,
+              log_scale=True, methods=_FT),
+        Param("optimizer", "choice", "adamw", "fine-tuning optimizer", choices=OPTIMIZERS, methods=_FT),
+        Param("batch_size", "int", 64, "fine-tuning batch size", minimum=1, maximum=8192, methods=_FT),
+    ],
+    apply=apply,
+    needs_torch=True,
+))
