@@ -91,6 +91,12 @@ def default_ignored(module: nn.Module, example_inputs) -> list[str]:
     return order[-1:]
 
 
+def _with_head(module: nn.Module, example, ignored: Iterable[str] | None) -> list[str]:
+    """The user's ignored layers plus the classifier head (pruning it would change the output)."""
+    names = list(ignored or [])
+    return names + [n for n in default_ignored(module, example) if n not in names]
+
+
 def attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """timm-style attention: a fused ``qkv`` Linear and an integer ``num_heads``."""
     found = []
@@ -158,9 +164,9 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
     """Structured pruning of a deep copy of ``module``; returns the smaller dense module.
 
     ``ratio`` is the share of channels removed from each group (``scope = "uniform"``) or across
-    the whole model ranked together (``"global"``). ``ignored`` names layers whose outputs are kept
-    (default: the classifier head). ``per_layer`` maps layer names to their own ratios (used by
-    sensitivity allocation). ``data_batches`` yields ``(inputs, loss_fn_target)`` pairs; Taylor
+    the whole model ranked together (``"global"``). ``ignored`` names layers whose outputs are kept;
+    the classifier head (the last Linear the forward pass runs) is always kept. ``per_layer``
+    maps layer names to their own ratios (used by sensitivity allocation). ``data_batches`` yields ``(inputs, loss_fn_target)`` pairs; Taylor
     importance needs it to compute gradients: each item is ``(inputs, labels)`` with labels a
     LongTensor (cross-entropy) or float targets (soft targets).
     """
@@ -172,8 +178,7 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
     model = copy.deepcopy(module).eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    ignored_names = list(ignored) if ignored is not None else default_ignored(model, example)
-    ignored_layers = _resolve_names(model, ignored_names, "ignored")
+    ignored_layers = _resolve_names(model, _with_head(model, example, ignored), "ignored")
     attn = attention_modules(model)
     num_heads = {m.qkv: m.num_heads for _, m in attn}
     ratio_dict = None
@@ -226,9 +231,8 @@ def prunable_layers(module: nn.Module, example_inputs, ignored: Iterable[str] | 
     """Names of the layers whose output channels structured pruning can remove (group roots)."""
     tp = _tp()
     example = _as_tuple(example_inputs)
-    ignored_names = list(ignored) if ignored is not None else default_ignored(module, example)
     ignored_layers = []
-    for m in _resolve_names(module, ignored_names, "ignored"):
+    for m in _resolve_names(module, _with_head(module, example, ignored), "ignored"):
         ignored_layers.extend(m.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -399,11 +403,11 @@ def layer_sensitivity(handle: ModelHandle, data: Dataset | None, ratios: Sequenc
 
 def sensitivity_allocation(module: nn.Module, example_inputs, ratio: float, rows: list[dict[str, Any]],
                            *, ignored: Iterable[str] | None = None, importance: str = "l1",
-                           round_to: int | None = None, max_ratio: float = 0.9) -> dict[str, float]:
+                           round_to: int | None = None, max_ratio: float = 0.75) -> dict[str, float]:
     """Per-layer ratios that remove as many parameters as uniform ``ratio`` would, but less from
     layers whose quality drops more when pruned alone (and more from those that barely notice).
 
-    Each layer's weight is ``1 / (sensitivity + eps)``, normalised to mean 1; its ratio is
+    Each layer's weight is ``sqrt(1 / (sensitivity + eps))``, normalised to mean 1; its ratio is
     ``k * ratio * weight`` clipped to ``[0, max_ratio]``, with ``k`` found by bisection so the
     pruned model's parameter count matches the uniformly pruned one's."""
     example = _as_tuple(example_inputs)
@@ -413,7 +417,7 @@ def sensitivity_allocation(module: nn.Module, example_inputs, ratio: float, rows
                                                   importance=importance, round_to=round_to))
     sens = np.array([max(0.0, r["sensitivity"]) for r in rows])
     eps = max(0.005, 0.1 * float(sens.mean()))
-    w = 1.0 / (sens + eps)
+    w = np.sqrt(1.0 / (sens + eps))  # square root: single-layer drops overstate interactions
     w = w / w.mean()
     names = [r["name"] for r in rows]
 
@@ -531,7 +535,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         info["pruning"] = {
             "method": method, "ratio": ratio, "importance": importance, "scope": params.get("scope"),
             "allocation": params.get("allocation", "uniform"),
-            "ignored": ign or default_ignored(original, example),
+            "ignored": _with_head(original, example, ign),
             "params_before": before_params, "params_after": after_params,
             "achieved_param_ratio": after_params / max(1, before_params),
             "kept_channels": {n: {"before": before_ch[n], "after": after_ch.get(n, before_ch[n])}
