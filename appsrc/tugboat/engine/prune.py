@@ -166,9 +166,10 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
     ``ratio`` is the share of channels removed from each group (``scope = "uniform"``) or across
     the whole model ranked together (``"global"``). ``ignored`` names layers whose outputs are kept;
     the classifier head (the last Linear the forward pass runs) is always kept. ``per_layer``
-    maps layer names to their own ratios (used by sensitivity allocation). ``data_batches`` yields ``(inputs, loss_fn_target)`` pairs; Taylor
-    importance needs it to compute gradients: each item is ``(inputs, labels)`` with labels a
-    LongTensor (cross-entropy) or float targets (soft targets).
+    maps layer names to their own ratios (used by sensitivity allocation). ``data_batches`` (an
+    iterable, or a callable returning one) yields ``(inputs, targets)`` pairs for Taylor
+    importance's gradients: targets are labels (LongTensor, cross-entropy) or the original
+    model's outputs (float, soft targets).
     """
     tp = _tp()
     progress = progress or null_progress()
