@@ -1,0 +1,492 @@
+"""Knowledge distillation: a small student learns to imitate the loaded model (the teacher).
+
+Hinton et al., "Distilling the Knowledge in a Neural Network": for classifiers the loss is
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)
+
+with ``alpha`` forced to 1 when the data has no labels. For other outputs (embeddings, regression)
+the loss is MSE or cosine distance between the outputs, chosen from the task and overridable.
+Optionally, intermediate features are matched too: each ``"teacher_layer:student_layer"`` pair adds
+the MSE between the teacher's feature map and a learned projection of the student's.
+
+The teacher only has to produce outputs, so it may be an ONNX-only model (run in ONNX Runtime).
+Its outputs on the training and validation splits are computed once per job and cached (with
+image augmentation: once per pixel shift used), never per epoch. The student is a built-in family
+member (:mod:`tugboat.engine.students`), a structured-pruned copy of the teacher, or a model file.
+Every batch checks for cancellation; every epoch publishes ``progress.record("epoch", ...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import DataError, NumericalError, TugboatError
+from .finetune import make_optimizer
+from .models import eval_mode
+from .progress import Progress, null_progress
+from .steps import Param, Technique, register
+from .students import build_student, input_kind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import Dataset
+    from .models import ModelHandle
+
+STUDENTS = ("family", "pruned", "file")
+LOSSES = ("auto", "kd", "mse", "cosine")
+SHIFTS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
+
+# --- the teacher, run once ---------------------------------------------------------------------
+
+class TeacherCache:
+    """Teacher outputs (and paired features) per split and pixel shift, computed on first use."""
+
+    def __init__(self, handle: ModelHandle, data: Dataset, feature_layers: list[str],
+                 batch_size: int = 256):
+        self.handle = handle
+        self.data = data
+        self.layers = feature_layers
+        self.batch_size = batch_size
+        self._store: dict[tuple[str, tuple[int, int]], tuple[np.ndarray, list[np.ndarray]]] = {}
+        self.seconds = 0.0
+        if feature_layers:
+            module = handle.module
+            if module is None:
+                why = handle.conversion_error or "the teacher is ONNX-only"
+                raise TugboatError(f"feature matching needs the teacher's torch layers, but {why}",
+                                   path=handle.source, hint="leave feature_pairs empty")
+            names = dict(module.named_modules())
+            missing = [n for n in feature_layers if n not in names]
+            if missing:
+                raise TugboatError(f"feature_pairs: the teacher has no layer {missing[0]!r}",
+                                   path=handle.source, hint=_layer_hint(module))
+
+    def get(self, split: str, shift: tuple[int, int] = (0, 0),
+            progress: Progress | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        key = (split, shift)
+        if key not in self._store:
+            t0 = time.perf_counter()
+            xs, _ = self.data.split(split)
+            inputs = {n: xs[n] for n in self.handle.input_names}
+            if shift != (0, 0):
+                first = self.handle.input_names[0]
+                inputs[first] = np.roll(inputs[first], shift, axis=(2, 3))
+            if self.layers:
+                self._store[key] = self._torch_with_features(inputs, progress)
+            else:
+                from .runtime import predict
+
+                use_torch = self.handle.module is not None and self.handle.onnx_model is None
+                outs = predict(self.handle, inputs, runtime="torch" if use_torch else "onnxruntime",
+                               batch=self.batch_size, threads=torch.get_num_threads(),
+                               progress=progress)
+                self._store[key] = (np.asarray(outs[0], dtype=np.float32), [])
+            self.seconds += time.perf_counter() - t0
+        return self._store[key]
+
+    def _torch_with_features(self, inputs: dict[str, np.ndarray], progress: Progress | None):
+        module = self.handle.module
+        eval_mode(module)
+        named = dict(module.named_modules())
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [named[n].register_forward_hook(_capture(captured, n)) for n in self.layers]
+        arrays = [inputs[n] for n in self.handle.input_names]
+        n_rows = len(arrays[0])
+        outs: list[np.ndarray] = []
+        feats: list[list[np.ndarray]] = [[] for _ in self.layers]
+        try:
+            with torch.inference_mode():
+                for i in range(0, n_rows, self.batch_size):
+                    xs = [torch.from_numpy(np.ascontiguousarray(a[i : i + self.batch_size])) for a in arrays]
+                    outs.append(_first(module(*xs)).float().numpy())
+                    for k, name in enumerate(self.layers):
+                        feats[k].append(captured[name].float().numpy())
+                    if progress is not None:
+                        progress.update(min(1.0, (i + self.batch_size) / n_rows), "teacher outputs")
+        finally:
+            for h in hooks:
+                h.remove()
+        return np.concatenate(outs), [np.concatenate(f) for f in feats]
+
+
+def _capture(store: dict[str, torch.Tensor], name: str):
+    def hook(_module, _inputs, output):
+        store[name] = _first(output)
+    return hook
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _layer_hint(module: nn.Module) -> str:
+    names = [n for n, m in module.named_modules() if n and not list(m.children())]
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return f"layers: {shown}"
+
+
+# --- students ------------------------------------------------------------------------------------
+
+def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out_shape: tuple[int, ...],
+                 progress: Progress) -> tuple[nn.Module, str | None, dict[str, Any]]:
+    """(student module, its built-in arch name or None, notes for the report)."""
+    kind = params["student"]
+    width = float(params["width"])
+    names = handle.input_names
+    if kind == "family":
+        shapes = [tuple(data.inputs[n].shape[1:]) for n in names]
+        dtypes = [str(data.inputs[n].dtype) for n in names]
+        ikind = input_kind(shapes, dtypes)
+        vocab = 2
+        if ikind == "tokens":
+            vocab = int(handle.info.get("vocab_size", {}).get(names[0], 0)) or int(data.inputs[names[0]].max()) + 1
+        torch.manual_seed(int(params["seed"]))
+        student = build_student(ikind, shapes, out_shape, width=width, depth=int(params["depth"]), vocab=vocab)
+        return student, None, {"family": ikind, "width": width, "depth": int(params["depth"])}
+    if kind == "pruned":
+        if handle.module is None:
+            why = handle.conversion_error or "the teacher is ONNX-only"
+            raise TugboatError(f"student = \"pruned\" needs the teacher's torch module, but {why}",
+                               path=handle.source, hint="use student = \"family\" or \"file\"")
+        if not 0.0 < width <= 1.0:
+            raise TugboatError(f"student = \"pruned\" needs width in (0, 1] (the share of channels "
+                               f"kept), got {width}")
+        from .prune import prune_structured_module  # lazy: pruning pulls in torch-pruning
+
+        student = prune_structured_module(handle.module, tuple(handle.example_inputs(2)), 1.0 - width,
+                                          importance=params.get("importance", "l1"),
+                                          progress=progress)
+        return student, None, {"pruned_width": width}
+    if kind == "file":
+        ref = params.get("student_file") or ""
+        if not ref:
+            raise TugboatError("student = \"file\" needs student_file (the student model's path)")
+        from .models import load_model
+
+        loaded = load_model(ref, trust=bool(params.get("student_trust", False)))
+        student = loaded.torch_module()
+        if loaded.input_names and len(loaded.inputs) != len(handle.inputs):
+            raise TugboatError(f"the student takes {len(loaded.inputs)} inputs, the teacher "
+                               f"{len(handle.inputs)}", path=ref)
+        return student, loaded.arch, {"student_file": str(ref)}
+    raise TugboatError(f"unknown student {kind!r}; valid: {', '.join(STUDENTS)}")
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def output_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    s, t = student.reshape(len(student), -1), teacher.reshape(len(teacher), -1)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
+    return F.mse_loss(s, t)
+
+
+class FeatureProjection(nn.Module):
+    """Maps a student feature onto the teacher's feature shape (learned; dropped after training)."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+        super().__init__()
+        self.teacher_shape = tuple(teacher_shape)
+        self.conv = len(student_shape) == 3 and len(teacher_shape) == 3
+        self.tokens = (len(student_shape) == 2 and len(teacher_shape) == 2
+                       and student_shape[0] == teacher_shape[0])
+        if self.conv:
+            self.proj: nn.Module = nn.Conv2d(student_shape[0], teacher_shape[0], 1)
+        elif self.tokens:
+            self.proj = nn.Linear(student_shape[-1], teacher_shape[-1])
+        else:
+            self.proj = nn.Linear(math.prod(student_shape), math.prod(teacher_shape))
+
+    def forward(self, x):
+        if self.conv:
+            y = self.proj(x)
+            if tuple(y.shape[2:]) != self.teacher_shape[1:]:
+                y = F.adaptive_avg_pool2d(y, self.teacher_shape[1:])
+            return y
+        if self.tokens:
+            return self.proj(x)
+        return self.proj(x.reshape(len(x), -1)).reshape(len(x), *self.teacher_shape)
+
+
+def parse_pairs(pairs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for p in pairs:
+        if p.count(":") != 1 or not all(part.strip() for part in p.split(":")):
+            raise TugboatError(f"feature_pairs: {p!r} is not \"teacher_layer:student_layer\"")
+        a, b = p.split(":")
+        out.append((a.strip(), b.strip()))
+    return out
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+def _outputs(module: nn.Module, data: Dataset, split: str, names: list[str], batch: int = 256) -> torch.Tensor:
+    eval_mode(module)
+    chunks = []
+    with torch.inference_mode():
+        for xs, _, _ in data.batches(split, batch, names=names):
+            chunks.append(_first(module(*xs)).float())
+    return torch.cat(chunks)
+
+
+def _val_metrics(student_out: torch.Tensor, teacher_out: torch.Tensor, labels: np.ndarray | None,
+                 classification: bool, loss_kind: str, temperature: float) -> dict[str, float | None]:
+    if classification:
+        pred = student_out.argmax(-1).numpy()
+        acc = float(np.mean(pred == labels)) if labels is not None else None
+        agree = float(np.mean(pred == teacher_out.argmax(-1).numpy()))
+        loss = float(kd_loss(student_out, teacher_out, temperature))
+        return {"val_accuracy": acc, "fidelity": agree, "val_loss": loss}
+    cos = F.cosine_similarity(student_out.reshape(len(student_out), -1),
+                              teacher_out.reshape(len(teacher_out), -1), dim=1, eps=1e-8)
+    loss = float(output_loss(loss_kind, student_out, teacher_out))
+    return {"val_accuracy": None, "fidelity": float(cos.mean()), "val_loss": loss}
+
+
+def _is_classification(handle: ModelHandle, teacher_out: np.ndarray) -> bool:
+    return handle.task == "classification" and teacher_out.ndim == 2 and teacher_out.shape[1] > 1
+
+
+# --- the technique -------------------------------------------------------------------------------
+
+def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
+          progress: Progress | None = None) -> ModelHandle:
+    progress = progress or null_progress()
+    method = params.get("method", "kd")
+    params = {**TECHNIQUE.defaults(method), **params, "method": method}  # direct callers may omit some
+    if data is None:
+        raise DataError("distillation needs data: the student learns from the teacher's outputs on it")
+    for split in ("train", "val"):
+        if len(data.splits.get(split, ())) == 0:
+            raise DataError(f"distillation needs a non-empty '{split}' split", path=data.ref)
+    t_start = time.perf_counter()
+    names = handle.input_names
+    pairs = parse_pairs(list(params.get("feature_pairs") or []))
+    temperature = float(params["temperature"])
+    epochs, batch_size = int(params["epochs"]), int(params["batch_size"])
+    seed = int(params["seed"])
+
+    # 1. the teacher's outputs, once
+    cache = TeacherCache(handle, data, [a for a, _ in pairs])
+    t_train, t_train_feats = cache.get("train", progress=progress.sub(0.0, 0.07, "teacher: "))
+    t_val, _ = cache.get("val", progress=progress.sub(0.07, 0.1, "teacher: "))
+    classification = _is_classification(handle, t_train)
+
+    loss_kind = params["loss"]
+    if loss_kind == "auto":
+        loss_kind = "kd" if classification else ("cosine" if handle.task == "embedding" else "mse")
+    if loss_kind == "kd" and not classification:
+        raise TugboatError(f"loss \"kd\" needs class logits, but the teacher's output has shape "
+                           f"{t_train.shape[1:]} (task {handle.task!r})", hint="use loss = \"mse\" or \"cosine\"")
+    alpha = float(params["alpha"])
+    notes: list[str] = []
+    if loss_kind == "kd" and alpha < 1.0 and not data.has_labels:
+        notes.append("the data has no labels: alpha forced to 1 (teacher's soft targets only)")
+        alpha = 1.0
+    use_labels = loss_kind == "kd" and alpha < 1.0
+
+    # 2. the student
+    student, arch, student_info = make_student(handle, params, data, tuple(t_train.shape[1:]),
+                                               progress.sub(0.1, 0.12, "student: "))
+    eval_mode(student, True)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    probe = [torch.from_numpy(np.ascontiguousarray(data.inputs[n][data.splits["train"][:2]])) for n in names]
+    s_named = dict(student.named_modules())
+    s_missing = [b for _, b in pairs if b not in s_named]
+    if s_missing:
+        raise TugboatError(f"feature_pairs: the student has no layer {s_missing[0]!r}", hint=_layer_hint(student))
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [s_named[b].register_forward_hook(_capture(captured, b)) for _, b in pairs]
+    try:
+        with torch.no_grad():
+            eval_mode(student)
+            probe_out = _first(student(*probe))
+            eval_mode(student, True)
+    except Exception as exc:
+        for h in hooks:
+            h.remove()
+        raise TugboatError(f"the student fails on the data: {' '.join(str(exc).split())[:200]}") from None
+    if tuple(probe_out.shape[1:]) != tuple(t_train.shape[1:]):
+        for h in hooks:
+            h.remove()
+        raise TugboatError(f"the student's output has shape {tuple(probe_out.shape[1:])} but the "
+                           f"teacher's has {tuple(t_train.shape[1:])}")
+    projections = nn.ModuleList([FeatureProjection(tuple(captured[b].shape[1:]), tuple(f.shape[1:]))
+                                 for (_, b), f in zip(pairs, t_train_feats)])
+    feat_scale = [float(np.mean(np.square(f))) + 1e-8 for f in t_train_feats]
+    teacher_params = _count(handle)
+    student_params = sum(p.numel() for p in student.parameters())
+
+    # 3. training
+    augment = bool(params["augment"])
+    image_input = data.inputs[names[0]].ndim == 4 and data.inputs[names[0]].dtype.kind == "f"
+    if augment and not image_input:
+        notes.append("augment ignored: pixel shifts apply to image inputs only")
+        augment = False
+    torch.manual_seed(seed)
+    opt = make_optimizer(params["optimizer"], list(student.parameters()) + list(projections.parameters()),
+                         float(params["lr"]))
+    n_train = len(data.splits["train"])
+    n_batches = max(1, math.ceil(n_train / batch_size))
+    total = epochs * n_batches
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    rows = np.arange(n_train)
+    _, val_labels = data.split("val")
+    t_val_tensor = torch.from_numpy(t_val)
+    train_progress = progress.sub(0.12, 1.0)
+    patience, feature_weight = int(params["patience"]), float(params["feature_weight"])
+    history: list[dict[str, Any]] = []
+    best_score: tuple | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch, stale, step = 0, 0, 0
+    rng = np.random.default_rng(seed)
+    try:
+        for epoch in range(1, epochs + 1):
+            eval_mode(student, True)
+            sums = {"loss": 0.0, "feature": 0.0}
+            count = 0
+            for xs, ys, ex in data.batches("train", batch_size, names=names, shuffle=True,
+                                           seed=seed + epoch, extra=[rows]):
+                local = ex[0].numpy()
+                shift = SHIFTS[int(rng.integers(len(SHIFTS)))] if augment else (0, 0)
+                if shift != (0, 0):
+                    xs[0] = torch.roll(xs[0], shifts=shift, dims=(2, 3))
+                t_out, t_feats = cache.get("train", shift)
+                target = torch.from_numpy(t_out[local])
+                out = _first(student(*xs))
+                if loss_kind == "kd":
+                    loss = alpha * kd_loss(out, target, temperature) if alpha > 0 else out.new_zeros(())
+                    if use_labels:
+                        loss = loss + (1.0 - alpha) * F.cross_entropy(out, ys)
+                else:
+                    loss = output_loss(loss_kind, out, target)
+                feat_loss = out.new_zeros(())
+                for k, ((_, b), proj) in enumerate(zip(pairs, projections)):
+                    tf = torch.from_numpy(t_feats[k][local])
+                    feat_loss = feat_loss + F.mse_loss(proj(captured[b]), tf) / feat_scale[k]
+                if pairs:
+                    loss = loss + feature_weight * feat_loss
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"distillation diverged (loss {float(loss.detach())} at epoch {epoch}); "
+                                         f"try a lower learning rate than {float(params['lr']):g}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                sums["loss"] += float(loss.detach()) * len(local)
+                sums["feature"] += float(feat_loss.detach()) * len(local)
+                count += len(local)
+                step += 1
+                train_progress.update(step / total, f"epoch {epoch}/{epochs}")
+            s_val = _outputs(student, data, "val", names)
+            ev = _val_metrics(s_val, t_val_tensor, val_labels if classification else None,
+                              classification, loss_kind, temperature)
+            row = {"epoch": epoch, "train_loss": sums["loss"] / max(1, count), **ev,
+                   "lr": float(sched.get_last_lr()[0])}
+            if pairs:
+                row["feature_loss"] = sums["feature"] / max(1, count)
+            history.append(row)
+            progress.record("epoch", **row)
+            primary = ev["val_accuracy"] if (use_labels and ev["val_accuracy"] is not None) else ev["fidelity"]
+            score = (round(primary, 6), -ev["val_loss"])
+            if best_score is None or score > best_score:
+                best_score, best_epoch, stale = score, epoch, 0
+                best_state = copy.deepcopy(student.state_dict())
+            else:
+                stale += 1
+                if patience and stale >= patience:
+                    progress.log(f"early stop after epoch {epoch}: no better validation score for "
+                                 f"{patience} epochs (best: epoch {best_epoch})")
+                    break
+            train_progress.check()
+    finally:
+        for h in hooks:
+            h.remove()
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    eval_mode(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+    step_record = {"technique": "distill", **params}
+    new = handle.derive(module=student, step=step_record)
+    new.arch = arch
+    new.info["training"] = history
+    new.info["distill"] = {
+        "student": params["student"], **student_info, "loss": loss_kind, "alpha": alpha,
+        "temperature": temperature, "labels_used": use_labels, "epochs_run": len(history),
+        "best_epoch": best_epoch, "teacher_params": teacher_params, "student_params": student_params,
+        "param_ratio": student_params / max(1, teacher_params), "augment": augment,
+        "feature_pairs": [f"{a}:{b}" for a, b in pairs],
+        "teacher_seconds": round(cache.seconds, 3),
+        "seconds": round(time.perf_counter() - t_start, 3), "notes": notes,
+    }
+    new.warnings += notes
+    progress.update(1.0, "distilled")
+    return new
+
+
+def _count(handle: ModelHandle) -> int:
+    try:
+        return int(handle.param_count()[0])
+    except Exception:  # counting must never fail a job
+        return 0
+
+
+TECHNIQUE = register(Technique(
+    name="distill",
+    title="Distillation",
+    summary="Train a small student to imitate the model's outputs (its softened predictions), "
+            "with or without labels.",
+    methods={"kd": "knowledge distillation: the student learns the teacher's outputs at a temperature, "
+                   "plus the labels where there are any"},
+    default_method="kd",
+    params=[
+        Param("student", "choice", "family", "family: a built-in CNN / MLP / transformer sized by width "
+              "and depth; pruned: a channel-pruned copy of the teacher; file: your own model file",
+              choices=STUDENTS),
+        Param("width", "float", 0.5, "family: size multiplier (CNN base channels 32 x width); pruned: "
+              "share of channels kept", minimum=0.02, maximum=4.0),
+        Param("depth", "int", 3, "family: number of blocks (conv blocks, hidden layers, encoder layers)",
+              minimum=1, maximum=12),
+        Param("student_file", "str", "", "student = file: path of the student model"),
+        Param("student_trust", "bool", False, "student = file: allow a pickled module (runs its code)"),
+        Param("temperature", "float", 4.0, "softens the teacher's predictions; higher shares more about "
+              "the wrong classes", minimum=1.0, maximum=20.0),
+        Param("alpha", "float", 0.7, "weight of the teacher's soft targets vs the labels (1: teacher "
+              "only; forced to 1 without labels)", minimum=0.0, maximum=1.0),
+        Param("loss", "choice", "auto", "auto: kd for class logits, cosine for embeddings, mse otherwise",
+              choices=LOSSES),
+        Param("epochs", "int", 20, "training epochs (at most)", minimum=1, maximum=1000),
+        Param("lr", "float", 3e-3, "learning rate", minimum=1e-6, maximum=1.0, log_scale=True),
+        Param("batch_size", "int", 64, "batch size", minimum=1, maximum=8192),
+        Param("optimizer", "choice", "adamw", "optimizer (cosine learning-rate schedule)",
+              choices=("adamw", "sgd")),
+        Param("patience", "int", 5, "stop after this many epochs without a better validation score "
+              "(0: never); the best epoch's weights are kept", minimum=0, maximum=1000),
+        Param("augment", "bool", False, "images: random one-pixel shifts (teacher outputs cached per shift)"),
+        Param("feature_pairs", "list", [], "intermediate layers to match, \"teacher_layer:student_layer\" "
+              "(a learned projection maps the student's feature to the teacher's)"),
+        Param("feature_weight", "float", 1.0, "weight of the feature-matching loss", minimum=0.0,
+              maximum=100.0),
+        Param("seed", "int", 0, "random seed (initialisation, batch order, augmentation)", minimum=0),
+    ],
+    apply=apply,
+    needs_torch=False,  # the teacher may be ONNX-only; student = "pruned" checks for itself
+))
