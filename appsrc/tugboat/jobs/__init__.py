@@ -1,1 +1,327 @@
-"""The bridge: runs engine calls on worker threads and turns their callbacks into Qt signals."""
+"""The bridge: runs engine calls on worker threads and turns their callbacks into Qt signals.
+
+A job is ``fn(progress) -> result`` where ``progress`` is an engine :class:`Progress` wired to the
+job's cancel token. The worker thread never touches widgets: it only emits signals on a private
+relay object with queued connections, and the :class:`Job` (living on the GUI thread) re-emits them
+as its public signals, so every slot connected to a job runs on the GUI thread. The API follows
+superqt's ``thread_worker`` (yielded/returned/errored/aborted become progress/finished/failed/
+cancelled) and Orange's ``ConcurrentWidgetMixin`` (cooperative cancellation through a token).
+
+Cancellation is cooperative: ``job.cancel()`` sets the token; the engine raises ``Cancelled`` at
+its next ``progress.update``/``check``. A cancelled job never emits ``finished``, even if its
+function returns after the request (superqt's ``test_abort_does_not_return``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from PySide6.QtCore import QObject, Qt, Signal
+
+from ..engine.errors import Cancelled, TugboatError
+from ..engine.progress import CancelToken, Progress
+from . import _qt_compat  # noqa: F401  (guards a PySide6 6.12.0 emit bug; first, before any emit)
+
+__all__ = [
+    "CANCELLED",
+    "DONE",
+    "FAILED",
+    "QUEUED",
+    "RUNNING",
+    "Job",
+    "JobQueue",
+    "warm_up_torch",
+    "worker_threads",
+]
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+ENDED = (DONE, FAILED, CANCELLED)
+
+# progress updates are coalesced to at most one per interval (the GUI repaints far slower than a
+# training loop reports), so a chatty job cannot flood the event loop
+PROGRESS_INTERVAL_S = 0.05
+
+
+def worker_threads() -> int:
+    """Torch intra-op threads for a job: every core but one, which stays for the interface."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+_warm_lock = threading.Lock()
+_warm_done = threading.Event()
+_warm_thread: threading.Thread | None = None
+
+
+def warm_up_torch(wait: bool = False) -> threading.Event:
+    """Import what the first optimizer imports (torch._dynamo, ~1 s holding the GIL) off the critical
+    path: started once, in the background, at application start (see ENVIRONMENT.md pitfalls)."""
+    global _warm_thread
+
+    def _warm() -> None:
+        try:
+            import torch
+
+            torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+        except Exception:
+            pass
+        finally:
+            _warm_done.set()
+
+    with _warm_lock:
+        if _warm_thread is None:
+            _warm_thread = threading.Thread(target=_warm, name="tugboat-warm-up", daemon=True)
+            _warm_thread.start()
+    if wait:
+        _warm_done.wait()
+    return _warm_done
+
+
+class _Relay(QObject):
+    """Emitted from the worker thread; connected to the job with queued connections."""
+
+    progress = Signal(float, str)
+    record = Signal(str, object)
+    started = Signal()
+    ended = Signal(str, object, str, str)  # state, result, message, details
+
+
+class Job(QObject):
+    progress = Signal(float, str)  # overall fraction in [0, 1], message
+    record = Signal(str, dict)  # structured events from progress.record (e.g. "epoch")
+    log = Signal(str)
+    finished = Signal(object)  # the function's result
+    failed = Signal(str, str)  # short message, details (traceback for unexpected errors)
+    cancelled = Signal()
+    state_changed = Signal(str)
+
+    _ids = 0
+
+    def __init__(self, fn: Callable[[Progress], Any], *, name: str, kind: str = "job",
+                 threads: int | None = None, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        Job._ids += 1
+        self.id = Job._ids
+        self.fn = fn
+        self.name = name
+        self.kind = kind
+        self.threads = threads or worker_threads()
+        self.token = CancelToken()
+        self.state = QUEUED
+        self.fraction = 0.0
+        self.message = ""
+        self.result: Any = None
+        self.error: str | None = None
+        self.details: str = ""
+        self.logs: list[str] = []
+        self.submitted = time.monotonic()
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._relay = _Relay()
+        q = Qt.ConnectionType.QueuedConnection
+        self._relay.progress.connect(self._on_relay_progress, q)
+        self._relay.record.connect(self._on_relay_record, q)
+        self._relay.started.connect(self._on_relay_started, q)
+        self._relay.ended.connect(self._on_relay_ended, q)
+
+    # --- public ----------------------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self.state == RUNNING
+
+    @property
+    def is_ended(self) -> bool:
+        return self.state in ENDED
+
+    def elapsed(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        return (self.ended_at or time.monotonic()) - self.started_at
+
+    def eta(self) -> float | None:
+        """Seconds left, extrapolated from the fraction done (None until there is a trend)."""
+        if self.state != RUNNING or self.fraction < 0.02:
+            return None
+        return self.elapsed() * (1.0 - self.fraction) / self.fraction
+
+    def cancel(self) -> None:
+        """Ask the job to stop at its next progress check; a queued job is cancelled at once."""
+        self.token.cancel()
+        if self.state == QUEUED:
+            self._end(CANCELLED, None, "cancelled by the user", "")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker has returned (signals may still be queued); True if it did."""
+        return self._done.wait(timeout)
+
+    # --- worker side -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"tugboat-job-{self.id}", daemon=True)
+        self.state = RUNNING
+        self.started_at = time.monotonic()
+        self.state_changed.emit(RUNNING)
+        self._thread.start()
+
+    def _run(self) -> None:  # worker thread: emits on the relay only
+        relay = self._relay
+        last = [0.0]
+
+        def on_update(fraction: float, message: str) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL_S or fraction >= 1.0:
+                last[0] = now
+                relay.progress.emit(fraction, message)
+
+        def on_record(kind: str, data: dict[str, Any]) -> None:
+            relay.record.emit(kind, dict(data))
+
+        progress = Progress(on_update, self.token, on_record)
+        state, result, message, details = DONE, None, "", ""
+        try:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        except Exception:
+            pass
+        try:
+            result = self.fn(progress)
+            if self.token.cancelled:  # asked to stop, but the function returned anyway: drop it
+                state, result, message = CANCELLED, None, "cancelled by the user"
+        except Cancelled:
+            state, message = CANCELLED, "cancelled by the user"
+        except TugboatError as exc:
+            state, message, details = FAILED, str(exc), ""
+        except MemoryError:
+            state, message = FAILED, "out of memory: try a smaller batch size or a smaller model"
+            details = traceback.format_exc()
+        except Exception as exc:
+            state, details = FAILED, traceback.format_exc()
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+                message = "out of memory: try a smaller batch size or a smaller model"
+            else:
+                message = f"{type(exc).__name__}: {exc}".strip()
+        self._done_result = (state, result, message, details)
+        relay.ended.emit(state, result, message, details)
+        self._done.set()
+
+    # --- GUI side --------------------------------------------------------------------------------
+    def _on_relay_started(self) -> None:  # pragma: no cover - kept for symmetry
+        pass
+
+    def _on_relay_progress(self, fraction: float, message: str) -> None:
+        if self.state != RUNNING:
+            return
+        self.fraction, self.message = fraction, message
+        self.progress.emit(fraction, message)
+
+    def _on_relay_record(self, kind: str, data: object) -> None:
+        if self.state != RUNNING:
+            return
+        if kind == "log":
+            text = str((data or {}).get("message", ""))
+            self.logs.append(text)
+            self.log.emit(text)
+        self.record.emit(kind, data if isinstance(data, dict) else {})
+
+    def _on_relay_ended(self, state: str, result: object, message: str, details: str) -> None:
+        if self.state in ENDED:
+            return
+        self._end(state, result, message, details)
+
+    def _end(self, state: str, result: Any, message: str, details: str) -> None:
+        self.state = state
+        self.ended_at = time.monotonic()
+        if self._thread is None:  # never started
+            self._done.set()
+        if state == DONE:
+            self.fraction = 1.0
+            self.result = result
+            self.finished.emit(result)
+        elif state == FAILED:
+            self.error, self.details = message, details
+            self.logs.append(f"failed: {message}")
+            self.failed.emit(message, details)
+        else:
+            self.error = message
+            self.cancelled.emit()
+        self.state_changed.emit(state)
+
+
+class JobQueue(QObject):
+    """One queue for the app. Jobs run in submission order, ``max_running`` at a time, each on its
+    own worker thread (with the default of one, compute-heavy jobs do not fight over two cores)."""
+
+    jobs_changed = Signal()
+    job_added = Signal(object)
+    job_ended = Signal(object)
+
+    def __init__(self, parent: QObject | None = None, *, max_running: int = 1,
+                 threads: int | None = None) -> None:
+        super().__init__(parent)
+        self.max_running = max_running
+        self.threads = threads
+        self._jobs: list[Job] = []
+
+    def submit(self, fn: Callable[[Progress], Any], *, name: str, kind: str = "job") -> Job:
+        job = Job(fn, name=name, kind=kind, threads=self.threads, parent=self)
+        job.state_changed.connect(lambda _s, j=job: self._on_job_state(j))
+        self._jobs.append(job)
+        self.job_added.emit(job)
+        self.jobs_changed.emit()
+        self._schedule()
+        return job
+
+    def jobs(self) -> list[Job]:
+        return list(self._jobs)
+
+    def active(self) -> list[Job]:
+        return [j for j in self._jobs if not j.is_ended]
+
+    def running(self) -> list[Job]:
+        return [j for j in self._jobs if j.state == RUNNING]
+
+    def cancel_all(self) -> None:
+        for job in self.active():
+            job.cancel()
+
+    def clear_ended(self) -> None:
+        ended = [j for j in self._jobs if j.is_ended]
+        if ended:
+            self._jobs = [j for j in self._jobs if not j.is_ended]
+            for j in ended:
+                j.deleteLater()
+            self.jobs_changed.emit()
+
+    def wait_all(self, timeout: float | None = None) -> bool:
+        """Block until every started worker returned (used at shutdown; signals may be pending)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in list(self._jobs):
+            if job._thread is None:
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not job.wait(left):
+                return False
+        return True
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        self.cancel_all()
+        return self.wait_all(timeout)
+
+    def _on_job_state(self, job: Job) -> None:
+        if job.is_ended:
+            self.job_ended.emit(job)
+            self._schedule()
+        self.jobs_changed.emit()
+
+    def _schedule(self) -> None:
+        while len(self.running()) < self.max_running:
+            nxt = next((j for j in self._jobs if j.state == QUEUED), None)
+            if nxt is None:
+                return
+            nxt._start()

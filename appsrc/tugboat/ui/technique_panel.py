@@ -1,0 +1,328 @@
+"""A technique panel built from the engine's registry: one control per recipe parameter.
+
+Nothing here knows about pruning, quantization or distillation. A :class:`TechniquePanel` reads a
+:class:`~tugboat.engine.steps.Technique` (methods and :class:`Param` schemas) and makes a method
+combo, a labelled slider for every numeric parameter, a combo for choices, a checkbox for booleans
+and a line edit for strings and lists, each with the parameter's help as tooltip. Only the
+parameters that apply to the chosen method are shown. A new technique needs no change here.
+
+Signals carry a recipe step (``{"technique", "method", **params}``): ``step_changed`` on every
+edit including while a slider is dragged (for live estimates), ``step_committed`` once a control
+rests (slider released, or 400 ms after the last keyboard edit: the debounced "real run" cue).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QLabeledDoubleSlider, QLabeledSlider
+
+from ..engine.errors import RecipeError
+from ..engine.steps import Param, Technique
+
+COMMIT_DELAY_MS = 400
+_FLOAT_STEPS = 1000  # slider resolution for floats
+
+
+def _decimals(p: Param) -> int:
+    if p.minimum is None or p.maximum is None:
+        return 3
+    span = float(p.maximum) - float(p.minimum)
+    if span <= 0:
+        return 3
+    return max(0, min(6, 2 - math.floor(math.log10(span)) + 1))
+
+
+class _LogSlider(QWidget):
+    """A slider over log10(value) that shows the real value (learning rates, weight decay)."""
+
+    def __init__(self, p: Param, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        lo = max(float(p.minimum or 1e-8), 1e-12)
+        hi = float(p.maximum or lo * 1e4)
+        self._lo, self._hi = math.log10(lo), math.log10(hi)
+        self.slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(self._lo, self._hi)
+        self.slider.setSingleStep((self._hi - self._lo) / 100)
+        self.slider.setEdgeLabelMode(QLabeledDoubleSlider.EdgeLabelMode.NoLabel)
+        self.label = QLabel()
+        self.label.setMinimumWidth(64)
+        self.label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.slider, 1)
+        lay.addWidget(self.label)
+        self.slider.valueChanged.connect(self._on_slider_value)
+        self.valueChanged = self.slider.valueChanged
+        self.sliderReleased = self.slider.sliderReleased
+
+    def _on_slider_value(self, _v: float) -> None:
+        self.label.setText(f"{self.value():.3g}")
+
+    def value(self) -> float:
+        return float(f"{10 ** self.slider.value():.3g}")
+
+    def setValue(self, value: float) -> None:  # noqa: N802 - Qt naming, used like a slider
+        value = max(float(value), 1e-12)
+        self.slider.setValue(min(max(math.log10(value), self._lo), self._hi))
+        self._on_slider_value(0.0)
+
+    def isSliderDown(self) -> bool:  # noqa: N802
+        return self.slider._slider.isSliderDown()
+
+
+class TechniquePanel(QWidget):
+    step_changed = Signal(dict)
+    step_committed = Signal(dict)
+    run_requested = Signal(dict)
+    add_to_sweep_requested = Signal(dict)
+
+    def __init__(self, technique: Technique, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.technique = technique
+        self.setObjectName(f"panel_{technique.name}")
+        self.controls: dict[str, QWidget] = {}
+        self.rows: dict[str, tuple[QLabel, QWidget]] = {}
+        self._loading = False
+        self._last_committed: dict[str, Any] | None = None
+        self._commit_timer = QTimer(self)
+        self._commit_timer.setSingleShot(True)
+        self._commit_timer.setInterval(COMMIT_DELAY_MS)
+        self._commit_timer.timeout.connect(self._commit)
+
+        outer = QVBoxLayout(self)
+        title = QLabel(f"<b>{technique.title}</b>")
+        summary = QLabel(technique.summary)
+        summary.setWordWrap(True)
+        summary.setObjectName("summary")
+        outer.addWidget(title)
+        outer.addWidget(summary)
+
+        self.form = QFormLayout()
+        self.form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        self.form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.DontWrapRows)
+        self.method_combo = QComboBox()
+        for method, help_text in technique.methods.items():
+            self.method_combo.addItem(method, method)
+            self.method_combo.setItemData(self.method_combo.count() - 1, help_text,
+                                          Qt.ItemDataRole.ToolTipRole)
+        default = technique.default_method or next(iter(technique.methods))
+        self.method_combo.setCurrentIndex(max(0, self.method_combo.findData(default)))
+        self.method_help = QLabel()
+        self.method_help.setWordWrap(True)
+        self.method_help.setObjectName("method_help")
+        self.form.addRow("Method", self.method_combo)
+        self.form.addRow("", self.method_help)
+        for p in technique.params:
+            self._add_param(p)
+        outer.addLayout(self.form)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Make one variant with these settings (after the chained steps)")
+        self.sweep_button = QPushButton("Add to sweep")
+        self.sweep_button.setToolTip("Add the current settings to the sweep ranges")
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.sweep_button)
+        buttons.addStretch(1)
+        outer.addLayout(buttons)
+        outer.addStretch(1)
+
+        self.method_combo.currentIndexChanged.connect(self._on_method_changed)
+        self.run_button.clicked.connect(lambda: self.run_requested.emit(self.step()))
+        self.sweep_button.clicked.connect(lambda: self.add_to_sweep_requested.emit(self.step()))
+        self._loading = True
+        self._on_method_changed()
+        self._loading = False
+        self._last_committed = self.step()
+
+    # --- building ---------------------------------------------------------------------------------
+    def _add_param(self, p: Param) -> None:
+        w: QWidget
+        if p.kind in ("float", "int") and p.minimum is not None and p.maximum is not None:
+            if p.kind == "float" and p.log_scale:
+                w = _LogSlider(p)
+            elif p.kind == "float":
+                w = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+                w.setDecimals(_decimals(p))
+                w.setRange(float(p.minimum), float(p.maximum))
+                w.setSingleStep((float(p.maximum) - float(p.minimum)) / _FLOAT_STEPS)
+            else:
+                w = QLabeledSlider(Qt.Orientation.Horizontal)
+                w.setRange(int(p.minimum), int(p.maximum))
+            if hasattr(w, "setEdgeLabelMode") and not isinstance(w, _LogSlider):
+                w.setEdgeLabelMode(type(w).EdgeLabelMode.LabelIsValue)
+            w.setValue(p.default)
+            w.valueChanged.connect(self._on_control_changed)
+            w.sliderReleased.connect(self._on_slider_released)
+        elif p.kind in ("float", "int"):  # unbounded number: a slider cannot span it
+            w = QLineEdit(str(p.default))
+            w.textEdited.connect(self._on_control_changed)
+        elif p.kind == "bool":
+            w = QCheckBox()
+            w.setChecked(bool(p.default))
+            w.toggled.connect(self._on_control_changed)
+        elif p.kind == "choice":
+            w = QComboBox()
+            w.addItems([str(c) for c in p.choices])
+            w.setCurrentText(str(p.default))
+            w.currentIndexChanged.connect(self._on_control_changed)
+        else:  # str / list
+            text = ", ".join(p.default) if p.kind == "list" and p.default else str(p.default or "")
+            w = QLineEdit(text)
+            if p.kind == "list":
+                w.setPlaceholderText("comma-separated")
+            w.textEdited.connect(self._on_control_changed)
+        w.setObjectName(f"param_{p.name}")
+        w.setToolTip(p.help)
+        w.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        label = QLabel(p.name.replace("_", " ").capitalize())
+        label.setToolTip(p.help)
+        label.setBuddy(w)
+        self.form.addRow(label, w)
+        self.controls[p.name] = w
+        self.rows[p.name] = (label, w)
+
+    # --- state ------------------------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        return str(self.method_combo.currentData())
+
+    def visible_params(self) -> list[str]:
+        return [p.name for p in self.technique.params_for(self.method)]
+
+    def value(self, name: str) -> Any:
+        p = self.technique.param(name)
+        w = self.controls[name]
+        if isinstance(w, QCheckBox):
+            return w.isChecked()
+        if isinstance(w, QComboBox):
+            return w.currentText()
+        if isinstance(w, QLineEdit):
+            text = w.text().strip()
+            if p.kind == "list":
+                return [t.strip() for t in text.split(",") if t.strip()]
+            if p.kind == "int":
+                try:
+                    return int(text)
+                except ValueError:
+                    return p.default
+            if p.kind == "float":
+                try:
+                    return float(text)
+                except ValueError:
+                    return p.default
+            return text
+        v = w.value()
+        if p.kind == "int":
+            return round(v)
+        if isinstance(w, _LogSlider):
+            return v
+        return round(float(v), _decimals(p))
+
+    def set_value(self, name: str, value: Any) -> None:
+        """Set one control as the user would (emits step_changed, schedules a commit)."""
+        w = self.controls[name]
+        if isinstance(w, QCheckBox):
+            w.setChecked(bool(value))
+        elif isinstance(w, QComboBox):
+            w.setCurrentText(str(value))
+        elif isinstance(w, QLineEdit):
+            w.setText(", ".join(value) if isinstance(value, (list, tuple)) else str(value))
+            self._on_control_changed()
+        else:
+            w.setValue(value)
+
+    def step(self) -> dict[str, Any]:
+        """The current settings as a validated recipe step (defaults filled in)."""
+        raw: dict[str, Any] = {"technique": self.technique.name, "method": self.method}
+        for name in self.visible_params():
+            raw[name] = self.value(name)
+        try:
+            return self.technique.validate(raw, f"{self.technique.name} panel")
+        except RecipeError:
+            # a half-typed text field: fall back to defaults for what does not validate
+            method = self.method
+            good = {"technique": self.technique.name, "method": method}
+            for name in self.visible_params():
+                p = self.technique.param(name)
+                try:
+                    good[name] = p.coerce(raw[name], "panel")
+                except RecipeError:
+                    good[name] = p.default
+            return self.technique.validate(good, f"{self.technique.name} panel")
+
+    def set_step(self, step: dict[str, Any]) -> None:
+        """Show a recipe step (e.g. from a variant's recipe) without emitting commits."""
+        self._loading = True
+        try:
+            if "method" in step:
+                idx = self.method_combo.findData(step["method"])
+                if idx >= 0:
+                    self.method_combo.setCurrentIndex(idx)
+            for name, value in step.items():
+                if name in self.controls:
+                    self.set_value(name, value)
+        finally:
+            self._loading = False
+        self._commit_timer.stop()
+        self._last_committed = self.step()
+
+    # --- events -----------------------------------------------------------------------------------
+    def _on_method_changed(self, *_a) -> None:
+        method = self.method
+        self.method_help.setText(self.technique.methods.get(method, ""))
+        self.method_combo.setToolTip(self.technique.methods.get(method, ""))
+        for p in self.technique.params:
+            label, w = self.rows[p.name]
+            show = p.applies_to(method)
+            label.setVisible(show)
+            w.setVisible(show)
+        self._on_control_changed()
+
+    def _on_control_changed(self, *_a) -> None:
+        if self._loading:
+            return
+        self.step_changed.emit(self.step())
+        if self._slider_down():
+            self._commit_timer.stop()  # the release commits
+        else:
+            self._commit_timer.start()
+
+    def _slider_down(self) -> bool:
+        for w in self.controls.values():
+            down = getattr(w, "isSliderDown", None)
+            if down is not None and down():
+                return True
+        return False
+
+    def _on_slider_released(self) -> None:
+        self._commit_timer.stop()
+        self._commit()
+
+    def _commit(self) -> None:
+        step = self.step()
+        if step != self._last_committed:
+            self._last_committed = step
+            self.step_committed.emit(step)
+
+
+def build_panels(parent: QWidget | None = None) -> dict[str, TechniquePanel]:
+    """One panel per registered technique, in registry order."""
+    from ..engine.steps import techniques
+
+    return {name: TechniquePanel(tech, parent) for name, tech in techniques().items()}
