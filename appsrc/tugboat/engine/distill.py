@@ -176,7 +176,7 @@ def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out
         if loaded.input_names and len(loaded.inputs) != len(handle.inputs):
             raise TugboatError(f"the student takes {len(loaded.inputs)} inputs, the teacher "
                                f"{len(handle.inputs)}", path=ref)
-        return student, loaded.arch, {"student_file": str(ref)}
+        return student, None, {"student_file": str(ref), "student_format": loaded.format}
     raise TugboatError(f"unknown student {kind!r}; valid: {', '.join(STUDENTS)}")
 
 

@@ -255,8 +255,9 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
             why = handle.conversion_error or "this model is ONNX-only"
             raise TugboatError(f"{tech.name} needs a torch model, but {why}", path=handle.source)
         progress.check()
+        before = len(handle.history)
         handle = tech.apply(handle, params, data, sub)
-        if not handle.history or handle.history[-1] is not step:
+        if len(handle.history) <= before:  # the technique did not record the step itself
             handle.history = [*handle.history, step]
     return handle
 
