@@ -101,3 +101,13 @@ def test_onnx_only_model_measures(tmp_path, demo_models, demo_data):
     assert metrics["params"] == sum(p.numel() for p in demo_models("digits-mlp").module.parameters())
     assert metrics["accuracy"] > 0.9
     assert "torch" not in metrics["latency"]
+
+
+def test_attention_flops_are_counted(demo_models):
+    from tugboat.engine.measure import layer_table
+
+    handle = demo_models("digits-vit")
+    total, _ = onnx_flops(handle.to_onnx())
+    linear_and_conv = sum(r["flops"] for r in layer_table(handle))  # torch's own count, per module
+    # ONNX adds the attention products (q @ k, attn @ v) on top of the Linear/Conv layers
+    assert linear_and_conv <= total <= 1.25 * linear_and_conv

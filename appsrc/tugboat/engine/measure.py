@@ -81,7 +81,8 @@ def onnx_flops(model: onnx.ModelProto, batch: int = 1) -> tuple[int, list[dict[s
             if not d.HasField("dim_value"):
                 d.dim_value = batch if i == 0 else 1
     with contextlib.suppress(Exception):
-        work = onnx.shape_inference.infer_shapes(work, strict_mode=False)
+        # data propagation resolves Shape -> Reshape chains (attention reshapes heads that way)
+        work = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
     shapes: dict[str, list[int]] = {}
     for init in work.graph.initializer:
         shapes[init.name] = list(init.dims)
