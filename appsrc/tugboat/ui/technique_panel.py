@@ -44,7 +44,7 @@ def _decimals(p: Param) -> int:
     span = float(p.maximum) - float(p.minimum)
     if span <= 0:
         return 3
-    return max(0, min(6, 2 - math.floor(math.log10(span)) + 1))
+    return max(1, min(6, 1 - math.floor(math.log10(span))))
 
 
 class _LogSlider(QWidget):

@@ -1,0 +1,671 @@
+"""The main window: model and data on the left, techniques on the right, the trade-off chart and the
+results table in the middle, jobs at the bottom.
+
+The window only binds widgets to state and turns clicks into :class:`Session` calls; all engine
+work happens in jobs. Optional views written elsewhere (the trade-off chart, live preview, per-layer
+and training views) are picked up when their modules exist.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QByteArray, Qt, Signal
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (
+    QDockWidget,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QMainWindow,
+    QMessageBox,
+    QPushButton,
+    QSplitter,
+    QStackedWidget,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..engine.errors import TugboatError
+from ..engine.recipe import Variant, recipe_to_toml, step_label
+from ..jobs import Job, JobQueue
+from ..settings import Settings, load_settings, save_settings
+from .jobs_view import JobsView
+from .model_panel import DATA_FILTER, MODEL_FILTER, DataPanel, ModelPanel
+from .notify import DetailsDialog, NotificationArea
+from .results_table import ResultsTable
+from .session import DEMO_DATA, DEMO_MODEL, Session
+from .store import BASELINE, VariantStore
+from .technique_panel import TechniquePanel, build_panels
+from .workspace_io import WorkspaceFile, default_workspace_dir
+
+MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts"}
+DATA_SUFFIXES = {".npz", ".csv"}
+
+
+def _optional_view(module: str, cls: str, *args_options: tuple[Any, ...]) -> QWidget | None:
+    """Build a view from a sibling module if it exists (written by another part of the project)."""
+    import importlib
+
+    try:
+        factory = getattr(importlib.import_module(f"tugboat.ui.{module}"), cls)
+    except (ImportError, AttributeError):
+        return None
+    last: Exception | None = None
+    for args in args_options:
+        try:
+            return factory(*args)
+        except TypeError as exc:
+            last = exc
+    if last is not None:
+        raise last
+    return None
+
+
+class EmptyState(QWidget):
+    open_requested = Signal()
+    demo_requested = Signal()
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setObjectName("empty_state")
+        lay = QVBoxLayout(self)
+        lay.addStretch(2)
+        title = QLabel("<h2>Make a model smaller and faster, and see what it costs</h2>")
+        title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        text = QLabel("Open a trained model (ONNX, TorchScript, torch.export or a torch file), or try the\n"
+                      "built-in demo: a small digits CNN with its data set. You can also drop a file here.")
+        text.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        buttons = QHBoxLayout()
+        self.open_button = QPushButton("Open model...")
+        self.demo_button = QPushButton("Try the demo")
+        self.demo_button.setDefault(True)
+        for b in (self.open_button, self.demo_button):
+            b.setMinimumWidth(160)
+            b.setMinimumHeight(36)
+        self.open_button.clicked.connect(self.open_requested)
+        self.demo_button.clicked.connect(self.demo_requested)
+        buttons.addStretch(1)
+        buttons.addWidget(self.open_button)
+        buttons.addWidget(self.demo_button)
+        buttons.addStretch(1)
+        lay.addWidget(title)
+        lay.addWidget(text)
+        lay.addSpacing(12)
+        lay.addLayout(buttons)
+        lay.addStretch(3)
+
+
+class ChainView(QWidget):
+    """The current chain of steps a Run builds on ("prune → quantize → [this panel]")."""
+
+    def __init__(self, session: Session, store: VariantStore, parent=None) -> None:
+        super().__init__(parent)
+        self.setObjectName("chain_view")
+        self.session, self.store = session, store
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.label = QLabel()
+        self.label.setWordWrap(True)
+        buttons = QHBoxLayout()
+        self.continue_button = QPushButton("Continue from selected")
+        self.continue_button.setToolTip("Chain the next Run after the selected variant's steps "
+                                        "(its model is reused, e.g. prune then quantize)")
+        self.clear_button = QPushButton("Start from original")
+        self.clear_button.setToolTip("Clear the chain: the next Run starts from the original model")
+        self.continue_button.clicked.connect(self._on_continue)
+        self.clear_button.clicked.connect(session.clear_chain)
+        buttons.addWidget(self.continue_button)
+        buttons.addWidget(self.clear_button)
+        lay.addWidget(self.label)
+        lay.addLayout(buttons)
+        session.chain_changed.connect(self._on_chain_changed)
+        store.selection_changed.connect(lambda _n: self._update_buttons())
+        self._on_chain_changed([])
+
+    def _on_continue(self) -> None:
+        if self.store.selected:
+            self.session.continue_from(self.store.selected)
+
+    def _update_buttons(self) -> None:
+        sel = self.store.get(self.store.selected) if self.store.selected else None
+        self.continue_button.setEnabled(sel is not None and sel.status == "ok")
+        self.clear_button.setEnabled(bool(self.session.chain))
+
+    def _on_chain_changed(self, chain: list) -> None:
+        parts = ["original"] + [step_label(s) for s in chain] + ["<i>this panel's step</i>"]
+        self.label.setText("<b>Chain:</b> " + " → ".join(parts))
+        self._update_buttons()
+
+
+class SweepView(QWidget):
+    def __init__(self, session: Session, parent=None) -> None:
+        super().__init__(parent)
+        self.setObjectName("sweep_view")
+        self.session = session
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(QLabel("<b>Sweep</b> (settings added with \"Add to sweep\")"))
+        self.list = QListWidget()
+        self.list.setMaximumHeight(110)
+        lay.addWidget(self.list)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run sweep")
+        self.save_button = QPushButton("Save as recipe...")
+        self.clear_button = QPushButton("Clear")
+        self.run_button.clicked.connect(session.run_sweep)
+        self.clear_button.clicked.connect(session.clear_sweep)
+        for b in (self.run_button, self.save_button, self.clear_button):
+            buttons.addWidget(b)
+        lay.addLayout(buttons)
+        session.sweep_changed.connect(self._on_sweep_changed)
+        self._on_sweep_changed([])
+
+    def _on_sweep_changed(self, sweep: list) -> None:
+        self.list.clear()
+        for steps in sweep:
+            self.list.addItem(" → ".join(step_label(s) for s in steps))
+        for b in (self.run_button, self.save_button, self.clear_button):
+            b.setEnabled(bool(sweep))
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, store: VariantStore | None = None, queue: JobQueue | None = None,
+                 settings: Settings | None = None) -> None:
+        super().__init__()
+        self.setWindowTitle("Tugboat")
+        self.setObjectName("main_window")
+        self.setAcceptDrops(True)
+        self.store = store or VariantStore(self)
+        self.queue = queue or JobQueue(self)
+        self.settings = settings or load_settings()
+        self.session = Session(self.store, self.queue, self)
+        self.session.measure.batch = self.settings.measure_batch
+        if self.settings.measure_threads:
+            self.session.measure.threads = self.settings.measure_threads
+        self.session.measure.runtime = self.settings.measure_runtime
+        self.workspace: WorkspaceFile | None = None
+        self.confirm_trust = self._ask_trust  # tests replace it
+        self._dialogs: list[QWidget] = []
+        self._restore_after_load: list[Variant] = []
+
+        # --- centre: notifications, empty state or chart/views + results table ---
+        self.notifications = NotificationArea()
+        self.empty_state = EmptyState()
+        self.chart = _optional_view("chart", "TradeoffChart", (self.store,))
+        if self.chart is None:
+            self.chart = QLabel("The trade-off chart appears here: size, latency and quality of every "
+                                "variant.")
+            self.chart.setAlignment(Qt.AlignmentFlag.AlignCenter)
+            self.chart.setObjectName("chart_placeholder")
+        self.view_tabs = QTabWidget()
+        self.view_tabs.setObjectName("view_tabs")
+        self.view_tabs.addTab(self.chart, "Trade-off")
+        self.layers_view = _optional_view("layers_view", "LayersView", (self,), (self.store,))
+        if self.layers_view is not None:
+            self.view_tabs.addTab(self.layers_view, "Layers")
+        self.training_view = _optional_view("training_view", "TrainingView", (self,), (self.store,))
+        if self.training_view is not None:
+            self.view_tabs.addTab(self.training_view, "Training")
+        self.results_table = ResultsTable(self.store)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.view_tabs)
+        split.addWidget(self.results_table)
+        split.setSizes([430, 230])
+        self.stack = QStackedWidget()
+        self.stack.addWidget(self.empty_state)
+        self.stack.addWidget(split)
+        centre = QWidget()
+        clay = QVBoxLayout(centre)
+        clay.setContentsMargins(4, 4, 4, 4)
+        clay.addWidget(self.notifications)
+        clay.addWidget(self.stack, 1)
+        self.setCentralWidget(centre)
+
+        # --- left: model and data ---
+        self.model_panel = ModelPanel()
+        self.data_panel = DataPanel()
+        self.data_panel.set_measure(self.session.measure.batch, self.settings.measure_threads,
+                                    self.session.measure.runtime)
+        self.left_tabs = QTabWidget()
+        self.left_tabs.addTab(self.model_panel, "Model")
+        self.left_tabs.addTab(self.data_panel, "Data")
+        self.model_dock = self._dock("Model and data", self.left_tabs, Qt.DockWidgetArea.LeftDockWidgetArea)
+
+        # --- right: chain, technique panels, sweep ---
+        self.panels: dict[str, TechniquePanel] = build_panels()
+        self.technique_tabs = QTabWidget()
+        self.technique_tabs.setObjectName("technique_tabs")
+        for _name, panel in self.panels.items():
+            self.technique_tabs.addTab(panel, panel.technique.title)
+            panel.run_requested.connect(self._on_panel_run)
+            panel.add_to_sweep_requested.connect(self.session.add_to_sweep)
+        self.chain_view = ChainView(self.session, self.store)
+        self.sweep_view = SweepView(self.session)
+        self.sweep_view.save_button.clicked.connect(self._on_save_sweep)
+        right = QWidget()
+        rlay = QVBoxLayout(right)
+        rlay.setContentsMargins(4, 4, 4, 4)
+        rlay.addWidget(self.chain_view)
+        rlay.addWidget(self.technique_tabs, 1)
+        rlay.addWidget(self.sweep_view)
+        self.technique_dock = self._dock("Techniques", right, Qt.DockWidgetArea.RightDockWidgetArea)
+
+        # --- bottom: jobs ---
+        self.jobs_view = JobsView(self.queue)
+        self.jobs_dock = self._dock("Jobs", self.jobs_view, Qt.DockWidgetArea.BottomDockWidgetArea)
+
+        self._build_menus()
+        self._connect()
+        self.resize(1440, 900)
+        self.resizeDocks([self.model_dock, self.technique_dock], [330, 340], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.jobs_dock], [170], Qt.Orientation.Vertical)
+        self._restore_settings()
+        self._set_ready(False)
+        self.live_preview = _optional_view("live_preview", "LivePreview", (self,))
+
+    # --- building ---------------------------------------------------------------------------------
+    def _dock(self, title: str, widget: QWidget, area) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(f"dock_{title.lower().replace(' ', '_')}")
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+                         | QDockWidget.DockWidgetFeature.DockWidgetClosable)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _action(self, menu, text: str, slot, shortcut=None, tip: str = "") -> QAction:
+        act = QAction(text, self)
+        if shortcut is not None:
+            act.setShortcut(QKeySequence(shortcut))
+        if tip:
+            act.setStatusTip(tip)
+        act.triggered.connect(lambda _=False: slot())
+        menu.addAction(act)
+        return act
+
+    def _build_menus(self) -> None:
+        bar = self.menuBar()
+        file = bar.addMenu("&File")
+        self.open_action = self._action(file, "&Open model...", self.open_model_dialog,
+                                        QKeySequence.StandardKey.Open)
+        self._action(file, "Open &data...", self.open_data_dialog)
+        self.recent_menu = file.addMenu("Recent models")
+        self._action(file, "Try the &demo", self.load_demo)
+        file.addSeparator()
+        self._action(file, "&New workspace...", self.new_workspace_dialog, QKeySequence.StandardKey.New)
+        self._action(file, "Open &workspace...", self.open_workspace_dialog, "Ctrl+Shift+O")
+        self.recent_ws_menu = file.addMenu("Recent workspaces")
+        self._action(file, "&Save workspace", self.save_workspace, QKeySequence.StandardKey.Save)
+        self._action(file, "Save workspace &as...", self.save_workspace_as_dialog, "Ctrl+Shift+S")
+        file.addSeparator()
+        self.export_action = self._action(file, "&Export selected as ONNX...",
+                                          lambda: self.export_dialog(self.store.selected, "onnx"), "Ctrl+E")
+        file.addSeparator()
+        self._action(file, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        run = bar.addMenu("&Run")
+        self.run_action = self._action(run, "&Run current technique", self.run_current, "Ctrl+R")
+        self.cancel_action = self._action(run, "&Cancel all jobs", self.queue.cancel_all, "Esc")
+        view = bar.addMenu("&View")
+        for dock in (self.model_dock, self.technique_dock, self.jobs_dock):
+            view.addAction(dock.toggleViewAction())
+        self._refresh_recent_menus()
+
+    def _connect(self) -> None:
+        s = self.session
+        s.loading.connect(self._on_session_loading)
+        s.model_info_ready.connect(self.model_panel.show_info)
+        s.data_ready.connect(self.data_panel.show_summary)
+        s.baseline_ready.connect(self._on_baseline_ready)
+        s.trust_needed.connect(self._on_trust_needed)
+        s.error.connect(lambda msg, det: self.notify(msg, det))
+        s.variant_finished.connect(self._on_variant_finished)
+        self.queue.job_added.connect(self._on_job_added)
+        self.empty_state.open_requested.connect(self.open_model_dialog)
+        self.empty_state.demo_requested.connect(self.load_demo)
+        self.model_panel.open_requested.connect(self.open_model_dialog)
+        self.model_panel.demo_requested.connect(lambda ref: self.load_model(ref, self._data_for(ref)))
+        self.data_panel.open_file_requested.connect(self.open_data_dialog)
+        self.data_panel.open_folder_requested.connect(self.open_data_folder_dialog)
+        self.data_panel.demo_requested.connect(self.load_data)
+        self.data_panel.measure_changed.connect(self._on_measure_changed)
+        t = self.results_table
+        t.export_requested.connect(self.export_dialog)
+        t.rerun_requested.connect(self.session.rerun)
+        t.delete_requested.connect(self.delete_variant)
+        t.show_recipe_requested.connect(self.show_recipe)
+        t.continue_requested.connect(self.session.continue_from)
+
+    def _set_ready(self, ready: bool) -> None:
+        self.stack.setCurrentIndex(1 if ready or len(self.store) else 0)
+        for panel in self.panels.values():
+            panel.run_button.setEnabled(ready)
+            panel.sweep_button.setEnabled(ready)
+        self.run_action.setEnabled(ready)
+
+    # --- notifications ----------------------------------------------------------------------------
+    def notify(self, message: str, details: str = "", level: str = "error", timeout_ms: int = 0):
+        self.statusBar().showMessage(message, 8000)
+        return self.notifications.notify(message, details, level, timeout_ms)
+
+    def _on_job_added(self, job: Job) -> None:
+        job.failed.connect(lambda msg, det, j=job: self.notify(f"{j.name} failed: {msg}", det))
+
+    # --- loading ----------------------------------------------------------------------------------
+    @staticmethod
+    def _data_for(model_ref: str) -> str:
+        return DEMO_DATA if model_ref.startswith("demo:digits") else ""
+
+    def load_demo(self) -> Job | None:
+        return self.load_model(DEMO_MODEL, DEMO_DATA)
+
+    def load_model(self, ref: str, data: str | None = None, *, trust: bool = False) -> Job | None:
+        if not ref.startswith("demo:"):
+            self.settings.add_recent("models", ref)
+            self._refresh_recent_menus()
+        self.settings.last_model = ref
+        return self.session.load(ref, data if data is not None else self.session.data_ref, trust=trust)
+
+    def load_data(self, ref: str) -> Job | None:
+        if not ref.startswith("demo:"):
+            self.settings.add_recent("data", ref)
+        self.settings.last_data = ref
+        if not self.session.model_ref:
+            self.session.data_ref = ref
+            self.data_panel.show_loading(ref)
+            return None
+        return self.session.load(self.session.model_ref, ref, trust=self.session.trust)
+
+    def open_model_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open model", "", MODEL_FILTER)
+        if path:
+            self.load_model(path)
+
+    def open_data_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open data", "", DATA_FILTER)
+        if path:
+            self.load_data(path)
+
+    def open_data_folder_dialog(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open image folder (one sub-folder per class)")
+        if path:
+            self.load_data(path)
+
+    def _ask_trust(self, path: str) -> bool:
+        answer = QMessageBox.warning(
+            self, "Trust this file?",
+            f"{path}\n\nholds a pickled Python object. Loading it runs code from the file, which can "
+            "do anything your user account can. Load it only if you made it or trust its source.\n\n"
+            "Load it?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _on_trust_needed(self, path: str, message: str) -> None:
+        if self.confirm_trust(path):
+            self.session.load(self.session.model_ref, self.session.data_ref, trust=True)
+        else:
+            self.notify(f"Not loaded: {path} was not trusted (nothing was unpickled).", message, "info")
+            self.model_panel.fields["Model"].setText("-")
+
+    def _on_session_loading(self, model: str, data: str) -> None:
+        self.model_panel.show_loading(model)
+        self.data_panel.show_loading(data)
+        self.setWindowTitle(f"Tugboat - {Path(model).name if not model.startswith('demo:') else model}")
+        self.stack.setCurrentIndex(1)
+
+    def _on_baseline_ready(self, base) -> None:
+        self._set_ready(True)
+        if self._restore_after_load:
+            restore, self._restore_after_load = self._restore_after_load, []
+            for v in restore:
+                self.store.add(v)
+        if self.workspace is not None:
+            self.workspace.model, self.workspace.data = self.session.model_ref, self.session.data_ref
+            self.workspace.measure = {"batch": base.cfg.batch, "threads": base.cfg.threads,
+                                      "runtime": base.cfg.runtime}
+            self.workspace.add_variant(self.store.baseline)
+        save_settings(self.settings)
+
+    def _on_measure_changed(self, batch: int, threads: int, runtime: str) -> None:
+        self.settings.measure_batch, self.settings.measure_threads = batch, threads
+        self.settings.measure_runtime = runtime
+        m = self.session.measure
+        m.batch, m.runtime = batch, runtime
+        if threads:
+            m.threads = threads
+        if self.session.model_ref:
+            self.session.load()
+
+    # --- running ----------------------------------------------------------------------------------
+    def current_panel(self) -> TechniquePanel | None:
+        w = self.technique_tabs.currentWidget()
+        return w if isinstance(w, TechniquePanel) else None
+
+    def run_current(self) -> Job | None:
+        panel = self.current_panel()
+        return self.session.run_step(panel.step()) if panel else None
+
+    def _on_panel_run(self, step: dict) -> None:
+        self.session.run_step(dict(step))
+
+    def _on_variant_finished(self, variant: Variant) -> None:
+        if variant.status != "ok":
+            self.notify(f"{variant.name}: {variant.error}", "", "warning")
+        self.autosave(variant)
+
+    # --- workspace --------------------------------------------------------------------------------
+    def autosave(self, variant: Variant) -> Job | None:
+        """Write the variant's artifact (in a job) and the workspace file, creating a workspace in
+        the data folder if none is open, so nothing measured is lost."""
+        if self.workspace is None:
+            try:
+                self._set_workspace(WorkspaceFile.create(default_workspace_dir(), self.session.model_ref,
+                                                         self.session.data_ref))
+                if self.store.baseline is not None:
+                    self.workspace.add_variant(self.store.baseline)
+            except (OSError, TugboatError) as exc:
+                self.notify(f"Autosave is off: {exc}", "", "warning")
+                return None
+        ws = self.workspace
+        job = self.queue.submit(lambda progress: ws.write_artifact(variant), name=f"save {variant.name}",
+                                kind="save")
+        job.finished.connect(lambda artifacts, v=variant, w=ws: self._on_artifact_saved(w, v, artifacts))
+        return job
+
+    def _on_artifact_saved(self, ws: WorkspaceFile, variant: Variant, artifacts: dict) -> None:
+        if variant.name in self.store:  # not deleted meanwhile
+            self.store.get(variant.name).artifacts = dict(artifacts)
+            try:
+                ws.add_variant(variant, artifacts)
+            except (OSError, TugboatError) as exc:
+                self.notify(f"Could not save the workspace: {exc}", "", "warning")
+
+    def _set_workspace(self, ws: WorkspaceFile | None) -> None:
+        self.workspace = ws
+        if ws is not None:
+            self.settings.last_workspace = str(ws.path)
+            self.settings.add_recent("workspaces", str(ws.path))
+            self._refresh_recent_menus()
+            save_settings(self.settings)
+            self.statusBar().showMessage(f"Workspace: {ws.path}", 5000)
+
+    def new_workspace(self, path: str) -> WorkspaceFile:
+        ws = WorkspaceFile.create(path, self.session.model_ref, self.session.data_ref)
+        self.store.clear()
+        self.session.baseline = None
+        self._set_workspace(ws)
+        if self.session.model_ref:
+            self.session.load()
+        return ws
+
+    def save_workspace_as(self, path: str) -> WorkspaceFile:
+        """Copy what is in the window into a new workspace folder (artifacts written in jobs)."""
+        ws = WorkspaceFile.create(path, self.session.model_ref, self.session.data_ref)
+        ws.measure = {"batch": self.session.measure.batch, "threads": self.session.measure.threads,
+                      "runtime": self.session.measure.runtime}
+        old = self.workspace
+        self._set_workspace(ws)
+        for v in self.store.variants():
+            if v.name == BASELINE:
+                ws.add_variant(v)
+            elif v.handle is not None:
+                self.autosave(v)
+            else:  # reopened from disk: copy its artifact
+                if old is not None:
+                    for _key, rel in v.artifacts.items():
+                        src = old.path / rel
+                        if src.exists():
+                            (ws.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                            (ws.path / rel).write_bytes(src.read_bytes())
+                ws.add_variant(v)
+        return ws
+
+    def save_workspace(self) -> None:
+        if self.workspace is None:
+            self.save_workspace_as_dialog()
+            return
+        try:
+            self.workspace.save()
+            self.statusBar().showMessage(f"Saved {self.workspace.path}", 4000)
+        except (OSError, TugboatError) as exc:
+            self.notify(f"Could not save the workspace: {exc}")
+
+    def open_workspace(self, path: str) -> WorkspaceFile | None:
+        try:
+            ws = WorkspaceFile.open(path)
+        except TugboatError as exc:
+            self.notify(str(exc))
+            return None
+        self._set_workspace(ws)
+        self.store.clear()
+        self.session.baseline = None
+        if ws.baseline is not None:
+            self.store.set_baseline(ws.baseline)
+        for v in ws.variants():
+            self.store.add(v)
+        self.stack.setCurrentIndex(1)
+        m = self.session.measure
+        m.batch = int(ws.measure.get("batch", m.batch))
+        m.threads = int(ws.measure.get("threads", m.threads))
+        m.runtime = str(ws.measure.get("runtime", m.runtime))
+        if ws.model:
+            # measure the baseline again so new steps can run; the saved variants come back after
+            self._restore_after_load = ws.variants()
+            self.session.load(ws.model, ws.data)
+        return ws
+
+    def new_workspace_dialog(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "New workspace: choose an empty folder")
+        if path:
+            self.new_workspace(path)
+
+    def open_workspace_dialog(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open workspace folder")
+        if path:
+            self.open_workspace(path)
+
+    def save_workspace_as_dialog(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Save workspace as: choose a folder")
+        if path:
+            self.save_workspace_as(path)
+
+    # --- variants ---------------------------------------------------------------------------------
+    def delete_variant(self, name: str) -> None:
+        if name == BASELINE:
+            return
+        self.store.remove(name)
+        if self.workspace is not None:
+            self.workspace.remove_variant(name)
+
+    def show_recipe(self, name: str) -> None:
+        v = self.store.get(name)
+        if v is None:
+            return
+        text = recipe_to_toml(v.recipe) if v.recipe else "(no recipe)"
+        dialog = DetailsDialog(f"Recipe of {name}", "Reproduce it headless with: tugboat run "
+                               "recipe.toml --out DIR", text, self)
+        self._dialogs.append(dialog)
+        dialog.show()
+
+    def export_dialog(self, name: str | None, kind: str) -> None:
+        if not name:
+            self.notify("Select a variant in the results table to export it.", "", "info", 6000)
+            return
+        suffix = {"onnx": ".onnx", "torch": ".pt2", "recipe": ".toml"}[kind]
+        default = f"{name.replace(' ', '_')}{suffix}"
+        path, _ = QFileDialog.getSaveFileName(self, f"Export {name}", default, f"*{suffix}")
+        if path:
+            artifact_dir = str(self.workspace.path) if self.workspace else None
+            job = self.session.export(name, kind, path, artifact_dir)
+            if job is not None:
+                job.finished.connect(lambda p: self.notify(f"Exported {name} to {p}", "", "info", 8000))
+
+    def _on_save_sweep(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save sweep recipe", "sweep.toml", "*.toml")
+        if path:
+            from ..engine.export import atomic_write_bytes
+
+            atomic_write_bytes(path, recipe_to_toml(self.session.sweep_recipe()).encode("utf-8"))
+
+    # --- settings, drag and drop, closing ---------------------------------------------------------
+    def _refresh_recent_menus(self) -> None:
+        self.recent_menu.clear()
+        for ref in self.settings.recent_models:
+            act = self.recent_menu.addAction(ref)
+            act.triggered.connect(lambda _=False, r=ref: self.load_model(r))
+        self.recent_menu.setEnabled(bool(self.settings.recent_models))
+        self.recent_ws_menu.clear()
+        for ref in self.settings.recent_workspaces:
+            act = self.recent_ws_menu.addAction(ref)
+            act.triggered.connect(lambda _=False, r=ref: self.open_workspace(r))
+        self.recent_ws_menu.setEnabled(bool(self.settings.recent_workspaces))
+
+    def _restore_settings(self) -> None:
+        try:
+            if self.settings.geometry:
+                self.restoreGeometry(QByteArray(base64.b64decode(self.settings.geometry)))
+            if self.settings.window_state:
+                self.restoreState(QByteArray(base64.b64decode(self.settings.window_state)))
+        except (ValueError, TypeError):  # a damaged value: keep the default layout
+            pass
+
+    def save_window_settings(self) -> None:
+        self.settings.geometry = base64.b64encode(bytes(self.saveGeometry().data())).decode("ascii")
+        self.settings.window_state = base64.b64encode(bytes(self.saveState().data())).decode("ascii")
+        save_settings(self.settings)
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802
+        for url in event.mimeData().urls():
+            self.open_path(url.toLocalFile())
+        event.acceptProposedAction()
+
+    def open_path(self, path: str) -> None:
+        """Open a dropped path as what it looks like: model, data, or workspace."""
+        p = Path(path)
+        if p.is_dir():
+            if (p / "workspace.json").exists():
+                self.open_workspace(path)
+            else:
+                self.load_data(path)
+        elif p.suffix.lower() in DATA_SUFFIXES:
+            self.load_data(path)
+        elif p.suffix.lower() in MODEL_SUFFIXES:
+            self.load_model(path)
+        else:
+            self.notify(f"{path}: not a model (.onnx .pt .pth .pt2), data (.npz .csv, image folder) "
+                        "or workspace folder", "", "warning")
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        self.save_window_settings()
+        self.queue.shutdown(timeout=5.0)
+        super().closeEvent(event)
+

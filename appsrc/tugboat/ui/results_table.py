@@ -1,0 +1,272 @@
+"""The results table: one row per variant, bound to the :class:`VariantStore` (no copies kept).
+
+Sorting goes through a proxy on numeric sort keys; selecting a row calls ``store.select`` and the
+store's ``selection_changed`` selects the row back (guarded against feedback loops), so a click in
+the chart and a click in the table are the same event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QItemSelectionModel,
+    QModelIndex,
+    QSortFilterProxyModel,
+    Qt,
+    Signal,
+)
+from PySide6.QtGui import QAction, QColor
+from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QMenu, QTableView
+
+from ..cli import _fmt_bytes, _fmt_count
+from ..engine.recipe import step_label
+from .store import BASELINE, VariantStore
+
+COLUMNS = ("Variant", "Steps", "Size", "Deflated", "Params", "Latency", "Accuracy", "Agreement",
+           "Warnings")
+SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+
+
+def _latency(m: dict[str, Any]) -> float | None:
+    lat = m.get("latency_ms") or {}
+    return lat.get("median")
+
+
+class ResultsModel(QAbstractTableModel):
+    def __init__(self, store: VariantStore, parent=None) -> None:
+        super().__init__(parent)
+        self.store = store
+        self._names: list[str] = store.names()
+        store.variant_added.connect(self._on_store_added)
+        store.variant_changed.connect(self._on_store_changed)
+        store.variant_removed.connect(self._on_store_removed)
+        store.cleared.connect(self._on_store_cleared)
+
+    # --- store events ---------------------------------------------------------------------------
+    def _on_store_added(self, name: str) -> None:
+        if name in self._names:
+            self._on_store_changed(name)
+            return
+        row = len(self._names)
+        self.beginInsertRows(QModelIndex(), row, row)
+        self._names.append(name)
+        self.endInsertRows()
+
+    def _on_store_changed(self, name: str) -> None:
+        if name not in self._names:
+            self._on_store_added(name)
+            return
+        row = self._names.index(name)
+        self.dataChanged.emit(self.index(row, 0), self.index(row, len(COLUMNS) - 1))
+
+    def _on_store_removed(self, name: str) -> None:
+        if name in self._names:
+            row = self._names.index(name)
+            self.beginRemoveRows(QModelIndex(), row, row)
+            self._names.pop(row)
+            self.endRemoveRows()
+
+    def _on_store_cleared(self) -> None:
+        self.beginResetModel()
+        self._names = self.store.names()
+        self.endResetModel()
+
+    # --- Qt model -------------------------------------------------------------------------------
+    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: B008, N802
+        return 0 if parent.isValid() else len(self._names)
+
+    def columnCount(self, parent=QModelIndex()) -> int:  # noqa: B008, N802
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):  # noqa: N802
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return COLUMNS[section]
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            return {
+                "Size": "ONNX artifact size on disk",
+                "Deflated": "size after deflate compression (what sparsity saves in a zip)",
+                "Latency": "median latency per batch in the measuring runtime",
+                "Accuracy": "top-1 accuracy on the test split (needs labels)",
+                "Agreement": "top-1 agreement with the original model (fidelity)",
+            }.get(COLUMNS[section])
+        return None
+
+    def name_at(self, row: int) -> str:
+        return self._names[row]
+
+    def row_of(self, name: str) -> int:
+        return self._names.index(name) if name in self._names else -1
+
+    def data(self, index, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        name = self._names[index.row()]
+        v = self.store.get(name)
+        if v is None:
+            return None
+        col = COLUMNS[index.column()]
+        m = v.metrics or {}
+        if role == Qt.ItemDataRole.DisplayRole:
+            return self._display(v, col, m)
+        if role == SORT_ROLE:
+            return self._sort_key(v, col, m)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            notes = list(v.warnings) + ([v.error] if v.error else [])
+            return "\n".join(notes) or None
+        if role == Qt.ItemDataRole.ForegroundRole and col == "Warnings" and (v.warnings or v.error):
+            return QColor("#c0392b") if v.status != "ok" else QColor("#d68910")
+        if role == Qt.ItemDataRole.TextAlignmentRole and col not in ("Variant", "Steps", "Warnings"):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    @staticmethod
+    def _display(v, col: str, m: dict[str, Any]) -> str:
+        if col == "Variant":
+            return v.name
+        if col == "Steps":
+            steps = (v.recipe or {}).get("steps") or []
+            return " → ".join(step_label(s) for s in steps) if steps else "original"
+        if col == "Warnings":
+            if v.status != "ok":
+                return f"{v.status}: {v.error or ''}".strip()
+            return f"⚠ {v.warnings[0]}" + (f" (+{len(v.warnings) - 1})" if len(v.warnings) > 1 else "") \
+                if v.warnings else ""
+        if not m:
+            return "-"
+        if col == "Size":
+            return _fmt_bytes(m.get("size_bytes"))
+        if col == "Deflated":
+            return _fmt_bytes(m.get("compressed_bytes"))
+        if col == "Params":
+            return _fmt_count(m.get("nonzero_params", m.get("params")))
+        if col == "Latency":
+            lat = _latency(m)
+            return f"{lat:.3f} ms" if lat is not None else "-"
+        if col == "Accuracy":
+            acc = m.get("accuracy")
+            return f"{acc * 100:.2f}%" if acc is not None else "-"
+        if col == "Agreement":
+            agree = (m.get("fidelity") or {}).get("top1_agreement")
+            return f"{agree * 100:.1f}%" if agree is not None else "-"
+        return ""
+
+    def _sort_key(self, v, col: str, m: dict[str, Any]):
+        if col in ("Variant", "Steps", "Warnings"):
+            return self._display(v, col, m).lower()
+        value = {"Size": m.get("size_bytes"), "Deflated": m.get("compressed_bytes"),
+                 "Params": m.get("nonzero_params", m.get("params")), "Latency": _latency(m),
+                 "Accuracy": m.get("accuracy"),
+                 "Agreement": (m.get("fidelity") or {}).get("top1_agreement")}.get(col)
+        return float(value) if value is not None else float("inf")
+
+
+class _Proxy(QSortFilterProxyModel):
+    def lessThan(self, left, right) -> bool:  # noqa: N802
+        a, b = left.data(SORT_ROLE), right.data(SORT_ROLE)
+        try:
+            return a < b
+        except TypeError:
+            return str(a) < str(b)
+
+
+class ResultsTable(QTableView):
+    """Signals carry a variant name: the window runs the action (jobs, dialogs)."""
+
+    export_requested = Signal(str, str)  # name, kind: onnx | torch | recipe
+    rerun_requested = Signal(str)
+    delete_requested = Signal(str)
+    show_recipe_requested = Signal(str)
+    continue_requested = Signal(str)
+
+    def __init__(self, store: VariantStore, parent=None) -> None:
+        super().__init__(parent)
+        self.setObjectName("results_table")
+        self.store = store
+        self.results_model = ResultsModel(store, self)
+        self.proxy = _Proxy(self)
+        self.proxy.setSourceModel(self.results_model)
+        self.setModel(self.proxy)
+        self.setSortingEnabled(True)
+        self.sortByColumn(-1, Qt.SortOrder.AscendingOrder)
+        self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.setAlternatingRowColors(True)
+        self.verticalHeader().setVisible(False)
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        header.setStretchLastSection(True)
+        for col, width in enumerate((170, 150, 66, 68, 56, 76, 70, 76)):
+            self.setColumnWidth(col, width)
+        self.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.customContextMenuRequested.connect(self._on_context_menu)
+        self._syncing = False
+        self.selectionModel().selectionChanged.connect(self._on_selection_changed)
+        store.selection_changed.connect(self._on_store_selection)
+
+    def name_at_row(self, view_row: int) -> str:
+        return self.results_model.name_at(self.proxy.mapToSource(self.proxy.index(view_row, 0)).row())
+
+    def selected_name(self) -> str | None:
+        rows = self.selectionModel().selectedRows()
+        if not rows:
+            return None
+        return self.results_model.name_at(self.proxy.mapToSource(rows[0]).row())
+
+    def _on_selection_changed(self, *_a) -> None:
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            self.store.select(self.selected_name())
+        finally:
+            self._syncing = False
+
+    def _on_store_selection(self, name: object) -> None:
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            row = self.results_model.row_of(name) if isinstance(name, str) else -1
+            if row < 0:
+                self.clearSelection()
+                return
+            index = self.proxy.mapFromSource(self.results_model.index(row, 0))
+            self.selectionModel().select(index, QItemSelectionModel.SelectionFlag.ClearAndSelect
+                                         | QItemSelectionModel.SelectionFlag.Rows)
+            self.scrollTo(index)
+        finally:
+            self._syncing = False
+
+    def build_menu(self, name: str) -> QMenu:
+        menu = QMenu(self)
+        v = self.store.get(name)
+        has_model = v is not None and v.status == "ok"
+        for kind, text in (("onnx", "Export ONNX..."), ("torch", "Export torch file..."),
+                           ("recipe", "Export recipe...")):
+            act = QAction(text, menu)
+            act.setEnabled(has_model or kind == "recipe")
+            act.triggered.connect(lambda _=False, k=kind: self.export_requested.emit(name, k))
+            menu.addAction(act)
+        menu.addSeparator()
+        for text, signal, enabled in (
+            ("Continue chain from here", self.continue_requested, has_model),
+            ("Re-run", self.rerun_requested, name != BASELINE),
+            ("Show recipe", self.show_recipe_requested, True),
+            ("Delete", self.delete_requested, name != BASELINE),
+        ):
+            act = QAction(text, menu)
+            act.setEnabled(enabled)
+            act.triggered.connect(lambda _=False, s=signal: s.emit(name))
+            menu.addAction(act)
+        return menu
+
+    def _on_context_menu(self, pos) -> None:
+        index = self.indexAt(pos)
+        if not index.isValid():
+            return
+        name = self.results_model.name_at(self.proxy.mapToSource(index).row())
+        self.store.select(name)
+        self.build_menu(name).popup(self.viewport().mapToGlobal(pos))

@@ -1,0 +1,263 @@
+"""The window's working state: model and data references, the measured baseline, the step chain.
+
+A :class:`Session` turns user intent into jobs (load + measure the baseline, run one variant,
+export) and puts results into the :class:`VariantStore` on the GUI thread. No widget code here and
+no torch math on the GUI thread: every engine call runs inside a job.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal
+
+from ..engine.errors import RecipeError, UntrustedFileError
+from ..engine.measure import MeasureConfig
+from ..engine.recipe import Baseline, Recipe, Variant, recipe_to_toml, validate_steps, variant_name
+from ..jobs import Job, JobQueue
+from .store import BASELINE, VariantStore
+
+DEMO_MODEL, DEMO_DATA = "demo:digits-cnn", "demo:digits"
+
+
+class _Untrusted:
+    """Returned (not raised) by the load job so the GUI can ask the user and retry with trust."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path, self.message = path, message
+
+
+class Session(QObject):
+    loading = Signal(str, str)  # model ref, data ref ("" if none)
+    baseline_ready = Signal(object)  # engine Baseline
+    model_info_ready = Signal(dict)  # engine.info.model_info(...) result
+    data_ready = Signal(object)  # Dataset summary dict, or None without data
+    trust_needed = Signal(str, str)  # path, message
+    chain_changed = Signal(list)
+    sweep_changed = Signal(list)
+    error = Signal(str, str)  # message, details (non-job errors, e.g. invalid chain)
+    variant_finished = Signal(object)  # Variant added to the store
+
+    def __init__(self, store: VariantStore, queue: JobQueue, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.store = store
+        self.queue = queue
+        self.model_ref: str = ""
+        self.data_ref: str = ""
+        self.trust = False
+        self.measure = MeasureConfig()
+        self.baseline: Baseline | None = None
+        self.info: dict[str, Any] | None = None
+        self.chain: list[dict[str, Any]] = []
+        self.chain_from: str | None = None  # variant whose model the chain starts from (reuse)
+        self.sweep: list[dict[str, Any]] = []
+        self.load_job: Job | None = None
+
+    # --- recipes --------------------------------------------------------------------------------
+    def base_recipe(self) -> Recipe:
+        return Recipe(model=self.model_ref, data=self.data_ref or None, measure=copy.copy(self.measure),
+                      trust=self.trust)
+
+    def recipe_for(self, step: dict[str, Any] | None) -> Recipe:
+        steps = [*self.chain, step] if step else list(self.chain)
+        validate_steps(steps, "chain")  # e.g. a torch step after an ONNX-only step
+        return self.base_recipe().with_steps(steps)
+
+    # --- loading --------------------------------------------------------------------------------
+    def load(self, model_ref: str | None = None, data_ref: str | None = None, *,
+             trust: bool = False) -> Job | None:
+        """Load the model (and data) and measure the baseline in a job; clears earlier results."""
+        model_ref = model_ref if model_ref is not None else self.model_ref
+        data_ref = data_ref if data_ref is not None else self.data_ref
+        if not model_ref:
+            return None
+        if self.load_job is not None and not self.load_job.is_ended:
+            self.load_job.cancel()
+        self.model_ref, self.data_ref, self.trust = str(model_ref), str(data_ref or ""), trust
+        recipe = self.base_recipe()
+        self.loading.emit(self.model_ref, self.data_ref)
+
+        def work(progress):
+            from ..engine.info import model_info
+            from ..engine.recipe import prepare
+
+            try:
+                base = prepare(recipe, progress.sub(0.0, 0.9))
+            except UntrustedFileError as exc:
+                return _Untrusted(str(exc.path or recipe.model), str(exc))
+            progress.update(0.92, "reading layers")
+            info = model_info(recipe.model, handle=base.handle)
+            return base, info
+
+        job = self.queue.submit(work, name=f"load {Path(self.model_ref).name}", kind="load")
+        job.finished.connect(self._on_load_finished)
+        self.load_job = job
+        return job
+
+    def _on_load_finished(self, result: object) -> None:
+        if isinstance(result, _Untrusted):
+            self.trust_needed.emit(result.path, result.message)
+            return
+        base, info = result
+        self.baseline, self.info = base, info
+        self.chain, self.chain_from, self.sweep = [], None, []
+        self.store.clear()
+        self.store.set_baseline(Variant(BASELINE, self.base_recipe().with_steps([]).to_dict(),
+                                        base.metrics, handle=base.handle,
+                                        warnings=list(base.handle.warnings)))
+        self.chain_changed.emit([])
+        self.sweep_changed.emit([])
+        self.model_info_ready.emit(info)
+        self.data_ready.emit(base.data.summary() if base.data is not None else None)
+        self.baseline_ready.emit(base)
+
+    # --- chain ----------------------------------------------------------------------------------
+    def set_chain(self, steps: list[dict[str, Any]], start_from: str | None = None) -> None:
+        self.chain = [dict(s) for s in steps]
+        self.chain_from = start_from
+        self.chain_changed.emit(list(self.chain))
+
+    def continue_from(self, name: str) -> None:
+        """Chain the next step after variant ``name`` (its model is reused, not rebuilt)."""
+        v = self.store.get(name)
+        if v is None:
+            return
+        steps = list((v.recipe or {}).get("steps", []))
+        self.set_chain(steps, start_from=name if steps else None)
+
+    def clear_chain(self) -> None:
+        self.set_chain([])
+
+    # --- running --------------------------------------------------------------------------------
+    def run_step(self, step: dict[str, Any] | None, *, name: str | None = None) -> Job | None:
+        """Run chain + ``step`` as one variant in a job; the result goes into the store."""
+        if self.baseline is None:
+            self.error.emit("Load a model first (File > Open model..., or Try the demo).", "")
+            return None
+        try:
+            recipe = self.recipe_for(step)
+        except RecipeError as exc:
+            self.error.emit(str(exc), "")
+            return None
+        return self.run_recipe(recipe, name=name)
+
+    def run_recipe(self, recipe: Recipe, *, name: str | None = None) -> Job | None:
+        base = self.baseline
+        if base is None:
+            return None
+        start, done = None, 0
+        origin = self.store.get(self.chain_from) if self.chain_from else None
+        if (origin is not None and origin.handle is not None and origin.status == "ok"
+                and recipe.steps[:len(self.chain)] == self.chain):
+            start, done = origin.handle, len(self.chain)
+        label = name or variant_name(recipe.steps)
+
+        def work(progress):
+            from ..engine.recipe import run_variant
+
+            return run_variant(base, recipe, progress, start=start, done_steps=done)
+
+        job = self.queue.submit(work, name=label, kind="variant")
+        job.finished.connect(lambda v, b=base: self._on_variant_finished(v, b))
+        return job
+
+    def _on_variant_finished(self, variant: Variant, base: Baseline) -> None:
+        if base is not self.baseline:  # the model changed while it ran: a stale result
+            return
+        self.store.add(variant)
+        self.variant_finished.emit(variant)
+
+    def rerun(self, name: str) -> Job | None:
+        v = self.store.get(name)
+        if v is None or self.baseline is None or name == BASELINE:
+            return None
+        return self.run_recipe(self.base_recipe().with_steps(list(v.recipe.get("steps", []))))
+
+    # --- sweep ----------------------------------------------------------------------------------
+    def add_to_sweep(self, step: dict[str, Any]) -> None:
+        steps = [*self.chain, dict(step)]
+        if steps not in self.sweep:
+            self.sweep.append(steps)
+            self.sweep_changed.emit(list(self.sweep))
+
+    def clear_sweep(self) -> None:
+        self.sweep = []
+        self.sweep_changed.emit([])
+
+    def run_sweep(self) -> list[Job]:
+        jobs = []
+        for steps in self.sweep:
+            try:
+                validate_steps(steps, "sweep")
+            except RecipeError as exc:
+                self.error.emit(str(exc), "")
+                continue
+            job = self.run_recipe(self.base_recipe().with_steps(steps))
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def sweep_recipe(self) -> dict[str, Any]:
+        """The sweep as a recipe: one base step list plus ``[sweep]`` ranges for what differs."""
+        if not self.sweep:
+            return self.base_recipe().to_dict()
+        first = self.sweep[0]
+        same_shape = all(len(s) == len(first) and all(a["technique"] == b["technique"] and
+                                                       a["method"] == b["method"]
+                                                       for a, b in zip(s, first)) for s in self.sweep)
+        d = self.base_recipe().with_steps(first).to_dict()
+        if not same_shape:
+            return d
+        ranges: dict[str, list[Any]] = {}
+        for i, step in enumerate(first):
+            for key in step:
+                values = []
+                for s in self.sweep:
+                    if s[i].get(key) not in values:
+                        values.append(s[i].get(key))
+                if len(values) > 1:
+                    ranges[f"steps.{i}.{key}"] = values
+        if ranges:
+            d["sweep"] = ranges
+        return d
+
+    # --- export ---------------------------------------------------------------------------------
+    def export(self, name: str, kind: str, path: str, artifact_dir: str | None = None) -> Job | None:
+        """Export a variant as ``onnx``, ``torch`` (torch.export .pt2, TorchScript fallback) or
+        ``recipe`` (TOML) in a job."""
+        v = self.store.get(name)
+        if v is None:
+            return None
+        handle, recipe = v.handle, dict(v.recipe)
+
+        def work(progress):
+            from ..engine.export import atomic_write_bytes
+
+            progress.update(0.1, f"exporting {kind}")
+            if kind == "recipe":
+                atomic_write_bytes(path, recipe_to_toml(recipe).encode("utf-8"))
+                return path
+            if handle is None:
+                saved = v.artifacts.get("onnx") if kind == "onnx" else None
+                if saved and artifact_dir and os.path.exists(os.path.join(artifact_dir, saved)):
+                    shutil.copyfile(os.path.join(artifact_dir, saved), path)
+                    return path
+                raise RecipeError(f"variant {name!r} has no model in memory; re-run it first")
+            if kind == "onnx":
+                from ..engine.export import write_onnx
+
+                return str(write_onnx(handle, path))
+            from ..engine.models import save_exported, save_torchscript
+
+            if handle.module is None:
+                raise RecipeError(f"variant {name!r} exists only as ONNX; export it as ONNX")
+            try:
+                return str(save_exported(handle, path))
+            except Exception:  # torch.export cannot trace every model: TorchScript next
+                return str(save_torchscript(handle, path))
+
+        return self.queue.submit(work, name=f"export {name} ({kind})", kind="export")

@@ -1,0 +1,100 @@
+"""Screenshots of the real window, made offscreen: one per panel, into docs/screenshots/.
+
+    python tools/screenshots.py [--out docs/screenshots] [--quick]
+
+Opens the window with the demo model, measures the baseline, runs two pruning variants and a
+chained one, then grabs the whole window and each panel. ``--quick`` measures with fewer repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+# never touch the user's real settings or workspaces
+os.environ.setdefault("TUGBOAT_CONFIG_DIR", tempfile.mkdtemp(prefix="tugboat-shots-"))
+
+
+def wait_until(app, condition, timeout: float = 300.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        app.processEvents()
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "screenshots"))
+    parser.add_argument("--quick", action="store_true", help="measure latency with fewer repeats")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from tugboat.ui.app import make_app
+    from tugboat.ui.main_window import MainWindow
+
+    app = make_app([sys.argv[0]])
+    window = MainWindow()
+    window.resize(1500, 940)
+    window.show()
+    shots: list[Path] = []
+
+    def grab(widget, name: str) -> None:
+        app.processEvents()
+        path = out / f"{name}.png"
+        widget.grab().save(str(path))
+        shots.append(path)
+
+    grab(window, "empty_state")
+    if args.quick:
+        m = window.session.measure
+        m.min_runs, m.min_seconds, m.max_seconds, m.warmup = 5, 0.05, 0.3, 2
+    job = window.load_demo()
+    if not wait_until(app, lambda: job.is_ended):
+        print("baseline did not finish", file=sys.stderr)
+        return 1
+    panels = window.panels
+    jobs = []
+    if "prune" in panels:
+        p = panels["prune"]
+        window.technique_tabs.setCurrentWidget(p)
+        p.set_value("finetune_epochs", 1)
+        for ratio in (0.3, 0.6):
+            p.set_value("ratio", ratio)
+            jobs.append(window.run_current())
+    jobs = [j for j in jobs if j is not None]
+    wait_until(app, lambda: all(j.is_ended for j in jobs), 600)
+    wait_until(app, lambda: not window.queue.active(), 120)
+    if "prune" in panels and len(window.store) > 1:
+        names = [n for n in window.store.names() if n != "baseline"]
+        window.store.select(names[0])
+    grab(window, "main_window")
+    grab(window.model_panel, "model_panel")
+    window.left_tabs.setCurrentWidget(window.data_panel)
+    grab(window.data_panel, "data_panel")
+    window.left_tabs.setCurrentWidget(window.model_panel)
+    for name, panel in panels.items():
+        window.technique_tabs.setCurrentWidget(panel)
+        grab(window.technique_dock, f"technique_{name}")
+    grab(window.results_table, "results_table")
+    grab(window.jobs_view, "jobs")
+    window.notify("Example: prune failed: this model has no torch module (ONNX-only)",
+                  "Traceback (most recent call last): ...", "error")
+    grab(window.centralWidget(), "notification")
+    window.close()
+    for path in shots:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
