@@ -245,12 +245,16 @@ def _outputs(module: nn.Module, data: Dataset, split: str, names: list[str], bat
 
 
 def _val_metrics(student_out: torch.Tensor, teacher_out: torch.Tensor, labels: np.ndarray | None,
-                 classification: bool, loss_kind: str, temperature: float) -> dict[str, float | None]:
+                 classification: bool, loss_kind: str, temperature: float,
+                 alpha: float = 1.0) -> dict[str, float | None]:
+    """Validation accuracy, fidelity to the teacher, and the training objective on ``val``."""
     if classification:
         pred = student_out.argmax(-1).numpy()
         acc = float(np.mean(pred == labels)) if labels is not None else None
         agree = float(np.mean(pred == teacher_out.argmax(-1).numpy()))
-        loss = float(kd_loss(student_out, teacher_out, temperature))
+        loss = alpha * float(kd_loss(student_out, teacher_out, temperature)) if alpha > 0 else 0.0
+        if labels is not None and alpha < 1.0:
+            loss += (1.0 - alpha) * float(F.cross_entropy(student_out, torch.from_numpy(labels)))
         return {"val_accuracy": acc, "fidelity": agree, "val_loss": loss}
     cos = F.cosine_similarity(student_out.reshape(len(student_out), -1),
                               teacher_out.reshape(len(teacher_out), -1), dim=1, eps=1e-8)
@@ -396,7 +400,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
                 train_progress.update(step / total, f"epoch {epoch}/{epochs}")
             s_val = _outputs(student, data, "val", names)
             ev = _val_metrics(s_val, t_val_tensor, val_labels if classification else None,
-                              classification, loss_kind, temperature)
+                              classification, loss_kind, temperature, alpha if use_labels else 1.0)
             row = {"epoch": epoch, "train_loss": sums["loss"] / max(1, count), **ev,
                    "lr": float(sched.get_last_lr()[0])}
             if pairs:
