@@ -37,7 +37,7 @@ class _NumberItem(QTableWidgetItem):
     def __init__(self, value: int, text: str) -> None:
         super().__init__(text)
         self.value = value
-        self.setTextAlignment(int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter))
+        self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
     def __lt__(self, other) -> bool:
         if isinstance(other, _NumberItem):

@@ -87,6 +87,7 @@ class NotificationArea(QWidget):
         self.history.append((level, message, details))
         note = Notification(message, details, level, self)
         self.lay.addWidget(note)
+        note.show()  # a child added to a visible parent stays hidden until shown
         shown = self.shown()
         for old in shown[:-MAX_SHOWN]:
             old.dismiss()
