@@ -28,7 +28,7 @@ BEAT_MS = 10
 
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else 0.0
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         beats: list[float] = []
         last = [time.perf_counter()]
 
-        def beat():
+        def beat(beats=beats, last=last):
             now = time.perf_counter()
             beats.append((now - last[0]) * 1000.0)
             last[0] = now

@@ -40,8 +40,7 @@ def load_demo(qtbot, window):
 
 
 def run_prune(qtbot, window, ratio: float):
-    panel = window.panels["prune"]
-    window.technique_tabs.setCurrentWidget(panel)
+    panel = window.show_panel("prune")
     panel.set_value("finetune_epochs", 0)
     panel.set_value("ratio", ratio)
     before = len(window.store)
@@ -110,7 +109,7 @@ def test_cancel_running_job_writes_nothing(qtbot, window, tmp_path):
     original = window.session.baseline.handle
 
     # a step that runs until cancelled: fine-tuning for many epochs
-    panel = window.panels["prune"]
+    panel = window.show_panel("prune")
     panel.set_value("finetune_epochs", 200)
     panel.set_value("ratio", 0.5)
     job = window.run_current()

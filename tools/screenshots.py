@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     panels = window.panels
     jobs = []
     if "prune" in panels:
-        p = panels["prune"]
-        window.technique_tabs.setCurrentWidget(p)
+        p = window.show_panel("prune")
         p.set_value("finetune_epochs", 1)
         for ratio in (0.3, 0.6):
             p.set_value("ratio", ratio)
@@ -82,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     window.left_tabs.setCurrentWidget(window.data_panel)
     grab(window.data_panel, "data_panel")
     window.left_tabs.setCurrentWidget(window.model_panel)
-    for name, panel in panels.items():
-        window.technique_tabs.setCurrentWidget(panel)
+    for name in panels:
+        window.show_panel(name)
         grab(window.technique_dock, f"technique_{name}")
     grab(window.results_table, "results_table")
     grab(window.jobs_view, "jobs")

@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QMessageBox,
     QPushButton,
+    QScrollArea,
     QSplitter,
     QStackedWidget,
     QTabWidget,
@@ -151,7 +152,7 @@ class SweepView(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(QLabel("<b>Sweep</b> (settings added with \"Add to sweep\")"))
         self.list = QListWidget()
-        self.list.setMaximumHeight(110)
+        self.list.setMaximumHeight(80)
         lay.addWidget(self.list)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run sweep")
@@ -240,8 +241,15 @@ class MainWindow(QMainWindow):
         self.panels: dict[str, TechniquePanel] = build_panels()
         self.technique_tabs = QTabWidget()
         self.technique_tabs.setObjectName("technique_tabs")
-        for _name, panel in self.panels.items():
-            self.technique_tabs.addTab(panel, panel.technique.title)
+        self._tab_panels: list[TechniquePanel] = []
+        for panel in self.panels.values():
+            scroll = QScrollArea()  # a long panel scrolls instead of squeezing its rows together
+            scroll.setWidgetResizable(True)
+            scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+            scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+            scroll.setWidget(panel)
+            self.technique_tabs.addTab(scroll, panel.technique.title)
+            self._tab_panels.append(panel)
             panel.run_requested.connect(self._on_panel_run)
             panel.add_to_sweep_requested.connect(self.session.add_to_sweep)
         self.chain_view = ChainView(self.session, self.store)
@@ -263,7 +271,7 @@ class MainWindow(QMainWindow):
         self._connect()
         self.resize(1440, 900)
         self.resizeDocks([self.model_dock, self.technique_dock], [330, 340], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.jobs_dock], [170], Qt.Orientation.Vertical)
+        self.resizeDocks([self.jobs_dock], [190], Qt.Orientation.Vertical)
         self._restore_settings()
         self._set_ready(False)
         self.live_preview = _optional_view("live_preview", "LivePreview", (self,))
@@ -443,8 +451,13 @@ class MainWindow(QMainWindow):
 
     # --- running ----------------------------------------------------------------------------------
     def current_panel(self) -> TechniquePanel | None:
-        w = self.technique_tabs.currentWidget()
-        return w if isinstance(w, TechniquePanel) else None
+        i = self.technique_tabs.currentIndex()
+        return self._tab_panels[i] if 0 <= i < len(self._tab_panels) else None
+
+    def show_panel(self, name: str) -> TechniquePanel:
+        panel = self.panels[name]
+        self.technique_tabs.setCurrentIndex(self._tab_panels.index(panel))
+        return panel
 
     def run_current(self) -> Job | None:
         panel = self.current_panel()
