@@ -246,7 +246,7 @@ def format_summary(report: dict[str, Any]) -> str:
 
 def cmd_sweep(args) -> int:
     try:
-        from .engine.sweep import run_sweep_cli
+        from .reporting import run_sweep_cli
     except ImportError:
         print("tugboat: error: sweeps are not available in this build", file=sys.stderr)
         return EXIT_USAGE
@@ -255,7 +255,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_report(args) -> int:
     try:
-        from .engine.sweep import report_cli
+        from .reporting import report_cli
     except ImportError:
         print("tugboat: error: reports are not available in this build", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,554 @@
+"""Sweeps: grids over recipe parameters, random search, accuracy-aware target search, prefix reuse.
+
+A recipe's ``[sweep]`` table maps a step parameter to the values to try::
+
+    [sweep]
+    "steps.0.ratio" = [0.25, 0.5, 0.75]
+    "steps.1.method" = ["static-int8", "dynamic-int8"]
+
+* **grid** (only ``[sweep]``): every combination is a variant, in an order where variants sharing
+  a step prefix are neighbours.
+* **random search** (``[search] budget_seconds = N``, optional ``max_variants``, ``seed``): draws
+  combinations until the time budget or ``max_variants`` is used up. A sweep value may also be a
+  range ``{min = 0.2, max = 0.8}`` (uniform; ``log = true`` for a log scale), drawn afresh each time.
+* **target search** (``[target] max_accuracy_drop = 0.01, objective = "latency" | "size",
+  budget_seconds = N``): tries combinations of the ``[sweep]`` space (all of a finite grid, or
+  random draws) within the budget, keeps *every* variant it tried, and names the best one whose
+  quality is within ``max_accuracy_drop`` of the baseline (absolute, 0.01 = one point).
+
+Every combination is validated through the technique registry before anything runs, so a typo in
+the 9th combination fails in the first second, not after an hour.
+
+**Prefix reuse**: variants whose first *k* steps are equal (canonical JSON of the validated steps)
+share one computation of that prefix: a sweep of one pruning ratio x four quantization methods
+prunes once. Only prefixes a later variant still needs are kept in memory.
+
+Results go to a :class:`~tugboat.engine.workspace.Workspace`; with ``resume=True`` variants already
+in the workspace are skipped (their names are deterministic for a recipe).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import steps as step_registry
+from .errors import Cancelled, RecipeError, TugboatError
+from .models import ModelHandle
+from .progress import Progress, null_progress
+from .recipe import Baseline, Recipe, Variant, apply_steps, prepare, run_variant, validate_steps, variant_name
+from .report import quality_of
+
+SEARCH_KEYS = {"budget_seconds": (0.0, 7 * 24 * 3600.0), "max_variants": (1, 100000), "seed": (0, 2**31)}
+TARGET_KEYS = {**SEARCH_KEYS, "max_accuracy_drop": (0.0, 1.0), "objective": ("latency", "size")}
+DEFAULT_BUDGET = 600.0
+
+
+# --- the search space ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Axis:
+    """One ``[sweep]`` entry: a step index, a parameter, and its values (or a range)."""
+
+    key: str
+    step: int
+    param: str
+    values: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    @property
+    def is_range(self) -> bool:
+        return not self.values
+
+    def draw(self, rng: random.Random) -> Any:
+        if self.values:
+            return rng.choice(self.values)
+        assert self.low is not None and self.high is not None
+        if self.log:
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+            return float(f"{value:.3g}")
+        return round(rng.uniform(self.low, self.high), 3)
+
+
+@dataclass
+class Candidate:
+    """One combination: its validated steps, the sweep values that made it, and its name."""
+
+    steps: list[dict[str, Any]]
+    overrides: dict[str, Any]
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return steps_key(self.steps)
+
+
+def steps_key(steps: list[dict[str, Any]]) -> str:
+    """Canonical JSON of validated steps: equal keys mean equal computations."""
+    return json.dumps(steps, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def parse_axes(recipe: Recipe) -> list[Axis]:
+    """Check every ``[sweep]`` key against the recipe's steps and the technique registry."""
+    where = recipe.source or "recipe"
+    axes = []
+    for key, spec in recipe.sweep.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "steps" or not parts[1].isdigit():
+            raise RecipeError(f"sweep key {key!r} must look like \"steps.0.ratio\" "
+                              "(steps.<step number>.<parameter>)", path=where)
+        index, param = int(parts[1]), parts[2]
+        if index >= len(recipe.steps):
+            raise RecipeError(f"sweep key {key!r}: the recipe has {len(recipe.steps)} step(s), "
+                              f"numbered from 0", path=where)
+        tech = step_registry.get(recipe.steps[index]["technique"])
+        known = {p.name for p in tech.params}
+        if param != "method" and param not in known:
+            raise RecipeError(f"sweep key {key!r}: unknown {tech.name} parameter {param!r}"
+                              + step_registry._did_you_mean(param, known | {"method"}), path=where)
+        if isinstance(spec, list):
+            if not spec:
+                raise RecipeError(f"sweep key {key!r} has an empty list of values", path=where)
+            axes.append(Axis(key, index, param, values=tuple(spec)))
+        elif isinstance(spec, dict):
+            low, high, log = spec.get("min"), spec.get("max"), spec.get("log", False)
+            extra = set(spec) - {"min", "max", "log"}
+            if extra or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
+                    or not low < high or not isinstance(log, bool) or (log and low <= 0):
+                raise RecipeError(f"sweep key {key!r}: a range is {{min = A, max = B}} with A < B "
+                                  "(and A > 0 with log = true)", path=where)
+            axes.append(Axis(key, index, param, low=float(low), high=float(high), log=log))
+        else:
+            raise RecipeError(f"sweep key {key!r} must be a list of values or a {{min, max}} range",
+                              path=where)
+    # earlier steps vary slowest, so neighbours share the longest prefix
+    return sorted(axes, key=lambda a: (a.step, a.param != "method", a.key))
+
+
+def combine(recipe: Recipe, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's steps with ``overrides`` ({"steps.0.ratio": 0.5}) applied, validated.
+
+    When a method changes, parameters that do not apply to the new method are dropped (and the new
+    method's defaults filled in), so ``"steps.1.method" = [...]`` can span methods."""
+    raw = [dict(s) for s in recipe.steps]
+    by_step: dict[int, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        _, index, param = key.split(".")
+        by_step.setdefault(int(index), {})[param] = value
+    for index, changes in by_step.items():
+        step = raw[index]
+        step.update(changes)
+        if "method" in changes:
+            tech = step_registry.get(step["technique"])
+            method = step["method"]
+            if method in tech.methods:
+                for p in tech.params:
+                    if p.name in step and not p.applies_to(method) and p.name not in changes:
+                        del step[p.name]
+    try:
+        return validate_steps(raw, recipe.source or "recipe")
+    except RecipeError as exc:
+        shown = ", ".join(f"{k} = {v!r}" for k, v in overrides.items())
+        raise RecipeError(f"sweep combination ({shown}): {exc.message}", path=exc.path) from None
+
+
+def grid(recipe: Recipe) -> list[Candidate]:
+    """Every combination of a ``[sweep]`` table made only of lists, validated and named."""
+    axes = parse_axes(recipe)
+    if any(a.is_range for a in axes):
+        raise RecipeError("a [sweep] with {min, max} ranges needs random or target search: "
+                          "add [search] budget_seconds = N", path=recipe.source or "recipe")
+    cands = []
+    for values in itertools.product(*(a.values for a in axes)):
+        overrides = {a.key: v for a, v in zip(axes, values)}
+        cands.append(Candidate(combine(recipe, overrides), overrides))
+    return name_candidates(_unique(cands), axes)
+
+
+def _unique(cands: list[Candidate]) -> list[Candidate]:
+    seen, out = set(), []
+    for c in cands:
+        if c.key not in seen:
+            seen.add(c.key)
+            out.append(c)
+    return out
+
+
+def name_candidates(cands: list[Candidate], axes: list[Axis], taken: set[str] | None = None,
+                    always: bool = False) -> list[Candidate]:
+    """Readable, unique names: :func:`recipe.variant_name`, plus the sweep values that the short
+    name does not show when two combinations would otherwise look alike (or ``always``).
+    ``taken`` (updated) holds names already given out."""
+    taken = set() if taken is None else taken
+    base = [variant_name(c.steps) for c in cands]
+    counts: dict[str, int] = {}
+    for b in base:
+        counts[b] = counts.get(b, 0) + 1
+    for c, b in zip(cands, base):
+        name = b
+        if always or counts[b] > 1 or name in taken:
+            shown = [f"s{a.step}.{a.param}={_fmt(c.overrides[a.key])}" for a in axes
+                     if a.key in c.overrides and _fmt(c.overrides[a.key]) not in b]
+            if shown:
+                name = f"{b}~{','.join(shown)}"
+        i = 2
+        unique = name
+        while unique in taken:
+            unique = f"{name}#{i}"
+            i += 1
+        c.name = unique
+        taken.add(unique)
+    return cands
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "|".join(map(str, value))
+    return str(value)
+
+
+def random_candidates(recipe: Recipe, seed: int = 0) -> Iterator[Candidate]:
+    """Random draws from the sweep space: without repeats for a finite grid (then it ends),
+    endlessly for a space with ranges. Names stay unique across the draws."""
+    axes = parse_axes(recipe)
+    rng = random.Random(seed)
+    if not any(a.is_range for a in axes):
+        cands = grid(recipe)
+        rng.shuffle(cands)
+        yield from cands
+        return
+    seen: set[str] = set()
+    taken: set[str] = set()
+    misses = 0
+    while misses < 1000:
+        overrides = {a.key: a.draw(rng) for a in axes}
+        cand = Candidate(combine(recipe, overrides), overrides)
+        if cand.key in seen:
+            misses += 1
+            continue
+        misses = 0
+        seen.add(cand.key)
+        name_candidates([cand], axes, taken, always=True)
+        yield cand
+
+
+def _check_table(table: dict[str, Any], rules: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    for key, value in table.items():
+        if key not in rules:
+            raise RecipeError(f"unknown key '{name}.{key}'" + step_registry._did_you_mean(key, rules), path=where)
+        rule = rules[key]
+        if isinstance(rule[0], str):
+            if value not in rule:
+                raise RecipeError(f"'{name}.{key}' must be one of {', '.join(rule)}, got {value!r}"
+                                  + step_registry._did_you_mean(str(value), rule), path=where)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not rule[0] <= value <= rule[1]:
+            raise RecipeError(f"'{name}.{key}' = {value!r} is out of range [{rule[0]}, {rule[1]}]", path=where)
+    return table
+
+
+@dataclass
+class Plan:
+    """What a sweep will do: its kind and its candidates (a list, or an endless iterator)."""
+
+    kind: str  # single | grid | random | target
+    candidates: list[Candidate] | Iterator[Candidate]
+    budget_seconds: float | None = None
+    max_variants: int | None = None
+    max_accuracy_drop: float | None = None
+    objective: str | None = None
+
+    @property
+    def total(self) -> int | None:
+        n = len(self.candidates) if isinstance(self.candidates, list) else None
+        if self.max_variants is not None:
+            return min(n, self.max_variants) if n is not None else self.max_variants
+        return n
+
+
+def plan(recipe: Recipe) -> Plan:
+    """Validate the recipe's sweep, search and target tables and list what will run."""
+    where = recipe.source or "recipe"
+    search = _check_table(recipe.search, SEARCH_KEYS, "search", where)
+    target = _check_table(recipe.target, TARGET_KEYS, "target", where)
+    if target:
+        if "max_accuracy_drop" not in target:
+            raise RecipeError("'target.max_accuracy_drop' is missing (e.g. 0.01 for one point)", path=where)
+        if not recipe.sweep:
+            raise RecipeError("a [target] search needs a [sweep] table saying which parameters to vary",
+                              path=where)
+        if not recipe.data:
+            raise RecipeError("a [target] search needs 'data' to measure quality", path=where)
+        opts = {**search, **target}
+        cands = random_candidates(recipe, int(opts.get("seed", 0)))
+        if not any(a.is_range for a in parse_axes(recipe)):
+            cands = list(cands)
+        return Plan("target", cands, float(opts.get("budget_seconds", DEFAULT_BUDGET)),
+                    opts.get("max_variants"), float(target["max_accuracy_drop"]),
+                    target.get("objective", "latency"))
+    if search:
+        if not recipe.sweep:
+            raise RecipeError("a [search] needs a [sweep] table saying which parameters to vary", path=where)
+        cands = random_candidates(recipe, int(search.get("seed", 0)))
+        if not any(a.is_range for a in parse_axes(recipe)):
+            cands = list(cands)
+        return Plan("random", cands, float(search.get("budget_seconds", DEFAULT_BUDGET)),
+                    search.get("max_variants"))
+    if recipe.sweep:
+        return Plan("grid", grid(recipe))
+    if not recipe.steps:
+        return Plan("single", [])
+    return Plan("single", [Candidate(list(recipe.steps), {}, variant_name(recipe.steps))])
+
+
+# --- prefix reuse ---------------------------------------------------------------------------------
+
+class PrefixCache:
+    """Handles of step prefixes that a later candidate still needs, keyed by canonical JSON."""
+
+    def __init__(self, needed: dict[str, int] | None = None) -> None:
+        self._handles: dict[str, ModelHandle] = {}
+        self._seconds: dict[str, float] = {}
+        self.needed = needed  # prefix key -> candidates still to come that use it (None: keep all)
+
+    @staticmethod
+    def prefixes(steps: list[dict[str, Any]]) -> list[str]:
+        return [steps_key(steps[:k]) for k in range(1, len(steps))]
+
+    @classmethod
+    def for_candidates(cls, cands: list[Candidate]) -> PrefixCache:
+        counts: dict[str, int] = {}
+        for c in cands:
+            for p in cls.prefixes(c.steps):
+                counts[p] = counts.get(p, 0) + 1
+        return cls({k: n for k, n in counts.items() if n > 1})
+
+    def lookup(self, steps: list[dict[str, Any]]) -> tuple[int, ModelHandle | None, float]:
+        """The longest cached prefix: (steps done, a private copy of its handle, its seconds)."""
+        for k in range(len(steps) - 1, 0, -1):
+            key = steps_key(steps[:k])
+            if key in self._handles:
+                return k, _private_copy(self._handles[key]), self._seconds[key]
+        return 0, None, 0.0
+
+    def wants(self, steps: list[dict[str, Any]], k: int) -> bool:
+        key = steps_key(steps[:k])
+        return self.needed is None or self.needed.get(key, 0) > 0
+
+    def store(self, steps: list[dict[str, Any]], k: int, handle: ModelHandle, seconds: float) -> None:
+        key = steps_key(steps[:k])
+        self._handles[key] = _private_copy(handle)
+        self._seconds[key] = seconds
+
+    def release(self, steps: list[dict[str, Any]]) -> None:
+        """One candidate using these prefixes is done: drop prefixes nobody needs any more."""
+        if self.needed is None:
+            return
+        for p in self.prefixes(steps):
+            if p in self.needed:
+                self.needed[p] -= 1
+                if self.needed[p] <= 0:
+                    self._handles.pop(p, None)
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+def _private_copy(handle: ModelHandle) -> ModelHandle:
+    """A copy a technique may change without touching the cached prefix."""
+    new = copy.copy(handle)
+    new.module = copy.deepcopy(handle.module) if handle.module is not None else None
+    new.history = list(handle.history)
+    new.info = dict(handle.info)
+    new.warnings = list(handle.warnings)
+    return new
+
+
+def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: PrefixCache | None,
+                  progress: Progress) -> Variant:
+    """Apply a candidate's steps (from the longest cached prefix) and measure it."""
+    t0 = time.perf_counter()
+    done, handle, prefix_seconds = cache.lookup(cand.steps) if cache is not None else (0, None, 0.0)
+    handle = handle or base.handle
+    n = len(cand.steps)
+    variant_recipe = recipe.with_steps(cand.steps)
+    try:
+        for k in range(done, n):
+            step_t0 = time.perf_counter()
+            sub = progress.sub(0.7 * k / n, 0.7 * (k + 1) / n)
+            handle = apply_steps(handle, [cand.steps[k]], base.data, sub)
+            prefix_seconds += time.perf_counter() - step_t0
+            if cache is not None and k + 1 < n and cache.wants(cand.steps, k + 1):
+                cache.store(cand.steps, k + 1, handle, prefix_seconds)
+        variant = run_variant(base, variant_recipe, progress.sub(0.7, 1.0), start=handle, done_steps=n)
+    except Cancelled:
+        raise
+    except TugboatError as exc:  # one combination that cannot be made does not end the sweep
+        variant = Variant(cand.name, variant_recipe.to_dict(), status="failed", error=exc.message)
+    variant.name = cand.name
+    if done:
+        variant.info["reused_prefix_steps"] = done
+    if variant.metrics:
+        variant.metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    if cand.overrides:
+        variant.info["sweep"] = dict(cand.overrides)
+    return variant
+
+
+# --- running a sweep ------------------------------------------------------------------------------
+
+@dataclass
+class SweepResult:
+    workspace: Any  # Workspace
+    kind: str
+    tried: list[str] = field(default_factory=list)  # names run now, in order
+    skipped: list[str] = field(default_factory=list)  # finished before (resume)
+    best: str | None = None  # target search: the best variant within tolerance
+    within: list[str] = field(default_factory=list)  # target search: every variant within tolerance
+    stopped_by_budget: bool = False
+
+    @property
+    def variants(self) -> list[Variant]:
+        return self.workspace.variants()
+
+
+def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
+              progress: Progress | None = None, on_variant: Callable[[Variant], None] | None = None,
+              log: Callable[[str], None] | None = None) -> SweepResult:
+    """Run a recipe's sweep (grid, random or target search) into the workspace ``out_dir``."""
+    from .workspace import Workspace, WorkspaceError
+
+    progress = progress or null_progress()
+    log = log or (lambda _msg: None)
+    the_plan = plan(recipe)  # every combination validated before any work
+    out = Path(out_dir)
+    existing = Workspace.exists(out)
+    if existing and not resume:
+        ws = Workspace.open(out)
+        if len(ws) or ws.baseline is not None:
+            raise WorkspaceError("already holds a workspace; add --resume to continue it, or choose "
+                                 "another --out folder", path=str(out))
+    progress.update(0.0, f"loading {recipe.model}")
+    base = prepare(recipe, progress.sub(0.0, 0.05, "baseline: "))
+    if existing:
+        ws = Workspace.open(out)
+        if ws.model and ws.model != recipe.model:
+            raise WorkspaceError(f"was made for model {ws.model!r}, not {recipe.model!r}", path=str(out))
+    else:
+        ws = Workspace.create(out, model=recipe.model, data=recipe.data or "",
+                              measure=recipe.measure.to_dict(), recipe=recipe.to_dict())
+    if ws.baseline is not None and ws.baseline.metrics:
+        base.metrics = ws.baseline.metrics  # every variant compares with the baseline on record
+    else:
+        ws.set_baseline(Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle))
+    ws.recipe = recipe.to_dict()
+    ws.meta["sweep"] = {"kind": the_plan.kind}
+    ws.save()
+
+    result = SweepResult(ws, the_plan.kind)
+    t_start = time.monotonic()
+    budget = the_plan.budget_seconds
+    if isinstance(the_plan.candidates, list):
+        todo = [c for c in the_plan.candidates if c.name not in ws]
+        result.skipped = [c.name for c in the_plan.candidates if c.name in ws]
+        if the_plan.max_variants is not None:
+            todo = todo[:max(0, the_plan.max_variants - len(result.skipped))]
+        cache = PrefixCache.for_candidates(todo)
+        source: Iterator[Candidate] = iter(todo)
+        total: int | None = len(todo)
+        ws.meta["sweep"]["planned"] = [c.name for c in the_plan.candidates]
+    else:
+        cache = PrefixCache(None)
+        source, total = the_plan.candidates, the_plan.max_variants
+    if result.skipped:
+        log(f"resuming: {len(result.skipped)} finished variant(s) kept, not recomputed")
+    count = 0
+    for cand in source:
+        elapsed = time.monotonic() - t_start
+        if cand.name in ws:
+            if cand.name not in result.skipped:
+                result.skipped.append(cand.name)
+            continue
+        if budget is not None and elapsed >= budget:
+            result.stopped_by_budget = True
+            log(f"time budget of {budget:g} s used up after {count} new variant(s)")
+            break
+        if the_plan.max_variants is not None and count + len(result.skipped) >= the_plan.max_variants:
+            break
+        lo, hi = _share(count, total, elapsed, budget)
+        label = f"[{count + 1}/{total}] " if total else f"[{count + 1}] "
+        variant = run_candidate(base, recipe, cand, cache, progress.sub(lo, hi, f"{label}{cand.name}: "))
+        cache.release(cand.steps)
+        ws.add_variant(variant)
+        variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
+        result.tried.append(variant.name)
+        count += 1
+        log(f"done {variant.name}: {describe(variant)}")
+        if on_variant is not None:
+            on_variant(variant)
+    if the_plan.kind == "target":
+        result.within, result.best = rank_within(ws, base.metrics, the_plan.max_accuracy_drop or 0.0,
+                                                 the_plan.objective or "latency")
+        ws.meta["target"] = {"best": result.best, "within_tolerance": result.within,
+                             "max_accuracy_drop": the_plan.max_accuracy_drop, "objective": the_plan.objective,
+                             "tried": [v.name for v in ws.variants()]}
+    ws.meta["sweep"]["finished"] = not result.stopped_by_budget
+    ws.save()
+    progress.update(1.0, "done")
+    return result
+
+
+def _share(count: int, total: int | None, elapsed: float, budget: float | None) -> tuple[float, float]:
+    lo, hi = 0.05, 1.0
+    if total:
+        a, b = count / total, (count + 1) / total
+    elif budget:
+        a = min(elapsed / budget, 0.99)
+        b = min(a + 0.05, 1.0)
+    else:
+        a, b = 0.0, 1.0
+    return lo + (hi - lo) * a, lo + (hi - lo) * b
+
+
+def rank_within(ws, baseline_metrics: dict[str, Any], max_drop: float, objective: str) -> tuple[list[str], str | None]:
+    """Variants whose quality is within ``max_drop`` of the baseline, best objective first."""
+    base_q = quality_of(baseline_metrics)
+    key = {"latency": lambda m: (m.get("latency_ms") or {}).get("median"),
+           "size": lambda m: m.get("size_bytes")}[objective]
+    ok = []
+    for v in ws.variants():
+        q = quality_of(v.metrics) if v.status == "ok" and v.metrics else None
+        if q is None or base_q is None or key(v.metrics) is None:
+            continue
+        if base_q - q <= max_drop + 1e-12:
+            ok.append((key(v.metrics), -q, v.name))
+    ok.sort()
+    names = [n for _, _, n in ok]
+    return names, (names[0] if names else None)
+
+
+def describe(variant: Variant) -> str:
+    if variant.status != "ok":
+        return f"{variant.status}: {variant.error}"
+    m = variant.metrics
+    q = quality_of(m)
+    lat = (m.get("latency_ms") or {}).get("median")
+    parts = [f"{m.get('size_bytes', 0) / 1024:.1f} KB"]
+    if lat is not None:
+        parts.append(f"{lat:.3f} ms")
+    if q is not None:
+        parts.append(f"quality {q:.4f}")
+    if variant.info.get("reused_prefix_steps"):
+        parts.append(f"reused {variant.info['reused_prefix_steps']} step(s)")
+    return ", ".join(parts)
