@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
-from sweep_support import write_recipe
 
+from sweep_support import write_recipe
 from tugboat.cli import main
 from tugboat.engine import steps as step_registry
 from tugboat.engine.recipe import load_recipe, parse_recipe, recipe_to_toml
@@ -51,7 +52,8 @@ def test_missing_model_file_exits_2(tmp_path, capsys, command):
 
 @pytest.mark.parametrize("tables, fragment", [
     ('[sweep]\n"steps.0.ratoi" = [0.5]\n', "did you mean 'ratio'"),
-    ('[sweep]\n"steps.0.ratio" = [0.5, 1.5]\n', "sweep combination (steps.0.ratio = 1.5): 'steps.0.ratio' = 1.5 is out of range"),
+    ('[sweep]\n"steps.0.ratio" = [0.5, 1.5]\n',
+     "sweep combination (steps.0.ratio = 1.5): 'steps.0.ratio' = 1.5 is out of range"),
     ('[sweep]\n"steps.1.ratio" = [0.5]\n', "the recipe has 1 step(s)"),
     ('[sweep]\n"steps.0.ratio" = [0.5]\n[target]\nobjective = "size"\n', "'target.max_accuracy_drop' is missing"),
     ('[sweep]\n"steps.0.ratio" = [0.5]\n[target]\nmax_accuracy_drop = 0.01\nobjectiv = "size"\n',
@@ -77,7 +79,7 @@ def test_steps_chain_and_round_trip_through_toml(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, body))
     assert [s["technique"] for s in recipe.steps][:2] == ["prune", "prune"]
     assert recipe.steps[0]["ratio"] == 0.5  # defaults filled in
-    again = parse_recipe(__import__("tomllib").loads(recipe_to_toml(recipe)))
+    again = parse_recipe(tomllib.loads(recipe_to_toml(recipe)))
     assert again.steps == recipe.steps and again.model == recipe.model and again.data == recipe.data
 
 

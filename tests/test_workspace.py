@@ -14,8 +14,8 @@ import jsonschema
 import numpy as np
 import onnx
 import pytest
-from sweep_support import report_schema, write_recipe
 
+from sweep_support import report_schema, write_recipe
 from tugboat.engine.recipe import Variant
 from tugboat.engine.runtime import run_onnx
 from tugboat.engine.workspace import Workspace, WorkspaceError
