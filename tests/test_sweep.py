@@ -8,7 +8,7 @@ from html import escape as html_escape
 import jsonschema
 import pytest
 
-from sweep_support import install_scale, report_schema, write_recipe
+from sweep_support import ROOT, count_calls, install_scale, report_schema, write_recipe
 from tugboat.cli import main
 from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import Cancelled, RecipeError
@@ -260,3 +260,71 @@ def test_report_command_reads_a_run_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run"), "--csv", str(tmp_path / "r.csv")]) == 0
     assert "baseline" in (tmp_path / "r.csv").read_text()
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+# --- end to end with the real techniques ----------------------------------------------------------
+
+def _real(name: str):
+    registry = step_registry.techniques()
+    if name not in registry:
+        pytest.skip(f"the {name} technique is not available yet")
+    return registry[name]
+
+
+def _fast(recipe):
+    from helpers import FAST
+
+    recipe.measure = FAST
+    return recipe
+
+
+def test_readme_sweep_structured_ratios_x_quantization_methods(tmp_path, capsys):
+    """examples/sweep-cnn.toml (fine-tuning shortened, fast timing): >= 9 variants, a Pareto front,
+    report.json per the schema and the HTML report."""
+    _real("prune"), _real("quantize")
+    recipe = _fast(load_recipe(ROOT / "examples" / "sweep-cnn.toml"))
+    recipe.steps[0]["finetune_epochs"] = 1
+    the_plan = plan(recipe)
+    assert the_plan.kind == "grid" and len(the_plan.candidates) >= 9
+    result = run_sweep(recipe, tmp_path / "ws")
+    ws = result.workspace
+    assert len(ws) == len(the_plan.candidates) and all(v.status == "ok" for v in ws.variants()), \
+        [(v.name, v.error) for v in ws.variants()]
+    # each pruning ratio was computed once and reused by the other quantization methods
+    assert sum(1 for v in ws.variants() if v.info.get("reused_prefix_steps") == 1) == len(ws) - 3
+    report = json.loads((tmp_path / "ws" / "report.json").read_text())
+    jsonschema.validate(report, report_schema())
+    assert report["pareto"] and len(report["variants"]) >= 9
+    # more pruning, smaller file, measured
+    size = {(v.recipe["steps"][0]["ratio"], v.recipe["steps"][1]["method"]): v.metrics["size_bytes"]
+            for v in ws.variants()}
+    assert size[(0.75, "static-int8")] < size[(0.25, "static-int8")] < ws.baseline.metrics["size_bytes"]
+    assert main(["report", str(tmp_path / "ws"), "--html", str(tmp_path / "r.html")]) == 0
+    assert "data:image/png;base64," in (tmp_path / "r.html").read_text()
+
+
+def test_prefix_reuse_prunes_once_for_four_quantization_methods(tmp_path, monkeypatch):
+    methods = list(_real("quantize").methods)
+    _real("prune")
+    preferred = [m for m in ("static-int8", "dynamic-int8", "fp16", "weight-only-int8") if m in methods]
+    chosen = (preferred + [m for m in methods if m not in preferred and "qat" not in m])[:4]
+    assert len(chosen) == 4, methods
+    recipe = _fast(load_recipe(write_recipe(tmp_path, f"""
+[[steps]]
+technique = "prune"
+method = "structured"
+ratio = 0.4
+finetune_epochs = 1
+[[steps]]
+technique = "quantize"
+method = "{chosen[0]}"
+[sweep]
+"steps.1.method" = {json.dumps(chosen)}
+""")))
+    prune_calls = count_calls(monkeypatch, "prune")
+    quant_calls = count_calls(monkeypatch, "quantize")
+    result = run_sweep(recipe, tmp_path / "ws")
+    assert len(result.tried) == 4
+    assert len(prune_calls) == 1 and sorted(c["method"] for c in quant_calls) == sorted(chosen)
+    ok = [v for v in result.variants if v.status == "ok"]
+    assert ok and all(v.metrics["params"] < result.workspace.baseline.metrics["params"] for v in ok)
