@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tugboat.engine import steps as step_registry
+from tugboat.engine.errors import TugboatError
 from tugboat.engine.steps import Param, Technique
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,8 @@ class ScaleTechnique:
 
     def apply(self, handle, params, data, progress):
         self.calls.append(dict(params))
+        if params["factor"] == 9.0:
+            raise TugboatError("the scale technique refuses a factor of 9 (test)")
         module = copy.deepcopy(handle.torch_module())
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():

@@ -217,6 +217,19 @@ def test_cancelled_sweep_resumes_without_redoing_finished_variants(scale, tmp_pa
     assert len(Workspace.open(tmp_path / "ws")) == 6
 
 
+def test_a_failing_combination_is_recorded_and_the_sweep_goes_on(scale, tmp_path, capsys):
+    path = write_recipe(tmp_path, '[[steps]]\ntechnique = "scale"\n[sweep]\n"steps.0.factor" = [9.0, 2.0]\n')
+    assert main(["sweep", str(path), "--out", str(tmp_path / "ws"), "--quiet"]) == 0
+    assert "refuses a factor of 9" in capsys.readouterr().out
+    report = json.loads((tmp_path / "ws" / "report.json").read_text())
+    jsonschema.validate(report, report_schema())
+    assert [v["status"] for v in report["failed"]] == ["failed"] and len(report["variants"]) == 1
+    # a failed combination counts as finished: --resume does not retry it
+    scale.calls.clear()
+    assert main(["sweep", str(path), "--out", str(tmp_path / "ws"), "--quiet", "--resume"]) == 0
+    assert scale.calls == []
+
+
 def test_existing_workspace_needs_resume(scale, tmp_path, capsys):
     path = write_recipe(tmp_path, '[[steps]]\ntechnique = "scale"\n[sweep]\n"steps.0.factor" = [2.0]\n')
     assert main(["sweep", str(path), "--out", str(tmp_path / "ws"), "--quiet"]) == 0
