@@ -94,6 +94,9 @@ class ModelHandle:
     history: list[dict[str, Any]] = field(default_factory=list)  # steps applied, in order
     info: dict[str, Any] = field(default_factory=dict)  # technique notes (kept layers, ...)
     warnings: list[str] = field(default_factory=list)
+    # the ONNX graph that stands for ``module`` when the module itself cannot be exported (e.g.
+    # torch dynamic int8 Linear layers); unlike ``onnx_model`` the torch module stays measurable
+    deploy_onnx: onnx.ModelProto | None = None
 
     @property
     def has_torch(self) -> bool:
@@ -113,6 +116,7 @@ class ModelHandle:
         new = copy.copy(self)
         new.module = module
         new.onnx_model = onnx_model
+        new.deploy_onnx = None
         new.conversion_error = None if module is not None else self.conversion_error
         new.history = [*self.history, step] if step else list(self.history)
         new.info = dict(self.info)
@@ -141,7 +145,7 @@ class ModelHandle:
 
     def param_count(self) -> tuple[int, int]:
         """(parameters, non-zero parameters); from the torch module or the ONNX initializers."""
-        if self.module is not None and self.onnx_model is None:
+        if self.module is not None and self.onnx_model is None and self.deploy_onnx is None:
             params = nonzero = 0
             for t in _unique_tensors(self.module):
                 params += t.numel()
@@ -153,6 +157,8 @@ class ModelHandle:
         """The deployable ONNX graph (exported from torch with a dynamic batch if needed)."""
         if self.onnx_model is not None:
             return self.onnx_model
+        if self.deploy_onnx is not None:
+            return self.deploy_onnx
         from .export import export_onnx_model
 
         return export_onnx_model(self)

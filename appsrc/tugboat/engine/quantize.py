@@ -1,0 +1,721 @@
+"""Quantization: fewer bits for weights (and activations), measured in the runtime it deploys to.
+
+Every method works on the exported ONNX graph with ONNX Runtime's own quantization tools
+(``onnxruntime.quantization``), because ONNX Runtime is where the int8 kernels are fast on a CPU:
+
+* ``dynamic-int8``: int8 weights, activations quantized on the fly (``quantize_dynamic``).
+* ``static-int8``: int8 weights and activations, ranges calibrated on the data's ``calib`` split
+  (``quantize_static``, QDQ format), with accuracy-aware exclusion (``max_accuracy_drop``).
+* ``weight-only-int8`` / ``weight-only-int4``: block-wise int8/int4 weights for MatMul/Linear layers
+  (``MatMulNBits``); activations stay float.
+* ``fp16``: half-precision weights and compute (``onnxruntime.transformers.float16``).
+* ``qat-int8``: quantization-aware training in torch (``torch.ao.quantization.FakeQuantize`` on
+  weights and layer inputs, trained on the ``train`` split), then static int8 in ONNX Runtime on the
+  trained weights.
+
+bf16 is not offered: ONNX Runtime's CPU provider has no bf16 kernels for MatMul/Conv (a session
+with a bf16 MatMul fails with NOT_IMPLEMENTED), so a bf16 ONNX artifact would not run.
+
+The result of every method is an ONNX-only handle (``module=None``): the technique is ``final``.
+It does not need a torch module (``needs_torch=False``): a loaded ONNX file that onnx2torch cannot
+convert still quantizes. Only ``qat-int8`` trains, so only it asks for the torch module (with the
+loader's reason when there is none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .data import Dataset
+from .errors import DataError, TugboatError
+from .models import ModelHandle
+from .progress import Progress, null_progress
+from .runtime import ort_session, run_onnx
+from .steps import Param, Technique, register
+
+METHODS = {
+    "dynamic-int8": "int8 weights, activations quantized at run time; no calibration data needed. "
+                    "Good for Linear/MatMul-heavy models; often slower on convolutions.",
+    "static-int8": "int8 weights and activations, ranges calibrated on the calibration split. "
+                   "Usually the smallest and fastest on CPU.",
+    "weight-only-int8": "int8 weights for MatMul/Linear layers (block-wise scales); activations stay "
+                        "float. Convolutions are left in float.",
+    "weight-only-int4": "4-bit weights for MatMul/Linear layers in blocks of block_size; about 6-7x "
+                        "smaller for Linear-heavy models. Convolutions are left in float.",
+    "fp16": "half-precision weights and compute: about 2x smaller, nearly no accuracy change; "
+            "speed depends on the CPU's fp16 support.",
+    "qat-int8": "quantization-aware training: fine-tunes with simulated int8 for a few epochs, then "
+                "quantizes like static-int8. Recovers accuracy static-int8 loses.",
+}
+
+_STATIC = ("static-int8", "qat-int8")
+_CALIBRATED = _STATIC
+_WEIGHT_ONLY = ("weight-only-int8", "weight-only-int4")
+_INT8 = ("dynamic-int8", "static-int8", "qat-int8")
+
+PARAMS = [
+    Param("per_channel", "bool", True,
+          "one scale per output channel instead of one per tensor: more accurate, slightly larger",
+          methods=_INT8),
+    Param("calibration", "choice", "minmax",
+          "how activation ranges are chosen: minmax (full range), entropy (minimises information "
+          "loss, clips outliers) or percentile (clips the top 0.01%)",
+          choices=("minmax", "entropy", "percentile"), methods=_CALIBRATED),
+    Param("calibration_samples", "int", 256,
+          "samples of the calib split used to measure activation ranges (more: steadier ranges, "
+          "slower)", minimum=8, maximum=100000, methods=_CALIBRATED),
+    Param("activation_type", "choice", "uint8",
+          "storage type of quantized activations (uint8 suits ReLU outputs, int8 symmetric ones)",
+          choices=("uint8", "int8"), methods=_CALIBRATED),
+    Param("weight_type", "choice", "int8",
+          "storage type of quantized weights (int8 is what the fast CPU kernels expect)",
+          choices=("int8", "uint8"), methods=_INT8),
+    Param("op_types", "list", [],
+          "operator types to quantize, e.g. [\"MatMul\", \"Gemm\"]; empty: every type the method "
+          "supports (set [\"MatMul\", \"Gemm\"] to keep slow int8 convolutions out of dynamic-int8)",
+          methods=_INT8),
+    Param("exclude", "list", [],
+          "layers kept in float: torch module names (e.g. \"classifier.3\") or ONNX node names",
+          methods=(*_INT8, *_WEIGHT_ONLY, "fp16")),
+    Param("max_accuracy_drop", "float", 0.0,
+          "accuracy-aware exclusion: keep the most sensitive layers in float until accuracy on the "
+          "val split drops at most this much (0.01 = 1 point); 0 turns it off",
+          minimum=0.0, maximum=0.5, methods=_STATIC),
+    Param("block_size", "int", 32,
+          "weights per shared scale in weight-only quantization (power of two, at least 16): "
+          "smaller blocks are more accurate and a little larger", minimum=16, maximum=256,
+          methods=_WEIGHT_ONLY),
+    Param("symmetric", "bool", True,
+          "symmetric weight ranges (no zero point): simpler and usually as accurate",
+          methods=_WEIGHT_ONLY),
+    Param("runtime", "choice", "onnxruntime",
+          "where the dynamic int8 model will run: onnxruntime (the ONNX artifact) or torch "
+          "(torch.ao dynamic int8 Linear layers; the ONNX artifact is ONNX Runtime's equivalent)",
+          choices=("onnxruntime", "torch"), methods=("dynamic-int8",)),
+    Param("keep_io_float32", "bool", True,
+          "keep the model's inputs and outputs float32 so callers need no change",
+          methods=("fp16",)),
+    Param("epochs", "int", 3, "fine-tuning epochs with simulated int8 on the train split",
+          minimum=1, maximum=100, methods=("qat-int8",)),
+    Param("lr", "float", 1e-4, "fine-tuning learning rate (small: the model is already trained)",
+          minimum=1e-7, maximum=1e-1, methods=("qat-int8",), log_scale=True),
+    Param("batch_size", "int", 64, "fine-tuning batch size", minimum=1, maximum=4096,
+          methods=("qat-int8",)),
+]
+
+_CALIB_BATCH = 32
+_LOG = logging.getLogger(__name__)
+
+
+# --- names: ONNX nodes <-> torch layers ----------------------------------------------------------
+
+def layer_of(node_name: str) -> str:
+    """The torch module path an exported node belongs to.
+
+    The legacy exporter names nodes by scope, e.g. ``/blocks/blocks.0/attn/qkv/MatMul`` for module
+    ``blocks.0.attn.qkv`` and ``/net/net.1/Gemm`` for ``net.1``."""
+    parts = [p for p in node_name.split("/") if p][:-1]
+    path = ""
+    for p in parts:
+        if not path or p.startswith(path + "."):
+            path = p
+        else:
+            path = f"{path}.{p}"
+    return path or node_name
+
+
+def _resolve_names(model: onnx.ModelProto, names: list[str], where: str) -> list[str]:
+    """ONNX node names for user-given layer names (torch module names or node names)."""
+    out: list[str] = []
+    for name in names:
+        hits = [n.name for n in model.graph.node
+                if n.name == name or layer_of(n.name) == name or n.name.startswith(f"/{name}/")]
+        if not hits:
+            known = sorted({layer_of(n.name) for n in model.graph.node
+                            if n.op_type in ("Conv", "Gemm", "MatMul")})
+            raise TugboatError(f"'{where}': no layer named {name!r}; layers with weights: "
+                               f"{', '.join(known[:20])}")
+        out += hits
+    return out
+
+
+# --- graph helpers --------------------------------------------------------------------------------
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ``Gemm`` with a constant weight as ``MatMul`` (+ ``Add``) on a copy of ``model``.
+
+    ONNX Runtime's dynamic and weight-only quantizers only handle MatMul; the exporter writes
+    ``nn.Linear`` on 2-D inputs as Gemm."""
+    model = _copy(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            w = w.T
+        w_name = f"{node.input[1]}_kn"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        base = node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}_mm" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out],
+                                      name=f"{base}/MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
+                                          name=f"{base}/Add"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
+def _with_meta(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+    """Carry the float model's ``tugboat`` metadata (input/output spec) to the quantized graph."""
+    have = {p.key for p in q.metadata_props}
+    for prop in source.metadata_props:
+        if prop.key not in have:
+            q.metadata_props.add(key=prop.key, value=prop.value)
+    return q
+
+
+def weight_nodes(model: onnx.ModelProto, op_types=("Conv", "Gemm", "MatMul")) -> list[onnx.NodeProto]:
+    """Nodes of ``op_types``; for static quantization activation-only MatMuls count too."""
+    return [n for n in model.graph.node if n.op_type in op_types]
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+def _calib_arrays(data: Dataset | None, handle: ModelHandle, samples: int, method: str
+                  ) -> list[np.ndarray]:
+    if data is None:
+        raise DataError(f"quantize {method} needs data to calibrate activation ranges; give a "
+                        f"dataset (recipe 'data = ...')")
+    split = "calib" if len(data.splits.get("calib", ())) else "train"
+    xs, _ = data.split(split, limit=samples)
+    return [xs[name] for name in handle.input_names]
+
+
+class _Reader:
+    """An ONNX Runtime ``CalibrationDataReader`` over arrays, reporting progress per batch."""
+
+    def __init__(self, names: list[str], arrays: list[np.ndarray], progress: Progress,
+                 batch: int = _CALIB_BATCH):
+        self.names, self.arrays, self.progress, self.batch = names, arrays, progress, batch
+        self.n = len(arrays[0])
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= self.n:
+            return None
+        feed = {name: np.ascontiguousarray(a[self.i : self.i + self.batch])
+                for name, a in zip(self.names, self.arrays)}
+        self.i += self.batch
+        self.progress.update(min(1.0, self.i / self.n),
+                             f"calibrating: batch {-(-self.i // self.batch)}/{-(-self.n // self.batch)}")
+        return feed
+
+    def rewind(self):
+        self.i = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def _calibration_reader(names, arrays, progress):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    return Reader(names, arrays, progress)
+
+
+# --- ONNX Runtime quantizers ----------------------------------------------------------------------
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizers log and warn freely; keep it out of the user's console."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _tmp() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="tugboat-quant-")
+
+
+def _prepared(model: onnx.ModelProto, tmp: Path) -> onnx.ModelProto:
+    """``quant_pre_process`` (shape inference, constant folding) when it succeeds, else as-is."""
+    from onnxruntime.quantization import quant_pre_process
+
+    src, dst = tmp / "float.onnx", tmp / "prep.onnx"
+    onnx.save(model, str(src))
+    try:
+        with _quiet():
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        return onnx.load(str(dst))
+    except Exception as exc:  # an exotic graph: quantize without the pre-pass
+        _LOG.debug("quant_pre_process skipped: %s", exc)
+        return model
+
+
+def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray], params: dict,
+                progress: Progress, *, nodes_to_quantize: list[str] | None = None,
+                exclude: list[str] | None = None) -> onnx.ModelProto:
+    """``quantize_static`` in QDQ format, calibrated on ``calib`` (arrays in ``names`` order)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[params.get("calibration", "minmax")]
+    extra = {"CalibMaxIntermediateOutputs": 64}
+    if method == CalibrationMethod.Percentile:
+        extra["CalibPercentile"] = 99.99
+    with _tmp() as tmp:
+        out = Path(tmp) / "q.onnx"
+        with _quiet():
+            quantize_static(
+                # a copy: ORT may move the tensors of the model it is given to external data
+                _copy(model), str(out), _calibration_reader(names, calib, progress),
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=params.get("op_types") or None,
+                per_channel=params.get("per_channel", True),
+                activation_type=_quant_type(params.get("activation_type", "uint8")),
+                weight_type=_quant_type(params.get("weight_type", "int8")),
+                nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=exclude or None,
+                calibrate_method=method, extra_options=extra,
+                calibration_cache_path=None,
+            )
+        return onnx.load(str(out))
+
+
+def dynamic_int8(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization import quantize_dynamic
+
+    with _tmp() as tmp:
+        out = Path(tmp) / "q.onnx"
+        with _quiet():
+            quantize_dynamic(_copy(model), str(out), op_types_to_quantize=params.get("op_types") or None,
+                             per_channel=params.get("per_channel", True),
+                             weight_type=_quant_type(params.get("weight_type", "int8")),
+                             nodes_to_exclude=exclude or None)
+        return onnx.load(str(out))
+
+
+def weight_only(model: onnx.ModelProto, bits: int, params: dict, exclude: list[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    block = int(params.get("block_size", 32))
+    if block & (block - 1):
+        raise TugboatError(f"'block_size' must be a power of two (16, 32, 64, ...), got {block}")
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=params.get("symmetric", True),
+                                       bits=bits, op_types_to_quantize=("MatMul",))
+    quant = MatMulNBitsQuantizer(_copy(model), bits=bits, block_size=block,
+                                 is_symmetric=params.get("symmetric", True),
+                                 nodes_to_exclude=exclude or [], algo_config=cfg)
+    with _quiet():
+        quant.process()
+    return quant.model.model
+
+
+def fp16(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with _quiet():
+        half = convert_float_to_float16(_copy(model), keep_io_types=params.get("keep_io_float32", True),
+                                        node_block_list=exclude or None)
+    return toposort(half)
+
+
+def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Order the graph's nodes so every input is produced before use (the fp16 converter
+    appends its input casts at the end, which onnx.checker rejects)."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # a cycle or a subgraph reference: leave the order alone
+            return model
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model
+
+
+# --- evaluation and sensitivity ------------------------------------------------------------------
+
+def _eval_split(data: Dataset) -> str:
+    for split in ("val", "calib", "test"):
+        if len(data.splits.get(split, ())):
+            return split
+    raise DataError("has no samples to measure quantization error on", path=data.ref)
+
+
+def _evaluate(model: onnx.ModelProto, xs: list[np.ndarray], labels, reference: np.ndarray,
+              threads: int = 1) -> dict[str, float]:
+    """Accuracy (top-1 agreement with the float model without labels) and output error."""
+    sess = ort_session(model, threads)
+    outs = [run_onnx(None, [x[i : i + 256] for x in xs], session=sess)[0] for i in
+            range(0, len(xs[0]), 256)]
+    y = np.concatenate(outs).reshape(len(reference), -1).astype(np.float64)
+    y0 = reference.reshape(len(reference), -1).astype(np.float64)
+    target = labels if labels is not None else y0.argmax(1)
+    rel = float(np.linalg.norm(y - y0) / max(np.linalg.norm(y0), 1e-12))
+    return {"accuracy": float(np.mean(y.argmax(1) == target)), "rel_error": rel}
+
+
+def layer_sensitivity(handle: ModelHandle, data: Dataset, params: dict[str, Any] | None = None,
+                      progress: Progress | None = None, *, model: onnx.ModelProto | None = None
+                      ) -> list[dict[str, Any]]:
+    """Per-layer quantization sensitivity: each layer quantized alone (static int8 with
+    ``params``), its accuracy and output error on the val split against the float model.
+
+    Rows, most sensitive first: ``{"node", "layer", "op_type", "accuracy", "accuracy_drop",
+    "rel_error"}``. The GUI charts these; ``max_accuracy_drop`` uses them to pick layers to keep."""
+    progress = progress or null_progress()
+    params = {p.name: p.default for p in PARAMS if p.applies_to("static-int8")} | dict(params or {})
+    float_model = model if model is not None else handle.to_onnx()
+    split = _eval_split(data)
+    xs_d, labels = data.split(split)
+    xs = [xs_d[n] for n in handle.input_names]
+    calib = _calib_arrays(data, handle, params["calibration_samples"], "static-int8")
+    with _tmp() as tmp:
+        prepared = _prepared(float_model, Path(tmp))
+    reference = run_onnx(prepared, xs)[0]
+    base = _evaluate(prepared, xs, labels, reference)
+    op_types = params.get("op_types") or ["Conv", "Gemm", "MatMul"]
+    candidates = [n for n in weight_nodes(prepared, tuple(op_types)) if n.name]
+    rows = []
+    for i, node in enumerate(candidates):
+        sub = progress.sub(i / max(1, len(candidates)), (i + 1) / max(1, len(candidates)),
+                           f"layer {i + 1}/{len(candidates)} ({layer_of(node.name)}): ")
+        q = static_int8(prepared, handle.input_names, calib, params, sub, nodes_to_quantize=[node.name])
+        m = _evaluate(q, xs, labels, reference)
+        rows.append({"node": node.name, "layer": layer_of(node.name), "op_type": node.op_type,
+                     "accuracy": m["accuracy"], "accuracy_drop": base["accuracy"] - m["accuracy"],
+                     "rel_error": m["rel_error"], "split": split})
+    rows.sort(key=lambda r: (r["accuracy_drop"], r["rel_error"]), reverse=True)
+    return rows
+
+
+def _accuracy_aware(handle: ModelHandle, float_model: onnx.ModelProto, calib, data: Dataset,
+                    params: dict, exclude: list[str], progress: Progress
+                    ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Static int8, then keep the most sensitive layers in float until the val accuracy drop is
+    within ``max_accuracy_drop`` (or every candidate is kept)."""
+    tol = params["max_accuracy_drop"]
+    split = _eval_split(data)
+    xs_d, labels = data.split(split)
+    xs = [xs_d[n] for n in handle.input_names]
+    reference = run_onnx(float_model, xs)[0]
+    base = _evaluate(float_model, xs, labels, reference)
+    q = static_int8(float_model, handle.input_names, calib, params, progress.sub(0.0, 0.15, "all layers: "),
+                    exclude=exclude)
+    first = _evaluate(q, xs, labels, reference)
+    info: dict[str, Any] = {"tolerance": tol, "split": split, "float_accuracy": base["accuracy"],
+                            "int8_accuracy": first["accuracy"], "kept_float": [], "sensitivity": []}
+    if base["accuracy"] - first["accuracy"] <= tol:
+        info["final_accuracy"] = first["accuracy"]
+        return q, info
+    rows = layer_sensitivity(handle, data, params, progress.sub(0.15, 0.7, "sensitivity: "),
+                             model=float_model)
+    info["sensitivity"] = rows
+    kept: list[str] = []
+    current = first
+    candidates = [r for r in rows if r["node"] not in exclude]
+    for i, row in enumerate(candidates):
+        kept.append(row["node"])
+        sub = progress.sub(0.7 + 0.3 * i / len(candidates), 0.7 + 0.3 * (i + 1) / len(candidates),
+                           f"keeping {len(kept)} layer(s) in float: ")
+        q = static_int8(float_model, handle.input_names, calib, params, sub, exclude=exclude + kept)
+        current = _evaluate(q, xs, labels, reference)
+        if base["accuracy"] - current["accuracy"] <= tol:
+            break
+    by_node = {r["node"]: r for r in rows}
+    info["kept_float"] = [{"node": n, "layer": by_node[n]["layer"],
+                           "accuracy_drop_alone": by_node[n]["accuracy_drop"],
+                           "rel_error_alone": by_node[n]["rel_error"]} for n in kept]
+    info["final_accuracy"] = current["accuracy"]
+    info["within_tolerance"] = base["accuracy"] - current["accuracy"] <= tol
+    return q, info
+
+
+# --- quantization-aware training ---------------------------------------------------------------
+
+def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progress):
+    """Fine-tune a copy of the torch module with fake-quantized weights and layer inputs; return it
+    as a plain float module whose weights sit on the int8 grid (ready for ORT static int8)."""
+    import torch
+    from torch import nn
+    from torch.ao.quantization import FakeQuantize
+    from torch.ao.quantization.observer import (
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+    )
+    from torch.nn.utils import parametrize
+
+    if data is None or data.labels is None:
+        raise DataError("quantize qat-int8 fine-tunes on labelled data; give a dataset with labels",
+                        path=data.ref if data is not None else None)
+    module = copy.deepcopy(handle.torch_module()).eval()
+    module = _fold_batchnorm(module)
+    per_channel = params.get("per_channel", True)
+    act_signed = params.get("activation_type", "uint8") == "int8"
+
+    class WeightFQ(nn.Module):
+        def __init__(self, axis: int):
+            super().__init__()
+            if per_channel:
+                obs = MovingAveragePerChannelMinMaxObserver.with_args(
+                    ch_axis=axis, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+            else:
+                obs = MovingAverageMinMaxObserver.with_args(dtype=torch.qint8,
+                                                            qscheme=torch.per_tensor_symmetric)
+            self.fq = FakeQuantize(observer=obs, quant_min=-127, quant_max=127, dtype=torch.qint8,
+                                   qscheme=torch.per_channel_symmetric if per_channel
+                                   else torch.per_tensor_symmetric, ch_axis=axis)
+
+        def forward(self, w):
+            return self.fq(w)
+
+    layers = [(name, m) for name, m in module.named_modules()
+              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    if not layers:
+        raise TugboatError("qat-int8 found no Conv or Linear layers to quantize", path=handle.source)
+    hooks, act_fqs = [], []
+    for _name, layer in layers:
+        parametrize.register_parametrization(layer, "weight", WeightFQ(0))
+        fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=-128 if act_signed else 0,
+                          quant_max=127 if act_signed else 255,
+                          dtype=torch.qint8 if act_signed else torch.quint8,
+                          qscheme=torch.per_tensor_affine)
+        act_fqs.append(fq)
+        hooks.append(layer.register_forward_pre_hook(lambda _m, args, fq=fq: (fq(args[0]), *args[1:])))
+    # warm the observers on calibration data before training so early steps see sane ranges
+    with torch.no_grad():
+        for xs, _, _ in data.batches("calib", 64, names=handle.input_names):
+            module(*xs)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=params["lr"])
+    loss_fn = nn.CrossEntropyLoss()
+    epochs, batch = params["epochs"], params["batch_size"]
+    n_batches = -(-len(data.splits["train"]) // batch)
+    val_x, val_y = data.split(_eval_split(data))
+    for epoch in range(epochs):
+        module.train()
+        # batch-norm is folded; train() only matters for dropout and the observers
+        total = 0.0
+        for b, (xs, ys, _) in enumerate(data.batches("train", batch, names=handle.input_names,
+                                                     shuffle=True, seed=epoch)):
+            opt.zero_grad()
+            loss = loss_fn(module(*xs), ys)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            progress.update((epoch + (b + 1) / n_batches) / epochs,
+                            f"epoch {epoch + 1}/{epochs}, batch {b + 1}/{n_batches}")
+        module.eval()
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(val_x[n]) for n in handle.input_names])
+        acc = float((out.argmax(1).numpy() == val_y).mean())
+        progress.record("epoch", epoch=epoch + 1, epochs=epochs, train_loss=total / n_batches,
+                        val_accuracy=acc)
+    for h in hooks:
+        h.remove()
+    for _name, layer in layers:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    return module.eval()
+
+
+def _fold_batchnorm(module):
+    """Fold BatchNorm into the preceding conv (as the ONNX export does) so the fake-quantized
+    weights during training are the weights that will be quantized."""
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(module)
+    except Exception as exc:  # not fx-traceable: train with batch-norm in place
+        _LOG.debug("batch-norm folding skipped: %s", exc)
+        return module
+
+
+# --- torch-side dynamic int8 -------------------------------------------------------------------
+
+def torch_dynamic_int8(module, exclude: list[str]):
+    """``torch.ao.quantization.quantize_dynamic`` on Linear layers (minus ``exclude``)."""
+    import torch
+    from torch import nn
+
+    spec = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)
+            and name not in exclude}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).eval(), spec,
+                                                      dtype=torch.qint8)
+
+
+# --- the technique -----------------------------------------------------------------------------
+
+def _count(model: onnx.ModelProto, ops: tuple[str, ...]) -> int:
+    return sum(1 for n in model.graph.node if n.op_type in ops)
+
+
+def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
+          progress: Progress) -> ModelHandle:
+    method = params["method"]
+    step = {"technique": "quantize", **params}
+    exclude_names = list(params.get("exclude") or [])
+    info: dict[str, Any] = {"method": method}
+    warn: list[str] = []
+    progress.update(0.0, "exporting the float graph")
+    if method == "qat-int8":
+        trained = _qat_train(handle, data, params, progress.sub(0.0, 0.7, "QAT: "))
+        source = handle.derive(module=trained, onnx_model=None)
+        float_model = source.to_onnx()
+        progress = progress.sub(0.7, 1.0)
+    else:
+        float_model = handle.to_onnx()
+    exclude = _resolve_names(float_model, exclude_names, "quantize.exclude") if exclude_names else []
+
+    module_out = None
+    if method in _STATIC:
+        calib = _calib_arrays(data, handle, params["calibration_samples"], method)
+        with _tmp() as tmp:
+            prepared = _prepared(float_model, Path(tmp))
+        exclude = _resolve_names(prepared, exclude_names, "quantize.exclude") if exclude_names else []
+        if params.get("max_accuracy_drop", 0.0) > 0:
+            q, aware = _accuracy_aware(handle, prepared, calib, data, params, exclude,
+                                       progress.sub(0.05, 1.0))
+            info["accuracy_aware"] = {k: v for k, v in aware.items() if k != "sensitivity"}
+            info["sensitivity"] = aware["sensitivity"]
+            info["kept_float"] = [k["layer"] for k in aware["kept_float"]]
+            if aware["kept_float"]:
+                why = ", ".join(f"{k['layer']} (alone it costs {100 * k['accuracy_drop_alone']:.1f} "
+                                f"points, output error {k['rel_error_alone']:.3f})"
+                                for k in aware["kept_float"])
+                warn.append(f"kept in float to stay within max_accuracy_drop={params['max_accuracy_drop']:g}"
+                            f": {why}")
+            if not aware.get("within_tolerance", True):
+                warn.append("accuracy-aware quantization could not reach the tolerance even with "
+                            "every layer in float")
+        else:
+            q = static_int8(prepared, handle.input_names, calib, params, progress.sub(0.05, 1.0),
+                            exclude=exclude)
+        info["quantized_nodes"] = _count(q, ("QuantizeLinear",))
+    elif method == "dynamic-int8":
+        work = gemm_to_matmul(float_model)
+        exclude = _resolve_names(work, exclude_names, "quantize.exclude") if exclude_names else []
+        progress.update(0.2, "quantizing weights")
+        q = dynamic_int8(work, params, exclude)
+        if params.get("runtime") == "torch":
+            module_out = torch_dynamic_int8(handle.torch_module(), exclude_names)
+        if _count(q, ("ConvInteger",)):
+            # advice only: whether it is really slower is measured (measure.slower_than)
+            info["note"] = ("dynamic int8 quantized convolutions (ConvInteger), which ONNX Runtime often "
+                        "runs slower than float; static-int8 or op_types = [\"MatMul\", \"Gemm\"] "
+                        "avoid it")
+    elif method in _WEIGHT_ONLY:
+        bits = 8 if method == "weight-only-int8" else 4
+        work = gemm_to_matmul(float_model)
+        exclude = _resolve_names(work, exclude_names, "quantize.exclude") if exclude_names else []
+        progress.update(0.2, f"quantizing MatMul weights to {bits} bits")
+        q = weight_only(work, bits, params, exclude)
+        done = _count(q, ("MatMulNBits",))
+        left = [layer_of(n.name) for n in weight_nodes(q, ("Conv", "ConvTranspose"))]
+        info["quantized_layers"] = done
+        if left:
+            info["float_layers"] = left
+            warn.append(f"weight-only quantization covers MatMul/Linear only; {len(left)} "
+                        f"convolution layer(s) stay float")
+        if not done:
+            raise TugboatError(f"{method} found no MatMul/Linear weights of a size it can quantize",
+                               path=handle.source)
+    elif method == "fp16":
+        progress.update(0.2, "converting to float16")
+        q = fp16(float_model, params, exclude)
+    else:  # pragma: no cover - validated by the registry
+        raise TugboatError(f"unknown quantize method {method!r}")
+    progress.check()
+    q = _with_meta(q, float_model)
+    try:
+        onnx.checker.check_model(q)
+    except Exception as exc:
+        raise TugboatError(f"quantized graph fails onnx.checker: {str(exc)[:300]}",
+                           path=handle.source) from None
+    progress.update(1.0, "quantized")
+    if module_out is not None:
+        out = handle.derive(module=module_out, onnx_model=None, step=step)
+        out.deploy_onnx = q  # the torch module cannot be exported; this is its ONNX equivalent
+    else:
+        out = handle.derive(module=None, onnx_model=q, step=step)
+        out.conversion_error = f"quantized with {method} for ONNX Runtime (no torch module)"
+    out.info.setdefault("quantize", {})
+    out.info["quantize"] = info
+    for key in ("kept_float", "sensitivity"):
+        if key in info:
+            out.info[key] = info[key]
+    out.warnings += warn
+    return out
+
+
+TECHNIQUE = register(Technique(
+    name="quantize",
+    title="Quantization",
+    summary="Store weights (and activations) in fewer bits: int8, int4 or float16, measured in "
+            "ONNX Runtime against the float model.",
+    methods=METHODS,
+    params=PARAMS,
+    apply=apply,
+    needs_torch=False,  # ONNX Runtime quantizes the graph; only qat-int8 asks for the module
+    final=True,
+    default_method="static-int8",
+))
