@@ -109,6 +109,10 @@ PARAMS = [
           minimum=1, maximum=100, methods=("qat-int8",)),
     Param("lr", "float", 1e-4, "fine-tuning learning rate (small: the model is already trained)",
           minimum=1e-7, maximum=1e-1, methods=("qat-int8",), log_scale=True),
+    Param("teacher_weight", "float", 0.8,
+          "share of the fine-tuning loss that makes the int8 model copy the float model's outputs "
+          "(distillation); the rest fits the labels. Without labels it is 1",
+          minimum=0.0, maximum=1.0, methods=("qat-int8",)),
     Param("batch_size", "int", 64, "fine-tuning batch size", minimum=1, maximum=4096,
           methods=("qat-int8",)),
 ]
@@ -494,8 +498,9 @@ def _accuracy_aware(handle: ModelHandle, float_model: onnx.ModelProto, calib, da
 
 def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progress):
     """Fine-tune a copy of the torch module with fake-quantized weights and layer inputs; return it
-    as a plain float module whose weights sit on the int8 grid (ready for ORT static int8)."""
+    as a plain float module (the trained latent weights), ready for ORT static int8."""
     import torch
+    import torch.nn.functional as F
     from torch import nn
     from torch.ao.quantization import FakeQuantize
     from torch.ao.quantization.observer import (
@@ -504,10 +509,10 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
     )
     from torch.nn.utils import parametrize
 
-    if data is None or data.labels is None:
-        raise DataError("quantize qat-int8 fine-tunes on labelled data; give a dataset with labels",
-                        path=data.ref if data is not None else None)
-    module = copy.deepcopy(handle.torch_module()).eval()
+    if data is None:
+        raise DataError("quantize qat-int8 fine-tunes on data; give a dataset (recipe 'data = ...')")
+    teacher = handle.torch_module().eval()
+    module = copy.deepcopy(teacher).eval()
     module = _fold_batchnorm(module)
     per_channel = params.get("per_channel", True)
     act_signed = params.get("activation_type", "uint8") == "int8"
@@ -546,34 +551,74 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
         for xs, _, _ in data.batches("calib", 64, names=handle.input_names):
             module(*xs)
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=params["lr"])
-    loss_fn = nn.CrossEntropyLoss()
+    classification = handle.task == "classification"
+    # distillation from the float model keeps the int8 model close to it; labels (when there are
+    # any) take the rest of the loss
+    w_teacher = params.get("teacher_weight", 0.8) if data.labels is not None and classification else 1.0
+
+    def qat_loss(out, xs, ys):
+        with torch.no_grad():
+            target = teacher(*xs)
+        if classification:
+            loss = F.kl_div(F.log_softmax(out, 1), F.softmax(target, 1), reduction="batchmean")
+        else:
+            loss = F.mse_loss(out, target)
+        if w_teacher < 1.0:
+            loss = w_teacher * loss + (1 - w_teacher) * F.cross_entropy(out, ys)
+        return loss
+
     epochs, batch = params["epochs"], params["batch_size"]
     n_batches = -(-len(data.splits["train"]) // batch)
-    val_x, val_y = data.split(_eval_split(data))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches)
+    split = _eval_split(data)
+    val_x, val_y = data.split(split)
+    val_in = [torch.from_numpy(val_x[n]) for n in handle.input_names]
+    with torch.no_grad():
+        val_ref = teacher(*val_in)
+    val_t = torch.from_numpy(val_y) if val_y is not None else val_ref.argmax(1)
+
+    def val_score() -> tuple[float, float]:
+        module.eval()
+        with torch.no_grad():
+            out = module(*val_in)
+            acc = float((out.argmax(1) == val_t).float().mean()) if classification else 0.0
+            return acc, float(qat_loss(out, val_in, val_t))
+
+    # the weights with the best simulated-int8 accuracy on the val split win (ties: the lower val
+    # loss), epoch 0 (before fine-tuning) included, so a short or unlucky run never ends worse
+    # than where it started
+    best_acc, best_loss = val_score()
+    best_epoch = 0
+    best_state = copy.deepcopy(module.state_dict())
     for epoch in range(epochs):
-        module.train()
-        # batch-norm is folded; train() only matters for dropout and the observers
+        module.train()  # batch-norm is folded: train() only matters for dropout and observers
+        if epoch == epochs - 1 and epochs > 1:
+            module.apply(torch.ao.quantization.disable_observer)  # settle the ranges
         total = 0.0
         for b, (xs, ys, _) in enumerate(data.batches("train", batch, names=handle.input_names,
                                                      shuffle=True, seed=epoch)):
             opt.zero_grad()
-            loss = loss_fn(module(*xs), ys)
+            loss = qat_loss(module(*xs), xs, ys)
             loss.backward()
             opt.step()
+            sched.step()
             total += loss.item()
             progress.update((epoch + (b + 1) / n_batches) / epochs,
                             f"epoch {epoch + 1}/{epochs}, batch {b + 1}/{n_batches}")
-        module.eval()
-        with torch.no_grad():
-            out = module(*[torch.from_numpy(val_x[n]) for n in handle.input_names])
-        acc = float((out.argmax(1).numpy() == val_y).mean())
+        acc, val_loss = val_score()
         progress.record("epoch", epoch=epoch + 1, epochs=epochs, train_loss=total / n_batches,
-                        val_accuracy=acc)
+                        val_loss=val_loss, val_accuracy=acc)
+        if (acc, -val_loss) > (best_acc, -best_loss):
+            best_acc, best_loss, best_epoch = acc, val_loss, epoch + 1
+            best_state = copy.deepcopy(module.state_dict())
+    module.load_state_dict(best_state)
+    summary = {"best_epoch": best_epoch, "val_accuracy": best_acc, "val_loss": best_loss,
+               "split": split}
     for h in hooks:
         h.remove()
     for _name, layer in layers:
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    return module.eval()
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    return module.eval(), summary
 
 
 def _fold_batchnorm(module):
@@ -618,7 +663,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     warn: list[str] = []
     progress.update(0.0, "exporting the float graph")
     if method == "qat-int8":
-        trained = _qat_train(handle, data, params, progress.sub(0.0, 0.7, "QAT: "))
+        trained, info["qat"] = _qat_train(handle, data, params, progress.sub(0.0, 0.7, "QAT: "))
         source = handle.derive(module=trained, onnx_model=None)
         float_model = source.to_onnx()
         progress = progress.sub(0.7, 1.0)
