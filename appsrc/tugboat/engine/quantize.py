@@ -700,6 +700,9 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         work = gemm_to_matmul(float_model)
         exclude = _resolve_names(work, exclude_names, "quantize.exclude") if exclude_names else []
         progress.update(0.2, "quantizing weights")
+        if params.get("runtime") == "torch" and not params.get("op_types"):
+            # torch dynamic int8 covers Linear only: the ONNX equivalent quantizes MatMul only
+            params = {**params, "op_types": ["MatMul"]}
         q = dynamic_int8(work, params, exclude)
         if params.get("runtime") == "torch":
             module_out = torch_dynamic_int8(handle.torch_module(), exclude_names)
