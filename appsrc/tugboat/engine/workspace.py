@@ -21,6 +21,7 @@ API (used by ``tugboat sweep`` and by the GUI)::
     name = ws.add_variant(variant)      # unique name; writes its folder, then workspace.json
     ws.variants(); ws.get(name); name in ws; len(ws); ws.baseline
     ws.remove_variant(name)             # deletes its folder
+    ws.reserve_folder(name)             # fix a variant's folder before writing it on a worker
     ws.load_handle(name)                # the variant's model, reloaded lazily from its ONNX artifact
     ws.artifact_path(name)              # Path of its .onnx (or None)
     ws.pareto(); ws.report()            # report dict per DESIGN.md, pareto filled in
@@ -221,12 +222,20 @@ class Workspace:
             folder, i = f"{base}_{i}", i + 1
         return folder
 
+    def reserve_folder(self, name: str) -> str:
+        """Choose (and remember) the folder of variant ``name`` now. The GUI calls this on its own
+        thread before handing ``write_variant_files`` to a worker, so that no two threads ever
+        change the folder table at once."""
+        folder = self._folders.get(name) or self._new_folder(name)
+        self._folders[name] = folder
+        return folder
+
     def write_variant_files(self, variant: Variant) -> Path:
         """Write the variant's folder (artifact, recipe.toml, then metrics.json) atomically.
 
-        Safe to call from a worker thread for a variant not yet added."""
-        folder_name = self._folders.get(variant.name) or self._new_folder(variant.name)
-        self._folders[variant.name] = folder_name
+        Safe to call from a worker thread for a variant not yet added (after ``reserve_folder``
+        when other threads may use the workspace at the same time)."""
+        folder_name = self.reserve_folder(variant.name)
         folder = self.path / folder_name
         folder.mkdir(parents=True, exist_ok=True)
         if variant.handle is not None and variant.status == "ok":
