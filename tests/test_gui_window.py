@@ -121,9 +121,12 @@ def test_cancel_running_job_writes_nothing(qtbot, window, tmp_path):
     qtbot.wait(200)
     assert job.state == CANCELLED
     assert len(window.store) == n
-    assert not (tmp_path / "ws" / "artifacts").exists()
+    qtbot.waitUntil(lambda: not window.queue.active(), timeout=30000)
+    # only the baseline's folder: no variant folder, no stray temp file
+    assert [p.name for p in (tmp_path / "ws").iterdir() if p.is_dir()] == ["baseline"]
+    assert not list((tmp_path / "ws").glob("**/*.tmp"))
     saved = json.loads((tmp_path / "ws" / "workspace.json").read_text())
-    assert saved["variants"] == []
+    assert saved["variants"] == [] and saved["baseline"]["metrics"]["size_bytes"] > 0
     assert window.session.baseline.handle is original
 
 
@@ -156,6 +159,8 @@ def test_workspace_autosave_and_reopen(qtbot, window, tmp_path):
     assert [s["name"] for s in saved["variants"]] == [v.name]
     onnx = ws_path / saved["variants"][0]["artifacts"]["onnx"]
     assert onnx.exists() and onnx.stat().st_size > 1000
+    assert onnx.parent.name == saved["variants"][0]["folder"]  # the engine's layout, one folder each
+    assert (onnx.parent / "recipe.toml").is_file() and (onnx.parent / "metrics.json").is_file()
     window.close()
 
     again = MainWindow()

@@ -40,9 +40,9 @@ from .model_panel import DATA_FILTER, MODEL_FILTER, DataPanel, ModelPanel
 from .notify import DetailsDialog, NotificationArea
 from .results_table import ResultsTable
 from .session import DEMO_DATA, DEMO_MODEL, Session
-from .store import BASELINE, VariantStore
+from .store import VariantStore
 from .technique_panel import TechniquePanel, build_panels
-from .workspace_io import WorkspaceFile, default_workspace_dir
+from .workspace_io import Workspace, WorkspaceKeeper, is_workspace
 
 MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts"}
 DATA_SUFFIXES = {".npz", ".csv"}
@@ -189,10 +189,12 @@ class MainWindow(QMainWindow):
         if self.settings.measure_threads:
             self.session.measure.threads = self.settings.measure_threads
         self.session.measure.runtime = self.settings.measure_runtime
-        self.workspace: WorkspaceFile | None = None
+        self.keeper = WorkspaceKeeper(self.store, self.session, self.queue, self)
+        self.keeper.changed.connect(self._on_workspace_changed)
+        self.keeper.problem.connect(lambda msg, level: self.notify(msg, "", level, 10000))
         self.confirm_trust = self._ask_trust  # tests replace it
+        self.ask_save_path = self._ask_save_path  # tests replace it
         self._dialogs: list[QWidget] = []
-        self._restore_after_load: list[Variant] = []
 
         # --- centre: notifications, empty state or chart/views + results table ---
         self.notifications = NotificationArea()
@@ -428,15 +430,7 @@ class MainWindow(QMainWindow):
 
     def _on_baseline_ready(self, base) -> None:
         self._set_ready(True)
-        if self._restore_after_load:
-            restore, self._restore_after_load = self._restore_after_load, []
-            for v in restore:
-                self.store.add(v)
-        if self.workspace is not None:
-            self.workspace.model, self.workspace.data = self.session.model_ref, self.session.data_ref
-            self.workspace.measure = {"batch": base.cfg.batch, "threads": base.cfg.threads,
-                                      "runtime": base.cfg.runtime}
-            self.workspace.add_variant(self.store.baseline)
+        self.keeper.on_baseline_ready(base)
         save_settings(self.settings)
 
     def _on_measure_changed(self, batch: int, threads: int, runtime: str) -> None:
@@ -472,34 +466,17 @@ class MainWindow(QMainWindow):
         self.autosave(variant)
 
     # --- workspace --------------------------------------------------------------------------------
+    # The engine's Workspace format, shared with `tugboat sweep` and `tugboat report` (workspace_io).
+    @property
+    def workspace(self) -> Workspace | None:
+        return self.keeper.ws
+
     def autosave(self, variant: Variant) -> Job | None:
-        """Write the variant's artifact (in a job) and the workspace file, creating a workspace in
+        """Write the variant's folder (in a job) and the workspace index, creating a workspace in
         the data folder if none is open, so nothing measured is lost."""
-        if self.workspace is None:
-            try:
-                self._set_workspace(WorkspaceFile.create(default_workspace_dir(), self.session.model_ref,
-                                                         self.session.data_ref))
-                if self.store.baseline is not None:
-                    self.workspace.add_variant(self.store.baseline)
-            except (OSError, TugboatError) as exc:
-                self.notify(f"Autosave is off: {exc}", "", "warning")
-                return None
-        ws = self.workspace
-        job = self.queue.submit(lambda progress: ws.write_artifact(variant), name=f"save {variant.name}",
-                                kind="save")
-        job.finished.connect(lambda artifacts, v=variant, w=ws: self._on_artifact_saved(w, v, artifacts))
-        return job
+        return self.keeper.autosave(variant)
 
-    def _on_artifact_saved(self, ws: WorkspaceFile, variant: Variant, artifacts: dict) -> None:
-        if variant.name in self.store:  # not deleted meanwhile
-            self.store.get(variant.name).artifacts = dict(artifacts)
-            try:
-                ws.add_variant(variant, artifacts)
-            except (OSError, TugboatError) as exc:
-                self.notify(f"Could not save the workspace: {exc}", "", "warning")
-
-    def _set_workspace(self, ws: WorkspaceFile | None) -> None:
-        self.workspace = ws
+    def _on_workspace_changed(self, ws: Workspace | None) -> None:
         if ws is not None:
             self.settings.last_workspace = str(ws.path)
             self.settings.add_recent("workspaces", str(ws.path))
@@ -507,69 +484,35 @@ class MainWindow(QMainWindow):
             save_settings(self.settings)
             self.statusBar().showMessage(f"Workspace: {ws.path}", 5000)
 
-    def new_workspace(self, path: str) -> WorkspaceFile:
-        ws = WorkspaceFile.create(path, self.session.model_ref, self.session.data_ref)
-        self.store.clear()
-        self.session.baseline = None
-        self._set_workspace(ws)
-        if self.session.model_ref:
-            self.session.load()
-        return ws
+    def _workspace_call(self, fn, path: str) -> Workspace | None:
+        try:
+            return fn(path)
+        except (OSError, TugboatError) as exc:
+            self.notify(str(exc))
+            return None
 
-    def save_workspace_as(self, path: str) -> WorkspaceFile:
-        """Copy what is in the window into a new workspace folder (artifacts written in jobs)."""
-        ws = WorkspaceFile.create(path, self.session.model_ref, self.session.data_ref)
-        ws.measure = {"batch": self.session.measure.batch, "threads": self.session.measure.threads,
-                      "runtime": self.session.measure.runtime}
-        old = self.workspace
-        self._set_workspace(ws)
-        for v in self.store.variants():
-            if v.name == BASELINE:
-                ws.add_variant(v)
-            elif v.handle is not None:
-                self.autosave(v)
-            else:  # reopened from disk: copy its artifact
-                if old is not None:
-                    for _key, rel in v.artifacts.items():
-                        src = old.path / rel
-                        if src.exists():
-                            (ws.path / rel).parent.mkdir(parents=True, exist_ok=True)
-                            (ws.path / rel).write_bytes(src.read_bytes())
-                ws.add_variant(v)
-        return ws
+    def new_workspace(self, path: str) -> Workspace | None:
+        return self._workspace_call(self.keeper.new, path)
+
+    def save_workspace_as(self, path: str) -> Workspace | None:
+        """Copy what is in the window into a new workspace folder (files written in jobs)."""
+        return self._workspace_call(self.keeper.save_as, path)
 
     def save_workspace(self) -> None:
         if self.workspace is None:
             self.save_workspace_as_dialog()
             return
         try:
-            self.workspace.save()
+            self.keeper.save()
             self.statusBar().showMessage(f"Saved {self.workspace.path}", 4000)
         except (OSError, TugboatError) as exc:
             self.notify(f"Could not save the workspace: {exc}")
 
-    def open_workspace(self, path: str) -> WorkspaceFile | None:
-        try:
-            ws = WorkspaceFile.open(path)
-        except TugboatError as exc:
-            self.notify(str(exc))
-            return None
-        self._set_workspace(ws)
-        self.store.clear()
-        self.session.baseline = None
-        if ws.baseline is not None:
-            self.store.set_baseline(ws.baseline)
-        for v in ws.variants():
-            self.store.add(v)
-        self.stack.setCurrentIndex(1)
-        m = self.session.measure
-        m.batch = int(ws.measure.get("batch", m.batch))
-        m.threads = int(ws.measure.get("threads", m.threads))
-        m.runtime = str(ws.measure.get("runtime", m.runtime))
-        if ws.model:
-            # measure the baseline again so new steps can run; the saved variants come back after
-            self._restore_after_load = ws.variants()
-            self.session.load(ws.model, ws.data)
+    def open_workspace(self, path: str) -> Workspace | None:
+        """Open a workspace folder, also one made by `tugboat sweep` or `tugboat run`."""
+        ws = self._workspace_call(self.keeper.open, path)
+        if ws is not None:
+            self.stack.setCurrentIndex(1)
         return ws
 
     def new_workspace_dialog(self) -> None:
@@ -589,11 +532,8 @@ class MainWindow(QMainWindow):
 
     # --- variants ---------------------------------------------------------------------------------
     def delete_variant(self, name: str) -> None:
-        if name == BASELINE:
-            return
-        self.store.remove(name)
-        if self.workspace is not None:
-            self.workspace.remove_variant(name)
+        """Remove a variant from the window and its folder from the workspace."""
+        self.keeper.delete(name)
 
     def show_recipe(self, name: str) -> None:
         v = self.store.get(name)
@@ -611,12 +551,20 @@ class MainWindow(QMainWindow):
             return
         suffix = {"onnx": ".onnx", "torch": ".pt2", "recipe": ".toml"}[kind]
         default = f"{name.replace(' ', '_')}{suffix}"
-        path, _ = QFileDialog.getSaveFileName(self, f"Export {name}", default, f"*{suffix}")
+        path = self.ask_save_path(f"Export {name}", default, f"*{suffix}")
         if path:
-            artifact_dir = str(self.workspace.path) if self.workspace else None
-            job = self.session.export(name, kind, path, artifact_dir)
-            if job is not None:
-                job.finished.connect(lambda p: self.notify(f"Exported {name} to {p}", "", "info", 8000))
+            self.export_variant(name, kind, path)
+
+    def export_variant(self, name: str, kind: str, path: str) -> Job | None:
+        artifact_dir = str(self.workspace.path) if self.workspace else None
+        job = self.session.export(name, kind, path, artifact_dir)
+        if job is not None:
+            job.finished.connect(lambda p: self.notify(f"Exported {name} to {p}", "", "info", 8000))
+        return job
+
+    def _ask_save_path(self, title: str, default: str, file_filter: str) -> str:
+        path, _ = QFileDialog.getSaveFileName(self, title, default, file_filter)
+        return path
 
     def _on_save_sweep(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save sweep recipe", "sweep.toml", "*.toml")
@@ -665,7 +613,7 @@ class MainWindow(QMainWindow):
         """Open a dropped path as what it looks like: model, data, or workspace."""
         p = Path(path)
         if p.is_dir():
-            if (p / "workspace.json").exists():
+            if is_workspace(p):
                 self.open_workspace(path)
             else:
                 self.load_data(path)

@@ -1,124 +1,226 @@
-"""Saving and reopening the window's results as a workspace folder.
+"""The window's workspace: the engine's :class:`~tugboat.engine.workspace.Workspace`, kept in step
+with the :class:`VariantStore`.
 
-Uses :mod:`tugboat.engine.workspace` when that module is present; until then (and as the format
-the GUI reads back) a workspace is a folder with ``workspace.json`` (model, data, measure settings,
-the baseline and every variant's recipe, metrics and warnings) and one ONNX artifact per variant,
-all written atomically, so a crash mid-save never corrupts what was there.
+There is one workspace format. A folder made by ``tugboat sweep recipe.toml --out DIR`` opens in the
+window with all its variants, and a folder the window saved is read by ``tugboat report DIR`` and
+continued by ``tugboat sweep --resume``::
+
+    DIR/workspace.json, DIR/report.json, DIR/baseline/, DIR/<variant>/{model.onnx,recipe.toml,metrics.json}
+
+Folders saved by early builds of the window (``artifacts/<name>.onnx`` beside ``workspace.json``)
+are read by the same engine reader; the next save writes the current layout for new variants.
+
+:class:`WorkspaceKeeper` owns the open workspace. Writing a variant's files (an ONNX export) runs in
+a job; the folder is reserved and the index (``workspace.json``) is updated on the GUI thread, so the
+``Workspace`` object is only changed from one thread at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
+import copy
 import time
 from pathlib import Path
 from typing import Any
 
+from PySide6.QtCore import QObject, Signal
+
 from ..engine.errors import TugboatError
 from ..engine.export import atomic_write_bytes
-from ..engine.recipe import Variant, _safe_name
+from ..engine.recipe import Variant
+from ..engine.workspace import ARTIFACT, BASELINE, FILE, Workspace, WorkspaceError
+from ..jobs import Job, JobQueue
+from .store import VariantStore
 
-FILE = "workspace.json"
-VERSION = 1
-
-
-class WorkspaceError(TugboatError):
-    """A workspace folder cannot be read or written."""
+__all__ = ["FILE", "Workspace", "WorkspaceError", "WorkspaceKeeper", "default_workspace_dir",
+           "is_workspace"]
 
 
 def default_workspace_dir() -> Path:
     """Where an unsaved session autosaves (a fresh folder per session)."""
     from ..settings import data_dir
 
-    return data_dir() / "workspaces" / time.strftime("untitled-%Y%m%d-%H%M%S")
+    base = data_dir() / "workspaces" / time.strftime("untitled-%Y%m%d-%H%M%S")
+    path, i = base, 2
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
 
 
-def _variant_from(d: dict[str, Any]) -> Variant:
-    return Variant(name=str(d.get("name", "variant")), recipe=dict(d.get("recipe") or {}),
-                   metrics=dict(d.get("metrics") or {}), artifacts=dict(d.get("artifacts") or {}),
-                   warnings=list(d.get("warnings") or []), status=str(d.get("status", "ok")),
-                   error=d.get("error"), info=dict(d.get("info") or {}))
+def is_workspace(path: str | Path) -> bool:
+    return Workspace.exists(path)
 
 
-class WorkspaceFile:
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.model = ""
-        self.data = ""
-        self.measure: dict[str, Any] = {}
-        self.baseline: Variant | None = None
-        self.entries: dict[str, Variant] = {}
+def _measure_dict(measure: Any) -> dict[str, Any]:
+    return measure.to_dict() if hasattr(measure, "to_dict") else dict(measure or {})
 
-    # --- files ----------------------------------------------------------------------------------
-    @classmethod
-    def create(cls, path: str | os.PathLike, model: str = "", data: str = "") -> WorkspaceFile:
-        ws = cls(path)
-        if ws.path.exists() and not ws.path.is_dir():
-            raise WorkspaceError("exists and is not a folder", path=str(path))
-        ws.path.mkdir(parents=True, exist_ok=True)
-        ws.model, ws.data = model, data
-        ws.save()
+
+class WorkspaceKeeper(QObject):
+    """Opens, creates and saves workspaces and mirrors the store into the open one.
+
+    ``session`` is the window's :class:`~tugboat.ui.session.Session` (model/data refs, measure
+    settings, ``load``); its ``baseline_ready`` must be forwarded to :meth:`on_baseline_ready`.
+    """
+
+    changed = Signal(object)  # the open Workspace, or None
+    problem = Signal(str, str)  # message, level ("warning" | "info" | "error")
+    saved = Signal(str)  # variant name whose files are on disk
+
+    def __init__(self, store: VariantStore, session: Any, queue: JobQueue,
+                 parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.store, self.session, self.queue = store, session, queue
+        self.ws: Workspace | None = None
+        self._restoring: Workspace | None = None  # reopened, waiting for the baseline to be measured
+
+    # --- opening and creating ---------------------------------------------------------------------
+    def _set(self, ws: Workspace | None) -> None:
+        self.ws = ws
+        self.changed.emit(ws)
+
+    def _create(self, path: str | Path) -> Workspace:
+        s = self.session
+        return Workspace.create(path, model=s.model_ref, data=s.data_ref, measure=_measure_dict(s.measure))
+
+    def new(self, path: str | Path) -> Workspace:
+        """An empty workspace in ``path``; the current model (if any) is measured again into it."""
+        ws = self._create(path)
+        self.store.clear()
+        self.session.baseline = None
+        self._restoring = None
+        self._set(ws)
+        if self.session.model_ref:
+            self.session.load()
         return ws
 
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> WorkspaceFile:
-        ws = cls(path)
-        file = ws.path / FILE
-        if not file.exists():
-            raise WorkspaceError(f"not a Tugboat workspace (no {FILE})", path=str(path))
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise WorkspaceError(f"{FILE} cannot be read ({exc})", path=str(path)) from None
-        if not isinstance(raw, dict):
-            raise WorkspaceError(f"{FILE} is not a JSON object", path=str(path))
-        ws.model, ws.data = str(raw.get("model") or ""), str(raw.get("data") or "")
-        ws.measure = dict(raw.get("measure") or {})
-        if isinstance(raw.get("baseline"), dict):
-            ws.baseline = _variant_from(raw["baseline"])
-        for d in raw.get("variants") or []:
-            if isinstance(d, dict):
-                v = _variant_from(d)
-                ws.entries[v.name] = v
+    def open(self, path: str | Path) -> Workspace:
+        """Show a workspace's baseline and variants at once, then load its model again so new steps
+        can run (the variants come back after the baseline; their recorded metrics are kept)."""
+        ws = Workspace.open(path)
+        self._set(ws)
+        self.store.clear()
+        self.session.baseline = None
+        if ws.baseline is not None:
+            self.store.set_baseline(ws.baseline)
+        for v in ws.variants():
+            self.store.add(v)
+        m = self.session.measure
+        for key, value in ws.measure.items():
+            if hasattr(m, key) and value is not None:
+                setattr(m, key, type(getattr(m, key))(value))
+        self._restoring = None
+        if ws.model:
+            self._restoring = ws
+            self.session.load(ws.model, ws.data)
         return ws
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": VERSION, "model": self.model, "data": self.data, "measure": self.measure,
-                "baseline": self.baseline.to_dict() if self.baseline else None,
-                "variants": [v.to_dict() for v in self.entries.values()]}
+    def on_baseline_ready(self, base: Any) -> None:
+        """The session measured its baseline: restore a reopened workspace, or record it."""
+        ws = self.ws
+        if ws is None:
+            return
+        s = self.session
+        if self._restoring is ws:
+            self._restoring = None
+            recorded = ws.baseline.metrics if ws.baseline is not None else None
+            current = self.store.baseline
+            if recorded and current is not None:
+                # every variant on record was compared with this baseline: keep its numbers
+                current.metrics = copy.deepcopy(recorded)
+                base.metrics = current.metrics
+                self.store.update(current)
+            for v in ws.variants():
+                if v.name not in self.store:
+                    self.store.add(v)
+            if not recorded:
+                self._write_baseline(ws)
+            return
+        holds_results = len(ws) > 0 or (ws.baseline is not None and bool(ws.baseline.metrics))
+        if holds_results and (ws.model != s.model_ref or (ws.data or "") != (s.data_ref or "")):
+            # results of another model stay where they are; new ones go to a new workspace
+            self.problem.emit(f"{ws.path} holds results for {ws.model or 'another model'}; new results "
+                              "are saved to a new workspace (File > Save workspace as... to choose it).",
+                              "info")
+            self._set(None)
+            return
+        ws.model, ws.data, ws.measure = s.model_ref, s.data_ref, _measure_dict(s.measure)
+        self._write_baseline(ws)
 
-    def save(self) -> Path:
-        text = json.dumps(self.to_dict(), indent=2, default=str)
-        return atomic_write_bytes(self.path / FILE, text.encode("utf-8"))
+    # --- writing ----------------------------------------------------------------------------------
+    def _write_baseline(self, ws: Workspace) -> Job | None:
+        base = self.store.baseline
+        if base is None:
+            ws.save()
+            return None
+        return self._write(ws, base)
 
-    # --- variants -------------------------------------------------------------------------------
-    def variants(self) -> list[Variant]:
-        return list(self.entries.values())
+    def _write(self, ws: Workspace, variant: Variant, source: Workspace | None = None) -> Job:
+        """Write ``variant``'s folder in a job (ONNX export, or a copy of ``source``'s artifact),
+        then add it to the index on the GUI thread."""
+        name = variant.name
+        ws.reserve_folder(name)
+        src = source.artifact_path(name) if source is not None and variant.handle is None else None
 
-    def write_artifact(self, variant: Variant) -> dict[str, str]:
-        """Write the variant's ONNX file into the folder (slow: call from a job)."""
-        from ..engine.export import write_onnx
-
-        if variant.handle is None or variant.status != "ok":
+        def work(progress):
+            if source is not None and variant.handle is None:
+                if src is not None and src.is_file():
+                    folder = ws.folder(name)
+                    atomic_write_bytes(folder / ARTIFACT, src.read_bytes())
+                    variant.artifacts["onnx"] = f"{folder.name}/{ARTIFACT}"
+                else:  # nothing to copy: do not point at the old folder
+                    variant.artifacts.pop("onnx", None)
+            ws.write_variant_files(variant)
             return dict(variant.artifacts)
-        rel = f"artifacts/{_safe_name(variant.name)}.onnx"
-        write_onnx(variant.handle, self.path / rel)
-        return {**variant.artifacts, "onnx": rel}
 
-    def add_variant(self, variant: Variant, artifacts: dict[str, str] | None = None) -> None:
-        if artifacts is not None:
-            variant.artifacts = dict(artifacts)
-        if variant.name == "baseline":
-            self.baseline = variant
-        else:
-            self.entries[variant.name] = variant
-        self.save()
+        job = self.queue.submit(work, name=f"save {name}", kind="save")
+        job.finished.connect(lambda _a, w=ws, v=variant: self._on_written(w, v))
+        job.failed.connect(lambda msg, _d, n=name: self.problem.emit(f"Could not save {n}: {msg}", "warning"))
+        return job
 
-    def remove_variant(self, name: str) -> None:
-        v = self.entries.pop(name, None)
-        if v is not None:
-            for rel in v.artifacts.values():
-                with contextlib.suppress(OSError):
-                    (self.path / rel).unlink(missing_ok=True)
-            self.save()
+    def _on_written(self, ws: Workspace, variant: Variant) -> None:
+        try:
+            if variant.name == BASELINE:
+                ws.set_baseline(variant, write=False)
+            elif self.store.get(variant.name) is variant or ws is not self.ws:
+                ws.add_variant(variant, write=False)
+            else:  # deleted while its files were written: leave no folder behind for recovery
+                ws.add_variant(variant, write=False)
+                ws.remove_variant(variant.name)
+                return
+        except (OSError, TugboatError) as exc:
+            self.problem.emit(f"Could not save the workspace: {exc}", "warning")
+            return
+        self.saved.emit(variant.name)
+
+    def autosave(self, variant: Variant) -> Job | None:
+        """Write a finished variant into the open workspace, creating one in the data folder if none
+        is open, so nothing measured is lost."""
+        if self.ws is None:
+            try:
+                ws = self._create(default_workspace_dir())
+            except (OSError, TugboatError) as exc:
+                self.problem.emit(f"Autosave is off: {exc}", "warning")
+                return None
+            self._set(ws)
+            self._write_baseline(ws)
+        return self._write(self.ws, variant)
+
+    def save(self) -> Path | None:
+        return self.ws.save() if self.ws is not None else None
+
+    def save_as(self, path: str | Path) -> Workspace:
+        """Copy what the window shows into a new workspace folder (files written in jobs)."""
+        old = self.ws
+        ws = self._create(path)
+        ws.recipe = old.recipe if old is not None else None
+        ws.meta = dict(old.meta) if old is not None else {}
+        self._set(ws)
+        for v in self.store.variants():
+            self._write(ws, v, source=old)
+        return ws
+
+    def delete(self, name: str) -> None:
+        if name == BASELINE:
+            return
+        self.store.remove(name)
+        if self.ws is not None and name in self.ws:
+            self.ws.remove_variant(name)
