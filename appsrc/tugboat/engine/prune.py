@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import TugboatError
+from .errors import RecipeError, TugboatError
 from .finetune import OPTIMIZERS, evaluate, finetune, frozen_copy, outputs_for, soft_target_loss
 from .progress import Progress, null_progress
 from .steps import Param, Technique, register
@@ -252,21 +252,31 @@ def prunable_layers(module: nn.Module, example_inputs, ignored: Iterable[str] | 
 # --- unstructured --------------------------------------------------------------------------------
 
 def prune_unstructured_module(module: nn.Module, ratio: float, *, scope: str = "global",
-                              ignored: Iterable[str] = (), permanent: bool = True) -> nn.Module:
+                              ignored: Iterable[str] = (), permanent: bool = True,
+                              per_layer: dict[str, float] | None = None) -> nn.Module:
     """Magnitude pruning of the Conv / Linear weights of a deep copy of ``module``.
 
-    With ``permanent=False`` the masks stay attached (so fine-tuning keeps the zeros at zero);
-    call :func:`make_permanent` afterwards."""
+    ``per_layer`` maps layer names to their own sparsity (each pruned alone, left out of the
+    global ranking). With ``permanent=False`` the masks stay attached (so fine-tuning keeps the
+    zeros at zero); call :func:`make_permanent` afterwards."""
     from torch.nn.utils import prune as tprune
 
     if not 0.0 <= ratio <= 0.99:
         raise TugboatError(f"unstructured pruning ratio must be in [0, 0.99], got {ratio}")
     model = copy.deepcopy(module).eval()
     skip = set(ignored)
+    own = dict(per_layer or {})
+    for (name, amount), m in zip(own.items(), _resolve_names(model, own, "layer_ratios")):
+        if name not in skip and amount > 0:
+            tprune.l1_unstructured(m, "weight", amount=float(amount))
     targets = [(m, "weight") for n, m in model.named_modules()
-               if isinstance(m, _prunable_types()) and n not in skip]
-    if not targets:
+               if isinstance(m, _prunable_types()) and n not in skip and n not in own]
+    if not targets and not own:
         raise TugboatError("the model has no Conv or Linear weights to prune")
+    if not targets:
+        if permanent:
+            make_permanent(model)
+        return model
     if scope == "global":
         tprune.global_unstructured(targets, pruning_method=tprune.L1Unstructured, amount=float(ratio))
     elif scope in ("layer", "uniform"):
@@ -481,6 +491,23 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
                     classification=handle.task == "classification")
 
 
+def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ratios") -> dict[str, float]:
+    """``["features.3=0.25", "classifier.1=0"]`` -> ``{"features.3": 0.25, "classifier.1": 0.0}``."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        name, sep, value = str(item).rpartition("=")
+        name = name.strip()
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = float("nan")
+        if not sep or not name or not 0.0 <= ratio <= 0.95:
+            raise RecipeError(f"'{where}': {item!r} must be \"layer=ratio\" with a ratio in [0, 0.95] "
+                              "(e.g. \"features.3=0.25\"; 0 keeps the layer whole)")
+        out[name] = ratio
+    return out
+
+
 def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
           progress: Progress) -> ModelHandle:
     method = params.get("method", "structured")
@@ -489,6 +516,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     reference = frozen_copy(original)
     example = tuple(handle.example_inputs(2))
     ignored = list(params.get("ignored") or [])
+    overrides = parse_layer_ratios(params.get("layer_ratios"))
     info: dict[str, Any] = {"method": method}
     tune_progress = progress.sub(0.5, 1.0, "fine-tuning: ")
     before_params = _param_count(original)
@@ -496,7 +524,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         progress.update(0.0, "magnitude pruning")
         head = default_ignored(original, example) if params.get("keep_head", False) else []
         model = prune_unstructured_module(original, float(params["ratio"]), scope=params.get("scope", "global"),
-                                          ignored=ignored + head, permanent=False)
+                                          ignored=ignored + head, permanent=False, per_layer=overrides)
         progress.update(0.5, "pruned")
         history = _finetune_after(handle, model, params, data, tune_progress, reference)
         make_permanent(model)
@@ -506,7 +534,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         info["pruning"] = {"method": method, "ratio": float(params["ratio"]), "scope": params.get("scope"),
                            "weights_zeroed": zeros, "weights": weights,
                            "achieved_weight_sparsity": zeros / max(1, weights),
-                           "finetune": history}
+                           "layer_ratios": overrides, "finetune": history}
         new = handle.derive(module=model, step={"technique": "prune", **params})
         if DENSE_RUNTIME_NOTE not in new.warnings:
             new.warnings.append(DENSE_RUNTIME_NOTE)
@@ -523,6 +551,8 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
             per_layer = sensitivity_allocation(original, example, ratio, rows, ignored=ign,
                                                importance="l1" if importance == "taylor" else importance,
                                                round_to=params.get("round_to") or None)
+        if overrides:  # the user's per-layer ratios win over the allocation's
+            per_layer = {**(per_layer or {}), **overrides}
         model = prune_structured_module(
             original, example, ratio, importance=importance, scope=params.get("scope", "uniform"),
             ignored=ign, iterative_steps=int(params.get("iterative_steps", 1)),
@@ -541,7 +571,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
             "achieved_param_ratio": after_params / max(1, before_params),
             "kept_channels": {n: {"before": before_ch[n], "after": after_ch.get(n, before_ch[n])}
                               for n in before_ch},
-            "per_layer_ratio": per_layer, "finetune": history,
+            "per_layer_ratio": per_layer, "layer_ratios": overrides, "finetune": history,
         }
         if rows is not None:
             info["sensitivity"] = rows
@@ -581,6 +611,9 @@ TECHNIQUE = register(Technique(
               "gradient x weight (taylor), or random as a control", choices=IMPORTANCES,
               methods=("structured",)),
         Param("ignored", "list", [], "layer names never pruned (the classifier head always is kept)"),
+        Param("layer_ratios", "list", [], "per-layer ratios that override the ratio, as "
+              "\"layer=ratio\" (e.g. \"features.3=0.25\"; 0 keeps the layer whole); set from the "
+              "Layers view"),
         Param("iterative_steps", "int", 1, "prune in this many smaller steps", minimum=1, maximum=20,
               methods=("structured",)),
         Param("round_to", "int", 0, "keep channel counts a multiple of this (0: any); 8 or 16 suit "

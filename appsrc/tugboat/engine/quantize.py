@@ -577,11 +577,15 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
         val_ref = teacher(*val_in)
     val_t = torch.from_numpy(val_y) if val_y is not None else val_ref.argmax(1)
 
+    last_fidelity: list[float | None] = [None]  # top-1 agreement with the float model (val split)
+
     def val_score() -> tuple[float, float]:
         module.eval()
         with torch.no_grad():
             out = module(*val_in)
             acc = float((out.argmax(1) == val_t).float().mean()) if classification else 0.0
+            last_fidelity[0] = (float((out.argmax(1) == val_ref.argmax(1)).float().mean())
+                                if classification else None)
             return acc, float(qat_loss(out, val_in, val_t))
 
     # the weights with the best simulated-int8 accuracy on the val split win (ties: the lower val
@@ -607,7 +611,7 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
                             f"epoch {epoch + 1}/{epochs}, batch {b + 1}/{n_batches}")
         acc, val_loss = val_score()
         progress.record("epoch", epoch=epoch + 1, epochs=epochs, train_loss=total / n_batches,
-                        val_loss=val_loss, val_accuracy=acc)
+                        val_loss=val_loss, val_accuracy=acc, fidelity=last_fidelity[0])
         if (acc, -val_loss) > (best_acc, -best_loss):
             best_acc, best_loss, best_epoch = acc, val_loss, epoch + 1
             best_state = copy.deepcopy(module.state_dict())
