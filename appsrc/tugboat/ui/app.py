@@ -4,42 +4,27 @@ from __future__ import annotations
 
 import sys
 
-from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QColor, QPalette
+from PySide6.QtCore import QTimer
+from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
 from ..jobs import warm_up_torch
+from .theme import apply_system_palette, dark_palette, follow_system
+
+__all__ = ["app_icon", "apply_system_palette", "dark_palette", "main", "make_app", "run"]
 
 
-def dark_palette() -> QPalette:
-    p = QPalette()
-    base, window, text = QColor(37, 37, 38), QColor(45, 45, 48), QColor(230, 230, 230)
-    roles = QPalette.ColorRole
-    p.setColor(roles.Window, window)
-    p.setColor(roles.WindowText, text)
-    p.setColor(roles.Base, base)
-    p.setColor(roles.AlternateBase, QColor(52, 52, 56))
-    p.setColor(roles.ToolTipBase, window)
-    p.setColor(roles.ToolTipText, text)
-    p.setColor(roles.Text, text)
-    p.setColor(roles.Button, window)
-    p.setColor(roles.ButtonText, text)
-    p.setColor(roles.Highlight, QColor(42, 130, 218))
-    p.setColor(roles.HighlightedText, QColor(255, 255, 255))
-    p.setColor(roles.PlaceholderText, QColor(150, 150, 150))
-    p.setColor(QPalette.ColorGroup.Disabled, roles.Text, QColor(128, 128, 128))
-    p.setColor(QPalette.ColorGroup.Disabled, roles.ButtonText, QColor(128, 128, 128))
-    return p
+def app_icon() -> QIcon:
+    """The Tugboat icon in every shipped size (an empty icon if the resource files are missing)."""
+    from .. import resources
 
-
-def apply_system_palette(app: QApplication) -> None:
-    """Follow the system's light or dark scheme (Fusion draws both consistently on every OS)."""
-    app.setStyle("Fusion")
-    scheme = app.styleHints().colorScheme()
-    if scheme == Qt.ColorScheme.Dark:
-        app.setPalette(dark_palette())
-    else:
-        app.setPalette(app.style().standardPalette())
+    icon = QIcon()
+    try:
+        for png in resources.icon_pngs():
+            icon.addFile(str(png))
+    except FileNotFoundError:  # a broken install: run without an icon rather than not at all
+        pass
+    return icon
 
 
 def make_app(argv: list[str] | None = None) -> QApplication:
@@ -48,8 +33,9 @@ def make_app(argv: list[str] | None = None) -> QApplication:
         app = QApplication(argv if argv is not None else sys.argv[:1])
     app.setApplicationName("Tugboat")
     app.setOrganizationName("Tugboat")
-    apply_system_palette(app)
-    app.styleHints().colorSchemeChanged.connect(lambda _s: apply_system_palette(app))
+    app.setDesktopFileName("tugboat")  # Wayland/X11 match the window to tugboat.desktop (and its icon)
+    app.setWindowIcon(app_icon())
+    follow_system(app)
     return app
 
 
@@ -65,6 +51,8 @@ def main(args) -> int:
         window.open_workspace(args.workspace)
     elif getattr(args, "demo", False):
         window.load_demo()
+    else:
+        window.restore_last_workspace()
     quit_after = getattr(args, "quit_after", None)
     if quit_after:
         QTimer.singleShot(int(quit_after * 1000), window.close)

@@ -515,6 +515,13 @@ class MainWindow(QMainWindow):
             self.stack.setCurrentIndex(1)
         return ws
 
+    def restore_last_workspace(self) -> Workspace | None:
+        """On start: reopen the workspace of the last session if it is still there."""
+        last = self.settings.last_workspace
+        if last and is_workspace(last):
+            return self.open_workspace(last)
+        return None
+
     def new_workspace_dialog(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "New workspace: choose an empty folder")
         if path:
@@ -600,14 +607,29 @@ class MainWindow(QMainWindow):
         self.settings.window_state = base64.b64encode(bytes(self.saveState().data())).decode("ascii")
         save_settings(self.settings)
 
+    @staticmethod
+    def _dropped_paths(mime) -> list[str]:
+        return [u.toLocalFile() for u in mime.urls() if u.isLocalFile()] if mime.hasUrls() else []
+
     def dragEnterEvent(self, event) -> None:  # noqa: N802
-        if event.mimeData().hasUrls():
+        if self._dropped_paths(event.mimeData()):
             event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dragMoveEvent(self, event) -> None:  # noqa: N802
+        self.dragEnterEvent(event)
 
     def dropEvent(self, event) -> None:  # noqa: N802
-        for url in event.mimeData().urls():
-            self.open_path(url.toLocalFile())
+        paths = self._dropped_paths(event.mimeData())
+        if not paths:
+            event.ignore()
+            return
         event.acceptProposedAction()
+        # a model and its data can be dropped together: the model first, so the data pairs with it
+        paths.sort(key=lambda p: 0 if Path(p).suffix.lower() in MODEL_SUFFIXES else 1)
+        for path in paths:
+            self.open_path(path)
 
     def open_path(self, path: str) -> None:
         """Open a dropped path as what it looks like: model, data, or workspace."""

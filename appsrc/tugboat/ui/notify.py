@@ -15,6 +15,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from . import theme
+
 MAX_SHOWN = 3
 
 
@@ -43,8 +45,12 @@ class Notification(QFrame):
         super().__init__(parent)
         self.setObjectName("notification")
         self.message, self.details, self.level = message, details, level
-        colors = {"error": ("#fdecea", "#8a1c12", "#e6a19a"), "info": ("#eaf2fd", "#123a6b", "#9fbde6"),
-                  "warning": ("#fff6e0", "#6b4a00", "#e6cc8a")}
+        if theme.is_dark():  # background, text, border that read on a dark window
+            colors = {"error": ("#4a2220", "#ffd9d4", "#8a3a33"), "info": ("#1f3147", "#d6e6fb", "#3d5f8a"),
+                      "warning": ("#463a1c", "#fbe9bd", "#8a7136")}
+        else:
+            colors = {"error": ("#fdecea", "#8a1c12", "#e6a19a"), "info": ("#eaf2fd", "#123a6b", "#9fbde6"),
+                      "warning": ("#fff6e0", "#6b4a00", "#e6cc8a")}
         bg, fg, border = colors.get(level, colors["info"])
         self.setStyleSheet(f"QFrame#notification {{ background: {bg}; border: 1px solid {border}; "
                            f"border-radius: 4px; }} QFrame#notification QLabel {{ color: {fg}; }}")

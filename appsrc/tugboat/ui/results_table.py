@@ -17,11 +17,12 @@ from PySide6.QtCore import (
     Qt,
     Signal,
 )
-from PySide6.QtGui import QAction, QColor
+from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QMenu, QTableView
 
 from ..cli import _fmt_bytes, _fmt_count
 from ..engine.recipe import step_label
+from . import theme
 from .store import BASELINE, VariantStore
 
 COLUMNS = ("Variant", "Steps", "Size", "Deflated", "Params", "Latency", "Accuracy", "Agreement",
@@ -113,13 +114,18 @@ class ResultsModel(QAbstractTableModel):
         if role == SORT_ROLE:
             return self._sort_key(v, col, m)
         if role == Qt.ItemDataRole.ToolTipRole:
-            notes = list(v.warnings) + ([v.error] if v.error else [])
-            return "\n".join(notes) or None
+            return self.warnings_text(v) or None
         if role == Qt.ItemDataRole.ForegroundRole and col == "Warnings" and (v.warnings or v.error):
-            return QColor("#c0392b") if v.status != "ok" else QColor("#d68910")
+            return theme.warning_color(failed=v.status != "ok")
         if role == Qt.ItemDataRole.TextAlignmentRole and col not in ("Variant", "Steps", "Warnings"):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
+
+    @staticmethod
+    def warnings_text(v) -> str:
+        """Every warning (and the error) in full, one per line: the cell's tooltip."""
+        notes = ([f"{v.status}: {v.error}"] if v.error else []) + [f"⚠ {w}" for w in v.warnings]
+        return "\n".join(notes)
 
     @staticmethod
     def _display(v, col: str, m: dict[str, Any]) -> str:
@@ -131,8 +137,8 @@ class ResultsModel(QAbstractTableModel):
         if col == "Warnings":
             if v.status != "ok":
                 return f"{v.status}: {v.error or ''}".strip()
-            return f"⚠ {v.warnings[0]}" + (f" (+{len(v.warnings) - 1})" if len(v.warnings) > 1 else "") \
-                if v.warnings else ""
+            # all of them on one line; the column grows to fit and the table scrolls sideways
+            return "   ".join(f"⚠ {w}" for w in v.warnings)
         if not m:
             return "-"
         if col == "Size":
@@ -194,18 +200,48 @@ class ResultsTable(QTableView):
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.setAlternatingRowColors(True)
-        self.setWordWrap(False)  # long warnings elide; the full text is in the tooltip
+        self.setWordWrap(False)
+        self.setHorizontalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         self.verticalHeader().setVisible(False)
         header = self.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        header.setStretchLastSection(True)
+        # the Warnings column is as wide as its longest text (at least the space left), so nothing
+        # is cut off: the table scrolls sideways instead; the tooltip holds the same text
+        header.setStretchLastSection(False)
+        header.setTextElideMode(Qt.TextElideMode.ElideNone)
         for col, width in enumerate((170, 150, 66, 68, 56, 76, 70, 76)):
             self.setColumnWidth(col, width)
+        m = self.results_model
+        for sig in (m.rowsInserted, m.rowsRemoved, m.modelReset, m.dataChanged):
+            sig.connect(self.fit_warnings_column)
+        header.sectionResized.connect(self._on_section_resized)
         self.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.customContextMenuRequested.connect(self._on_context_menu)
         self._syncing = False
         self.selectionModel().selectionChanged.connect(self._on_selection_changed)
         store.selection_changed.connect(self._on_store_selection)
+
+    WARNINGS = COLUMNS.index("Warnings")
+
+    def fit_warnings_column(self, *_args) -> None:
+        col = self.WARNINGS
+        others = sum(self.columnWidth(c) for c in range(len(COLUMNS)) if c != col)
+        room = self.viewport().width() - others
+        self._fitting = True
+        try:
+            self.setColumnWidth(col, max(room, self.sizeHintForColumn(col),
+                                         self.horizontalHeader().sectionSizeHint(col), 80))
+        finally:
+            self._fitting = False
+
+    def _on_section_resized(self, index: int, _old: int, _new: int) -> None:
+        if index != self.WARNINGS and not getattr(self, "_fitting", False):
+            self.fit_warnings_column()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        self.fit_warnings_column()
 
     def name_at_row(self, view_row: int) -> str:
         return self.results_model.name_at(self.proxy.mapToSource(self.proxy.index(view_row, 0)).row())
