@@ -218,7 +218,10 @@ def test_exclude_by_torch_name_and_unknown_name(baselines):
                                     "weight-only-int4", "fp16"])
 def test_vit_quantizes_with_every_method(baselines, method):
     base = baselines("digits-vit")
-    v = _run(base, "digits-vit", method=method)
+    # static int8 with default settings loses ~5 points on the demo ViT (its per-channel patch
+    # embedding conv is the culprit); the accuracy-aware exclusion is the documented fix
+    extra = {"max_accuracy_drop": 0.01} if method == "static-int8" else {}
+    v = _run(base, "digits-vit", method=method, **extra)
     model = v.handle.to_onnx()
     onnx.checker.check_model(model)
     assert v.metrics["size_bytes"] < base.metrics["size_bytes"]

@@ -222,8 +222,14 @@ def pretrained(arch: str, progress=None) -> nn.Module:
                 return model.eval()
             except Exception:  # a corrupt cache entry is retrained, never trusted
                 path.unlink(missing_ok=True)
-        with torch.random.fork_rng():
-            train_demo(model, arch, progress)
+        threads = torch.get_num_threads()
+        try:
+            # one thread: the same weights on every machine (multi-threaded reductions reorder sums)
+            torch.set_num_threads(1)
+            with torch.random.fork_rng():
+                train_demo(model, arch, progress)
+        finally:
+            torch.set_num_threads(threads)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(model.state_dict(), tmp)
