@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import gc
 import os
 import time
 import tomllib
@@ -19,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from . import resources
 from . import steps as step_registry
 from .data import Dataset, load_data
-from .errors import Cancelled, NumericalError, RecipeError, TugboatError
+from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
+from .guards import check_outputs, describe_step, non_finite, probe_inputs, probe_outputs
 from .measure import RUNTIMES, MeasureConfig, measure, slower_than
 from .models import ModelHandle, load_model
 from .progress import Progress, null_progress
@@ -243,9 +246,15 @@ def _jsonable(obj):
 
 
 def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset | None,
-                progress: Progress) -> ModelHandle:
-    """Apply validated steps in order; each technique returns a new handle."""
+                progress: Progress, *, first_index: int = 0, guard: bool = True) -> ModelHandle:
+    """Apply validated steps in order; each technique returns a new handle.
+
+    After every step the new model runs on a small probe batch (:mod:`guards`): NaN or Inf outputs
+    raise :class:`NumericalError` naming the step ("outputs are NaN after step 2 (quantize
+    static-int8)"; ``first_index`` is the number of recipe steps applied before ``steps``). Running
+    out of memory inside a step raises :class:`ResourceError` naming the step."""
     n = max(1, len(steps))
+    probe = probe_inputs(handle, data) if guard and steps else None
     for i, step in enumerate(steps):
         tech = step_registry.get(step["technique"])
         sub = progress.sub(i / n, (i + 1) / n, prefix=f"{step['technique']}: ")
@@ -256,9 +265,22 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
             raise TugboatError(f"{tech.name} needs a torch model, but {why}", path=handle.source)
         progress.check()
         before = len(handle.history)
-        handle = tech.apply(handle, params, data, sub)
+        label = describe_step(first_index + i + 1, step)
+        out_of_memory = False
+        try:
+            handle = tech.apply(handle, params, data, sub)
+        except Exception as exc:
+            if not resources.is_out_of_memory(exc):
+                raise
+            out_of_memory = True  # raised outside the handler so the failed step's tensors are freed
+        if out_of_memory:
+            gc.collect()
+            raise ResourceError(resources.oom_message(f"in {label}"))
         if len(handle.history) <= before:  # the technique did not record the step itself
             handle.history = [*handle.history, step]
+        progress.check()
+        if probe is not None:
+            check_outputs(handle, probe, label)
     return handle
 
 
@@ -279,9 +301,26 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
                         input_shape=tuple(recipe.input_shape) if recipe.input_shape else None)
     data = load_data(recipe.data, handle) if recipe.data else None
+    progress.check()
+    # refuse what cannot fit before any work, for the baseline and every step of the recipe
+    resources.check(handle, recipe.steps, data, recipe.measure, where=recipe.source or recipe.model)
+    probe = probe_inputs(handle, data)
+    bad = non_finite(probe_outputs(handle, probe))
+    if bad:
+        on = f"{len(probe[0])} samples of the data" if data is not None else f"{len(probe[0])} random inputs"
+        raise NumericalError(f"the model's outputs are {bad} on {on}; it cannot be measured or "
+                             f"compressed", path=recipe.model)
     progress.update(0.3, "measuring the original model")
-    metrics, outputs = measure(handle, data, recipe.measure, reference=None,
-                               progress=progress.sub(0.3, 1.0, "baseline: "))
+    metrics = outputs = None
+    try:
+        metrics, outputs = measure(handle, data, recipe.measure, reference=None,
+                                   progress=progress.sub(0.3, 1.0, "baseline: "))
+    except Exception as exc:
+        if not resources.is_out_of_memory(exc):
+            raise
+    if metrics is None:
+        gc.collect()
+        raise ResourceError(resources.oom_message("measuring the original model"), path=recipe.model)
     return Baseline(handle, data, metrics, outputs, recipe.measure)
 
 
@@ -304,15 +343,27 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     progress = progress or null_progress()
     variant = Variant(variant_name(recipe.steps), recipe.to_dict())
     t0 = time.perf_counter()
+    todo = recipe.steps[done_steps:]
+    resources.check(start or base.handle, todo, base.data, base.cfg, first_index=done_steps,
+                    where=recipe.source or recipe.model)
+    out_of_memory = False
     try:
-        handle = apply_steps(start or base.handle, recipe.steps[done_steps:], base.data,
-                             progress.sub(0.0, 0.7))
+        handle = apply_steps(start or base.handle, todo, base.data, progress.sub(0.0, 0.7),
+                             first_index=done_steps)
         finish_variant(variant, handle, base, progress.sub(0.7, 1.0, "measuring: "))
     except NumericalError as exc:
         variant.status, variant.error = "failed", f"numerical failure: {exc.message}"
     except Cancelled:
         variant.status, variant.error = "cancelled", "cancelled by the user"
         raise
+    except Exception as exc:
+        if not resources.is_out_of_memory(exc):
+            raise
+        out_of_memory = True
+    if out_of_memory:
+        variant.handle = None
+        gc.collect()
+        raise ResourceError(resources.oom_message(f"measuring {variant.name}"))
     if variant.metrics:
         variant.metrics["seconds"] = round(time.perf_counter() - t0, 3)
     return variant

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import resources
 from . import steps as step_registry
 from .errors import Cancelled, RecipeError, TugboatError
 from .models import ModelHandle
@@ -384,10 +385,11 @@ def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: Prefix
     n = len(cand.steps)
     variant_recipe = recipe.with_steps(cand.steps)
     try:
+        resources.check(handle, cand.steps[done:], base.data, base.cfg, first_index=done, where=cand.name)
         for k in range(done, n):
             step_t0 = time.perf_counter()
             sub = progress.sub(0.7 * k / n, 0.7 * (k + 1) / n)
-            handle = apply_steps(handle, [cand.steps[k]], base.data, sub)
+            handle = apply_steps(handle, [cand.steps[k]], base.data, sub, first_index=k)
             prefix_seconds += time.perf_counter() - step_t0
             if cache is not None and k + 1 < n and cache.wants(cand.steps, k + 1):
                 cache.store(cand.steps, k + 1, handle, prefix_seconds)
@@ -441,6 +443,10 @@ def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
                                  "another --out folder", path=str(out))
     progress.update(0.0, f"loading {recipe.model}")
     base = prepare(recipe, progress.sub(0.0, 0.05, "baseline: "))
+    if isinstance(the_plan.candidates, list):  # refuse a grid that cannot fit before any of it runs
+        for cand in the_plan.candidates:
+            resources.check(base.handle, cand.steps, base.data, base.cfg,
+                            where=f"{recipe.source or recipe.model} (variant {cand.name})")
     if existing:
         ws = Workspace.open(out)
         if ws.model and ws.model != recipe.model:
