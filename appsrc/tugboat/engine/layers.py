@@ -53,8 +53,9 @@ def layer_key(name: str) -> str:
 
 
 def _torch_latency(module: torch.nn.Module, inputs: list[torch.Tensor], names: list[str],
-                   repeats: int, progress: Progress) -> tuple[dict[str, float], float]:
-    """Median ms inside each named module and for the whole forward pass (forward hooks)."""
+                   repeats: int, progress: Progress) -> tuple[dict[str, float], dict[str, float], float]:
+    """Median ms and share of the time inside each named module, and the median ms of the whole
+    forward pass (forward hooks)."""
     from .models import eval_mode
 
     eval_mode(module)
@@ -80,8 +81,20 @@ def _torch_latency(module: torch.nn.Module, inputs: list[torch.Tensor], names: l
     finally:
         for h in hooks:
             h.remove()
-    return ({n: float(np.median(t)) if t else 0.0 for n, t in times.items()},
-            float(statistics.median(totals)))
+    return _summarise([{n: t[i] for n, t in times.items() if i < len(t)} for i in range(len(totals))],
+                      totals)
+
+
+def _summarise(per_run: list[dict[str, float]], totals: list[float]
+               ) -> tuple[dict[str, float], dict[str, float], float]:
+    """(median ms per layer, share per layer, median ms per run). A share is the layer's time
+    summed over all runs divided by the runs' summed time, so the shares add up to at most 1 even
+    when other processes make single runs noisy."""
+    keys = {k for r in per_run for k in r}
+    median = {k: float(np.median([r.get(k, 0.0) for r in per_run])) for k in keys}
+    whole = sum(totals)
+    share = {k: sum(r.get(k, 0.0) for r in per_run) / whole if whole > 0 else 0.0 for k in keys}
+    return median, share, float(statistics.median(totals)) if totals else 0.0
 
 
 def _kernel_attribution(model):
@@ -121,9 +134,9 @@ def _kernel_attribution(model):
 
 
 def _ort_latency(model_bytes: bytes, inputs: list[np.ndarray], threads: int, repeats: int,
-                 progress: Progress) -> tuple[dict[str, float], float]:
-    """Median ms per torch layer (summed over its kernels) and per run, from ONNX Runtime's
-    profiler."""
+                 progress: Progress) -> tuple[dict[str, float], dict[str, float], float]:
+    """Per torch layer (summed over its kernels): median ms and share of the run time, and the
+    median ms per run, from ONNX Runtime's profiler."""
     import onnx
     import onnxruntime as ort
 
@@ -165,10 +178,7 @@ def _ort_latency(model_bytes: bytes, inputs: list[np.ndarray], threads: int, rep
             op = str((e.get("args") or {}).get("op_name", ""))
             acc[attribute(name[: -len("_kernel_time")], op)] += e["dur"] / 1000.0
         per_run.append(acc)
-    keys = {k for r in per_run for k in r}
-    layer_ms = {k: float(np.median([r.get(k, 0.0) for r in per_run])) for k in keys}
-    total = float(np.median([r["dur"] / 1000.0 for r in runs])) if runs else 0.0
-    return layer_ms, total
+    return _summarise(per_run, [r["dur"] / 1000.0 for r in runs])
 
 
 def layer_profile(handle: ModelHandle, *, batch: int = 64, threads: int = 1, runtime: str = "onnxruntime",
@@ -199,12 +209,12 @@ def layer_profile(handle: ModelHandle, *, batch: int = 64, threads: int = 1, run
         from .runtime import torch_threads
 
         with torch_threads(threads):
-            lat, total = _torch_latency(handle.module, handle.example_inputs(batch),
+            lat, share, total = _torch_latency(handle.module, handle.example_inputs(batch),
                                         [r["name"] for r in rows], repeats, progress)
         method = "torch forward hooks: wall time inside each layer's forward (eager)"
     else:
         inputs = [t.numpy() for t in handle.example_inputs(batch)]
-        lat, total = _ort_latency(handle.to_onnx().SerializeToString(), inputs, threads, repeats,
+        lat, share, total = _ort_latency(handle.to_onnx().SerializeToString(), inputs, threads, repeats,
                                   progress)
         runtime = "onnxruntime"
         method = ("ONNX Runtime profiler: kernel time of each layer's nodes in the optimised graph "
@@ -215,17 +225,18 @@ def layer_profile(handle: ModelHandle, *, batch: int = 64, threads: int = 1, run
     for r in rows:
         key = layer_key(r["name"]) if not use_torch else r["name"]
         # two rows of one torch layer (e.g. MatMul + Add of a Linear) share its time once
-        ms = lat.get(key, 0.0) if key not in seen_keys else 0.0
+        first = key not in seen_keys
+        ms, sh = (lat.get(key, 0.0), share.get(key, 0.0)) if first else (0.0, 0.0)
         seen_keys.add(key)
         r.update(params_share=r["params"] / total_params, flops_share=r["flops"] / total_flops,
-                 latency_ms=ms, latency_share=ms / total if total > 0 else 0.0,
+                 latency_ms=ms, latency_share=sh,
                  layer=layer_key(r["name"]), prunable=layer_key(r["name"]) in prunable,
                  quantizable=r["type"] in QUANTIZABLE_TYPES)
-    in_layers = sum(r["latency_ms"] for r in rows)
+    in_layers = sum(r["latency_share"] for r in rows)
     progress.update(1.0, "layers profiled")
     return {"rows": rows, "latency": {
         "runtime": runtime, "batch": batch, "threads": threads, "repeats": repeats,
-        "total_ms": total, "other_share": max(0.0, 1.0 - in_layers / total) if total > 0 else 0.0,
+        "total_ms": total, "other_share": max(0.0, 1.0 - in_layers),
         "method": method}}
 
 
