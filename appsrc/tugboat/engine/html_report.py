@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .export import atomic_write_bytes
-from .report import quality_of
+from .report import pareto_labels, quality_of
 
 COLUMNS = ["name", "pareto", "status", "size_bytes", "compressed_bytes", "params", "nonzero_params", "flops",
            "latency_median_ms", "latency_p90_ms", "latency_batch", "latency_runtime", "accuracy",
@@ -126,11 +126,14 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
     out.append("<h2>Variants</h2><table><tr><th>variant</th><th>size</th><th>deflated</th><th>params</th>"
                "<th>latency (ms)</th><th>p90 (ms)</th><th>accuracy</th><th>agreement</th>"
                "<th>&Delta; quality</th><th>job (s)</th></tr>")
+    labels = pareto_labels(report)
     for r in rows(report):
         q = r["accuracy"] if r["accuracy"] is not None else r["top1_agreement"]
         dq = "-" if q is None or base_q is None else f"{(q - base_q) * 100:+.2f} pt"
         cls = "pareto" if r["pareto"] else ("failed" if r["status"] != "ok" else "")
-        star = " <span class='star'>&#9733;</span>" if r["pareto"] else ""
+        star = (f" <span class='star'>&#9733;&nbsp;{esc(labels[r['name']])}</span>"
+                if r["pareto"] and r["name"] != "baseline" else
+                (" <span class='star'>&#9733;</span>" if r["pareto"] else ""))
         if r["status"] != "ok":
             out.append(f"<tr class='failed'><td>{esc(r['name'])}</td><td colspan='9' class='err'>"
                        f"{esc(r['status'])}: {esc(r['error'])}</td></tr>")

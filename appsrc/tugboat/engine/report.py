@@ -81,3 +81,17 @@ def _default(obj):
 
 def read_report(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def pareto_labels(report: dict[str, Any]) -> dict[str, str]:
+    """Short chart labels for the Pareto variants ("1", "2", ... in report order; the baseline is
+    "baseline"), shared by the report chart and the HTML table so long names never overlap."""
+    labels: dict[str, str] = {}
+    number = 0
+    for name in report.get("pareto") or []:
+        if name == "baseline":
+            labels[name] = name
+        else:
+            number += 1
+            labels[name] = str(number)
+    return labels

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from ..engine.report import quality_of
+from ..engine.report import pareto_labels, quality_of
 
 PARETO_COLOR = (217, 130, 43)
 OTHER_COLOR = (70, 110, 170)
@@ -29,6 +29,7 @@ def _app():
 
 def _points(report: dict[str, Any]) -> list[dict[str, Any]]:
     pareto = set(report.get("pareto") or [])
+    labels = pareto_labels(report)
     entries = [{"name": "baseline", **(report.get("baseline") or {})}, *list(report.get("variants") or [])]
     pts = []
     for e in entries:
@@ -39,6 +40,7 @@ def _points(report: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         pts.append({"name": e.get("name", ""), "quality": q * 100, "latency": float(lat),
                     "size": m["size_bytes"] / 1024, "pareto": e.get("name") in pareto,
+                    "label": labels.get(e.get("name", ""), "baseline" if e.get("name") == "baseline" else ""),
                     "baseline": e.get("name") == "baseline"})
     return pts
 
@@ -70,13 +72,14 @@ def tradeoff_png(report: dict[str, Any], width: int = 1100, height: int = 460) -
                                             symbol="s" if p["baseline"] else "o", brush=brush,
                                             pen=pg.mkPen(*color, width=1.5)))
             if p["pareto"] or p["baseline"]:
-                text = pg.TextItem(p["name"], color=color, anchor=(0, 1))
+                # numbers, not names: long names overlap; the report's table has the key
+                text = pg.TextItem(p["label"], color=color, anchor=(0, 1))
                 text.setPos(p[key], p["quality"])
                 plot.addItem(text)
         if pts:
             xs = [p[key] for p in pts]
             span = (max(xs) - min(xs)) or max(xs) or 1.0
-            plot.setXRange(min(xs) - 0.05 * span, max(xs) + 0.35 * span, padding=0)
+            plot.setXRange(min(xs) - 0.05 * span, max(xs) + 0.15 * span, padding=0)
     layout.show()
     app.processEvents()
     image = layout.grab().toImage()
