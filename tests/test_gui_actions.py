@@ -285,3 +285,5 @@ def test_warnings_column_shows_full_text(qtbot, window):
     assert table.horizontalScrollBar().maximum() > 0  # reachable by scrolling sideways
     tip = index.data(Qt.ItemDataRole.ToolTipRole)
     assert all(w in tip for w in long)
+    # and a warning icon beside the name, visible without scrolling
+    assert not table.model().index(row, 0).data(Qt.ItemDataRole.DecorationRole).isNull()

@@ -31,6 +31,19 @@ def wait_until(app, condition, timeout: float = 300.0) -> bool:
     return False
 
 
+def shoot_dark(app, window, grab) -> None:
+    """The main window in the dark palette (what a system in dark mode shows): main-dark.png."""
+    from tugboat.ui import theme
+
+    was_dark = theme.is_dark()
+    theme.apply_palette(app, dark=True)
+    for _ in range(3):
+        app.processEvents()
+    grab(window, "main-dark")
+    theme.apply_palette(app, dark=was_dark)
+    app.processEvents()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "screenshots"))
@@ -77,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in window.store.names() if n != "baseline"]
         window.store.select(names[0])
     grab(window, "main_window")
+    shoot_dark(app, window, grab)
     grab(window.model_panel, "model_panel")
     window.left_tabs.setCurrentWidget(window.data_panel)
     grab(window.data_panel, "data_panel")

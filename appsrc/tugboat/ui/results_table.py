@@ -18,7 +18,7 @@ from PySide6.QtCore import (
     Signal,
 )
 from PySide6.QtGui import QAction
-from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QMenu, QTableView
+from PySide6.QtWidgets import QAbstractItemView, QApplication, QHeaderView, QMenu, QStyle, QTableView
 
 from ..cli import _fmt_bytes, _fmt_count
 from ..engine.recipe import step_label
@@ -115,6 +115,12 @@ class ResultsModel(QAbstractTableModel):
             return self._sort_key(v, col, m)
         if role == Qt.ItemDataRole.ToolTipRole:
             return self.warnings_text(v) or None
+        if role == Qt.ItemDataRole.DecorationRole and col == "Variant" and (v.warnings or v.error):
+            # visible without scrolling to the Warnings column; the tooltip has the text
+            style = QApplication.style()
+            icon = (QStyle.StandardPixmap.SP_MessageBoxCritical if v.status != "ok"
+                    else QStyle.StandardPixmap.SP_MessageBoxWarning)
+            return style.standardIcon(icon)
         if role == Qt.ItemDataRole.ForegroundRole and col == "Warnings" and (v.warnings or v.error):
             return theme.warning_color(failed=v.status != "ok")
         if role == Qt.ItemDataRole.TextAlignmentRole and col not in ("Variant", "Steps", "Warnings"):
