@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     except TugboatError as exc:
         print(f"tugboat: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:  # running out of memory is the user's to fix (a smaller batch), not a bug
+        from .engine.resources import is_out_of_memory, oom_message
+
+        if not is_out_of_memory(exc):
+            raise
+        print(f"tugboat: error: {oom_message(f'in tugboat {args.command}')}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("tugboat: interrupted", file=sys.stderr)
         return 130
@@ -212,6 +219,8 @@ def cmd_run(args) -> int:
     print(format_summary(report))
     print(f"wrote {os.path.join(args.out, 'report.json')}")
     failed = [v for v in report["variants"] if v.get("status") == "failed"]
+    for v in failed:
+        print(f"tugboat: variant {v['name']} failed: {v.get('error')}", file=sys.stderr)
     return 1 if failed else 0
 
 

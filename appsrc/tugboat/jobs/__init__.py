@@ -14,6 +14,7 @@ function returns after the request (superqt's ``test_abort_does_not_return``).
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from PySide6.QtCore import QObject, Qt, Signal
 
 from ..engine.errors import Cancelled, TugboatError
 from ..engine.progress import CancelToken, Progress
+from ..engine.resources import is_out_of_memory, oom_message
 from . import _qt_compat  # noqa: F401  (guards a PySide6 6.12.0 emit bug; first, before any emit)
 
 __all__ = [
@@ -197,15 +199,14 @@ class Job(QObject):
             state, message = CANCELLED, "cancelled by the user"
         except TugboatError as exc:
             state, message, details = FAILED, str(exc), ""
-        except MemoryError:
-            state, message = FAILED, "out of memory: try a smaller batch size or a smaller model"
-            details = traceback.format_exc()
-        except Exception as exc:
+        except Exception as exc:  # MemoryError included: a job that runs out ends, the app does not
             state, details = FAILED, traceback.format_exc()
-            if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
-                message = "out of memory: try a smaller batch size or a smaller model"
+            if is_out_of_memory(exc):  # MemoryError, torch OutOfMemoryError, CPU allocator errors
+                message = oom_message(f"in {self.name}")
             else:
                 message = f"{type(exc).__name__}: {exc}".strip()
+        if state == FAILED and "out of memory" in message:
+            gc.collect()  # the failed job's tensors went with its frames: give the memory back now
         self._done_result = (state, result, message, details)
         relay.ended.emit(state, result, message, details)
         self._done.set()
