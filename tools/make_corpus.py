@@ -1,0 +1,409 @@
+"""Write the broken-input corpus: bad models, data and recipes, each with the error it must give.
+
+    python tools/make_corpus.py [--out tests/corpus]
+
+Every file is made by this script (no hand-written bytes): a tiny valid model in each format is
+built, then truncated, bit-flipped, emptied or mislabelled; data and recipe files get one mistake
+each. ``manifest.json`` lists every case:
+
+- ``file``: path relative to the corpus folder (``absent`` cases name a file that must not exist)
+- ``kind``: ``model`` (load_model / ``tugboat info``), ``baseline`` (loads, then the baseline
+  measurement must refuse it), ``data`` (load_data against ``model``), ``recipe``
+  (load_recipe), ``run`` (a valid recipe whose run must fail)
+- ``error``: the TugboatError subclass expected
+- ``expect``: words the message must contain (besides the file name)
+- ``options``: extra keyword arguments (``arch``, ``model`` for data cases)
+
+The output is deterministic: running it again rewrites the same bytes, so the committed corpus
+can be checked against the script (tests/test_corpus.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = "manifest.json"
+M, D, R = "ModelLoadError", "DataError", "RecipeError"  # the errors expected
+INVALID_ONNX, BAD_PT, BAD_PT2 = "not a valid ONNX file", "not a readable PyTorch file", \
+    "not a valid torch.export program"
+
+
+# --- tiny valid models -------------------------------------------------------------------------
+
+def tiny_onnx(*, weights=None, dims=("batch", 1, 8, 8), opset=17, op="Gemm", domain=""):
+    """input [batch,1,8,8] -> Flatten -> Gemm(64 -> 10) -> logits, built node by node."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((10, 64)).astype(np.float32) * 0.1 if weights is None else weights
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(dims))
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [10, 64], w.ravel().tolist()),
+             helper.make_tensor("b", TensorProto.FLOAT, [10], [0.0] * 10)]
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], name="flatten", axis=1),
+             helper.make_node(op, ["flat", "w", "b"], ["logits"], name="fc", domain=domain, transB=1)]
+    graph = helper.make_graph(nodes, "tiny", [x], [y], inits)
+    opsets = [helper.make_opsetid("", opset)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="tugboat-corpus")
+    model.ir_version = 8
+    return model
+
+
+def tiny_module():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def torchscript_bytes() -> bytes:
+    import torch
+
+    m = tiny_module()
+    traced = torch.jit.trace(m, (torch.zeros(2, 1, 8, 8),), check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    return buf.getvalue()
+
+
+def pt2_bytes() -> bytes:
+    import torch
+
+    program = torch.export.export(tiny_module(), (torch.zeros(2, 1, 8, 8),))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue()
+
+
+def state_dict_bytes(obj=None) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(tiny_module().state_dict() if obj is None else obj, buf)
+    return buf.getvalue()
+
+
+# --- corruption ------------------------------------------------------------------------------
+
+def truncated(data: bytes, fraction: float = 0.5) -> bytes:
+    return data[: max(1, int(len(data) * fraction))]
+
+
+def bit_flipped(data: bytes, seed: int, zone: tuple[float, float] = (0.0, 1.0), count: int = 12) -> bytes:
+    """Flip one random bit in ``count`` bytes, within the ``zone`` fraction of the file."""
+    rng = np.random.default_rng(seed)
+    lo, hi = int(len(data) * zone[0]), max(int(len(data) * zone[0]) + 1, int(len(data) * zone[1]))
+    out = bytearray(data)
+    for i in rng.integers(lo, hi, size=count):
+        out[int(i)] ^= 1 << int(rng.integers(0, 8))
+    return bytes(out)
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+# --- the corpus ------------------------------------------------------------------------------
+
+class Corpus:
+    def __init__(self, out: Path):
+        self.out = out
+        self.cases: list[dict] = []
+
+    def write(self, rel: str, data: bytes | str) -> Path:
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, str):
+            path.write_text(data, encoding="utf-8")
+        else:
+            path.write_bytes(data)
+        return path
+
+    def case(self, rel: str, kind: str, error: str, expect: list[str], why: str, data=None, *,
+             names: str | None = None, **options):
+        if data is not None:
+            self.write(rel, data)
+        entry = {"file": rel, "kind": kind, "error": error, "expect": expect, "why": why,
+                 "names": names or Path(rel).name}
+        if options:
+            entry["options"] = options
+        self.cases.append(entry)
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build(out: Path) -> list[dict]:
+    import onnx
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    c = Corpus(out)
+    text = "This is a README, not a model.\nIt was renamed by mistake.\n"
+    rng = np.random.default_rng(1234)
+
+    # reference model for the data cases (valid; not a case itself)
+    good_onnx = tiny_onnx().SerializeToString()
+    c.write("good/tiny.onnx", good_onnx)
+    ts, pt2, sd = torchscript_bytes(), pt2_bytes(), state_dict_bytes()
+
+    # --- models: empty, text, random, truncated, bit-flipped in every format ---
+    for ext in ("onnx", "pt", "pth", "pt2"):
+        c.case(f"models/empty.{ext}", "model", M, ["empty"], "zero bytes", b"")
+    c.case("models/readme_renamed.onnx", "model", M, [INVALID_ONNX], "a text file renamed .onnx", text)
+    c.case("models/readme_renamed.pt", "model", M, [BAD_PT], "a text file renamed .pt", text)
+    c.case("models/readme_renamed.pt2", "model", M, [BAD_PT2], "a text file renamed .pt2", text)
+    c.case("models/random_bytes.onnx", "model", M, [INVALID_ONNX], "4 KB of random bytes",
+           rng.bytes(4096))
+    c.case("models/random_bytes.pt", "model", M, [BAD_PT], "4 KB of random bytes", rng.bytes(4096))
+    c.case("models/truncated.onnx", "model", M, [INVALID_ONNX], "valid ONNX cut in half",
+           truncated(good_onnx))
+    c.case("models/bitflip_header.onnx", "model", M, [INVALID_ONNX],
+           "bits flipped in the graph structure (first 5%)", bit_flipped(good_onnx, 1, (0.0, 0.05), 6))
+    c.case("models/truncated_torchscript.pt", "model", M, [BAD_PT], "TorchScript archive cut in half",
+           truncated(ts))
+    c.case("models/bitflip_torchscript.pt", "model", M, [BAD_PT],
+           "bits flipped in the TorchScript archive's directory (last 10%)", bit_flipped(ts, 2, (0.9, 1.0)))
+    c.case("models/truncated.pt2", "model", M, [BAD_PT2], "torch.export archive cut in half", truncated(pt2))
+    c.case("models/bitflip.pt2", "model", M, [BAD_PT2],
+           "bits flipped in the torch.export archive's directory (last 10%)", bit_flipped(pt2, 3, (0.9, 1.0)))
+    c.case("models/truncated_state_dict.pt", "model", M, [BAD_PT], "state_dict archive cut in half",
+           truncated(sd), arch="digits-mlp")
+    c.case("models/bitflip_state_dict.pth", "model", M, [BAD_PT],
+           "bits flipped in the state_dict archive's directory (last 10%)", bit_flipped(sd, 4, (0.9, 1.0)),
+           arch="digits-mlp")
+    # --- models: well-formed files that are still wrong ---
+    c.case("models/state_dict_wrong_arch.pt", "model", M, ["do not fit architecture 'digits-mlp'"],
+           "weights of another network loaded as digits-mlp", sd, arch="digits-mlp")
+    c.case("models/state_dict_no_arch.pth", "model", M, ["state_dict", "--arch"],
+           "bare weights with no architecture named", sd)
+    c.case("models/tensor_not_model.pt", "model", M, ["holds a Tensor", "not a model"],
+           "a single tensor saved with torch.save", state_dict_bytes(__import__("torch").zeros(3)))
+    c.case("models/zip_not_torch.pt", "model", M, [BAD_PT], "a zip archive of text files",
+           _zip_bytes({"notes/readme.txt": text.encode()}))
+    c.case("models/unknown_op.onnx", "model", M, ["invalid", "FrobnicateX"],
+           "a node with an operator no ONNX opset has", tiny_onnx(op="FrobnicateX").SerializeToString())
+    c.case("models/custom_domain_op.onnx", "model", M, ["com.acme", "Gemm"],
+           "an operator from a custom domain no runtime implements",
+           tiny_onnx(domain="com.acme").SerializeToString())
+    c.case("models/opset_too_new.onnx", "model", M, ["opset 99", "newer"],
+           "claims a future default-domain opset", tiny_onnx(opset=99).SerializeToString())
+    c.case("models/opset_too_old.onnx", "model", M, ["opset 1,", "older"],
+           "opset 1, older than Tugboat supports", tiny_onnx(opset=1).SerializeToString())
+    no_nodes = tiny_onnx()
+    del no_nodes.graph.node[:]
+    c.case("models/no_nodes.onnx", "model", M, ["no nodes"], "a graph with no operators",
+           no_nodes.SerializeToString())
+    missing_ext = tiny_onnx()
+    init = missing_ext.graph.initializer[0]
+    init.ClearField("float_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    e = init.external_data.add()
+    e.key, e.value = "location", "tiny.onnx.data"
+    c.case("models/missing_external_data.onnx", "model", M, ["external weight data"],
+           "weights stored in a side file that is missing", missing_ext.SerializeToString())
+    c.case("models/weights.h5", "model", M, ["unknown model format '.h5'"], "a Keras file extension",
+           rng.bytes(256))
+    c.write("models/folder.onnx/README.txt", "A folder, so that git keeps it.\n")
+    c.case("models/folder.onnx", "model", M, ["is a folder"], "a folder whose name ends in .onnx")
+    c.case("models/does_not_exist.onnx", "model", M, ["not found"], "a path that does not exist")
+    # --- models that load but must not be measured ---
+    c.case("models/dynamic_features.onnx", "baseline", M, ["unknown size in dimension 1", "--input-shape"],
+           "every input dimension symbolic and no data to tell the shape",
+           tiny_onnx(dims=("batch", "features")).SerializeToString())
+    nan_w = np.full((10, 64), np.nan, dtype=np.float32)
+    c.case("models/nan_outputs.onnx", "baseline", "NumericalError", ["NaN"],
+           "weights are NaN, so every output is NaN", tiny_onnx(weights=nan_w).SerializeToString())
+    inf_w = np.full((10, 64), np.float32(3e38))
+    c.case("models/overflow_outputs.onnx", "baseline", "NumericalError", ["Inf"],
+           "huge weights overflow float32 to Inf", tiny_onnx(weights=inf_w).SerializeToString())
+
+    # --- data (checked against good/tiny.onnx: input [batch,1,8,8] float32, 10 classes) ---
+    model = "good/tiny.onnx"
+    x = rng.random((20, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 20)
+    c.case("data/no_arrays.npz", "data", D, ["holds no arrays"], "an .npz with nothing in it", _npz(), model=model)
+    c.case("data/zero_samples.npz", "data", D, ["no samples"], "arrays with zero rows",
+           _npz(input=x[:0], labels=y[:0]), model=model)
+    c.case("data/one_sample.npz", "data", D, ["1 sample", "at least 2"], "a single sample",
+           _npz(input=x[:1], labels=y[:1]), model=model)
+    c.case("data/wrong_shape.npz", "data", D, ["shape (1, 4, 4)", "expects (1, 8, 8)"],
+           "4x4 images for an 8x8 model", _npz(input=x[:, :, :4, :4], labels=y), model=model)
+    c.case("data/wrong_rank.npz", "data", D, ["shape (64,)", "expects (1, 8, 8)"],
+           "flattened samples for an image model", _npz(input=x.reshape(20, 64), labels=y), model=model)
+    c.case("data/int_inputs.npz", "data", D, ["dtype int64", "expects float32"],
+           "integer pixels for a float model", _npz(input=(x * 255).astype(np.int64), labels=y), model=model)
+    c.case("data/string_inputs.npz", "data", D, ["dtype <U", "numbers are needed"], "strings as inputs",
+           _npz(input=np.array(["a"] * 20).reshape(20, 1), labels=y), model=model)
+    c.case("data/label_count.npz", "data", D, ["17 labels for 20 samples"], "fewer labels than samples",
+           _npz(input=x, labels=y[:17]), model=model)
+    c.case("data/float_labels.npz", "data", D, ["'labels' must be a 1-D integer array"],
+           "labels stored as floats", _npz(input=x, labels=y.astype(np.float32)), model=model)
+    c.case("data/label_out_of_range.npz", "data", D, ["label 57", "10 classes"],
+           "a class index the model does not have", _npz(input=x, labels=np.where(y == y[0], 57, y)), model=model)
+    c.case("data/negative_labels.npz", "data", D, ["negative"], "label -1",
+           _npz(input=x, labels=np.where(y == y[0], -1, y)), model=model)
+    c.case("data/nan_inputs.npz", "data", D, ["NaN"], "a NaN pixel",
+           _npz(input=np.where(x > 0.99, np.nan, x).astype(np.float32), labels=y), model=model)
+    c.case("data/sample_counts_differ.npz", "data", D, ["different sample counts"],
+           "two inputs of different lengths", _npz(a=x, b=x[:12]), model=None)
+    c.case("data/wrong_array_name.npz", "data", D, ["no array named 'input'", "arrays found: pixels, extra"],
+           "arrays named differently from the model's input", _npz(pixels=x, extra=x, labels=y), model=model)
+    buf = io.BytesIO()
+    np.savez(buf, input=np.array([{"a": 1}] * 20, dtype=object))
+    c.case("data/object_array.npz", "data", D, ["pickled object arrays", "never loaded"],
+           "an object array (pickle inside the .npz)", buf.getvalue(), model=model)
+    good_npz = _npz(input=x, labels=y)
+    c.case("data/truncated.npz", "data", D, ["not a readable .npz"], "an .npz cut in half",
+           truncated(good_npz), model=model)
+    c.case("data/bitflip.npz", "data", D, ["not a readable .npz"],
+           "bits flipped in the zip directory (last 5%)", bit_flipped(good_npz, 5, (0.95, 1.0)), model=model)
+    c.case("data/readme_renamed.npz", "data", D, ["not a readable .npz"], "text renamed .npz", text,
+           model=model)
+    c.case("data/empty.csv", "data", D, ["no data rows"], "zero bytes", b"", model=model)
+    c.case("data/header_only.csv", "data", D, ["no data rows"], "a header and nothing else",
+           ",".join(f"p{i}" for i in range(64)) + ",label\n", model=model)
+    header = ",".join(f"p{i}" for i in range(64)) + ",label\n"
+    row = ",".join("0.5" for _ in range(64))
+    c.case("data/non_numeric.csv", "data", D, ["non-numeric value", "'cat'"], "a word in a number column",
+           header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},cat\n", model=model)
+    c.case("data/ragged.csv", "data", D, ["columns"], "a row with a missing value",
+           header + f"{row},1\n" + ",".join("0.5" for _ in range(63)) + ",2\n", model=model)
+    c.case("data/one_row.csv", "data", D, ["1 sample"], "one data row", header + f"{row},3\n", model=model)
+    c.case("data/wrong_width.csv", "data", D, ["shape (5,)", "expects (1, 8, 8)"],
+           "5 features for a 64-pixel model",
+           "a,b,c,d,e,label\n" + "".join(f"1,2,3,4,5,{i % 10}\n" for i in range(10)), model=model)
+    c.case("data/latin1.csv", "data", D, ["not a readable CSV"], "bytes that are not UTF-8",
+           b"caf\xe9,label\n1,0\n2,1\n", model=model)
+    c.case("data/table.parquet", "data", D, ["unknown data format '.parquet'"], "an unsupported format",
+           rng.bytes(64), model=model)
+    (out / "data" / "no_classes").mkdir()
+    c.write("data/no_classes/readme.txt", text)
+    c.case("data/no_classes", "data", D, ["no class sub-folders"], "an image folder without class folders",
+           model=model)
+    for cls in ("zero", "one"):
+        (out / "data" / "no_images" / cls).mkdir(parents=True)
+        c.write(f"data/no_images/{cls}/notes.txt", text)
+    c.case("data/no_images", "data", D, ["holds no images"], "class folders with no images", model=model)
+    for i, cls in enumerate(("zero", "one")):
+        c.write(f"data/corrupt_image/{cls}/a.png", _png(i))
+    c.write("data/corrupt_image/one/b.png", truncated(_png(7), 0.3))
+    c.case("data/corrupt_image/one/b.png", "data_folder", D, ["image could not be read"],
+           "one PNG cut short in an otherwise fine image folder", model=model, folder="data/corrupt_image")
+
+    # --- recipes: one mistake each ---
+    ok_step = '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nratio = 0.5\n'
+    head = 'model = "demo:digits-mlp"\ndata = "demo:digits"\n'
+    recipes = [
+        ("bad_syntax.toml", 'model = "demo:digits-mlp\ndata = demo:digits\n', ["not valid TOML"],
+         "an unclosed string"),
+        ("empty.toml", "", ["'model' is missing"], "an empty file"),
+        ("missing_model.toml", 'data = "demo:digits"\n' + ok_step, ["'model' is missing"], "no model key"),
+        ("model_not_string.toml", "model = 3\n", ["'model' is missing"], "model = 3"),
+        ("data_not_string.toml", 'model = "demo:digits-mlp"\ndata = 5\n', ["'data' must be a string"], "data = 5"),
+        ("unknown_top_key.toml", 'modle = "demo:digits-mlp"\n', ["unknown key 'modle'", "did you mean 'model'"],
+         "a misspelt top-level key"),
+        ("unknown_technique.toml", head + '[[steps]]\ntechnique = "prnue"\n',
+         ["unknown technique 'prnue'", "did you mean 'prune'"], "a misspelt technique"),
+        ("missing_technique.toml", head + "[[steps]]\nratio = 0.5\n", ["'steps.0.technique' is missing"],
+         "a step without a technique"),
+        ("unknown_method.toml", head + '[[steps]]\ntechnique = "prune"\nmethod = "structual"\n',
+         ["unknown prune method 'structual'", "did you mean 'structured'"], "a misspelt method"),
+        ("param_typo.toml", head + '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nratoi = 0.5\n',
+         ["unknown prune parameter 'ratoi'", "did you mean 'ratio'"], "a misspelt parameter"),
+        ("out_of_range.toml", head + '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nratio = 1.5\n',
+         ["'steps.0.ratio' = 1.5 is out of range"], "ratio 1.5"),
+        ("wrong_type.toml", head + '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nratio = "half"\n',
+         ["'steps.0.ratio' must be a number", "'half'"], "a string for a number"),
+        ("bool_for_int.toml", head + '[[steps]]\ntechnique = "prune"\nfinetune_epochs = true\n',
+         ["'steps.0.finetune_epochs' must be a whole number"], "true for an epoch count"),
+        ("steps_not_list.toml", head + 'steps = "prune"\n', ["'steps' must be a list of tables"],
+         "steps as a string"),
+        ("method_not_string.toml", head + '[[steps]]\ntechnique = "prune"\nmethod = ["structured"]\n',
+         ["unknown prune method"], "a list where a method name goes"),
+        ("torch_after_onnx.toml", head + '[[steps]]\ntechnique = "quantize"\nmethod = "static-int8"\n' + ok_step,
+         ["needs a torch model", "put quantize last"], "pruning an ONNX-only int8 model"),
+        ("measure_unknown_key.toml", head + "[measure]\nbatchsize = 8\n",
+         ["unknown key 'measure.batchsize'", "did you mean 'batch'"], "a misspelt measure key"),
+        ("measure_out_of_range.toml", head + "[measure]\nbatch = 0\n", ["'measure.batch' = 0 is out of range"],
+         "batch 0"),
+        ("measure_runtime_typo.toml", head + '[measure]\nruntime = "onnxruntme"\n',
+         ["'measure.runtime' must be one of", "did you mean 'onnxruntime'"], "a misspelt runtime"),
+        ("sweep_not_table.toml", head + ok_step.replace("[[steps]]", "sweep = 3\n[[steps]]", 1),
+         ["'sweep' must be a table"], "sweep = 3"),
+        ("target_not_table.toml", 'model = "demo:digits-mlp"\ntarget = "fast"\n', ["'target' must be a table"],
+         "target = a string"),
+        ("input_shape_bad.toml", 'model = "demo:digits-mlp"\ninput_shape = "8x8"\n',
+         ["'input_shape' must be a list of positive whole numbers"], "input_shape as a string"),
+        ("trust_not_bool.toml", 'model = "demo:digits-mlp"\ntrust = "yes"\n', ["'trust' must be true or false"],
+         "trust = \"yes\""),
+    ]
+    for name, body, expect, why in recipes:
+        c.case(f"recipes/{name}", "recipe", R, expect, why, body)
+    c.case("recipes/latin1.toml", "recipe", R, ["could not be read as text"], "bytes that are not UTF-8",
+           b'model = "caf\xe9"\n')
+    c.case("recipes/missing.toml", "recipe", R, ["recipe file not found"], "a recipe path that does not exist")
+    # recipes that parse but name a broken model or data file: the error names *that* file
+    c.case("recipes/model_not_found.toml", "run", M, ["no_such_model.onnx", "not found"],
+           "the model path does not exist", 'model = "no_such_model.onnx"\n',
+           names="no_such_model.onnx")
+    c.case("recipes/corrupt_model.toml", "run", M, ["readme_renamed.onnx", INVALID_ONNX],
+           "the model is a text file renamed .onnx", 'model = "../models/readme_renamed.onnx"\n',
+           names="readme_renamed.onnx")
+    c.case("recipes/bad_data.toml", "run", D, ["label_count.npz", "17 labels for 20 samples"],
+           "the data has fewer labels than samples",
+           'model = "../good/tiny.onnx"\ndata = "../data/label_count.npz"\n', names="label_count.npz")
+    c.case("recipes/nan_model.toml", "run", "NumericalError", ["nan_outputs.onnx", "NaN"],
+           "the model's outputs are NaN", 'model = "../models/nan_outputs.onnx"\n', names="nan_outputs.onnx")
+
+    c.write(MANIFEST, json.dumps({"version": 1, "cases": c.cases}, indent=1) + "\n")
+    return c.cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "tests" / "corpus"))
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    cases = build(Path(args.out))
+    total = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"wrote {len(cases)} cases ({total / 1024:.0f} KB) to {os.path.relpath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
