@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,8 @@ def _load_demo(ref: str) -> Dataset:
 
 
 def _load_npz(path: Path, model: ModelHandle | None) -> Dataset:
+    if not zipfile.is_zipfile(path):  # np.load would take any other bytes for a pickle
+        raise DataError("not a readable .npz file (not a zip archive of arrays)", path=path)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -193,6 +196,11 @@ def _load_csv(path: Path, model: ModelHandle | None, label_column: str) -> Datas
     if len(rows) < 2:
         raise DataError("has no data rows", path=path)
     header, body = rows[0], [r for r in rows[1:] if r]
+    if not body:
+        raise DataError("has no data rows", path=path)
+    for i, r in enumerate(body):
+        if len(r) != len(header):
+            raise DataError(f"row {i + 2} has {len(r)} columns but the header has {len(header)}", path=path)
     labels = None
     try:
         table = np.array([[float(v) for v in r] for r in body], dtype=np.float32)

@@ -24,4 +24,23 @@ def model_info(ref: str, *, trust: bool = False, arch: str | None = None,
         "warnings": list(handle.warnings),
         "layers": layer_table(handle),
     }
+    problem = _output_problem(handle)
+    if problem:
+        info["warnings"].append(problem)
     return info
+
+
+def _output_problem(handle) -> str | None:
+    """A warning when the model's outputs are NaN/Inf on example inputs (a broken model)."""
+    from .errors import NumericalError
+    from .measure import check_finite
+    from .runtime import predict
+
+    try:
+        probe = {n: x.numpy() for n, x in zip(handle.input_names, handle.example_inputs(2))}
+        check_finite(predict(handle, probe, runtime="torch"), handle.source, "on example inputs")
+    except NumericalError as exc:
+        return f"the model is broken: {exc.message}"
+    except Exception:  # e.g. an input size only data can tell: the probe is optional
+        return None
+    return None

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import torch
 
-from .errors import NumericalError
+from .errors import ModelLoadError, NumericalError, TugboatError
 from .models import ModelHandle, eval_mode
 from .progress import Progress, null_progress
 from .runtime import ort_session, predict, torch_threads
@@ -246,11 +246,14 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
 
 # --- quality -----------------------------------------------------------------------------------
 
-def check_finite(outputs: list[np.ndarray], where: str) -> None:
+def check_finite(outputs: list[np.ndarray], where: str, context: str = "") -> None:
     for i, o in enumerate(outputs):
         if o.dtype.kind == "f" and not np.all(np.isfinite(o)):
             bad = int(np.count_nonzero(~np.isfinite(o)))
-            raise NumericalError(f"output {i} has {bad} NaN/Inf values out of {o.size}", path=where)
+            nan = int(np.count_nonzero(np.isnan(o)))
+            kinds = "NaN" if nan == bad else "Inf" if nan == 0 else f"{nan} NaN, {bad - nan} Inf"
+            raise NumericalError(f"output {i} has {bad} NaN/Inf values out of {o.size} ({kinds})"
+                                 + (f" {context}" if context else ""), path=where)
 
 
 def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray] | None,
@@ -284,7 +287,27 @@ def quality(handle: ModelHandle, data, reference: list[np.ndarray] | None, runti
 def measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
             reference: list[np.ndarray] | None = None, progress: Progress | None = None,
             artifact: bytes | None = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
-    """All metrics of DESIGN.md for one model; returns (metrics, test-split outputs)."""
+    """All metrics of DESIGN.md for one model; returns (metrics, test-split outputs).
+
+    Errors about the model name its file; a user's ONNX file that ONNX Runtime refuses to run is
+    a :class:`ModelLoadError` (a problem with the input), not a crash."""
+    try:
+        return _measure(handle, data, cfg, reference=reference, progress=progress, artifact=artifact)
+    except TugboatError as exc:
+        if exc.path is None:
+            exc.path = handle.source
+            exc.args = (str(exc),)
+        raise
+    except Exception as exc:
+        if handle.format == "onnx" and not handle.history and type(exc).__module__.startswith("onnxruntime"):
+            raise ModelLoadError(f"ONNX Runtime cannot run this graph ({' '.join(str(exc).split())[:200]})",
+                                 path=handle.source) from None
+        raise
+
+
+def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
+             reference: list[np.ndarray] | None = None, progress: Progress | None = None,
+             artifact: bytes | None = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
     cfg = cfg or MeasureConfig()
     progress = progress or null_progress()
     t0 = time.perf_counter()
@@ -309,6 +332,10 @@ def measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
     else:
         metrics["accuracy"] = None
         metrics["fidelity"] = fidelity([np.zeros(1)], None, handle.task == "classification")
+        # no data to judge by: still refuse a model whose outputs are NaN/Inf on example inputs
+        probe = {n: x.numpy() for n, x in zip(handle.input_names, handle.example_inputs(2))}
+        check_finite(predict(handle, probe, runtime=runtime, threads=cfg.threads), handle.source,
+                     "on example inputs")
     progress.update(0.4, "measuring latency")
     samples = data.split("test", limit=cfg.batch)[0] if data is not None else None
     lat = latency_all(handle, cfg, samples, progress)

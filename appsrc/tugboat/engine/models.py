@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import sys
 import types
@@ -127,7 +128,10 @@ class ModelHandle:
         gen = torch.Generator().manual_seed(seed)
         out = []
         for spec in self.inputs:
-            shape = spec.concrete(batch)
+            try:
+                shape = spec.concrete(batch)
+            except ModelLoadError as exc:
+                raise ModelLoadError(exc.message, path=self.source, hint=exc.hint) from None
             if spec.dtype.startswith("int"):
                 high = int(self.info.get("vocab_size", {}).get(spec.name, 2))
                 out.append(torch.randint(0, high, shape, generator=gen, dtype=getattr(torch, spec.dtype)))
@@ -221,7 +225,7 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
         raise ModelLoadError("the file is empty", path=ref)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return load_onnx(path)
+        return _with_shape(load_onnx(path), input_shape, path)
     if suffix == ".pt2":
         return _with_shape(_load_exported(path), input_shape, path)
     if suffix in (".pt", ".pth", ".bin", ".ckpt", ".torchscript", ".jit"):
@@ -299,6 +303,15 @@ def _zip_names(path: Path) -> list[str] | None:
         return None
 
 
+def _looks_pickled(path: Path, names: list[str] | None) -> bool:
+    """A torch.save archive (zip with a data.pkl) or a legacy pickle (protocol 2+ header byte);
+    anything else (text, random bytes) is just not a PyTorch file, not an untrusted pickle."""
+    if names is not None:
+        return any(n.endswith("data.pkl") for n in names)
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _load_torch_file(path: Path, *, trust: bool, arch: str | None) -> ModelHandle:
     names = _zip_names(path)
     if names is not None and any(n.split("/", 1)[-1].startswith("code/") for n in names):
@@ -307,7 +320,8 @@ def _load_torch_file(path: Path, *, trust: bool, arch: str | None) -> ModelHandl
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "Unsupported global" in text or "Unsupported operand" in text or "weights_only" in text:
+        if _looks_pickled(path, names) and (
+                "Unsupported global" in text or "Unsupported operand" in text or "weights_only" in text):
             if not trust:
                 raise UntrustedFileError(
                     "holds pickled Python objects, which can run arbitrary code when loaded; "
@@ -337,10 +351,16 @@ def _load_torchscript(path: Path) -> ModelHandle:
 
 def _load_exported(path: Path) -> ModelHandle:
     extra = {METADATA_NAME: ""}
+    # torch.export logs a full traceback at WARNING before re-raising; the error below says it all
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:
         raise ModelLoadError(f"not a valid torch.export program ({_short(exc)})", path=path) from None
+    finally:
+        export_log.setLevel(level)
     module = program.module()
     handle = ModelHandle(module, [], [], source=str(path), format="pt2")
     meta = _read_meta(extra)
@@ -419,6 +439,30 @@ def check_external_data(model: onnx.ModelProto, path: Path) -> None:
                 f"({location!r}); refused", path=path)
 
 
+ORT_MIN_OPSET = 7  # the oldest default-domain opset ONNX Runtime runs
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}  # what ONNX Runtime implements
+
+
+def check_opsets(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse graphs no runtime here can run: an opset outside the supported range, or operators
+    from custom domains (those need a runtime extension Tugboat does not load)."""
+    newest = onnx.defs.onnx_opset_version()
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset > newest:
+        raise ModelLoadError(f"uses ONNX opset {opset}, newer than this version supports (up to {newest})",
+                             path=path, hint=f"re-export it with opset {ONNX_OPSET}")
+    if opset is not None and opset < ORT_MIN_OPSET:
+        raise ModelLoadError(f"uses ONNX opset {opset}, older than ONNX Runtime supports "
+                             f"({ORT_MIN_OPSET} or newer)",
+                             path=path, hint=f"convert it with onnx.version_converter to opset {ONNX_OPSET}")
+    local = {f.domain for f in model.functions}  # model-local functions are defined in the file
+    for node in model.graph.node:
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            raise ModelLoadError(f"node '{node.name or node.op_type}' uses operator '{node.op_type}' from the "
+                                 f"custom domain '{node.domain}', which no runtime here implements",
+                                 path=path)
+
+
 def _all_tensors(model: onnx.ModelProto):
     yield from model.graph.initializer
     for node in model.graph.node:
@@ -435,6 +479,7 @@ def load_onnx(path: Path) -> ModelHandle:
     if not model.graph.node:
         raise ModelLoadError("not a valid ONNX file (the graph has no nodes)", path=path)
     check_external_data(model, path)
+    check_opsets(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:

@@ -107,7 +107,7 @@ class Technique:
     def validate(self, step: dict[str, Any], where: str) -> dict[str, Any]:
         """Return ``step`` with defaults filled in, or raise RecipeError naming the problem."""
         method = step.get("method", self.default_method or next(iter(self.methods)))
-        if method not in self.methods:
+        if not isinstance(method, str) or method not in self.methods:
             raise RecipeError(
                 f"'{where}.method': unknown {self.name} method {method!r}; "
                 f"valid: {', '.join(self.methods)}" + _did_you_mean(str(method), self.methods)
