@@ -107,10 +107,23 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, dict):
         raise RecipeError("'sweep' must be a table of parameter lists", path=where)
+    for key in ("target", "search"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise RecipeError(f"'{key}' must be a table", path=where)
+    for key in ("name", "arch"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise RecipeError(f"'{key}' must be a string, got {raw[key]!r}", path=where)
+    if not isinstance(raw.get("trust", False), bool):
+        raise RecipeError(f"'trust' must be true or false, got {raw['trust']!r}", path=where)
+    shape = raw.get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or not shape or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise RecipeError(f"'input_shape' must be a list of positive whole numbers (without the batch), "
+                          f"e.g. [1, 8, 8]; got {shape!r}", path=where)
     recipe = Recipe(model=model, data=data, steps=steps, sweep=dict(sweep), measure=cfg,
                     target=dict(raw.get("target", {}) or {}), search=dict(raw.get("search", {}) or {}),
-                    name=raw.get("name"), trust=bool(raw.get("trust", False)), arch=raw.get("arch"),
-                    input_shape=raw.get("input_shape"), source=source)
+                    name=raw.get("name"), trust=raw.get("trust", False), arch=raw.get("arch"),
+                    input_shape=shape, source=source)
     return recipe
 
 
