@@ -125,7 +125,9 @@ def test_save_as_from_window_reopens_and_cli_reports_it(qtbot, tmp_path, capsys)
 
     # reopen in a new window; then save it again: variants without a model in memory are copied
     reopened = make_window(qtbot)
-    reopened.open_workspace(str(saved))
+    assert reopened.settings.last_workspace == str(saved)
+    reopened.restore_last_workspace()  # what `tugboat` with no argument does on start
+    assert reopened.workspace.path == saved
     with qtbot.waitSignal(reopened.session.baseline_ready, timeout=120000):
         pass
     assert reopened.store.get(v.name).metrics == ws.get(v.name).metrics
