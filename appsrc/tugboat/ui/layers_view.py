@@ -190,10 +190,8 @@ class LayersView(QWidget):
         self.session.model_info_ready.connect(self._on_model_info)
         self.store.selection_changed.connect(self._on_selection_changed)
         self.store.cleared.connect(self._on_store_cleared)
-        for name in ("prune", "quantize"):
-            panel = self._panel(name)
-            if panel is not None:
-                panel.step_changed.connect(lambda _s: self._sync_overrides_from_panels())
+        self._connected_panels: set[str] = set()
+        self._connect_panels()
         self._apply_colors()
         self._update_buttons()
 
@@ -217,6 +215,14 @@ class LayersView(QWidget):
         keys = "".join(f" <span style='color:rgb{SERIES[k][1]}'>&#9632; {SERIES[k][0]}</span>"
                        for k in ("params", "flops", "latency"))
         self.cost_plot.setTitle(f"Share (%):{keys}", color=c["foreground"].name(), size="9pt")
+
+    def _connect_panels(self) -> None:
+        """Follow the panels' edits (the window builds its panels after its views: retried)."""
+        for name in ("prune", "quantize"):
+            panel = self._panel(name)
+            if panel is not None and name not in self._connected_panels:
+                panel.step_changed.connect(lambda _s: self._sync_overrides_from_panels())
+                self._connected_panels.add(name)
 
     def _panel(self, name: str):
         return getattr(self.window, "panels", {}).get(name)
@@ -277,6 +283,7 @@ class LayersView(QWidget):
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt
         super().showEvent(event)
+        self._connect_panels()
         if self._stale:
             self.refresh_profile()
 
@@ -439,6 +446,7 @@ class LayersView(QWidget):
         return (sens.get("layers") or {}).get(layer, {})
 
     def _refresh(self) -> None:
+        self._connect_panels()
         self._update_title()
         self._draw_bars()
         self._fill_table()
