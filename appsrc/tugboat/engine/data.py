@@ -157,6 +157,8 @@ def _load_npz(path: Path, model: ModelHandle | None) -> Dataset:
 
 
 def _make_dataset(ref: str, arrays: dict[str, np.ndarray], labels, classes=None) -> Dataset:
+    if not arrays:
+        raise DataError("holds labels but no input arrays", path=ref)
     lengths = {k: (len(v) if v.ndim else 0) for k, v in arrays.items()}
     if any(n == 0 for n in lengths.values()):
         raise DataError("holds no samples (an array is empty)", path=ref)
@@ -164,12 +166,14 @@ def _make_dataset(ref: str, arrays: dict[str, np.ndarray], labels, classes=None)
         raise DataError(f"arrays have different sample counts: {lengths}", path=ref)
     n = next(iter(lengths.values()))
     for k, v in arrays.items():
-        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-            raise DataError(f"array '{k}' contains NaN or Inf values", path=ref)
         if v.dtype.kind not in "fiub":
             raise DataError(f"array '{k}' has dtype {v.dtype}; numbers are needed", path=ref)
         if v.dtype == np.float64:
-            arrays[k] = v.astype(np.float32)
+            with np.errstate(over="ignore"):
+                v = arrays[k] = v.astype(np.float32)
+        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            raise DataError(f"array '{k}' contains NaN or Inf values (or numbers too large for float32)",
+                            path=ref)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
