@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -67,7 +68,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable across a power loss (POSIX; a no-op where folders cannot be opened)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -102,3 +120,79 @@ def parity(handle: ModelHandle, *, batch: int = 4, atol: float = 1e-4) -> float:
         raise ModelLoadError(f"ONNX Runtime and torch disagree by {diff:.3g} (> {atol})",
                              path=handle.source)
     return diff
+
+
+EXPORT_KINDS = ("onnx", "torch", "recipe", "copy")
+
+
+def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: ModelHandle | None = None,
+                   recipe: dict | None = None, source: str | os.PathLike | None = None) -> Path:
+    """The GUI's export job: write a variant as ``onnx``, ``torch`` (torch.export ``.pt2``, TorchScript
+    when the model cannot be exported), its ``recipe`` (TOML), or a ``copy`` of a saved file.
+
+    Cancellable at any point within a fraction of a second (the conversion runs through
+    :func:`cancellable.call`) and atomic: the file is written under a temporary name in the target
+    folder and renamed into place only if the job was not cancelled, so a cancelled or killed export
+    leaves the old file (or none), never a partial one."""
+    from . import cancellable
+    from .errors import Cancelled
+
+    if kind not in EXPORT_KINDS:
+        raise TugboatError(f"unknown export kind {kind!r}; valid: {', '.join(EXPORT_KINDS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    progress.update(0.05, f"exporting {kind}")
+    # the suffix stays last: torch.export.save wants a name ending in .pt2
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+
+    def work() -> None:
+        try:
+            if kind == "recipe":
+                from .recipe import recipe_to_toml
+
+                tmp.write_bytes(recipe_to_toml(recipe or {}).encode("utf-8"))
+            elif kind == "copy":
+                if source is None or not Path(source).is_file():
+                    raise TugboatError("the saved model file is missing", path=str(source))
+                import shutil
+
+                shutil.copyfile(source, tmp)
+            elif handle is None:
+                raise TugboatError("this variant has no model in memory; re-run it first")
+            elif kind == "onnx":
+                model = handle.to_onnx()
+                check_onnx(model, handle.source)
+                tmp.write_bytes(onnx_bytes(model))
+            else:
+                from .models import save_exported, save_torchscript
+
+                if handle.module is None:
+                    raise TugboatError("this variant exists only as ONNX; export it as ONNX", path=handle.source)
+                try:
+                    save_exported(handle, tmp)
+                except Exception:  # torch.export cannot trace every model: TorchScript next
+                    save_torchscript(handle, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            if progress.cancelled:  # abandoned by a cancel: leave nothing behind
+                raise Cancelled()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    try:
+        cancellable.call(work, progress, name="tugboat-export")
+        progress.check()
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        # a helper still writing after a cancel removes what it wrote when it stops (it checks the
+        # token last); whatever it already finished is removed here
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    progress.update(1.0, f"exported {path.name}")
+    return path

@@ -168,7 +168,11 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
 # --- latency -----------------------------------------------------------------------------------
 
 def _time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None) -> list[float]:
+    # a cancel is checked before every run (a token read costs nanoseconds; one run of a large
+    # model at batch 64 can take a second)
     for _ in range(cfg.warmup):
+        if progress is not None:
+            progress.check()
         fn()
     times: list[float] = []
     start = time.perf_counter()
@@ -179,7 +183,7 @@ def _time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None) -> list
         elapsed = time.perf_counter() - start
         if (len(times) >= cfg.min_runs and elapsed >= cfg.min_seconds) or elapsed >= cfg.max_seconds:
             break
-        if progress is not None and len(times) % 10 == 0:
+        if progress is not None:
             progress.check()
     return times
 

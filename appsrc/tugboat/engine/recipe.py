@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import resources
+from . import cancellable, resources
 from . import steps as step_registry
 from .data import Dataset, load_data
 from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
@@ -280,8 +280,9 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
         before = len(handle.history)
         label = describe_step(first_index + i + 1, step)
         out_of_memory = False
-        try:
-            handle = tech.apply(handle, params, data, sub)
+        try:  # on a helper thread: a cancel is honoured within cancellable.POLL_S, at any point
+            handle = cancellable.call(lambda f=tech.apply, h=handle, p=params, s=sub: f(h, p, data, s), progress,
+                                      name=f"tugboat-{tech.name}")
         except Exception as exc:
             if not resources.is_out_of_memory(exc):
                 raise
@@ -311,10 +312,12 @@ class Baseline:
 def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     progress = progress or null_progress()
     progress.update(0.0, f"loading {recipe.model}")
-    handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
-                        input_shape=tuple(recipe.input_shape) if recipe.input_shape else None)
-    data = load_data(recipe.data, handle) if recipe.data else None
-    progress.check()
+    def load():
+        handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
+                            input_shape=tuple(recipe.input_shape) if recipe.input_shape else None)
+        return handle, (load_data(recipe.data, handle) if recipe.data else None)
+
+    handle, data = cancellable.call(load, progress, name="tugboat-load")
     # refuse what cannot fit before any work, for the baseline and every step of the recipe
     resources.check(handle, recipe.steps, data, recipe.measure, where=recipe.source or recipe.model)
     probe = probe_inputs(handle, data)
@@ -326,8 +329,9 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     progress.update(0.3, "measuring the original model")
     metrics = outputs = None
     try:
-        metrics, outputs = measure(handle, data, recipe.measure, reference=None,
-                                   progress=progress.sub(0.3, 1.0, "baseline: "))
+        metrics, outputs = cancellable.call(
+            lambda: measure(handle, data, recipe.measure, reference=None,
+                            progress=progress.sub(0.3, 1.0, "baseline: ")), progress, name="tugboat-measure")
     except Exception as exc:
         if not resources.is_out_of_memory(exc):
             raise
@@ -340,7 +344,9 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
 def finish_variant(variant: Variant, handle: ModelHandle, base: Baseline,
                    progress: Progress) -> Variant:
     """Measure a produced handle against the baseline and fill in the variant."""
-    metrics, _ = measure(handle, base.data, base.cfg, reference=base.outputs, progress=progress)
+    metrics, _ = cancellable.call(
+        lambda: measure(handle, base.data, base.cfg, reference=base.outputs, progress=progress), progress,
+        name="tugboat-measure")
     variant.metrics = metrics
     variant.handle = handle
     variant.info.update(handle.info)
@@ -410,12 +416,13 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
     base = prepare(recipe, progress.sub(0.0, 0.3 if recipe.steps else 0.9))
     variants: list[Variant] = []
     baseline_variant = Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle)
-    write_variant_artifacts(baseline_variant, out)
     if recipe.steps:
-        v = run_variant(base, recipe, progress.sub(0.3, 0.95))
+        variants.append(run_variant(base, recipe, progress.sub(0.3, 0.95)))
+    progress.check()  # a cancelled run writes nothing: every file is written after all the work
+    write_variant_artifacts(baseline_variant, out)
+    for v in variants:
         if v.status == "ok":
             write_variant_artifacts(v, out)
-        variants.append(v)
     report = build_report(recipe, base.metrics, variants, baseline_artifacts=baseline_variant.artifacts)
     write_report(report, out / "report.json")
     progress.update(1.0, "done")
