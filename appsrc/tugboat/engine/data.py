@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -243,10 +244,15 @@ def _load_image_folder(path: Path, model: ModelHandle | None) -> Dataset:
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if c == 1 else "RGB").resize((w, h))
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as exc:
+                with warnings.catch_warnings():
+                    # an image claiming a huge size (a decompression bomb) is refused, not decoded
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(f) as im:
+                        im = im.convert("L" if c == 1 else "RGB").resize((w, h))
+                        arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise DataError(f"image is too large to decode safely ({exc})", path=f) from None
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
                 raise DataError(f"image could not be read ({exc})", path=f) from None
             xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
             ys.append(label)
