@@ -306,3 +306,25 @@ def test_random_csv(work, text, header, with_model):
     head = ",".join(f"p{i}" for i in range(64)) + ",label\n" if header else ""
     path.write_bytes((head + text).encode("utf-8", errors="surrogatepass"))
     expect_only_tugboat_errors("csv", load_data, path, tiny_model() if with_model else None)
+
+
+def _png_bytes() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = _png_bytes()
+
+
+@fuzz_settings(60)
+@given(data=st.data())
+def test_mutated_image_in_folder(work, data):
+    folder = work / "images"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        (folder / cls / "ok.png").write_bytes(PNG)
+    (folder / "b" / "x.png").write_bytes(data.draw(mutations(PNG)))
+    expect_only_tugboat_errors("image-folder", load_data, folder, tiny_model())

@@ -164,6 +164,18 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    data = bytearray(_png(0))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
 def build(out: Path) -> list[dict]:
     import onnx
 
@@ -322,6 +334,11 @@ def build(out: Path) -> list[dict]:
     c.write("data/corrupt_image/one/b.png", truncated(_png(7), 0.3))
     c.case("data/corrupt_image/one/b.png", "data_folder", D, ["image could not be read"],
            "one PNG cut short in an otherwise fine image folder", model=model, folder="data/corrupt_image")
+    for i, cls in enumerate(("zero", "one")):
+        c.write(f"data/image_bomb/{cls}/a.png", _png(i))
+    c.write("data/image_bomb/zero/huge.png", _png_claiming(60000, 60000))
+    c.case("data/image_bomb/zero/huge.png", "data_folder", D, ["too large to decode safely"],
+           "a PNG whose header claims 60000 x 60000 pixels", model=model, folder="data/image_bomb")
 
     # --- recipes: one mistake each ---
     ok_step = '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nratio = 0.5\n'
