@@ -31,6 +31,46 @@ def wait_until(app, condition, timeout: float = 300.0) -> bool:
     return False
 
 
+def shoot_chart(app, window, grab) -> None:
+    """The trade-off chart after a real small sweep on the demo (prune ratios, int8 and fp16, a
+    prune → int8 chain) with the estimate ghost of a pending setting: chart.png."""
+    chart, live = window.chart, getattr(window, "live_preview", None)
+    if not hasattr(chart, "set_ghost") or "prune" not in window.panels:
+        return
+    if live is not None:
+        live.set_enabled(False)  # the sweep below runs explicitly; no preview jobs meanwhile
+    window.session.clear_chain()
+    jobs = []
+    prune = window.show_panel("prune")
+    prune.set_value("finetune_epochs", 1)
+    for ratio in (0.45, 0.75, 0.9):
+        prune.set_value("ratio", ratio)
+        jobs.append(window.run_current())
+    if "quantize" in window.panels:
+        for method in ("static-int8", "fp16", "dynamic-int8"):
+            jobs.append(window.session.run_step({"technique": "quantize", "method": method}))
+        window.session.set_chain([{**prune.step(), "ratio": 0.6}])
+        jobs.append(window.session.run_step({"technique": "quantize", "method": "static-int8"}))
+        window.session.clear_chain()
+    jobs = [j for j in jobs if j is not None]
+    wait_until(app, lambda: all(j.is_ended for j in jobs), 900)
+    wait_until(app, lambda: not window.queue.active(), 120)
+    window.view_tabs.setCurrentWidget(chart)
+    chart.set_axes("size", "quality", colour="latency")
+    best = [n for n in chart.pareto_names() if n != "baseline"]
+    if best:
+        window.store.select(best[len(best) // 2])
+    if live is not None:  # a pending setting's ghost: the estimate, before anything runs
+        live.set_rest_ms(10 ** 7)
+        live.set_enabled(True)
+        prune.set_value("ratio", 0.55)
+    grab(chart, "chart")
+    if live is not None:
+        live.set_enabled(False)
+        live.set_rest_ms(600)
+        live.set_enabled(True)
+
+
 def shoot_dark(app, window, grab) -> None:
     """The main window in the dark palette (what a system in dark mode shows): main-dark.png."""
     from tugboat.ui import theme
@@ -42,6 +82,41 @@ def shoot_dark(app, window, grab) -> None:
     grab(window, "main-dark")
     theme.apply_palette(app, dark=was_dark)
     app.processEvents()
+
+
+def shoot_layers(app, window, grab) -> None:
+    """The Layers view of the demo model with its sensitivity measured and two overrides set (one
+    layer pruned less, one kept in float), the Pruning panel showing the override: layers.png."""
+    view = getattr(window, "layers_view", None)
+    if view is None:
+        return
+    window.store.select("baseline")
+    window.view_tabs.setCurrentWidget(view)
+    wait_until(app, lambda: view.profile_job is not None and view.profile_job.is_ended, 120)
+    job = view.measure_sensitivity()
+    if job is not None:
+        wait_until(app, lambda: job.is_ended, 300)
+    view.set_sparsity("features.3", 0.25)
+    view.set_keep_float("features.0", True)
+    window.show_panel("prune")
+    grab(window, "layers")
+    view.clear_overrides()
+
+
+def shoot_training(app, window, grab) -> None:
+    """The Training view after a real 8-epoch distillation on the demo: training.png."""
+    view = getattr(window, "training_view", None)
+    if view is None or "distill" not in window.panels:
+        return
+    window.session.clear_chain()
+    window.view_tabs.setCurrentWidget(view)
+    panel = window.show_panel("distill")
+    panel.set_value("epochs", 8)
+    job = window.run_current()
+    if job is not None:
+        wait_until(app, lambda: job.is_ended, 600)
+    wait_until(app, lambda: not window.queue.active(), 120)
+    grab(window, "training")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in panels:
         window.show_panel(name)
         grab(window.technique_dock, f"technique_{name}")
+    shoot_chart(app, window, grab)
     grab(window.results_table, "results_table")
     grab(window.jobs_view, "jobs")
+    shoot_layers(app, window, grab)
+    shoot_training(app, window, grab)
     window.notify("Example: prune failed: this model has no torch module (ONNX-only)",
                   "Traceback (most recent call last): ...", "error")
     grab(window.centralWidget(), "notification")

@@ -510,6 +510,34 @@ class LayersView(QWidget):
         if n:
             self.cost_plot.setYRange(-0.5, n - 0.5, padding=0.02)
 
+    def _row_controls(self, row: int, layer: str) -> tuple[QDoubleSpinBox, QCheckBox]:
+        """The sparsity spin box and keep-float check box of a row, made once per layer (made anew
+        when the row shows another layer; the old ones are hidden at once, deleted later)."""
+        spin = self.table.cellWidget(row, COL_SPARSITY)
+        holder = self.table.cellWidget(row, COL_FLOAT)
+        if isinstance(spin, QDoubleSpinBox) and holder is not None and spin.property("layer") == layer:
+            return spin, holder.findChild(QCheckBox)
+        for old in (spin, holder):
+            if old is not None:
+                old.hide()
+        spin = QDoubleSpinBox()
+        spin.setProperty("layer", layer)
+        spin.setRange(NO_OVERRIDE, 0.95)
+        spin.setSingleStep(0.05)
+        spin.setDecimals(2)
+        spin.setSpecialValueText("default")
+        spin.valueChanged.connect(lambda v, name=layer: self._on_spin_changed(name, v))
+        self.table.setCellWidget(row, COL_SPARSITY, spin)
+        holder = QWidget()
+        hl = QHBoxLayout(holder)
+        hl.setContentsMargins(0, 0, 0, 0)
+        hl.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        box = QCheckBox()
+        box.toggled.connect(lambda c, name=layer: self._on_float_toggled(name, c))
+        hl.addWidget(box)
+        self.table.setCellWidget(row, COL_FLOAT, holder)
+        return spin, box
+
     def _fill_table(self) -> None:
         ratios, kept = self.overrides()
         self._syncing = True
@@ -534,28 +562,14 @@ class LayersView(QWidget):
                     if col == 6 and "quant_accuracy_drop" in s:
                         item.setToolTip(f"accuracy drop {100 * s['quant_accuracy_drop']:.1f} points")
                     self.table.setItem(i, col, item)
-                spin = QDoubleSpinBox()
-                spin.setRange(NO_OVERRIDE, 0.95)
-                spin.setSingleStep(0.05)
-                spin.setDecimals(2)
-                spin.setSpecialValueText("default")
+                spin, box = self._row_controls(i, r["layer"])
                 spin.setValue(ratios.get(r["layer"], NO_OVERRIDE))
                 spin.setEnabled(bool(r.get("prunable")))
                 spin.setToolTip("share of this layer's channels the next prune Run removes" if r.get("prunable")
                                 else "not prunable on its own (no weights to remove, or the output layer)")
-                spin.valueChanged.connect(lambda v, layer=r["layer"]: self._on_spin_changed(layer, v))
-                self.table.setCellWidget(i, COL_SPARSITY, spin)
-                holder = QWidget()
-                hl = QHBoxLayout(holder)
-                hl.setContentsMargins(0, 0, 0, 0)
-                hl.setAlignment(Qt.AlignmentFlag.AlignCenter)
-                box = QCheckBox()
                 box.setChecked(r["layer"] in kept)
                 box.setEnabled(bool(r.get("quantizable")))
                 box.setToolTip("keep this layer in float when the next quantize Run quantizes the rest"
                                if r.get("quantizable") else "not quantized (no Conv/Linear weights)")
-                box.toggled.connect(lambda c, layer=r["layer"]: self._on_float_toggled(layer, c))
-                hl.addWidget(box)
-                self.table.setCellWidget(i, COL_FLOAT, holder)
         finally:
             self._syncing = False
