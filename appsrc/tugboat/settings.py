@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -133,4 +134,17 @@ def save_settings(settings: Settings, path: str | os.PathLike | None = None) -> 
     except OSError as exc:
         _log.warning("could not save settings to %s: %s", path, exc)
         return None
+    _remove_stale_temps(path.parent)
     return path
+
+
+def _remove_stale_temps(folder: Path, age_s: float = 600.0) -> None:
+    """Temporary files of saves killed before their rename (another instance's live one is
+    younger than a second, so only old ones go)."""
+    now = time.time()
+    for tmp in folder.glob(".settings-*.json"):
+        try:
+            if now - tmp.stat().st_mtime > age_s:
+                tmp.unlink()
+        except OSError:
+            pass
