@@ -267,13 +267,26 @@ def _keep(channels: int, ratio: float, round_to: int) -> int:
     return max(1, keep)
 
 
+def _layer_ratios(items) -> dict[str, float]:
+    """``["features.7=0.4", ...]`` (the per-layer overrides of the Layers view) as a dict."""
+    out = {}
+    for item in items or []:
+        name, _, value = str(item).partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
 def _prune_structured(profile: ModelProfile, state: _State, ratio: float, ignored: list[str],
-                      round_to: int = 0) -> None:
+                      round_to: int = 0, per_layer: dict[str, float] | None = None) -> None:
+    per_layer = per_layer or {}
     for lay, st in zip(profile.layers, state.layers):
         if lay.depthwise:
             continue  # follows its input below
         if not lay.head and not _matches(lay.name, ignored):
-            st.out_ch = _keep(st.out_ch, ratio, round_to)
+            st.out_ch = _keep(st.out_ch, per_layer.get(lay.name, ratio), round_to)
     for lay, st in zip(profile.layers, state.layers):
         if lay.producer is not None:
             st.in_ch = state.layers[lay.producer].out_ch
@@ -294,11 +307,14 @@ def _apply_step(profile: ModelProfile, state: _State, step: dict[str, Any]) -> b
         if method == "structured":
             if step.get("scope") == "global" or step.get("allocation") == "sensitivity":
                 state.approximate.append("per-layer ratios vary; estimated as uniform")
-            _prune_structured(profile, state, ratio, ignored, int(step.get("round_to") or 0))
+            _prune_structured(profile, state, ratio, ignored, int(step.get("round_to") or 0),
+                              _layer_ratios(step.get("layer_ratios")))
         else:
+            per_layer = _layer_ratios(step.get("layer_ratios"))
             for lay, st in zip(profile.layers, state.layers):
                 if not _matches(lay.name, ignored):
-                    st.sparsity = 1.0 - (1.0 - st.sparsity) * (1.0 - ratio)
+                    r = per_layer.get(lay.name, ratio)
+                    st.sparsity = 1.0 - (1.0 - st.sparsity) * (1.0 - r)
         return True
     if tech == "quantize":
         if method == "qat-int8" and not profile.torch:
