@@ -95,6 +95,41 @@ def shoot_dark(app, window, grab) -> None:
     app.processEvents()
 
 
+def shoot_layers(app, window, grab) -> None:
+    """The Layers view of the demo model with its sensitivity measured and two overrides set (one
+    layer pruned less, one kept in float), the Pruning panel showing the override: layers.png."""
+    view = getattr(window, "layers_view", None)
+    if view is None:
+        return
+    window.store.select("baseline")
+    window.view_tabs.setCurrentWidget(view)
+    wait_until(app, lambda: view.profile_job is not None and view.profile_job.is_ended, 120)
+    job = view.measure_sensitivity()
+    if job is not None:
+        wait_until(app, lambda: job.is_ended, 300)
+    view.set_sparsity("features.3", 0.25)
+    view.set_keep_float("features.0", True)
+    window.show_panel("prune")
+    grab(window, "layers")
+    view.clear_overrides()
+
+
+def shoot_training(app, window, grab) -> None:
+    """The Training view after a real 8-epoch distillation on the demo: training.png."""
+    view = getattr(window, "training_view", None)
+    if view is None or "distill" not in window.panels:
+        return
+    window.session.clear_chain()
+    window.view_tabs.setCurrentWidget(view)
+    panel = window.show_panel("distill")
+    panel.set_value("epochs", 8)
+    job = window.run_current()
+    if job is not None:
+        wait_until(app, lambda: job.is_ended, 600)
+    wait_until(app, lambda: not window.queue.active(), 120)
+    grab(window, "training")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "screenshots"))
@@ -152,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     shoot_chart(app, window, grab)
     grab(window.results_table, "results_table")
     grab(window.jobs_view, "jobs")
+    shoot_layers(app, window, grab)
+    shoot_training(app, window, grab)
     window.notify("Example: prune failed: this model has no torch module (ONNX-only)",
                   "Traceback (most recent call last): ...", "error")
     grab(window.centralWidget(), "notification")
