@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 
 import pytest
 
@@ -13,6 +15,7 @@ from tugboat.cli import main
 from tugboat.engine import resources
 from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import ResourceError
+from tugboat.engine.models import load_model
 from tugboat.engine.recipe import load_recipe, prepare, run_variant
 from tugboat.engine.steps import Param, Technique
 from tugboat.engine.sweep import run_sweep
@@ -82,6 +85,30 @@ def test_estimate_grows_with_the_batch_and_the_suggestion_fits(demo_models, demo
     assert again.peak <= budget
 
 
+def _high_water_mark() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peaks")
+def test_the_estimate_is_above_the_measured_peak_of_a_fine_tune(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, BIG_FINETUNE.replace("4096", "1024")))
+    base = prepare(recipe.with_steps([]))
+    est = resources.estimate(base.handle, recipe.steps, base.data, base.cfg)
+    with open("/proc/self/status", encoding="ascii") as fh:
+        before = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")  # reset the high-water mark to the current size
+    v = run_variant(base, recipe)
+    peak = _high_water_mark() - before
+    print(f"\nfine-tune at batch 1024: estimated {est.peak / 2**20:.0f} MB, measured peak +{peak / 2**20:.0f} MB")
+    assert v.status == "ok"
+    assert peak <= est.peak
+
+
 def test_too_large_a_job_is_refused_before_it_starts(low_memory, tmp_path, monkeypatch, capsys):
     calls = count_calls(monkeypatch, "prune")
     recipe = write_recipe(tmp_path, BIG_FINETUNE)
@@ -89,7 +116,14 @@ def test_too_large_a_job_is_refused_before_it_starts(low_memory, tmp_path, monke
     err = capsys.readouterr().err
     assert code == 2
     assert "needs about" in err and "available" in err
-    assert "lower steps.0.batch_size to 256 (it is 4096)" in err, err
+    suggested = int(re.search(r"lower steps\.0\.batch_size to (\d+) \(it is 4096\)", err).group(1))
+    # the suggestion fits the (pretend) 200 MB, twice that would not
+    step = load_recipe(recipe).steps[0]
+    handle = load_model("demo:digits-cnn")
+    cfg = load_recipe(recipe).measure
+    budget = 0.9 * 200 * 1024**2
+    assert resources.estimate(handle, [{**step, "batch_size": suggested}], None, cfg).peak <= budget
+    assert resources.estimate(handle, [{**step, "batch_size": 2 * suggested}], None, cfg).peak > budget
     assert calls == []  # nothing ran
     assert not (tmp_path / "out" / "report.json").exists()
 
