@@ -190,3 +190,10 @@ def test_pickled_module_asks_for_trust_naming_the_file(qtbot, window, tmp_path):
     assert str(path) in asked[0]
     assert window.session.baseline is None
     assert any("not trusted" in n.label.text() for n in window.notifications.shown())
+
+
+def test_a_bare_step_gets_its_defaults_and_the_chain_prefix_is_kept(window):
+    window.session.chain = window.session.recipe_for({"technique": "prune", "ratio": 0.3}).steps
+    steps = window.session.recipe_for({"technique": "quantize"}).steps
+    assert steps[0] == window.session.chain[0]
+    assert steps[1]["method"] and steps[1]["calibration_samples"] > 0

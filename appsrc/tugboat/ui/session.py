@@ -64,7 +64,9 @@ class Session(QObject):
 
     def recipe_for(self, step: dict[str, Any] | None) -> Recipe:
         steps = [*self.chain, step] if step else list(self.chain)
-        validate_steps(steps, "chain")  # e.g. a torch step after an ONNX-only step
+        # defaults filled in (a bare {"technique": "quantize"} runs), and e.g. a torch step after
+        # an ONNX-only step refused; validation is idempotent, so the chain prefix stays equal
+        steps = validate_steps(steps, "chain")
         return self.base_recipe().with_steps(steps)
 
     # --- loading --------------------------------------------------------------------------------
