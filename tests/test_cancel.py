@@ -248,6 +248,7 @@ def test_prune_job_in_the_gui_queue(qtbot, base, scratch):
         with qtbot.waitSignal(export.cancelled, timeout=5000):
             export.cancel()
         latency = time.monotonic() - t0
+        LATENCIES["export job in the GUI queue"] = latency
         print(f"\ncancel latency GUI JobQueue export: {latency * 1000:.0f} ms")
         assert latency < BOUND_S
         assert cancellable.wait_abandoned(30)
@@ -263,3 +264,16 @@ def test_zz_summary():
         print(f"  {kind:<28} {s * 1000:6.0f} ms")
     if len(LATENCIES) >= 8:
         assert max(LATENCIES.values()) < BOUND_S
+
+
+def test_export_kinds_write_complete_files_only(tmp_path):
+    """The other export kinds go through the same temp-file-and-rename path."""
+    handle = _wide_handle()
+    onnx_file = export_variant(tmp_path / "a.onnx", "onnx", Progress(), handle=handle)
+    copy = export_variant(tmp_path / "b.onnx", "copy", Progress(), source=onnx_file)
+    assert copy.read_bytes() == onnx_file.read_bytes()
+    toml = export_variant(tmp_path / "r.toml", "recipe", Progress(), recipe={"model": "demo:x", "steps": []})
+    assert 'model = "demo:x"' in toml.read_text()
+    with pytest.raises(Exception, match="missing"):
+        export_variant(tmp_path / "c.onnx", "copy", Progress(), source=tmp_path / "nope.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "r.toml"]
