@@ -277,3 +277,21 @@ def test_export_kinds_write_complete_files_only(tmp_path):
     with pytest.raises(Exception, match="missing"):
         export_variant(tmp_path / "c.onnx", "copy", Progress(), source=tmp_path / "nope.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "r.toml"]
+
+
+def test_onnx_runtime_calibration_itself_stops_at_the_next_batch(base, scratch):
+    """Without the helper thread: ONNX Runtime's calibration loop calls our data reader per batch
+    of 32 samples, and the reader's progress check raises through quantize_static, which removes
+    its temporary folder on the way out."""
+    import numpy as np
+
+    from tugboat.engine.quantize import static_int8
+
+    calib = [np.random.default_rng(0).random((3200, 1, 8, 8), dtype=np.float32)]
+    c = CancelDuring(r"calibrating: batch 3/", 0.0)
+    t0 = time.monotonic()
+    c.run("ORT calibration (no helper)", lambda p: static_int8(base.handle.to_onnx(), base.handle.input_names,
+                                                               calib, {"calibration": "minmax"}, p))
+    assert c.last[1].startswith("calibrating: batch") and int(c.last[1].split()[2].split("/")[0]) <= 5
+    assert time.monotonic() - t0 < 5
+    assert _leftovers(scratch) == []
