@@ -252,7 +252,7 @@ def _load_image_folder(path: Path, model: ModelHandle | None) -> Dataset:
                         arr = np.asarray(im, dtype=np.float32) / 255.0
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
                 raise DataError(f"image is too large to decode safely ({exc})", path=f) from None
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's parse errors
                 raise DataError(f"image could not be read ({exc})", path=f) from None
             xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
             ys.append(label)

@@ -489,6 +489,13 @@ def load_onnx(path: Path) -> ModelHandle:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelLoadError(f"the ONNX graph is invalid: {_short(exc, 300)}", path=path) from None
+    from onnx import numpy_helper
+
+    for tensor in _all_tensors(model):  # the checker does not compare a weight's bytes with its shape
+        try:
+            numpy_helper.to_array(tensor)
+        except Exception as exc:
+            raise ModelLoadError(f"weight '{tensor.name}' is corrupt ({_short(exc)})", path=path) from None
     inits = {i.name for i in model.graph.initializer}
     inputs = [_spec(v) for v in model.graph.input if v.name not in inits]
     outputs = [_spec(v) for v in model.graph.output]
