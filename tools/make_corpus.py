@@ -246,6 +246,12 @@ def build(out: Path) -> list[dict]:
     e.key, e.value = "location", "tiny.onnx.data"
     c.case("models/missing_external_data.onnx", "model", M, ["external weight data"],
            "weights stored in a side file that is missing", missing_ext.SerializeToString())
+    short_w = tiny_onnx()
+    w0 = short_w.graph.initializer[0]
+    w0.float_data.extend([1.0, 2.0, 3.0])  # 643 values for a 10 x 64 weight
+    c.case("models/weights_wrong_length.onnx", "model", M, ["weight 'w' is corrupt"],
+           "a weight with more values than its shape holds (the ONNX checker does not notice)",
+           short_w.SerializeToString())
     c.case("models/weights.h5", "model", M, ["unknown model format '.h5'"], "a Keras file extension",
            rng.bytes(256))
     c.write("models/folder.onnx/README.txt", "A folder, so that git keeps it.\n")
