@@ -331,7 +331,17 @@ def _load_torch_file(path: Path, *, trust: bool, arch: str | None) -> ModelHandl
                     "(or confirm in the app)",
                 ) from None
             return _load_pickled_module(path)
-        raise ModelLoadError(f"not a readable PyTorch file ({_short(exc)})", path=path) from None
+        # torch's weights_only message suggests weights_only=False: wrong for a file that is no pickle
+        if names is not None and not any(n.endswith("data.pkl") for n in names):
+            detail = "a zip archive, but not one torch.save wrote: it has no data.pkl"
+        elif names is None and not _looks_pickled(path, names):
+            with open(path, "rb") as f:
+                damaged_zip = f.read(4) == b"PK\x03\x04"
+            detail = ("a damaged zip archive: cut short or corrupted" if damaged_zip
+                      else "neither a zip archive nor a pickle")
+        else:
+            detail = _short(exc)
+        raise ModelLoadError(f"not a readable PyTorch file ({detail})" + _text_note(path), path=path) from None
     if isinstance(obj, dict):
         state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
         meta = obj.get("tugboat", {}) if isinstance(obj.get("tugboat"), dict) else {}
@@ -358,7 +368,8 @@ def _load_exported(path: Path) -> ModelHandle:
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:
-        raise ModelLoadError(f"not a valid torch.export program ({_short(exc)})", path=path) from None
+        raise ModelLoadError(f"not a valid torch.export program ({_short(exc)})" + _text_note(path),
+                             path=path) from None
     finally:
         export_log.setLevel(level)
     module = program.module()
@@ -475,7 +486,7 @@ def load_onnx(path: Path) -> ModelHandle:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelLoadError(f"not a valid ONNX file ({_short(exc)})", path=path) from None
+        raise ModelLoadError(f"not a valid ONNX file ({_short(exc)})" + _text_note(path), path=path) from None
     if not model.graph.node:
         raise ModelLoadError("not a valid ONNX file (the graph has no nodes)", path=path)
     check_external_data(model, path)
@@ -597,6 +608,20 @@ def _failing_op(text: str) -> str:
     if m:
         return f"'{m.group(1)}' (opset {m.group(2)})"
     return f"(a converter refused: {' '.join(text.split())[:120]})"
+
+
+def _text_note(path: Path) -> str:
+    """'; it is a text file' when the start of the file is readable text (a renamed README, an
+    HTML error page saved instead of the download), which says more than the parser's error."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        text = head.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+    if head and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"; it is a text file starting {' '.join(text.split())[:40]!r}"
+    return ""
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
