@@ -194,9 +194,10 @@ def build(out: Path) -> list[dict]:
     # --- models: empty, text, random, truncated, bit-flipped in every format ---
     for ext in ("onnx", "pt", "pth", "pt2"):
         c.case(f"models/empty.{ext}", "model", M, ["empty"], "zero bytes", b"")
-    c.case("models/readme_renamed.onnx", "model", M, [INVALID_ONNX], "a text file renamed .onnx", text)
-    c.case("models/readme_renamed.pt", "model", M, [BAD_PT], "a text file renamed .pt", text)
-    c.case("models/readme_renamed.pt2", "model", M, [BAD_PT2], "a text file renamed .pt2", text)
+    c.case("models/readme_renamed.onnx", "model", M, [INVALID_ONNX, "it is a text file"],
+           "a text file renamed .onnx", text)
+    c.case("models/readme_renamed.pt", "model", M, [BAD_PT, "it is a text file"], "a text file renamed .pt", text)
+    c.case("models/readme_renamed.pt2", "model", M, [BAD_PT2, "it is a text file"], "a text file renamed .pt2", text)
     c.case("models/random_bytes.onnx", "model", M, [INVALID_ONNX], "4 KB of random bytes",
            rng.bytes(4096))
     c.case("models/random_bytes.pt", "model", M, [BAD_PT], "4 KB of random bytes", rng.bytes(4096))
