@@ -88,19 +88,6 @@ def test_open_refuses_what_is_not_a_workspace(tmp_path):
         Workspace.open(tmp_path)
 
 
-def test_gui_workspace_reader_reads_our_workspace(tmp_path):
-    """The GUI's interim reader (ui.workspace_io) understands the same workspace.json."""
-    pytest.importorskip("PySide6")
-    from tugboat.ui.workspace_io import WorkspaceFile
-
-    ws = Workspace.create(tmp_path / "ws", model="demo:digits-cnn", data="demo:digits")
-    ws.set_baseline(Variant("baseline", {"steps": []}, _metrics(5, 1.0, 0.5)))
-    ws.add_variant(Variant("v", {"steps": []}, _metrics(4, 1.0, 0.5)))
-    gui = WorkspaceFile.open(tmp_path / "ws")
-    assert gui.model == "demo:digits-cnn" and [v.name for v in gui.variants()] == ["v"]
-    assert gui.baseline.metrics["size_bytes"] == 5
-
-
 KILL_RECIPE = """
 [[steps]]
 technique = "prune"

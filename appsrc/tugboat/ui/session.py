@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from PySide6.QtCore import QObject, Signal
 
 from ..engine.errors import RecipeError, UntrustedFileError
 from ..engine.measure import MeasureConfig
-from ..engine.recipe import Baseline, Recipe, Variant, recipe_to_toml, validate_steps, variant_name
+from ..engine.recipe import Baseline, Recipe, Variant, validate_steps, variant_name
 from ..jobs import Job, JobQueue
 from .store import BASELINE, VariantStore
 
@@ -236,30 +235,20 @@ class Session(QObject):
             return None
         handle, recipe = v.handle, dict(v.recipe)
 
+        saved = v.artifacts.get("onnx") if kind == "onnx" else None
+        source = os.path.join(artifact_dir, saved) if saved and artifact_dir else None
+        if kind != "recipe" and handle is None and not (source and os.path.exists(source)):
+            self.error.emit(f"Variant {name!r} has no model in memory; re-run it first.", "")
+            return None
+        if kind == "torch" and handle is not None and handle.module is None:
+            self.error.emit(f"Variant {name!r} exists only as ONNX; export it as ONNX.", "")
+            return None
+
         def work(progress):
-            from ..engine.export import atomic_write_bytes
+            # atomic and cancellable: a cancelled export leaves the old file (or none), never a part
+            from ..engine.export import export_variant
 
-            progress.update(0.1, f"exporting {kind}")
-            if kind == "recipe":
-                atomic_write_bytes(path, recipe_to_toml(recipe).encode("utf-8"))
-                return path
-            if handle is None:
-                saved = v.artifacts.get("onnx") if kind == "onnx" else None
-                if saved and artifact_dir and os.path.exists(os.path.join(artifact_dir, saved)):
-                    shutil.copyfile(os.path.join(artifact_dir, saved), path)
-                    return path
-                raise RecipeError(f"variant {name!r} has no model in memory; re-run it first")
-            if kind == "onnx":
-                from ..engine.export import write_onnx
-
-                return str(write_onnx(handle, path))
-            from ..engine.models import save_exported, save_torchscript
-
-            if handle.module is None:
-                raise RecipeError(f"variant {name!r} exists only as ONNX; export it as ONNX")
-            try:
-                return str(save_exported(handle, path))
-            except Exception:  # torch.export cannot trace every model: TorchScript next
-                return str(save_torchscript(handle, path))
+            use = "copy" if kind != "recipe" and handle is None else kind
+            return str(export_variant(path, use, progress, handle=handle, recipe=recipe, source=source))
 
         return self.queue.submit(work, name=f"export {name} ({kind})", kind="export")
