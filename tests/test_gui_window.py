@@ -59,6 +59,15 @@ def test_tugboat_demo_starts_and_quits_cleanly(python, tmp_path):
     assert saved["last_model"] == "demo:digits-cnn" and saved["geometry"]
 
 
+def test_quitting_while_the_demo_still_loads_exits_cleanly(python, tmp_path):
+    """Closing the window mid-job (load and measure still running) cancels it and exits 0."""
+    env = {**os.environ, "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg"), "QT_QPA_PLATFORM": "offscreen"}
+    proc = subprocess.run([python, "-m", "tugboat", "--demo", "--quit-after", "0.5"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Abort" not in proc.stderr
+
+
 def test_empty_state_then_demo_then_prune_variant_in_table(qtbot, window):
     assert window.stack.currentWidget() is window.empty_state
     assert window.empty_state.demo_button.text() == "Try the demo"

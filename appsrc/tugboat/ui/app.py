@@ -59,7 +59,35 @@ def main(args) -> int:
         QTimer.singleShot(int(quit_after * 1000) + 50, app.quit)
     code = app.exec()
     window.queue.shutdown(timeout=5.0)
-    return int(code)
+    return _exit_cleanly(int(code))
+
+
+def _exit_cleanly(code: int) -> int:
+    """Return ``code``, or end the process at once when work is still running on a thread.
+
+    A cancelled job's uninterruptible part (an ONNX export, ONNX Runtime's quantizer) may still run
+    on a daemon thread; letting the interpreter finalise under native code that is still executing
+    can abort the process. Settings and workspaces are already written atomically by now, so the
+    safe way out is ``os._exit`` after flushing the standard streams."""
+    import contextlib
+    import os
+    import threading
+    import time
+
+    from ..engine import cancellable
+
+    deadline = time.monotonic() + 3.0
+    busy = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+            and (t.name.startswith("tugboat-") or t in cancellable.abandoned())]
+    while busy and time.monotonic() < deadline:
+        busy[0].join(timeout=0.1)
+        busy = [t for t in busy if t.is_alive()]
+    if busy:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed stream must not stop the exit
+                stream.flush()
+        os._exit(code)
+    return code
 
 
 def run() -> int:
