@@ -206,3 +206,16 @@ def test_a_bare_step_gets_its_defaults_and_the_chain_prefix_is_kept(window):
     steps = window.session.recipe_for({"technique": "quantize"}).steps
     assert steps[0] == window.session.chain[0]
     assert steps[1]["method"] and steps[1]["calibration_samples"] > 0
+
+
+def test_a_failed_load_keeps_the_loaded_model_for_the_next_run(qtbot, window, tmp_path):
+    load_demo(qtbot, window)
+    bad = tmp_path / "broken.onnx"
+    bad.write_text("not a model")
+    job = window.load_model(str(bad))
+    with qtbot.waitSignal(job.failed, timeout=60000):
+        pass
+    qtbot.waitUntil(lambda: "loading" not in window.model_panel.fields["Model"].text(), timeout=5000)
+    assert window.model_panel.fields["Model"].text() == "demo:digits-cnn"
+    assert window.session.model_ref == "demo:digits-cnn"
+    assert window.session.recipe_for(None).model == "demo:digits-cnn"

@@ -329,6 +329,7 @@ class MainWindow(QMainWindow):
     def _connect(self) -> None:
         s = self.session
         s.loading.connect(self._on_session_loading)
+        s.load_ended.connect(self._on_session_load_ended)
         s.model_info_ready.connect(self.model_panel.show_info)
         s.data_ready.connect(self.data_panel.show_summary)
         s.baseline_ready.connect(self._on_baseline_ready)
@@ -420,7 +421,18 @@ class MainWindow(QMainWindow):
             self.session.load(self.session.model_ref, self.session.data_ref, trust=True)
         else:
             self.notify(f"Not loaded: {path} was not trusted (nothing was unpickled).", message, "info")
-            self.model_panel.fields["Model"].setText("-")
+            self.session.abandon_load("not trusted")
+
+    def _on_session_load_ended(self, still_loaded: str, reason: str) -> None:
+        """A load failed or was cancelled: the panels show what is loaded, not "loading..."."""
+        info, data = self.session.info, self.session.baseline
+        if still_loaded and info is not None:
+            self.model_panel.show_info(info)
+            self.data_panel.show_summary(data.data.summary() if data is not None and data.data is not None
+                                         else None)
+        else:
+            self.model_panel.show_not_loaded(reason)
+            self.data_panel.show_summary(None)
 
     def _on_session_loading(self, model: str, data: str) -> None:
         self.model_panel.show_loading(model)

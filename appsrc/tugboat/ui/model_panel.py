@@ -95,6 +95,10 @@ class ModelPanel(QWidget):
     def show_loading(self, ref: str) -> None:
         self.fields["Model"].setText(f"{ref} (loading...)")
 
+    def show_not_loaded(self, reason: str) -> None:
+        why = {"cancelled": "the last load was cancelled", "not trusted": "the file was not trusted"}
+        self.fields["Model"].setText(f"none ({why.get(reason, 'the last load failed: see the message')})")
+
     def show_info(self, info: dict[str, Any]) -> None:
         f = self.fields
         f["Model"].setText(str(info.get("source", "-")))

@@ -32,6 +32,7 @@ class _Untrusted:
 
 class Session(QObject):
     loading = Signal(str, str)  # model ref, data ref ("" if none)
+    load_ended = Signal(str, str)  # a load failed or was cancelled: model still loaded ("" if none), why
     baseline_ready = Signal(object)  # engine Baseline
     model_info_ready = Signal(dict)  # engine.info.model_info(...) result
     data_ready = Signal(object)  # Dataset summary dict, or None without data
@@ -51,6 +52,7 @@ class Session(QObject):
         self.measure = MeasureConfig()
         self.baseline: Baseline | None = None
         self.info: dict[str, Any] | None = None
+        self._before_load: tuple[str, str, bool] = ("", "", False)
         self.chain: list[dict[str, Any]] = []
         self.chain_from: str | None = None  # variant whose model the chain starts from (reuse)
         self.sweep: list[dict[str, Any]] = []
@@ -78,6 +80,9 @@ class Session(QObject):
             return None
         if self.load_job is not None and not self.load_job.is_ended:
             self.load_job.cancel()
+        previous = (self.model_ref, self.data_ref, self.trust)
+        if self.load_job is None or self.load_job.is_ended:  # not while another load is pending
+            self._before_load = previous
         self.model_ref, self.data_ref, self.trust = str(model_ref), str(data_ref or ""), trust
         recipe = self.base_recipe()
         self.loading.emit(self.model_ref, self.data_ref)
@@ -96,8 +101,22 @@ class Session(QObject):
 
         job = self.queue.submit(work, name=f"load {Path(self.model_ref).name}", kind="load")
         job.finished.connect(self._on_load_finished)
+        job.failed.connect(lambda msg, _det, j=job: self._on_load_ended(j, msg))
+        job.cancelled.connect(lambda j=job: self._on_load_ended(j, "cancelled"))
         self.load_job = job
         return job
+
+    def abandon_load(self, reason: str) -> None:
+        """The user declined to trust the file: as if the load had failed."""
+        self._on_load_ended(self.load_job, reason)
+
+    def _on_load_ended(self, job: Job | None, reason: str) -> None:
+        """A failed or cancelled load: the model that was loaded before stays the one recipes use."""
+        if job is not self.load_job:  # a newer load superseded this one
+            return
+        if self.baseline is not None:
+            self.model_ref, self.data_ref, self.trust = self._before_load
+        self.load_ended.emit(self.model_ref if self.baseline is not None else "", reason)
 
     def _on_load_finished(self, result: object) -> None:
         if isinstance(result, _Untrusted):
