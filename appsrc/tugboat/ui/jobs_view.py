@@ -137,6 +137,8 @@ class JobsView(QWidget):
                 self._append_log(job.details.rstrip())
         elif state in (DONE, CANCELLED):
             self._append_log(f"{state}: {job.name} ({job.elapsed():.1f} s)")
+            if state == DONE and job.kind == "save":  # routine autosaves stay in the log only
+                self._remove_row(job.id)
         elif state == "running":
             self._append_log(f"started: {job.name}")
 
@@ -147,6 +149,13 @@ class JobsView(QWidget):
         for row in self.rows.values():
             if row.job.is_running:
                 row.refresh()
+
+    def _remove_row(self, job_id) -> None:
+        row = self.rows.pop(job_id, None)
+        if row is not None:
+            row.setParent(None)
+            row.deleteLater()
+        self.empty.setVisible(not self.rows)
 
     def _on_clear(self) -> None:
         for job_id, row in list(self.rows.items()):
