@@ -175,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     if "prune" in panels and len(window.store) > 1:
         names = [n for n in window.store.names() if n != "baseline"]
         window.store.select(names[0])
-    grab(window, "main_window")
-    shoot_dark(app, window, grab)
     grab(window.model_panel, "model_panel")
     window.left_tabs.setCurrentWidget(window.data_panel)
     grab(window.data_panel, "data_panel")
@@ -185,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         window.show_panel(name)
         grab(window.technique_dock, f"technique_{name}")
     shoot_chart(app, window, grab)
+    # the README's picture: the whole window with the chart of that sweep (no pending ghost)
+    if hasattr(window.chart, "set_ghost"):
+        window.chart.set_ghost(None)
+    window.view_tabs.setCurrentWidget(window.chart)
+    grab(window, "main_window")
+    shoot_dark(app, window, grab)
     grab(window.results_table, "results_table")
     grab(window.jobs_view, "jobs")
     shoot_layers(app, window, grab)
