@@ -164,6 +164,8 @@ class Job(QObject):
 
     # --- worker side -----------------------------------------------------------------------------
     def _start(self) -> None:
+        _release_finished_jobs()
+        _in_flight.append(self)
         self._thread = threading.Thread(target=self._run, name=f"tugboat-job-{self.id}", daemon=True)
         self.state = RUNNING
         self.started_at = time.monotonic()
@@ -254,6 +256,23 @@ class Job(QObject):
         self.state_changed.emit(state)
 
 
+# Jobs whose worker (or an abandoned helper of a cancelled step) may still hold a reference. A Qt
+# object must never be destroyed on a worker thread: if a worker dropped the last reference, the
+# Job (and through its connections the queue and its other jobs) would be destroyed there while the
+# GUI thread holds the GIL and waits for Qt's lock: a deadlock. So the GUI thread keeps them here
+# and lets go only once every such thread has ended.
+_in_flight: list[Job] = []
+
+
+def _release_finished_jobs() -> None:
+    """GUI thread only: forget jobs whose threads are all gone (the last reference dies here)."""
+    from ..engine import cancellable
+
+    if cancellable.abandoned():
+        return
+    _in_flight[:] = [j for j in _in_flight if j._thread is not None and j._thread.is_alive()]
+
+
 class JobQueue(QObject):
     """One queue for the app. Jobs run in submission order, ``max_running`` at a time, each on its
     own worker thread (with the default of one, compute-heavy jobs do not fight over two cores)."""
@@ -292,6 +311,7 @@ class JobQueue(QObject):
             job.cancel()
 
     def clear_ended(self) -> None:
+        _release_finished_jobs()
         ended = [j for j in self._jobs if j.is_ended]
         if ended:
             self._jobs = [j for j in self._jobs if not j.is_ended]
@@ -315,6 +335,7 @@ class JobQueue(QObject):
         return self.wait_all(timeout)
 
     def _on_job_state(self, job: Job) -> None:
+        _release_finished_jobs()
         if job.is_ended:
             self.job_ended.emit(job)
             self._schedule()
