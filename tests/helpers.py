@@ -67,3 +67,14 @@ def outputs_of(module: nn.Module, *inputs: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
         out = module(*inputs)
     return out.numpy()
+
+
+def run_prune(qtbot, window, ratio: float):
+    """In the real window: one structured-pruning variant at ``ratio`` (no fine-tuning), waited for."""
+    panel = window.show_panel("prune")
+    panel.set_value("finetune_epochs", 0)
+    panel.set_value("ratio", ratio)
+    before = len(window.store)
+    panel.run_button.click()
+    qtbot.waitUntil(lambda: len(window.store) == before + 1, timeout=120000)
+    return window.store.variants()[-1]

@@ -12,6 +12,7 @@ from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import QApplication, QPlainTextEdit
 
+from helpers import run_prune
 from tugboat.engine.measure import MeasureConfig
 from tugboat.engine.recipe import Variant, load_recipe
 from tugboat.engine.workspace import Workspace
@@ -36,16 +37,6 @@ def window(qtbot):
 def wait_baseline(qtbot, window) -> None:
     with qtbot.waitSignal(window.session.baseline_ready, timeout=120000):
         pass
-
-
-def run_prune(qtbot, window, ratio: float):
-    panel = window.show_panel("prune")
-    panel.set_value("finetune_epochs", 0)
-    panel.set_value("ratio", ratio)
-    before = len(window.store)
-    panel.run_button.click()
-    qtbot.waitUntil(lambda: len(window.store) == before + 1, timeout=120000)
-    return window.store.variants()[-1]
 
 
 def menu_action(window, name: str, text: str):

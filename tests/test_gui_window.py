@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from helpers import run_prune
 from tugboat.engine.measure import MeasureConfig
 from tugboat.jobs import CANCELLED
 from tugboat.ui.main_window import MainWindow
@@ -37,16 +38,6 @@ def load_demo(qtbot, window):
         pass
     assert job.state == "done"
     return job
-
-
-def run_prune(qtbot, window, ratio: float):
-    panel = window.show_panel("prune")
-    panel.set_value("finetune_epochs", 0)
-    panel.set_value("ratio", ratio)
-    before = len(window.store)
-    panel.run_button.click()
-    qtbot.waitUntil(lambda: len(window.store) == before + 1, timeout=120000)
-    return window.store.variants()[-1]
 
 
 def test_tugboat_demo_starts_and_quits_cleanly(python, tmp_path):

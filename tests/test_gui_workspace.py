@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from helpers import run_prune
 from sweep_support import report_schema
 from tugboat import cli
 from tugboat.engine.measure import MeasureConfig
@@ -35,16 +36,6 @@ def make_window(qtbot) -> MainWindow:
 
 def wait_idle(qtbot, window) -> None:
     qtbot.waitUntil(lambda: not window.queue.active(), timeout=120000)
-
-
-def run_prune(qtbot, window, ratio: float):
-    panel = window.show_panel("prune")
-    panel.set_value("finetune_epochs", 0)
-    panel.set_value("ratio", ratio)
-    before = len(window.store)
-    panel.run_button.click()
-    qtbot.waitUntil(lambda: len(window.store) == before + 1, timeout=120000)
-    return window.store.variants()[-1]
 
 
 def cli_report(capsys, path) -> str:
