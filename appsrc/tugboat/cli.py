@@ -69,6 +69,10 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _fmt_count(n: int | None) -> str:
     if n is None:
         return "-"
@@ -88,6 +92,26 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"--input-shape must be integers like 1,8,8, got {text!r}") from None
+
+
+TRUST_HELP = ("allow unpickling the model file and a distillation student_file of this run (runs code "
+              "from them: only for files you trust); never read from a recipe, never saved")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
+def print_notes(recipe) -> None:
+    """Warnings found while reading a recipe (e.g. a trust flag, which is ignored)."""
+    for note in getattr(recipe, "notes", []):
+        print(f"tugboat: warning: {note}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a recipe file (TOML). Without steps it measures the baseline.")
     p.add_argument("recipe", help="recipe file (.toml)")
     p.add_argument("--out", required=True, help="output folder (artifacts and report.json)")
-    p.add_argument("--trust", action="store_true", help="allow unpickling the model file (only if you trust it)")
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("sweep", help="run every combination of a recipe's [sweep] table into a workspace",
@@ -125,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe file (.toml) with a [sweep] or [target] table")
     p.add_argument("--out", required=True, help="workspace folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished variants are kept")
-    p.add_argument("--trust", action="store_true", help="allow unpickling the model file (only if you trust it)")
+    p.add_argument("--max-variants", type=_positive_int, metavar="N",
+                   help="allow a [sweep] grid of up to N combinations (default 1000)")
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("report", help="summarise a run or sweep folder; write HTML or CSV",
@@ -210,7 +236,8 @@ def cmd_run(args) -> int:
     from .engine.recipe import load_recipe, run
 
     recipe = load_recipe(args.recipe)
-    recipe.trust = recipe.trust or args.trust
+    print_notes(recipe)
+    recipe.trust = bool(args.trust)  # per run: a recipe file never grants trust
     bar = TerminalProgress(enabled=not args.quiet)
     try:
         report = run(recipe, args.out, Progress(bar))
@@ -241,7 +268,7 @@ def format_summary(report: dict[str, Any]) -> str:
         agree = (m.get("fidelity") or {}).get("top1_agreement")
         out.append(
             f"{name:<{width}}  {_fmt_bytes(m.get('size_bytes')):>9} {_fmt_bytes(m.get('compressed_bytes')):>9} "
-            f"{_fmt_count(m.get('params')):>8} {lat.get('median', 0):>7.3f} ms "
+            f"{_fmt_count(m.get('params')):>8} {_fmt_ms(lat.get('median')):>7} ms "
             f"{(f'{acc * 100:.2f}%' if acc is not None else '-'):>8} "
             f"{(f'{agree:.3f}' if agree is not None else '-'):>6}"
             + (" *" if name in pareto else ""))

@@ -6,7 +6,6 @@ Lives outside :mod:`tugboat.engine` because the HTML report's chart is drawn wit
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,14 @@ EXIT_USAGE = 2
 
 
 def run_sweep_cli(args) -> int:
-    from .cli import TerminalProgress, format_summary
+    from .cli import TerminalProgress, format_summary, print_notes
     from .engine.progress import Progress
     from .engine.recipe import load_recipe
     from .engine.sweep import run_sweep
 
     recipe = load_recipe(args.recipe)
-    recipe.trust = recipe.trust or getattr(args, "trust", False)
+    print_notes(recipe)
+    recipe.trust = bool(getattr(args, "trust", False))  # per run: a recipe file never grants trust
     quiet = getattr(args, "quiet", False)
     bar = TerminalProgress(enabled=not quiet)
 
@@ -33,7 +33,8 @@ def run_sweep_cli(args) -> int:
         print(msg, file=bar.stream, flush=True)
 
     try:
-        result = run_sweep(recipe, args.out, resume=args.resume, progress=Progress(bar), log=log)
+        result = run_sweep(recipe, args.out, resume=args.resume, progress=Progress(bar), log=log,
+                           max_variants=getattr(args, "max_variants", None))
     finally:
         bar.close()
     report = result.workspace.report()
@@ -55,8 +56,10 @@ def run_sweep_cli(args) -> int:
 
 
 def load_any_report(folder: str | Path) -> dict[str, Any]:
-    """The report of a workspace (``workspace.json``) or of a ``tugboat run`` folder (``report.json``)."""
+    """The report of a workspace (``workspace.json``) or of a ``tugboat run`` folder (``report.json``),
+    validated (:mod:`tugboat.engine.stored`): a malformed file is one error naming it."""
     from .engine.errors import TugboatError
+    from .engine.report import read_report
     from .engine.workspace import Workspace
 
     folder = Path(folder)
@@ -65,16 +68,12 @@ def load_any_report(folder: str | Path) -> dict[str, Any]:
     path = folder / "report.json" if folder.is_dir() else folder
     if not path.is_file():
         raise TugboatError("no workspace.json or report.json here", path=str(folder))
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TugboatError(f"report.json cannot be read ({exc})", path=str(path)) from None
-    if not isinstance(report, dict) or "baseline" not in report:
-        raise TugboatError("is not a Tugboat report", path=str(path))
+    report = read_report(path)
     # tugboat run keeps failed variants in "variants"; show them as failed
     variants = report.get("variants") or []
     report["failed"] = list(report.get("failed") or []) + [v for v in variants if not v.get("metrics")]
     report["variants"] = [v for v in variants if v.get("metrics")]
+    report["baseline"].setdefault("metrics", {})
     return report
 
 
@@ -93,8 +92,12 @@ def chart_png(report: dict[str, Any]) -> tuple[bytes | None, str]:
 def report_cli(args) -> int:
     from .cli import format_summary
     from .engine.html_report import write_csv, write_html
+    from .engine.stored import check_writable_file
 
     report = load_any_report(args.dir)
+    for path, what in ((args.csv, "CSV file"), (args.html, "HTML file")):
+        if path:  # a folder, a read-only place: one line before anything is printed
+            check_writable_file(path, what)
     print(format_summary(report))
     for v in report.get("failed") or []:
         print(f"failed: {v.get('name')}: {v.get('error')}")

@@ -21,6 +21,7 @@ from typing import Any
 SETTINGS_VERSION = 1
 FILE_NAME = "settings.json"
 MAX_RECENT = 10
+MAX_BYTES = 1024 * 1024  # a settings file is a few KB; anything larger is not ours
 
 _log = logging.getLogger(__name__)
 
@@ -105,11 +106,14 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     """The saved settings, or the defaults if the file is missing, unreadable or corrupt."""
     path = Path(path) if path else settings_path()
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise ValueError(f"larger than {MAX_BYTES // 1024} KB")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return Settings()
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        _log.warning("ignoring unreadable settings file %s: %s", path, exc)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, MemoryError) as exc:
+        # RecursionError: a file of deeply nested brackets; a bad file never blocks start-up
+        _log.warning("ignoring unreadable settings file %s: %s", path, str(exc)[:200])
         return Settings()
     if isinstance(raw, dict) and isinstance(raw.get("version"), int) and raw["version"] > SETTINGS_VERSION:
         _log.info("settings file %s is from a newer version; reading what is known", path)
@@ -124,14 +128,14 @@ def save_settings(settings: Settings, path: str | os.PathLike | None = None) -> 
         fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".json", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(settings.to_dict(), fh, indent=2)
+                json.dump(settings.to_dict(), fh, indent=2, allow_nan=False)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         _log.warning("could not save settings to %s: %s", path, exc)
         return None
     _remove_stale_temps(path.parent)

@@ -169,9 +169,15 @@ def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out
         ref = params.get("student_file") or ""
         if not ref:
             raise TugboatError("student = \"file\" needs student_file (the student model's path)")
+        from .errors import UntrustedFileError
         from .models import load_model
+        from .recipe import TRUST_OPTION
 
-        loaded = load_model(ref, trust=bool(params.get("student_trust", False)))
+        try:  # trust is this run's decision (tugboat run/sweep --trust), never a recipe value
+            loaded = load_model(ref, trust=bool(params.get("trust", False)))
+        except UntrustedFileError as exc:
+            raise UntrustedFileError(f"student_file {exc.message}", path=exc.path,
+                                     hint=f"if you trust where it came from: {TRUST_OPTION}") from None
         student = loaded.torch_module()
         if loaded.input_names and len(loaded.inputs) != len(handle.inputs):
             raise TugboatError(f"the student takes {len(loaded.inputs)} inputs, the teacher "
@@ -470,7 +476,6 @@ TECHNIQUE = register(Technique(
         Param("depth", "int", 3, "family: number of blocks (conv blocks, hidden layers, encoder layers)",
               minimum=1, maximum=12),
         Param("student_file", "str", "", "student = file: path of the student model"),
-        Param("student_trust", "bool", False, "student = file: allow a pickled module (runs its code)"),
         Param("temperature", "float", 4.0, "softens the teacher's predictions; higher shares more about "
               "the wrong classes", minimum=1.0, maximum=20.0),
         Param("alpha", "float", 0.7, "weight of the teacher's soft targets vs the labels (1: teacher "
@@ -493,4 +498,5 @@ TECHNIQUE = register(Technique(
     ],
     apply=apply,
     needs_torch=False,  # the teacher may be ONNX-only; student = "pruned" checks for itself
+    extras={"loads_files": True},  # student_file: gets this run's trust decision, never a stored one
 ))

@@ -16,6 +16,7 @@ import torch
 
 from .errors import ModelLoadError, TugboatError
 from .models import ONNX_OPSET, ModelHandle, eval_mode
+from .stored import TMP_MARK, atomic_write_bytes, current_umask, fsync_dir
 
 
 def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
@@ -51,47 +52,6 @@ def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
 
 def onnx_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable across a power loss (POSIX; a no-op where folders cannot be opened)."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_onnx(handle: ModelHandle, path: str | os.PathLike, *, check: bool = True) -> Path:
@@ -143,7 +103,7 @@ def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: Mode
     path.parent.mkdir(parents=True, exist_ok=True)
     progress.update(0.05, f"exporting {kind}")
     # the suffix stays last: torch.export.save wants a name ending in .pt2
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TMP_MARK}", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
 
@@ -185,7 +145,7 @@ def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: Mode
     try:
         cancellable.call(work, progress, name="tugboat-export")
         progress.check()
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         # a helper still writing after a cancel removes what it wrote when it stops (it checks the
@@ -193,6 +153,6 @@ def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: Mode
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     progress.update(1.0, f"exported {path.name}")
     return path

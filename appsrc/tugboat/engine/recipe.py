@@ -46,10 +46,11 @@ class Recipe:
     target: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
-    trust: bool = False
+    trust: bool = False  # per run only (tugboat run/sweep --trust): never read from a file, never written
     arch: str | None = None
     input_shape: list[int] | None = None
     source: str | None = None  # the recipe file, for messages and relative paths
+    notes: list[str] = field(default_factory=list)  # warnings found while reading (printed by the CLI)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model": self.model}
@@ -102,7 +103,8 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     raw_steps = raw.get("steps", [])
     if not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
         raise RecipeError("'steps' must be a list of tables ([[steps]])", path=where)
-    steps = validate_steps(raw_steps, where)
+    notes: list[str] = []
+    steps = validate_steps(raw_steps, where, notes)
     cfg = _parse_measure(raw.get("measure", {}), where)
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, dict):
@@ -115,6 +117,9 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
             raise RecipeError(f"'{key}' must be a string, got {raw[key]!r}", path=where)
     if not isinstance(raw.get("trust", False), bool):
         raise RecipeError(f"'trust' must be true or false, got {raw['trust']!r}", path=where)
+    if raw.get("trust"):
+        notes.append(f"{where}: 'trust = true' is ignored: trust is never read from a file; "
+                     f"{TRUST_OPTION}")
     shape = raw.get("input_shape")
     if shape is not None and (not isinstance(shape, list) or not shape or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
@@ -122,8 +127,8 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
                           f"e.g. [1, 8, 8]; got {shape!r}", path=where)
     recipe = Recipe(model=model, data=data, steps=steps, sweep=dict(sweep), measure=cfg,
                     target=dict(raw.get("target", {}) or {}), search=dict(raw.get("search", {}) or {}),
-                    name=raw.get("name"), trust=raw.get("trust", False), arch=raw.get("arch"),
-                    input_shape=shape, source=source)
+                    name=raw.get("name"), trust=False, arch=raw.get("arch"),
+                    input_shape=shape, source=source, notes=notes)
     return recipe
 
 
@@ -133,10 +138,24 @@ def _resolve(ref: str | None, base: Path | None) -> str | None:
     return str(base / ref)
 
 
-def validate_steps(raw_steps: list[dict[str, Any]], where: str = "recipe") -> list[dict[str, Any]]:
+TRUST_KEYS = ("trust", "student_trust")
+TRUST_OPTION = ("to trust the model and student files of one run, pass --trust to tugboat run or "
+                "tugboat sweep")
+
+
+def validate_steps(raw_steps: list[dict[str, Any]], where: str = "recipe",
+                   notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Validated steps with defaults filled in. Trust flags (``student_trust``, from recipes and
+    reports of older versions) are dropped, with a note when one said true: trust is a per-run
+    decision and never comes from a file."""
     steps = []
     for i, raw in enumerate(raw_steps):
         loc = f"steps.{i}"
+        if any(k in raw for k in TRUST_KEYS):
+            if any(raw[k] is not False for k in TRUST_KEYS if k in raw) and notes is not None:
+                notes.append(f"{where}: '{loc}.student_trust' is ignored: trust is never read from a "
+                             f"file; {TRUST_OPTION}")
+            raw = {k: v for k, v in raw.items() if k not in TRUST_KEYS}
         name = raw.get("technique")
         if not isinstance(name, str):
             raise RecipeError(f"'{loc}.technique' is missing (prune, quantize or distill)", path=where)
@@ -259,13 +278,15 @@ def _jsonable(obj):
 
 
 def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset | None,
-                progress: Progress, *, first_index: int = 0, guard: bool = True) -> ModelHandle:
+                progress: Progress, *, first_index: int = 0, guard: bool = True,
+                trust: bool = False) -> ModelHandle:
     """Apply validated steps in order; each technique returns a new handle.
 
     After every step the new model runs on a small probe batch (:mod:`guards`): NaN or Inf outputs
     raise :class:`NumericalError` naming the step ("outputs are NaN after step 2 (quantize
     static-int8)"; ``first_index`` is the number of recipe steps applied before ``steps``). Running
-    out of memory inside a step raises :class:`ResourceError` naming the step."""
+    out of memory inside a step raises :class:`ResourceError` naming the step. ``trust`` (this run's
+    decision, never part of a step) reaches techniques that load files (``extras["loads_files"]``)."""
     n = max(1, len(steps))
     probe = probe_inputs(handle, data) if guard and steps else None
     for i, step in enumerate(steps):
@@ -273,6 +294,8 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
         sub = progress.sub(i / n, (i + 1) / n, prefix=f"{step['technique']}: ")
         params = {k: v for k, v in step.items() if k not in ("technique", "method")}
         params["method"] = step["method"]
+        if tech.extras.get("loads_files"):
+            params["trust"] = bool(trust)
         if tech.needs_torch and handle.module is None:
             why = handle.conversion_error or "this model is ONNX-only"
             raise TugboatError(f"{tech.name} needs a torch model, but {why}", path=handle.source)
@@ -368,7 +391,7 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     out_of_memory = False
     try:
         handle = apply_steps(start or base.handle, todo, base.data, progress.sub(0.0, 0.7),
-                             first_index=done_steps)
+                             first_index=done_steps, trust=recipe.trust)
         finish_variant(variant, handle, base, progress.sub(0.7, 1.0, "measuring: "))
     except NumericalError as exc:
         variant.status, variant.error = "failed", f"numerical failure: {exc.message}"
@@ -408,11 +431,28 @@ def _safe_name(name: str) -> str:
 
 
 def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:
-    """``tugboat run``: baseline, one variant (if the recipe has steps), artifacts, report.json."""
-    from .report import build_report, write_report
+    """``tugboat run``: baseline, one variant (if the recipe has steps), artifacts, report.json.
+
+    ``out_dir`` is checked first (writable, not a sweep workspace) and locked while the run writes it
+    (:mod:`lock`): a second run or sweep on it is refused with the PID that holds it."""
+    from .lock import FolderLock
+    from .stored import check_writable_folder
+    from .workspace import FILE as WORKSPACE_FILE
 
     progress = progress or null_progress()
     out = Path(out_dir)
+    if (out / WORKSPACE_FILE).is_file():  # its report.json belongs to the sweep: never replace it
+        raise TugboatError("holds a sweep workspace; tugboat run would replace its report.json. Choose "
+                           "another --out folder (or add the steps to the sweep and use tugboat sweep "
+                           "--resume)", path=str(out))
+    check_writable_folder(out, "--out folder")  # an existing file, read-only, full: before any work
+    with FolderLock(out, "tugboat run"):
+        return _run_locked(recipe, out, progress)
+
+
+def _run_locked(recipe: Recipe, out: Path, progress: Progress) -> dict[str, Any]:
+    from .report import build_report, write_report
+
     base = prepare(recipe, progress.sub(0.0, 0.3 if recipe.steps else 0.9))
     variants: list[Variant] = []
     baseline_variant = Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .export import atomic_write_bytes
+from .stored import atomic_write_bytes, check_report, dumps, read_json
 
 REPORT_VERSION = 1
 
@@ -77,23 +76,13 @@ def build_report(recipe, baseline_metrics: dict[str, Any], variants: list, *,
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    data = json.dumps(report, indent=2, default=_default).encode("utf-8")
-    return atomic_write_bytes(path, data)
-
-
-def _default(obj):
-    try:
-        import numpy as np
-
-        if isinstance(obj, (np.floating, np.integer)):
-            return obj.item()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(obj)
+    """Strict JSON (no bare NaN), written atomically."""
+    return atomic_write_bytes(path, dumps(report, where=str(path)))
 
 
 def read_report(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A report.json read back as untrusted input: validated, or one :class:`StoredFileError`."""
+    return check_report(read_json(path), str(path))
 
 
 def pareto_labels(report: dict[str, Any]) -> dict[str, str]:

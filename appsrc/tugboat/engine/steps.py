@@ -9,6 +9,7 @@ registry, so a new technique is a new module, not a change everywhere.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,9 @@ class Param:
                 raise RecipeError(f"'{name}' must be a list of strings, got {value!r}")
             value = list(value)
         if self.kind in ("float", "int"):
+            # NaN passes every comparison below, and Infinity is no setting
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"'{name}' must be a finite number, got {value!r}")
             lo, hi = self.minimum, self.maximum
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 raise RecipeError(f"'{name}' = {value} is out of range [{lo}, {hi}]")

@@ -17,14 +17,22 @@ A recipe's ``[sweep]`` table maps a step parameter to the values to try::
   quality is within ``max_accuracy_drop`` of the baseline (absolute, 0.01 = one point).
 
 Every combination is validated through the technique registry before anything runs, so a typo in
-the 9th combination fails in the first second, not after an hour.
+the 9th combination fails in the first second, not after an hour. Range endpoints are checked
+against the parameter's own range up front, and ranges over whole-number parameters draw whole
+numbers. The size of a grid is computed arithmetically before any combination is built: more than
+:data:`MAX_VARIANTS` (1000) is refused unless raised explicitly (``tugboat sweep --max-variants N``),
+so a 1 KB recipe describing 10^8 combinations is refused in a millisecond, not by the kernel's
+out-of-memory killer. Random and target search over a grid that large draw combinations lazily.
 
 **Prefix reuse**: variants whose first *k* steps are equal (canonical JSON of the validated steps)
 share one computation of that prefix: a sweep of one pruning ratio x four quantization methods
 prunes once. Only prefixes a later variant still needs are kept in memory.
 
-Results go to a :class:`~tugboat.engine.workspace.Workspace`; with ``resume=True`` variants already
-in the workspace are skipped (their names are deterministic for a recipe).
+Results go to a :class:`~tugboat.engine.workspace.Workspace`, locked while the sweep runs
+(:mod:`lock`: a second sweep or run on the same folder is refused with the PID holding it); with
+``resume=True`` variants already in the workspace are skipped (their names are deterministic for a
+recipe). Resuming with a different model, data or ``[measure]`` batch, threads or runtime is refused
+with the settings that differ: its variants would not be comparable with those on record.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from .report import quality_of
 SEARCH_KEYS = {"budget_seconds": (0.0, 7 * 24 * 3600.0), "max_variants": (1, 100000), "seed": (0, 2**31)}
 TARGET_KEYS = {**SEARCH_KEYS, "max_accuracy_drop": (0.0, 1.0), "objective": ("latency", "size")}
 DEFAULT_BUDGET = 600.0
+MAX_VARIANTS = 1000  # the largest grid run without an explicit --max-variants
 
 
 # --- the search space ----------------------------------------------------------------------------
@@ -66,6 +75,7 @@ class Axis:
     low: float | None = None
     high: float | None = None
     log: bool = False
+    integer: bool = False  # a range over a whole-number parameter draws whole numbers
 
     @property
     def is_range(self) -> bool:
@@ -77,8 +87,10 @@ class Axis:
         assert self.low is not None and self.high is not None
         if self.log:
             value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-            return float(f"{value:.3g}")
-        return round(rng.uniform(self.low, self.high), 3)
+            return min(max(round(value), int(self.low)), int(self.high)) if self.integer else float(f"{value:.3g}")
+        if self.integer:
+            return rng.randint(int(self.low), int(self.high))
+        return min(max(round(rng.uniform(self.low, self.high), 3), self.low), self.high)
 
 
 @dataclass
@@ -117,9 +129,13 @@ def parse_axes(recipe: Recipe) -> list[Axis]:
         if param != "method" and param not in known:
             raise RecipeError(f"sweep key {key!r}: unknown {tech.name} parameter {param!r}"
                               + step_registry._did_you_mean(param, known | {"method"}), path=where)
+        p = tech.param(param) if param != "method" else None
         if isinstance(spec, list):
             if not spec:
                 raise RecipeError(f"sweep key {key!r} has an empty list of values", path=where)
+            if p is not None:  # each value on its own (NaN, out of range), before any combination
+                for value in spec:
+                    _check_value(p, value, key, index, where)
             axes.append(Axis(key, index, param, values=tuple(spec)))
         elif isinstance(spec, dict):
             low, high, log = spec.get("min"), spec.get("max"), spec.get("log", False)
@@ -128,12 +144,43 @@ def parse_axes(recipe: Recipe) -> list[Axis]:
                     or not low < high or not isinstance(log, bool) or (log and low <= 0):
                 raise RecipeError(f"sweep key {key!r}: a range is {{min = A, max = B}} with A < B "
                                   "(and A > 0 with log = true)", path=where)
-            axes.append(Axis(key, index, param, low=float(low), high=float(high), log=log))
+            if p is None or p.kind not in ("float", "int"):
+                raise RecipeError(f"sweep key {key!r}: a {{min, max}} range needs a numeric parameter; "
+                                  f"give a list of values instead", path=where)
+            for label, value in (("min", low), ("max", high)):
+                _check_value(p, value, key, index, where, label=f"range {label}")
+            axes.append(Axis(key, index, param, low=float(low), high=float(high), log=log,
+                             integer=p.kind == "int"))
         else:
             raise RecipeError(f"sweep key {key!r} must be a list of values or a {{min, max}} range",
                               path=where)
     # earlier steps vary slowest, so neighbours share the longest prefix
     return sorted(axes, key=lambda a: (a.step, a.param != "method", a.key))
+
+
+def _check_value(p: step_registry.Param, value: Any, key: str, index: int, where: str, label: str = "value") -> None:
+    try:
+        p.coerce(value, f"steps.{index}")
+    except RecipeError as exc:
+        raise RecipeError(f"sweep key {key!r}, {label} {value!r}: {exc.message}", path=where) from None
+
+
+def grid_size(axes: list[Axis]) -> int | None:
+    """How many combinations a grid has (None with a range), computed without building any."""
+    if any(a.is_range for a in axes):
+        return None
+    return math.prod(len(a.values) for a in axes)
+
+
+def check_grid_size(recipe: Recipe, axes: list[Axis], limit: int | None) -> int:
+    limit = MAX_VARIANTS if limit is None else limit
+    n = grid_size(axes) or 0
+    if n > limit:
+        raise RecipeError(f"the [sweep] grid has {n:,} combinations, more than the limit of {limit:,}; "
+                          f"to run them all, raise the limit explicitly (tugboat sweep --max-variants {n}), "
+                          "or sample it with [search] budget_seconds = N and max_variants = M",
+                          path=recipe.source or "recipe")
+    return n
 
 
 def combine(recipe: Recipe, overrides: dict[str, Any]) -> list[dict[str, Any]]:
@@ -163,12 +210,14 @@ def combine(recipe: Recipe, overrides: dict[str, Any]) -> list[dict[str, Any]]:
         raise RecipeError(f"sweep combination ({shown}): {exc.message}", path=exc.path) from None
 
 
-def grid(recipe: Recipe) -> list[Candidate]:
-    """Every combination of a ``[sweep]`` table made only of lists, validated and named."""
+def grid(recipe: Recipe, limit: int | None = None) -> list[Candidate]:
+    """Every combination of a ``[sweep]`` table made only of lists, validated and named; a grid
+    larger than ``limit`` (default :data:`MAX_VARIANTS`) is refused before any is built."""
     axes = parse_axes(recipe)
     if any(a.is_range for a in axes):
         raise RecipeError("a [sweep] with {min, max} ranges needs random or target search: "
                           "add [search] budget_seconds = N", path=recipe.source or "recipe")
+    check_grid_size(recipe, axes, limit)
     cands = []
     for values in itertools.product(*(a.values for a in axes)):
         overrides = {a.key: v for a, v in zip(axes, values)}
@@ -220,13 +269,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def random_candidates(recipe: Recipe, seed: int = 0) -> Iterator[Candidate]:
-    """Random draws from the sweep space: without repeats for a finite grid (then it ends),
-    endlessly for a space with ranges. Names stay unique across the draws."""
+def random_candidates(recipe: Recipe, seed: int = 0, limit: int | None = None) -> Iterator[Candidate]:
+    """Random draws from the sweep space: without repeats for a finite grid of at most ``limit``
+    combinations (then it ends), lazily for a larger grid or a space with ranges. Names stay unique
+    across the draws."""
     axes = parse_axes(recipe)
     rng = random.Random(seed)
-    if not any(a.is_range for a in axes):
-        cands = grid(recipe)
+    if _small_grid(axes, limit):
+        cands = grid(recipe, limit)
         rng.shuffle(cands)
         yield from cands
         return
@@ -259,6 +309,11 @@ def _check_table(table: dict[str, Any], rules: dict[str, Any], name: str, where:
     return table
 
 
+def _small_grid(axes: list[Axis], limit: int | None) -> bool:
+    n = grid_size(axes)
+    return n is not None and n <= (MAX_VARIANTS if limit is None else limit)
+
+
 @dataclass
 class Plan:
     """What a sweep will do: its kind and its candidates (a list, or an endless iterator)."""
@@ -278,9 +333,14 @@ class Plan:
         return n
 
 
-def plan(recipe: Recipe) -> Plan:
-    """Validate the recipe's sweep, search and target tables and list what will run."""
+def plan(recipe: Recipe, max_variants: int | None = None) -> Plan:
+    """Validate the recipe's sweep, search and target tables and list what will run.
+
+    ``max_variants`` raises (or lowers) the largest grid that may run (default :data:`MAX_VARIANTS`)."""
     where = recipe.source or "recipe"
+    if max_variants is not None and (isinstance(max_variants, bool) or not isinstance(max_variants, int)
+                                     or max_variants < 1):
+        raise RecipeError(f"--max-variants must be a positive whole number, got {max_variants!r}", path=where)
     search = _check_table(recipe.search, SEARCH_KEYS, "search", where)
     target = _check_table(recipe.target, TARGET_KEYS, "target", where)
     if target:
@@ -292,8 +352,8 @@ def plan(recipe: Recipe) -> Plan:
         if not recipe.data:
             raise RecipeError("a [target] search needs 'data' to measure quality", path=where)
         opts = {**search, **target}
-        cands = random_candidates(recipe, int(opts.get("seed", 0)))
-        if not any(a.is_range for a in parse_axes(recipe)):
+        cands = random_candidates(recipe, int(opts.get("seed", 0)), max_variants)
+        if _small_grid(parse_axes(recipe), max_variants):
             cands = list(cands)
         return Plan("target", cands, float(opts.get("budget_seconds", DEFAULT_BUDGET)),
                     opts.get("max_variants"), float(target["max_accuracy_drop"]),
@@ -301,13 +361,13 @@ def plan(recipe: Recipe) -> Plan:
     if search:
         if not recipe.sweep:
             raise RecipeError("a [search] needs a [sweep] table saying which parameters to vary", path=where)
-        cands = random_candidates(recipe, int(search.get("seed", 0)))
-        if not any(a.is_range for a in parse_axes(recipe)):
+        cands = random_candidates(recipe, int(search.get("seed", 0)), max_variants)
+        if _small_grid(parse_axes(recipe), max_variants):
             cands = list(cands)
         return Plan("random", cands, float(search.get("budget_seconds", DEFAULT_BUDGET)),
                     search.get("max_variants"))
     if recipe.sweep:
-        return Plan("grid", grid(recipe))
+        return Plan("grid", grid(recipe, max_variants))
     if not recipe.steps:
         return Plan("single", [])
     return Plan("single", [Candidate(list(recipe.steps), {}, variant_name(recipe.steps))])
@@ -389,7 +449,8 @@ def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: Prefix
         for k in range(done, n):
             step_t0 = time.perf_counter()
             sub = progress.sub(0.7 * k / n, 0.7 * (k + 1) / n)
-            handle = apply_steps(handle, [cand.steps[k]], base.data, sub, first_index=k)
+            handle = apply_steps(handle, [cand.steps[k]], base.data, sub, first_index=k,
+                                 trust=recipe.trust)
             prefix_seconds += time.perf_counter() - step_t0
             if cache is not None and k + 1 < n and cache.wants(cand.steps, k + 1):
                 cache.store(cand.steps, k + 1, handle, prefix_seconds)
@@ -427,20 +488,67 @@ class SweepResult:
 
 def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
               progress: Progress | None = None, on_variant: Callable[[Variant], None] | None = None,
-              log: Callable[[str], None] | None = None) -> SweepResult:
-    """Run a recipe's sweep (grid, random or target search) into the workspace ``out_dir``."""
+              log: Callable[[str], None] | None = None, max_variants: int | None = None) -> SweepResult:
+    """Run a recipe's sweep (grid, random or target search) into the workspace ``out_dir``, holding
+    the folder's lock throughout. ``max_variants`` raises the grid-size limit (:data:`MAX_VARIANTS`)."""
+    from .lock import FolderLock
+    from .stored import check_writable_folder
+
+    the_plan = plan(recipe, max_variants)  # every combination validated before any work
+    out = Path(out_dir)
+    check_writable_folder(out, "--out folder")  # an existing file, read-only, full: before any work
+    with FolderLock(out, "tugboat sweep") as lock:
+        return _run_sweep_locked(recipe, the_plan, out, lock, resume=resume, progress=progress,
+                                 on_variant=on_variant, log=log)
+
+
+def _same_ref(a: str | None, b: str | None) -> bool:
+    a, b = a or "", b or ""
+    if a == b:
+        return True
+    if not a or not b or a.startswith("demo:") or b.startswith("demo:"):
+        return False
+    import os
+
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+COMPARABLE_MEASURE = ("batch", "threads", "runtime")
+
+
+def resume_differences(ws, recipe: Recipe) -> list[str]:
+    """What makes ``recipe``'s variants incomparable with those on record in ``ws``."""
+    diffs = []
+    if ws.model and not _same_ref(ws.model, recipe.model):
+        diffs.append(f"model {ws.model!r} (now {recipe.model!r})")
+    if (ws.data or recipe.data) and not _same_ref(ws.data, recipe.data):
+        diffs.append(f"data {ws.data or 'none'!r} (now {recipe.data or 'none'!r})")
+    now = recipe.measure.to_dict()
+    for key in COMPARABLE_MEASURE:
+        if key in ws.measure and ws.measure[key] != now.get(key):
+            diffs.append(f"measure.{key} {ws.measure[key]!r} (now {now.get(key)!r})")
+    return diffs
+
+
+def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume: bool,
+                      progress: Progress | None, on_variant: Callable[[Variant], None] | None,
+                      log: Callable[[str], None] | None) -> SweepResult:
     from .workspace import Workspace, WorkspaceError
 
     progress = progress or null_progress()
     log = log or (lambda _msg: None)
-    the_plan = plan(recipe)  # every combination validated before any work
-    out = Path(out_dir)
     existing = Workspace.exists(out)
-    if existing and not resume:
-        ws = Workspace.open(out)
-        if len(ws) or ws.baseline is not None:
+    if existing:
+        ws = Workspace.open(out, lock=lock)
+        holds = len(ws) > 0 or ws.baseline is not None
+        if holds and not resume:
             raise WorkspaceError("already holds a workspace; add --resume to continue it, or choose "
                                  "another --out folder", path=str(out))
+        diffs = resume_differences(ws, recipe) if holds else []
+        if diffs:
+            raise WorkspaceError(f"was made with other settings: {'; '.join(diffs)}. Resuming would mix "
+                                 "variants that cannot be compared; use the original settings or another "
+                                 "--out folder", path=str(out))
     progress.update(0.0, f"loading {recipe.model}")
     base = prepare(recipe, progress.sub(0.0, 0.05, "baseline: "))
     if isinstance(the_plan.candidates, list):  # refuse a grid that cannot fit before any of it runs
@@ -448,9 +556,9 @@ def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
             resources.check(base.handle, cand.steps, base.data, base.cfg,
                             where=f"{recipe.source or recipe.model} (variant {cand.name})")
     if existing:
-        ws = Workspace.open(out)
-        if ws.model and ws.model != recipe.model:
-            raise WorkspaceError(f"was made for model {ws.model!r}, not {recipe.model!r}", path=str(out))
+        ws = Workspace.open(out, lock=lock)
+        if not (len(ws) or ws.baseline is not None):  # an empty one takes this sweep's settings
+            ws.model, ws.data, ws.measure = recipe.model, recipe.data or "", recipe.measure.to_dict()
     else:
         ws = Workspace.create(out, model=recipe.model, data=recipe.data or "",
                               measure=recipe.measure.to_dict(), recipe=recipe.to_dict())

@@ -12,7 +12,14 @@ Every file is written atomically (temp file, fsync, rename: :func:`export.atomic
 the order artifact -> recipe.toml -> metrics.json -> workspace.json, so a process killed at any
 moment leaves either the old or the new version of each file. ``metrics.json`` marks a finished
 variant: on reopening, a variant folder with a ``metrics.json`` that ``workspace.json`` does not
-list yet (killed between the two writes) is recovered, and stale temp files are removed.
+list yet (killed between the two writes) is recovered, and stale temp files are removed: only
+Tugboat's own (``.<name>.tugboat-<random>.tmp``, :data:`stored.TMP_GLOB`), only in the workspace
+folder and its variant folders, and only while no other process holds the folder's lock
+(:mod:`lock`), so neither a user's file nor a running sweep's half-written file is ever removed.
+
+Everything read back is untrusted (:mod:`stored`): ``workspace.json`` and every ``metrics.json`` are
+validated field by field, and every stored path (a variant's ``folder``, an artifact name) must
+resolve inside the workspace folder, or the workspace is refused with one line naming the file.
 
 API (used by ``tugboat sweep`` and by the GUI)::
 
@@ -36,7 +43,6 @@ write=False)`` on the GUI thread. A ``Workspace`` is not thread-safe; use it fro
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -44,9 +50,21 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TugboatError
-from .export import atomic_write_bytes
+from .lock import FolderLock, FolderLockedError
 from .recipe import Variant, _jsonable, _safe_name, recipe_to_toml
 from .report import REPORT_VERSION, pareto_front
+from .stored import (
+    TMP_GLOB,
+    Checker,
+    OutputError,
+    StoredFileError,
+    atomic_write_bytes,
+    check_variant,
+    check_workspace,
+    dumps,
+    inside,
+    read_json,
+)
 
 FILE = "workspace.json"
 FORMAT = "tugboat-workspace"
@@ -69,7 +87,7 @@ def variant_from_dict(d: dict[str, Any]) -> Variant:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(_jsonable(obj), indent=2).encode("utf-8")
+    return dumps(_jsonable(obj))
 
 
 class Workspace:
@@ -106,58 +124,96 @@ class Workspace:
         return ws
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Workspace:
-        """Read a workspace back: every variant with its metrics; handles load lazily."""
+    def open(cls, path: str | os.PathLike, *, lock: FolderLock | None = None) -> Workspace:
+        """Read a workspace back: every variant with its metrics; handles load lazily.
+
+        Recovery (finished variants workspace.json missed, stale temp files) runs only when no other
+        process is writing the folder: under ``lock`` when the caller holds the folder's lock, else
+        under a lock taken for the moment. A workspace that needs recovery but cannot be written
+        (read-only) is refused with a clear message."""
         ws = cls(path)
         file = ws.path / FILE
         if not file.is_file():
             raise WorkspaceError(f"not a Tugboat workspace (no {FILE})", path=str(path))
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise WorkspaceError(f"{FILE} cannot be read ({exc})", path=str(path)) from None
-        if not isinstance(raw, dict):
-            raise WorkspaceError(f"{FILE} is not a JSON object", path=str(path))
+        raw = check_workspace(read_json(file), str(file))
         version = raw.get("version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise WorkspaceError(f"was written by a newer Tugboat (format {version}, this one reads "
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+            raise WorkspaceError(f"was written by a newer Tugboat (format {version!r}, this one reads "
                                  f"up to {FORMAT_VERSION})", path=str(path))
-        ws.model, ws.data = str(raw.get("model") or ""), str(raw.get("data") or "")
+        ws.model, ws.data = raw.get("model") or "", raw.get("data") or ""
         ws.measure = dict(raw.get("measure") or {})
         ws.recipe = raw.get("recipe") if isinstance(raw.get("recipe"), dict) else None
         ws.meta = dict(raw.get("meta") or {})
-        ws.created = str(raw.get("created") or ws.created)
+        ws.created = raw.get("created") or ws.created
         if isinstance(raw.get("baseline"), dict):
             ws.baseline = variant_from_dict(raw["baseline"])
             ws.baseline.name = BASELINE
-            ws._folders[BASELINE] = str(raw["baseline"].get("folder") or BASELINE)
+            ws._folders[BASELINE] = ws._checked_folder(raw["baseline"].get("folder") or BASELINE, file)
+            ws._check_artifacts(ws.baseline, file)
         for d in raw.get("variants") or []:
-            if isinstance(d, dict):
-                v = variant_from_dict(d)
-                ws._variants[v.name] = v
-                ws._folders[v.name] = str(d.get("folder") or _safe_name(v.name))
-        if ws._recover():
-            ws.save()
+            v = variant_from_dict(d)
+            ws._variants[v.name] = v
+            ws._folders[v.name] = ws._checked_folder(d.get("folder") or _safe_name(v.name), file)
+            ws._check_artifacts(v, file)
+        ws._recover_if_free(lock)
         return ws
 
+    def _checked_folder(self, folder: str, file: Path) -> str:
+        inside(self.path, folder, what="folder", file=file, single=True)
+        if folder in (FILE, "report.json") or folder.startswith("."):
+            raise StoredFileError(f"folder {folder!r} is not a variant folder name", path=str(file))
+        return folder
+
+    def _check_artifacts(self, v: Variant, file: Path) -> None:
+        for kind, rel in v.artifacts.items():
+            inside(self.path, rel, what=f"artifact {kind} of {v.name!r}", file=file)
+
+    def _recover_if_free(self, lock: FolderLock | None) -> None:
+        own = None
+        if lock is None or not lock.held:
+            own = FolderLock(self.path, "tugboat (reopening a workspace)")
+            try:
+                own.acquire()
+            except FolderLockedError:
+                return  # another process is writing it: read as it is, touch nothing
+            except TugboatError:
+                own = None  # a read-only folder: fine unless something needs recovering
+        try:
+            if self._recover():
+                try:
+                    self.save()
+                except OutputError as exc:
+                    raise WorkspaceError("has finished variants that workspace.json does not list yet, "
+                                         f"and cannot be updated: {exc}", path=str(self.path)) from None
+        finally:
+            if own is not None:
+                own.release()
+
     def _recover(self) -> bool:
-        """Pick up finished variant folders that workspace.json missed; remove stale temp files."""
+        """Pick up finished variant folders that workspace.json missed; remove stale temp files
+        (only Tugboat's own, only in the workspace folder and its variant folders)."""
         changed = False
         known = set(self._folders.values())
-        for tmp in self.path.glob("**/.*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        for sub in sorted(p for p in self.path.iterdir() if p.is_dir()):
+        try:
+            subs = sorted(p for p in self.path.iterdir() if p.is_dir() and not p.is_symlink())
+        except OSError:
+            return False
+        for folder in [self.path, *subs]:
+            for tmp in folder.glob(TMP_GLOB):
+                with contextlib.suppress(OSError):
+                    if tmp.is_file() and not tmp.is_symlink():
+                        tmp.unlink()
+        for sub in subs:
             record = sub / METRICS
-            if sub.name.startswith(".") or sub.name in known or not record.is_file():
+            if sub.name.startswith(".") or sub.name in known or not record.is_file() or record.is_symlink():
                 continue
             try:
-                d = json.loads(record.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if not isinstance(d, dict) or not d.get("name"):
-                continue
-            v = variant_from_dict(d)
+                d = check_variant(Checker(str(record), METRICS), read_json(record, max_bytes=64 << 20),
+                                  "variant")
+                v = variant_from_dict(d)
+                self._check_artifacts(v, record)
+            except TugboatError:
+                continue  # a damaged record is not a finished variant
             if v.name == BASELINE:
                 if self.baseline is None:
                     self.baseline, self._folders[BASELINE], changed = v, sub.name, True
@@ -182,12 +238,14 @@ class Workspace:
         return self.baseline if name == BASELINE else self._variants.get(name)
 
     def folder(self, name: str) -> Path:
-        return self.path / self._folders.get(name, _safe_name(name))
+        """The variant's folder, always inside the workspace (:func:`stored.inside`)."""
+        return inside(self.path, self._folders.get(name, _safe_name(name)), what="folder",
+                      file=self.path / FILE, single=True)
 
     def artifact_path(self, name: str) -> Path | None:
         v = self.get(name)
         rel = (v.artifacts or {}).get("onnx") if v else None
-        return self.path / rel if rel else None
+        return inside(self.path, rel, what=f"artifact of {name!r}", file=self.path / FILE) if rel else None
 
     def load_handle(self, name: str):
         """The variant's model handle, loaded from its ONNX artifact the first time it is asked for."""
@@ -236,8 +294,11 @@ class Workspace:
         Safe to call from a worker thread for a variant not yet added (after ``reserve_folder``
         when other threads may use the workspace at the same time)."""
         folder_name = self.reserve_folder(variant.name)
-        folder = self.path / folder_name
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self.folder(variant.name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot be created ({exc.strerror or exc})", path=str(folder)) from None
         if variant.handle is not None and variant.status == "ok":
             from .export import write_onnx
 
@@ -300,7 +361,10 @@ class Workspace:
                 "variants": [entry(v) for v in self._variants.values()]}
 
     def save(self) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot be created ({exc.strerror or exc})", path=str(self.path)) from None
         path = atomic_write_bytes(self.path / FILE, _dumps(self.to_dict()))
         if self.baseline is not None and self.baseline.metrics:
             self.export_report()

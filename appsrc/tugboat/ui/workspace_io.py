@@ -10,9 +10,12 @@ continued by ``tugboat sweep --resume``::
 Folders saved by early builds of the window (``artifacts/<name>.onnx`` beside ``workspace.json``)
 are read by the same engine reader; the next save writes the current layout for new variants.
 
-:class:`WorkspaceKeeper` owns the open workspace. Writing a variant's files (an ONNX export) runs in
-a job; the folder is reserved and the index (``workspace.json``) is updated on the GUI thread, so the
-``Workspace`` object is only changed from one thread at a time.
+:class:`WorkspaceKeeper` owns the open workspace and holds its folder lock
+(:mod:`tugboat.engine.lock`) for as long as it is open, so a ``tugboat sweep`` on the same folder, or
+a second window, is refused with the PID of this one instead of both writing ``workspace.json``.
+Writing a variant's files (an ONNX export) runs in a job; the folder is reserved and the index
+(``workspace.json``) is updated on the GUI thread, so the ``Workspace`` object is only changed from
+one thread at a time.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 
 from ..engine.errors import TugboatError
-from ..engine.export import atomic_write_bytes
+from ..engine.lock import FolderLock
 from ..engine.recipe import Variant
+from ..engine.stored import atomic_write_bytes
 from ..engine.workspace import ARTIFACT, BASELINE, FILE, Workspace, WorkspaceError
 from ..jobs import Job, JobQueue
 from .store import VariantStore
@@ -70,24 +74,50 @@ class WorkspaceKeeper(QObject):
         super().__init__(parent)
         self.store, self.session, self.queue = store, session, queue
         self.ws: Workspace | None = None
+        self._lock: FolderLock | None = None  # the open workspace's folder lock
         self._restoring: Workspace | None = None  # reopened, waiting for the baseline to be measured
 
     # --- opening and creating ---------------------------------------------------------------------
-    def _set(self, ws: Workspace | None) -> None:
+    def _set(self, ws: Workspace | None, lock: FolderLock | None = None) -> None:
+        if lock is not self._lock:
+            old, self._lock = self._lock, lock
+            if old is not None:
+                old.release()
         self.ws = ws
         self.changed.emit(ws)
 
-    def _create(self, path: str | Path) -> Workspace:
+    def _locked(self, path: str | Path, make) -> tuple[Workspace, FolderLock]:
+        """``make(lock)`` under the folder's lock (kept when it is already ours)."""
+        path = Path(path)
+        if self._lock is not None and self._lock.held and self._lock.folder == path:
+            return make(self._lock), self._lock
+        lock = FolderLock(path, "the Tugboat app").acquire()
+        try:
+            return make(lock), lock
+        except BaseException:
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        """The window closes: let go of the workspace's folder lock."""
+        self._set(None)
+
+    def _create(self, path: str | Path) -> tuple[Workspace, FolderLock]:
         s = self.session
-        return Workspace.create(path, model=s.model_ref, data=s.data_ref, measure=_measure_dict(s.measure))
+        if Path(path).exists() and not Path(path).is_dir():
+            raise WorkspaceError("exists and is not a folder", path=str(path))
+        if Workspace.exists(path):  # before taking a lock (and its file) in someone's workspace
+            raise WorkspaceError("already holds a workspace; open it instead", path=str(path))
+        return self._locked(path, lambda _lock: Workspace.create(
+            path, model=s.model_ref, data=s.data_ref, measure=_measure_dict(s.measure)))
 
     def new(self, path: str | Path) -> Workspace:
         """An empty workspace in ``path``; the current model (if any) is measured again into it."""
-        ws = self._create(path)
+        ws, lock = self._create(path)
         self.store.clear()
         self.session.baseline = None
         self._restoring = None
-        self._set(ws)
+        self._set(ws, lock)
         if self.session.model_ref:
             self.session.load()
         return ws
@@ -95,8 +125,8 @@ class WorkspaceKeeper(QObject):
     def open(self, path: str | Path) -> Workspace:
         """Show a workspace's baseline and variants at once, then load its model again so new steps
         can run (the variants come back after the baseline; their recorded metrics are kept)."""
-        ws = Workspace.open(path)
-        self._set(ws)
+        ws, lock = self._locked(path, lambda lock: Workspace.open(path, lock=lock))
+        self._set(ws, lock)
         self.store.clear()
         self.session.baseline = None
         if ws.baseline is not None:
@@ -105,8 +135,11 @@ class WorkspaceKeeper(QObject):
             self.store.add(v)
         m = self.session.measure
         for key, value in ws.measure.items():
-            if hasattr(m, key) and value is not None:
-                setattr(m, key, type(getattr(m, key))(value))
+            current = getattr(m, key, None)
+            # only well-typed values from the file (it is untrusted): "64" or [1] for a batch is ignored
+            if value is not None and current is not None and type(value) is type(current) \
+                    and not (isinstance(value, (int, float)) and value < 0):
+                setattr(m, key, value)
         self._restoring = None
         if ws.model:
             self._restoring = ws
@@ -196,11 +229,11 @@ class WorkspaceKeeper(QObject):
         is open, so nothing measured is lost."""
         if self.ws is None:
             try:
-                ws = self._create(default_workspace_dir())
+                ws, lock = self._create(default_workspace_dir())
             except (OSError, TugboatError) as exc:
                 self.problem.emit(f"Autosave is off: {exc}", "warning")
                 return None
-            self._set(ws)
+            self._set(ws, lock)
             self._write_baseline(ws)
         return self._write(self.ws, variant)
 
@@ -210,10 +243,10 @@ class WorkspaceKeeper(QObject):
     def save_as(self, path: str | Path) -> Workspace:
         """Copy what the window shows into a new workspace folder (files written in jobs)."""
         old = self.ws
-        ws = self._create(path)
+        ws, lock = self._create(path)
         ws.recipe = old.recipe if old is not None else None
         ws.meta = dict(old.meta) if old is not None else {}
-        self._set(ws)
+        self._set(ws, lock)
         for v in self.store.variants():
             self._write(ws, v, source=old)
         return ws
