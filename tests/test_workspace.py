@@ -70,7 +70,7 @@ def test_reopen_recovers_a_variant_written_just_before_a_crash(tmp_path):
     saved = (tmp_path / "ws" / "workspace.json").read_bytes()
     ws.add_variant(Variant("two", {"steps": []}, _metrics(4, 1.0, 0.5)))
     (tmp_path / "ws" / "workspace.json").write_bytes(saved)
-    (tmp_path / "ws" / "two" / ".metrics.json.abc.tmp").write_text('{"half')  # a torn temp file
+    (tmp_path / "ws" / "two" / ".metrics.json.tugboat-abc.tmp").write_text('{"half')  # a torn temp file
     again = Workspace.open(tmp_path / "ws")
     assert again.names() == ["one", "two"]
     assert not list((tmp_path / "ws").glob("**/*.tmp"))

@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,23 @@ class FolderLock:
     def __del__(self) -> None:  # a forgotten lock is dropped with its object (the kernel would anyway)
         with contextlib.suppress(Exception):
             self.release()
+
+
+@contextlib.contextmanager
+def locked_output(folder: str | os.PathLike, what: str) -> Iterator[FolderLock]:
+    """An output folder checked (:func:`stored.check_writable_folder`: not a file, writable) and
+    locked for the work inside the ``with``; a folder made here and still empty when the work fails
+    is removed again, so a refused or failed command leaves nothing behind."""
+    from .stored import check_writable_folder
+
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        check_writable_folder(folder, "--out folder")
+        with FolderLock(folder, what) as lock:
+            yield lock
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: whatever was written stays
+        raise

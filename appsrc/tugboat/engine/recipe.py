@@ -435,8 +435,7 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
 
     ``out_dir`` is checked first (writable, not a sweep workspace) and locked while the run writes it
     (:mod:`lock`): a second run or sweep on it is refused with the PID that holds it."""
-    from .lock import FolderLock
-    from .stored import check_writable_folder
+    from .lock import locked_output
     from .workspace import FILE as WORKSPACE_FILE
 
     progress = progress or null_progress()
@@ -445,8 +444,7 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
         raise TugboatError("holds a sweep workspace; tugboat run would replace its report.json. Choose "
                            "another --out folder (or add the steps to the sweep and use tugboat sweep "
                            "--resume)", path=str(out))
-    check_writable_folder(out, "--out folder")  # an existing file, read-only, full: before any work
-    with FolderLock(out, "tugboat run"):
+    with locked_output(out, "tugboat run"):  # an existing file, read-only, full: before any work
         return _run_locked(recipe, out, progress)
 
 

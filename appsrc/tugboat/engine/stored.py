@@ -200,7 +200,7 @@ def parse_json(text: str, where: str, label: str = "the file") -> Any:
         obj = None
         deep = True
     except ValueError as exc:
-        raise StoredFileError(f"{label} is not valid JSON ({_short(exc)})", path=where) from None
+        raise StoredFileError(f"{label} cannot be read: not valid JSON ({_short(exc)})", path=where) from None
     else:
         deep = _too_deep(obj)
     if deep:  # every later step (validation, re-saving) would recurse as deep
@@ -383,6 +383,10 @@ def check_workspace(raw: Any, where: str, label: str = "workspace.json") -> dict
         c.text(raw.get(key), key, optional=True)
     for key in ("measure", "recipe", "meta"):
         c.obj(raw.get(key), key, optional=True)
+    measure = raw.get("measure") or {}
+    for key in ("batch", "threads", "warmup", "min_runs"):
+        c.number(measure.get(key), f"measure.{key}", integer=True)
+    c.text(measure.get("runtime"), "measure.runtime", optional=True)
     if raw.get("baseline") is not None:
         check_variant(c, raw["baseline"], "baseline", named=False)
     for i, v in enumerate(c.lst(raw.get("variants"), "variants", optional=True)):

@@ -162,7 +162,8 @@ def _check_value(p: step_registry.Param, value: Any, key: str, index: int, where
     try:
         p.coerce(value, f"steps.{index}")
     except RecipeError as exc:
-        raise RecipeError(f"sweep key {key!r}, {label} {value!r}: {exc.message}", path=where) from None
+        what = f"sweep combination ({key} = {value!r})" if label == "value" else f"sweep key {key!r}, {label}"
+        raise RecipeError(f"{what}: {exc.message}", path=where) from None
 
 
 def grid_size(axes: list[Axis]) -> int | None:
@@ -491,13 +492,11 @@ def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
               log: Callable[[str], None] | None = None, max_variants: int | None = None) -> SweepResult:
     """Run a recipe's sweep (grid, random or target search) into the workspace ``out_dir``, holding
     the folder's lock throughout. ``max_variants`` raises the grid-size limit (:data:`MAX_VARIANTS`)."""
-    from .lock import FolderLock
-    from .stored import check_writable_folder
+    from .lock import locked_output
 
     the_plan = plan(recipe, max_variants)  # every combination validated before any work
     out = Path(out_dir)
-    check_writable_folder(out, "--out folder")  # an existing file, read-only, full: before any work
-    with FolderLock(out, "tugboat sweep") as lock:
+    with locked_output(out, "tugboat sweep") as lock:  # an existing file, read-only, full: first
         return _run_sweep_locked(recipe, the_plan, out, lock, resume=resume, progress=progress,
                                  on_variant=on_variant, log=log)
 

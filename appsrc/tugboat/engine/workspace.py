@@ -131,6 +131,13 @@ class Workspace:
         process is writing the folder: under ``lock`` when the caller holds the folder's lock, else
         under a lock taken for the moment. A workspace that needs recovery but cannot be written
         (read-only) is refused with a clear message."""
+        try:
+            return cls._open(path, lock)
+        except StoredFileError as exc:  # one error type for everything wrong with a workspace
+            raise WorkspaceError(exc.message, path=exc.path) from None
+
+    @classmethod
+    def _open(cls, path: str | os.PathLike, lock: FolderLock | None) -> Workspace:
         ws = cls(path)
         file = ws.path / FILE
         if not file.is_file():
