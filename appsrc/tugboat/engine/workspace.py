@@ -144,7 +144,9 @@ class Workspace:
             raise WorkspaceError(f"not a Tugboat workspace (no {FILE})", path=str(path))
         raw = check_workspace(read_json(file), str(file))
         version = raw.get("version", 1)
-        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise WorkspaceError(f"{FILE}: 'version' must be a whole number, got {version!r}"[:200], path=str(file))
+        if version > FORMAT_VERSION:
             raise WorkspaceError(f"was written by a newer Tugboat (format {version!r}, this one reads "
                                  f"up to {FORMAT_VERSION})", path=str(path))
         ws.model, ws.data = raw.get("model") or "", raw.get("data") or ""
