@@ -350,6 +350,9 @@ def check_variant(c: Checker, value: Any, key: str, *, named: bool = True) -> di
     c.text(v.get("error"), f"{key}.error", optional=True)
     c.obj(v.get("info"), f"{key}.info", optional=True)
     c.text(v.get("folder"), f"{key}.folder", optional=True)
+    for name, empty in (("metrics", dict), ("artifacts", dict), ("warnings", list), ("recipe", dict)):
+        if v.get(name) is None:  # null where the writer would have put an empty one
+            v[name] = empty()
     return v
 
 
@@ -371,6 +374,12 @@ def check_report(raw: Any, where: str, label: str = "report.json") -> dict[str, 
             check_variant(c, v, f"{key}[{i}]")
     c.strings(raw.get("pareto"), "pareto")
     c.obj(raw.get("recipe"), "recipe", optional=True)
+    for name in ("variants", "failed", "pareto"):
+        if raw.get(name) is None:
+            raw[name] = []
+    for name in ("model", "data"):
+        if raw.get(name) is None:
+            raw[name] = ""
     return raw
 
 
