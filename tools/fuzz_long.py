@@ -1,11 +1,12 @@
-"""A longer fuzzing run: the properties of tests/test_fuzz.py, with fresh random seeds, for N minutes.
+"""A longer fuzzing run: the properties of tests/test_fuzz.py and tests/test_fuzz_stored.py, with fresh
+random seeds, for N minutes.
 
     python tools/fuzz_long.py --minutes 10 [--scale 4]
 
-Runs rounds of ``pytest tests/test_fuzz.py`` (each with a new random seed and ``--scale`` times the
-CI example counts) until the time is up, then prints the number of inputs tried and every failure
-(with hypothesis' minimal failing example and its ``@reproduce_failure`` blob). Exit code 1 if any
-round failed.
+Runs rounds of ``pytest tests/test_fuzz.py tests/test_fuzz_stored.py`` (each with a new random seed
+and ``--scale`` times the CI example counts) until the time is up, then prints the number of inputs
+tried and every failure (with hypothesis' minimal failing example and its ``@reproduce_failure``
+blob). Exit code 1 if any round failed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         left = max(30, int(deadline - time.monotonic()) + 60)
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:logging", "-p", "no:cacheprovider",
-                                   str(ROOT / "tests" / "test_fuzz.py")], cwd=ROOT, env=env,
+                                   str(ROOT / "tests" / "test_fuzz.py"), str(ROOT / "tests" / "test_fuzz_stored.py")],
+                                  cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=left)
             output, code = proc.stdout + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:
