@@ -48,6 +48,14 @@ def run_case(case: dict, out_dir: Path) -> None:
         recipe = load_recipe(path)
         recipe.measure = MeasureConfig(**MEASURE)
         run(recipe, out_dir)
+    elif kind == "workspace":
+        from tugboat.engine.workspace import Workspace
+
+        Workspace.open(path.parent)
+    elif kind == "report":
+        from tugboat.reporting import load_any_report
+
+        load_any_report(path.parent)
     else:  # pragma: no cover - a manifest typo
         raise AssertionError(f"unknown kind {kind}")
 
@@ -62,7 +70,7 @@ def check_message(case: dict, text: str) -> None:
 def test_corpus_is_big_enough_and_every_file_is_a_case():
     assert len(CASES) >= 30
     kinds = {c["kind"] for c in CASES}
-    assert kinds >= {"model", "baseline", "data", "recipe", "run"}
+    assert kinds >= {"model", "baseline", "data", "recipe", "run", "workspace", "report"}
     files = {c["file"] for c in CASES}
     for fmt in ("{}.onnx", "{}_torchscript.pt", "{}.pt2", "{}_state_dict.pt"):  # every model format
         assert f"models/{fmt.format('truncated')}" in files
@@ -114,6 +122,8 @@ def cli_args(case: dict, tmp_path: Path) -> list[str]:
         return ["info", str(path), *(["--arch", opts["arch"]] if opts.get("arch") else [])]
     if kind in ("recipe", "run"):
         return ["run", str(path), "--out", out, "--quiet"]
+    if kind in ("workspace", "report"):
+        return ["report", str(path.parent)]
     if kind == "baseline":
         model, data = path, None
     else:

@@ -9,7 +9,9 @@ each. ``manifest.json`` lists every case:
 - ``file``: path relative to the corpus folder (``absent`` cases name a file that must not exist)
 - ``kind``: ``model`` (load_model / ``tugboat info``), ``baseline`` (loads, then the baseline
   measurement must refuse it), ``data`` (load_data against ``model``), ``recipe``
-  (load_recipe), ``run`` (a valid recipe whose run must fail)
+  (load_recipe), ``run`` (a valid recipe whose run must fail), ``workspace`` (a workspace.json
+  read back by ``Workspace.open`` / ``tugboat report``), ``report`` (a report.json read back by
+  ``tugboat report``)
 - ``error``: the TugboatError subclass expected
 - ``expect``: words the message must contain (besides the file name)
 - ``options``: extra keyword arguments (``arch``, ``model`` for data cases)
@@ -412,8 +414,79 @@ def build(out: Path) -> list[dict]:
     c.case("recipes/nan_model.toml", "run", "NumericalError", ["nan_outputs.onnx", "NaN"],
            "the model's outputs are NaN", 'model = "../models/nan_outputs.onnx"\n', names="nan_outputs.onnx")
 
+    stored_cases(c)
     c.write(MANIFEST, json.dumps({"version": 1, "cases": c.cases}, indent=1) + "\n")
     return c.cases
+
+
+def _workspace(**change) -> dict:
+    """A valid workspace.json (as Workspace.save writes it) with ``change`` applied."""
+    metrics = {"size_bytes": 1000, "compressed_bytes": 900, "params": 10, "nonzero_params": 10, "flops": 100,
+               "latency_ms": {"median": 1.0, "p90": 1.1, "batch": 8, "threads": 1, "runtime": "onnxruntime"},
+               "accuracy": 0.9, "fidelity": {"top1_agreement": 1.0, "cosine": 1.0, "rel_error": 0.0}}
+    raw = {"format": "tugboat-workspace", "version": 1, "created": "2026-01-01T00:00:00", "model": "demo:digits-cnn",
+           "data": "demo:digits", "measure": {"batch": 8, "threads": 1, "runtime": "onnxruntime"}, "recipe": None,
+           "meta": {}, "baseline": {"name": "baseline", "recipe": {}, "metrics": metrics,
+                                    "artifacts": {"onnx": "baseline/model.onnx"}, "warnings": [], "status": "ok",
+                                    "error": None, "folder": "baseline"},
+           "variants": [{"name": "v1", "recipe": {}, "metrics": metrics, "artifacts": {"onnx": "v1/model.onnx"},
+                         "warnings": [], "status": "ok", "error": None, "folder": "v1"}]}
+    for path, value in change.items():
+        node, *keys = path.split("__")
+        target = raw
+        for k in [node, *keys][:-1]:
+            target = target[int(k)] if k.isdigit() else target[k]
+        target[[node, *keys][-1]] = value
+    return raw
+
+
+def stored_cases(c: Corpus) -> None:
+    """Files Tugboat itself wrote, read back after someone changed them (issue 15)."""
+    stored, ws_error = "StoredFileError", "WorkspaceError"
+    deep = "[" * 5000 + "]" * 5000
+    workspaces = [
+        ("escape_folder", _workspace(baseline__folder="../../../X"), ["'../../../X' points outside"],
+         "a baseline folder that climbs out of the workspace (a resumed sweep wrote there)"),
+        ("absolute_folder", _workspace(variants__0__folder="/tmp/tugboat-corpus-abs"), ["points outside"],
+         "an absolute variant folder"),
+        ("escape_artifact", _workspace(variants__0__artifacts={"onnx": "../../model.onnx"}), ["points outside"],
+         "an artifact path outside the workspace"),
+        ("nested_folder", _workspace(variants__0__folder="a/b"), ["must be a single folder name"],
+         "a variant folder with a separator"),
+        ("metrics_string", _workspace(variants__0__metrics="str"), ["'variants[0].metrics' must be an object"],
+         "metrics that are a string"),
+        ("string_metric", _workspace(baseline__metrics__size_bytes="big"),
+         ["'baseline.metrics.size_bytes' must be a whole number"], "a size that is a string"),
+        ("measure_batch_string", _workspace(measure__batch="64"), ["'measure.batch' must be a whole number"],
+         "a measure batch that is a string (the app set it on its settings)"),
+        ("version_string", _workspace(version="2"), ["'version' must be a whole number"], "a version string"),
+        ("variants_not_list", _workspace(variants={"v1": {}}), ["'variants' must be a list"], "variants as a table"),
+    ]
+    for name, raw, expect, why in workspaces:
+        c.case(f"stored/ws_{name}/workspace.json", "workspace", ws_error, expect, why, json.dumps(raw, indent=1))
+    c.case("stored/ws_deep/workspace.json", "workspace", ws_error, ["nested deeper than 64 levels"],
+           "5000 nested brackets (a RecursionError before)", deep)
+    c.case("stored/ws_not_object/workspace.json", "workspace", ws_error, ["is not a JSON object"], "a JSON list",
+           "[1, 2]")
+    c.case("stored/ws_not_json/workspace.json", "workspace", ws_error, ["cannot be read: not valid JSON"],
+           "half a file", '{"variants": [')
+    base = _workspace()["baseline"]
+    reports = [
+        ("empty_baseline", {"baseline": {}}, ["'baseline.metrics' is missing"], "a baseline without metrics"),
+        ("metrics_string", {"baseline": {"metrics": "str"}}, ["'baseline.metrics' must be an object"],
+         "metrics that are a string"),
+        ("string_metric", {"baseline": {"metrics": {"latency_ms": {"median": "fast"}}}},
+         ["'baseline.metrics.latency_ms.median' must be a number"], "a latency that is a string"),
+        ("variant_name", {"baseline": base, "variants": [{"name": 7, "metrics": {}}]},
+         ["'variants[0].name' must be a string"], "a variant name that is a number"),
+        ("no_baseline", {"variants": []}, ["not a Tugboat report"], "no baseline"),
+        ("pareto_numbers", {"baseline": base, "pareto": [1]}, ["'pareto[0]' must be a string"], "pareto of numbers"),
+    ]
+    for name, raw, expect, why in reports:
+        c.case(f"stored/report_{name}/report.json", "report", stored, expect, why, json.dumps(raw, indent=1))
+    c.case("stored/report_deep/report.json", "report", stored, ["nested deeper than 64 levels"],
+           "5000 nested brackets (a RecursionError before)", deep)
+    c.case("stored/report_list/report.json", "report", stored, ["not a Tugboat report"], "a JSON list", "[]")
 
 
 def main(argv: list[str] | None = None) -> int:

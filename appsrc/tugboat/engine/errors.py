@@ -40,6 +40,23 @@ class RecipeError(TugboatError):
     """A recipe is invalid: unknown technique, method or parameter, or a value out of range."""
 
 
+class StoredFileError(TugboatError):
+    """A file Tugboat reads back (workspace, report, metrics) is unreadable, malformed, or names a
+    path outside its folder."""
+
+
+class WorkspaceError(StoredFileError):
+    """A workspace folder cannot be read or written."""
+
+
+class OutputError(TugboatError):
+    """An output file or folder cannot be written (read-only, full disk, not a folder)."""
+
+
+class FolderLockedError(TugboatError):
+    """Another process is writing this folder."""
+
+
 class ResourceError(TugboatError):
     """A job would exceed the machine's resources (memory) and was refused."""
 

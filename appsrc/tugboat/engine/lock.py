@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import TugboatError
+from .errors import FolderLockedError, TugboatError
 
 LOCK_FILE = ".tugboat.lock"
 
@@ -32,10 +32,6 @@ try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
-
-
-class FolderLockedError(TugboatError):
-    """Another process is writing this folder."""
 
 
 def _holder_text(info: dict[str, Any]) -> str:

@@ -29,20 +29,15 @@ import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from .errors import TugboatError
+from .errors import OutputError, StoredFileError
+
+__all__ = ["OutputError", "StoredFileError", "atomic_write_bytes", "check_report", "check_workspace", "dumps",
+           "inside", "read_json"]
 
 MAX_DEPTH = 64  # Tugboat's own files nest about 8 deep
 MAX_JSON_BYTES = 256 * 1024 * 1024
 TMP_MARK = ".tugboat-"  # temporary files: ".<name>.tugboat-<random>.tmp"
 TMP_GLOB = f".*{TMP_MARK}*.tmp"
-
-
-class StoredFileError(TugboatError):
-    """A file Tugboat reads back (workspace, report, metrics) is unreadable or malformed."""
-
-
-class OutputError(TugboatError):
-    """An output file or folder cannot be written (read-only, full disk, not a folder)."""
 
 
 # --- writing -------------------------------------------------------------------------------------

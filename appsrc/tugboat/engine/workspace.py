@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import TugboatError
+from .errors import TugboatError, WorkspaceError
 from .lock import FolderLock, FolderLockedError
 from .recipe import Variant, _jsonable, _safe_name, recipe_to_toml
 from .report import REPORT_VERSION, pareto_front
@@ -73,10 +73,6 @@ BASELINE = "baseline"
 ARTIFACT = "model.onnx"
 METRICS = "metrics.json"
 RECIPE = "recipe.toml"
-
-
-class WorkspaceError(TugboatError):
-    """A workspace folder cannot be read or written."""
 
 
 def variant_from_dict(d: dict[str, Any]) -> Variant:
