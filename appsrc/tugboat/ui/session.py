@@ -255,7 +255,16 @@ class Session(QObject):
         handle, recipe = v.handle, dict(v.recipe)
 
         saved = v.artifacts.get("onnx") if kind == "onnx" else None
-        source = os.path.join(artifact_dir, saved) if saved and artifact_dir else None
+        source = None
+        if saved and artifact_dir:
+            from ..engine.errors import StoredFileError
+            from ..engine.stored import inside
+
+            try:  # a stored artifact name never reads from outside its workspace
+                source = str(inside(artifact_dir, saved, what=f"artifact of {name!r}"))
+            except StoredFileError as exc:
+                self.error.emit(str(exc), "")
+                return None
         if kind != "recipe" and handle is None and not (source and os.path.exists(source)):
             self.error.emit(f"Variant {name!r} has no model in memory; re-run it first.", "")
             return None

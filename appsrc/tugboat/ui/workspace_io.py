@@ -89,7 +89,7 @@ class WorkspaceKeeper(QObject):
     def _locked(self, path: str | Path, make) -> tuple[Workspace, FolderLock]:
         """``make(lock)`` under the folder's lock (kept when it is already ours)."""
         path = Path(path)
-        if self._lock is not None and self._lock.held and self._lock.folder == path:
+        if self._lock is not None and self._lock.held and self._lock.folder.resolve() == path.resolve():
             return make(self._lock), self._lock
         lock = FolderLock(path, "the Tugboat app").acquire()
         try:
