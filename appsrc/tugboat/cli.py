@@ -201,7 +201,9 @@ def cmd_info(args) -> int:
 
     info = model_info(args.model, trust=args.trust, arch=args.arch, input_shape=args.input_shape)
     if args.json:
-        print(json.dumps(info, indent=2))
+        from .engine.stored import finite
+
+        print(json.dumps(finite(info), indent=2, allow_nan=False))  # strict JSON: no bare NaN
         return 0
     print(format_info(info))
     return 0

@@ -136,6 +136,8 @@ class WorkspaceKeeper(QObject):
         m = self.session.measure
         for key, value in ws.measure.items():
             current = getattr(m, key, None)
+            if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
             # only well-typed values from the file (it is untrusted): "64" or [1] for a batch is ignored
             if value is not None and current is not None and type(value) is type(current) \
                     and not (isinstance(value, (int, float)) and value < 0):
