@@ -87,7 +87,9 @@ class Axis:
         assert self.low is not None and self.high is not None
         if self.log:
             value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-            return min(max(round(value), int(self.low)), int(self.high)) if self.integer else float(f"{value:.3g}")
+            if self.integer:
+                return min(max(round(value), int(self.low)), int(self.high))
+            return min(max(float(f"{value:.3g}"), self.low), self.high)  # rounding never leaves the range
         if self.integer:
             return rng.randint(int(self.low), int(self.high))
         return min(max(round(rng.uniform(self.low, self.high), 3), self.low), self.high)
