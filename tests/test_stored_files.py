@@ -205,6 +205,44 @@ def test_untrusted_student_file_names_the_option_that_covers_it(tmp_path):
     assert notes["student_format"]
 
 
+@pytest.mark.parametrize("argv, recipe_says, model_trust, step_trust", [
+    ([], "", False, False), (["--trust"], "", True, True), ([], "trust = true\n", False, False)])
+def test_trust_comes_only_from_this_runs_command_line(tmp_path, monkeypatch, argv, recipe_says, model_trust,
+                                                      step_trust):
+    from tugboat.engine import recipe as recipe_mod
+
+    seen = {}
+    monkeypatch.setattr(recipe_mod, "run", lambda recipe, out, progress: seen.update(
+        model=recipe.trust, steps=recipe.trust_steps) or {"baseline": {"metrics": {}}, "variants": []})
+    monkeypatch.setattr(cli, "format_summary", lambda report: "")
+    path = write_recipe(tmp_path, recipe_says + PRUNE)
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet", *argv]) == 0
+    assert seen == {"model": model_trust, "steps": step_trust}
+
+
+def test_only_techniques_that_load_files_get_the_runs_trust(monkeypatch):
+    from tugboat.engine import steps as registry
+    from tugboat.engine.models import load_model
+    from tugboat.engine.progress import null_progress
+    from tugboat.engine.recipe import apply_steps
+
+    seen = []
+
+    def record(handle, params, data, progress):
+        seen.append(dict(params))
+        return handle
+
+    registry.techniques()
+    for name, loads in (("probe_loads", True), ("probe_plain", False)):
+        monkeypatch.setitem(registry._REGISTRY, name, registry.Technique(
+            name, name, "", {"m": ""}, [], record, needs_torch=False, extras={"loads_files": True} if loads else {}))
+    handle = load_model("demo:digits-cnn")
+    steps = [{"technique": "probe_loads", "method": "m"}, {"technique": "probe_plain", "method": "m"}]
+    apply_steps(handle, steps, None, null_progress(), guard=False, trust=True)
+    apply_steps(handle, steps, None, null_progress(), guard=False)
+    assert [p.get("trust") for p in seen] == [True, None, False, None]
+
+
 # --- 4. counts checked before allocating --------------------------------------------------------------
 
 def test_a_grid_of_100_million_is_refused_arithmetically(tmp_path):

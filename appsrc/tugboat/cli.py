@@ -239,7 +239,7 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
-    recipe.trust = bool(args.trust)  # per run: a recipe file never grants trust
+    recipe.trust = recipe.trust_steps = bool(args.trust)  # per run: a recipe file never grants trust
     bar = TerminalProgress(enabled=not args.quiet)
     try:
         report = run(recipe, args.out, Progress(bar))

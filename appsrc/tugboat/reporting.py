@@ -21,7 +21,7 @@ def run_sweep_cli(args) -> int:
 
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
-    recipe.trust = bool(getattr(args, "trust", False))  # per run: a recipe file never grants trust
+    recipe.trust = recipe.trust_steps = bool(getattr(args, "trust", False))  # per run, never from a file
     quiet = getattr(args, "quiet", False)
     bar = TerminalProgress(enabled=not quiet)
 

@@ -47,6 +47,9 @@ class Recipe:
     search: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
     trust: bool = False  # per run only (tugboat run/sweep --trust): never read from a file, never written
+    # per run only: files named by steps (a distillation student_file) may be unpickled. The CLI's
+    # --trust sets both; the app's confirmation names one model file and sets only ``trust``
+    trust_steps: bool = False
     arch: str | None = None
     input_shape: list[int] | None = None
     source: str | None = None  # the recipe file, for messages and relative paths
@@ -391,7 +394,7 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     out_of_memory = False
     try:
         handle = apply_steps(start or base.handle, todo, base.data, progress.sub(0.0, 0.7),
-                             first_index=done_steps, trust=recipe.trust)
+                             first_index=done_steps, trust=recipe.trust_steps)
         finish_variant(variant, handle, base, progress.sub(0.7, 1.0, "measuring: "))
     except NumericalError as exc:
         variant.status, variant.error = "failed", f"numerical failure: {exc.message}"
