@@ -42,12 +42,6 @@ TMP_GLOB = f".*{TMP_MARK}*.tmp"
 
 # --- writing -------------------------------------------------------------------------------------
 
-def is_tugboat_temp(path: Path) -> bool:
-    """A temporary file named by :func:`atomic_write_bytes` (or the GUI's export)."""
-    name = path.name
-    return name.startswith(".") and TMP_MARK in name and ".tmp" in name[name.index(TMP_MARK):]
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename: never a half-written file.
 
@@ -167,7 +161,7 @@ def dumps(obj: Any, *, where: str | None = None) -> bytes:
 
 # --- reading -------------------------------------------------------------------------------------
 
-def _reject_constant(name: str) -> None:
+def _constant_as_null(name: str) -> None:
     return None  # NaN / Infinity written by older versions read as null
 
 
@@ -190,7 +184,7 @@ def read_json(path: str | os.PathLike, *, what: str | None = None, max_bytes: in
 
 def parse_json(text: str, where: str, label: str = "the file") -> Any:
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_constant_as_null)
     except RecursionError:
         obj = None
         deep = True
