@@ -281,6 +281,17 @@ def test_second_lock_is_refused_naming_the_holder(tmp_path):
     FolderLock(tmp_path).acquire().release()
 
 
+def test_a_planted_lock_symlink_is_never_written_through(tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / LOCK_FILE).symlink_to(victim)
+    path = write_recipe(tmp_path, PRUNE + '[sweep]\n"steps.0.ratio" = [0.25]\n')
+    assert cli.main(["sweep", str(path), "--out", str(tmp_path / "ws"), "--quiet"]) == 2
+    one_line_error(capsys, LOCK_FILE, "symbolic link")
+    assert victim.read_text() == "precious"
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
@@ -401,6 +412,20 @@ def test_deeply_nested_settings_are_ignored(tmp_path):
     assert load_settings(path) == Settings()
     path.write_text('{"recent_models": ' + "[" * 5000 + "]" * 5000 + ', "measure_batch": 7}')
     assert load_settings(path) == Settings()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_special_files_are_refused_not_read(tmp_path, capsys):
+    os.mkfifo(tmp_path / "settings.json")  # reading it would block start-up forever
+    assert load_settings(tmp_path / "settings.json") == Settings()
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "report.json")
+    assert cli.main(["report", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "report.json")
+    make_workspace(tmp_path / "ws")
+    (tmp_path / "ws" / "orphan").mkdir()
+    os.mkfifo(tmp_path / "ws" / "orphan" / "metrics.json")  # recovery skips it
+    assert cli.main(["report", str(tmp_path / "ws")]) == 0
 
 
 # --- 8. NaN and Infinity ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -106,7 +107,10 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     """The saved settings, or the defaults if the file is missing, unreadable or corrupt."""
     path = Path(path) if path else settings_path()
     try:
-        if path.stat().st_size > MAX_BYTES:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block start-up forever
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_BYTES:
             raise ValueError(f"larger than {MAX_BYTES // 1024} KB")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,8 +45,14 @@ def _holder_text(info: dict[str, Any]) -> str:
 
 def read_holder(folder: str | os.PathLike) -> dict[str, Any]:
     """What the lock file says (empty if missing or unreadable: never trusted for more than text)."""
-    try:
-        raw = json.loads((Path(folder) / LOCK_FILE).read_text(encoding="utf-8")[:4096])
+    try:  # at most 4 KB, never through a link: the file may have been planted
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(Path(folder) / LOCK_FILE, flags)
+        try:
+            text = os.read(fd, 4096).decode("utf-8", "replace") if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+        finally:
+            os.close(fd)
+        raw = json.loads(text)
     except (OSError, ValueError, RecursionError):
         return {}
     return {k: raw[k] for k in ("pid", "host", "started", "what") if isinstance(raw, dict) and k in raw
@@ -103,7 +110,13 @@ class FolderLock:
 
     def _acquire_flock(self) -> None:
         for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if self.path.is_symlink():  # never truncate a file elsewhere through a planted link
+                raise TugboatError("is a symbolic link; Tugboat does not write through it (delete it)",
+                                   path=str(self.path))
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise TugboatError("is not a regular file; delete it", path=str(self.path))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -170,7 +171,10 @@ def read_json(path: str | os.PathLike, *, what: str | None = None, max_bytes: in
     path = Path(path)
     label = what or path.name
     try:
-        if path.stat().st_size > max_bytes:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+            raise StoredFileError(f"{label} is not a regular file; not read", path=str(path))
+        if info.st_size > max_bytes:
             raise StoredFileError(f"{label} is larger than {max_bytes // (1024 * 1024)} MB; not read",
                                   path=str(path))
         text = path.read_text(encoding="utf-8")
