@@ -173,6 +173,26 @@ def test_trust_in_a_recipe_is_ignored_with_a_warning_and_never_written(tmp_path,
         assert "trust" not in (tmp_path / "ws" / name).read_text(), name
 
 
+def test_trust_flags_in_an_old_workspace_are_dropped_when_read_and_never_written_back(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    old = {"model": "m", "trust": True, "steps": [{"technique": "distill", "student_trust": True}]}
+
+    def plant(raw):
+        raw["recipe"] = old
+        raw["variants"][0]["recipe"] = old
+
+    edit_json(tmp_path / "ws" / "workspace.json", plant)
+    ws = Workspace.open(tmp_path / "ws")
+    assert "trust" not in json.dumps(ws.recipe) and "trust" not in json.dumps(ws.get("v1").recipe)
+    ws.save()
+    again = Workspace.create(tmp_path / "copy", model="m")
+    again.add_variant(ws.get("v1"))  # what the app's Save as does
+    for path in (tmp_path / "ws" / "workspace.json", tmp_path / "ws" / "report.json",
+                 tmp_path / "copy" / "v1" / "recipe.toml", tmp_path / "copy" / "v1" / "metrics.json"):
+        assert "trust" not in path.read_text(), path
+    assert "trust" not in recipe_to_toml(old)
+
+
 def test_old_reports_with_student_trust_false_still_parse():
     recipe = parse_recipe({"model": "demo:digits-cnn", "steps": [{"technique": "distill", "student_trust": False}]})
     assert "student_trust" not in recipe.steps[0] and not recipe.notes

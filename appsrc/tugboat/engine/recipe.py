@@ -219,8 +219,20 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 def recipe_to_toml(recipe: Recipe | dict[str, Any]) -> str:
     import tomli_w
 
-    d = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+    d = recipe.to_dict() if isinstance(recipe, Recipe) else without_trust(recipe)
     return tomli_w.dumps(_toml_safe(d))
+
+
+def without_trust(recipe: Any) -> Any:
+    """A recipe dictionary (from a file an older version wrote) without any trust flag, at the top
+    level or in a step: trust is never stored, so it is dropped wherever a recipe is read or written."""
+    if not isinstance(recipe, dict):
+        return recipe
+    out = {k: v for k, v in recipe.items() if k not in TRUST_KEYS}
+    if isinstance(out.get("steps"), list):
+        out["steps"] = [{k: v for k, v in s.items() if k not in TRUST_KEYS} if isinstance(s, dict) else s
+                        for s in out["steps"]]
+    return out
 
 
 def _toml_safe(obj):

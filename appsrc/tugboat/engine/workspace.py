@@ -51,7 +51,7 @@ from typing import Any
 
 from .errors import TugboatError, WorkspaceError
 from .lock import FolderLock, FolderLockedError
-from .recipe import Variant, _jsonable, _safe_name, recipe_to_toml
+from .recipe import Variant, _jsonable, _safe_name, recipe_to_toml, without_trust
 from .report import REPORT_VERSION, pareto_front
 from .stored import (
     TMP_GLOB,
@@ -76,7 +76,7 @@ RECIPE = "recipe.toml"
 
 
 def variant_from_dict(d: dict[str, Any]) -> Variant:
-    return Variant(name=str(d.get("name", "variant")), recipe=dict(d.get("recipe") or {}),
+    return Variant(name=str(d.get("name", "variant")), recipe=without_trust(dict(d.get("recipe") or {})),
                    metrics=dict(d.get("metrics") or {}), artifacts=dict(d.get("artifacts") or {}),
                    warnings=[str(w) for w in d.get("warnings") or []], status=str(d.get("status", "ok")),
                    error=d.get("error"), info=dict(d.get("info") or {}))
@@ -147,7 +147,7 @@ class Workspace:
                                  f"up to {FORMAT_VERSION})", path=str(path))
         ws.model, ws.data = raw.get("model") or "", raw.get("data") or ""
         ws.measure = dict(raw.get("measure") or {})
-        ws.recipe = raw.get("recipe") if isinstance(raw.get("recipe"), dict) else None
+        ws.recipe = without_trust(raw["recipe"]) if isinstance(raw.get("recipe"), dict) else None
         ws.meta = dict(raw.get("meta") or {})
         ws.created = raw.get("created") or ws.created
         if isinstance(raw.get("baseline"), dict):
