@@ -333,3 +333,16 @@ def test_slider_moves_ghost_at_once_and_a_newer_setting_cancels_the_older_job(qt
     panel.set_value("ratio", 0.35)
     qtbot.wait(600)
     assert chart.ghost_point() is None and len(_variant_jobs(window)) == jobs
+
+
+def test_tick_labels_have_the_places_their_spacing_needs():
+    from tugboat.ui.chart import safe_tick_strings, tick_strings
+
+    assert tick_strings([99.6, 99.7214484679666, 99.8], 0.1) == ["99.6", "99.7", "99.8"]
+    assert tick_strings([0.0, 0.25, 0.5], 0.25) == ["0", "0.25", "0.50"]
+    assert tick_strings([0.32, 0.3225], 0.0025) == ["0.3200", "0.3225"]
+    assert tick_strings([200.0, 400.0], 200) == ["200", "400"]
+    assert tick_strings([2.0, 3.0, 2.477], 1.0, log=True) == ["100", "1000", "300"]
+    # pyqtgraph passes spacing=None for log minor ticks; an exception in paint would crash PySide
+    assert safe_tick_strings([2.0], 1.0, None, True) == ["100"]
+    assert safe_tick_strings([0.5], 1.0, None) == ["0.5"]

@@ -54,6 +54,11 @@ class Metric:
     kind: str  # "bytes" | "count" | "ms" | "fraction"
     get: Callable[[dict[str, Any]], float | None]
     loggable: bool = True
+    short: str = ""  # for combo boxes and axis titles (the label is the tooltip)
+
+    @property
+    def title(self) -> str:
+        return self.short or self.label
 
 
 def _num(v) -> float | None:
@@ -72,15 +77,18 @@ def _agreement(m: dict[str, Any]) -> float | None:
 
 
 METRICS: dict[str, Metric] = {m.key: m for m in (
-    Metric("size", "Size on disk", "bytes", lambda m: _num(m.get("size_bytes"))),
-    Metric("compressed", "Deflated size", "bytes", lambda m: _num(m.get("compressed_bytes"))),
-    Metric("latency", "Latency (median)", "ms", _latency),
+    Metric("size", "Size on disk", "bytes", lambda m: _num(m.get("size_bytes")), short="Size"),
+    Metric("compressed", "Deflated size", "bytes", lambda m: _num(m.get("compressed_bytes")),
+           short="Deflated size"),
+    Metric("latency", "Latency (median)", "ms", _latency, short="Latency"),
     Metric("params", "Parameters (non-zero)", "count",
-           lambda m: _num(m.get("nonzero_params", m.get("params")))),
-    Metric("flops", "FLOPs per sample", "count", lambda m: _num(m.get("flops"))),
-    Metric("quality", "Quality (accuracy, else agreement)", "fraction", quality_of, loggable=False),
+           lambda m: _num(m.get("nonzero_params", m.get("params"))), short="Non-zero params"),
+    Metric("flops", "FLOPs per sample", "count", lambda m: _num(m.get("flops")), short="FLOPs"),
+    Metric("quality", "Quality (accuracy, else agreement)", "fraction", quality_of, loggable=False,
+           short="Quality"),
     Metric("accuracy", "Accuracy", "fraction", lambda m: _num(m.get("accuracy")), loggable=False),
-    Metric("agreement", "Top-1 agreement with the original", "fraction", _agreement, loggable=False),
+    Metric("agreement", "Top-1 agreement with the original", "fraction", _agreement, loggable=False,
+           short="Agreement"),
 )}
 LOG_BY_DEFAULT = {"size", "compressed", "latency"}
 
@@ -129,13 +137,46 @@ def format_metric(kind: str, v: float | None) -> str:
     return f"{v / div:.4g} {unit}".strip()
 
 
+def tick_strings(values, spacing: float, log: bool = False) -> list[str]:
+    """Tick labels with as many places as the tick spacing needs: 99.6, 99.8 (not 99.7214484679666);
+    on a log axis plain numbers (200, 300, 1000) rather than 2·10²."""
+    if log:
+        out = []
+        for v in values:
+            x = 10 ** float(v)
+            text = f"{x:.3g}"
+            out.append(f"{x:.0f}" if "e+" in text and x < 1e6 else text)  # 1000, not 1e+03
+        return out
+    if not spacing or not math.isfinite(spacing) or spacing <= 0:
+        return [f"{v:g}" for v in values]
+    places = max(0, -math.floor(math.log10(spacing) + 1e-9))
+    while places < 8 and abs(round(spacing, places) - spacing) > spacing * 1e-6:  # 0.25 needs 2
+        places += 1
+    out = []
+    for v in values:
+        text = f"{v:.{places}f}"
+        out.append("0" if float(text) == 0 else text)
+    return out
+
+
+def safe_tick_strings(values, scale, spacing, log: bool = False) -> list[str]:
+    """:func:`tick_strings` that never raises: it runs inside Qt's paint, where an exception crashes
+    PySide (pyqtgraph passes spacing None for log-scale minor ticks)."""
+    try:
+        return tick_strings([v * scale for v in values], (spacing or 0) * scale, log)
+    except Exception:
+        return [str(v) for v in values]
+
+
 class _Axis(pg.AxisItem):
-    """Log-scale ticks as plain numbers (200, 300, 1e+03) rather than 2·10²."""
+    """Ticks formatted by :func:`tick_strings`; the units are in the axis title (no "x0.001")."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.enableAutoSIPrefix(False)
 
     def tickStrings(self, values, scale, spacing):  # noqa: N802 - pyqtgraph's name
-        if self.logMode:
-            return [f"{10 ** v:.3g}" for v in values]
-        return super().tickStrings(values, scale, spacing)
+        return safe_tick_strings(values, scale, spacing, self.logMode)
 
 
 class TradeoffChart(QWidget):
@@ -168,10 +209,21 @@ class TradeoffChart(QWidget):
         self.x_combo, self.y_combo, self.colour_combo = QComboBox(), QComboBox(), QComboBox()
         for combo in (self.x_combo, self.y_combo):
             for m in METRICS.values():
-                combo.addItem(m.label, m.key)
+                combo.addItem(m.title, m.key)
         self.colour_combo.addItem("none", "")
         for m in METRICS.values():
-            self.colour_combo.addItem(m.label, m.key)
+            self.colour_combo.addItem(m.title, m.key)
+        for combo in (self.x_combo, self.y_combo, self.colour_combo):
+            # short titles that fit whole ("Siz" / "Qu" were clipped); the full label as tooltip
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+            # they ask for their longest title but can be squeezed to the usual ones (Size, Quality)
+            combo.setMinimumWidth(combo.fontMetrics().horizontalAdvance("Latency") + 40)
+            for i in range(combo.count()):
+                key = combo.itemData(i)
+                if key:
+                    combo.setItemData(i, METRICS[key].label, Qt.ItemDataRole.ToolTipRole)
+            combo.currentIndexChanged.connect(
+                lambda _i, c=combo: c.setToolTip(METRICS[c.currentData()].label if c.currentData() else ""))
         self.x_combo.setObjectName("chart_x")
         self.y_combo.setObjectName("chart_y")
         self.colour_combo.setObjectName("chart_colour")
@@ -219,6 +271,13 @@ class TradeoffChart(QWidget):
         self.cmap = pg.colormap.get("viridis")
         self.colour_bar = pg.ColorBarItem(values=(0, 1), colorMap=self.cmap, interactive=False,
                                           width=14)
+        bar_axis = self.colour_bar.axis
+        bar_axis.enableAutoSIPrefix(False)
+        bar_axis.tickStrings = lambda values, scale, spacing: tick_strings(  # same format as the plot
+            [v * scale for v in values], spacing * scale)
+        # room for ticks like "324.5" beside the title (at pyqtgraph's fixed 45 px they overlapped);
+        # a fixed width, as pyqtgraph's automatic one re-lays out while painting
+        bar_axis.setWidth(80)
         self.view.addItem(self.colour_bar, row=0, col=1)
         self.legend = pg.LegendItem(colCount=6, labelTextColor=(40, 40, 40), labelTextSize="9pt")
         self.legend_row = self.view.addLayout(row=1, col=0, colspan=2)
@@ -413,7 +472,7 @@ class TradeoffChart(QWidget):
         div, unit = scale_for(metric.kind, ref or [1.0])
         self.colour_bar.show()
         self.colour_bar.setLevels((lo / div, hi / div))
-        text = f"{metric.label} ({unit})" if unit else metric.label
+        text = f"{metric.title} ({unit})" if unit else metric.title
         if self._labels.get("colour") != text:
             self._labels["colour"] = text
             self.colour_bar.axis.setLabel(text)
@@ -434,12 +493,12 @@ class TradeoffChart(QWidget):
     def _update_axes(self, mx: Metric, my: Metric, xunit: str, yunit: str) -> None:
         for axis, metric, unit, log in (("bottom", mx, xunit, self._log("x")),
                                         ("left", my, yunit, self._log("y"))):
-            label = metric.label
+            label = metric.title
             if metric.key == "latency":
                 base = self.store.baseline
                 lat = (base.metrics.get("latency_ms") or {}) if base is not None else {}
                 if lat.get("batch"):
-                    label = f"Latency, median at batch {lat['batch']} ({lat.get('runtime', '')})"
+                    label = f"Latency, median at batch {lat['batch']}"
             text = f"{label} ({unit}{', log scale' if log else ''})" if unit else label
             if self._labels.get(axis) != (text, log):
                 self._labels[axis] = (text, log)

@@ -318,6 +318,9 @@ class ElidedLabel(QLabel):
         self.setToolTip(self._full if self._full not in ("", "-") else "")
         self._elide()
 
+    def text(self) -> str:  # the full text for callers; Qt paints the elided one
+        return self._full
+
     def full_text(self) -> str:
         return self._full
 

@@ -12,7 +12,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QByteArray, Qt, Signal
+from PySide6.QtCore import QByteArray, QSize, Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDockWidget,
@@ -35,6 +35,7 @@ from ..engine.errors import TugboatError
 from ..engine.recipe import Variant, recipe_to_toml, step_label
 from ..jobs import Job, JobQueue
 from ..settings import Settings, load_settings, save_settings
+from .controls import ElidedLabel, guard_wheel
 from .jobs_view import JobsView
 from .model_panel import DATA_FILTER, MODEL_FILTER, DataPanel, ModelPanel
 from .notify import DetailsDialog, NotificationArea
@@ -67,6 +68,23 @@ def _optional_view(module: str, cls: str, *args_options: tuple[Any, ...]) -> QWi
     return None
 
 
+def default_size(screen) -> QSize:
+    """1440x900, or what fits the screen's free area (a 1366x768 laptop gets all of its width)."""
+    if screen is None:
+        return QSize(1440, 900)
+    free = screen.availableGeometry()
+    return QSize(min(1440, free.width()), min(900, free.height() - 30))  # the title bar
+
+
+def _scrolling(widget: QWidget) -> QScrollArea:
+    """``widget`` in a vertical scroll area: on a short screen its lower rows stay reachable."""
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+    scroll.setWidget(widget)
+    return scroll
+
+
 class EmptyState(QWidget):
     open_requested = Signal()
     demo_requested = Signal()
@@ -78,9 +96,11 @@ class EmptyState(QWidget):
         lay.addStretch(2)
         title = QLabel("<h2>Make a model smaller and faster, and see what it costs</h2>")
         title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        title.setWordWrap(True)
         text = QLabel("Open a trained model (ONNX, TorchScript, torch.export or a torch file), or try the\n"
                       "built-in demo: a small digits CNN with its data set. You can also drop a file here.")
         text.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        text.setWordWrap(True)
         buttons = QHBoxLayout()
         self.open_button = QPushButton("Open model...")
         self.demo_button = QPushButton("Try the demo")
@@ -110,8 +130,8 @@ class ChainView(QWidget):
         self.session, self.store = session, store
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        self.label = QLabel()
-        self.label.setWordWrap(True)
+        # one line, elided, full chain in the tooltip: a long chain never pushes Run out of view
+        self.label = ElidedLabel("", Qt.TextElideMode.ElideLeft)
         buttons = QHBoxLayout()
         self.continue_button = QPushButton("Continue from selected")
         self.continue_button.setToolTip("Chain the next Run after the selected variant's steps "
@@ -138,8 +158,8 @@ class ChainView(QWidget):
         self.clear_button.setEnabled(bool(self.session.chain))
 
     def _on_chain_changed(self, chain: list) -> None:
-        parts = ["original"] + [step_label(s) for s in chain] + ["<i>this panel's step</i>"]
-        self.label.setText("<b>Chain:</b> " + " → ".join(parts))
+        parts = ["original"] + [step_label(s) for s in chain] + ["[this panel]"]
+        self.label.setText("Chain: " + " → ".join(parts))
         self._update_buttons()
 
 
@@ -150,7 +170,9 @@ class SweepView(QWidget):
         self.session = session
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(QLabel("<b>Sweep</b> (settings added with \"Add to sweep\")"))
+        self.title = QLabel()
+        self.title.setWordWrap(True)
+        lay.addWidget(self.title)
         self.list = QListWidget()
         self.list.setMaximumHeight(80)
         lay.addWidget(self.list)
@@ -172,6 +194,12 @@ class SweepView(QWidget):
             self.list.addItem(" → ".join(step_label(s) for s in steps))
         for b in (self.run_button, self.save_button, self.clear_button):
             b.setEnabled(bool(sweep))
+        # empty, it is one line: the panels above get the height
+        self.title.setText(f"<b>Sweep</b>: {len(sweep)} setting{'s' if len(sweep) != 1 else ''}" if sweep
+                           else "<b>Sweep</b>: empty (\"Add to sweep\" collects settings)")
+        self.list.setVisible(bool(sweep))
+        for b in (self.run_button, self.save_button, self.clear_button):
+            b.setVisible(bool(sweep))
 
 
 class MainWindow(QMainWindow):
@@ -235,8 +263,9 @@ class MainWindow(QMainWindow):
         self.data_panel.set_measure(self.session.measure.batch, self.settings.measure_threads,
                                     self.session.measure.runtime)
         self.left_tabs = QTabWidget()
-        self.left_tabs.addTab(self.model_panel, "Model")
-        self.left_tabs.addTab(self.data_panel, "Data")
+        self.left_tabs.addTab(_scrolling(self.model_panel), "Model")
+        self.left_tabs.addTab(_scrolling(self.data_panel), "Data")
+        self.left_tabs.setMinimumWidth(260)  # squeezed further, the docks collapse (View menu)
         self.model_dock = self._dock("Model and data", self.left_tabs, Qt.DockWidgetArea.LeftDockWidgetArea)
 
         # --- right: chain, technique panels, sweep ---
@@ -250,7 +279,13 @@ class MainWindow(QMainWindow):
             scroll.setFrameShape(QScrollArea.Shape.NoFrame)
             scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
             scroll.setWidget(panel)
-            self.technique_tabs.addTab(scroll, panel.technique.title)
+            page = QWidget()  # Run and Add to sweep stay below the scrolling form, always in view
+            play = QVBoxLayout(page)
+            play.setContentsMargins(0, 0, 0, 0)
+            play.setSpacing(0)
+            play.addWidget(scroll, 1)
+            play.addWidget(panel.button_bar)
+            self.technique_tabs.addTab(page, panel.technique.title)
             self._tab_panels.append(panel)
             panel.run_requested.connect(self._on_panel_run)
             panel.add_to_sweep_requested.connect(self.session.add_to_sweep)
@@ -269,11 +304,16 @@ class MainWindow(QMainWindow):
         self.jobs_view = JobsView(self.queue)
         self.jobs_dock = self._dock("Jobs", self.jobs_view, Qt.DockWidgetArea.BottomDockWidgetArea)
 
+        # the side docks run the full height; the jobs dock sits under the centre only
+        self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
+
         self._build_menus()
         self._connect()
-        self.resize(1440, 900)
-        self.resizeDocks([self.model_dock, self.technique_dock], [330, 340], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.jobs_dock], [190], Qt.Orientation.Vertical)
+        guard_wheel(self)  # the wheel scrolls panels; it changes a control only when that has focus
+        self.resize(default_size(self.screen()))
+        self.resizeDocks([self.model_dock, self.technique_dock], [300, 340], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.jobs_dock], [170], Qt.Orientation.Vertical)
         self._restore_settings()
         self._set_ready(False)
         self.live_preview = _optional_view("live_preview", "LivePreview", (self,))
