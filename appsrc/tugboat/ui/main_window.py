@@ -45,8 +45,9 @@ from .store import VariantStore
 from .technique_panel import TechniquePanel, build_panels
 from .workspace_io import Workspace, WorkspaceKeeper, is_workspace
 
-MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts"}
+MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts", ".safetensors"}
 DATA_SUFFIXES = {".npz", ".csv"}
+RECIPE_SUFFIXES = {".toml"}
 
 
 def _optional_view(module: str, cls: str, *args_options: tuple[Any, ...]) -> QWidget | None:
@@ -416,34 +417,60 @@ class MainWindow(QMainWindow):
         return self.load_model(DEMO_MODEL, DEMO_DATA)
 
     def load_model(self, ref: str, data: str | None = None, *, trust: bool = False) -> Job | None:
-        if not ref.startswith("demo:"):
-            self.settings.add_recent("models", ref)
-            self._refresh_recent_menus()
-        self.settings.last_model = ref
+        # recent models and last_model are recorded when the load succeeds (_on_baseline_ready)
         return self.session.load(ref, data if data is not None else self.session.data_ref, trust=trust)
 
+    def _remember_loaded(self) -> None:
+        """A load succeeded: its model (and data) go into Recent and become the last ones."""
+        model, data = self.session.model_ref, self.session.data_ref
+        if model and not model.startswith("demo:"):
+            self.settings.add_recent("models", model)
+        if data and not data.startswith("demo:"):
+            self.settings.add_recent("data", data)
+        self.settings.last_model, self.settings.last_data = model, data
+        self._refresh_recent_menus()
+
     def load_data(self, ref: str) -> Job | None:
-        if not ref.startswith("demo:"):
-            self.settings.add_recent("data", ref)
-        self.settings.last_data = ref
         if not self.session.model_ref:
             self.session.data_ref = ref
             self.data_panel.show_loading(ref)
             return None
         return self.session.load(self.session.model_ref, ref, trust=self.session.trust)
 
+    # --- file dialogs: each kind starts in the folder last used for it (kept in the settings) -----
+    def _dialog_dir(self, kind: str) -> str:
+        folder = self.settings.dialog_dirs.get(kind, "") if isinstance(self.settings.dialog_dirs, dict) else ""
+        return folder if folder and Path(folder).is_dir() else ""
+
+    def _remember_dir(self, kind: str, path: str, is_folder: bool = False) -> None:
+        folder = str(Path(path) if is_folder else Path(path).parent)
+        self.settings.dialog_dirs = {**self.settings.dialog_dirs, kind: folder}
+        save_settings(self.settings)
+
+    def _open_file(self, kind: str, title: str, file_filter: str) -> str:
+        path, _ = QFileDialog.getOpenFileName(self, title, self._dialog_dir(kind), file_filter)
+        if path:
+            self._remember_dir(kind, path)
+        return path
+
+    def _open_folder(self, kind: str, title: str) -> str:
+        path = QFileDialog.getExistingDirectory(self, title, self._dialog_dir(kind))
+        if path:
+            self._remember_dir(kind, path, is_folder=True)
+        return path
+
     def open_model_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open model", "", MODEL_FILTER)
+        path = self._open_file("models", "Open model", MODEL_FILTER)
         if path:
             self.load_model(path)
 
     def open_data_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open data", "", DATA_FILTER)
+        path = self._open_file("data", "Open data", DATA_FILTER)
         if path:
             self.load_data(path)
 
     def open_data_folder_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open image folder (one sub-folder per class)")
+        path = self._open_folder("data", "Open image folder (one sub-folder per class)")
         if path:
             self.load_data(path)
 
@@ -481,6 +508,7 @@ class MainWindow(QMainWindow):
         self.stack.setCurrentIndex(1)
 
     def _on_baseline_ready(self, base) -> None:
+        self._remember_loaded()
         self._set_ready(True)
         self.keeper.on_baseline_ready(base)
         save_settings(self.settings)
@@ -575,17 +603,17 @@ class MainWindow(QMainWindow):
         return None
 
     def new_workspace_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "New workspace: choose an empty folder")
+        path = self._open_folder("workspaces", "New workspace: choose an empty folder")
         if path:
             self.new_workspace(path)
 
     def open_workspace_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open workspace folder")
+        path = self._open_folder("workspaces", "Open workspace folder")
         if path:
             self.open_workspace(path)
 
     def save_workspace_as_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Save workspace as: choose a folder")
+        path = self._open_folder("workspaces", "Save workspace as: choose a folder")
         if path:
             self.save_workspace_as(path)
 
@@ -622,11 +650,15 @@ class MainWindow(QMainWindow):
         return job
 
     def _ask_save_path(self, title: str, default: str, file_filter: str) -> str:
-        path, _ = QFileDialog.getSaveFileName(self, title, default, file_filter)
+        folder = self._dialog_dir("exports")
+        path, _ = QFileDialog.getSaveFileName(self, title, str(Path(folder) / default) if folder else default,
+                                              file_filter)
+        if path:
+            self._remember_dir("exports", path)
         return path
 
     def _on_save_sweep(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save sweep recipe", "sweep.toml", "*.toml")
+        path = self.ask_save_path("Save sweep recipe", "sweep.toml", "*.toml")
         if path:
             from ..engine.export import atomic_write_bytes
 
@@ -684,8 +716,12 @@ class MainWindow(QMainWindow):
             self.open_path(path)
 
     def open_path(self, path: str) -> None:
-        """Open a dropped path as what it looks like: model, data, or workspace."""
+        """Open a path (dropped, or from ``tugboat FILE``) as what it looks like: model, data,
+        recipe or workspace."""
         p = Path(path)
+        if not p.exists():
+            self.notify(f"{path}: no such file or folder", "", "warning")
+            return
         if p.is_dir():
             if is_workspace(p):
                 self.open_workspace(path)
@@ -695,9 +731,59 @@ class MainWindow(QMainWindow):
             self.load_data(path)
         elif p.suffix.lower() in MODEL_SUFFIXES:
             self.load_model(path)
+        elif p.suffix.lower() in RECIPE_SUFFIXES:
+            self.open_recipe(path)
         else:
-            self.notify(f"{path}: not a model (.onnx .pt .pth .pt2), data (.npz .csv, image folder) "
-                        "or workspace folder", "", "warning")
+            self.notify(f"{path}: not a model (.onnx .pt .pth .pt2 .safetensors), data (.npz .csv, image "
+                        "folder), recipe (.toml) or workspace folder", "", "warning")
+
+    def open_recipe(self, path: str) -> Job | None:
+        """Load a recipe's model and data; once measured, its steps are the chain and its last step
+        is shown in its panel, ready to Run (``tugboat run`` reproduces it headless)."""
+        from ..engine.recipe import load_recipe
+
+        try:
+            recipe = load_recipe(path)
+        except TugboatError as exc:
+            self.notify(str(exc))
+            return None
+        model, data = recipe.model, recipe.data or ""
+        here = Path(path).resolve().parent
+        # a path relative to the recipe's folder, as written beside it
+        if model and not model.startswith("demo:") and not Path(model).is_absolute() and (here / model).exists():
+            model = str(here / model)
+        if data and not data.startswith("demo:") and not Path(data).is_absolute() and (here / data).exists():
+            data = str(here / data)
+        steps = [dict(s) for s in recipe.steps]
+        job = self.load_model(model, data, trust=False)
+        if job is None:
+            return None
+
+        def show_steps(_base, steps=steps, job=job) -> None:
+            self.session.baseline_ready.disconnect(show_steps)
+            if self.session.load_job is not job or not steps:
+                return
+            self.session.set_chain(steps[:-1])
+            last = steps[-1]
+            if last.get("technique") in self.panels:
+                self.show_panel(last["technique"]).set_step(last)
+            self.notify(f"Recipe {Path(path).name}: its steps are set up; press Run to make the variant.",
+                        "", "info", 8000)
+
+        self.session.baseline_ready.connect(show_steps)
+        return job
+
+    def start_demo_session(self) -> Job | None:
+        """``tugboat --demo``: the demo in a new session; say what became of the last workspace."""
+        last = self.settings.last_workspace
+        job = self.load_demo()
+        if last and is_workspace(last):
+            self.notify(f"Demo started in a new session. Your last workspace is kept as it was: {last} "
+                        "(File > Recent workspaces).", "", "info", 15000)
+        elif last:
+            self.notify(f"Demo started in a new session (the last workspace, {last}, is no longer there).",
+                        "", "info", 15000)
+        return job
 
     def closeEvent(self, event) -> None:  # noqa: N802
         self.save_window_settings()
