@@ -346,3 +346,21 @@ def test_tick_labels_have_the_places_their_spacing_needs():
     # pyqtgraph passes spacing=None for log minor ticks; an exception in paint would crash PySide
     assert safe_tick_strings([2.0], 1.0, None, True) == ["100"]
     assert safe_tick_strings([0.5], 1.0, None) == ["0.5"]
+
+
+def test_pareto_line_follows_the_axes_shown_and_the_tooltip_agrees(chart, store):
+    chart.set_axes("size", "latency")
+    # on size and latency alone, d (smallest) and a (fastest, next smallest) beat every other;
+    # b is on the size/latency/quality front but beaten here by a (smaller and faster)
+    assert chart.pareto_names() == ["d", "a"]
+    assert "b" in store.pareto()
+    for name in chart.plotted_names():
+        assert ("on the Pareto front" in chart.tooltip_for(name)) == (name in chart.pareto_names()), name
+    lx, ly = chart.pareto_line.getData()
+    assert list(lx) == sorted(lx) and list(ly) == sorted(ly, reverse=True)  # no zigzag
+    chart.set_axes("latency", "accuracy", log_x=False)
+    front = chart.pareto_names()
+    xs = [chart.point_of(n)[0] for n in front]
+    ys = [chart.point_of(n)[1] for n in front]
+    assert xs == sorted(xs) and ys == sorted(ys)  # slower only where more accurate
+    assert front == ["a", "b", "baseline"]  # e, d: slower than a and less accurate; c: beaten by b

@@ -11,8 +11,9 @@ ring, the Pareto line and the estimate "ghost" are small items of their own.
 * colour: a third metric with a colour bar (or none);
 * marker shape: the technique chain (original, prune, quantize, prune → quantize, ...), with a
   legend below the plot so it never covers a point;
-* the Pareto front (``store.pareto()``: size, latency and quality together) as a line through
-  exactly the non-dominated variants, sorted by x;
+* the Pareto front of the two metrics shown (:func:`pareto_2d`) as a line through exactly the
+  variants no other beats on both, sorted by x; the tooltip says "on the Pareto front" for exactly
+  those (the CSV and ``store.pareto()`` keep the size/latency/quality front of the reports);
 * hover: name, steps and metrics; click: selects the variant in the store (and so the table row);
   the store's selection is ringed;
 * ``set_ghost(metrics)``: a hollow point where an estimate says a variant will land;
@@ -59,6 +60,25 @@ class Metric:
     @property
     def title(self) -> str:
         return self.short or self.label
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "fraction"
+
+
+def pareto_2d(points: dict[str, tuple[float, float]], mx: Metric, my: Metric) -> list[str]:
+    """The names not beaten on both shown metrics by any other point, in x order: the front of the
+    picture on screen (a line through it never zigzags, unlike the size/latency/quality front
+    drawn over two of its three axes)."""
+    sx = -1.0 if mx.higher_is_better else 1.0  # minimise sx * x and sy * y
+    sy = -1.0 if my.higher_is_better else 1.0
+    ranked = sorted(points.items(), key=lambda kv: (sx * kv[1][0], sy * kv[1][1]))
+    front, best_y = [], math.inf
+    for name, (_x, y) in ranked:
+        if sy * y < best_y:
+            front.append(name)
+            best_y = sy * y
+    return sorted(front, key=lambda n: points[n][0])
 
 
 def _num(v) -> float | None:
@@ -434,9 +454,8 @@ class TradeoffChart(QWidget):
             self.baseline_item.setData(x=px_all[is_base][:1], y=py_all[is_base][:1], data=[BASELINE])
         else:
             self.baseline_item.setData(x=[], y=[])
-        # Pareto line: exactly the non-dominated finished variants that are on this plot, by x
-        front = [name for name in self.store.pareto() if name in self._xy]
-        front.sort(key=lambda name: self._xy[name][0])
+        # Pareto line: the variants no other beats on both axes shown, by x (the tooltip says the same)
+        front = pareto_2d(self._xy, mx, my)
         self._pareto = front
         index = {n: i for i, n in enumerate(names)}
         sel = np.array([index[f] for f in front], int)
@@ -562,7 +581,8 @@ class TradeoffChart(QWidget):
             if val is not None:
                 lines.append(f"{metric.label}: {format_metric(metric.kind, val)}")
         if name in self._pareto:
-            lines.append("on the Pareto front")
+            lines.append(f"on the Pareto front of {METRICS[self.x_key].title.lower()} and "
+                         f"{METRICS[self.y_key].title.lower()} (the dashed line)")
         if v.warnings:
             lines.append(f"⚠ {v.warnings[0]}")
         return "\n".join(lines)

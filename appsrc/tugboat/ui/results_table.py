@@ -15,6 +15,7 @@ from PySide6.QtCore import (
     QModelIndex,
     QSortFilterProxyModel,
     Qt,
+    QTimer,
     Signal,
 )
 from PySide6.QtGui import QAction
@@ -227,6 +228,16 @@ class ResultsTable(QTableView):
         self._syncing = False
         self.selectionModel().selectionChanged.connect(self._on_selection_changed)
         store.selection_changed.connect(self._on_store_selection)
+        store.variant_added.connect(self._on_store_added)
+
+    def _on_store_added(self, name: str) -> None:
+        """A new row is scrolled into view (after the model has inserted it)."""
+        QTimer.singleShot(0, lambda n=name: self.scroll_to(n))
+
+    def scroll_to(self, name: str) -> None:
+        row = self.results_model.row_of(name)
+        if row >= 0:
+            self.scrollTo(self.proxy.mapFromSource(self.results_model.index(row, 0)))
 
     WARNINGS = COLUMNS.index("Warnings")
 
