@@ -342,7 +342,13 @@ def test_tick_labels_have_the_places_their_spacing_needs():
     assert tick_strings([0.0, 0.25, 0.5], 0.25) == ["0", "0.25", "0.50"]
     assert tick_strings([0.32, 0.3225], 0.0025) == ["0.3200", "0.3225"]
     assert tick_strings([200.0, 400.0], 200) == ["200", "400"]
-    assert tick_strings([2.0, 3.0, 2.477], 1.0, log=True) == ["100", "1000", "300"]
+    assert tick_strings([2.0, 3.0, 2.477], 1.0, log=True) == ["100", "1000", ""]
+    assert tick_strings([2.477, 2.602], 1.0, log=True) == ["300", "400"]  # too few 1-2-5: all
+    # a crowded log axis labels 1, 2 and 5 of each decade only
+    import math as m
+
+    decade = [m.log10(x) for x in (70, 80, 90, 100, 200, 300, 500)]
+    assert tick_strings(decade, None, log=True) == ["", "", "", "100", "200", "", "500"]
     # pyqtgraph passes spacing=None for log minor ticks; an exception in paint would crash PySide
     assert safe_tick_strings([2.0], 1.0, None, True) == ["100"]
     assert safe_tick_strings([0.5], 1.0, None) == ["0.5"]

@@ -101,7 +101,9 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("compressed", "Deflated size", "bytes", lambda m: _num(m.get("compressed_bytes")),
            short="Deflated size"),
     Metric("latency", "Latency (median)", "ms", _latency, short="Latency"),
-    Metric("params", "Parameters (non-zero)", "count",
+    Metric("params", "Parameters (as `tugboat run` and `report` count them)", "count",
+           lambda m: _num(m.get("params")), short="Params"),
+    Metric("nonzero", "Non-zero parameters (what unstructured pruning lowers)", "count",
            lambda m: _num(m.get("nonzero_params", m.get("params"))), short="Non-zero params"),
     Metric("flops", "FLOPs per sample", "count", lambda m: _num(m.get("flops")), short="FLOPs"),
     Metric("quality", "Quality (accuracy, else agreement)", "fraction", quality_of, loggable=False,
@@ -161,11 +163,14 @@ def tick_strings(values, spacing: float, log: bool = False) -> list[str]:
     """Tick labels with as many places as the tick spacing needs: 99.6, 99.8 (not 99.7214484679666);
     on a log axis plain numbers (200, 300, 1000) rather than 2·10²."""
     if log:
+        # label 1, 2 and 5 of each decade only: "7 8 910" and "600700" ran together
+        labelled = [v for v in values if round(10 ** (float(v) - math.floor(float(v) + 1e-9)), 3) in (1, 2, 5)]
         out = []
         for v in values:
             x = 10 ** float(v)
             text = f"{x:.3g}"
-            out.append(f"{x:.0f}" if "e+" in text and x < 1e6 else text)  # 1000, not 1e+03
+            text = f"{x:.0f}" if "e+" in text and x < 1e6 else text  # 1000, not 1e+03
+            out.append(text if v in labelled or len(labelled) < 2 else "")
         return out
     if not spacing or not math.isfinite(spacing) or spacing <= 0:
         return [f"{v:g}" for v in values]
@@ -575,7 +580,7 @@ class TradeoffChart(QWidget):
         steps = (v.recipe or {}).get("steps") or []
         lines = [v.name, "steps: " + (" → ".join(step_label(s) for s in steps) if steps else "original")]
         m = v.metrics or {}
-        for key in ("size", "compressed", "latency", "params", "flops", "accuracy", "agreement"):
+        for key in ("size", "compressed", "latency", "params", "nonzero", "flops", "accuracy", "agreement"):
             metric = METRICS[key]
             val = metric.get(m)
             if val is not None:

@@ -31,6 +31,15 @@ COLUMNS = ("Variant", "Steps", "Size", "Deflated", "Params", "Latency", "Accurac
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
 
+def params_text(m: dict[str, Any]) -> str:
+    """Both counts in full: parameters of the model, and how many of them are not zero."""
+    params, nonzero = m.get("params"), m.get("nonzero_params")
+    text = f"{params:,} parameters"
+    if nonzero is not None:
+        text += f"; {nonzero:,} non-zero ({nonzero / max(1, params):.1%})"
+    return text
+
+
 def _latency(m: dict[str, Any]) -> float | None:
     lat = m.get("latency_ms") or {}
     return lat.get("median")
@@ -115,6 +124,8 @@ class ResultsModel(QAbstractTableModel):
         if role == SORT_ROLE:
             return self._sort_key(v, col, m)
         if role == Qt.ItemDataRole.ToolTipRole:
+            if col == "Params" and m.get("params") is not None:
+                return params_text(m)
             return self.warnings_text(v) or None
         if role == Qt.ItemDataRole.DecorationRole and col == "Variant" and (v.warnings or v.error):
             # visible without scrolling to the Warnings column; the tooltip has the text
@@ -152,8 +163,12 @@ class ResultsModel(QAbstractTableModel):
             return _fmt_bytes(m.get("size_bytes"))
         if col == "Deflated":
             return _fmt_bytes(m.get("compressed_bytes"))
-        if col == "Params":
-            return _fmt_count(m.get("nonzero_params", m.get("params")))
+        if col == "Params":  # the count `tugboat run` and `report` print; non-zeros in the tooltip
+            params, nonzero = m.get("params"), m.get("nonzero_params")
+            text = _fmt_count(params)
+            if params and nonzero is not None and nonzero < 0.995 * params:
+                text += f" ({_fmt_count(nonzero)} ≠0)"
+            return text
         if col == "Latency":
             lat = _latency(m)
             return f"{lat:.3f} ms" if lat is not None else "-"
@@ -169,7 +184,7 @@ class ResultsModel(QAbstractTableModel):
         if col in ("Variant", "Steps", "Warnings"):
             return self._display(v, col, m).lower()
         value = {"Size": m.get("size_bytes"), "Deflated": m.get("compressed_bytes"),
-                 "Params": m.get("nonzero_params", m.get("params")), "Latency": _latency(m),
+                 "Params": m.get("params"), "Latency": _latency(m),
                  "Accuracy": m.get("accuracy"),
                  "Agreement": (m.get("fidelity") or {}).get("top1_agreement")}.get(col)
         return float(value) if value is not None else float("inf")
