@@ -43,3 +43,15 @@ def test_packed_int4_weights_count_as_weights():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("com.microsoft", 1)])
     assert onnx_param_count(model) == (k * n, k * n)
+
+
+def test_layers_of_a_quantized_onnx_model_have_their_parameters(tmp_path):
+    from tugboat.engine.measure import layer_table
+    from tugboat.engine.models import load_model
+
+    path = tmp_path / "qdq.onnx"
+    onnx.save(_qdq_matmul(), str(path))
+    handle = load_model(str(path))
+    rows = layer_table(handle)
+    assert [(r["type"], r["params"]) for r in rows] == [("MatMul", 16)]  # was 0 behind DequantizeLinear
+    assert handle.param_count()[0] == 20
