@@ -29,6 +29,26 @@ DEMO_MODELS = ("demo:digits-cnn", "demo:digits-mlp", "demo:digits-resnet", "demo
 DEMO_DATA = ("demo:digits",)
 
 
+def provenance_text(made_by: dict[str, str]) -> str:
+    """One line on where an exported file came from (its ``tugboat.*`` metadata)."""
+    import json
+
+    text = f"Exported by Tugboat {made_by.get('tugboat.version', '?')}"
+    try:
+        recipe = json.loads(made_by.get("tugboat.recipe", "{}"))
+    except ValueError:
+        recipe = {}
+    steps = recipe.get("steps") or []
+    if recipe.get("model"):
+        text += f" from {recipe['model']}"
+    if steps:
+        from ..engine.recipe import step_label
+
+        text += ": " + " → ".join(step_label(s) for s in steps if isinstance(s, dict) and "technique" in s
+                                  and "method" in s)
+    return text
+
+
 def _shape(spec: dict[str, Any]) -> str:
     return "x".join(str(d) if d is not None else "N" for d in spec.get("shape", []))
 
@@ -117,6 +137,9 @@ class ModelPanel(QWidget):
                           f"({_fmt_bytes(info.get('compressed_bytes'))} deflated)")
         f["FLOPs"].setText(f"{_fmt_count(info.get('flops'))} per sample")
         notes = list(info.get("warnings") or [])
+        made_by = info.get("provenance") or {}
+        if made_by:
+            notes.insert(0, provenance_text(made_by))
         if not info.get("torch_available", True):
             notes.append("ONNX-only: techniques that train need a torch model"
                          + (f" ({info['conversion_error']})" if info.get("conversion_error") else ""))
