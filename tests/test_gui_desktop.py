@@ -53,6 +53,7 @@ def test_a_file_on_the_command_line_opens_in_the_window():
     assert parse_args([]).open_path is None
 
 
+@pytest.mark.slow
 def test_tugboat_file_starts_the_app_process(python, tmp_path, model_file):
     """The real entry point takes a file (argparse refused it as an unknown command before)."""
     env = {**os.environ, "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg"), "QT_QPA_PLATFORM": "offscreen"}
