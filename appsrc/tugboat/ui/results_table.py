@@ -166,8 +166,8 @@ class ResultsModel(QAbstractTableModel):
         if col == "Params":  # the count `tugboat run` and `report` print; non-zeros in the tooltip
             params, nonzero = m.get("params"), m.get("nonzero_params")
             text = _fmt_count(params)
-            if params and nonzero is not None and nonzero < 0.995 * params:
-                text += f" ({_fmt_count(nonzero)} ≠0)"
+            if params and nonzero is not None and nonzero < 0.9 * params:  # sparse (unstructured pruning)
+                text += f" ({_fmt_count(nonzero)} nz)"
             return text
         if col == "Latency":
             lat = _latency(m)
@@ -232,7 +232,7 @@ class ResultsTable(QTableView):
         # is cut off: the table scrolls sideways instead; the tooltip holds the same text
         header.setStretchLastSection(False)
         header.setTextElideMode(Qt.TextElideMode.ElideNone)
-        for col, width in enumerate((170, 150, 66, 68, 112, 76, 70, 76)):
+        for col, width in enumerate((170, 150, 66, 68, 104, 76, 70, 76)):
             self.setColumnWidth(col, width)
         m = self.results_model
         for sig in (m.rowsInserted, m.rowsRemoved, m.modelReset, m.dataChanged):
