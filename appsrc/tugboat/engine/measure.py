@@ -101,6 +101,10 @@ def onnx_flops(model: onnx.ModelProto, batch: int = 1) -> tuple[int, list[dict[s
 
 def _node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     out = shapes.get(node.output[0]) if node.output else None
+    if not out and node.op_type == "MatMulNBits" and shapes.get(node.input[0]):
+        # a contrib op shape inference does not know: A's shape with N columns
+        n = next((a.i for a in node.attribute if a.name == "N"), 0)
+        out = [*shapes[node.input[0]][:-1], int(n)] if n else None
     if not out:
         return 0
     op = node.op_type
