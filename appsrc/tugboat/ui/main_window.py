@@ -224,6 +224,7 @@ class MainWindow(QMainWindow):
         self.confirm_trust = self._ask_trust  # tests replace it
         self.ask_save_path = self._ask_save_path  # tests replace it
         self._dialogs: list[QWidget] = []
+        self._last_model_before: str | None = None  # last_model before a load that is still running
 
         # --- centre: notifications, empty state or chart/views + results table ---
         self.notifications = NotificationArea()
@@ -417,8 +418,14 @@ class MainWindow(QMainWindow):
         return self.load_model(DEMO_MODEL, DEMO_DATA)
 
     def load_model(self, ref: str, data: str | None = None, *, trust: bool = False) -> Job | None:
-        # recent models and last_model are recorded when the load succeeds (_on_baseline_ready)
-        return self.session.load(ref, data if data is not None else self.session.data_ref, trust=trust)
+        # Recent models get the file when the load succeeds (_on_baseline_ready); last_model names
+        # it while it loads (a quit mid-load keeps it) and goes back if the load fails
+        job = self.session.load(ref, data if data is not None else self.session.data_ref, trust=trust)
+        if job is not None:
+            if self._last_model_before is None:
+                self._last_model_before = self.settings.last_model
+            self.settings.last_model = ref
+        return job
 
     def _remember_loaded(self) -> None:
         """A load succeeded: its model (and data) go into Recent and become the last ones."""
@@ -428,6 +435,7 @@ class MainWindow(QMainWindow):
         if data and not data.startswith("demo:"):
             self.settings.add_recent("data", data)
         self.settings.last_model, self.settings.last_data = model, data
+        self._last_model_before = None
         self._refresh_recent_menus()
 
     def load_data(self, ref: str) -> Job | None:
@@ -492,6 +500,10 @@ class MainWindow(QMainWindow):
 
     def _on_session_load_ended(self, still_loaded: str, reason: str) -> None:
         """A load failed or was cancelled: the panels show what is loaded, not "loading..."."""
+        if reason != "cancelled" and self._last_model_before is not None:  # a failed open is not "last"
+            self.settings.last_model = self._last_model_before
+            self._last_model_before = None
+            save_settings(self.settings)
         info, data = self.session.info, self.session.baseline
         if still_loaded and info is not None:
             self.model_panel.show_info(info)
