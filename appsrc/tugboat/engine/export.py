@@ -95,7 +95,9 @@ def for_export(model: onnx.ModelProto, recipe: dict | None = None,
     props = {p.key: p.value for p in out.metadata_props}
     props["tugboat.version"] = __version__
     if recipe:
-        props["tugboat.recipe"] = json.dumps(recipe, sort_keys=True, default=str)
+        from .recipe import without_trust  # trust is never stored, in files we hand out least of all
+
+        props["tugboat.recipe"] = json.dumps(without_trust(recipe), sort_keys=True, default=str)
     if handle is not None:
         props["tugboat.inputs"] = json.dumps([s.to_dict() for s in handle.inputs])
     data = (recipe or {}).get("data")
