@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from PySide6.QtWidgets import QCheckBox, QComboBox, QLineEdit
-from superqt import QLabeledDoubleSlider, QLabeledSlider
+from PySide6.QtCore import QPoint, QPointF, Qt
+from PySide6.QtGui import QWheelEvent
+from PySide6.QtTest import QTest
+from PySide6.QtWidgets import QApplication, QCheckBox, QComboBox, QLineEdit, QScrollArea, QStyle, QStyleOptionSlider
 
 from tugboat.engine import steps
 from tugboat.engine.steps import Param, Technique
+from tugboat.ui.controls import NumberField, format_value, param_precision
 from tugboat.ui.technique_panel import TechniquePanel, build_panels
 
 
@@ -33,10 +36,11 @@ def test_a_control_per_param_with_help_as_tooltip(qtbot, toy):
     panel = TechniquePanel(toy)
     qtbot.addWidget(panel)
     c = panel.controls
-    assert isinstance(c["ratio"], QLabeledDoubleSlider)
-    assert isinstance(c["epochs"], QLabeledSlider)
+    assert isinstance(c["ratio"], NumberField) and c["ratio"].slider is not None
+    assert isinstance(c["epochs"], NumberField) and c["epochs"].slider is not None
     assert isinstance(c["bias"], QCheckBox) and isinstance(c["mode"], QComboBox)
-    assert isinstance(c["skip"], QLineEdit) and isinstance(c["seed"], QLineEdit)
+    assert isinstance(c["skip"], QLineEdit)
+    assert isinstance(c["seed"], NumberField) and c["seed"].slider is None  # unbounded: a spin box
     assert all(c[p.name].toolTip() == p.help for p in toy.params)
     assert panel.step() == toy.validate({"technique": "toy", "method": "fast"}, "t")
 
@@ -51,22 +55,64 @@ def test_only_params_of_the_method_are_shown(qtbot, toy):
     assert panel.step()["epochs"] == 2 and panel.step()["method"] == "slow"
 
 
-def test_drag_emits_changes_and_release_commits_once(qtbot, toy):
+def _handle_centre(slider) -> QPoint:
+    opt = QStyleOptionSlider()
+    slider.initStyleOption(opt)
+    rect = slider.style().subControlRect(QStyle.ComplexControl.CC_Slider, opt,
+                                         QStyle.SubControl.SC_SliderHandle, slider)
+    return rect.center()
+
+
+def drag(qtbot, slider, dx_steps: list[int]) -> None:
+    """Press the handle with the mouse, move it by each offset in pixels, keep the button down."""
+    start = _handle_centre(slider)
+    QTest.mousePress(slider, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, start)
+    for dx in dx_steps:
+        QTest.mouseMove(slider, start + QPoint(dx, 0))
+        qtbot.wait(10)
+
+
+def test_mouse_drag_emits_changes_and_only_the_release_commits(qtbot, toy):
     panel = TechniquePanel(toy)
     qtbot.addWidget(panel)
+    panel.resize(500, 400)
+    panel.show()
+    qtbot.waitExposed(panel)
     changed, committed = [], []
     panel.step_changed.connect(changed.append)
     panel.step_committed.connect(committed.append)
-    slider = panel.controls["ratio"]
-    slider._slider.setSliderDown(True)
-    for v in (0.2, 0.3, 0.4):
-        slider.setValue(v)
-    assert [s["ratio"] for s in changed] == [0.2, 0.3, 0.4]
+    field = panel.controls["ratio"]
+    drag(qtbot, field.slider, [15, 30, 45])
+    assert field.is_held()
+    values = [s["ratio"] for s in changed]
+    assert len(values) >= 3 and values == sorted(values) and values[-1] > 0.5
+    qtbot.wait(700)  # far longer than the keyboard debounce: still held, so no run
+    assert committed == []
+    QTest.mouseRelease(field.slider, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+                       _handle_centre(field.slider))
+    qtbot.waitUntil(lambda: len(committed) == 1, timeout=1000)
+    assert committed[0]["ratio"] == values[-1] == field.value()
     qtbot.wait(600)
-    assert committed == []  # still held: no real run while dragging
-    slider._slider.setSliderDown(False)
-    slider.sliderReleased.emit()
-    assert [s["ratio"] for s in committed] == [0.4]
+    assert len(committed) == 1  # the release committed once, the debounce adds nothing
+
+
+def test_pressing_the_groove_and_holding_does_not_run(qtbot, toy):
+    panel = TechniquePanel(toy)
+    qtbot.addWidget(panel)
+    panel.resize(500, 400)
+    panel.show()
+    qtbot.waitExposed(panel)
+    committed = []
+    panel.step_committed.connect(committed.append)
+    slider = panel.controls["ratio"].slider
+    QTest.mousePress(slider, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+                     QPoint(slider.width() - 3, slider.height() // 2))
+    qtbot.wait(900)
+    assert committed == []
+    QTest.mouseRelease(slider, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+                       QPoint(slider.width() - 3, slider.height() // 2))
+    qtbot.waitUntil(lambda: len(committed) == 1, timeout=1000)
+    assert committed[0]["ratio"] > 0.5
 
 
 def test_keyboard_edits_commit_after_debounce(qtbot, toy):
@@ -95,3 +141,103 @@ def test_every_registered_technique_gets_a_panel(qtbot, toy):
         tech = steps.techniques()[name]
         assert set(panel.controls) == {p.name for p in tech.params}
         assert tech.validate(panel.step(), name) == panel.step()
+
+
+# --- exact entry ---------------------------------------------------------------------------------
+
+def test_precision_and_step_come_from_the_schema():
+    techs = steps.techniques()
+    width = techs["distill"].param("width")
+    assert param_precision(width) == (2, 0.01)  # 0.02..4: 0.25 is on the grid (was one decimal)
+    assert param_precision(techs["prune"].param("ratio")) == (2, 0.01)
+    assert param_precision(techs["distill"].param("temperature")) == (1, pytest.approx(0.1))
+    assert param_precision(techs["distill"].param("epochs")) == (0, 1)
+    assert format_value(0.5, 2) == "0.50" and format_value(0.333, 2) == "0.333"
+
+
+def type_into(qtbot, field: NumberField, text: str) -> None:
+    spin = field.spin
+    spin.setFocus()
+    spin.selectAll()
+    QTest.keyClicks(spin, text)
+    QTest.keyClick(spin, Qt.Key.Key_Return)
+
+
+def test_typed_values_are_used_exactly_and_committed_at_once(qtbot):
+    panel = build_panels()["distill"]
+    qtbot.addWidget(panel)
+    panel.show()
+    qtbot.waitExposed(panel)
+    committed = []
+    panel.step_committed.connect(committed.append)
+    width = panel.controls["width"]
+    type_into(qtbot, width, "0.25")
+    assert committed and committed[-1]["width"] == 0.25  # committed on Enter, no wait
+    assert width.text() == "0.25" and panel.step()["width"] == 0.25
+    type_into(qtbot, width, "0.255")  # finer than the step: kept, not rounded
+    assert panel.step()["width"] == 0.255 and width.text() == "0.255"
+    assert committed[-1]["width"] == 0.255
+    # the slider follows to its nearest position; the spin box keeps the exact value
+    assert width.slider.value() == round((0.255 - 0.02) / 0.01)
+    # a value set from a recipe is shown with all its places
+    panel.set_step({"technique": "distill", "method": "kd", "alpha": 0.125})
+    assert panel.controls["alpha"].text() == "0.125" and panel.step()["alpha"] == 0.125
+
+
+def test_keyboard_steps_on_slider_and_spin_box(qtbot):
+    panel = build_panels()["prune"]
+    qtbot.addWidget(panel)
+    panel.show()
+    qtbot.waitExposed(panel)
+    ratio = panel.controls["ratio"]
+    panel.set_value("ratio", 0.5)
+    ratio.slider.setFocus()
+    QTest.keyClick(ratio.slider, Qt.Key.Key_Right)
+    assert ratio.value() == 0.51
+    QTest.keyClick(ratio.slider, Qt.Key.Key_PageUp)
+    assert ratio.value() == 0.61
+    QTest.keyClick(ratio.slider, Qt.Key.Key_Left)
+    assert ratio.value() == 0.6
+    ratio.spin.setFocus()
+    QTest.keyClick(ratio.spin, Qt.Key.Key_Down)
+    assert ratio.value() == 0.59 and ratio.text() == "0.59"
+    QTest.keyClick(ratio.spin, Qt.Key.Key_PageDown)
+    assert ratio.value() == pytest.approx(0.49)
+    # every 0.01 is reachable: 0.50 exactly
+    QTest.keyClick(ratio.spin, Qt.Key.Key_Up)
+    assert ratio.value() == 0.5 and panel.step()["ratio"] == 0.5
+
+
+def _wheel(widget, delta: int = -120) -> None:
+    pos = QPointF(widget.width() / 2, widget.height() / 2)
+    event = QWheelEvent(pos, QPointF(widget.mapToGlobal(pos.toPoint())), QPoint(0, 0), QPoint(0, delta),
+                        Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier, Qt.ScrollPhase.NoScrollPhase,
+                        False)
+    QApplication.sendEvent(widget, event)
+
+
+def test_wheel_scrolls_the_panel_and_changes_a_control_only_with_focus(qtbot):
+    panel = build_panels()["distill"]
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setWidget(panel)
+    qtbot.addWidget(scroll)
+    scroll.resize(420, 260)  # shorter than the panel: it scrolls
+    scroll.show()
+    qtbot.waitExposed(scroll)
+    changed = []
+    panel.step_changed.connect(changed.append)
+    before = panel.step()
+    bar = scroll.verticalScrollBar()
+    assert bar.maximum() > 0
+    for w in (panel.controls["width"].slider, panel.controls["width"].spin, panel.controls["loss"],
+              panel.method_combo):
+        _wheel(w)
+    qtbot.wait(500)
+    assert changed == [] and panel.step() == before
+    assert bar.value() > 0  # the wheel went to the scroll area instead
+    slider = panel.controls["width"].slider
+    slider.setFocus()
+    qtbot.waitUntil(slider.hasFocus)
+    _wheel(slider, 120)
+    assert changed and panel.step()["width"] != before["width"]

@@ -119,11 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tugboat",
         description="Tugboat makes neural networks smaller and faster: distillation, pruning and "
         "quantization, each variant measured for size, latency and accuracy. With no command, "
-        "the desktop app starts.",
+        "the desktop app starts; `tugboat FILE` starts it on a model, workspace folder or recipe.",
     )
     parser.add_argument("--version", action="version", version=f"tugboat {__version__}")
     parser.add_argument("--demo", action="store_true", help="open the app with demo:digits-cnn and demo:digits loaded")
     parser.add_argument("--workspace", help="open the app on this workspace folder")
+    parser.add_argument("--open", metavar="FILE", dest="open_path",
+                        help="open the app on a model file, a workspace folder or a recipe (.toml); "
+                        "`tugboat FILE` is the same")
     parser.add_argument("--quit-after", type=float, metavar="SECONDS",
                         help="quit the app after SECONDS (smoke tests)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -162,9 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = ("info", "run", "sweep", "report")
+_VALUE_OPTIONS = ("--workspace", "--quit-after", "--open")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``tugboat FILE`` (what a desktop's "Open with" runs) means
+    ``tugboat --open FILE``: argparse alone would take FILE for an unknown command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            break
+        if arg in _VALUE_OPTIONS:
+            i += 2
+            continue
+        if arg.startswith("-") and arg != "-":
+            i += 1
+            continue
+        if arg not in COMMANDS:  # the first positional is not a command: a file to open
+            argv[i:i + 1] = ["--open", arg]
+        break
+    return build_parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.command is None:
         return _start_gui(args)
     from .engine.errors import TugboatError

@@ -102,3 +102,8 @@ def icon_pngs() -> list[Path]:
 def desktop_entry() -> Path:
     """The freedesktop.org ``tugboat.desktop`` file."""
     return path("tugboat.desktop")
+
+
+def mime_info() -> Path:
+    """``tugboat-mime.xml``: shared-mime-info types for model files (``xdg-mime install`` it)."""
+    return path("tugboat-mime.xml")

@@ -65,6 +65,7 @@ class Settings:
     measure_batch: int = 64
     measure_threads: int = 0  # 0: the engine's default
     measure_runtime: str = "onnxruntime"
+    dialog_dirs: dict[str, str] = field(default_factory=dict)  # file-dialog kind -> last folder
     version: int = SETTINGS_VERSION
 
     # --- reading / writing ----------------------------------------------------------------------
@@ -78,7 +79,10 @@ class Settings:
             if f.name == "version" or f.name not in raw:
                 continue
             value, default = raw[f.name], getattr(out, f.name)
-            if isinstance(default, list):
+            if isinstance(default, dict):
+                if isinstance(value, dict):
+                    setattr(out, f.name, {str(k): v for k, v in value.items() if isinstance(v, str)})
+            elif isinstance(default, list):
                 if isinstance(value, list) and all(isinstance(v, str) for v in value):
                     setattr(out, f.name, list(value)[:MAX_RECENT])
             elif isinstance(default, bool):

@@ -451,16 +451,15 @@ def estimate(profile: ModelProfile, steps: list[dict[str, Any]]) -> dict[str, An
             per_layer += _PER_LAYER_BYTES["fp16"]
         elif scheme == "static":
             per_ch = bool(state.quant_params.get("per_channel", True))
-            scales = 2 * o if per_ch else 0  # scale (float) + zero point (int8) per output channel
             b = w + (5 * o if per_ch else 5) + 12 * bias  # bias: int32 + scale + zero point
             raw_compressed += w * _deflate_rel(st.sparsity, 1) + (b - w)
-            n_params = w + scales + 3 * bias
+            n_params = w + bias  # scales and zero points are not parameters (models.onnx_param_count)
             n_nonzero = n_params - (w - nz_w)
             per_layer += _PER_LAYER_BYTES["static"]
         elif scheme == "dynamic":
             b = w + 5 * o + 4 * bias
             raw_compressed += w * _deflate_rel(st.sparsity, 1) + (b - w)
-            n_params = w + 2 * o + bias
+            n_params = w + bias
             n_nonzero = n_params - (w - nz_w)
             per_layer += _PER_LAYER_BYTES["dynamic"]
         else:  # weight-only int8 / int4: block-wise over the input dimension
@@ -471,8 +470,8 @@ def estimate(profile: ModelProfile, steps: list[dict[str, Any]]) -> dict[str, An
             zero_points = 0 if state.quant_params.get("symmetric", True) else math.ceil(blocks * bits / 8) * o
             b = packed + 4 * blocks * o + zero_points + 4 * bias
             raw_compressed += packed * _deflate_rel(st.sparsity, 1) + (b - packed)
-            n_params = packed + blocks * o + zero_points + bias
-            n_nonzero = n_params - int(packed * st.sparsity)
+            n_params = k * o + bias  # packed weights count as weights; scales are not parameters
+            n_nonzero = n_params - int(k * o * st.sparsity)
             per_layer += _PER_LAYER_BYTES["weight-only"]
         size_bytes += b
         params += n_params

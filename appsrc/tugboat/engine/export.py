@@ -54,6 +54,78 @@ def onnx_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
 
 
+PROVENANCE_KEYS = ("tugboat.version", "tugboat.recipe", "tugboat.inputs", "tugboat.preprocessing")
+
+
+def used_domains(model: onnx.ModelProto) -> set[str]:
+    """Operator domains the graph (subgraphs and local functions included) really uses."""
+    used: set[str] = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            used.add("" if node.domain == "ai.onnx" else node.domain)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                for g in attr.graphs:
+                    visit(g)
+
+    visit(model.graph)
+    function_domains = {f.domain for f in model.functions}
+    for f in model.functions:
+        for node in f.node:
+            used.add("" if node.domain == "ai.onnx" else node.domain)
+    return used | function_domains
+
+
+def for_export(model: onnx.ModelProto, recipe: dict | None = None,
+               handle: ModelHandle | None = None) -> onnx.ModelProto:
+    """A copy fit to hand to someone: only the opset domains it uses are declared (an ONNX Runtime
+    round trip leaves training, preview, nchwc and aten declared though no node uses them), and
+    ``metadata_props`` say where it came from: Tugboat's version, the recipe that made it (JSON), the
+    inputs it expects and the preprocessing its data had."""
+    from .. import __version__
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    used = used_domains(out) | {""}
+    keep = [op for op in out.opset_import if op.domain in used or (op.domain == "ai.onnx" and "" in used)]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    props = {p.key: p.value for p in out.metadata_props}
+    props["tugboat.version"] = __version__
+    if recipe:
+        from .recipe import without_trust  # trust is never stored, in files we hand out least of all
+
+        props["tugboat.recipe"] = json.dumps(without_trust(recipe), sort_keys=True, default=str)
+    if handle is not None:
+        props["tugboat.inputs"] = json.dumps([s.to_dict() for s in handle.inputs])
+    data = (recipe or {}).get("data")
+    if data:
+        props["tugboat.preprocessing"] = preprocessing_note(str(data))
+    del out.metadata_props[:]
+    for key, value in props.items():
+        entry = out.metadata_props.add()
+        entry.key, entry.value = key, value
+    return out
+
+
+def preprocessing_note(data: str) -> str:
+    """How the data the variant was calibrated, tuned and measured on reached the model."""
+    if data.startswith("demo:"):
+        return f"{data}: the built-in arrays, fed as they are (8x8 digits scaled to 0..1)"
+    suffix = Path(data).suffix.lower()
+    if suffix in (".npz", ".csv"):
+        return f"{Path(data).name}: arrays fed as they are (no resizing or normalisation added)"
+    return (f"{Path(data).name}: images resized to the model's input size, as float32 in 0..1 "
+            "(divided by 255), no mean/std normalisation")
+
+
+def provenance(model: onnx.ModelProto) -> dict[str, str]:
+    """What :func:`for_export` recorded in a file (empty for files Tugboat did not export)."""
+    return {p.key: p.value for p in model.metadata_props if p.key in PROVENANCE_KEYS}
+
+
 def write_onnx(handle: ModelHandle, path: str | os.PathLike, *, check: bool = True) -> Path:
     model = handle.to_onnx()
     if check:
@@ -118,11 +190,14 @@ def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: Mode
                     raise TugboatError("the saved model file is missing", path=str(source))
                 import shutil
 
-                shutil.copyfile(source, tmp)
+                if path.suffix.lower() == ".onnx":  # a saved variant: cleaned and labelled on the way
+                    tmp.write_bytes(onnx_bytes(for_export(onnx.load(str(source)), recipe)))
+                else:
+                    shutil.copyfile(source, tmp)
             elif handle is None:
                 raise TugboatError("this variant has no model in memory; re-run it first")
             elif kind == "onnx":
-                model = handle.to_onnx()
+                model = for_export(handle.to_onnx(), recipe, handle)
                 check_onnx(model, handle.source)
                 tmp.write_bytes(onnx_bytes(model))
             else:

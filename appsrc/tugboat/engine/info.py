@@ -24,6 +24,11 @@ def model_info(ref: str, *, trust: bool = False, arch: str | None = None,
         "warnings": list(handle.warnings),
         "layers": layer_table(handle),
     }
+    from .export import provenance
+
+    made_by = provenance(model)
+    if made_by:  # a file Tugboat exported: where it came from
+        info["provenance"] = made_by
     problem = _output_problem(handle)
     if problem:
         info["warnings"].append(problem)

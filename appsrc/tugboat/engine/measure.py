@@ -101,6 +101,10 @@ def onnx_flops(model: onnx.ModelProto, batch: int = 1) -> tuple[int, list[dict[s
 
 def _node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     out = shapes.get(node.output[0]) if node.output else None
+    if not out and node.op_type == "MatMulNBits" and shapes.get(node.input[0]):
+        # a contrib op shape inference does not know: A's shape with N columns
+        n = next((a.i for a in node.attribute if a.name == "N"), 0)
+        out = [*shapes[node.input[0]][:-1], int(n)] if n else None
     if not out:
         return 0
     op = node.op_type
@@ -156,11 +160,31 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
         return rows
     model = handle.to_onnx()
     _, nodes = onnx_flops(model)
+    from .models import quantization_aux_names
+
     sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    aux = quantization_aux_names(model)
+    producers = {out: n for n in model.graph.node for out in n.output}
+
+    def weight_elements(name: str, depth: int = 0) -> int:
+        # a quantized (or fp16) graph feeds weights through DequantizeLinear / Cast: count what is
+        # behind it, so an int8 variant's layers have their parameters, not 0
+        if name in sizes:
+            return 0 if name in aux or sizes[name] <= 1 else sizes[name]
+        src = producers.get(name)
+        if src is not None and depth < 3 and src.op_type in ("DequantizeLinear", "Cast") and src.input:
+            return weight_elements(src.input[0], depth + 1)
+        return 0
+
     rows = []
     for node, info in zip([n for n in model.graph.node if (n.name or n.output[0]) in
                            {r["name"] for r in nodes}], nodes):
-        params = sum(sizes.get(i, 0) for i in node.input[1:] if sizes.get(i, 0) > 1)
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            params = int(attrs.get("K", 0)) * int(attrs.get("N", 0))
+            params += sum(weight_elements(i) for i in node.input[2:] if i not in aux)
+        else:
+            params = sum(weight_elements(i) for i in node.input[1:])
         rows.append({"name": info["name"], "type": info["type"], "params": params, "flops": info["flops"]})
     return rows
 

@@ -189,14 +189,53 @@ def _unique_tensors(module: nn.Module):
             yield t.detach()
 
 
+# inputs of quantization operators that are scales or zero points (not parameters), by position
+_QUANT_AUX_INPUTS = {
+    "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "DynamicQuantizeLinear": (),
+    "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "ConvInteger": (2, 3), "MatMulInteger": (2, 3), "MatMulIntegerToFloat": (2, 3, 4, 5),
+    "DynamicQuantizeMatMul": (2, 3), "MatMulNBits": (2, 3), "GatherBlockQuantized": (2, 3),
+    "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7),
+}
+
+
+def quantization_aux_names(model: onnx.ModelProto) -> set[str]:
+    """Initializers a quantized graph uses only as scales or zero points: not parameters (an int8
+    model has the float model's parameter count, not that plus one scale per channel)."""
+    aux: set[str] = set()
+    other: set[str] = set()
+    for node in model.graph.node:
+        positions = _QUANT_AUX_INPUTS.get(node.op_type)
+        for i, name in enumerate(node.input):
+            if positions is not None and i in positions:
+                aux.add(name)
+            else:
+                other.add(name)
+    return aux - other
+
+
 def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
-    """Elements of weight initializers (scalars such as scales and zero points excluded)."""
+    """Elements of weight initializers: scalars, int64 shapes and quantization scales and zero
+    points excluded (the one definition of "parameters" for every model and report)."""
     from onnx import numpy_helper
 
+    aux = quantization_aux_names(model)
+    packed: dict[str, int] = {}  # 4-bit weights packed two per byte: count the weights, K x N
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and len(node.input) > 1:
+            attrs = {a.name: a.i for a in node.attribute}
+            if attrs.get("K") and attrs.get("N"):
+                packed[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
     params = nonzero = 0
     for init in model.graph.initializer:
         n = int(np.prod(init.dims)) if init.dims else 1
-        if n <= 1 or init.data_type == onnx.TensorProto.INT64:
+        if n <= 1 or init.data_type == onnx.TensorProto.INT64 or init.name in aux:
+            continue
+        if init.name in packed:
+            values = numpy_helper.to_array(init)
+            params += packed[init.name]
+            # a packed byte is zero only when both of its weights are (at their zero point 0)
+            nonzero += min(packed[init.name], 2 * int(np.count_nonzero(values)))
             continue
         params += n
         nonzero += int(np.count_nonzero(numpy_helper.to_array(init)))

@@ -248,7 +248,8 @@ def _toml_safe(obj):
 def step_label(step: dict[str, Any]) -> str:
     """A short, readable name for a step: ``prune-structured-r0.5``."""
     parts = [step["technique"], step["method"]]
-    for key, short in (("ratio", "r"), ("width", "w"), ("temperature", "T"), ("block_size", "bs")):
+    for key, short in (("ratio", "r"), ("width", "w"), ("temperature", "T"), ("alpha", "a"),
+                       ("block_size", "bs")):
         value = step.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             parts.append(f"{short}{value:g}")
@@ -257,6 +258,25 @@ def step_label(step: dict[str, Any]) -> str:
 
 def variant_name(steps: list[dict[str, Any]]) -> str:
     return "+".join(step_label(s) for s in steps) if steps else "baseline"
+
+
+def settings_difference(steps: list[dict[str, Any]], other: list[dict[str, Any]]) -> str:
+    """What ``steps`` set differently from ``other`` (same chain), as ``key=value`` pairs, e.g.
+    ``finetune_epochs=0,lr=0.01``: told apart in a name where :func:`step_label` shows neither."""
+    parts = []
+    for i, step in enumerate(steps):
+        before = other[i] if i < len(other) else {}
+        for key, value in step.items():
+            if key in ("technique", "method") or before.get(key) == value:
+                continue
+            if isinstance(value, float):
+                text = f"{value:g}"
+            elif isinstance(value, (list, tuple)):
+                text = ",".join(map(str, value)) or "none"
+            else:
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+            parts.append(f"{key}={text}" if len(steps) == 1 else f"{i + 1}.{key}={text}")
+    return ",".join(parts)
 
 
 @dataclass

@@ -47,12 +47,7 @@ def main(args) -> int:
 
     window = MainWindow()
     window.show()
-    if getattr(args, "workspace", None):
-        window.open_workspace(args.workspace)
-    elif getattr(args, "demo", False):
-        window.load_demo()
-    else:
-        window.restore_last_workspace()
+    start(window, args)
     quit_after = getattr(args, "quit_after", None)
     if quit_after:
         QTimer.singleShot(int(quit_after * 1000), window.close)
@@ -60,6 +55,19 @@ def main(args) -> int:
     code = app.exec()
     window.queue.shutdown(timeout=5.0)
     return _exit_cleanly(int(code))
+
+
+def start(window, args) -> None:
+    """What the window opens on: a file or folder (``tugboat FILE``), a workspace, the demo, or the
+    last session's workspace."""
+    if getattr(args, "open_path", None):
+        window.open_path(args.open_path)
+    elif getattr(args, "workspace", None):
+        window.open_workspace(args.workspace)
+    elif getattr(args, "demo", False):
+        window.start_demo_session()
+    else:
+        window.restore_last_workspace()
 
 
 def _exit_cleanly(code: int) -> int:
@@ -92,6 +100,6 @@ def _exit_cleanly(code: int) -> int:
 
 def run() -> int:
     """The gui-script entry point."""
-    from ..cli import build_parser
+    from ..cli import parse_args
 
-    return main(build_parser().parse_args(sys.argv[1:]))
+    return main(parse_args(sys.argv[1:]))

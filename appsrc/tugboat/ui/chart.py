@@ -11,8 +11,9 @@ ring, the Pareto line and the estimate "ghost" are small items of their own.
 * colour: a third metric with a colour bar (or none);
 * marker shape: the technique chain (original, prune, quantize, prune → quantize, ...), with a
   legend below the plot so it never covers a point;
-* the Pareto front (``store.pareto()``: size, latency and quality together) as a line through
-  exactly the non-dominated variants, sorted by x;
+* the Pareto front of the two metrics shown (:func:`pareto_2d`) as a line through exactly the
+  variants no other beats on both, sorted by x; the tooltip says "on the Pareto front" for exactly
+  those (the CSV and ``store.pareto()`` keep the size/latency/quality front of the reports);
 * hover: name, steps and metrics; click: selects the variant in the store (and so the table row);
   the store's selection is ringed;
 * ``set_ghost(metrics)``: a hollow point where an estimate says a variant will land;
@@ -54,6 +55,30 @@ class Metric:
     kind: str  # "bytes" | "count" | "ms" | "fraction"
     get: Callable[[dict[str, Any]], float | None]
     loggable: bool = True
+    short: str = ""  # for combo boxes and axis titles (the label is the tooltip)
+
+    @property
+    def title(self) -> str:
+        return self.short or self.label
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "fraction"
+
+
+def pareto_2d(points: dict[str, tuple[float, float]], mx: Metric, my: Metric) -> list[str]:
+    """The names not beaten on both shown metrics by any other point, in x order: the front of the
+    picture on screen (a line through it never zigzags, unlike the size/latency/quality front
+    drawn over two of its three axes)."""
+    sx = -1.0 if mx.higher_is_better else 1.0  # minimise sx * x and sy * y
+    sy = -1.0 if my.higher_is_better else 1.0
+    ranked = sorted(points.items(), key=lambda kv: (sx * kv[1][0], sy * kv[1][1]))
+    front, best_y = [], math.inf
+    for name, (_x, y) in ranked:
+        if sy * y < best_y:
+            front.append(name)
+            best_y = sy * y
+    return sorted(front, key=lambda n: points[n][0])
 
 
 def _num(v) -> float | None:
@@ -72,15 +97,20 @@ def _agreement(m: dict[str, Any]) -> float | None:
 
 
 METRICS: dict[str, Metric] = {m.key: m for m in (
-    Metric("size", "Size on disk", "bytes", lambda m: _num(m.get("size_bytes"))),
-    Metric("compressed", "Deflated size", "bytes", lambda m: _num(m.get("compressed_bytes"))),
-    Metric("latency", "Latency (median)", "ms", _latency),
-    Metric("params", "Parameters (non-zero)", "count",
-           lambda m: _num(m.get("nonzero_params", m.get("params")))),
-    Metric("flops", "FLOPs per sample", "count", lambda m: _num(m.get("flops"))),
-    Metric("quality", "Quality (accuracy, else agreement)", "fraction", quality_of, loggable=False),
+    Metric("size", "Size on disk", "bytes", lambda m: _num(m.get("size_bytes")), short="Size"),
+    Metric("compressed", "Deflated size", "bytes", lambda m: _num(m.get("compressed_bytes")),
+           short="Deflated size"),
+    Metric("latency", "Latency (median)", "ms", _latency, short="Latency"),
+    Metric("params", "Parameters (as `tugboat run` and `report` count them)", "count",
+           lambda m: _num(m.get("params")), short="Params"),
+    Metric("nonzero", "Non-zero parameters (what unstructured pruning lowers)", "count",
+           lambda m: _num(m.get("nonzero_params", m.get("params"))), short="Non-zero params"),
+    Metric("flops", "FLOPs per sample", "count", lambda m: _num(m.get("flops")), short="FLOPs"),
+    Metric("quality", "Quality (accuracy, else agreement)", "fraction", quality_of, loggable=False,
+           short="Quality"),
     Metric("accuracy", "Accuracy", "fraction", lambda m: _num(m.get("accuracy")), loggable=False),
-    Metric("agreement", "Top-1 agreement with the original", "fraction", _agreement, loggable=False),
+    Metric("agreement", "Top-1 agreement with the original", "fraction", _agreement, loggable=False,
+           short="Agreement"),
 )}
 LOG_BY_DEFAULT = {"size", "compressed", "latency"}
 
@@ -129,13 +159,49 @@ def format_metric(kind: str, v: float | None) -> str:
     return f"{v / div:.4g} {unit}".strip()
 
 
+def tick_strings(values, spacing: float, log: bool = False) -> list[str]:
+    """Tick labels with as many places as the tick spacing needs: 99.6, 99.8 (not 99.7214484679666);
+    on a log axis plain numbers (200, 300, 1000) rather than 2·10²."""
+    if log:
+        # label 1, 2 and 5 of each decade only: "7 8 910" and "600700" ran together
+        labelled = [v for v in values if round(10 ** (float(v) - math.floor(float(v) + 1e-9)), 3) in (1, 2, 5)]
+        out = []
+        for v in values:
+            x = 10 ** float(v)
+            text = f"{x:.3g}"
+            text = f"{x:.0f}" if "e+" in text and x < 1e6 else text  # 1000, not 1e+03
+            out.append(text if v in labelled or len(labelled) < 2 else "")
+        return out
+    if not spacing or not math.isfinite(spacing) or spacing <= 0:
+        return [f"{v:g}" for v in values]
+    places = max(0, -math.floor(math.log10(spacing) + 1e-9))
+    while places < 8 and abs(round(spacing, places) - spacing) > spacing * 1e-6:  # 0.25 needs 2
+        places += 1
+    out = []
+    for v in values:
+        text = f"{v:.{places}f}"
+        out.append("0" if float(text) == 0 else text)
+    return out
+
+
+def safe_tick_strings(values, scale, spacing, log: bool = False) -> list[str]:
+    """:func:`tick_strings` that never raises: it runs inside Qt's paint, where an exception crashes
+    PySide (pyqtgraph passes spacing None for log-scale minor ticks)."""
+    try:
+        return tick_strings([v * scale for v in values], (spacing or 0) * scale, log)
+    except Exception:
+        return [str(v) for v in values]
+
+
 class _Axis(pg.AxisItem):
-    """Log-scale ticks as plain numbers (200, 300, 1e+03) rather than 2·10²."""
+    """Ticks formatted by :func:`tick_strings`; the units are in the axis title (no "x0.001")."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.enableAutoSIPrefix(False)
 
     def tickStrings(self, values, scale, spacing):  # noqa: N802 - pyqtgraph's name
-        if self.logMode:
-            return [f"{10 ** v:.3g}" for v in values]
-        return super().tickStrings(values, scale, spacing)
+        return safe_tick_strings(values, scale, spacing, self.logMode)
 
 
 class TradeoffChart(QWidget):
@@ -168,10 +234,21 @@ class TradeoffChart(QWidget):
         self.x_combo, self.y_combo, self.colour_combo = QComboBox(), QComboBox(), QComboBox()
         for combo in (self.x_combo, self.y_combo):
             for m in METRICS.values():
-                combo.addItem(m.label, m.key)
+                combo.addItem(m.title, m.key)
         self.colour_combo.addItem("none", "")
         for m in METRICS.values():
-            self.colour_combo.addItem(m.label, m.key)
+            self.colour_combo.addItem(m.title, m.key)
+        for combo in (self.x_combo, self.y_combo, self.colour_combo):
+            # short titles that fit whole ("Siz" / "Qu" were clipped); the full label as tooltip
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+            # they ask for their longest title but can be squeezed to the usual ones (Size, Quality)
+            combo.setMinimumWidth(combo.fontMetrics().horizontalAdvance("Latency") + 40)
+            for i in range(combo.count()):
+                key = combo.itemData(i)
+                if key:
+                    combo.setItemData(i, METRICS[key].label, Qt.ItemDataRole.ToolTipRole)
+            combo.currentIndexChanged.connect(
+                lambda _i, c=combo: c.setToolTip(METRICS[c.currentData()].label if c.currentData() else ""))
         self.x_combo.setObjectName("chart_x")
         self.y_combo.setObjectName("chart_y")
         self.colour_combo.setObjectName("chart_colour")
@@ -219,6 +296,13 @@ class TradeoffChart(QWidget):
         self.cmap = pg.colormap.get("viridis")
         self.colour_bar = pg.ColorBarItem(values=(0, 1), colorMap=self.cmap, interactive=False,
                                           width=14)
+        bar_axis = self.colour_bar.axis
+        bar_axis.enableAutoSIPrefix(False)
+        bar_axis.tickStrings = lambda values, scale, spacing: tick_strings(  # same format as the plot
+            [v * scale for v in values], spacing * scale)
+        # room for ticks like "324.5" beside the title (at pyqtgraph's fixed 45 px they overlapped);
+        # a fixed width, as pyqtgraph's automatic one re-lays out while painting
+        bar_axis.setWidth(80)
         self.view.addItem(self.colour_bar, row=0, col=1)
         self.legend = pg.LegendItem(colCount=6, labelTextColor=(40, 40, 40), labelTextSize="9pt")
         self.legend_row = self.view.addLayout(row=1, col=0, colspan=2)
@@ -375,9 +459,8 @@ class TradeoffChart(QWidget):
             self.baseline_item.setData(x=px_all[is_base][:1], y=py_all[is_base][:1], data=[BASELINE])
         else:
             self.baseline_item.setData(x=[], y=[])
-        # Pareto line: exactly the non-dominated finished variants that are on this plot, by x
-        front = [name for name in self.store.pareto() if name in self._xy]
-        front.sort(key=lambda name: self._xy[name][0])
+        # Pareto line: the variants no other beats on both axes shown, by x (the tooltip says the same)
+        front = pareto_2d(self._xy, mx, my)
         self._pareto = front
         index = {n: i for i, n in enumerate(names)}
         sel = np.array([index[f] for f in front], int)
@@ -413,7 +496,7 @@ class TradeoffChart(QWidget):
         div, unit = scale_for(metric.kind, ref or [1.0])
         self.colour_bar.show()
         self.colour_bar.setLevels((lo / div, hi / div))
-        text = f"{metric.label} ({unit})" if unit else metric.label
+        text = f"{metric.title} ({unit})" if unit else metric.title
         if self._labels.get("colour") != text:
             self._labels["colour"] = text
             self.colour_bar.axis.setLabel(text)
@@ -434,12 +517,12 @@ class TradeoffChart(QWidget):
     def _update_axes(self, mx: Metric, my: Metric, xunit: str, yunit: str) -> None:
         for axis, metric, unit, log in (("bottom", mx, xunit, self._log("x")),
                                         ("left", my, yunit, self._log("y"))):
-            label = metric.label
+            label = metric.title
             if metric.key == "latency":
                 base = self.store.baseline
                 lat = (base.metrics.get("latency_ms") or {}) if base is not None else {}
                 if lat.get("batch"):
-                    label = f"Latency, median at batch {lat['batch']} ({lat.get('runtime', '')})"
+                    label = f"Latency, median at batch {lat['batch']}"
             text = f"{label} ({unit}{', log scale' if log else ''})" if unit else label
             if self._labels.get(axis) != (text, log):
                 self._labels[axis] = (text, log)
@@ -497,13 +580,14 @@ class TradeoffChart(QWidget):
         steps = (v.recipe or {}).get("steps") or []
         lines = [v.name, "steps: " + (" → ".join(step_label(s) for s in steps) if steps else "original")]
         m = v.metrics or {}
-        for key in ("size", "compressed", "latency", "params", "flops", "accuracy", "agreement"):
+        for key in ("size", "compressed", "latency", "params", "nonzero", "flops", "accuracy", "agreement"):
             metric = METRICS[key]
             val = metric.get(m)
             if val is not None:
                 lines.append(f"{metric.label}: {format_metric(metric.kind, val)}")
         if name in self._pareto:
-            lines.append("on the Pareto front")
+            lines.append(f"on the Pareto front of {METRICS[self.x_key].title.lower()} and "
+                         f"{METRICS[self.y_key].title.lower()} (the dashed line)")
         if v.warnings:
             lines.append(f"⚠ {v.warnings[0]}")
         return "\n".join(lines)

@@ -31,14 +31,14 @@ class JobRow(QWidget):
         lay = QHBoxLayout(self)
         lay.setContentsMargins(4, 1, 4, 1)
         self.name = QLabel(job.name)
-        self.name.setMinimumWidth(160)
+        self.name.setMinimumWidth(90)
         self.name.setToolTip(job.name)
         self.bar = QProgressBar()
         self.bar.setRange(0, 1000)
         self.bar.setTextVisible(True)
-        self.bar.setMinimumWidth(140)
+        self.bar.setMinimumWidth(70)
         self.status = QLabel("queued")
-        self.status.setMinimumWidth(220)
+        self.status.setMinimumWidth(100)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip("Stop this job at its next checkpoint (Esc cancels all)")
         self.cancel_button.clicked.connect(job.cancel)
@@ -94,6 +94,7 @@ class JobsView(QWidget):
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(self.list_widget)
+        self.scroll = scroll
         self.log_view = QPlainTextEdit()
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(2000)
@@ -141,6 +142,13 @@ class JobsView(QWidget):
                 self._remove_row(job.id)
         elif state == "running":
             self._append_log(f"started: {job.name}")
+            row = self.rows.get(job.id)
+            if row is not None:  # the running job is in view, also below a long list
+                QTimer.singleShot(0, lambda r=row: self._scroll_to(r))
+
+    def _scroll_to(self, row: JobRow) -> None:
+        if row.job.id in self.rows:
+            self.scroll.ensureWidgetVisible(row)
 
     def _append_log(self, text: str) -> None:
         self.log_view.appendPlainText(f"{time.strftime('%H:%M:%S')}  {text}")

@@ -40,6 +40,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..jobs import Job
+from .controls import guard_wheel
 from .store import BASELINE
 
 NO_OVERRIDE = -0.05  # the sparsity spin box's "default" value: no per-layer ratio
@@ -527,6 +528,7 @@ class LayersView(QWidget):
         spin.setDecimals(2)
         spin.setSpecialValueText("default")
         spin.valueChanged.connect(lambda v, name=layer: self._on_spin_changed(name, v))
+        guard_wheel(spin)  # scrolling the table never changes a layer's sparsity
         self.table.setCellWidget(row, COL_SPARSITY, spin)
         holder = QWidget()
         hl = QHBoxLayout(holder)

@@ -12,7 +12,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QByteArray, Qt, Signal
+from PySide6.QtCore import QByteArray, QSize, Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDockWidget,
@@ -35,6 +35,7 @@ from ..engine.errors import TugboatError
 from ..engine.recipe import Variant, recipe_to_toml, step_label
 from ..jobs import Job, JobQueue
 from ..settings import Settings, load_settings, save_settings
+from .controls import ElidedLabel, guard_wheel
 from .jobs_view import JobsView
 from .model_panel import DATA_FILTER, MODEL_FILTER, DataPanel, ModelPanel
 from .notify import DetailsDialog, NotificationArea
@@ -44,8 +45,9 @@ from .store import VariantStore
 from .technique_panel import TechniquePanel, build_panels
 from .workspace_io import Workspace, WorkspaceKeeper, is_workspace
 
-MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts"}
+MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts", ".safetensors"}
 DATA_SUFFIXES = {".npz", ".csv"}
+RECIPE_SUFFIXES = {".toml"}
 
 
 def _optional_view(module: str, cls: str, *args_options: tuple[Any, ...]) -> QWidget | None:
@@ -67,6 +69,23 @@ def _optional_view(module: str, cls: str, *args_options: tuple[Any, ...]) -> QWi
     return None
 
 
+def default_size(screen) -> QSize:
+    """1440x900, or what fits the screen's free area (a 1366x768 laptop gets all of its width)."""
+    if screen is None:
+        return QSize(1440, 900)
+    free = screen.availableGeometry()
+    return QSize(min(1440, free.width()), min(900, free.height() - 30))  # the title bar
+
+
+def _scrolling(widget: QWidget) -> QScrollArea:
+    """``widget`` in a vertical scroll area: on a short screen its lower rows stay reachable."""
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+    scroll.setWidget(widget)
+    return scroll
+
+
 class EmptyState(QWidget):
     open_requested = Signal()
     demo_requested = Signal()
@@ -78,9 +97,11 @@ class EmptyState(QWidget):
         lay.addStretch(2)
         title = QLabel("<h2>Make a model smaller and faster, and see what it costs</h2>")
         title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        title.setWordWrap(True)
         text = QLabel("Open a trained model (ONNX, TorchScript, torch.export or a torch file), or try the\n"
                       "built-in demo: a small digits CNN with its data set. You can also drop a file here.")
         text.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        text.setWordWrap(True)
         buttons = QHBoxLayout()
         self.open_button = QPushButton("Open model...")
         self.demo_button = QPushButton("Try the demo")
@@ -110,8 +131,8 @@ class ChainView(QWidget):
         self.session, self.store = session, store
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        self.label = QLabel()
-        self.label.setWordWrap(True)
+        # one line, elided, full chain in the tooltip: a long chain never pushes Run out of view
+        self.label = ElidedLabel("", Qt.TextElideMode.ElideLeft)
         buttons = QHBoxLayout()
         self.continue_button = QPushButton("Continue from selected")
         self.continue_button.setToolTip("Chain the next Run after the selected variant's steps "
@@ -138,8 +159,8 @@ class ChainView(QWidget):
         self.clear_button.setEnabled(bool(self.session.chain))
 
     def _on_chain_changed(self, chain: list) -> None:
-        parts = ["original"] + [step_label(s) for s in chain] + ["<i>this panel's step</i>"]
-        self.label.setText("<b>Chain:</b> " + " → ".join(parts))
+        parts = ["original"] + [step_label(s) for s in chain] + ["[this panel]"]
+        self.label.setText("Chain: " + " → ".join(parts))
         self._update_buttons()
 
 
@@ -150,7 +171,9 @@ class SweepView(QWidget):
         self.session = session
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(QLabel("<b>Sweep</b> (settings added with \"Add to sweep\")"))
+        self.title = QLabel()
+        self.title.setWordWrap(True)
+        lay.addWidget(self.title)
         self.list = QListWidget()
         self.list.setMaximumHeight(80)
         lay.addWidget(self.list)
@@ -172,6 +195,12 @@ class SweepView(QWidget):
             self.list.addItem(" → ".join(step_label(s) for s in steps))
         for b in (self.run_button, self.save_button, self.clear_button):
             b.setEnabled(bool(sweep))
+        # empty, it is one line: the panels above get the height
+        self.title.setText(f"<b>Sweep</b>: {len(sweep)} setting{'s' if len(sweep) != 1 else ''}" if sweep
+                           else "<b>Sweep</b>: empty (\"Add to sweep\" collects settings)")
+        self.list.setVisible(bool(sweep))
+        for b in (self.run_button, self.save_button, self.clear_button):
+            b.setVisible(bool(sweep))
 
 
 class MainWindow(QMainWindow):
@@ -195,6 +224,7 @@ class MainWindow(QMainWindow):
         self.confirm_trust = self._ask_trust  # tests replace it
         self.ask_save_path = self._ask_save_path  # tests replace it
         self._dialogs: list[QWidget] = []
+        self._last_model_before: str | None = None  # last_model before a load that is still running
 
         # --- centre: notifications, empty state or chart/views + results table ---
         self.notifications = NotificationArea()
@@ -235,8 +265,9 @@ class MainWindow(QMainWindow):
         self.data_panel.set_measure(self.session.measure.batch, self.settings.measure_threads,
                                     self.session.measure.runtime)
         self.left_tabs = QTabWidget()
-        self.left_tabs.addTab(self.model_panel, "Model")
-        self.left_tabs.addTab(self.data_panel, "Data")
+        self.left_tabs.addTab(_scrolling(self.model_panel), "Model")
+        self.left_tabs.addTab(_scrolling(self.data_panel), "Data")
+        self.left_tabs.setMinimumWidth(260)  # squeezed further, the docks collapse (View menu)
         self.model_dock = self._dock("Model and data", self.left_tabs, Qt.DockWidgetArea.LeftDockWidgetArea)
 
         # --- right: chain, technique panels, sweep ---
@@ -250,7 +281,13 @@ class MainWindow(QMainWindow):
             scroll.setFrameShape(QScrollArea.Shape.NoFrame)
             scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
             scroll.setWidget(panel)
-            self.technique_tabs.addTab(scroll, panel.technique.title)
+            page = QWidget()  # Run and Add to sweep stay below the scrolling form, always in view
+            play = QVBoxLayout(page)
+            play.setContentsMargins(0, 0, 0, 0)
+            play.setSpacing(0)
+            play.addWidget(scroll, 1)
+            play.addWidget(panel.button_bar)
+            self.technique_tabs.addTab(page, panel.technique.title)
             self._tab_panels.append(panel)
             panel.run_requested.connect(self._on_panel_run)
             panel.add_to_sweep_requested.connect(self.session.add_to_sweep)
@@ -269,11 +306,16 @@ class MainWindow(QMainWindow):
         self.jobs_view = JobsView(self.queue)
         self.jobs_dock = self._dock("Jobs", self.jobs_view, Qt.DockWidgetArea.BottomDockWidgetArea)
 
+        # the side docks run the full height; the jobs dock sits under the centre only
+        self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
+
         self._build_menus()
         self._connect()
-        self.resize(1440, 900)
-        self.resizeDocks([self.model_dock, self.technique_dock], [330, 340], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.jobs_dock], [190], Qt.Orientation.Vertical)
+        guard_wheel(self)  # the wheel scrolls panels; it changes a control only when that has focus
+        self.resize(default_size(self.screen()))
+        self.resizeDocks([self.model_dock, self.technique_dock], [300, 340], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.jobs_dock], [170], Qt.Orientation.Vertical)
         self._restore_settings()
         self._set_ready(False)
         self.live_preview = _optional_view("live_preview", "LivePreview", (self,))
@@ -376,34 +418,67 @@ class MainWindow(QMainWindow):
         return self.load_model(DEMO_MODEL, DEMO_DATA)
 
     def load_model(self, ref: str, data: str | None = None, *, trust: bool = False) -> Job | None:
-        if not ref.startswith("demo:"):
-            self.settings.add_recent("models", ref)
-            self._refresh_recent_menus()
-        self.settings.last_model = ref
-        return self.session.load(ref, data if data is not None else self.session.data_ref, trust=trust)
+        # Recent models get the file when the load succeeds (_on_baseline_ready); last_model names
+        # it while it loads (a quit mid-load keeps it) and goes back if the load fails
+        job = self.session.load(ref, data if data is not None else self.session.data_ref, trust=trust)
+        if job is not None:
+            if self._last_model_before is None:
+                self._last_model_before = self.settings.last_model
+            self.settings.last_model = ref
+        return job
+
+    def _remember_loaded(self) -> None:
+        """A load succeeded: its model (and data) go into Recent and become the last ones."""
+        model, data = self.session.model_ref, self.session.data_ref
+        if model and not model.startswith("demo:"):
+            self.settings.add_recent("models", model)
+        if data and not data.startswith("demo:"):
+            self.settings.add_recent("data", data)
+        self.settings.last_model, self.settings.last_data = model, data
+        self._last_model_before = None
+        self._refresh_recent_menus()
 
     def load_data(self, ref: str) -> Job | None:
-        if not ref.startswith("demo:"):
-            self.settings.add_recent("data", ref)
-        self.settings.last_data = ref
         if not self.session.model_ref:
             self.session.data_ref = ref
             self.data_panel.show_loading(ref)
             return None
         return self.session.load(self.session.model_ref, ref, trust=self.session.trust)
 
+    # --- file dialogs: each kind starts in the folder last used for it (kept in the settings) -----
+    def _dialog_dir(self, kind: str) -> str:
+        folder = self.settings.dialog_dirs.get(kind, "") if isinstance(self.settings.dialog_dirs, dict) else ""
+        return folder if folder and Path(folder).is_dir() else ""
+
+    def _remember_dir(self, kind: str, path: str, is_folder: bool = False) -> None:
+        folder = str(Path(path) if is_folder else Path(path).parent)
+        self.settings.dialog_dirs = {**self.settings.dialog_dirs, kind: folder}
+        save_settings(self.settings)
+
+    def _open_file(self, kind: str, title: str, file_filter: str) -> str:
+        path, _ = QFileDialog.getOpenFileName(self, title, self._dialog_dir(kind), file_filter)
+        if path:
+            self._remember_dir(kind, path)
+        return path
+
+    def _open_folder(self, kind: str, title: str) -> str:
+        path = QFileDialog.getExistingDirectory(self, title, self._dialog_dir(kind))
+        if path:
+            self._remember_dir(kind, path, is_folder=True)
+        return path
+
     def open_model_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open model", "", MODEL_FILTER)
+        path = self._open_file("models", "Open model", MODEL_FILTER)
         if path:
             self.load_model(path)
 
     def open_data_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open data", "", DATA_FILTER)
+        path = self._open_file("data", "Open data", DATA_FILTER)
         if path:
             self.load_data(path)
 
     def open_data_folder_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open image folder (one sub-folder per class)")
+        path = self._open_folder("data", "Open image folder (one sub-folder per class)")
         if path:
             self.load_data(path)
 
@@ -425,6 +500,10 @@ class MainWindow(QMainWindow):
 
     def _on_session_load_ended(self, still_loaded: str, reason: str) -> None:
         """A load failed or was cancelled: the panels show what is loaded, not "loading..."."""
+        if reason != "cancelled" and self._last_model_before is not None:  # a failed open is not "last"
+            self.settings.last_model = self._last_model_before
+            self._last_model_before = None
+            save_settings(self.settings)
         info, data = self.session.info, self.session.baseline
         if still_loaded and info is not None:
             self.model_panel.show_info(info)
@@ -441,6 +520,7 @@ class MainWindow(QMainWindow):
         self.stack.setCurrentIndex(1)
 
     def _on_baseline_ready(self, base) -> None:
+        self._remember_loaded()
         self._set_ready(True)
         self.keeper.on_baseline_ready(base)
         save_settings(self.settings)
@@ -535,17 +615,17 @@ class MainWindow(QMainWindow):
         return None
 
     def new_workspace_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "New workspace: choose an empty folder")
+        path = self._open_folder("workspaces", "New workspace: choose an empty folder")
         if path:
             self.new_workspace(path)
 
     def open_workspace_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open workspace folder")
+        path = self._open_folder("workspaces", "Open workspace folder")
         if path:
             self.open_workspace(path)
 
     def save_workspace_as_dialog(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Save workspace as: choose a folder")
+        path = self._open_folder("workspaces", "Save workspace as: choose a folder")
         if path:
             self.save_workspace_as(path)
 
@@ -582,11 +662,15 @@ class MainWindow(QMainWindow):
         return job
 
     def _ask_save_path(self, title: str, default: str, file_filter: str) -> str:
-        path, _ = QFileDialog.getSaveFileName(self, title, default, file_filter)
+        folder = self._dialog_dir("exports")
+        path, _ = QFileDialog.getSaveFileName(self, title, str(Path(folder) / default) if folder else default,
+                                              file_filter)
+        if path:
+            self._remember_dir("exports", path)
         return path
 
     def _on_save_sweep(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save sweep recipe", "sweep.toml", "*.toml")
+        path = self.ask_save_path("Save sweep recipe", "sweep.toml", "*.toml")
         if path:
             from ..engine.export import atomic_write_bytes
 
@@ -644,8 +728,12 @@ class MainWindow(QMainWindow):
             self.open_path(path)
 
     def open_path(self, path: str) -> None:
-        """Open a dropped path as what it looks like: model, data, or workspace."""
+        """Open a path (dropped, or from ``tugboat FILE``) as what it looks like: model, data,
+        recipe or workspace."""
         p = Path(path)
+        if not p.exists():
+            self.notify(f"{path}: no such file or folder", "", "warning")
+            return
         if p.is_dir():
             if is_workspace(p):
                 self.open_workspace(path)
@@ -655,9 +743,59 @@ class MainWindow(QMainWindow):
             self.load_data(path)
         elif p.suffix.lower() in MODEL_SUFFIXES:
             self.load_model(path)
+        elif p.suffix.lower() in RECIPE_SUFFIXES:
+            self.open_recipe(path)
         else:
-            self.notify(f"{path}: not a model (.onnx .pt .pth .pt2), data (.npz .csv, image folder) "
-                        "or workspace folder", "", "warning")
+            self.notify(f"{path}: not a model (.onnx .pt .pth .pt2 .safetensors), data (.npz .csv, image "
+                        "folder), recipe (.toml) or workspace folder", "", "warning")
+
+    def open_recipe(self, path: str) -> Job | None:
+        """Load a recipe's model and data; once measured, its steps are the chain and its last step
+        is shown in its panel, ready to Run (``tugboat run`` reproduces it headless)."""
+        from ..engine.recipe import load_recipe
+
+        try:
+            recipe = load_recipe(path)
+        except TugboatError as exc:
+            self.notify(str(exc))
+            return None
+        model, data = recipe.model, recipe.data or ""
+        here = Path(path).resolve().parent
+        # a path relative to the recipe's folder, as written beside it
+        if model and not model.startswith("demo:") and not Path(model).is_absolute() and (here / model).exists():
+            model = str(here / model)
+        if data and not data.startswith("demo:") and not Path(data).is_absolute() and (here / data).exists():
+            data = str(here / data)
+        steps = [dict(s) for s in recipe.steps]
+        job = self.load_model(model, data, trust=False)
+        if job is None:
+            return None
+
+        def show_steps(_base, steps=steps, job=job) -> None:
+            self.session.baseline_ready.disconnect(show_steps)
+            if self.session.load_job is not job or not steps:
+                return
+            self.session.set_chain(steps[:-1])
+            last = steps[-1]
+            if last.get("technique") in self.panels:
+                self.show_panel(last["technique"]).set_step(last)
+            self.notify(f"Recipe {Path(path).name}: its steps are set up; press Run to make the variant.",
+                        "", "info", 8000)
+
+        self.session.baseline_ready.connect(show_steps)
+        return job
+
+    def start_demo_session(self) -> Job | None:
+        """``tugboat --demo``: the demo in a new session; say what became of the last workspace."""
+        last = self.settings.last_workspace
+        job = self.load_demo()
+        if last and is_workspace(last):
+            self.notify(f"Demo started in a new session. Your last workspace is kept as it was: {last} "
+                        "(File > Recent workspaces).", "", "info", 15000)
+        elif last:
+            self.notify(f"Demo started in a new session (the last workspace, {last}, is no longer there).",
+                        "", "info", 15000)
+        return job
 
     def closeEvent(self, event) -> None:  # noqa: N802
         self.save_window_settings()

@@ -8,6 +8,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QFormLayout,
+    QGridLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -20,11 +21,32 @@ from PySide6.QtWidgets import (
 )
 
 from ..cli import _fmt_bytes, _fmt_count
+from .controls import ElidedLabel
 
 MODEL_FILTER = "Models (*.onnx *.pt *.pth *.pt2 *.ts);;All files (*)"
 DATA_FILTER = "Data (*.npz *.csv);;All files (*)"
 DEMO_MODELS = ("demo:digits-cnn", "demo:digits-mlp", "demo:digits-resnet", "demo:digits-vit")
 DEMO_DATA = ("demo:digits",)
+
+
+def provenance_text(made_by: dict[str, str]) -> str:
+    """One line on where an exported file came from (its ``tugboat.*`` metadata)."""
+    import json
+
+    text = f"Exported by Tugboat {made_by.get('tugboat.version', '?')}"
+    try:
+        recipe = json.loads(made_by.get("tugboat.recipe", "{}"))
+    except ValueError:
+        recipe = {}
+    steps = recipe.get("steps") or []
+    if recipe.get("model"):
+        text += f" from {recipe['model']}"
+    if steps:
+        from ..engine.recipe import step_label
+
+        text += ": " + " → ".join(step_label(s) for s in steps if isinstance(s, dict) and "technique" in s
+                                  and "method" in s)
+    return text
 
 
 def _shape(spec: dict[str, Any]) -> str:
@@ -60,6 +82,8 @@ class ModelPanel(QWidget):
         self.demo_combo = QComboBox()
         self.demo_combo.addItem("Demo models...")
         self.demo_combo.addItems(DEMO_MODELS)
+        self.demo_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.demo_combo.setMinimumContentsLength(10)
         self.demo_combo.setToolTip("Load a model from the built-in demo zoo (trained on 8x8 digits)")
         self.demo_combo.activated.connect(self._on_demo_activated)
         buttons.addWidget(self.open_button)
@@ -68,8 +92,8 @@ class ModelPanel(QWidget):
         self.form = QFormLayout()
         self.fields: dict[str, QLabel] = {}
         for key in ("Model", "Format", "Task", "Inputs", "Outputs", "Params", "Size", "FLOPs", "Notes"):
-            label = QLabel("-")
-            label.setWordWrap(True)
+            label = ElidedLabel("-") if key == "Model" else QLabel("-")  # a long path never widens it
+            label.setWordWrap(key != "Model")
             label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             self.fields[key] = label
             self.form.addRow(key, label)
@@ -113,6 +137,9 @@ class ModelPanel(QWidget):
                           f"({_fmt_bytes(info.get('compressed_bytes'))} deflated)")
         f["FLOPs"].setText(f"{_fmt_count(info.get('flops'))} per sample")
         notes = list(info.get("warnings") or [])
+        made_by = info.get("provenance") or {}
+        if made_by:
+            notes.insert(0, provenance_text(made_by))
         if not info.get("torch_available", True):
             notes.append("ONNX-only: techniques that train need a torch model"
                          + (f" ({info['conversion_error']})" if info.get("conversion_error") else ""))
@@ -138,7 +165,7 @@ class DataPanel(QWidget):
         super().__init__(parent)
         self.setObjectName("data_panel")
         lay = QVBoxLayout(self)
-        buttons = QHBoxLayout()
+        buttons = QGridLayout()  # two columns: the panel stays narrow on a laptop screen
         self.file_button = QPushButton("Open .npz / .csv...")
         self.file_button.setToolTip("Arrays named after the model inputs (+ optional 'labels'), or a CSV "
                                     "with a label column")
@@ -149,14 +176,15 @@ class DataPanel(QWidget):
         self.demo_button = QPushButton("demo:digits")
         self.demo_button.setToolTip("The built-in 8x8 digits data set (with labels)")
         self.demo_button.clicked.connect(lambda: self.demo_requested.emit("demo:digits"))
-        for b in (self.file_button, self.folder_button, self.demo_button):
-            buttons.addWidget(b)
+        buttons.addWidget(self.file_button, 0, 0)
+        buttons.addWidget(self.folder_button, 0, 1)
+        buttons.addWidget(self.demo_button, 1, 0)
         lay.addLayout(buttons)
         form = QFormLayout()
         self.fields: dict[str, QLabel] = {}
         for key in ("Data", "Samples", "Splits", "Labels", "Inputs", "Quality"):
-            label = QLabel("-")
-            label.setWordWrap(True)
+            label = ElidedLabel("-") if key == "Data" else QLabel("-")
+            label.setWordWrap(key != "Data")
             self.fields[key] = label
             form.addRow(key, label)
         lay.addLayout(form)

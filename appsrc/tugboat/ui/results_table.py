@@ -15,6 +15,7 @@ from PySide6.QtCore import (
     QModelIndex,
     QSortFilterProxyModel,
     Qt,
+    QTimer,
     Signal,
 )
 from PySide6.QtGui import QAction
@@ -28,6 +29,15 @@ from .store import BASELINE, VariantStore
 COLUMNS = ("Variant", "Steps", "Size", "Deflated", "Params", "Latency", "Accuracy", "Agreement",
            "Warnings")
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+
+
+def params_text(m: dict[str, Any]) -> str:
+    """Both counts in full: parameters of the model, and how many of them are not zero."""
+    params, nonzero = m.get("params"), m.get("nonzero_params")
+    text = f"{params:,} parameters"
+    if nonzero is not None:
+        text += f"; {nonzero:,} non-zero ({nonzero / max(1, params):.1%})"
+    return text
 
 
 def _latency(m: dict[str, Any]) -> float | None:
@@ -114,6 +124,8 @@ class ResultsModel(QAbstractTableModel):
         if role == SORT_ROLE:
             return self._sort_key(v, col, m)
         if role == Qt.ItemDataRole.ToolTipRole:
+            if col == "Params" and m.get("params") is not None:
+                return params_text(m)
             return self.warnings_text(v) or None
         if role == Qt.ItemDataRole.DecorationRole and col == "Variant" and (v.warnings or v.error):
             # visible without scrolling to the Warnings column; the tooltip has the text
@@ -151,8 +163,12 @@ class ResultsModel(QAbstractTableModel):
             return _fmt_bytes(m.get("size_bytes"))
         if col == "Deflated":
             return _fmt_bytes(m.get("compressed_bytes"))
-        if col == "Params":
-            return _fmt_count(m.get("nonzero_params", m.get("params")))
+        if col == "Params":  # the count `tugboat run` and `report` print; non-zeros in the tooltip
+            params, nonzero = m.get("params"), m.get("nonzero_params")
+            text = _fmt_count(params)
+            if params and nonzero is not None and nonzero < 0.9 * params:  # sparse (unstructured pruning)
+                text += f" ({_fmt_count(nonzero)} nz)"
+            return text
         if col == "Latency":
             lat = _latency(m)
             return f"{lat:.3f} ms" if lat is not None else "-"
@@ -168,7 +184,7 @@ class ResultsModel(QAbstractTableModel):
         if col in ("Variant", "Steps", "Warnings"):
             return self._display(v, col, m).lower()
         value = {"Size": m.get("size_bytes"), "Deflated": m.get("compressed_bytes"),
-                 "Params": m.get("nonzero_params", m.get("params")), "Latency": _latency(m),
+                 "Params": m.get("params"), "Latency": _latency(m),
                  "Accuracy": m.get("accuracy"),
                  "Agreement": (m.get("fidelity") or {}).get("top1_agreement")}.get(col)
         return float(value) if value is not None else float("inf")
@@ -216,7 +232,7 @@ class ResultsTable(QTableView):
         # is cut off: the table scrolls sideways instead; the tooltip holds the same text
         header.setStretchLastSection(False)
         header.setTextElideMode(Qt.TextElideMode.ElideNone)
-        for col, width in enumerate((170, 150, 66, 68, 56, 76, 70, 76)):
+        for col, width in enumerate((170, 150, 66, 68, 104, 76, 70, 76)):
             self.setColumnWidth(col, width)
         m = self.results_model
         for sig in (m.rowsInserted, m.rowsRemoved, m.modelReset, m.dataChanged):
@@ -227,6 +243,16 @@ class ResultsTable(QTableView):
         self._syncing = False
         self.selectionModel().selectionChanged.connect(self._on_selection_changed)
         store.selection_changed.connect(self._on_store_selection)
+        store.variant_added.connect(self._on_store_added)
+
+    def _on_store_added(self, name: str) -> None:
+        """A new row is scrolled into view (after the model has inserted it)."""
+        QTimer.singleShot(0, lambda n=name: self.scroll_to(n))
+
+    def scroll_to(self, name: str) -> None:
+        row = self.results_model.row_of(name)
+        if row >= 0:
+            self.scrollTo(self.proxy.mapFromSource(self.results_model.index(row, 0)))
 
     WARNINGS = COLUMNS.index("Warnings")
 

@@ -16,7 +16,7 @@ from PySide6.QtCore import QObject, Signal
 
 from ..engine.errors import RecipeError, UntrustedFileError
 from ..engine.measure import MeasureConfig
-from ..engine.recipe import Baseline, Recipe, Variant, validate_steps, variant_name
+from ..engine.recipe import Baseline, Recipe, Variant, settings_difference, validate_steps, variant_name
 from ..jobs import Job, JobQueue
 from .store import BASELINE, VariantStore
 
@@ -188,8 +188,22 @@ class Session(QObject):
     def _on_variant_finished(self, variant: Variant, base: Baseline) -> None:
         if base is not self.baseline:  # the model changed while it ran: a stale result
             return
+        variant.name = self._distinct_name(variant)
         self.store.add(variant)
         self.variant_finished.emit(variant)
+
+    def _distinct_name(self, variant: Variant) -> str:
+        """A name taken by a variant with other settings gets what differs (``~alpha=0.5``); only a
+        re-run of the very same settings is numbered "(2)" by the store."""
+        taken = self.store.get(variant.name)
+        steps = list((variant.recipe or {}).get("steps") or [])
+        if taken is None or taken.name == BASELINE:
+            return variant.name
+        other = list((taken.recipe or {}).get("steps") or [])
+        if steps == other:
+            return variant.name
+        diff = settings_difference(steps, other)
+        return f"{variant.name}~{diff}" if diff else variant.name
 
     def rerun(self, name: str) -> Job | None:
         v = self.store.get(name)

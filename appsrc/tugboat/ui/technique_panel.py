@@ -2,18 +2,20 @@
 
 Nothing here knows about pruning, quantization or distillation. A :class:`TechniquePanel` reads a
 :class:`~tugboat.engine.steps.Technique` (methods and :class:`Param` schemas) and makes a method
-combo, a labelled slider for every numeric parameter, a combo for choices, a checkbox for booleans
-and a line edit for strings and lists, each with the parameter's help as tooltip. Only the
+combo, a slider bound to an exact spin box for every numeric parameter (precision and step from the
+schema, see :func:`~tugboat.ui.controls.param_precision`), a combo for choices, a checkbox for
+booleans and a line edit for strings and lists, each with the parameter's help as tooltip. Only the
 parameters that apply to the chosen method are shown. A new technique needs no change here.
 
 Signals carry a recipe step (``{"technique", "method", **params}``): ``step_changed`` on every
-edit including while a slider is dragged (for live estimates), ``step_committed`` once a control
-rests (slider released, or 400 ms after the last keyboard edit: the debounced "real run" cue).
+edit including while a slider is dragged (for live estimates), ``step_committed`` once a setting is
+final: the slider released or a typed value entered at once, keyboard steps 400 ms after the last
+one; never while the mouse button is still down on a slider (the "real run" cue). The wheel changes
+a control only when it has focus, so scrolling the panel changes nothing.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer, Signal
@@ -29,60 +31,12 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-from superqt import QLabeledDoubleSlider, QLabeledSlider
 
 from ..engine.errors import RecipeError
 from ..engine.steps import Param, Technique
+from .controls import NumberField, guard_wheel
 
 COMMIT_DELAY_MS = 400
-_FLOAT_STEPS = 1000  # slider resolution for floats
-
-
-def _decimals(p: Param) -> int:
-    if p.minimum is None or p.maximum is None:
-        return 3
-    span = float(p.maximum) - float(p.minimum)
-    if span <= 0:
-        return 3
-    return max(1, min(6, 1 - math.floor(math.log10(span))))
-
-
-class _LogSlider(QWidget):
-    """A slider over log10(value) that shows the real value (learning rates, weight decay)."""
-
-    def __init__(self, p: Param, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        lo = max(float(p.minimum or 1e-8), 1e-12)
-        hi = float(p.maximum or lo * 1e4)
-        self._lo, self._hi = math.log10(lo), math.log10(hi)
-        self.slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.slider.setRange(self._lo, self._hi)
-        self.slider.setSingleStep((self._hi - self._lo) / 100)
-        self.slider.setEdgeLabelMode(QLabeledDoubleSlider.EdgeLabelMode.NoLabel)
-        self.label = QLabel()
-        self.label.setMinimumWidth(64)
-        self.label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        lay = QHBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.slider, 1)
-        lay.addWidget(self.label)
-        self.slider.valueChanged.connect(self._on_slider_value)
-        self.valueChanged = self.slider.valueChanged
-        self.sliderReleased = self.slider.sliderReleased
-
-    def _on_slider_value(self, _v: float) -> None:
-        self.label.setText(f"{self.value():.3g}")
-
-    def value(self) -> float:
-        return float(f"{10 ** self.slider.value():.3g}")
-
-    def setValue(self, value: float) -> None:  # noqa: N802 - Qt naming, used like a slider
-        value = max(float(value), 1e-12)
-        self.slider.setValue(min(max(math.log10(value), self._lo), self._hi))
-        self._on_slider_value(0.0)
-
-    def isSliderDown(self) -> bool:  # noqa: N802
-        return self.slider._slider.isSliderDown()
 
 
 class TechniquePanel(QWidget):
@@ -131,7 +85,11 @@ class TechniquePanel(QWidget):
             self._add_param(p)
         outer.addLayout(self.form)
 
-        buttons = QHBoxLayout()
+        # the buttons live in their own bar: the window keeps it below the scrolling form, in view
+        self.button_bar = QWidget()
+        self.button_bar.setObjectName("panel_buttons")
+        buttons = QHBoxLayout(self.button_bar)
+        buttons.setContentsMargins(0, 2, 0, 2)
         self.run_button = QPushButton("Run")
         self.run_button.setToolTip("Make one variant with these settings (after the chained steps)")
         self.sweep_button = QPushButton("Add to sweep")
@@ -139,7 +97,7 @@ class TechniquePanel(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.sweep_button)
         buttons.addStretch(1)
-        outer.addLayout(buttons)
+        outer.addWidget(self.button_bar)
         outer.addStretch(1)
 
         self.method_combo.currentIndexChanged.connect(self._on_method_changed)
@@ -149,29 +107,15 @@ class TechniquePanel(QWidget):
         self._on_method_changed()
         self._loading = False
         self._last_committed = self.step()
+        guard_wheel(self)
 
     # --- building ---------------------------------------------------------------------------------
     def _add_param(self, p: Param) -> None:
         w: QWidget
-        if p.kind in ("float", "int") and p.minimum is not None and p.maximum is not None:
-            if p.kind == "float" and p.log_scale:
-                w = _LogSlider(p)
-            elif p.kind == "float":
-                w = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-                w.setDecimals(_decimals(p))
-                w.setRange(float(p.minimum), float(p.maximum))
-                w.setSingleStep((float(p.maximum) - float(p.minimum)) / _FLOAT_STEPS)
-            else:
-                w = QLabeledSlider(Qt.Orientation.Horizontal)
-                w.setRange(int(p.minimum), int(p.maximum))
-            if hasattr(w, "setEdgeLabelMode") and not isinstance(w, _LogSlider):
-                w.setEdgeLabelMode(type(w).EdgeLabelMode.LabelIsValue)
-            w.setValue(p.default)
+        if p.kind in ("float", "int"):  # a slider and an exact spin box (a spin box alone if unbounded)
+            w = NumberField(p)
             w.valueChanged.connect(self._on_control_changed)
-            w.sliderReleased.connect(self._on_slider_released)
-        elif p.kind in ("float", "int"):  # unbounded number: a slider cannot span it
-            w = QLineEdit(str(p.default))
-            w.textEdited.connect(self._on_control_changed)
+            w.committed.connect(self._on_field_committed)
         elif p.kind == "bool":
             w = QCheckBox()
             w.setChecked(bool(p.default))
@@ -216,23 +160,8 @@ class TechniquePanel(QWidget):
             text = w.text().strip()
             if p.kind == "list":
                 return [t.strip() for t in text.split(",") if t.strip()]
-            if p.kind == "int":
-                try:
-                    return int(text)
-                except ValueError:
-                    return p.default
-            if p.kind == "float":
-                try:
-                    return float(text)
-                except ValueError:
-                    return p.default
             return text
-        v = w.value()
-        if p.kind == "int":
-            return round(v)
-        if isinstance(w, _LogSlider):
-            return v
-        return round(float(v), _decimals(p))
+        return w.value()  # NumberField: exactly what the spin box holds
 
     def set_value(self, name: str, value: Any) -> None:
         """Set one control as the user would (emits step_changed, schedules a commit)."""
@@ -304,15 +233,18 @@ class TechniquePanel(QWidget):
             self._commit_timer.start()
 
     def _slider_down(self) -> bool:
-        for w in self.controls.values():
-            down = getattr(w, "isSliderDown", None)
-            if down is not None and down():
-                return True
-        return False
+        return any(isinstance(w, NumberField) and w.is_held() for w in self.controls.values())
 
-    def _on_slider_released(self) -> None:
+    def _on_field_committed(self) -> None:
+        """A slider released or a typed value entered: the setting is final, run it now."""
+        if self._loading or self._slider_down():
+            return
         self._commit_timer.stop()
         self._commit()
+
+    def set_commit_delay(self, ms: int) -> None:
+        """How long keyboard steps (arrows, Page Up/Down, checkboxes, combos) wait before a run."""
+        self._commit_timer.setInterval(int(ms))
 
     def _commit(self) -> None:
         step = self.step()
