@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from . import __version__
+from .engine.tasks import TASKS
 
 EXIT_USAGE = 2
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow unpickling a whole nn.Module (runs code from the file: only for files you trust)")
     p.add_argument("--arch", help="built-in architecture for a bare state_dict (e.g. digits-cnn)")
     p.add_argument("--input-shape", type=_parse_shape, help="input shape without batch, e.g. 1,8,8")
+    p.add_argument("--data", help="data (.npz, folder, demo:NAME): sizes for dynamic inputs, labels for the task")
+    p.add_argument("--task", choices=TASKS, help="override the task inferred from the model's outputs")
 
     p = sub.add_parser("run", help="run a recipe: measure the baseline, apply the steps, write report.json",
                        description="Run a recipe file (TOML). Without steps it measures the baseline.")
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (artifacts and report.json)")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--task", choices=TASKS, help="override the task (how quality is measured)")
 
     p = sub.add_parser("sweep", help="run every combination of a recipe's [sweep] table into a workspace",
                        description="Run a recipe's sweep (grid, random search or target search).")
@@ -226,7 +230,8 @@ def _start_gui(args) -> int:
 def cmd_info(args) -> int:
     from .engine.info import model_info
 
-    info = model_info(args.model, trust=args.trust, arch=args.arch, input_shape=args.input_shape)
+    info = model_info(args.model, trust=args.trust, arch=args.arch, input_shape=args.input_shape,
+                      data=args.data, task=args.task)
     if args.json:
         from .engine.stored import finite
 
@@ -267,6 +272,7 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
     recipe.trust = recipe.trust_steps = bool(args.trust)  # per run: a recipe file never grants trust
+    recipe.task = args.task or recipe.task
     bar = TerminalProgress(enabled=not args.quiet)
     try:
         report = run(recipe, args.out, Progress(bar))

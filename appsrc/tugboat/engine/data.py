@@ -142,19 +142,43 @@ def _load_npz(path: Path, model: ModelHandle | None) -> Dataset:
     if not arrays:
         raise DataError("holds no arrays", path=path)
     labels = arrays.pop("labels", None)
+    notes: list[str] = []
     if model is not None:
-        names = model.input_names
-        if len(names) == 1 and names[0] not in arrays and len(arrays) == 1:
-            # a single unnamed array feeds a single-input model
-            arrays = {names[0]: next(iter(arrays.values()))}
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise DataError(
-                f"has no array named {', '.join(map(repr, missing))} (the model's input"
-                f"{'s' if len(names) > 1 else ''}: {', '.join(names)}); arrays found: "
-                f"{', '.join(arrays) or 'none'}", path=path)
-        arrays = {n: arrays[n] for n in names}
-    return _make_dataset(str(path), arrays, labels)
+        arrays = match_inputs(arrays, model.input_names, path, notes)
+    ds = _make_dataset(str(path), arrays, labels)
+    ds.notes.extend(notes)
+    return ds
+
+
+def match_inputs(arrays: dict[str, np.ndarray], names: list[str], path, notes: list[str] | None = None,
+                 ) -> dict[str, np.ndarray]:
+    """The arrays that feed a model's inputs, keyed by input name.
+
+    By name first. A single-input model takes the single array whatever its name. Inputs still
+    unmatched take the remaining arrays in file order (a warning in ``notes`` says which went where);
+    arrays beyond the model's inputs are ignored."""
+    if not arrays:
+        raise DataError("holds labels but no input arrays" if names else "holds no input arrays", path=path)
+    matched = {n: arrays[n] for n in names if n in arrays}
+    left_names = [n for n in names if n not in matched]
+    if not left_names:
+        return matched
+    left_arrays = [k for k in arrays if k not in matched]
+    if len(names) == 1 and len(arrays) == 1:
+        return {names[0]: next(iter(arrays.values()))}  # one array, one input: the names do not matter
+    if len(left_arrays) < len(left_names) or len(names) == 1:
+        raise DataError(
+            f"has no array named {', '.join(map(repr, left_names))} (the model's input"
+            f"{'s' if len(names) > 1 else ''}: {', '.join(names)}); arrays found: "
+            f"{', '.join(arrays) or 'none'}", path=path)
+    pairs = list(zip(left_names, left_arrays))
+    msg = ("arrays matched to the model's inputs by position, not by name: "
+           + ", ".join(f"'{a}' -> input '{n}'" for n, a in pairs))
+    warnings.warn(f"{path}: {msg}", stacklevel=3)
+    if notes is not None:
+        notes.append(msg)
+    matched.update({n: arrays[a] for n, a in pairs})
+    return {n: matched[n] for n in names}
 
 
 def _make_dataset(ref: str, arrays: dict[str, np.ndarray], labels, classes=None) -> Dataset:
@@ -274,6 +298,8 @@ def check_against(ds: Dataset, model: ModelHandle) -> None:
         if len(want) != len(got) or any(isinstance(d, int) and d > 0 and d != g for d, g in zip(want, got)):
             raise DataError(f"array '{spec.name}' has samples of shape {tuple(got)}; the model expects "
                             f"{tuple(want)}", path=ds.ref)
+        if spec.is_dynamic:  # the data tells the sizes the file leaves open
+            spec.sample_shape = tuple(int(g) for g in got)
         want_int = spec.dtype.startswith(("int", "uint", "bool"))
         if want_int != (arr.dtype.kind in "iub"):
             raise DataError(f"array '{spec.name}' has dtype {arr.dtype}; the model expects {spec.dtype}",
@@ -282,6 +308,10 @@ def check_against(ds: Dataset, model: ModelHandle) -> None:
             ds.inputs[spec.name] = arr.astype(spec.dtype)
         if not want_int and arr.dtype != np.float32 and spec.dtype == "float32":
             ds.inputs[spec.name] = arr.astype(np.float32)
+    if model.task_source in ("default", "inferred") and model.outputs:
+        from .tasks import infer_task
+
+        model.task = infer_task(model.outputs, ds.labels)
     if ds.labels is not None and model.outputs and model.task == "classification":
         out = model.outputs[0].shape
         n_classes = out[-1] if out and isinstance(out[-1], int) else None

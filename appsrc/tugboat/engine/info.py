@@ -4,24 +4,42 @@ from __future__ import annotations
 
 from typing import Any
 
-from .measure import layer_table, onnx_flops, size_metrics
+from .measure import input_shapes, layer_table, onnx_flops, size_metrics, unknown_input_dims
 from .models import load_model
+from .tasks import set_task
 
 
 def model_info(ref: str, *, trust: bool = False, arch: str | None = None,
-               input_shape: tuple[int, ...] | None = None, handle=None) -> dict[str, Any]:
+               input_shape: tuple[int, ...] | None = None, handle=None, data: str | None = None,
+               task: str | None = None) -> dict[str, Any]:
+    """``data`` (a data reference) gives concrete sizes for inputs the file leaves open (FLOPs then
+    count at the data's sizes) and labels that tell classification from other tasks; ``task``
+    overrides the inferred task."""
     handle = handle or load_model(ref, trust=trust, arch=arch, input_shape=input_shape)
+    set_task(handle, task)
+    if data is not None:
+        from .data import load_data
+
+        load_data(data, handle)  # checks the data against the model and records its sample shapes
     model = handle.to_onnx()
     params, nonzero = handle.param_count()
-    flops, _ = onnx_flops(model)
+    shapes = input_shapes(handle)
+    flops, _ = onnx_flops(model, input_shapes=shapes)
+    warnings = list(handle.warnings)
+    open_dims = unknown_input_dims(model, shapes)
+    if open_dims:
+        flops = None
+        warnings.append(f"FLOPs need the sizes the file leaves open ({', '.join(open_dims)}): "
+                        "give data (--data) or --input-shape")
     info = {
-        "source": handle.source, "format": handle.format, "task": handle.task, "arch": handle.arch,
+        "source": handle.source, "format": handle.format, "task": handle.task,
+        "task_source": handle.task_source, "arch": handle.arch,
         "inputs": [s.to_dict() for s in handle.inputs], "outputs": [s.to_dict() for s in handle.outputs],
         "params": params, "nonzero_params": nonzero, "flops": flops,
         **size_metrics(model.SerializeToString()),
         "torch_available": handle.module is not None,
         "conversion_error": handle.conversion_error,
-        "warnings": list(handle.warnings),
+        "warnings": warnings,
         "layers": layer_table(handle),
     }
     from .export import provenance

@@ -68,8 +68,22 @@ _MATMUL = {"MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulNBi
            "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 
 
-def onnx_flops(model: onnx.ModelProto, batch: int = 1) -> tuple[int, list[dict[str, Any]]]:
-    """FLOPs (2 x multiply-accumulates) of Conv / MatMul / Gemm nodes at ``batch``, per node too."""
+_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_SOFTMAX = {"Softmax", "LogSoftmax"}
+SOFTMAX_FLOPS_PER_ELEMENT = 3  # exp, sum, divide
+
+
+def onnx_flops(model: onnx.ModelProto, batch: int = 1,
+               input_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """FLOPs at ``batch``, in total and per node.
+
+    Counted: Conv / ConvTranspose / MatMul / Gemm (2 x multiply-accumulates, attention's two MatMuls
+    included), LSTM / GRU / RNN (their input and recurrent matrix products over every step) and
+    Softmax (3 per element); element-wise ops are not counted. Nodes inside subgraphs count too:
+    the larger branch of an ``If`` (only one runs), a ``Loop`` body times its trip count when that is a
+    constant, a ``Scan`` body times the scanned length. ``input_shapes`` gives full concrete shapes
+    (from the data) for inputs whose sizes the file leaves open; any size still unknown is taken as 1
+    (see :func:`unknown_input_dims`). Never negative."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
     inits = {i.name for i in work.graph.initializer}
@@ -77,26 +91,153 @@ def onnx_flops(model: onnx.ModelProto, batch: int = 1) -> tuple[int, list[dict[s
         if value.name in inits:
             continue
         dims = value.type.tensor_type.shape.dim
+        given = (input_shapes or {}).get(value.name)
+        if given is not None and len(given) == len(dims):
+            for d, g in zip(dims, given):
+                d.dim_value = int(g)
+            continue
         for i, d in enumerate(dims):
-            if not d.HasField("dim_value"):
+            if not d.HasField("dim_value") or d.dim_value <= 0:
                 d.dim_value = batch if i == 0 else 1
     with contextlib.suppress(Exception):
         # data propagation resolves Shape -> Reshape chains (attention reshapes heads that way)
         work = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
     shapes: dict[str, list[int]] = {}
-    for init in work.graph.initializer:
+    consts: dict[str, np.ndarray] = {}
+    _collect_shapes(work.graph, shapes, consts)
+    _probe_shapes(work, shapes)
+    rows: list[dict[str, Any]] = []
+    total = _graph_flops(work.graph, shapes, consts, rows, 1)
+    return max(0, total), rows
+
+
+def unknown_input_dims(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                       ) -> list[str]:
+    """Inputs with a size other than the batch that neither the file nor ``input_shapes`` fixes,
+    as ``name[dim]`` strings (empty: FLOPs are exact)."""
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for value in model.graph.input:
+        if value.name in inits or value.name in (input_shapes or {}):
+            continue
+        for i, d in enumerate(value.type.tensor_type.shape.dim):
+            if i and (not d.HasField("dim_value") or d.dim_value <= 0):
+                out.append(f"{value.name}[{i}]")
+    return out
+
+
+def _collect_shapes(graph: onnx.GraphProto, shapes: dict[str, list[int]], consts: dict[str, np.ndarray]) -> None:
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
         shapes[init.name] = list(init.dims)
-    for v in list(work.graph.value_info) + list(work.graph.input) + list(work.graph.output):
+        if init.data_type == onnx.TensorProto.INT64 and int(np.prod(init.dims)) <= 8:
+            consts[init.name] = numpy_helper.to_array(init)
+    for v in list(graph.value_info) + list(graph.input) + list(graph.output):
         dims = v.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        if dims and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
             shapes[v.name] = [d.dim_value for d in dims]
-    total, rows = 0, []
+        elif v.type.tensor_type.HasField("shape") and not dims:
+            shapes.setdefault(v.name, [])
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    shapes[node.output[0]] = list(attr.t.dims)
+                    if attr.t.data_type == onnx.TensorProto.INT64 and int(np.prod(attr.t.dims)) <= 8:
+                        consts[node.output[0]] = numpy_helper.to_array(attr.t)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _collect_shapes(attr.g, shapes, consts)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _collect_shapes(g, shapes, consts)
+
+
+_COUNTED = _CONV | _MATMUL | set(_RECURRENT_GATES) | _SOFTMAX | {"Gemm"}
+_PROBE_MAX_BYTES = 512 * 2**20  # the probe keeps every intermediate tensor it reads: stay modest
+
+
+def _probe_shapes(work: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """Fill the shapes static inference could not tell (pads or reshapes computed at run time) by
+    running the graph once in ONNX Runtime at the inputs' concrete sizes and reading the tensors
+    the counted nodes use. Only main-graph tensors; a graph that does not run is left as it is."""
+    wanted: list[str] = []
     for node in work.graph.node:
-        flops = _node_flops(node, shapes)
-        if flops:
+        if node.op_type not in _COUNTED:
+            continue
+        for name in [*node.input[:3], node.output[0]]:
+            if name and name not in shapes and name not in wanted:
+                wanted.append(name)
+    if not wanted:
+        return
+    feeds = {}
+    inits = {i.name for i in work.graph.initializer}
+    for value in work.graph.input:
+        if value.name in inits:
+            continue
+        t = value.type.tensor_type
+        dims = [d.dim_value for d in t.shape.dim]
+        if any(d <= 0 for d in dims) or int(np.prod(dims)) * 8 > _PROBE_MAX_BYTES:
+            return
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        feeds[value.name] = (np.zeros(dims, dtype) if dtype.kind in "iub"
+                             else np.random.default_rng(0).random(dims).astype(dtype))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(work)
+    existing = {o.name for o in probe.graph.output}
+    for name in wanted:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    try:
+        from .runtime import ort_session
+
+        sess = ort_session(probe, 1)
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(names, feeds)
+    except Exception:
+        return
+    for name, value in zip(names, values):
+        if name in wanted and hasattr(value, "shape"):
+            shapes[name] = list(value.shape)
+
+
+def _graph_flops(graph: onnx.GraphProto, shapes, consts, rows: list[dict[str, Any]], times: int) -> int:
+    total = 0
+    for node in graph.node:
+        if node.op_type == "If":
+            branches = []
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    sub_rows: list[dict[str, Any]] = []
+                    branches.append((_graph_flops(attr.g, shapes, consts, sub_rows, times), sub_rows))
+            if branches:
+                flops, sub_rows = max(branches, key=lambda b: b[0])
+                total += flops
+                rows.extend(sub_rows)
+            continue
+        if node.op_type in ("Loop", "Scan"):
+            trips = _trip_count(node, shapes, consts)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    total += _graph_flops(attr.g, shapes, consts, rows, times * trips)
+            continue
+        flops = _node_flops(node, shapes) * times
+        if flops > 0:
             total += flops
             rows.append({"name": node.name or node.output[0], "type": node.op_type, "flops": flops})
-    return total, rows
+    return total
+
+
+def _trip_count(node: onnx.NodeProto, shapes, consts) -> int:
+    if node.op_type == "Loop":
+        m = consts.get(node.input[0]) if node.input and node.input[0] else None
+        return int(m.reshape(-1)[0]) if m is not None and m.size == 1 and 0 < int(m.reshape(-1)[0]) < 10**7 else 1
+    # Scan (opset 9+): the scanned length is the size of the first scan input along its axis (0 by default)
+    n_scan = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+    scan_inputs = list(node.input)[len(node.input) - n_scan:] if n_scan else []
+    shape = shapes.get(scan_inputs[0]) if scan_inputs else None
+    return int(shape[0]) if shape else 1
 
 
 def _node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
@@ -105,16 +246,30 @@ def _node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
         # a contrib op shape inference does not know: A's shape with N columns
         n = next((a.i for a in node.attribute if a.name == "N"), 0)
         out = [*shapes[node.input[0]][:-1], int(n)] if n else None
-    if not out:
-        return 0
     op = node.op_type
+    if op in _RECURRENT_GATES:
+        x = shapes.get(node.input[0])
+        w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        r = shapes.get(node.input[2]) if len(node.input) > 2 else None
+        if not x or not w or not r or len(x) != 3 or len(w) != 3 or len(r) != 3:
+            return 0
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        steps, batch = (x[1], x[0]) if layout else (x[0], x[1])
+        dirs, rows_, inp = w
+        hidden = r[2]
+        return max(0, 2 * steps * batch * dirs * rows_ * (inp + hidden))
+    if not out or any(d <= 0 for d in out):
+        return 0
+    if op in _SOFTMAX:
+        return SOFTMAX_FLOPS_PER_ELEMENT * int(np.prod(out))
     if op in _CONV:
         w_index = 3 if op == "QLinearConv" else 1
         w = shapes.get(node.input[w_index]) if len(node.input) > w_index else None
-        if not w:
+        if not w or any(d <= 0 for d in w):
             return 0
         if op == "ConvTranspose":
-            return 2 * int(np.prod(shapes.get(node.input[0], [0]))) * int(np.prod(w[1:]))
+            x = shapes.get(node.input[0], [0])
+            return max(0, 2 * int(np.prod(x)) * int(np.prod(w[1:])))
         return 2 * int(np.prod(out)) * int(np.prod(w[1:]))
     if op in _MATMUL:
         if op == "MatMulNBits":
@@ -122,15 +277,24 @@ def _node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
         else:
             a = shapes.get(node.input[0])
             k = a[-1] if a else 0
-        return 2 * int(np.prod(out)) * int(k)
+        return max(0, 2 * int(np.prod(out)) * int(k))
     if op == "Gemm":
         a = shapes.get(node.input[0])
         trans_a = next((att.i for att in node.attribute if att.name == "transA"), 0)
         if not a:
             return 0
         k = a[0] if trans_a else a[-1]
-        return 2 * int(np.prod(out)) * int(k)
+        return max(0, 2 * int(np.prod(out)) * int(k))
     return 0
+
+
+def input_shapes(handle: ModelHandle, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the inputs whose sizes are known (from the file or from the data)."""
+    out = {}
+    for spec in handle.inputs:
+        with contextlib.suppress(ModelLoadError):
+            out[spec.name] = spec.concrete(batch)
+    return out
 
 
 def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
@@ -158,28 +322,34 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
             rows.append({"name": name, "type": type(sub).__name__,
                          "params": int(sum(p.numel() for p in own)), "flops": flops})
         return rows
+    from .models import onnx_weight_tensors
+
     model = handle.to_onnx()
-    _, nodes = onnx_flops(model)
+    _, nodes = onnx_flops(model, input_shapes=input_shapes(handle))
     from .models import quantization_aux_names
 
-    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    sizes = {name: int(np.prod(t.dims)) for name, t in onnx_weight_tensors(model)}
     aux = quantization_aux_names(model)
-    producers = {out: n for n in model.graph.node for out in n.output}
+    all_nodes = list(_all_nodes(model.graph))
+    producers = {out: n for n in all_nodes for out in n.output}
+    by_name = {(n.name or n.output[0]): n for n in all_nodes if n.name or n.output}
 
     def weight_elements(name: str, depth: int = 0) -> int:
         # a quantized (or fp16) graph feeds weights through DequantizeLinear / Cast: count what is
         # behind it, so an int8 variant's layers have their parameters, not 0
         if name in sizes:
-            return 0 if name in aux or sizes[name] <= 1 else sizes[name]
+            return 0 if name in aux else sizes[name]
         src = producers.get(name)
         if src is not None and depth < 3 and src.op_type in ("DequantizeLinear", "Cast") and src.input:
             return weight_elements(src.input[0], depth + 1)
         return 0
 
     rows = []
-    for node, info in zip([n for n in model.graph.node if (n.name or n.output[0]) in
-                           {r["name"] for r in nodes}], nodes):
-        if node.op_type == "MatMulNBits":
+    for info in nodes:
+        node = by_name.get(info["name"])
+        if node is None:
+            params = 0
+        elif node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
             params = int(attrs.get("K", 0)) * int(attrs.get("N", 0))
             params += sum(weight_elements(i) for i in node.input[2:] if i not in aux)
@@ -187,6 +357,17 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
             params = sum(weight_elements(i) for i in node.input[1:])
         rows.append({"name": info["name"], "type": info["type"], "params": params, "flops": info["flops"]})
     return rows
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_nodes(g)
 
 
 # --- latency -----------------------------------------------------------------------------------
@@ -347,7 +528,7 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
     metrics["params"] = max(1, params)
     metrics["nonzero_params"] = nonzero
     try:
-        metrics["flops"] = onnx_flops(model)[0]
+        metrics["flops"] = onnx_flops(model, input_shapes=input_shapes(handle))[0]
     except Exception:
         metrics["flops"] = None
     runtime = cfg.runtime if (cfg.runtime != "torch" or (handle.module is not None and handle.onnx_model is None)) \

@@ -45,25 +45,40 @@ _NP_DTYPES = {
 
 @dataclass
 class TensorSpec:
-    """A model input or output: name, shape (``None`` or a string for symbolic dims), dtype."""
+    """A model input or output: name, shape (``None`` or a string for symbolic dims), dtype.
+
+    ``sample_shape`` is the concrete shape of one sample (without the batch dimension) seen in the
+    data the model was checked against: it fills the dimensions the file leaves open (a sequence
+    length, an image height and width), so a dynamic-shape model runs with the data's sizes."""
 
     name: str
     shape: tuple[int | str | None, ...]
     dtype: str = "float32"
+    sample_shape: tuple[int, ...] | None = None
 
     def concrete(self, batch: int) -> tuple[int, ...]:
+        known = self.sample_shape if self.sample_shape is not None and \
+            len(self.sample_shape) == len(self.shape) - 1 else None
         dims = []
         for i, d in enumerate(self.shape):
             if isinstance(d, int) and d > 0:
                 dims.append(d)
             elif i == 0:
                 dims.append(batch)
+            elif known is not None:
+                dims.append(int(known[i - 1]))
             else:
                 raise ModelLoadError(
-                    f"input '{self.name}' has an unknown size in dimension {i} ({self.shape})",
-                    hint="give the input shape, e.g. --input-shape 1,8,8",
+                    f"input '{self.name}' has an unknown size in dimension {i} ({self.shape}) and no data "
+                    "tells it",
+                    hint="give data (arrays of the real sizes) or the input shape, e.g. --input-shape 1,8,8",
                 )
         return tuple(dims)
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when a dimension other than the batch is not fixed by the file."""
+        return any(not (isinstance(d, int) and d > 0) for d in self.shape[1:])
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -89,7 +104,10 @@ class ModelHandle:
     source: str
     format: str
     onnx_model: onnx.ModelProto | None = None
-    task: str = "classification"  # classification | embedding | regression
+    task: str = "classification"  # see tasks.TASKS: classification | embedding | dense | sequence | regression
+    # where ``task`` came from: "default", "inferred" (from the outputs), "file" (recorded in it),
+    # "user" (a recipe's ``task`` or ``--task``); only a default or inferred task is ever re-guessed
+    task_source: str = "default"
     arch: str | None = None
     conversion_error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # steps applied, in order
@@ -214,9 +232,54 @@ def quantization_aux_names(model: onnx.ModelProto) -> set[str]:
     return aux - other
 
 
+def onnx_weight_tensors(model: onnx.ModelProto):
+    """Every weight tensor of an ONNX graph, each once: initializers and ``Constant`` node values, in
+    the main graph and in every subgraph (If branches, Loop and Scan bodies).
+
+    A weight is a tensor of more than one element that is not ``int64`` or ``bool``: that excludes
+    scalars (quantization scales and zero points, constants such as 1.0) and the shape, axes and index
+    constants graphs carry as int64 vectors, and keeps float weights and int8/uint8/int32 quantized ones.
+    Tensors are keyed by name (an initializer overriding a graph input is counted once)."""
+    seen: set[str] = set()
+
+    def weight(t: onnx.TensorProto) -> bool:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        return n > 1 and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.BOOL,
+                                              onnx.TensorProto.STRING)
+
+    def walk(graph: onnx.GraphProto):
+        for init in graph.initializer:
+            if init.name not in seen and weight(init):
+                seen.add(init.name)
+                yield init.name, init
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        key = node.output[0] if node.output else id(node)
+                        if key not in seen and weight(attr.t):
+                            seen.add(key)
+                            yield key, attr.t
+                    elif attr.name == "value_floats" and len(attr.floats) > 1:
+                        key = node.output[0] if node.output else id(node)
+                        if key not in seen:
+                            seen.add(key)
+                            yield key, onnx.helper.make_tensor(key, onnx.TensorProto.FLOAT,
+                                                               [len(attr.floats)], list(attr.floats))
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g)
+
+    yield from walk(model.graph)
+
+
 def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
-    """Elements of weight initializers: scalars, int64 shapes and quantization scales and zero
-    points excluded (the one definition of "parameters" for every model and report)."""
+    """(parameters, non-zero parameters) over :func:`onnx_weight_tensors` (initializers and Constant
+    nodes, subgraphs included), quantization scales and zero points excluded (the one definition of
+    "parameters" for every model and report); 4-bit packed weights count as K x N."""
     from onnx import numpy_helper
 
     aux = quantization_aux_names(model)
@@ -227,18 +290,17 @@ def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
             if attrs.get("K") and attrs.get("N"):
                 packed[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
     params = nonzero = 0
-    for init in model.graph.initializer:
-        n = int(np.prod(init.dims)) if init.dims else 1
-        if n <= 1 or init.data_type == onnx.TensorProto.INT64 or init.name in aux:
+    for name, tensor in onnx_weight_tensors(model):
+        if name in aux:
             continue
-        if init.name in packed:
-            values = numpy_helper.to_array(init)
-            params += packed[init.name]
+        if name in packed:
+            values = numpy_helper.to_array(tensor)
+            params += packed[name]
             # a packed byte is zero only when both of its weights are (at their zero point 0)
-            nonzero += min(packed[init.name], 2 * int(np.count_nonzero(values)))
+            nonzero += min(packed[name], 2 * int(np.count_nonzero(values)))
             continue
-        params += n
-        nonzero += int(np.count_nonzero(numpy_helper.to_array(init)))
+        params += int(np.prod(tensor.dims))
+        nonzero += int(np.count_nonzero(numpy_helper.to_array(tensor)))
     return params, nonzero
 
 
@@ -288,6 +350,17 @@ def load_demo(name: str, progress=None) -> ModelHandle:
 
 
 def _with_shape(handle: ModelHandle, input_shape, path) -> ModelHandle:
+    try:
+        return _with_shape_inner(handle, input_shape, path)
+    finally:
+        if handle.task_source == "default":
+            from .tasks import infer_task
+
+            handle.task = infer_task(handle.outputs)
+            handle.task_source = "inferred"
+
+
+def _with_shape_inner(handle: ModelHandle, input_shape, path) -> ModelHandle:
     if input_shape is not None:
         if len(handle.inputs) > 1:
             raise ModelLoadError("--input-shape only works for single-input models", path=path)
@@ -329,7 +402,8 @@ def _apply_meta(handle: ModelHandle, meta: dict[str, Any]) -> ModelHandle:
         handle.inputs = [TensorSpec.from_dict(d) for d in meta["inputs"]]
     if meta.get("outputs"):
         handle.outputs = [TensorSpec.from_dict(d) for d in meta["outputs"]]
-    handle.task = meta.get("task", handle.task)
+    if meta.get("task"):
+        handle.task, handle.task_source = meta["task"], "file"
     handle.arch = meta.get("arch", handle.arch)
     return handle
 
@@ -553,7 +627,8 @@ def load_onnx(path: Path) -> ModelHandle:
     for prop in model.metadata_props:
         if prop.key == "tugboat":
             meta = _read_meta({METADATA_NAME: prop.value})
-            handle.task = meta.get("task", handle.task)
+            if meta.get("task"):
+                handle.task, handle.task_source = meta["task"], "file"
             handle.arch = meta.get("arch")
     try:
         handle.module = onnx_to_torch(model)

@@ -28,9 +28,10 @@ from .guards import check_outputs, describe_step, non_finite, probe_inputs, prob
 from .measure import RUNTIMES, MeasureConfig, measure, slower_than
 from .models import ModelHandle, load_model
 from .progress import Progress, null_progress
+from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
-                  "input_shape", "search"}
+                  "input_shape", "search", "task"}
 MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIMES, "warmup": (0, 1000),
                 "min_runs": (1, 100000), "min_seconds": (0.0, 600.0), "max_seconds": (0.01, 3600.0),
                 "also_batch1": bool, "both_runtimes": bool}
@@ -52,6 +53,7 @@ class Recipe:
     trust_steps: bool = False
     arch: str | None = None
     input_shape: list[int] | None = None
+    task: str | None = None  # overrides the task inferred from the model's outputs (tasks.TASKS)
     source: str | None = None  # the recipe file, for messages and relative paths
     notes: list[str] = field(default_factory=list)  # warnings found while reading (printed by the CLI)
 
@@ -65,6 +67,8 @@ class Recipe:
             d["arch"] = self.arch
         if self.input_shape:
             d["input_shape"] = list(self.input_shape)
+        if self.task:
+            d["task"] = self.task
         d["steps"] = [dict(s) for s in self.steps]
         m = self.measure
         d["measure"] = {"batch": m.batch, "threads": m.threads, "runtime": m.runtime}
@@ -128,10 +132,18 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise RecipeError(f"'input_shape' must be a list of positive whole numbers (without the batch), "
                           f"e.g. [1, 8, 8]; got {shape!r}", path=where)
+    task = raw.get("task")
+    if task is not None:
+        from .tasks import check_task
+
+        try:
+            task = check_task(task) if isinstance(task, str) else check_task(repr(task))
+        except ValueError as exc:
+            raise RecipeError(f"'task': {exc}", path=where) from None
     recipe = Recipe(model=model, data=data, steps=steps, sweep=dict(sweep), measure=cfg,
                     target=dict(raw.get("target", {}) or {}), search=dict(raw.get("search", {}) or {}),
                     name=raw.get("name"), trust=False, arch=raw.get("arch"),
-                    input_shape=shape, source=source, notes=notes)
+                    input_shape=shape, task=task, source=source, notes=notes)
     return recipe
 
 
@@ -373,6 +385,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     def load():
         handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
                             input_shape=tuple(recipe.input_shape) if recipe.input_shape else None)
+        set_task(handle, recipe.task)
         return handle, (load_data(recipe.data, handle) if recipe.data else None)
 
     handle, data = cancellable.call(load, progress, name="tugboat-load")
