@@ -620,10 +620,13 @@ def load_onnx(path: Path) -> ModelHandle:
             numpy_helper.to_array(tensor)
         except Exception as exc:
             raise ModelLoadError(f"weight '{tensor.name}' is corrupt ({_short(exc)})", path=path) from None
+    lifted = lift_constant_weights(model)
     inits = {i.name for i in model.graph.initializer}
     inputs = [_spec(v) for v in model.graph.input if v.name not in inits]
     outputs = [_spec(v) for v in model.graph.output]
     handle = ModelHandle(None, inputs, outputs, source=str(path), format="onnx", onnx_model=model)
+    if lifted:  # weights that were Constant nodes (see lift_constant_weights)
+        handle.info["lifted_constant_weights"] = lifted
     for prop in model.metadata_props:
         if prop.key == "tugboat":
             meta = _read_meta({METADATA_NAME: prop.value})
@@ -636,6 +639,45 @@ def load_onnx(path: Path) -> ModelHandle:
         handle.conversion_error = exc.message
         handle.warnings.append(f"loaded for ONNX Runtime only: {exc.message}")
     return handle
+
+
+def lift_constant_weights(model: onnx.ModelProto) -> int:
+    """Turn weights stored as ``Constant`` nodes into initializers of the same name, in place, in the
+    main graph and in subgraphs; returns how many. The graph computes exactly the same, but the tools
+    that look for weights among initializers now find them: ONNX Runtime's quantizers (which otherwise
+    quantize only activations and make such a model *larger*) and onnx2torch (which otherwise cannot
+    convert it). Shape and index constants (int64) and scalars stay Constant nodes."""
+    count = 0
+
+    def lift(graph: onnx.GraphProto) -> None:
+        nonlocal count
+        keep = []
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    lift(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        lift(g)
+            value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
+                         None)
+            if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+                    and value is not None and len(node.output) == 1 and int(np.prod(value.dims)) > 1
+                    and value.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32,
+                                                onnx.TensorProto.BOOL, onnx.TensorProto.STRING)):
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(value)
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                count += 1
+            else:
+                keep.append(node)
+        if len(keep) != len(graph.node):
+            del graph.node[:]
+            graph.node.extend(keep)
+
+    lift(model.graph)
+    return count
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
