@@ -241,3 +241,18 @@ def test_wheel_scrolls_the_panel_and_changes_a_control_only_with_focus(qtbot):
     qtbot.waitUntil(slider.hasFocus)
     _wheel(slider, 120)
     assert changed and panel.step()["width"] != before["width"]
+
+
+def test_model_panel_says_which_techniques_cannot_run_and_why(qtbot, tmp_path):
+    from helpers import onnx_with_unsupported_op
+    from tugboat.engine.info import model_info
+    from tugboat.ui.model_panel import ModelPanel
+
+    onnx_with_unsupported_op(tmp_path / "odd.onnx")
+    panel = ModelPanel()
+    qtbot.addWidget(panel)
+    panel.show_info(model_info(str(tmp_path / "odd.onnx")))
+    notes = panel.fields["Notes"].text()
+    assert "cannot prune: needs a torch model; this one is ONNX-only" in notes
+    assert "cannot distill" not in notes
+    assert panel.fields["Task"].text().startswith("classification")

@@ -232,3 +232,21 @@ def test_constant_node_weights_become_initializers_so_tools_find_them(tmp_path):
                     null_progress())
     size = len(original.SerializeToString())
     assert len(q.to_onnx().SerializeToString()) < size / 3
+
+
+def test_capabilities_say_why_a_technique_cannot_run(tmp_path):
+    from helpers import onnx_with_unsupported_op
+    from tugboat.engine.capabilities import capabilities, summary
+
+    onnx_with_unsupported_op(tmp_path / "odd.onnx")
+    info = model_info(str(tmp_path / "odd.onnx"))
+    caps = info["capabilities"]
+    assert caps["prune"] and all(r and "needs a torch model" in r for r in caps["prune"].values())
+    assert caps["quantize"]["qat-int8"] and "ONNX-only" in caps["quantize"]["qat-int8"]
+    assert caps["quantize"]["static-int8"] is None and caps["quantize"]["dynamic-int8"] is None
+    assert all(r is None for r in caps["distill"].values())  # an ONNX-only model still teaches
+    lines = summary(caps)
+    assert any(line.startswith("prune: needs a torch model") for line in lines)
+    assert not any(line.startswith("distill") for line in lines)
+    demo = capabilities(load_model("demo:digits-cnn"))
+    assert all(r is None for per in demo.values() for r in per.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .capabilities import capabilities
 from .measure import input_shapes, layer_table, onnx_flops, size_metrics, unknown_input_dims
 from .models import load_model
 from .tasks import set_task
@@ -41,6 +42,7 @@ def model_info(ref: str, *, trust: bool = False, arch: str | None = None,
         "conversion_error": handle.conversion_error,
         "warnings": warnings,
         "layers": layer_table(handle),
+        "capabilities": capabilities(handle),
     }
     from .export import provenance
 

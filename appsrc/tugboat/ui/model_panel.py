@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..cli import _fmt_bytes, _fmt_count
+from ..engine.capabilities import summary as capability_summary
 from .controls import ElidedLabel
 
 MODEL_FILTER = "Models (*.onnx *.pt *.pth *.pt2 *.ts);;All files (*)"
@@ -140,7 +141,10 @@ class ModelPanel(QWidget):
         made_by = info.get("provenance") or {}
         if made_by:
             notes.insert(0, provenance_text(made_by))
-        if not info.get("torch_available", True):
+        cannot = capability_summary(info.get("capabilities") or {})
+        if cannot:  # the techniques (or methods) that cannot run on this model, and why
+            notes.extend(f"cannot {line}" for line in cannot)
+        elif not info.get("torch_available", True):
             notes.append("ONNX-only: techniques that train need a torch model"
                          + (f" ({info['conversion_error']})" if info.get("conversion_error") else ""))
         f["Notes"].setText("\n".join(notes) or "-")
