@@ -250,3 +250,63 @@ def test_capabilities_say_why_a_technique_cannot_run(tmp_path):
     assert not any(line.startswith("distill") for line in lines)
     demo = capabilities(load_model("demo:digits-cnn"))
     assert all(r is None for per in demo.values() for r in per.values())
+
+
+def _recurrent_model(path):
+    """Like Silero VAD: x [N, 4], a state [2, N, 1] with the batch on axis 1, a scalar sample rate
+    choosing the branch (If); outputs a value [N, 1] and the new state."""
+    wa = numpy_helper.from_array(RNG.normal(size=(4, 1)).astype(np.float32), "wa")
+    wb = numpy_helper.from_array(RNG.normal(size=(4, 16)).astype(np.float32), "wb")
+    wc = numpy_helper.from_array(RNG.normal(size=(16, 1)).astype(np.float32), "wc")
+    out = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "wa"], ["ha"])], "then", [],
+                              [out("ha", TensorProto.FLOAT, None)], initializer=[wa])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "wb"], ["hb0"]),
+                                helper.make_node("MatMul", ["hb0", "wc"], ["hb"])], "else", [],
+                              [out("hb", TensorProto.FLOAT, None)], initializer=[wb, wc])
+    nodes = [_const("rate", np.array(16000, np.int64)), helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+             helper.make_node("If", ["is16k"], ["h"], then_branch=then_g, else_branch=else_g),
+             _const("axes0", np.array([0], np.int64)),
+             helper.make_node("ReduceSum", ["state", "axes0"], ["s"], keepdims=0),
+             helper.make_node("Add", ["h", "s"], ["value"]), helper.make_node("Add", ["state", "value"], ["stateN"])]
+    graph = helper.make_graph(nodes, "vadlike",
+                              [out("x", TensorProto.FLOAT, [None, 4]), out("state", TensorProto.FLOAT, [2, None, 1]),
+                               out("sr", TensorProto.INT64, [])],
+                              [out("value", TensorProto.FLOAT, [None, 1]),
+                               out("stateN", TensorProto.FLOAT, [2, None, 1])])
+    return _save(graph, path)
+
+
+def test_recurrent_state_with_the_batch_on_axis_1_and_a_scalar_input_run(tmp_path):
+    from tugboat.engine.recipe import prepare
+
+    _recurrent_model(tmp_path / "vad.onnx")
+    handle = load_model(tmp_path / "vad.onnx")
+    assert [s.batch_axis for s in handle.inputs] == [0, 1, None]
+    assert handle.task == "regression"
+    n = 12  # stored sample-first like every array: state [N, 2, 1], sr [N]
+    np.savez(tmp_path / "d.npz", x=RNG.normal(size=(n, 4)).astype(np.float32),
+             state=np.zeros((n, 2, 1), np.float32), sr=np.full(n, 16000, np.int64))
+    recipe = parse_recipe({"model": str(tmp_path / "vad.onnx"), "data": str(tmp_path / "d.npz"),
+                           "measure": {"batch": 5, "min_runs": 2, "min_seconds": 0.0, "warmup": 1,
+                                       "also_batch1": False, "both_runtimes": False}})
+    base = prepare(recipe)
+    assert base.outputs[0].shape == (len(base.data.splits["test"]), 1)
+    assert base.metrics["latency_ms"]["batch"] == 5
+    # FLOPs: the samples take the 16 kHz branch (8 FLOPs), not the larger one (2*4*16 + 2*16 = 160)
+    assert base.metrics["flops"] == 8
+    assert model_info(str(tmp_path / "vad.onnx"))["flops"] == 160  # without data: the larger branch
+
+
+def test_a_model_file_that_names_no_inputs_takes_them_from_the_data(tmp_path):
+    """TorchScript files record no input spec: the data's arrays (any names) become the inputs instead of
+    the issue's "holds labels but no input arrays"."""
+    import torch
+
+    traced = torch.jit.trace(torch.nn.Linear(6, 3).eval(), torch.zeros(2, 6))
+    traced.save(str(tmp_path / "lin.pt"))
+    handle = load_model(tmp_path / "lin.pt")
+    np.savez(tmp_path / "d.npz", features=RNG.normal(size=(8, 6)).astype(np.float32), labels=np.arange(8) % 3)
+    ds = load_data(tmp_path / "d.npz", handle)
+    assert handle.input_names == ["features"] and handle.inputs[0].shape == ("batch", 6)
+    assert ds.inputs["features"].shape == (8, 6) and ds.has_labels

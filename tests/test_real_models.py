@@ -99,7 +99,5 @@ def test_info_on_every_real_model_shows_params_flops_and_task(name):
         info = model_info(str(rm.model), arch=rm.arch, data=str(rm.data))
     assert info["params"] > 0
     assert info["task"] == rm.entry.task, (info["task"], info["outputs"])
-    assert info["flops"] is None or info["flops"] >= 0
-    if name != "silero-vad-onnx":  # its recurrent state has the batch on axis 1 (see docs/real-models.md)
-        assert info["flops"] > 0
+    assert info["flops"] > 0  # at the data's sizes (and, for Silero, the branch its 16 kHz samples take)
     assert all(r["flops"] >= 0 for r in info["layers"])

@@ -158,7 +158,9 @@ def match_inputs(arrays: dict[str, np.ndarray], names: list[str], path, notes: l
     unmatched take the remaining arrays in file order (a warning in ``notes`` says which went where);
     arrays beyond the model's inputs are ignored."""
     if not arrays:
-        raise DataError("holds labels but no input arrays" if names else "holds no input arrays", path=path)
+        raise DataError("holds labels but no input arrays", path=path)
+    if not names:  # the model file does not name its inputs (e.g. TorchScript): the data does
+        return dict(arrays)
     matched = {n: arrays[n] for n in names if n in arrays}
     left_names = [n for n in names if n not in matched]
     if not left_names:
@@ -288,12 +290,19 @@ def _load_image_folder(path: Path, model: ModelHandle | None) -> Dataset:
 
 def check_against(ds: Dataset, model: ModelHandle) -> None:
     """Names, shapes and dtypes of the data must fit the model's inputs; labels its outputs."""
+    if not model.inputs and ds.inputs:
+        # a file that records no inputs (TorchScript, a bare module): the data's arrays, sample-first,
+        # are the inputs, in file order, with the sizes they have
+        from .models import TensorSpec
+
+        model.inputs = [TensorSpec(k, ("batch", *(int(d) for d in v.shape[1:])), str(v.dtype))
+                        for k, v in ds.inputs.items()]
     for spec in model.inputs:
         if spec.name not in ds.inputs:
             raise DataError(f"has no array for the model's input '{spec.name}' "
                             f"(found: {', '.join(ds.inputs)})", path=ds.ref)
         arr = ds.inputs[spec.name]
-        want = spec.shape[1:]
+        want = spec.sample_dims()
         got = arr.shape[1:]
         if len(want) != len(got) or any(isinstance(d, int) and d > 0 and d != g for d, g in zip(want, got)):
             raise DataError(f"array '{spec.name}' has samples of shape {tuple(got)}; the model expects "

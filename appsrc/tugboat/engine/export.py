@@ -144,7 +144,7 @@ def parity(handle: ModelHandle, *, batch: int = 4, atol: float = 1e-4) -> float:
     """Max absolute difference between torch and ONNX Runtime on the same random inputs."""
     from .runtime import run_onnx, run_torch
 
-    inputs = [t.numpy() for t in handle.example_inputs(batch, seed=1)]
+    inputs = [spec.to_model(t.numpy()) for spec, t in zip(handle.inputs, handle.example_inputs(batch, seed=1))]
     ort_out = run_onnx(handle.to_onnx(), inputs)
     torch_out = run_torch(handle.torch_module(), inputs)
     diff = max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(ort_out, torch_out))

@@ -35,6 +35,7 @@ def probe_inputs(handle: ModelHandle, data: Dataset | None, samples: int = PROBE
 def probe_outputs(handle: ModelHandle, inputs: list[np.ndarray]) -> list[np.ndarray]:
     from .runtime import run_onnx, run_torch
 
+    inputs = [spec.to_model(x) for spec, x in zip(handle.inputs, inputs)]  # data is sample-first
     if handle.module is not None and handle.onnx_model is None:
         return run_torch(handle.module, inputs)
     return run_onnx(handle.to_onnx(), inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .capabilities import capabilities
-from .measure import input_shapes, layer_table, onnx_flops, size_metrics, unknown_input_dims
+from .measure import input_shapes, layer_table, one_sample, onnx_flops, size_metrics, unknown_input_dims
 from .models import load_model
 from .tasks import set_task
 
@@ -18,14 +18,16 @@ def model_info(ref: str, *, trust: bool = False, arch: str | None = None,
     overrides the inferred task."""
     handle = handle or load_model(ref, trust=trust, arch=arch, input_shape=input_shape)
     set_task(handle, task)
+    samples = None
     if data is not None:
         from .data import load_data
 
-        load_data(data, handle)  # checks the data against the model and records its sample shapes
+        ds = load_data(data, handle)  # checks the data against the model and records its sample shapes
+        samples = one_sample(handle, ds)
     model = handle.to_onnx()
     params, nonzero = handle.param_count()
     shapes = input_shapes(handle)
-    flops, _ = onnx_flops(model, input_shapes=shapes)
+    flops, _ = onnx_flops(model, input_shapes=shapes, samples=samples)
     warnings = list(handle.warnings)
     open_dims = unknown_input_dims(model, shapes)
     if open_dims:

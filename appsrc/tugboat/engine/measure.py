@@ -74,7 +74,8 @@ SOFTMAX_FLOPS_PER_ELEMENT = 3  # exp, sum, divide
 
 
 def onnx_flops(model: onnx.ModelProto, batch: int = 1,
-               input_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[int, list[dict[str, Any]]]:
+               input_shapes: dict[str, tuple[int, ...]] | None = None,
+               samples: dict[str, np.ndarray] | None = None) -> tuple[int, list[dict[str, Any]]]:
     """FLOPs at ``batch``, in total and per node.
 
     Counted: Conv / ConvTranspose / MatMul / Gemm (2 x multiply-accumulates, attention's two MatMuls
@@ -83,9 +84,13 @@ def onnx_flops(model: onnx.ModelProto, batch: int = 1,
     the larger branch of an ``If`` (only one runs), a ``Loop`` body times its trip count when that is a
     constant, a ``Scan`` body times the scanned length. ``input_shapes`` gives full concrete shapes
     (from the data) for inputs whose sizes the file leaves open; any size still unknown is taken as 1
-    (see :func:`unknown_input_dims`). Never negative."""
+    (see :func:`unknown_input_dims`). ``samples`` (real inputs for one sample, in the model's layout)
+    fix the sizes too, and decide which branch of an ``If`` runs: that branch is then counted, with
+    the sizes it really sees. Never negative."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    if samples:
+        input_shapes = {**(input_shapes or {}), **{k: tuple(np.shape(v)) for k, v in samples.items()}}
     inits = {i.name for i in work.graph.initializer}
     for value in work.graph.input:
         if value.name in inits:
@@ -99,13 +104,15 @@ def onnx_flops(model: onnx.ModelProto, batch: int = 1,
         for i, d in enumerate(dims):
             if not d.HasField("dim_value") or d.dim_value <= 0:
                 d.dim_value = batch if i == 0 else 1
-    with contextlib.suppress(Exception):
-        # data propagation resolves Shape -> Reshape chains (attention reshapes heads that way)
-        work = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
+    work = _infer(work)
+    feeds = _probe_feeds(work, samples)
+    if feeds is not None and samples:
+        work = _inline_taken_branches(work, feeds)
     shapes: dict[str, list[int]] = {}
     consts: dict[str, np.ndarray] = {}
     _collect_shapes(work.graph, shapes, consts)
-    _probe_shapes(work, shapes)
+    if feeds is not None:
+        _probe_shapes(work, shapes, feeds)
     rows: list[dict[str, Any]] = []
     total = _graph_flops(work.graph, shapes, consts, rows, 1)
     return max(0, total), rows
@@ -158,10 +165,102 @@ _COUNTED = _CONV | _MATMUL | set(_RECURRENT_GATES) | _SOFTMAX | {"Gemm"}
 _PROBE_MAX_BYTES = 512 * 2**20  # the probe keeps every intermediate tensor it reads: stay modest
 
 
-def _probe_shapes(work: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    with contextlib.suppress(Exception):
+        # data propagation resolves Shape -> Reshape chains (attention reshapes heads that way)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    return model
+
+
+def _probe_feeds(work: onnx.ModelProto, samples: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """Inputs for one probe run: the real samples where given, else zeros / uniform noise at the
+    inputs' (now concrete) sizes; None when a size is still open or the inputs would be too large."""
+    feeds = {}
+    inits = {i.name for i in work.graph.initializer}
+    for value in work.graph.input:
+        if value.name in inits:
+            continue
+        t = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if samples and value.name in samples:
+            feeds[value.name] = np.asarray(samples[value.name]).astype(dtype, copy=False)
+            continue
+        dims = [d.dim_value for d in t.shape.dim]
+        if any(d <= 0 for d in dims) or int(np.prod(dims)) * 8 > _PROBE_MAX_BYTES:
+            return None
+        feeds[value.name] = (np.zeros(dims, dtype) if dtype.kind in "iub"
+                             else np.random.default_rng(0).random(dims).astype(dtype))
+    return feeds
+
+
+def _run_probe(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Values of main-graph tensors ``names`` in one ONNX Runtime run; empty if the graph does not run."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    # ONNX Runtime re-infers shapes itself: sizes fixed on the inputs could make a branch that never
+    # runs at these sizes (an If on the sample rate) fail its checks, so the inputs stay open
+    probe.graph.ClearField("value_info")
+    inits = {i.name for i in probe.graph.initializer}
+    for k, value in enumerate(probe.graph.input):
+        if value.name not in inits:
+            for i, d in enumerate(value.type.tensor_type.shape.dim):
+                d.dim_param = f"probe_{k}_{i}"
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4  # a graph that does not run at these sizes is not an error here
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = sess.run(names, feeds)
+    except Exception:
+        return {}
+    return dict(zip(names, values))
+
+
+def _inline_taken_branches(work: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Replace each main-graph ``If`` by the branch the samples take (repeatedly: a branch may hold
+    further Ifs), so its nodes are counted with the sizes they really see."""
+    for _ in range(8):
+        ifs = [n for n in work.graph.node if n.op_type == "If" and n.input]
+        if not ifs:
+            break
+        conds = _run_probe(work, sorted({n.input[0] for n in ifs}), feeds)
+        if not conds:
+            break
+        nodes: list[onnx.NodeProto] = []
+        changed = False
+        for node in work.graph.node:
+            cond = conds.get(node.input[0]) if node.op_type == "If" and node.input else None
+            if cond is None or np.size(cond) != 1:
+                nodes.append(node)
+                continue
+            branch = next((a.g for a in node.attribute
+                           if a.name == ("then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch")),
+                          None)
+            if branch is None:
+                nodes.append(node)
+                continue
+            work.graph.initializer.extend(branch.initializer)
+            nodes.extend(branch.node)
+            for inner, outer in zip(branch.output, node.output):
+                nodes.append(onnx.helper.make_node("Identity", [inner.name], [outer]))
+            changed = True
+        if not changed:
+            break
+        del work.graph.node[:]
+        work.graph.node.extend(nodes)
+        work = _infer(work)
+    return work
+
+
+def _probe_shapes(work: onnx.ModelProto, shapes: dict[str, list[int]], feeds: dict[str, np.ndarray]) -> None:
     """Fill the shapes static inference could not tell (pads or reshapes computed at run time) by
-    running the graph once in ONNX Runtime at the inputs' concrete sizes and reading the tensors
-    the counted nodes use. Only main-graph tensors; a graph that does not run is left as it is."""
+    running the graph once in ONNX Runtime and reading the tensors the counted nodes use."""
     wanted: list[str] = []
     for node in work.graph.node:
         if node.op_type not in _COUNTED:
@@ -171,34 +270,8 @@ def _probe_shapes(work: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
                 wanted.append(name)
     if not wanted:
         return
-    feeds = {}
-    inits = {i.name for i in work.graph.initializer}
-    for value in work.graph.input:
-        if value.name in inits:
-            continue
-        t = value.type.tensor_type
-        dims = [d.dim_value for d in t.shape.dim]
-        if any(d <= 0 for d in dims) or int(np.prod(dims)) * 8 > _PROBE_MAX_BYTES:
-            return
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        feeds[value.name] = (np.zeros(dims, dtype) if dtype.kind in "iub"
-                             else np.random.default_rng(0).random(dims).astype(dtype))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(work)
-    existing = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    try:
-        from .runtime import ort_session
-
-        sess = ort_session(probe, 1)
-        names = [o.name for o in sess.get_outputs()]
-        values = sess.run(names, feeds)
-    except Exception:
-        return
-    for name, value in zip(names, values):
-        if name in wanted and hasattr(value, "shape"):
+    for name, value in _run_probe(work, wanted, feeds).items():
+        if hasattr(value, "shape"):
             shapes[name] = list(value.shape)
 
 
@@ -286,6 +359,17 @@ def _node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
         k = a[0] if trans_a else a[-1]
         return max(0, 2 * int(np.prod(out)) * int(k))
     return 0
+
+
+def one_sample(handle: ModelHandle, data) -> dict[str, np.ndarray] | None:
+    """The first test sample of ``data`` for every input, in the model's layout (for FLOPs)."""
+    if data is None:
+        return None
+    try:
+        xs, _ = data.split("test", limit=1)
+        return {spec.name: spec.to_model(xs[spec.name]) for spec in handle.inputs}
+    except Exception:
+        return None
 
 
 def input_shapes(handle: ModelHandle, batch: int = 1) -> dict[str, tuple[int, ...]]:
@@ -444,7 +528,7 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
             continue
         result[runtime] = {}
         for b in batches:
-            x = batch_inputs(handle, b, samples)
+            x = [spec.to_model(a) for spec, a in zip(handle.inputs, batch_inputs(handle, b, samples))]
             if runtime == "onnxruntime":
                 session = session or ort_session(handle.to_onnx(), cfg.threads)
                 result[runtime][f"b{b}"] = latency_onnx(None, x, cfg, progress, session=session)
@@ -528,7 +612,7 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
     metrics["params"] = max(1, params)
     metrics["nonzero_params"] = nonzero
     try:
-        metrics["flops"] = onnx_flops(model, input_shapes=input_shapes(handle))[0]
+        metrics["flops"] = onnx_flops(model, input_shapes=input_shapes(handle), samples=one_sample(handle, data))[0]
     except Exception:
         metrics["flops"] = None
     runtime = cfg.runtime if (cfg.runtime != "torch" or (handle.module is not None and handle.onnx_model is None)) \

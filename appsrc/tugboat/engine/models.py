@@ -55,18 +55,24 @@ class TensorSpec:
     shape: tuple[int | str | None, ...]
     dtype: str = "float32"
     sample_shape: tuple[int, ...] | None = None
+    # where the samples of a batch sit in the model's own layout: 0 for almost every input, 1 for a
+    # recurrent state such as [layers, batch, hidden], None for an input without a batch (a scalar
+    # sample rate). Data arrays are always stored sample-first; to_model() moves the axis.
+    batch_axis: int | None = 0
 
     def concrete(self, batch: int) -> tuple[int, ...]:
+        """The full shape the model takes for ``batch`` samples (in the model's own layout)."""
+        rest = [i for i in range(len(self.shape)) if i != self.batch_axis]
         known = self.sample_shape if self.sample_shape is not None and \
-            len(self.sample_shape) == len(self.shape) - 1 else None
+            len(self.sample_shape) == len(rest) else None
         dims = []
         for i, d in enumerate(self.shape):
             if isinstance(d, int) and d > 0:
                 dims.append(d)
-            elif i == 0:
+            elif i == self.batch_axis:
                 dims.append(batch)
             elif known is not None:
-                dims.append(int(known[i - 1]))
+                dims.append(int(known[rest.index(i)]))
             else:
                 raise ModelLoadError(
                     f"input '{self.name}' has an unknown size in dimension {i} ({self.shape}) and no data "
@@ -75,10 +81,29 @@ class TensorSpec:
                 )
         return tuple(dims)
 
+    def sample_dims(self) -> tuple[int | str | None, ...]:
+        """The shape of one sample as data stores it (the model's shape without the batch axis)."""
+        return tuple(d for i, d in enumerate(self.shape) if i != self.batch_axis)
+
+    def data_shape(self, batch: int) -> tuple[int, ...]:
+        """The shape of ``batch`` samples as data stores them: sample-first."""
+        full = self.concrete(batch)
+        return (batch, *(d for i, d in enumerate(full) if i != self.batch_axis))
+
+    def to_model(self, arr):
+        """Sample-first data (numpy or torch) in the model's layout."""
+        if self.batch_axis == 0:
+            return arr
+        if self.batch_axis is None:  # the same value for every sample (e.g. a sample rate)
+            return np.array(arr[0]) if isinstance(arr, np.ndarray) else arr[0]
+        if isinstance(arr, np.ndarray):
+            return np.ascontiguousarray(np.moveaxis(arr, 0, self.batch_axis))
+        return arr.movedim(0, self.batch_axis).contiguous()
+
     @property
     def is_dynamic(self) -> bool:
         """True when a dimension other than the batch is not fixed by the file."""
-        return any(not (isinstance(d, int) and d > 0) for d in self.shape[1:])
+        return any(not (isinstance(d, int) and d > 0) for d in self.sample_dims())
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -147,7 +172,7 @@ class ModelHandle:
         out = []
         for spec in self.inputs:
             try:
-                shape = spec.concrete(batch)
+                shape = spec.data_shape(batch)
             except ModelLoadError as exc:
                 raise ModelLoadError(exc.message, path=self.source, hint=exc.hint) from None
             if spec.dtype.startswith("int"):
@@ -624,6 +649,7 @@ def load_onnx(path: Path) -> ModelHandle:
     inits = {i.name for i in model.graph.initializer}
     inputs = [_spec(v) for v in model.graph.input if v.name not in inits]
     outputs = [_spec(v) for v in model.graph.output]
+    _assign_batch_axes(inputs)
     handle = ModelHandle(None, inputs, outputs, source=str(path), format="onnx", onnx_model=model)
     if lifted:  # weights that were Constant nodes (see lift_constant_weights)
         handle.info["lifted_constant_weights"] = lifted
@@ -678,6 +704,28 @@ def lift_constant_weights(model: onnx.ModelProto) -> int:
 
     lift(model.graph)
     return count
+
+
+def _assign_batch_axes(inputs: list[TensorSpec]) -> None:
+    """Where each input's batch is. A scalar has none. The first input's dimension 0 names the batch;
+    another input takes the axis carrying the same symbolic name, else its dimension 0 when that is
+    open, else its only open dimension (a recurrent state [layers, batch, hidden])."""
+    if not inputs:
+        return
+    first = inputs[0].shape[0] if inputs[0].shape else None
+    batch_name = first if isinstance(first, str) and first else None
+    for k, spec in enumerate(inputs):
+        if not spec.shape:
+            spec.batch_axis = None
+            continue
+        named = [i for i, d in enumerate(spec.shape) if batch_name is not None and d == batch_name]
+        open_dims = [i for i, d in enumerate(spec.shape) if not (isinstance(d, int) and d > 0)]
+        if k == 0 or spec.shape[0] == 1 or 0 in open_dims or not open_dims:
+            spec.batch_axis = 0  # the usual case, and any model whose batch is fixed
+        elif named:
+            spec.batch_axis = named[0]
+        elif len(open_dims) == 1:
+            spec.batch_axis = open_dims[0]
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:

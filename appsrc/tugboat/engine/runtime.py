@@ -68,7 +68,7 @@ def predict(handle, inputs: dict[str, np.ndarray], *, runtime: str = "onnxruntim
     chunks: list[list[np.ndarray]] = []
     with torch_threads(threads):
         for i in range(0, n, batch):
-            part = [a[i : i + batch] for a in arrays]
+            part = [spec.to_model(a[i : i + batch]) for spec, a in zip(handle.inputs, arrays)]
             out = run_torch(handle.module, part) if use_torch else run_onnx(None, part, session=session)
             chunks.append(out)
             if progress is not None:
