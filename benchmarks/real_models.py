@@ -84,7 +84,7 @@ def _export_check(handle, data) -> str:
     model = handle.to_onnx()
     onnx.checker.check_model(model)
     xs, _ = data.split("test", limit=4)
-    outs = run_onnx(model, [xs[n] for n in handle.input_names])
+    outs = run_onnx(model, [spec.to_model(xs[spec.name]) for spec in handle.inputs])
     if not all(np.all(np.isfinite(o)) for o in outs if o.dtype.kind == "f"):
         raise ValueError("ONNX Runtime outputs are not finite")
     return f"ok ({len(model.SerializeToString()) / 1e6:.1f} MB)"

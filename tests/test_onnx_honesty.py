@@ -296,6 +296,12 @@ def test_recurrent_state_with_the_batch_on_axis_1_and_a_scalar_input_run(tmp_pat
     # FLOPs: the samples take the 16 kHz branch (8 FLOPs), not the larger one (2*4*16 + 2*16 = 160)
     assert base.metrics["flops"] == 8
     assert model_info(str(tmp_path / "vad.onnx"))["flops"] == 160  # without data: the larger branch
+    # static int8 calibrates on batches in the model's layout too
+    from tugboat.engine.recipe import apply_steps, validate_steps
+
+    q = apply_steps(base.handle, validate_steps([{"technique": "quantize", "method": "static-int8"}]), base.data,
+                    null_progress())
+    assert q.onnx_model is not None and q.history[-1]["method"] == "static-int8"
 
 
 def test_a_model_file_that_names_no_inputs_takes_them_from_the_data(tmp_path):

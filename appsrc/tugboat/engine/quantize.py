@@ -220,7 +220,21 @@ def _calib_arrays(data: Dataset | None, handle: ModelHandle, samples: int, metho
                         f"dataset (recipe 'data = ...')")
     split = "calib" if len(data.splits.get("calib", ())) else "train"
     xs, _ = data.split(split, limit=samples)
-    return [xs[name] for name in handle.input_names]
+    return [xs[spec.name] if spec.batch_axis == 0 else _ModelLayout(xs[spec.name], spec) for spec in handle.inputs]
+
+
+class _ModelLayout:
+    """Sample-first data that, sliced into batches, gives them in the model's layout (a recurrent
+    state with the batch on axis 1, a scalar input without a batch)."""
+
+    def __init__(self, array: np.ndarray, spec) -> None:
+        self.array, self.spec = array, spec
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return self.spec.to_model(self.array[index])
 
 
 class _Reader:
