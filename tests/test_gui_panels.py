@@ -256,3 +256,29 @@ def test_model_panel_says_which_techniques_cannot_run_and_why(qtbot, tmp_path):
     assert "cannot prune: needs a torch model; this one is ONNX-only" in notes
     assert "cannot distill" not in notes
     assert panel.fields["Task"].text().startswith("classification")
+
+
+def test_the_task_can_be_chosen_in_the_window_and_remeasures(qtbot, tmp_path):
+    from helpers import onnx_with_unsupported_op
+    from tugboat.engine.measure import MeasureConfig
+    from tugboat.ui.main_window import MainWindow
+
+    onnx_with_unsupported_op(tmp_path / "enc.onnx")  # output [batch, 4]: inferred classification
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.session.measure = MeasureConfig(batch=4, threads=1, warmup=1, min_runs=2, min_seconds=0.0,
+                                      max_seconds=0.1, also_batch1=False, both_runtimes=False)
+    try:
+        with qtbot.waitSignal(w.session.baseline_ready, timeout=60000):
+            w.load_model(str(tmp_path / "enc.onnx"), "")
+        assert w.model_panel.fields["Task"].text() == "classification (inferred from the outputs)"
+        combo = w.model_panel.task_combo
+        with qtbot.waitSignal(w.session.baseline_ready, timeout=60000) as blocker:
+            combo.setCurrentIndex(combo.findData("embedding"))
+            combo.activated.emit(combo.currentIndex())
+        base = blocker.args[0]
+        assert base.handle.task == "embedding" and base.metrics["fidelity"]["top1_agreement"] is None
+        qtbot.waitUntil(lambda: "embedding (chosen)" in w.model_panel.fields["Task"].text(), timeout=10000)
+        assert w.session.recipe_for(None).to_dict()["task"] == "embedding"
+    finally:
+        w.queue.shutdown(10)

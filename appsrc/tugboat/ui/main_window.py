@@ -383,6 +383,7 @@ class MainWindow(QMainWindow):
         self.empty_state.demo_requested.connect(self.load_demo)
         self.model_panel.open_requested.connect(self.open_model_dialog)
         self.model_panel.demo_requested.connect(lambda ref: self.load_model(ref, self._data_for(ref)))
+        self.model_panel.task_chosen.connect(self._on_model_panel_task_chosen)
         self.data_panel.open_file_requested.connect(self.open_data_dialog)
         self.data_panel.open_folder_requested.connect(self.open_data_folder_dialog)
         self.data_panel.demo_requested.connect(self.load_data)
@@ -437,6 +438,14 @@ class MainWindow(QMainWindow):
         self.settings.last_model, self.settings.last_data = model, data
         self._last_model_before = None
         self._refresh_recent_menus()
+
+    def _on_model_panel_task_chosen(self, task: str) -> None:
+        """Measure the model as another task (re-measures the baseline; results so far are cleared)."""
+        if (task or None) == self.session.task:
+            return
+        self.session.task = task or None
+        if self.session.model_ref:
+            self.session.load(self.session.model_ref, self.session.data_ref, trust=self.session.trust)
 
     def load_data(self, ref: str) -> Job | None:
         if not self.session.model_ref:

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 
 from ..cli import _fmt_bytes, _fmt_count
 from ..engine.capabilities import summary as capability_summary
+from ..engine.tasks import TASKS
 from .controls import ElidedLabel
 
 MODEL_FILTER = "Models (*.onnx *.pt *.pth *.pt2 *.ts);;All files (*)"
@@ -71,6 +72,7 @@ class _NumberItem(QTableWidgetItem):
 class ModelPanel(QWidget):
     open_requested = Signal()
     demo_requested = Signal(str)
+    task_chosen = Signal(str)  # a task name, or "" to go back to the one inferred from the outputs
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -99,6 +101,18 @@ class ModelPanel(QWidget):
             self.fields[key] = label
             self.form.addRow(key, label)
         lay.addLayout(self.form)
+        task_row = QHBoxLayout()
+        self.task_combo = QComboBox()
+        self.task_combo.setObjectName("task_combo")
+        self.task_combo.addItem("inferred from the outputs", "")
+        for task in TASKS:
+            self.task_combo.addItem(task, task)
+        self.task_combo.setToolTip("How quality is measured: classification by top-1, every other task by "
+                                   "fidelity (cosine, relative error). Changing it re-measures the model.")
+        self.task_combo.activated.connect(self._on_task_combo_activated)
+        task_row.addWidget(QLabel("Measure as"))
+        task_row.addWidget(self.task_combo, 1)
+        lay.addLayout(task_row)
         self.layers = QTableWidget(0, 4)
         self.layers.setObjectName("layer_table")
         self.layers.setHorizontalHeaderLabels(["Layer", "Type", "Params", "FLOPs"])
@@ -117,6 +131,9 @@ class ModelPanel(QWidget):
             self.demo_requested.emit(self.demo_combo.itemText(index))
             self.demo_combo.setCurrentIndex(0)
 
+    def _on_task_combo_activated(self, index: int) -> None:
+        self.task_chosen.emit(self.task_combo.itemData(index) or "")
+
     def show_loading(self, ref: str) -> None:
         self.fields["Model"].setText(f"{ref} (loading...)")
 
@@ -128,7 +145,11 @@ class ModelPanel(QWidget):
         f = self.fields
         f["Model"].setText(str(info.get("source", "-")))
         f["Format"].setText(str(info.get("format", "-")))
-        f["Task"].setText(str(info.get("task", "-")) + (f" ({info['arch']})" if info.get("arch") else ""))
+        source = {"user": "chosen", "inferred": "inferred from the outputs", "file": "recorded in the file"}
+        f["Task"].setText(str(info.get("task", "-")) + (f" ({info['arch']})" if info.get("arch") else "")
+                          + (f" ({source[info['task_source']]})" if info.get("task_source") in source else ""))
+        chosen = info.get("task") if info.get("task_source") == "user" else ""
+        self.task_combo.setCurrentIndex(max(0, self.task_combo.findData(chosen)))
         for kind in ("inputs", "outputs"):
             f[kind.capitalize()].setText(", ".join(f"{s['name']} [{_shape(s)}] {s.get('dtype', '')}"
                                                    for s in info.get(kind, [])) or "-")

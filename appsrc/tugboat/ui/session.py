@@ -49,6 +49,7 @@ class Session(QObject):
         self.model_ref: str = ""
         self.data_ref: str = ""
         self.trust = False
+        self.task: str | None = None  # the user's task override (None: inferred from the outputs)
         self.measure = MeasureConfig()
         self.baseline: Baseline | None = None
         self.info: dict[str, Any] | None = None
@@ -61,7 +62,7 @@ class Session(QObject):
     # --- recipes --------------------------------------------------------------------------------
     def base_recipe(self) -> Recipe:
         return Recipe(model=self.model_ref, data=self.data_ref or None, measure=copy.copy(self.measure),
-                      trust=self.trust)
+                      trust=self.trust, task=self.task)
 
     def recipe_for(self, step: dict[str, Any] | None) -> Recipe:
         steps = [*self.chain, step] if step else list(self.chain)
@@ -83,6 +84,8 @@ class Session(QObject):
         previous = (self.model_ref, self.data_ref, self.trust)
         if self.load_job is None or self.load_job.is_ended:  # not while another load is pending
             self._before_load = previous
+        if str(model_ref) != self.model_ref:
+            self.task = None  # a task chosen for one model does not carry over to the next
         self.model_ref, self.data_ref, self.trust = str(model_ref), str(data_ref or ""), trust
         recipe = self.base_recipe()
         self.loading.emit(self.model_ref, self.data_ref)
