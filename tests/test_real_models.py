@@ -101,3 +101,19 @@ def test_info_on_every_real_model_shows_params_flops_and_task(name):
     assert info["task"] == rm.entry.task, (info["task"], info["outputs"])
     assert info["flops"] > 0  # at the data's sizes (and, for Silero, the branch its 16 kHz samples take)
     assert all(r["flops"] >= 0 for r in info["layers"])
+
+
+def test_quantizing_leaves_no_files_in_the_working_folder(tmp_path, monkeypatch):
+    """ONNX Runtime's symbolic shape inference dumps a model and its external data (uuid.data) into the
+    current folder when it cannot infer every shape (it cannot on the OCR text detector)."""
+    from tugboat.engine import quantize
+    from tugboat.engine.models import load_model
+
+    rm = real_model("ocr-det")
+    model = load_model(rm.model).onnx_model
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    (tmp_path / "work").mkdir()
+    quantize._prepared(model, tmp_path / "work")
+    assert list(cwd.iterdir()) == []

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import logging
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,7 @@ def _prepared(model: onnx.ModelProto, tmp: Path) -> onnx.ModelProto:
 
     src, dst = tmp / "float.onnx", tmp / "prep.onnx"
     onnx.save(model, str(src))
+    started = time.time()
     try:
         with _quiet():
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
@@ -317,6 +319,32 @@ def _prepared(model: onnx.ModelProto, tmp: Path) -> onnx.ModelProto:
     except Exception as exc:  # an exotic graph: quantize without the pre-pass
         _LOG.debug("quant_pre_process skipped: %s", exc)
         return model
+    finally:
+        _remove_symbolic_shape_dump(started)
+
+
+_SYMBOLIC_DUMP = "sym_shape_infer_temp.onnx"
+
+
+def _remove_symbolic_shape_dump(since: float) -> None:
+    """ONNX Runtime's symbolic shape inference, when it cannot infer every shape, saves the model into
+    the *current folder* as sym_shape_infer_temp.onnx plus a uuid-named external-data file (90 MB for
+    a sentence encoder) and never removes them. Remove the dump it just wrote (and only that)."""
+    dump = Path(_SYMBOLIC_DUMP)
+    try:
+        if not dump.is_file() or dump.stat().st_mtime < since - 1:
+            return
+        from .models import _all_tensors
+
+        dumped = onnx.load(str(dump), load_external_data=False)
+        files = {e.value for t in _all_tensors(dumped) for e in t.external_data if e.key == "location"}
+        for name in files:
+            target = Path(name)
+            if target.name == name and target.suffix == ".data" and target.is_file():  # a bare file name here
+                target.unlink()
+        dump.unlink()
+    except Exception as exc:  # cleaning up is best effort
+        _LOG.debug("could not remove %s: %s", dump, exc)
 
 
 def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray], params: dict,
