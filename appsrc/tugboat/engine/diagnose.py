@@ -1,0 +1,662 @@
+"""Diagnose: where, layer by layer, a variant diverges from the model it was made from.
+
+:func:`diagnose` compares a variant with its float original on a bounded sample (``samples``
+inputs of the val split, 64-256 is plenty) and returns one row per layer, worst first, each with
+the recipe change that would fix it:
+
+* **Quantized variants** (the variant's graph holds QuantizeLinear/DequantizeLinear pairs, i.e.
+  static-int8 and qat-int8; dynamic-int8, weight-only and fp16 get the accumulated part only):
+
+  - *accumulated*: the whole quantized graph runs and every layer's output is compared with the
+    float graph's tensor of the same name (ONNX Runtime's ``qdq_loss_debug``:
+    ``modify_model_output_intermediate_tensors`` + ``collect_activations`` on both graphs,
+    ``create_activation_matching`` for the per-activation SQNR of each Q/DQ pair);
+  - *isolated*: only that layer quantized, everything else float. Built by rewiring the variant's
+    own QDQ graph, not by re-quantizing: every other node reads the float tensor in front of its
+    Q/DQ pair (and the float weight from the float graph), so the layer keeps exactly the scales
+    and zero points the variant was calibrated with, and no calibration is rerun (one small
+    ONNX Runtime session per layer; re-quantizing with ``nodes_to_quantize`` would recalibrate
+    per layer and take several times longer). The row also carries the *impact*: the model
+    output's SQNR and top-1 agreement with only this layer quantized. Rows are ranked by that
+    impact, so an early layer whose error every later layer inherits is not blamed for it.
+  - Fix: "keep this layer in float": the variant's recipe with the node added to the quantize
+    step's ``exclude``.
+
+* **Pruned or distilled variants** (torch modules): forward hooks record every named module's
+  output in both models; where the shapes agree the row holds the cosine and relative error of
+  the block's output, where they do not (channels removed) it holds the channels kept. Rows are
+  ranked by the error a block adds over the previous comparable block. Fix for a pruned layer:
+  "prune this layer less": a ``layer_ratios`` entry at half the layer's current ratio.
+
+:func:`compare` puts two variants side by side: recipe differences, metrics, and per-layer
+output channels.
+
+No Qt here. Long loops call ``progress.update`` (which also honours a cancel request).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .data import Dataset
+from .errors import TugboatError
+from .models import ModelHandle
+from .progress import Progress, null_progress
+
+_LOG = logging.getLogger(__name__)
+DEFAULT_SAMPLES = 128
+MAX_SAMPLES = 256
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+# nodes that only move or select values: not "layers" a user would keep in float
+_PASS_THROUGH = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Relu", "Clip",
+                 "Concat", "Gather", "Slice", "Split", "Identity", "Cast", "Shape", "Resize", "Pad",
+                 "GlobalMaxPool", "Expand", "Tile"}
+_DQ_SUFFIX = "_DequantizeLinear_Output"
+_COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "MatMulNBits",
+            "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "FusedMatMul", "Attention"}
+
+
+# --- numbers --------------------------------------------------------------------------------------
+
+def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    """Signal to quantization noise ratio in dB (ONNX Runtime's definition); capped at 100."""
+    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
+
+    return min(100.0, float(compute_signal_to_quantization_noice_ratio(
+        np.asarray(reference, np.float64).ravel(), np.asarray(other, np.float64).ravel())))
+
+
+def cosine(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean per-sample cosine similarity (1 = same direction)."""
+    a = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    b = np.asarray(other, np.float64).reshape(len(other), -1)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na < 1e-12) & (nb < 1e-12)
+    cos = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-12)
+    cos[both_zero] = 1.0
+    return float(np.clip(cos.mean(), -1.0, 1.0))
+
+
+def errors(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """SQNR (dB), mean per-sample cosine, max-abs and relative error of ``other`` against
+    ``reference`` (same number of samples; each sample's values compared flat)."""
+    n = len(reference)
+    ref = np.asarray(reference, np.float64).reshape(n, -1)
+    other = np.asarray(other, np.float64).reshape(n, -1)
+    diff = ref - other
+    return {"sqnr_db": sqnr_db(ref, other), "cosine": cosine(reference, other),
+            "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
+            "rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-12))}
+
+
+def _top1(reference: np.ndarray, other: np.ndarray) -> float | None:
+    a = np.asarray(reference).reshape(len(reference), -1)
+    b = np.asarray(other).reshape(len(other), -1)
+    if a.shape[1] < 2:
+        return None
+    return float(np.mean(a.argmax(1) == b.argmax(1)))
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def sample_inputs(handle: ModelHandle, data: Dataset | None, samples: int = DEFAULT_SAMPLES
+                  ) -> tuple[list[np.ndarray], np.ndarray | None, str]:
+    """A bounded sample in the model's input order: (arrays, labels or None, where it came from)."""
+    samples = max(8, min(int(samples), MAX_SAMPLES))
+    if data is not None:
+        for split in ("val", "calib", "test", "train"):
+            if len(data.splits.get(split, ())):
+                xs, labels = data.split(split, limit=samples)
+                return [np.ascontiguousarray(xs[n]) for n in handle.input_names], labels, split
+    xs = [t.numpy() for t in handle.example_inputs(samples, seed=0)]
+    return xs, None, "random inputs"
+
+
+def _steps(original: ModelHandle, variant: ModelHandle) -> list[dict[str, Any]]:
+    return [dict(s) for s in variant.history[len(original.history):] if isinstance(s, dict)]
+
+
+def variant_kind(steps: list[dict[str, Any]]) -> str:
+    """``quantize`` if any step quantizes (it is final), else the last step's technique."""
+    techniques = [s.get("technique") for s in steps]
+    if "quantize" in techniques:
+        return "quantize"
+    return techniques[-1] if techniques else "none"
+
+
+# --- ONNX helpers ---------------------------------------------------------------------------------
+
+def _tmpdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="tugboat-diagnose-")
+
+
+def _prepared_float(reference: ModelHandle) -> onnx.ModelProto:
+    """The float graph exactly as the quantizer saw it (``quant_pre_process``), so tensor and node
+    names line up with the quantized graph."""
+    from .quantize import _prepared
+
+    with _tmpdir() as tmp:
+        return _prepared(reference.to_onnx(), Path(tmp))
+
+
+class _Reader:
+    """A calibration-style reader over the sample in batches (``collect_activations`` input)."""
+
+    def __init__(self, names: list[str], arrays: list[np.ndarray], batch: int = 64):
+        self.feeds = [{n: a[i:i + batch] for n, a in zip(names, arrays)}
+                      for i in range(0, len(arrays[0]), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def _activations(model: onnx.ModelProto, names: list[str], xs: list[np.ndarray], tmp: Path,
+                 tag: str) -> dict[str, np.ndarray]:
+    """Every float intermediate tensor of ``model`` on ``xs`` (qdq_loss_debug's augmentation)."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        modify_model_output_intermediate_tensors,
+    )
+
+    from .quantize import _quiet
+
+    src, aug = tmp / f"{tag}.onnx", tmp / f"{tag}_aug.onnx"
+    onnx.save(model, str(src))
+    with _quiet():
+        modify_model_output_intermediate_tensors(str(src), str(aug))
+        acts = collect_activations(str(aug), _Reader(names, xs))
+    # the augmentation flattens each batch's tensor: back to one row per sample
+    sizes = [len(f[names[0]]) for f in _Reader(names, xs).feeds]
+    out = {}
+    for k, batches in acts.items():
+        widths = {b.size // n for b, n in zip(batches, sizes) if b.size % n == 0}
+        if len(batches) == len(sizes) and len(widths) == 1 and all(b.size % n == 0 for b, n in
+                                                                   zip(batches, sizes)):
+            out[k] = np.concatenate([b.reshape(n, -1) for b, n in zip(batches, sizes)])
+    return out
+
+
+def _run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None = None
+         ) -> list[np.ndarray]:
+    from .runtime import ort_session
+
+    sess = ort_session(model, 1)
+    feeds = {i.name: x for i, x in zip(sess.get_inputs(), xs)}
+    return [np.asarray(o) for o in sess.run(outputs, feeds)]
+
+
+def _isolated_model(float_model: onnx.ModelProto, q_model: onnx.ModelProto, node_name: str,
+                    outputs: list[str]) -> onnx.ModelProto:
+    """The float graph with only ``node_name`` quantized: the variant's own Q/DQ pairs in front of
+    that node's inputs (activations and weights, with the scales and zero points it was calibrated
+    with) and after its output when the variant quantizes it. ``outputs`` become graph outputs.
+
+    Built from the float graph rather than by un-quantizing the variant, because ONNX Runtime folds
+    a Relu after a Conv into the Conv's output Q/DQ pair (the Relu node is gone from the variant)."""
+    from onnx import helper
+
+    q_nodes = {n.name: n for n in q_model.graph.node}
+    q_prod = {o: n for n in q_model.graph.node for o in n.output}
+    q_inits = {i.name: i for i in q_model.graph.initializer}
+    q_consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in q_model.graph.node:
+        for i in n.input:
+            q_consumers.setdefault(i, []).append(n)
+    m = onnx.ModelProto()
+    m.CopyFrom(float_model)
+    g = m.graph
+    target = next((n for n in g.node if n.name == node_name), None)
+    qnode = q_nodes.get(node_name)
+    if target is None or qnode is None or len(target.input) != len(qnode.input):
+        raise TugboatError(f"{node_name}: not in both graphs")
+    have = {i.name for i in g.initializer}
+    added: list[onnx.NodeProto] = []
+
+    def need(names):
+        for name in names:
+            if name and name not in have and name in q_inits:
+                g.initializer.append(q_inits[name])
+                have.add(name)
+
+    for k, t in enumerate(qnode.input):
+        dq = q_prod.get(t)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = q_prod.get(dq.input[0])
+        dq_in = dq.input[0]
+        if q is not None and q.op_type == "QuantizeLinear":
+            dq_in = f"{q.output[0]}__iso{k}"
+            added.append(helper.make_node("QuantizeLinear", [target.input[k], *q.input[1:]], [dq_in],
+                                          name=f"{q.name}__iso{k}", domain=q.domain))
+            added[-1].attribute.extend(q.attribute)
+            need(q.input[1:])
+        else:
+            need([dq_in])
+        out = f"{dq.output[0]}__iso{k}"
+        added.append(helper.make_node("DequantizeLinear", [dq_in, *dq.input[1:]], [out],
+                                      name=f"{dq.name}__iso{k}", domain=dq.domain))
+        added[-1].attribute.extend(dq.attribute)
+        need(dq.input[1:])
+        target.input[k] = out
+    # the node's output Q/DQ pair (a folded Relu included: the uint8 zero point clips)
+    q_out = next((c for c in q_consumers.get(qnode.output[0], []) if c.op_type == "QuantizeLinear"), None)
+    if q_out is not None:
+        dq_out = next((c for c in q_consumers.get(q_out.output[0], []) if c.op_type == "DequantizeLinear"),
+                      None)
+        if dq_out is not None:
+            raw, qt = f"{target.output[0]}__iso_raw", f"{target.output[0]}__iso_q"
+            final = target.output[0]
+            target.output[0] = raw
+            added.append(helper.make_node("QuantizeLinear", [raw, *q_out.input[1:]], [qt],
+                                          name=f"{q_out.name}__iso", domain=q_out.domain))
+            added[-1].attribute.extend(q_out.attribute)
+            added.append(helper.make_node("DequantizeLinear", [qt, *dq_out.input[1:]], [final],
+                                          name=f"{dq_out.name}__iso", domain=dq_out.domain))
+            added[-1].attribute.extend(dq_out.attribute)
+            need([*q_out.input[1:], *dq_out.input[1:]])
+    g.node.extend(added)
+    names = {o.name for o in g.output}
+    for name in outputs:
+        if name not in names:
+            g.output.append(helper.make_empty_tensor_value_info(name))
+    for opset in q_model.opset_import:  # Q/DQ with per-channel axes need the variant's opset
+        for own in m.opset_import:
+            if own.domain == opset.domain:
+                own.version = max(own.version, opset.version)
+    from .quantize import toposort
+
+    return toposort(m)
+
+
+def _layer_output(node: onnx.NodeProto, q_acts: dict[str, np.ndarray]) -> tuple[str, str]:
+    """(float tensor name, quantized graph tensor to compare with it) for a node's output.
+
+    What the next layer reads is compared: the DequantizeLinear output when the output is
+    quantized. ONNX Runtime fuses a following Relu into the Q/DQ pair (the node then writes the
+    Relu's tensor name, unclipped, and the uint8 zero point clips it), so only the post-QDQ tensor
+    matches the float graph's."""
+    out = node.output[0]
+    fname = _float_name(out)
+    post = out + _DQ_SUFFIX
+    return fname, post if post in q_acts else out
+
+
+def _float_name(name: str) -> str:
+    from onnxruntime.quantization.quant_utils import QUANT_INPUT_SUFFIX
+
+    return name[:-len(QUANT_INPUT_SUFFIX)] if name.endswith(QUANT_INPUT_SUFFIX) else name
+
+
+# --- quantized variants ---------------------------------------------------------------------------
+
+def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: list[dict[str, Any]],
+                        xs: list[np.ndarray], progress: Progress) -> dict[str, Any]:
+    from onnxruntime.quantization.qdq_loss_debug import create_activation_matching
+
+    from .quantize import layer_of
+
+    q_step = max(i for i, s in enumerate(steps) if s.get("technique") == "quantize")
+    method = steps[q_step].get("method", "")
+    q_model = variant.to_onnx()
+    notes: list[str] = []
+    progress.update(0.0, "preparing the float graph")
+    float_model = _prepared_float(reference)
+    names = variant.input_names
+    with _tmpdir() as tmp:
+        progress.update(0.05, "running the float graph")
+        f_acts = _activations(float_model, names, xs, Path(tmp), "float")
+        progress.update(0.15, "running the quantized graph")
+        q_acts = _activations(q_model, names, xs, Path(tmp), "quant")
+    # per Q/DQ pair: the activation before and after its quantization (its own rounding error)
+    matching = create_activation_matching({k: [v] for k, v in q_acts.items()})
+    qdq_err = {k: sqnr_db(m["pre_qdq"][0], m["post_qdq"][0]) for k, m in matching.items()}
+    float_out = _run(float_model, xs)[0]
+    q_out = _run(q_model, xs)[0]
+    float_nodes = {n.name for n in float_model.graph.node}
+    has_qdq = any(n.op_type == "DequantizeLinear" for n in q_model.graph.node)
+    dq_outputs = {n.output[0] for n in q_model.graph.node if n.op_type == "DequantizeLinear"}
+    if not has_qdq:
+        notes.append(f"{method}: isolated errors need a QDQ graph (static-int8, qat-int8); this "
+                     f"variant shows accumulated errors only")
+
+    candidates = []
+    # QDQ graphs keep the float graph's node names: rows are the variant's quantized nodes. Other
+    # methods rewrite nodes (MatMulInteger, MatMulNBits, Gemm as MatMul + Add): rows are the float
+    # graph's weight layers whose output tensor the variant still has
+    pool = q_model.graph.node if has_qdq else float_model.graph.node
+    for node in pool:
+        if node.op_type in _QDQ or node.op_type in _PASS_THROUGH or not node.name:
+            continue
+        if has_qdq and not any(i in dq_outputs for i in node.input):
+            continue
+        if not has_qdq and node.op_type not in _COMPUTE:
+            continue
+        fname, seen = _layer_output(node, q_acts)
+        if fname not in f_acts or seen not in q_acts or f_acts[fname].shape != q_acts[seen].shape:
+            continue
+        candidates.append(node)
+    if not candidates:
+        raise TugboatError(f"no quantized layer of {variant.source} lines up with the float graph "
+                           f"(method {method}); nothing to diagnose")
+    skipped = 0
+    rows = []
+    for k, node in enumerate(candidates):
+        progress.update(0.25 + 0.75 * k / len(candidates),
+                        f"layer {k + 1}/{len(candidates)}: {layer_of(node.name)}")
+        fname, seen = _layer_output(node, q_acts)
+        acc = errors(f_acts[fname], q_acts[seen])
+        input_sqnr = [qdq_err[i[: -len(_DQ_SUFFIX)]] for i in node.input
+                      if i.endswith(_DQ_SUFFIX) and i[: -len(_DQ_SUFFIX)] in qdq_err]
+        row: dict[str, Any] = {
+            "node": node.name, "layer": layer_of(node.name), "op_type": node.op_type,
+            "output": fname, "shape": list(f_acts[fname].shape[1:]),
+            "accumulated": acc, "isolated": None, "impact": None,
+            "input_qdq_sqnr_db": min(input_sqnr) if input_sqnr else None,
+        }
+        if has_qdq:
+            try:
+                iso = _isolated_model(float_model, q_model, node.name, [fname])
+                y_iso, layer_iso = _run(iso, xs, [float_model.graph.output[0].name, fname])
+                row["isolated"] = errors(f_acts[fname], layer_iso)
+                row["impact"] = {**errors(float_out, y_iso), "top1_agreement": _top1(float_out, y_iso)}
+            except Exception as exc:  # an exotic graph ORT refuses once rewired: accumulated only
+                _LOG.debug("isolated run of %s failed: %s", node.name, exc)
+                skipped += 1
+        # a node name is exact for QDQ graphs; the layer name resolves for the rewriting methods
+        exclude = node.name if has_qdq and node.name in float_nodes else layer_of(node.name)
+        row["action"] = {"kind": "keep_float", "label": "Keep this layer in float", "step": q_step,
+                         "exclude": exclude}
+        rows.append(row)
+    if skipped:
+        notes.append(f"{skipped} layer(s) could not be run in isolation; accumulated errors only")
+
+    def severity(r: dict[str, Any]) -> float:
+        return (r["impact"] or r["accumulated"])["sqnr_db"]
+
+    rows.sort(key=severity)
+    for i, r in enumerate(rows):
+        r["rank"] = i + 1
+        r["score_db"] = severity(r)
+    return {"kind": "quantize", "method": method, "rows": rows, "notes": notes,
+            "output": {**errors(float_out, q_out), "top1_agreement": _top1(float_out, q_out)}}
+
+
+# --- pruned / distilled variants ------------------------------------------------------------------
+
+def _module_outputs(module, xs: list[np.ndarray]) -> tuple[dict[str, np.ndarray], list[str], np.ndarray]:
+    """Every named module's first tensor output (forward hooks), in execution order."""
+    import torch
+
+    from .models import eval_mode
+
+    seen: dict[str, np.ndarray] = {}
+    order: list[str] = []
+    hooks = []
+
+    def hook(name):
+        def fn(_m, _inp, out):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(t, torch.Tensor) and name not in seen:
+                seen[name] = t.detach().float().numpy().copy()
+                order.append(name)
+        return fn
+
+    eval_mode(module)
+    for name, m in module.named_modules():
+        if name:
+            hooks.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.inference_mode():
+            out = module(*[torch.from_numpy(x) for x in xs])
+    finally:
+        for h in hooks:
+            h.remove()
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return seen, order, out.detach().float().numpy()
+
+
+def _channels(module) -> dict[str, int]:
+    from .prune import _channels as channels
+
+    return channels(module)
+
+
+def _layer_ratios(steps: list[dict[str, Any]], p_step: int) -> dict[str, float]:
+    from .prune import parse_layer_ratios
+
+    try:
+        return parse_layer_ratios(steps[p_step].get("layer_ratios"))
+    except TugboatError:
+        return {}
+
+
+def _prune_one(original, example, step: dict[str, Any], layer: str, ratio: float):
+    """The original with only ``layer`` pruned at ``ratio`` the way ``step`` prunes (no fine-tuning)."""
+    from .prune import prune_structured_module, prune_unstructured_module
+
+    if step.get("method") == "unstructured":
+        return prune_unstructured_module(original, 0.0, per_layer={layer: ratio})
+    importance = step.get("importance", "l1")
+    return prune_structured_module(original, example, 0.0, per_layer={layer: ratio},
+                                   importance="l1" if importance == "taylor" else importance,
+                                   round_to=step.get("round_to") or None)
+
+
+def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dict[str, Any]],
+                    xs: list[np.ndarray], progress: Progress, kind: str) -> dict[str, Any]:
+    import torch
+
+    if variant.module is None:
+        raise TugboatError("this variant exists only as ONNX; per-block agreement needs its torch "
+                           "module", path=variant.source)
+    a_mod, b_mod = original.torch_module(), variant.module
+    progress.update(0.05, "running the original")
+    a_out, order, a_y = _module_outputs(a_mod, xs)
+    progress.update(0.15, "running the variant")
+    b_out, _order, b_y = _module_outputs(b_mod, xs)
+    a_ch, b_ch = _channels(a_mod), _channels(b_mod)
+    prune_steps = [i for i, s in enumerate(steps) if s.get("technique") == "prune"]
+    p_step = prune_steps[-1] if prune_steps else None
+    overrides = _layer_ratios(steps, p_step) if p_step is not None else {}
+    unstructured = p_step is not None and steps[p_step].get("method") == "unstructured"
+    rows: list[dict[str, Any]] = []
+    for name in order:
+        if name not in b_out:
+            continue
+        a, b = a_out[name], b_out[name]
+        is_layer = name in a_ch
+        if not is_layer and a.shape != b.shape:
+            continue  # a block whose shape changed: its layers' rows say how
+        row: dict[str, Any] = {"node": name, "layer": name, "op_type": "layer" if is_layer else "block",
+                               "shape": list(a.shape[1:]), "variant_shape": list(b.shape[1:]),
+                               "accumulated": errors(a, b) if a.shape == b.shape else None,
+                               "isolated": None, "impact": None, "action": None}
+        if is_layer:
+            before, after = a_ch[name], b_ch.get(name, a_ch[name])
+            row["channels"] = {"before": before, "after": after}
+            ratio = 1.0 - after / max(1, before)
+            w = getattr(dict(b_mod.named_modules()).get(name), "weight", None)
+            if unstructured and isinstance(w, torch.Tensor) and w.numel():
+                ratio = float((w == 0).sum()) / w.numel()
+            row["ratio"] = round(overrides.get(name, ratio), 4)
+            if p_step is not None and row["ratio"] > 0.005:
+                row["action"] = {"kind": "prune_less", "label": "Prune this layer less", "step": p_step,
+                                 "layer": name, "ratio": math.floor(row["ratio"] * 50) / 100}
+        rows.append(row)
+    # isolated: only this layer pruned at its ratio (no fine-tuning), the model output compared
+    todo = [r for r in rows if r["action"] is not None]
+    example = tuple(original.example_inputs(2))
+    inputs = [torch.from_numpy(x) for x in xs]
+    for k, row in enumerate(todo):
+        progress.update(0.25 + 0.7 * k / len(todo), f"layer {k + 1}/{len(todo)}: {row['layer']} alone")
+        try:
+            one = _prune_one(a_mod, example, steps[p_step], row["layer"], row["ratio"])
+            with torch.inference_mode():
+                y = one(*inputs)
+            y = (y[0] if isinstance(y, (tuple, list)) else y).float().numpy()
+            row["impact"] = {**errors(a_y, y), "top1_agreement": _top1(a_y, y)}
+        except Exception as exc:  # e.g. a layer torch-pruning will not prune alone
+            _LOG.debug("pruning %s alone failed: %s", row["layer"], exc)
+    if not rows:
+        raise TugboatError("no layer of the variant lines up with the original", path=variant.source)
+
+    def severity(r: dict[str, Any]) -> tuple:
+        impact = (r["impact"] or {}).get("sqnr_db")
+        acc = (r["accumulated"] or {}).get("sqnr_db")
+        return (impact is None, impact if impact is not None else 0.0, acc if acc is not None else 100.0)
+
+    rows.sort(key=severity)
+    for i, r in enumerate(rows):
+        r["rank"] = i + 1
+        r["score_db"] = (r["impact"] or r["accumulated"] or {}).get("sqnr_db")
+    notes = ["pruned layers are ranked by the output error with only that layer pruned at its "
+             "ratio (no fine-tuning); rows whose shapes changed show the channels kept"]
+    if kind == "distill":
+        notes = ["a distilled student: blocks are compared where their names and shapes match the "
+                 "teacher's; the others show the channels kept"]
+    return {"kind": kind, "method": steps[-1].get("method", "") if steps else "", "rows": rows,
+            "notes": notes, "output": {**errors(a_y, b_y), "top1_agreement": _top1(a_y, b_y)}}
+
+
+# --- the entry point ------------------------------------------------------------------------------
+
+def diagnose(original: ModelHandle, variant: ModelHandle, data: Dataset | None, *,
+             reference: ModelHandle | None = None, samples: int = DEFAULT_SAMPLES,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Per-layer divergence of ``variant`` from ``original`` on at most ``samples`` inputs.
+
+    ``reference`` is the float model the quantize step started from when steps came before it
+    (e.g. the pruned variant of a prune + quantize chain); the original by default.
+
+    Returns ``{"kind", "method", "rows" (worst first), "notes", "output", "samples", "split"}``;
+    each row: ``node``, ``layer``, ``op_type``, ``accumulated`` / ``isolated`` / ``impact``
+    (``{"sqnr_db", "cosine", "max_abs", "rel_error"}`` or ``None``), ``rank`` and ``action``
+    (feed it to :func:`fixed_steps`)."""
+    progress = progress or null_progress()
+    steps = _steps(original, variant)
+    kind = variant_kind(steps)
+    if kind == "none":
+        raise TugboatError(f"{variant.source}: the variant has no steps; it is the original")
+    xs, _labels, split = sample_inputs(original, data, samples)
+    if kind == "quantize":
+        result = _diagnose_quantized(reference or original, variant, steps, xs, progress)
+    else:
+        result = _diagnose_torch(original, variant, steps, xs, progress, kind)
+    result.update(samples=len(xs[0]), split=split, steps=steps)
+    progress.update(1.0, "done")
+    return result
+
+
+def fixed_steps(steps: list[dict[str, Any]], action: dict[str, Any]) -> list[dict[str, Any]]:
+    """The steps with a row's fix applied: the node added to the quantize step's ``exclude``
+    (keep in float), or a lower ``layer_ratios`` entry for the layer (prune less)."""
+    new = copy.deepcopy([dict(s) for s in steps])
+    step = new[action["step"]]
+    if action["kind"] == "keep_float":
+        exclude = list(step.get("exclude") or [])
+        if action["exclude"] not in exclude:
+            exclude.append(action["exclude"])
+        step["exclude"] = exclude
+    elif action["kind"] == "prune_less":
+        from .prune import parse_layer_ratios
+
+        ratios = parse_layer_ratios(step.get("layer_ratios"))
+        ratios[action["layer"]] = float(action["ratio"])
+        step["layer_ratios"] = [f"{k}={v:g}" for k, v in ratios.items()]
+    else:
+        raise TugboatError(f"unknown diagnose action {action['kind']!r}")
+    return new
+
+
+# --- side by side ---------------------------------------------------------------------------------
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flat(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: obj}
+
+
+METRIC_KEYS = ("size_bytes", "compressed_bytes", "params", "nonzero_params", "flops",
+               "latency_ms.median", "latency_ms.p90", "accuracy", "fidelity.top1_agreement",
+               "fidelity.cosine", "fidelity.rel_error", "seconds")
+
+
+def layer_channels(handle: ModelHandle | None) -> dict[str, int]:
+    """Output channels / features per layer: from the torch module, else from the ONNX weights."""
+    if handle is None:
+        return {}
+    if handle.module is not None:
+        return _channels(handle.module)
+    from onnx import numpy_helper
+
+    from .quantize import layer_of
+
+    model = handle.to_onnx()
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"):
+            continue
+        w = node.input[1] if len(node.input) > 1 else ""
+        dq = producers.get(w)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            w = dq.input[0]
+        if w not in inits:
+            continue
+        dims = list(inits[w].dims)
+        if not dims:
+            continue
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        if node.op_type in ("Conv", "ConvInteger") or (node.op_type == "Gemm" and trans_b):
+            n = dims[0]
+        else:
+            n = dims[-1]
+        out[layer_of(node.name)] = int(n)
+    del numpy_helper
+    return out
+
+
+def compare(variant_a, variant_b) -> dict[str, Any]:
+    """Two engine Variants side by side: recipe differences, metrics and channels per layer.
+
+    Rows are ``(key, a, b)``; ``recipe`` lists only keys that differ (``steps.0.ratio``)."""
+    ra = _flat({"steps": (variant_a.recipe or {}).get("steps", [])}) if (variant_a.recipe or {}).get("steps") else {}
+    rb = _flat({"steps": (variant_b.recipe or {}).get("steps", [])}) if (variant_b.recipe or {}).get("steps") else {}
+    recipe = [(k, ra.get(k), rb.get(k)) for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)]
+    ma, mb = _flat(variant_a.metrics or {}), _flat(variant_b.metrics or {})
+    metrics = [(k, ma.get(k), mb.get(k)) for k in METRIC_KEYS if k in ma or k in mb]
+    ca, cb = layer_channels(variant_a.handle), layer_channels(variant_b.handle)
+    names = list(ca) + [n for n in cb if n not in ca]
+    layers = [(n, ca.get(n), cb.get(n)) for n in names]
+    return {"a": variant_a.name, "b": variant_b.name, "recipe": recipe, "metrics": metrics,
+            "layers": layers}
