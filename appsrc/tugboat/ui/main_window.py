@@ -244,6 +244,9 @@ class MainWindow(QMainWindow):
         self.training_view = _optional_view("training_view", "TrainingView", (self,), (self.store,))
         if self.training_view is not None:
             self.view_tabs.addTab(self.training_view, "Training")
+        self.diagnose_view = _optional_view("diagnose_view", "DiagnoseView", (self,))
+        if self.diagnose_view is not None:
+            self.view_tabs.addTab(self.diagnose_view, "Diagnose")
         self.results_table = ResultsTable(self.store)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.view_tabs)
@@ -363,6 +366,12 @@ class MainWindow(QMainWindow):
         run = bar.addMenu("&Run")
         self.run_action = self._action(run, "&Run current technique", self.run_current, "Ctrl+R")
         self.cancel_action = self._action(run, "&Cancel all jobs", self.queue.cancel_all, "Esc")
+        if self.diagnose_view is not None:
+            run.addSeparator()
+            self.diagnose_action = self._action(run, "&Diagnose selected variant", self.diagnose_selected,
+                                                "Ctrl+D", "Where the selected variant diverges from "
+                                                "the original, layer by layer")
+            self._action(run, "Com&pare two variants...", self.diagnose_view.open_compare)
         view = bar.addMenu("&View")
         for dock in (self.model_dock, self.technique_dock, self.jobs_dock):
             view.addAction(dock.toggleViewAction())
@@ -401,6 +410,11 @@ class MainWindow(QMainWindow):
             panel.run_button.setEnabled(ready)
             panel.sweep_button.setEnabled(ready)
         self.run_action.setEnabled(ready)
+
+    def diagnose_selected(self) -> Job | None:
+        """Show the Diagnose tab and diagnose the selected variant."""
+        self.view_tabs.setCurrentWidget(self.diagnose_view)
+        return self.diagnose_view.run_diagnose()
 
     # --- notifications ----------------------------------------------------------------------------
     def notify(self, message: str, details: str = "", level: str = "error", timeout_ms: int = 0):
