@@ -143,3 +143,20 @@ def test_compare_recipes_metrics_and_channels(demo_models, demo_data):
     q = static_int8(h, demo_data)
     cq = dg.compare(a, Variant("q", {"steps": [dict(q.history[-1])]}, {}, handle=q))
     assert ("features.3", 64, 64) in cq["layers"] and ("classifier.3", 10, 10) in cq["layers"]
+
+
+def test_chained_prune_then_quantize_compares_with_the_pruned_float_model(demo_models, demo_data):
+    h = demo_models("digits-cnn")
+    p = prune.apply(h, {"method": "structured", "ratio": 0.5, "finetune_epochs": 0}, demo_data,
+                    null_progress())
+    q = static_int8(p, demo_data)
+    given = dg.diagnose(h, q, demo_data, reference=p, samples=32)
+    rebuilt = dg.diagnose(h, q, demo_data, samples=32)  # the pruned float model rebuilt
+    assert any("rebuilt" in n for n in rebuilt["notes"])
+    for result in (given, rebuilt):
+        rows = {r["layer"]: r for r in result["rows"]}
+        assert set(rows) == {"features.0", "features.3", "features.7", "classifier.1", "classifier.3"}
+        # an ordinary CNN quantizes well against the model it was quantized from
+        assert all(r["isolated"]["sqnr_db"] > 20 for r in rows.values())
+        assert rows["features.3"]["shape"][0] == 32  # the pruned layer's 32 channels, not 64
+    assert given["rows"][0]["layer"] == rebuilt["rows"][0]["layer"]

@@ -359,6 +359,12 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
     if not candidates:
         raise TugboatError(f"no quantized layer of {variant.source} lines up with the float graph "
                            f"(method {method}); nothing to diagnose")
+    # the per-sample shape of each tensor (the activations come back flattened)
+    shapes = {}
+    for vi in [*float_model.graph.value_info, *float_model.graph.output]:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if len(dims) > 1 and all(dims[1:]):
+            shapes[vi.name] = dims[1:]
     skipped = 0
     rows = []
     for k, node in enumerate(candidates):
@@ -370,7 +376,7 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
                       if i.endswith(_DQ_SUFFIX) and i[: -len(_DQ_SUFFIX)] in qdq_err]
         row: dict[str, Any] = {
             "node": node.name, "layer": layer_of(node.name), "op_type": node.op_type,
-            "output": fname, "shape": list(f_acts[fname].shape[1:]),
+            "output": fname, "shape": shapes.get(fname) or list(f_acts[fname].shape[1:]),
             "accumulated": acc, "isolated": None, "impact": None,
             "input_qdq_sqnr_db": min(input_sqnr) if input_sqnr else None,
         }
@@ -559,8 +565,20 @@ def diagnose(original: ModelHandle, variant: ModelHandle, data: Dataset | None, 
     if kind == "none":
         raise TugboatError(f"{variant.source}: the variant has no steps; it is the original")
     xs, _labels, split = sample_inputs(original, data, samples)
+    notes: list[str] = []
     if kind == "quantize":
-        result = _diagnose_quantized(reference or original, variant, steps, xs, progress)
+        q_index = max(i for i, s in enumerate(steps) if s.get("technique") == "quantize")
+        if reference is None and q_index > 0:
+            # the float model the quantizer saw is not kept: rebuild it from the steps before
+            from .recipe import apply_steps
+
+            reference = apply_steps(original, steps[:q_index], data, progress.sub(0.0, 0.4, "rebuilding: "),
+                                    guard=False)
+            notes.append(f"the float model before quantization was rebuilt by re-running step(s) "
+                         f"1-{q_index}")
+        result = _diagnose_quantized(reference or original, variant, steps, xs,
+                                     progress.sub(0.4 if notes else 0.0, 1.0))
+        result["notes"] = notes + result["notes"]
     else:
         result = _diagnose_torch(original, variant, steps, xs, progress, kind)
     result.update(samples=len(xs[0]), split=split, steps=steps)
