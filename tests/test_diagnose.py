@@ -160,3 +160,19 @@ def test_chained_prune_then_quantize_compares_with_the_pruned_float_model(demo_m
         assert all(r["isolated"]["sqnr_db"] > 20 for r in rows.values())
         assert rows["features.3"]["shape"][0] == 32  # the pruned layer's 32 channels, not 64
     assert given["rows"][0]["layer"] == rebuilt["rows"][0]["layer"]
+
+
+def test_distilled_student_blocks_and_channels(demo_models, demo_data):
+    from tugboat.engine.zoo import DigitsCNN
+
+    h = demo_models("digits-cnn")
+    torch.manual_seed(0)
+    student = h.derive(module=DigitsCNN(width=8).eval(), step={"technique": "distill", "method": "kd"})
+    result = dg.diagnose(h, student, demo_data, samples=32)
+    assert result["kind"] == "distill" and "distilled student" in result["notes"][0]
+    rows = {r["layer"]: r for r in result["rows"]}
+    assert rows["features.0"]["channels"] == {"before": 32, "after": 8}
+    assert rows["classifier.3"]["channels"] == {"before": 10, "after": 10}
+    assert rows["classifier.3"]["accumulated"]["cosine"] < 0.9  # an untrained student disagrees
+    assert all(r["action"] is None for r in result["rows"])  # nothing to prune less
+    assert 0.0 <= result["output"]["top1_agreement"] <= 1.0

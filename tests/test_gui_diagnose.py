@@ -18,7 +18,7 @@ from tugboat.engine.measure import MeasureConfig
 from tugboat.ui.diagnose_view import COL_ACCUM, COL_CHANNELS, COL_IMPACT, CompareDialog, DiagnoseView
 from tugboat.ui.main_window import MainWindow
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @pytest.fixture

@@ -499,8 +499,11 @@ def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dic
                                "accumulated": errors(a, b) if a.shape == b.shape else None,
                                "isolated": None, "impact": None, "action": None}
         if is_layer:
-            before, after = a_ch[name], b_ch.get(name, a_ch[name])
+            before, after = a_ch[name], b_ch.get(name)  # None: the variant has no such layer
             row["channels"] = {"before": before, "after": after}
+            if after is None:
+                rows.append(row)
+                continue
             ratio = 1.0 - after / max(1, before)
             w = getattr(dict(b_mod.named_modules()).get(name), "weight", None)
             if unstructured and isinstance(w, torch.Tensor) and w.numel():

@@ -136,7 +136,7 @@ class DiagnoseModel(QAbstractTableModel):
             return _get(r, *what)
         if what == "channels":
             ch = r.get("channels")
-            return f"{ch['after']}/{ch['before']}" if ch else ""
+            return f"{'–' if ch['after'] is None else ch['after']}/{ch['before']}" if ch else ""
         if what == "fix":
             action = r.get("action")
             if not action:
@@ -156,7 +156,7 @@ class DiagnoseModel(QAbstractTableModel):
             return _fmt(self.value(r, col), kind)
         if role == SORT_ROLE:
             if col == COL_CHANNELS and r.get("channels"):
-                return r["channels"]["after"] / max(1, r["channels"]["before"])
+                return (r["channels"]["after"] or 0) / max(1, r["channels"]["before"])
             value = self.value(r, col)
             if kind == "text":
                 return str(value or "")
