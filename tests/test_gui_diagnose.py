@@ -131,9 +131,14 @@ def test_diagnose_pruned_variant_prune_less(qtbot, window):
     pruned = run_prune(qtbot, window, 0.5)
     window.store.select(pruned.name)
     qtbot.waitUntil(lambda: not window.queue.active(), timeout=60000)
+    view = window.diagnose_view
+    first = view.run_diagnose()
+    qtbot.mouseClick(view.cancel_button, Qt.MouseButton.LeftButton)  # cancelled at its first update
+    qtbot.waitUntil(lambda: first.is_ended, timeout=60000)
+    assert first.state == "cancelled" and "cancelled" in view.title.text() and view.result is None
+    assert view.diagnose_button.isEnabled() and not view.cancel_button.isEnabled()
     job = window.diagnose_selected()  # Run > Diagnose selected variant
     assert job is not None and window.view_tabs.currentWidget() is window.diagnose_view
-    view = window.diagnose_view
     qtbot.waitUntil(lambda: view.result is not None, timeout=120000)
     row = view.selected_row()
     assert row["action"]["kind"] == "prune_less" and view.fix_button.text() == "Prune this layer less"

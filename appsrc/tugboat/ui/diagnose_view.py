@@ -303,6 +303,12 @@ class DiagnoseView(QWidget):
             self.title.setText(f"<b>{v.name}</b> against the original: press Diagnose.")
         elif name == BASELINE:
             self.title.setText("The original is the reference: select a variant to diagnose.")
+        elif isinstance(name, str) and not self._running():
+            v = self.store.get(name)
+            if v is not None and name != self.subject:
+                why = (f"it {v.status}" if v.status != "ok" else
+                       "its model is not in memory (reopened from a workspace): re-run it first")
+                self.title.setText(f"<b>{name}</b> cannot be diagnosed: {why}.")
         self._update_buttons()
 
     def _on_store_cleared(self) -> None:
