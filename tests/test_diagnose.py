@@ -113,7 +113,7 @@ def test_pruned_variant_channels_kept_and_prune_less(demo_models, demo_data):
     assert prune.parse_layer_ratios(fixed[0]["layer_ratios"]) == {acted[0]["layer"]: 0.25}
 
 
-def test_bounded_cancellable_and_clear_errors(demo_models, demo_data, broken):
+def test_bounded_cancellable_and_clear_errors(demo_models, demo_data, broken, monkeypatch):
     bad, q = broken
     xs, _labels, split = dg.sample_inputs(bad, demo_data, samples=100000)
     assert split == "val" and len(xs[0]) == min(dg.MAX_SAMPLES, len(demo_data.splits["val"]))
@@ -123,6 +123,10 @@ def test_bounded_cancellable_and_clear_errors(demo_models, demo_data, broken):
     token.cancel()
     with pytest.raises(Cancelled):
         dg.diagnose(bad, q, demo_data, samples=16, progress=Progress(token=token))
+    # bounded in memory too: fewer samples when their layer outputs would not fit, and it says so
+    monkeypatch.setattr(dg, "ACTIVATION_BUDGET", 2 * 40 * 20000)
+    small = dg.diagnose(bad, q, demo_data, samples=64)
+    assert 4 <= small["samples"] < 64 and any("would not fit" in n for n in small["notes"])
     h = demo_models("digits-cnn")
     with pytest.raises(TugboatError, match="no steps"):
         dg.diagnose(h, h, demo_data)

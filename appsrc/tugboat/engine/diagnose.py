@@ -132,6 +132,32 @@ def variant_kind(steps: list[dict[str, Any]]) -> str:
     return techniques[-1] if techniques else "none"
 
 
+ACTIVATION_BUDGET = 1 << 30  # bytes of intermediate tensors kept per model run (two models run)
+
+
+def _within_budget(xs: list[np.ndarray], bytes_per_sample: float, notes: list[str]) -> list[np.ndarray]:
+    """Fewer samples when every intermediate tensor of that many would not fit the budget (a large
+    model at 224x224 holds megabytes of activations per sample)."""
+    n = len(xs[0])
+    fit = int(ACTIVATION_BUDGET / max(1.0, 2 * bytes_per_sample))
+    if fit >= n:
+        return xs
+    fit = max(4, fit)
+    notes.append(f"{fit} of {n} samples used: the layer outputs of more would not fit in "
+                 f"{ACTIVATION_BUDGET >> 20} MB")
+    return [x[:fit] for x in xs]
+
+
+def _onnx_bytes_per_sample(model: onnx.ModelProto) -> float:
+    """Bytes of all float intermediate tensors for one sample (from the inferred shapes)."""
+    total = 0
+    for vi in model.graph.value_info:
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and dims:
+            total += 4 * int(np.prod(dims[1:])) if len(dims) > 1 else 4
+    return float(total)
+
+
 # --- ONNX helpers ---------------------------------------------------------------------------------
 
 def _tmpdir() -> tempfile.TemporaryDirectory:
@@ -323,6 +349,7 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
     progress.update(0.0, "preparing the float graph")
     float_model = _prepared_float(reference)
     names = variant.input_names
+    xs = _within_budget(xs, _onnx_bytes_per_sample(float_model), notes)
     with _tmpdir() as tmp:
         progress.update(0.05, "running the float graph")
         f_acts = _activations(float_model, names, xs, Path(tmp), "float")
@@ -404,7 +431,7 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
     for i, r in enumerate(rows):
         r["rank"] = i + 1
         r["score_db"] = severity(r)
-    return {"kind": "quantize", "method": method, "rows": rows, "notes": notes,
+    return {"kind": "quantize", "method": method, "rows": rows, "notes": notes, "samples": len(xs[0]),
             "output": {**errors(float_out, q_out), "top1_agreement": _top1(float_out, q_out)}}
 
 
@@ -477,6 +504,9 @@ def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dic
         raise TugboatError("this variant exists only as ONNX; per-block agreement needs its torch "
                            "module", path=variant.source)
     a_mod, b_mod = original.torch_module(), variant.module
+    notes: list[str] = []
+    probe, _order, _y = _module_outputs(a_mod, [x[:2] for x in xs])
+    xs = _within_budget(xs, sum(a.nbytes for a in probe.values()) / len(xs[0][:2]), notes)
     progress.update(0.05, "running the original")
     a_out, order, a_y = _module_outputs(a_mod, xs)
     progress.update(0.15, "running the variant")
@@ -539,13 +569,14 @@ def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dic
     for i, r in enumerate(rows):
         r["rank"] = i + 1
         r["score_db"] = (r["impact"] or r["accumulated"] or {}).get("sqnr_db")
-    notes = ["pruned layers are ranked by the output error with only that layer pruned at its "
-             "ratio (no fine-tuning); rows whose shapes changed show the channels kept"]
     if kind == "distill":
-        notes = ["a distilled student: blocks are compared where their names and shapes match the "
-                 "teacher's; the others show the channels kept"]
+        notes.insert(0, "a distilled student: blocks are compared where their names and shapes match "
+                        "the teacher's; the others show the channels kept")
+    else:
+        notes.insert(0, "pruned layers are ranked by the output error with only that layer pruned at "
+                        "its ratio (no fine-tuning); rows whose shapes changed show the channels kept")
     return {"kind": kind, "method": steps[-1].get("method", "") if steps else "", "rows": rows,
-            "notes": notes, "output": {**errors(a_y, b_y), "top1_agreement": _top1(a_y, b_y)}}
+            "notes": notes, "samples": len(xs[0]), "output": {**errors(a_y, b_y), "top1_agreement": _top1(a_y, b_y)}}
 
 
 # --- the entry point ------------------------------------------------------------------------------
@@ -584,7 +615,7 @@ def diagnose(original: ModelHandle, variant: ModelHandle, data: Dataset | None, 
         result["notes"] = notes + result["notes"]
     else:
         result = _diagnose_torch(original, variant, steps, xs, progress, kind)
-    result.update(samples=len(xs[0]), split=split, steps=steps)
+    result.update(split=split, steps=steps)
     progress.update(1.0, "done")
     return result
 
