@@ -74,6 +74,9 @@ def test_quantized_variant_ranks_the_bad_layer_first_and_float_recovers(broken, 
     for r in rows:
         assert -1.0 <= r["accumulated"]["cosine"] <= 1.0 and r["accumulated"]["max_abs"] >= 0
 
+    # the three worst rows' fixes are measured: keeping the culprit in float restores the output
+    assert top["if_float"]["top1_agreement"] > 0.95
+    assert all(r["if_float"] is not None for r in rows[:3]) and all(r["if_float"] is None for r in rows[3:])
     # the row's fix: the variant's recipe with that node in the quantize step's exclude
     steps = [dict(q.history[-1])]
     fixed = dg.fixed_steps(steps, top["action"])
@@ -180,3 +183,27 @@ def test_distilled_student_blocks_and_channels(demo_models, demo_data):
     assert rows["classifier.3"]["accumulated"]["cosine"] < 0.9  # an untrained student disagrees
     assert all(r["action"] is None for r in result["rows"])  # nothing to prune less
     assert 0.0 <= result["output"]["top1_agreement"] <= 1.0
+
+
+@pytest.mark.slow
+def test_activation_outliers_a_fix_that_would_not_help_is_measured_as_such(demo_models, demo_data):
+    """One channel between features.3 and features.7 scaled up 300x (and back down in features.7's
+    weights: the float function is unchanged): per-tensor int8 activations lose the other channels.
+    Isolation blames the layers on both sides of that tensor; keeping only one of them in float
+    does not help (ONNX Runtime still quantizes the shared tensor), and the measured fix says so
+    rather than promising a recovery."""
+    h = demo_models("digits-cnn")
+    module = copy.deepcopy(h.module)
+    with torch.no_grad():
+        module.features[4].weight[0] *= 300.0
+        module.features[4].bias[0] *= 300.0
+        module.features[7].weight[:, 0] /= 300.0
+    bad = h.derive(module=module)
+    q = static_int8(bad, demo_data)
+    result = dg.diagnose(bad, q, demo_data, samples=64)
+    rows = result["rows"]
+    assert {rows[0]["layer"], rows[1]["layer"]} == {"features.3", "features.7"}
+    assert all(r["impact"]["sqnr_db"] < 10 for r in rows[:2])
+    assert all(r["impact"]["sqnr_db"] > 30 for r in rows[2:])
+    for r in rows[:2]:  # measured, not promised: neither single-layer fix restores the output
+        assert r["if_float"]["top1_agreement"] < 0.95

@@ -15,7 +15,14 @@ from PySide6.QtCore import Qt
 from test_diagnose import CULPRIT, hard_to_quantize
 from tugboat.engine.export import export_onnx_model
 from tugboat.engine.measure import MeasureConfig
-from tugboat.ui.diagnose_view import COL_ACCUM, COL_CHANNELS, COL_IMPACT, CompareDialog, DiagnoseView
+from tugboat.ui.diagnose_view import (
+    COL_ACCUM,
+    COL_CHANNELS,
+    COL_IF_FLOAT,
+    COL_IMPACT,
+    CompareDialog,
+    DiagnoseView,
+)
 from tugboat.ui.main_window import MainWindow
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -81,6 +88,8 @@ def test_diagnose_ranks_the_bad_layer_and_keep_in_float_recovers(qtbot, window, 
     top = table.model().index(0, 1).data()
     assert top == CULPRIT and view.selected_row()["layer"] == CULPRIT
     assert "Keep this layer in float" in view.fix_button.text() and view.fix_button.isEnabled()
+    assert f"Best fix measured: keep <b>{CULPRIT}</b> in float" in view.title.text()
+    assert float(table.model().index(0, COL_IF_FLOAT).data().rstrip("%")) > 95
     # colour-coded: the culprit's row is red, a harmless layer's is green
     last = table.model().rowCount() - 1
     red = table.model().index(0, COL_IMPACT).data(Qt.ItemDataRole.BackgroundRole).color()

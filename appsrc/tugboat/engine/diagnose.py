@@ -336,8 +336,32 @@ def _float_name(name: str) -> str:
 
 # --- quantized variants ---------------------------------------------------------------------------
 
+def _verify_fixes(rows: list[dict[str, Any]], float_model: onnx.ModelProto, reference: ModelHandle,
+                  step: dict[str, Any], data: Dataset, xs: list[np.ndarray], float_out: np.ndarray,
+                  progress: Progress) -> None:
+    """Re-quantize with each row's layer kept in float, as its fix would, and measure the output.
+
+    Needed because a fix can fail where isolation blames a layer: ONNX Runtime still quantizes a
+    tensor that another quantized node reads, so keeping one layer of a shared activation in
+    float may change nothing."""
+    from .quantize import PARAMS, _calib_arrays, _resolve_names, static_int8
+
+    params = {p.name: p.default for p in PARAMS if p.applies_to("static-int8")}
+    params.update({k: v for k, v in step.items() if k not in ("technique", "method")})
+    calib = _calib_arrays(data, reference, params["calibration_samples"], "static-int8")
+    exclude = _resolve_names(float_model, list(step.get("exclude") or []), "quantize.exclude") \
+        if step.get("exclude") else []
+    for k, row in enumerate(rows):
+        sub = progress.sub(k / len(rows), (k + 1) / len(rows), f"{row['layer']} in float: ")
+        q = static_int8(float_model, reference.input_names, calib, params, sub,
+                        exclude=[*exclude, row["node"]])
+        y = _run(q, xs)[0]
+        row["if_float"] = {**errors(float_out, y), "top1_agreement": _top1(float_out, y)}
+
+
 def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: list[dict[str, Any]],
-                        xs: list[np.ndarray], progress: Progress) -> dict[str, Any]:
+                        xs: list[np.ndarray], progress: Progress, data: Dataset | None = None,
+                        verify: int = 0) -> dict[str, Any]:
     from onnxruntime.quantization.qdq_loss_debug import create_activation_matching
 
     from .quantize import layer_of
@@ -395,7 +419,7 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
     skipped = 0
     rows = []
     for k, node in enumerate(candidates):
-        progress.update(0.25 + 0.75 * k / len(candidates),
+        progress.update(0.25 + 0.55 * k / len(candidates),
                         f"layer {k + 1}/{len(candidates)}: {layer_of(node.name)}")
         fname, seen = _layer_output(node, q_acts)
         acc = errors(f_acts[fname], q_acts[seen])
@@ -431,6 +455,15 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
     for i, r in enumerate(rows):
         r["rank"] = i + 1
         r["score_db"] = severity(r)
+        r["if_float"] = None
+    step = steps[q_step]
+    if method == "static-int8" and data is not None and verify > 0:
+        if step.get("max_accuracy_drop", 0.0) > 0:
+            notes.append("fixes not verified: the variant kept layers in float by itself "
+                         "(max_accuracy_drop)")
+        else:
+            _verify_fixes(rows[:verify], float_model, reference, step, data, xs, float_out,
+                          progress.sub(0.8, 1.0, "verifying fixes: "))
     return {"kind": "quantize", "method": method, "rows": rows, "notes": notes, "samples": len(xs[0]),
             "output": {**errors(float_out, q_out), "top1_agreement": _top1(float_out, q_out)}}
 
@@ -583,7 +616,7 @@ def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dic
 
 def diagnose(original: ModelHandle, variant: ModelHandle, data: Dataset | None, *,
              reference: ModelHandle | None = None, samples: int = DEFAULT_SAMPLES,
-             progress: Progress | None = None) -> dict[str, Any]:
+             verify: int = 3, progress: Progress | None = None) -> dict[str, Any]:
     """Per-layer divergence of ``variant`` from ``original`` on at most ``samples`` inputs.
 
     ``reference`` is the float model the quantize step started from when steps came before it
@@ -592,7 +625,11 @@ def diagnose(original: ModelHandle, variant: ModelHandle, data: Dataset | None, 
     Returns ``{"kind", "method", "rows" (worst first), "notes", "output", "samples", "split"}``;
     each row: ``node``, ``layer``, ``op_type``, ``accumulated`` / ``isolated`` / ``impact``
     (``{"sqnr_db", "cosine", "max_abs", "rel_error"}`` or ``None``), ``rank`` and ``action``
-    (feed it to :func:`fixed_steps`)."""
+    (feed it to :func:`fixed_steps`). For static-int8 the ``verify`` worst rows also get
+    ``if_float``: the model output re-quantized with that layer kept in float (its fix, measured)."""
+    if any(getattr(s, "batch_axis", 0) != 0 for s in original.inputs):
+        raise TugboatError("diagnose compares sample by sample and needs every input's batch on "
+                           "axis 0", path=original.source)
     progress = progress or null_progress()
     steps = _steps(original, variant)
     kind = variant_kind(steps)
@@ -611,7 +648,7 @@ def diagnose(original: ModelHandle, variant: ModelHandle, data: Dataset | None, 
             notes.append(f"the float model before quantization was rebuilt by re-running step(s) "
                          f"1-{q_index}")
         result = _diagnose_quantized(reference or original, variant, steps, xs,
-                                     progress.sub(0.4 if notes else 0.0, 1.0))
+                                     progress.sub(0.4 if notes else 0.0, 1.0), data, verify)
         result["notes"] = notes + result["notes"]
     else:
         result = _diagnose_torch(original, variant, steps, xs, progress, kind)

@@ -48,19 +48,23 @@ _SPEC = [
     ("#", "rank, worst first", "rank", "int"),
     ("Layer", "the layer (torch module path, or ONNX node)", "layer", "text"),
     ("Op", "operator / layer kind", "op_type", "text"),
-    ("Output dB if alone", "SQNR of the model's output with only this layer quantized (or pruned): "
+    ("Output dB\nif alone", "SQNR of the model's output with only this layer quantized (or pruned): "
      "what ranks the rows", ("impact", "sqnr_db"), "db"),
-    ("Top-1 if alone", "top-1 agreement of the model's output with the original, only this layer "
+    ("Top-1\nif alone", "top-1 agreement of the model's output with the original, only this layer "
      "changed", ("impact", "top1_agreement"), "pct"),
-    ("Layer dB alone", "SQNR of this layer's output with only this layer quantized (everything "
+    ("Top-1 if\nkept float", "top-1 agreement of the model re-quantized with this layer kept in float: "
+     "its fix, measured (the worst rows of a static-int8 variant)", ("if_float", "top1_agreement"), "pct"),
+    ("Output dB if\nkept float", "SQNR of the model's output re-quantized with this layer kept in float",
+     ("if_float", "sqnr_db"), "db"),
+    ("Layer dB\nalone", "SQNR of this layer's output with only this layer quantized (everything "
      "else float)", ("isolated", "sqnr_db"), "db"),
-    ("Cos alone", "cosine similarity of this layer's output with only this layer quantized",
+    ("Cos\nalone", "cosine similarity of this layer's output with only this layer quantized",
      ("isolated", "cosine"), "cos"),
-    ("Accum. dB", "SQNR of this layer's output running the whole variant (errors of earlier layers "
+    ("Accum.\ndB", "SQNR of this layer's output running the whole variant (errors of earlier layers "
      "included)", ("accumulated", "sqnr_db"), "db"),
-    ("Accum. cos", "cosine similarity of this layer's output running the whole variant",
+    ("Accum.\ncos", "cosine similarity of this layer's output running the whole variant",
      ("accumulated", "cosine"), "cos"),
-    ("Accum. max err", "largest absolute difference of this layer's output running the whole variant",
+    ("Accum.\nmax err", "largest absolute difference of this layer's output running the whole variant",
      ("accumulated", "max_abs"), "num"),
     ("Channels", "output channels kept / before (pruned and distilled variants)", "channels", "text"),
     ("Fix", "the recipe change that would fix this layer (right-click or double-click the row)",
@@ -68,7 +72,7 @@ _SPEC = [
 ]
 COLUMNS = [c[0] for c in _SPEC]
 TIPS = [c[1] for c in _SPEC]
-COL_RANK, COL_LAYER, COL_IMPACT, COL_ACCUM, COL_CHANNELS = 0, 1, 3, 7, 10
+COL_RANK, COL_LAYER, COL_IMPACT, COL_IF_FLOAT, COL_ACCUM, COL_CHANNELS = 0, 1, 3, 5, 9, 12
 SEVERE_DB, WARN_DB = 10.0, 20.0
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
@@ -248,8 +252,6 @@ class DiagnoseView(QWidget):
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setStretchLastSection(True)
-        for col, width in enumerate((30, 120, 56, 116, 92, 100, 80, 80, 80, 100, 72)):
-            self.table.setColumnWidth(col, width)
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.table.customContextMenuRequested.connect(self._on_table_context_menu)
         self.table.doubleClicked.connect(lambda index: self.apply_fix(self._row_at(index.row())))
@@ -399,6 +401,11 @@ class DiagnoseView(QWidget):
             result["kind"], result["kind"])
         top = result["rows"][0] if result["rows"] else None
         worst = f" Worst: <b>{top['layer']}</b>." if top else ""
+        verified = [r for r in result["rows"] if r.get("if_float")]
+        if verified:
+            best = max(verified, key=lambda r: r["if_float"]["top1_agreement"] or 0.0)
+            worst += (f" Best fix measured: keep <b>{best['layer']}</b> in float (top-1 agreement "
+                      f"{_fmt(best['if_float']['top1_agreement'], 'pct')}).")
         self.title.setText(
             f"<b>{name}</b> ({what}, {result.get('method')}) against the original on "
             f"{result['samples']} samples ({result['split']}): output SQNR "
