@@ -132,7 +132,7 @@ def test_diagnose_ranks_the_bad_layer_and_keep_in_float_recovers(qtbot, window, 
     dialog.close()
 
 
-def test_diagnose_pruned_variant_prune_less(qtbot, window):
+def test_diagnose_pruned_variant_prune_less(qtbot, window, tmp_path):
     from helpers import run_prune
 
     with qtbot.waitSignal(window.session.baseline_ready, timeout=120000):
@@ -153,6 +153,7 @@ def test_diagnose_pruned_variant_prune_less(qtbot, window):
     assert row["action"]["kind"] == "prune_less" and view.fix_button.text() == "Prune this layer less"
     channels = view.table.model().index(0, COL_CHANNELS).data()
     assert channels == f"{row['channels']['after']}/{row['channels']['before']}"
+    shot(view, "diagnose-pruned", tmp_path)
     before = len(window.store)
     view.apply_fix(row)
     qtbot.waitUntil(lambda: len(window.store) == before + 1, timeout=120000)
