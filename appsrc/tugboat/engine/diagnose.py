@@ -20,7 +20,10 @@ the recipe change that would fix it:
     output's SQNR and top-1 agreement with only this layer quantized. Rows are ranked by that
     impact, so an early layer whose error every later layer inherits is not blamed for it.
   - Fix: "keep this layer in float": the variant's recipe with the node added to the quantize
-    step's ``exclude``.
+    step's ``exclude``. For static-int8 the ``verify`` worst rows' fixes are measured (``if_float``:
+    re-quantized with that node excluded, same calibration data), because isolation can blame a
+    layer whose exclusion changes nothing (a quantized activation it shares with a neighbour stays
+    quantized).
 
 * **Pruned or distilled variants** (torch modules): forward hooks record every named module's
   output in both models; where the shapes agree the row holds the cosine and relative error of
@@ -31,7 +34,9 @@ the recipe change that would fix it:
 :func:`compare` puts two variants side by side: recipe differences, metrics, and per-layer
 output channels.
 
-No Qt here. Long loops call ``progress.update`` (which also honours a cancel request).
+Bounded: at most 256 samples, and fewer when every intermediate tensor of that many would not fit
+in ``ACTIVATION_BUDGET`` (1 GB). No Qt here. Long loops call ``progress.update`` (which also
+honours a cancel request).
 """
 
 from __future__ import annotations
