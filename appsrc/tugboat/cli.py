@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model: format, inputs/outputs, params, size, FLOPs, layers",
                        description="Describe a model file or demo:NAME.")
-    p.add_argument("model", help="model file (.onnx, .pt, .pth, .pt2) or demo:NAME")
+    p.add_argument("model", nargs="?", help="model file (.onnx, .pt, .pth, .pt2) or demo:NAME")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--runtimes", action="store_true",
+                   help="list the runtimes variants can be measured in, installed or not (with the install command)")
     p.add_argument("--trust", action="store_true",
                    help="allow unpickling a whole nn.Module (runs code from the file: only for files you trust)")
     p.add_argument("--arch", help="built-in architecture for a bare state_dict (e.g. digits-cnn)")
@@ -159,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-variants", type=_positive_int, metavar="N",
                    help="allow a [sweep] grid of up to N combinations (default 1000)")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("export", help="export a variant for a runtime: onnx, ort (ONNX Runtime Mobile), "
+                       "pte (ExecuTorch, XNNPACK), openvino (IR)",
+                       description="Export a variant of a workspace or tugboat run folder; the file is loaded "
+                       "back in its runtime and compared with the variant before it is written.")
+    p.add_argument("dir", help="workspace or tugboat run folder")
+    p.add_argument("variant", help="variant name (or baseline)")
+    p.add_argument("--to", required=True, choices=("onnx", "ort", "pte", "openvino"), help="target format")
+    p.add_argument("--out", required=True, help="output file (the format's suffix is added when missing)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="fixed batch size of a .pte program (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("report", help="summarise a run or sweep folder; write HTML or CSV",
@@ -201,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.errors import TugboatError
 
     try:
-        return {"info": cmd_info, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
+        return {"info": cmd_info, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
+                "export": cmd_export}[args.command](args)
     except TugboatError as exc:
         print(f"tugboat: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -230,6 +244,21 @@ def _start_gui(args) -> int:
 def cmd_info(args) -> int:
     from .engine.info import model_info
 
+    if args.runtimes:
+        from .engine.runtimes import list_runtimes
+
+        rows = list_runtimes()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                state = f"{r['version']}" if r["available"] else f"not available: {r['reason']}"
+                print(f"{r['name']:<12} {state}")
+        if not args.model:
+            return 0
+    if not args.model:
+        print("tugboat info: error: give a model (file or demo:NAME), or --runtimes", file=sys.stderr)
+        return EXIT_USAGE
     info = model_info(args.model, trust=args.trust, arch=args.arch, input_shape=args.input_shape,
                       data=args.data, task=args.task)
     if args.json:
@@ -307,12 +336,41 @@ def format_summary(report: dict[str, Any]) -> str:
             f"{(f'{acc * 100:.2f}%' if acc is not None else '-'):>8} "
             f"{(f'{agree:.3f}' if agree is not None else '-'):>6}"
             + (" *" if name in pareto else ""))
+        out += format_runtimes(m, width)
         for w in warns:
             out.append(f"{'':<{width}}  ! {w}")
     lat = report["baseline"]["metrics"].get("latency_ms") or {}
     out.append(f"latency: median at batch {lat.get('batch')}, {lat.get('threads')} threads, "
                f"{lat.get('runtime')}; * = on the Pareto front")
     return "\n".join(out)
+
+
+def cmd_export(args) -> int:
+    from .engine.progress import Progress
+    from .engine.targets import describe, export_from_folder
+
+    bar = TerminalProgress(enabled=not args.quiet)
+    try:
+        result = export_from_folder(args.dir, args.variant, args.to, args.out, Progress(bar), batch=args.batch)
+    finally:
+        bar.close()
+    print(describe(result) + f" ({result['checked_on']})")
+    return 0
+
+
+def format_runtimes(m: dict[str, Any], width: int) -> list[str]:
+    """One line per runtime a variant was measured in (``[measure] runtime = [...]``)."""
+    out = []
+    for name, r in (m.get("runtimes") or {}).items():
+        if not r.get("ok"):
+            out.append(f"{'':<{width}}  {name}: {r.get('reason') or 'not measured'}")
+            continue
+        lat, fid = r.get("latency_ms") or {}, r.get("fidelity") or {}
+        agree = fid.get("top1_agreement")
+        out.append(f"{'':<{width}}  {name} {r.get('version')}: {_fmt_ms(lat.get('median'))} ms at batch "
+                   f"{lat.get('batch')}, agreement {agree if agree is None else f'{agree:.3f}'}, "
+                   f"rel. error {fid.get('rel_error', 0):.3g}")
+    return out
 
 
 def cmd_sweep(args) -> int:

@@ -65,5 +65,13 @@ class NumericalError(TugboatError):
     """A model produced NaN or Inf outputs."""
 
 
+class RuntimeUnsupportedError(TugboatError):
+    """A runtime cannot run (or export) this variant; the message says why, in one line."""
+
+
+class ExportCheckError(TugboatError):
+    """An exported file does not load in its runtime or does not reproduce the variant's outputs."""
+
+
 class Cancelled(Exception):  # noqa: N818 - reads better at call sites than CancelledError
     """Raised inside a job when the user asked it to stop."""

@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,9 @@ class MeasureConfig:
     max_seconds: float = 2.0
     also_batch1: bool = True  # also time batch 1 (interactive use)
     both_runtimes: bool = True  # also time the other runtime when the variant can run there
+    # every runtime to measure in (engine/runtimes: latency, fidelity, version per runtime under
+    # metrics["runtimes"]); ``runtime`` is the first, whose latency is ``latency_ms``
+    runtimes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.threads:
@@ -585,7 +588,18 @@ def measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
     Errors about the model name its file; a user's ONNX file that ONNX Runtime refuses to run is
     a :class:`ModelLoadError` (a problem with the input), not a crash."""
     try:
-        return _measure(handle, data, cfg, reference=reference, progress=progress, artifact=artifact)
+        cfg = cfg or MeasureConfig()
+        extra = requested_runtimes(cfg)
+        if not extra:
+            return _measure(handle, data, cfg, reference=reference, progress=progress, artifact=artifact)
+        # ONNX Runtime / torch measure everything else; each requested runtime adds its own entry
+        core = cfg if cfg.runtime in RUNTIMES else replace(cfg, runtime="onnxruntime")
+        progress = progress or null_progress()
+        metrics, outputs = _measure(handle, data, core, reference=reference, progress=progress.sub(0.0, 0.6),
+                                    artifact=artifact)
+        add_runtimes(metrics, handle, data, cfg, extra, reference if reference is not None else outputs,
+                     progress.sub(0.6, 1.0))
+        return metrics, outputs
     except TugboatError as exc:
         if exc.path is None:
             exc.path = handle.source
@@ -596,6 +610,31 @@ def measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
             raise ModelLoadError(f"ONNX Runtime cannot run this graph ({' '.join(str(exc).split())[:200]})",
                                  path=handle.source) from None
         raise
+
+
+def requested_runtimes(cfg: MeasureConfig) -> list[str]:
+    """The runtimes measured one by one (empty: only the ONNX Runtime / torch timing above)."""
+    names = list(dict.fromkeys([cfg.runtime, *cfg.runtimes]))
+    return names if len(names) > 1 or names[0] not in RUNTIMES else []
+
+
+def add_runtimes(metrics: dict[str, Any], handle: ModelHandle, data, cfg: MeasureConfig, names: list[str],
+                 reference: list[np.ndarray] | None, progress: Progress | None = None) -> None:
+    """``metrics["runtimes"]``: latency, fidelity and version per runtime; ``latency_ms`` is the first
+    runtime's when it could run the variant (else it stays ONNX Runtime's, and says so)."""
+    from .runtimes import measure_runtimes
+
+    per = measure_runtimes(handle, cfg, names, data=data, reference=reference, progress=progress)
+    metrics["runtimes"] = per
+    first = per.get(cfg.runtime) or {}
+    if first.get("ok") and first.get("latency_ms"):
+        lat = dict(first["latency_ms"])
+        if cfg.runtime in RUNTIMES and metrics.get("latency_ms", {}).get("runtime") == cfg.runtime:
+            return  # ONNX Runtime / torch: keep the main timing (paired, with warm-up statistics)
+        metrics["latency_ms"] = lat
+    elif cfg.runtime not in RUNTIMES:
+        metrics["latency_ms"]["note"] = (f"measured in onnxruntime: "
+                                         f"{first.get('reason') or cfg.runtime + ' did not run'}")
 
 
 def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,

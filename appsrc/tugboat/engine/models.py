@@ -141,6 +141,9 @@ class ModelHandle:
     # the ONNX graph that stands for ``module`` when the module itself cannot be exported (e.g.
     # torch dynamic int8 Linear layers); unlike ``onnx_model`` the torch module stays measurable
     deploy_onnx: onnx.ModelProto | None = None
+    # the float module an ONNX Runtime int8 variant was quantized from: ExecuTorch quantizes it again
+    # with the XNNPACK quantizer (engine/runtimes/executorch_runtime.py); in memory only
+    float_module: nn.Module | None = None
 
     @property
     def has_torch(self) -> bool:

@@ -792,6 +792,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     else:
         out = handle.derive(module=None, onnx_model=q, step=step)
         out.conversion_error = f"quantized with {method} for ONNX Runtime (no torch module)"
+        out.float_module = (source if method == "qat-int8" else handle).module
     out.info.setdefault("quantize", {})
     out.info["quantize"] = info
     for key in ("kept_float", "sensitivity"):

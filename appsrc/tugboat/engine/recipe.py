@@ -25,14 +25,15 @@ from . import steps as step_registry
 from .data import Dataset, load_data
 from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
 from .guards import check_outputs, describe_step, non_finite, probe_inputs, probe_outputs
-from .measure import RUNTIMES, MeasureConfig, measure, slower_than
+from .measure import MeasureConfig, measure, slower_than
 from .models import ModelHandle, load_model
 from .progress import Progress, null_progress
+from .runtimes import RUNTIME_NAMES
 from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
                   "input_shape", "search", "task"}
-MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIMES, "warmup": (0, 1000),
+MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIME_NAMES, "warmup": (0, 1000),
                 "min_runs": (1, 100000), "min_seconds": (0.0, 600.0), "max_seconds": (0.01, 3600.0),
                 "also_batch1": bool, "both_runtimes": bool}
 
@@ -71,7 +72,9 @@ class Recipe:
             d["task"] = self.task
         d["steps"] = [dict(s) for s in self.steps]
         m = self.measure
-        d["measure"] = {"batch": m.batch, "threads": m.threads, "runtime": m.runtime}
+        d["measure"] = {"batch": m.batch, "threads": m.threads,
+                        "runtime": [m.runtime, *[r for r in m.runtimes if r != m.runtime]] if m.runtimes
+                        else m.runtime}
         if self.sweep:
             d["sweep"] = dict(self.sweep)
         if self.target:
@@ -201,6 +204,20 @@ def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
         if rule is bool:
             if not isinstance(value, bool):
                 raise RecipeError(f"'measure.{key}' must be true or false", path=where)
+        elif key == "runtime":
+            names = [value] if isinstance(value, str) else value
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise RecipeError("'measure.runtime' must be a runtime name or a list of them "
+                                  f"({', '.join(rule)}), got {value!r}", path=where)
+            for name in names:
+                if name not in rule:
+                    raise RecipeError(f"'measure.runtime' must be one of {', '.join(rule)}, got {name!r}"
+                                      + _closest(name, rule), path=where)
+            names = list(dict.fromkeys(names))
+            kwargs["runtime"] = names[0]
+            if len(names) > 1:
+                kwargs["runtimes"] = names
+            continue
         elif isinstance(rule, tuple) and isinstance(rule[0], str):
             if value not in rule:
                 raise RecipeError(f"'measure.{key}' must be one of {', '.join(rule)}, got {value!r}"
