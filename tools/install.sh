@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Install Tugboat into ./.venv on a fresh Debian/Ubuntu machine (Python 3.11).
 #   bash tools/install.sh          the app
-#   bash tools/install.sh --test   the app and the test tools
+#   bash tools/install.sh --test   the app, the test tools and the OpenVINO runtime (tests use it)
+#   bash tools/install.sh --test --executorch   also ExecuTorch (about 1 min and 270 MB more; its
+#                                  tests skip without it)
 # Order matters: the CPU build of torch first (any other torch spec pulls a multi-GB CUDA build),
 # then the project, then onnx2torch without its torchvision requirement (see pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-[ "${1:-}" = "--test" ] && extra="[test]"
+[ "${1:-}" = "--test" ] && extra="[test,openvino]"
+[ "${1:-}" = "--test" ] && [ "${2:-}" = "--executorch" ] && extra="[test,openvino,executorch]"
 
 # the system libraries Qt needs (offscreen and on a desktop); only installed when missing
 qt_libs="libegl1 libgl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3 fonts-dejavu-core

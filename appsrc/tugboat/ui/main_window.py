@@ -386,6 +386,7 @@ class MainWindow(QMainWindow):
         s.baseline_ready.connect(self._on_baseline_ready)
         s.trust_needed.connect(self._on_trust_needed)
         s.error.connect(lambda msg, det: self.notify(msg, det))
+        s.message.connect(lambda msg: self.notify(msg, "", "info", 10000))
         s.variant_finished.connect(self._on_variant_finished)
         self.queue.job_added.connect(self._on_job_added)
         self.empty_state.open_requested.connect(self.open_model_dialog)
@@ -400,6 +401,7 @@ class MainWindow(QMainWindow):
         t = self.results_table
         t.export_requested.connect(self.export_dialog)
         t.rerun_requested.connect(self.session.rerun)
+        t.remeasure_in_requested.connect(self.session.remeasure_in)
         t.delete_requested.connect(self.delete_variant)
         t.show_recipe_requested.connect(self.show_recipe)
         t.continue_requested.connect(self.session.continue_from)
@@ -671,7 +673,8 @@ class MainWindow(QMainWindow):
         if not name:
             self.notify("Select a variant in the results table to export it.", "", "info", 6000)
             return
-        suffix = {"onnx": ".onnx", "torch": ".pt2", "recipe": ".toml"}[kind]
+        suffix = {"onnx": ".onnx", "torch": ".pt2", "recipe": ".toml", "ort": ".ort", "pte": ".pte",
+                  "openvino": ".xml"}[kind]
         default = f"{name.replace(' ', '_')}{suffix}"
         path = self.ask_save_path(f"Export {name}", default, f"*{suffix}")
         if path:

@@ -224,8 +224,8 @@ class DataPanel(QWidget):
         self.threads.setSpecialValueText("default")
         self.threads.setToolTip("Runtime threads while timing (0: the default, up to 2)")
         self.runtime = QComboBox()
-        self.runtime.addItems(["onnxruntime", "torch"])
-        self.runtime.setToolTip("Runtime the latency is measured in")
+        self.runtime.setToolTip("Runtime the latency is measured in (tugboat info --runtimes lists them)")
+        self._fill_runtimes()
         mform.addRow("Batch", self.batch)
         mform.addRow("Threads", self.threads)
         mform.addRow("Runtime", self.runtime)
@@ -234,14 +234,27 @@ class DataPanel(QWidget):
         self.apply_button.setToolTip("Measure the original model again with these settings "
                                      "(clears the variants measured with the old ones)")
         self.apply_button.clicked.connect(lambda: self.measure_changed.emit(
-            self.batch.value(), self.threads.value(), self.runtime.currentText()))
+            self.batch.value(), self.threads.value(), self.runtime.currentData() or "onnxruntime"))
         lay.addWidget(self.apply_button)
         lay.addStretch(1)
+
+    def _fill_runtimes(self) -> None:
+        """Every runtime; one whose extra is not installed is shown disabled with the install command."""
+        from ..engine.runtimes import list_runtimes
+
+        for i, r in enumerate(list_runtimes()):
+            self.runtime.addItem(r["name"] if r["available"] else f"{r['name']} (not installed)", r["name"])
+            item = self.runtime.model().item(i)
+            item.setToolTip(r.get("version") or r.get("reason", ""))
+            if not r["available"]:
+                item.setEnabled(False)
 
     def set_measure(self, batch: int, threads: int, runtime: str) -> None:
         self.batch.setValue(batch)
         self.threads.setValue(threads)
-        self.runtime.setCurrentText(runtime)
+        index = self.runtime.findData(runtime)
+        if index >= 0:
+            self.runtime.setCurrentIndex(index)
 
     def show_loading(self, ref: str) -> None:
         self.fields["Data"].setText(f"{ref} (loading...)" if ref else "none")

@@ -199,11 +199,24 @@ class _Proxy(QSortFilterProxyModel):
             return str(a) < str(b)
 
 
+TARGET_ACTIONS = (("ort", "ONNX Runtime Mobile (.ort)...", "onnxruntime"),
+                  ("pte", "ExecuTorch, XNNPACK (.pte)...", "executorch"),
+                  ("openvino", "OpenVINO IR (.xml)...", "openvino"))
+
+
+def runtime_choices() -> dict[str, tuple[bool, str]]:
+    """Runtime -> (installed, tooltip: its version, or why not and the install command)."""
+    from ..engine.runtimes import list_runtimes
+
+    return {r["name"]: (r["available"], r.get("version") or r.get("reason", "")) for r in list_runtimes()}
+
+
 class ResultsTable(QTableView):
     """Signals carry a variant name: the window runs the action (jobs, dialogs)."""
 
     export_requested = Signal(str, str)  # name, kind: onnx | torch | recipe
     rerun_requested = Signal(str)
+    remeasure_in_requested = Signal(str, str)  # name, runtime (engine/runtimes)
     delete_requested = Signal(str)
     show_recipe_requested = Signal(str)
     continue_requested = Signal(str)
@@ -319,6 +332,24 @@ class ResultsTable(QTableView):
             act.setEnabled(has_model or kind == "recipe")
             act.triggered.connect(lambda _=False, k=kind: self.export_requested.emit(name, k))
             menu.addAction(act)
+        runtimes = runtime_choices()
+        targets = menu.addMenu("Export for runtime")
+        for kind, text, runtime in TARGET_ACTIONS:
+            act = QAction(text, targets)
+            ok, why = runtimes[runtime]
+            act.setEnabled(has_model and ok)
+            act.setToolTip(why)
+            act.triggered.connect(lambda _=False, k=kind: self.export_requested.emit(name, k))
+            targets.addAction(act)
+        targets.setToolTipsVisible(True)
+        again = menu.addMenu("Re-measure in")
+        for runtime, (ok, why) in runtimes.items():
+            act = QAction(runtime if ok else f"{runtime} (not installed)", again)
+            act.setEnabled(has_model and ok)
+            act.setToolTip(why)
+            act.triggered.connect(lambda _=False, r=runtime: self.remeasure_in_requested.emit(name, r))
+            again.addAction(act)
+        again.setToolTipsVisible(True)
         menu.addSeparator()
         for text, signal, enabled in (
             ("Continue chain from here", self.continue_requested, has_model),

@@ -41,6 +41,7 @@ class Session(QObject):
     sweep_changed = Signal(list)
     error = Signal(str, str)  # message, details (non-job errors, e.g. invalid chain)
     variant_finished = Signal(object)  # Variant added to the store
+    message = Signal(str)  # information for the user (e.g. a re-measure in another runtime)
 
     def __init__(self, store: VariantStore, queue: JobQueue, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -214,6 +215,57 @@ class Session(QObject):
             return None
         return self.run_recipe(self.base_recipe().with_steps(list(v.recipe.get("steps", []))))
 
+    def _export_target(self, name: str, kind: str, path: str, handle, source: str | None) -> Job | None:
+        """Export for a runtime (engine/targets): reloaded and compared there, atomic, cancellable;
+        the check (max-abs error, top-1 agreement) goes to the log."""
+        base = self.baseline
+        data, batch = (base.data if base is not None else None), int(self.measure.batch)
+
+        def work(progress):
+            from ..engine.models import load_model
+            from ..engine.targets import describe, export_target
+
+            model = handle if handle is not None else load_model(source)
+            result = export_target(model, kind, path, progress, data=data, batch=batch)
+            progress.record("log", message=describe(result))
+            return result["files"][0]
+
+        return self.queue.submit(work, name=f"export {name} ({kind})", kind="export")
+
+    def remeasure_in(self, name: str, runtime: str) -> Job | None:
+        """Measure a variant again in ``runtime`` (latency, fidelity to the original, version); the
+        result joins its ``metrics["runtimes"]``. A runtime that cannot run it records why."""
+        v, base = self.store.get(name), self.baseline
+        if v is None or base is None:
+            return None
+        if v.handle is None:
+            self.error.emit(f"Variant {name!r} has no model in memory; re-run it first.", "")
+            return None
+        handle, cfg = v.handle, self.measure
+
+        def work(progress):
+            from ..engine.runtimes import measure_runtimes
+
+            return measure_runtimes(handle, cfg, [runtime], data=base.data, reference=base.outputs,
+                                    progress=progress)
+
+        job = self.queue.submit(work, name=f"measure {name} in {runtime}", kind="measure")
+        job.finished.connect(lambda per, n=name, b=base: self._on_remeasured_in(n, per, b))
+        return job
+
+    def _on_remeasured_in(self, name: str, per: dict[str, Any], base: Baseline) -> None:
+        v = self.store.get(name)
+        if v is None or base is not self.baseline:  # deleted, or another model since
+            return
+        v.metrics.setdefault("runtimes", {}).update(per)
+        for runtime, entry in per.items():
+            lat = entry.get("latency_ms") or {}
+            text = (f"{name} in {runtime} {entry.get('version')}: {lat.get('median', 0):.3g} ms at batch "
+                    f"{lat.get('batch')}, top-1 agreement {entry['fidelity'].get('top1_agreement')}"
+                    if entry.get("ok") else f"{name}: {entry.get('reason')}")
+            self.message.emit(text)
+        self.store.update(v)
+
     # --- sweep ----------------------------------------------------------------------------------
     def add_to_sweep(self, step: dict[str, Any]) -> None:
         steps = [*self.chain, dict(step)]
@@ -288,6 +340,9 @@ class Session(QObject):
         if kind == "torch" and handle is not None and handle.module is None:
             self.error.emit(f"Variant {name!r} exists only as ONNX; export it as ONNX.", "")
             return None
+
+        if kind in ("ort", "pte", "openvino"):
+            return self._export_target(name, kind, path, handle, source)
 
         def work(progress):
             # atomic and cancellable: a cancelled export leaves the old file (or none), never a part
