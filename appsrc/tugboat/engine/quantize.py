@@ -544,12 +544,12 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
     import torch
     import torch.nn.functional as F
     from torch import nn
-    from torch.ao.quantization import FakeQuantize
-    from torch.ao.quantization.observer import (
-        MovingAverageMinMaxObserver,
-        MovingAveragePerChannelMinMaxObserver,
-    )
     from torch.nn.utils import parametrize
+
+    qat = _fake_quant_api()
+    FakeQuantize = qat.FakeQuantize  # noqa: N806 - the library's class names
+    MovingAverageMinMaxObserver = qat.MovingAverageMinMaxObserver  # noqa: N806
+    MovingAveragePerChannelMinMaxObserver = qat.MovingAveragePerChannelMinMaxObserver  # noqa: N806
 
     if data is None:
         raise DataError("quantize qat-int8 fine-tunes on data; give a dataset (recipe 'data = ...')")
@@ -639,7 +639,7 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
     for epoch in range(epochs):
         module.train()  # batch-norm is folded: train() only matters for dropout and observers
         if epoch == epochs - 1 and epochs > 1:
-            module.apply(torch.ao.quantization.disable_observer)  # settle the ranges
+            module.apply(qat.disable_observer)  # settle the ranges
         total = 0.0
         for b, (xs, ys, _) in enumerate(data.batches("train", batch, names=handle.input_names,
                                                      shuffle=True, seed=epoch)):
@@ -667,11 +667,31 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
     return module.eval(), summary
 
 
+def _fake_quant_api():
+    """FakeQuantize, the moving-average observers and ``disable_observer``: from torchao's pt2e
+    package (where torch.ao.quantization moved; it is deprecated upstream), or from torch.ao when
+    torchao is not installed."""
+    import os
+
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # its CUDA-only extensions
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # import-time notices of its dependencies
+            import torchao.quantization.pt2e as api
+    except ImportError:
+        import torch.ao.quantization as api
+    return api
+
+
 def _fold_batchnorm(module):
     """Fold BatchNorm into the preceding conv (as the ONNX export does) so the fake-quantized
     weights during training are the weights that will be quantized."""
     try:
-        from torch.fx.experimental.optimization import fuse
+        with warnings.catch_warnings():
+            # importing it scripts helpers with torch.jit.script_method, deprecated in torch 2.13:
+            # torch's own use, not ours, but it would fill every QAT run's log
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.fx.experimental.optimization import fuse
 
         return fuse(module)
     except Exception as exc:  # not fx-traceable: train with batch-norm in place
@@ -682,7 +702,12 @@ def _fold_batchnorm(module):
 # --- torch-side dynamic int8 -------------------------------------------------------------------
 
 def torch_dynamic_int8(module, exclude: list[str]):
-    """``torch.ao.quantization.quantize_dynamic`` on Linear layers (minus ``exclude``)."""
+    """``torch.ao.quantization.quantize_dynamic`` on Linear layers (minus ``exclude``).
+
+    Still torch.ao (its deprecation warning silenced): torchao's replacement
+    (``quantize_(Int8DynamicActivationInt8WeightConfig())``) runs 8x slower than float in torch
+    eager on this CPU (it is fast only under ``torch.compile``) and its tensor subclasses cannot be
+    saved as TorchScript, so it does not cover what this method promises (docs/targets/torch.md)."""
     import torch
     from torch import nn
 
