@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = ("info", "run", "sweep", "report")
+COMMANDS = ("info", "run", "sweep", "export", "report")
 _VALUE_OPTIONS = ("--workspace", "--quit-after", "--open")
 
 
