@@ -47,8 +47,9 @@ def source_module(handle):
     if method and float_module is not None:
         return float_module, method
     if method:
-        raise RuntimeUnsupportedError(f"needs the float torch module this {method} variant was made from; "
-                        "re-run the variant in this session (a variant reopened from disk has only its ONNX)")
+        raise RuntimeUnsupportedError(
+            f"needs the float torch module this {method} variant was made from: the original has none "
+            f"({handle.conversion_error or 'ONNX only'}), or the variant was reopened from disk (re-run it)")
     raise RuntimeUnsupportedError(f"no torch module: {handle.conversion_error or 'the model exists only as ONNX'}")
 
 
