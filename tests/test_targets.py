@@ -159,3 +159,25 @@ def test_cli_export_from_a_run_folder(tmp_path, capsys):
     assert main(["export", str(out), "nope", "--to", "onnx", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no variant named 'nope'" in err and str(out) in err and len(err.splitlines()) == 1
+
+
+def test_report_shows_runtimes_and_refuses_a_malformed_entry(tmp_path, capsys):
+    import json
+
+    from tugboat.cli import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "demo:digits-mlp"\ndata = "demo:digits"\n[measure]\nbatch = 8\nmin_runs = 3\n'
+                      'min_seconds = 0.01\nmax_seconds = 0.2\nalso_batch1 = false\nboth_runtimes = false\n'
+                      'runtime = ["onnxruntime", "torch"]\n')
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime 1." in printed and "torch 2." in printed and "agreement 1.000" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["baseline"]["metrics"]["runtimes"]) == {"onnxruntime", "torch"}
+    report["baseline"]["metrics"]["runtimes"]["torch"] = ["not", "an", "object"]
+    (out / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runtimes.torch" in err and "must be an object" in err and len(err.splitlines()) == 1

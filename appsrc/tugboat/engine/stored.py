@@ -322,6 +322,17 @@ def check_metrics(c: Checker, value: Any, key: str) -> dict[str, Any]:
     fid = c.obj(m.get("fidelity"), f"{key}.fidelity", optional=True)
     for name, v in fid.items():
         c.number(v, f"{key}.fidelity.{name}")
+    # per-runtime measurements (engine/runtimes): read by the CLI summary and the window
+    for runtime, entry in c.obj(m.get("runtimes"), f"{key}.runtimes", optional=True).items():
+        where = f"{key}.runtimes.{runtime}"
+        e = c.obj(entry, where)
+        for name in ("version", "reason", "install"):
+            c.text(e.get(name), f"{where}.{name}", optional=True)
+        lat = c.obj(e.get("latency_ms"), f"{where}.latency_ms", optional=True)
+        for name in ("median", "p90", "batch", "threads"):
+            c.number(lat.get(name), f"{where}.latency_ms.{name}")
+        for name, v in c.obj(e.get("fidelity"), f"{where}.fidelity", optional=True).items():
+            c.number(v, f"{where}.fidelity.{name}")
     return m
 
 
