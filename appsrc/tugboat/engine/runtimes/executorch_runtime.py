@@ -80,8 +80,13 @@ def lower(handle, batch: int, data=None, progress=None) -> tuple[bytes, dict]:
     import warnings
 
     import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+
+    with warnings.catch_warnings():
+        # ExecuTorch's own import-time notices (importlib.resources, torch.jit.script_method,
+        # "experimental API"): not ours to fix, and they would fill every log
+        warnings.simplefilter("ignore")
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
 
     from ..models import eval_mode
 
@@ -124,9 +129,13 @@ def lower(handle, batch: int, data=None, progress=None) -> tuple[bytes, dict]:
 
 def load(buffer: bytes):
     """The program's ``forward`` method in ExecuTorch's runtime."""
-    from executorch.runtime import Runtime
+    import warnings
 
-    return Runtime.get().load_program(buffer).load_method("forward")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "This API is experimental" on first import
+        from executorch.runtime import Runtime
+
+        return Runtime.get().load_program(buffer).load_method("forward")
 
 
 class Runner:
@@ -158,8 +167,10 @@ def prepare(handle, *, batch: int, threads: int, data=None, progress=None) -> Ru
 def _set_threads(threads: int) -> None:
     """XNNPACK's thread pool size (process-wide in ExecuTorch's Python bindings)."""
     import contextlib
+    import warnings
 
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "This API is experimental" on first import
         from executorch.extension.pybindings import portable_lib
 
         portable_lib._unsafe_reset_threadpool(max(1, int(threads)))
