@@ -17,7 +17,6 @@ never fails because one runtime cannot run it: that runtime's entry says why.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import replace
 from typing import Any
@@ -29,8 +28,6 @@ from ..errors import Cancelled, TugboatError
 RUNTIME_NAMES = ("onnxruntime", "torch", "openvino", "executorch")
 CORE = ("onnxruntime", "torch")  # installed with Tugboat itself
 EXTRAS = {"openvino": "openvino", "executorch": "executorch"}  # runtime -> pip extra of tugboat-ml
-_MODULES = {"onnxruntime": "ort_runtime", "torch": "torch_runtime", "openvino": "openvino_runtime",
-            "executorch": "executorch_runtime"}
 FIDELITY_SAMPLES = 256  # test samples each runtime's outputs are compared on
 
 
@@ -39,10 +36,19 @@ def install_command(name: str) -> str:
 
 
 def module(name: str):
-    """The adapter module of runtime ``name`` (importing it imports nothing heavy)."""
-    if name not in _MODULES:
+    """The adapter module of runtime ``name`` (importing it imports nothing heavy). Plain imports,
+    not importlib, so PyInstaller sees and bundles every adapter."""
+    if name == "onnxruntime":
+        from . import ort_runtime as adapter
+    elif name == "torch":
+        from . import torch_runtime as adapter
+    elif name == "openvino":
+        from . import openvino_runtime as adapter
+    elif name == "executorch":
+        from . import executorch_runtime as adapter
+    else:
         raise TugboatError(f"unknown runtime {name!r}; valid: {', '.join(RUNTIME_NAMES)}")
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return adapter
 
 
 def availability(name: str) -> dict[str, Any]:
