@@ -453,7 +453,7 @@ def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: Prefix
             step_t0 = time.perf_counter()
             sub = progress.sub(0.7 * k / n, 0.7 * (k + 1) / n)
             handle = apply_steps(handle, [cand.steps[k]], base.data, sub, first_index=k,
-                                 trust=recipe.trust_steps)
+                                 trust=recipe.trust_steps, seed=recipe.seed)
             prefix_seconds += time.perf_counter() - step_t0
             if cache is not None and k + 1 < n and cache.wants(cand.steps, k + 1):
                 cache.store(cand.steps, k + 1, handle, prefix_seconds)
