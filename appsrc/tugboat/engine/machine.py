@@ -97,7 +97,15 @@ def _machine(cpuinfo_text: str | None) -> dict[str, Any]:
 
 
 def describe(info: dict[str, Any]) -> str:
-    """One line for a status bar: ``AMD EPYC, 2 cores, AVX-512 VNNI, 8.0 GB, onnxruntime 1.32.0``."""
+    """One line for a status bar: ``AMD EPYC, 2 cores, AVX-512 VNNI, 8.0 GB, onnxruntime 1.32.0``
+    (tolerant: ``info`` may come from a report file read back)."""
+    try:
+        return _describe(info)
+    except (TypeError, ValueError, AttributeError):
+        return "unknown machine"
+
+
+def _describe(info: dict[str, Any]) -> str:
     isa = info.get("isa") or {}
     features = [name for name, on in (("AVX2", isa.get("avx2") and not isa.get("avx512")),
                                       ("AVX-512", isa.get("avx512")), ("VNNI", isa.get("vnni")),

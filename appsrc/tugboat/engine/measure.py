@@ -729,6 +729,18 @@ def latency_paired(variant_run, base_run, inputs: list[np.ndarray], cfg: Measure
     return out
 
 
+def chosen_runtime(cfg: MeasureConfig, handle: ModelHandle) -> str:
+    """The user's runtime, or ONNX Runtime for a model that has no torch module to run."""
+    torch_ok = handle.module is not None and handle.onnx_model is None
+    return cfg.runtime if (cfg.runtime != "torch" or torch_ok) else "onnxruntime"
+
+
+def chosen_latency(lat: dict[str, dict[str, Any]], cfg: MeasureConfig, handle: ModelHandle) -> dict[str, Any]:
+    """The entry of :func:`latency_all`'s result for the user's runtime and batch."""
+    return lat.get(chosen_runtime(cfg, handle), {}).get(f"b{cfg.batch}") or next(
+        iter(next(iter(lat.values())).values()))
+
+
 def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
                 progress: Progress | None = None,
                 reference: TimingReference | None = None) -> dict[str, dict[str, Any]]:
@@ -742,7 +754,7 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
     if cfg.both_runtimes:
         runtimes += [r for r in RUNTIMES if r != cfg.runtime]
     torch_ok = handle.module is not None and handle.onnx_model is None
-    chosen = cfg.runtime if (cfg.runtime != "torch" or torch_ok) else "onnxruntime"
+    chosen = chosen_runtime(cfg, handle)
     if chosen not in runtimes:
         runtimes.insert(0, chosen)
     result: dict[str, dict[str, Any]] = {}
@@ -853,8 +865,7 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
         metrics["flops"] = onnx_flops(model, input_shapes=input_shapes(handle), samples=one_sample(handle, data))[0]
     except Exception:
         metrics["flops"] = None
-    runtime = cfg.runtime if (cfg.runtime != "torch" or (handle.module is not None and handle.onnx_model is None)) \
-        else "onnxruntime"
+    runtime = chosen_runtime(cfg, handle)
     outputs = None
     if data is not None:
         progress.update(0.1, "measuring quality")
@@ -866,8 +877,7 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
     progress.update(0.4, "measuring latency")
     samples = data.split("test", limit=cfg.batch)[0] if data is not None else None
     lat = latency_all(handle, cfg, samples, progress, reference=timing)
-    metrics["latency_ms"] = lat.get(runtime, {}).get(f"b{cfg.batch}") or next(
-        iter(next(iter(lat.values())).values()))
+    metrics["latency_ms"] = chosen_latency(lat, cfg, handle)
     metrics["latency"] = lat
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     progress.update(1.0, "measured")

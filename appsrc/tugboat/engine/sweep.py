@@ -569,6 +569,9 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
         ws.set_baseline(Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle))
     ws.recipe = recipe.to_dict()
     ws.meta["sweep"] = {"kind": the_plan.kind}
+    from .machine import machine_info
+
+    ws.meta["machine"] = machine_info()  # the machine this sweep's timings come from
     ws.save()
 
     result = SweepResult(ws, the_plan.kind)
