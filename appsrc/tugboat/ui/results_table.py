@@ -26,7 +26,7 @@ from ..engine.recipe import step_label
 from . import theme
 from .store import BASELINE, VariantStore
 
-COLUMNS = ("Variant", "Steps", "Size", "Deflated", "Params", "Latency", "Accuracy", "Agreement",
+COLUMNS = ("Variant", "Steps", "Size", "Deflated", "Params", "Latency", "Speed-up", "Accuracy", "Agreement",
            "Warnings")
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
@@ -43,6 +43,32 @@ def params_text(m: dict[str, Any]) -> str:
 def _latency(m: dict[str, Any]) -> float | None:
     lat = m.get("latency_ms") or {}
     return lat.get("median")
+
+
+def _speedup(m: dict[str, Any]) -> dict[str, Any]:
+    return (m.get("latency_ms") or {}).get("speedup") or {}
+
+
+def speedup_text(m: dict[str, Any]) -> str:
+    """``1.84x (1.79-1.90)``: the paired speed-up and its 95% interval; ``?`` marks a noisy timing."""
+    sp = _speedup(m)
+    if not sp:
+        return "-"
+    return f"{sp['median']:.2f}x ({sp['low']:.2f}-{sp['high']:.2f})" + (" ?" if sp.get("noisy") else "")
+
+
+def speedup_tooltip(m: dict[str, Any]) -> str:
+    sp, lat = _speedup(m), m.get("latency_ms") or {}
+    if not sp:
+        return "not timed beside the original (the original itself, or an older result)"
+    lines = [f"speed-up {sp['median']:.3f}x, 95% interval {sp['low']:.3f}-{sp['high']:.3f}x",
+             f"{lat.get('median', 0):.3g} ms vs the original's {sp.get('baseline_median', 0):.3g} ms, "
+             f"timed in alternating blocks ({sp.get('blocks')} blocks) in {lat.get('runtime')} at batch "
+             f"{lat.get('batch')}, {lat.get('threads')} thread(s)",
+             f"spread (p90/median) {lat.get('spread', 0):.2f}; machine load {lat.get('load')}"]
+    if sp.get("noisy"):
+        lines.append("noisy: the machine was busy; right-click > Re-measure")
+    return "\n".join(lines)
 
 
 class ResultsModel(QAbstractTableModel):
@@ -124,6 +150,8 @@ class ResultsModel(QAbstractTableModel):
         if role == SORT_ROLE:
             return self._sort_key(v, col, m)
         if role == Qt.ItemDataRole.ToolTipRole:
+            if col == "Speed-up":
+                return speedup_tooltip(m)
             if col == "Params" and m.get("params") is not None:
                 return params_text(m)
             return self.warnings_text(v) or None
@@ -143,6 +171,7 @@ class ResultsModel(QAbstractTableModel):
     def warnings_text(v) -> str:
         """Every warning (and the error) in full, one per line: the cell's tooltip."""
         notes = ([f"{v.status}: {v.error}"] if v.error else []) + [f"⚠ {w}" for w in v.warnings]
+        notes += [f"ⓘ {n}" for n in (v.info or {}).get("notes") or []]
         return "\n".join(notes)
 
     @staticmethod
@@ -172,6 +201,8 @@ class ResultsModel(QAbstractTableModel):
         if col == "Latency":
             lat = _latency(m)
             return f"{lat:.3f} ms" if lat is not None else "-"
+        if col == "Speed-up":
+            return speedup_text(m) if v.name != BASELINE else "1x"
         if col == "Accuracy":
             acc = m.get("accuracy")
             return f"{acc * 100:.2f}%" if acc is not None else "-"
@@ -185,6 +216,7 @@ class ResultsModel(QAbstractTableModel):
             return self._display(v, col, m).lower()
         value = {"Size": m.get("size_bytes"), "Deflated": m.get("compressed_bytes"),
                  "Params": m.get("params"), "Latency": _latency(m),
+                 "Speed-up": -(_speedup(m).get("median") or (1.0 if v.name == BASELINE else 0.0)),
                  "Accuracy": m.get("accuracy"),
                  "Agreement": (m.get("fidelity") or {}).get("top1_agreement")}.get(col)
         return float(value) if value is not None else float("inf")
@@ -204,6 +236,7 @@ class ResultsTable(QTableView):
 
     export_requested = Signal(str, str)  # name, kind: onnx | torch | recipe
     rerun_requested = Signal(str)
+    remeasure_requested = Signal(list)  # names: time again beside the original
     delete_requested = Signal(str)
     show_recipe_requested = Signal(str)
     continue_requested = Signal(str)
@@ -219,7 +252,8 @@ class ResultsTable(QTableView):
         self.setSortingEnabled(True)
         self.sortByColumn(-1, Qt.SortOrder.AscendingOrder)
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        # several rows can be selected for Re-measure; the store follows the current one
+        self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.setAlternatingRowColors(True)
         self.setWordWrap(False)
@@ -232,7 +266,7 @@ class ResultsTable(QTableView):
         # is cut off: the table scrolls sideways instead; the tooltip holds the same text
         header.setStretchLastSection(False)
         header.setTextElideMode(Qt.TextElideMode.ElideNone)
-        for col, width in enumerate((170, 150, 66, 68, 104, 76, 70, 76)):
+        for col, width in enumerate((170, 150, 66, 68, 104, 76, 120, 70, 76)):
             self.setColumnWidth(col, width)
         m = self.results_model
         for sig in (m.rowsInserted, m.rowsRemoved, m.modelReset, m.dataChanged):
@@ -279,10 +313,17 @@ class ResultsTable(QTableView):
         return self.results_model.name_at(self.proxy.mapToSource(self.proxy.index(view_row, 0)).row())
 
     def selected_name(self) -> str | None:
+        current = self.currentIndex()
         rows = self.selectionModel().selectedRows()
+        if current.isValid() and any(r.row() == current.row() for r in rows):
+            return self.results_model.name_at(self.proxy.mapToSource(current).row())
         if not rows:
             return None
         return self.results_model.name_at(self.proxy.mapToSource(rows[0]).row())
+
+    def selected_names(self) -> list[str]:
+        rows = sorted(r.row() for r in self.selectionModel().selectedRows())
+        return [self.name_at_row(r) for r in rows]
 
     def _on_selection_changed(self, *_a) -> None:
         if self._syncing:
@@ -320,6 +361,16 @@ class ResultsTable(QTableView):
             act.triggered.connect(lambda _=False, k=kind: self.export_requested.emit(name, k))
             menu.addAction(act)
         menu.addSeparator()
+        chosen = [n for n in self.selected_names() if n != BASELINE] if name in self.selected_names() else []
+        chosen = chosen or ([name] if name != BASELINE else [])
+        timed = [n for n in chosen if (self.store.get(n) is not None and self.store.get(n).status == "ok")]
+        label = "Re-measure" if len(timed) <= 1 else f"Re-measure {len(timed)} variants"
+        act = QAction(label, menu)
+        act.setObjectName("remeasure_action")
+        act.setToolTip("time the original and these variants again, back to back")
+        act.setEnabled(bool(timed))
+        act.triggered.connect(lambda _=False, names=timed: self.remeasure_requested.emit(list(names)))
+        menu.addAction(act)
         for text, signal, enabled in (
             ("Continue chain from here", self.continue_requested, has_model),
             ("Re-run", self.rerun_requested, name != BASELINE),
@@ -337,5 +388,6 @@ class ResultsTable(QTableView):
         if not index.isValid():
             return
         name = self.results_model.name_at(self.proxy.mapToSource(index).row())
-        self.store.select(name)
+        if name not in self.selected_names():
+            self.store.select(name)
         self.build_menu(name).popup(self.viewport().mapToGlobal(pos))
