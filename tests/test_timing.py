@@ -221,3 +221,22 @@ def test_seed_is_validated():
         _recipe(seed=-1)
     with pytest.raises(RecipeError, match="'seed'"):
         _recipe(seed="x")
+
+
+def test_fewer_flops_but_no_speed_up_is_a_warning_with_a_cause():
+    from tugboat.engine.measure import flops_promise
+
+    base = {"flops": 1_000_000}
+    sp = {"median": 0.98, "low": 0.95, "high": 1.02, "blocks": 8, "noisy": False}
+    variant = {"flops": 450_000, "latency_ms": {"speedup": sp}}
+    odd = [{"technique": "prune", "method": "structured", "ratio": 0.5, "round_to": 0}]
+    warning = flops_promise(variant, base, odd)
+    assert len(warning) == 1 and "2.22x fewer FLOPs" in warning[0] and "round_to = 16" in warning[0]
+    assert is_timing_warning(warning[0])  # replaced on re-measure
+    rounded = [{**odd[0], "round_to": 16}]
+    assert "round_to" not in flops_promise(variant, base, rounded)[0]
+    faster = {"flops": 450_000, "latency_ms": {"speedup": {**sp, "median": 1.9, "low": 1.8, "high": 2.0}}}
+    assert flops_promise(faster, base, odd) == []
+    assert flops_promise({**variant, "flops": 900_000}, base, odd) == []  # no big FLOPs promise
+    noisy = {"flops": 450_000, "latency_ms": {"speedup": {**sp, "noisy": True}}}
+    assert flops_promise(noisy, base, odd) == []

@@ -478,11 +478,13 @@ def _all_nodes(graph: onnx.GraphProto):
 
 SLOWER_PREFIX = "slower than the original"
 NOISY_PREFIX = "timing too noisy: re-measure"
+FLOPS_PREFIX = "no faster than its FLOPs promise"
 
 
 def is_timing_warning(text: str) -> bool:
-    """Warnings :func:`slower_than` writes (replaced, not added to, when a variant is re-measured)."""
-    return text.startswith((SLOWER_PREFIX, NOISY_PREFIX))
+    """Warnings :func:`slower_than` and :func:`flops_promise` write (replaced, not added to, when a
+    variant is re-measured)."""
+    return text.startswith((SLOWER_PREFIX, NOISY_PREFIX, FLOPS_PREFIX))
 
 
 def machine_load() -> float | None:
@@ -909,6 +911,26 @@ def slower_than(variant: dict[str, Any], baseline: dict[str, Any] | None = None,
         busy = f"; machine load {load:.1f}" if load is not None else ""
         return [f"{NOISY_PREFIX} ({where}: {shown}{busy})"]
     return []
+
+
+def flops_promise(variant: dict[str, Any], baseline: dict[str, Any], steps: list[dict[str, Any]] | None = None,
+                  min_ratio: float = 1.25, tolerance: float = 1.05) -> list[str]:
+    """A warning when the variant has at least ``min_ratio`` x fewer FLOPs than the original but the
+    paired timing shows no speed-up (the whole interval below ``tolerance``): the usual cause is
+    channel counts the runtime's kernels handle slowly (not multiples of 8 or 16)."""
+    sp = (variant.get("latency_ms") or {}).get("speedup")
+    flops, base_flops = variant.get("flops"), baseline.get("flops")
+    if not sp or sp.get("noisy") or not flops or not base_flops:
+        return []
+    ratio = base_flops / flops
+    if ratio < min_ratio or sp["high"] >= tolerance:
+        return []
+    prunes = [s for s in steps or [] if s.get("technique") == "prune" and s.get("method") == "structured"]
+    hint = ""
+    if prunes and not all(s.get("round_to") for s in prunes):
+        hint = "; channel counts that are not multiples of 8 or 16 run on slow kernels: try round_to = 16"
+    return [f"{FLOPS_PREFIX}: {ratio:.2f}x fewer FLOPs than the original but a speed-up of "
+            f"{sp['median']:.2f}x (95% interval {sp['low']:.2f}-{sp['high']:.2f}x){hint}"]
 
 
 def timing_notes(variant: dict[str, Any], baseline: dict[str, Any], tolerance: float = 1.05) -> list[str]:

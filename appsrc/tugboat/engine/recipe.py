@@ -29,6 +29,7 @@ from .measure import (
     RUNTIMES,
     MeasureConfig,
     TimingReference,
+    flops_promise,
     is_timing_warning,
     measure,
     slower_than,
@@ -482,9 +483,11 @@ def judge_timing(variant: Variant, baseline_metrics: dict[str, Any]) -> None:
     from .machine import advice
 
     variant.warnings = [w for w in variant.warnings if not is_timing_warning(w)]
+    steps = list((variant.recipe or {}).get("steps") or [])
     variant.warnings += slower_than(variant.metrics, baseline_metrics)
+    variant.warnings += flops_promise(variant.metrics, baseline_metrics, steps)
     notes = timing_notes(variant.metrics, baseline_metrics)
-    notes += advice(list((variant.recipe or {}).get("steps") or []))
+    notes += advice(steps)
     if notes:
         variant.info["notes"] = notes
     else:
