@@ -191,6 +191,13 @@ def test_remeasure_cli_retimes_and_saves(tmp_path, capsys):
     assert report["remeasured"]["variants"] == [name] and report["machine"]["cpu"]
     record = json.loads((ws_path / after._folders[name] / "metrics.json").read_text())
     assert record["metrics"]["latency_ms"] == lat
+    # the HTML and CSV reports carry the interval and the machine too
+    assert main(["report", str(ws_path), "--csv", str(tmp_path / "t.csv"), "--html", str(tmp_path / "t.html")]) == 0
+    capsys.readouterr()
+    header, *lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert "speedup_low" in header and len(lines) == 3
+    html = (tmp_path / "t.html").read_text()
+    assert "speed-up [95%]" in html and "Measured on:" in html
     assert main(["remeasure", str(ws_path), "no-such-variant", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert str(ws_path) in err and "no-such-variant" in err and len(err.strip().splitlines()) == 1
