@@ -247,3 +247,21 @@ def test_fewer_flops_but_no_speed_up_is_a_warning_with_a_cause():
     assert flops_promise({**variant, "flops": 900_000}, base, odd) == []  # no big FLOPs promise
     noisy = {"flops": 450_000, "latency_ms": {"speedup": {**sp, "noisy": True}}}
     assert flops_promise(noisy, base, odd) == []
+
+
+def test_a_noisy_original_timing_is_flagged_and_cleared_by_remeasure():
+    from tugboat.engine.measure import own_timing_warnings
+    from tugboat.engine.recipe import Variant
+    from tugboat.engine.remeasure import remeasure
+
+    noisy = {"latency_ms": {"median": 13.7, "p90": 14.2 * 7, "spread": 7.1, "load": 3.5, "noisy": True}}
+    warning = own_timing_warnings(noisy)
+    assert len(warning) == 1 and warning[0].startswith("timing too noisy: re-measure (the original")
+    assert own_timing_warnings({"latency_ms": {"median": 2.0, "spread": 1.05, "noisy": False}}) == []
+
+    # re-measuring replaces the stale warning (the same demo CNN, timed again)
+    base = prepare(_recipe(data=None))
+    original = Variant("baseline", {}, {**base.metrics, **noisy}, warnings=list(warning))
+    remeasure(base.handle, original, [], base.cfg, timing=base.timing)
+    assert warning[0] not in original.warnings
+    assert original.metrics["latency_ms"]["median"] < 13.7

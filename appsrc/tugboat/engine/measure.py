@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -761,6 +761,8 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
         runtimes.insert(0, chosen)
     result: dict[str, dict[str, Any]] = {}
     session = None
+    # only the user's runtime and batch are worth extra seconds when the machine is busy
+    info_cfg = replace(cfg, noisy_seconds=cfg.max_seconds)
     for runtime in runtimes:
         if runtime == "torch" and not torch_ok:
             continue
@@ -776,10 +778,12 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
                 with reference.lock, _timing(runtime, cfg.threads):
                     base_run = reference.runner(runtime, b, cfg.threads)
                     result[runtime][f"b{b}"] = latency_paired(run, base_run, x, cfg, runtime, progress)
-            elif runtime == "onnxruntime":
-                result[runtime][f"b{b}"] = latency_onnx(None, x, cfg, progress, session=session)
             else:
-                result[runtime][f"b{b}"] = latency_torch(handle.module, x, cfg, progress)
+                use = cfg if (runtime == chosen and b == cfg.batch) else info_cfg
+                if runtime == "onnxruntime":
+                    result[runtime][f"b{b}"] = latency_onnx(None, x, use, progress, session=session)
+                else:
+                    result[runtime][f"b{b}"] = latency_torch(handle.module, x, use, progress)
     return result
 
 
@@ -931,6 +935,18 @@ def flops_promise(variant: dict[str, Any], baseline: dict[str, Any], steps: list
         hint = "; channel counts that are not multiples of 8 or 16 run on slow kernels: try round_to = 16"
     return [f"{FLOPS_PREFIX}: {ratio:.2f}x fewer FLOPs than the original but a speed-up of "
             f"{sp['median']:.2f}x (95% interval {sp['low']:.2f}-{sp['high']:.2f}x){hint}"]
+
+
+def own_timing_warnings(metrics: dict[str, Any], who: str = "the original") -> list[str]:
+    """A warning for an unpaired timing (the original's own) that stayed noisy: its absolute
+    median (the table's Latency, the chart's latency axis) is not to be trusted."""
+    lat = metrics.get("latency_ms") or {}
+    if not lat.get("noisy") or lat.get("speedup"):
+        return []
+    load = lat.get("load")
+    busy = f", machine load {load:.1f}" if load is not None else ""
+    return [f"{NOISY_PREFIX} ({who}: p90 is {lat.get('spread', 0):.1f}x the median of "
+            f"{lat.get('median', 0):.3g} ms{busy}; speed-ups are paired and stay valid)"]
 
 
 def timing_notes(variant: dict[str, Any], baseline: dict[str, Any], tolerance: float = 1.05) -> list[str]:

@@ -32,6 +32,7 @@ from .measure import (
     flops_promise,
     is_timing_warning,
     measure,
+    own_timing_warnings,
     slower_than,
     timing_notes,
 )
@@ -452,6 +453,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     if metrics is None:
         gc.collect()
         raise ResourceError(resources.oom_message("measuring the original model"), path=recipe.model)
+    handle.warnings = [w for w in handle.warnings if not is_timing_warning(w)] + own_timing_warnings(metrics)
     return Baseline(handle, data, metrics, outputs, recipe.measure, timing_reference(handle, data, recipe.measure))
 
 

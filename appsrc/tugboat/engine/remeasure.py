@@ -15,7 +15,14 @@ from typing import Any
 
 from .errors import TugboatError
 from .machine import machine_info
-from .measure import MeasureConfig, TimingReference, chosen_latency, latency_all
+from .measure import (
+    MeasureConfig,
+    TimingReference,
+    chosen_latency,
+    is_timing_warning,
+    latency_all,
+    own_timing_warnings,
+)
 from .models import ModelHandle
 from .progress import Progress, null_progress
 from .recipe import Variant, judge_timing
@@ -46,6 +53,8 @@ def remeasure(base_handle: ModelHandle, baseline: Variant, variants: list[tuple[
     base_lat = latency_all(base_handle, cfg, timing.samples, progress.sub(0.0, 1 / n))
     baseline.metrics["latency"] = base_lat
     baseline.metrics["latency_ms"] = chosen_latency(base_lat, cfg, base_handle)
+    baseline.warnings = [w for w in baseline.warnings if not is_timing_warning(w)]
+    baseline.warnings += own_timing_warnings(baseline.metrics)
     out = {"baseline": baseline.metrics["latency_ms"]}
     for i, (variant, handle) in enumerate(variants, start=1):
         progress.update(i / n, f"timing {variant.name}")

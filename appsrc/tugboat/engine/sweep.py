@@ -566,7 +566,8 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
     if ws.baseline is not None and ws.baseline.metrics:
         base.metrics = ws.baseline.metrics  # every variant compares with the baseline on record
     else:
-        ws.set_baseline(Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle))
+        ws.set_baseline(Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle,
+                                warnings=list(base.handle.warnings)))
     ws.recipe = recipe.to_dict()
     ws.meta["sweep"] = {"kind": the_plan.kind}
     from .machine import machine_info
