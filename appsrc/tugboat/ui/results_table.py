@@ -125,6 +125,8 @@ class ResultsModel(QAbstractTableModel):
                 "Size": "ONNX artifact size on disk",
                 "Deflated": "size after deflate compression (what sparsity saves in a zip)",
                 "Latency": "median latency per batch in the measuring runtime",
+                "Speed-up": "how many times as fast as the original, timed side by side with it in "
+                            "alternating blocks; in brackets the 95% interval (? = noisy: re-measure)",
                 "Accuracy": "top-1 accuracy on the test split (needs labels)",
                 "Agreement": "top-1 agreement with the original model (fidelity)",
             }.get(COLUMNS[section])
