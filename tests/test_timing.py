@@ -19,7 +19,7 @@ from tugboat.engine.measure import is_timing_warning, measure, speedup_interval
 from tugboat.engine.recipe import judge_timing, parse_recipe, prepare, run, run_variant, validate_steps
 
 # small budgets: the demo CNN at batch 32 runs in about a millisecond
-MEASURE = {"batch": 32, "threads": 1, "warmup": 2, "min_runs": 5, "min_seconds": 0.0, "max_seconds": 0.4,
+MEASURE = {"batch": 32, "threads": 1, "warmup": 2, "min_runs": 5, "min_seconds": 0.1, "max_seconds": 0.4,
            "also_batch1": False, "both_runtimes": False}
 
 

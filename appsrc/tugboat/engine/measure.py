@@ -48,7 +48,7 @@ class MeasureConfig:
     both_runtimes: bool = True  # also time the other runtime when the variant can run there
     # paired timing of a variant against the baseline (docs/measurement.md)
     min_blocks: int = 8  # alternating blocks before the interval is judged
-    block_seconds: float = 0.0  # time per model per block; 0: max_seconds / (4 * min_blocks)
+    block_seconds: float = 0.0  # time per model per block; 0: min_seconds / min_blocks (2 ms to 0.1 s)
     max_width: float = 0.15  # an interval wider than this (high / low - 1) is noisy: extend, then mark
     noisy_seconds: float = 0.0  # how long a noisy timing may be extended; 0: 3 x max_seconds
     confidence: float = 0.95
@@ -58,7 +58,8 @@ class MeasureConfig:
         if not self.threads:
             self.threads = default_threads()
         if not self.block_seconds:
-            self.block_seconds = min(0.1, max(0.002, self.max_seconds / (4 * max(1, self.min_blocks))))
+            # the variant and the original each get about min_seconds over the min_blocks blocks
+            self.block_seconds = min(0.1, max(0.002, self.min_seconds / max(1, self.min_blocks)))
         if not self.noisy_seconds:
             self.noisy_seconds = 3 * self.max_seconds
 
