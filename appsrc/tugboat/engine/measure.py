@@ -769,8 +769,8 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
             continue
         result[runtime] = {}
         for b in batches:
-            paired = reference is not None and runtime == chosen and b == cfg.batch and (
-                runtime != "torch" or reference.torch_ok)
+            primary = runtime == chosen and b == batches[0]  # the user's runtime and batch
+            paired = primary and reference is not None and (runtime != "torch" or reference.torch_ok)
             x = reference.inputs(b) if paired else model_inputs(handle, b, samples)
             if runtime == "onnxruntime":
                 session = session or ort_session(handle.to_onnx(), cfg.threads)
@@ -780,7 +780,7 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
                     base_run = reference.runner(runtime, b, cfg.threads)
                     result[runtime][f"b{b}"] = latency_paired(run, base_run, x, cfg, runtime, progress)
             else:
-                use = cfg if (runtime == chosen and b == cfg.batch) else info_cfg
+                use = cfg if primary else info_cfg
                 if runtime == "onnxruntime":
                     result[runtime][f"b{b}"] = latency_onnx(None, x, use, progress, session=session)
                 else:
