@@ -4,6 +4,7 @@ the machine on record, and seeded, reproducible recipes (issue 17)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -238,7 +239,9 @@ def test_fewer_flops_but_no_speed_up_is_a_warning_with_a_cause():
     variant = {"flops": 450_000, "latency_ms": {"speedup": sp}}
     odd = [{"technique": "prune", "method": "structured", "ratio": 0.5, "round_to": 0}]
     warning = flops_promise(variant, base, odd)
-    assert len(warning) == 1 and "2.22x fewer FLOPs" in warning[0] and "round_to = 16" in warning[0]
+    assert len(warning) == 1 and "2.22x fewer FLOPs" in warning[0]
+    assert re.search(r"multiples of (8|16) run on slower kernels on this CPU \(measured\): try round_to = (8|16)",
+                     warning[0]), warning[0]
     assert is_timing_warning(warning[0])  # replaced on re-measure
     rounded = [{**odd[0], "round_to": 16}]
     assert "round_to" not in flops_promise(variant, base, rounded)[0]

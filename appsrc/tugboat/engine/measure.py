@@ -933,7 +933,11 @@ def flops_promise(variant: dict[str, Any], baseline: dict[str, Any], steps: list
     prunes = [s for s in steps or [] if s.get("technique") == "prune" and s.get("method") == "structured"]
     hint = ""
     if prunes and not all(s.get("round_to") for s in prunes):
-        hint = "; channel counts that are not multiples of 8 or 16 run on slow kernels: try round_to = 16"
+        from .machine import channel_multiple
+
+        n = channel_multiple(int((variant.get("latency_ms") or {}).get("threads") or 1))
+        hint = (f"; channel counts that are not multiples of {n} run on slower kernels on this CPU "
+                f"(measured): try round_to = {n}")
     return [f"{FLOPS_PREFIX}: {ratio:.2f}x fewer FLOPs than the original but a speed-up of "
             f"{sp['median']:.2f}x (95% interval {sp['low']:.2f}-{sp['high']:.2f}x){hint}"]
 
