@@ -199,6 +199,13 @@ def test_remeasure_cli_retimes_and_saves(tmp_path, capsys):
     assert "speedup_low" in header and len(lines) == 3
     html = (tmp_path / "t.html").read_text()
     assert "speed-up [95%]" in html and "Measured on:" in html
+    from tugboat.engine.lock import FolderLock
+
+    with FolderLock(ws_path, "a sweep (test)"):  # someone else writes the workspace: refused, nothing lost
+        assert main(["remeasure", str(ws_path), "--quiet"]) == 2
+    assert "in use" in capsys.readouterr().err
+    assert main(["remeasure", str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "not a Tugboat workspace" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
     assert main(["remeasure", str(ws_path), "no-such-variant", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert str(ws_path) in err and "no-such-variant" in err and len(err.strip().splitlines()) == 1

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = ("info", "run", "sweep", "report")
+COMMANDS = ("info", "run", "sweep", "report", "remeasure")
 _VALUE_OPTIONS = ("--workspace", "--quit-after", "--open")
 
 

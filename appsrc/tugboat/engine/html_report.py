@@ -177,8 +177,11 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
 def _speedup_cell(r: dict[str, Any]) -> str:
     if r.get("speedup") is None:
         return "1x" if r.get("name") == "baseline" else "-"
-    return (f"{r['speedup']:.2f}x [{r['speedup_low']:.2f}-{r['speedup_high']:.2f}]"
-            + ("?" if r.get("timing_noisy") else ""))
+    try:
+        return (f"{r['speedup']:.2f}x [{r['speedup_low']:.2f}-{r['speedup_high']:.2f}]"
+                + ("?" if r.get("timing_noisy") else ""))
+    except (TypeError, ValueError):  # an incomplete entry read back from a file
+        return "-"
 
 
 def write_html(report: dict[str, Any], path: str | os.PathLike, chart_png: bytes | None = None,

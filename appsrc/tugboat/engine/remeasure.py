@@ -71,12 +71,22 @@ def remeasure_workspace(path: str | os.PathLike, names: list[str] | None = None,
                         progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """``tugboat remeasure``: re-time a workspace's baseline and variants (all of them, or
     ``names``) and save the workspace (atomic writes: workspace.json, each metrics.json, report.json)."""
-    from .data import load_data
-    from .models import load_model
+    from .lock import FolderLock
     from .workspace import Workspace
 
     progress = progress or null_progress()
-    ws = Workspace.open(path)
+    if not Workspace.exists(path):  # a plain error, before any lock file is made in a wrong folder
+        Workspace.open(path)
+    # the folder's lock for the whole command: a sweep or the app writing it meanwhile is refused
+    with FolderLock(path, "tugboat remeasure") as lock:
+        ws = Workspace.open(path, lock=lock)
+        return _remeasure_open(ws, path, names, progress)
+
+
+def _remeasure_open(ws, path, names: list[str] | None, progress: Progress) -> dict[str, dict[str, Any]]:
+    from .data import load_data
+    from .models import load_model
+
     if ws.baseline is None or not ws.baseline.metrics:
         raise TugboatError("has no measured baseline to compare with", path=str(path))
     unknown = [n for n in names or [] if n not in ws]

@@ -22,6 +22,7 @@ ring, the Pareto line and the estimate "ghost" are small items of their own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -602,8 +603,9 @@ class TradeoffChart(QWidget):
                 lines.append(f"{metric.label}: {format_metric(metric.kind, val)}")
         sp = (m.get("latency_ms") or {}).get("speedup")
         if sp:
-            lines.append(f"speed-up: {sp['median']:.2f}x (95% interval {sp['low']:.2f}-{sp['high']:.2f})"
-                         + (", noisy" if sp.get("noisy") else ""))
+            with contextlib.suppress(TypeError, ValueError, KeyError):  # incomplete, read back from a file
+                lines.append(f"speed-up: {sp['median']:.2f}x (95% interval {sp['low']:.2f}-{sp['high']:.2f})"
+                             + (", noisy" if sp.get("noisy") else ""))
         if name in self._pareto:
             lines.append(f"on the Pareto front of {METRICS[self.x_key].title.lower()} and "
                          f"{METRICS[self.y_key].title.lower()} (the dashed line)")

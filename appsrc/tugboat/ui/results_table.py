@@ -46,7 +46,11 @@ def _latency(m: dict[str, Any]) -> float | None:
 
 
 def _speedup(m: dict[str, Any]) -> dict[str, Any]:
-    return (m.get("latency_ms") or {}).get("speedup") or {}
+    """The paired timing's speed-up entry, or {} (none, or one read back incomplete)."""
+    sp = (m.get("latency_ms") or {}).get("speedup") or {}
+    ok = all(isinstance(sp.get(k), (int, float)) and not isinstance(sp.get(k), bool)
+             for k in ("median", "low", "high"))
+    return sp if ok else {}
 
 
 def speedup_text(m: dict[str, Any]) -> str:
@@ -62,10 +66,10 @@ def speedup_tooltip(m: dict[str, Any]) -> str:
     if not sp:
         return "not timed beside the original (the original itself, or an older result)"
     lines = [f"speed-up {sp['median']:.3f}x, 95% interval {sp['low']:.3f}-{sp['high']:.3f}x",
-             f"{lat.get('median', 0):.3g} ms vs the original's {sp.get('baseline_median', 0):.3g} ms, "
+             f"{lat.get('median')} ms vs the original's {sp.get('baseline_median')} ms, "
              f"timed in alternating blocks ({sp.get('blocks')} blocks) in {lat.get('runtime')} at batch "
              f"{lat.get('batch')}, {lat.get('threads')} thread(s)",
-             f"spread (p90/median) {lat.get('spread', 0):.2f}; machine load {lat.get('load')}"]
+             f"spread (p90/median) {lat.get('spread')}; machine load {lat.get('load')}"]
     if sp.get("noisy"):
         lines.append("noisy: the machine was busy; right-click > Re-measure")
     return "\n".join(lines)
@@ -173,7 +177,8 @@ class ResultsModel(QAbstractTableModel):
     def warnings_text(v) -> str:
         """Every warning (and the error) in full, one per line: the cell's tooltip."""
         notes = ([f"{v.status}: {v.error}"] if v.error else []) + [f"⚠ {w}" for w in v.warnings]
-        notes += [f"ⓘ {n}" for n in (v.info or {}).get("notes") or []]
+        extra = (v.info or {}).get("notes")
+        notes += [f"ⓘ {n}" for n in extra] if isinstance(extra, list) else []
         return "\n".join(notes)
 
     @staticmethod
