@@ -273,7 +273,7 @@ class ResultsTable(QTableView):
         # is cut off: the table scrolls sideways instead; the tooltip holds the same text
         header.setStretchLastSection(False)
         header.setTextElideMode(Qt.TextElideMode.ElideNone)
-        for col, width in enumerate((170, 150, 66, 68, 104, 76, 120, 70, 76)):
+        for col, width in enumerate((170, 150, 66, 68, 104, 76, 150, 70, 76)):
             self.setColumnWidth(col, width)
         m = self.results_model
         for sig in (m.rowsInserted, m.rowsRemoved, m.modelReset, m.dataChanged):
