@@ -52,7 +52,7 @@ class MeasureConfig:
     max_width: float = 0.15  # an interval wider than this (high / low - 1) is noisy: extend, then mark
     noisy_seconds: float = 0.0  # how long a noisy timing may be extended; 0: 3 x max_seconds
     confidence: float = 0.95
-    systematic: float = 0.02  # the interval is at least this much either side of the median
+    systematic: float = 0.03  # the interval is at least this much either side of the median
 
     def __post_init__(self) -> None:
         if not self.threads:
@@ -473,7 +473,7 @@ def _all_nodes(graph: onnx.GraphProto):
 # then baseline then variant, so a linear drift cancels), same inputs, same thread count, in the
 # same seconds. Each block gives one ratio (baseline block median / variant block median); the
 # speed-up is the median of the block ratios and its 95% interval a seeded bootstrap over blocks,
-# widened by a small systematic allowance (two sessions of one graph differ by ~1-2% from memory
+# widened by a small systematic allowance (two sessions of one graph differ by 1-2% from memory
 # placement alone). A machine that is busy moves both sides of a block alike, so the ratio stays
 # honest where two medians taken minutes apart do not. See docs/measurement.md.
 
@@ -648,7 +648,7 @@ class TimingReference:
         return _onnx_runner(self.session(threads), self.inputs(batch))
 
 
-def speedup_interval(ratios: list[float], confidence: float = 0.95, systematic: float = 0.02,
+def speedup_interval(ratios: list[float], confidence: float = 0.95, systematic: float = 0.03,
                      seed: int = 0) -> tuple[float, float, float]:
     """(median, low, high) of the speed-up from block ratios: the median ratio, and a seeded
     percentile bootstrap of that median over blocks, at least ``systematic`` either side."""
