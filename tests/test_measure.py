@@ -73,14 +73,35 @@ def test_accuracy_and_fidelity(demo_models, demo_data):
     assert fid["top1_agreement"] < 1.0 and fid["cosine"] < 1.0 and fid["rel_error"] > 0.1
 
 
-def test_slower_variant_gets_a_warning():
-    base = {"latency": {"onnxruntime": {"b64": {"median": 1.0, "batch": 64, "threads": 2}}}}
-    slow = {"latency": {"onnxruntime": {"b64": {"median": 3.0, "batch": 64, "threads": 2}}}}
-    fast = {"latency": {"onnxruntime": {"b64": {"median": 0.5, "batch": 64, "threads": 2}}}}
-    other = {"latency": {"onnxruntime": {"b64": {"median": 3.0, "batch": 64, "threads": 1}}}}
-    assert "slower" in slower_than(slow, base)[0]
-    assert slower_than(fast, base) == []
-    assert slower_than(other, base) == []  # not comparable: different thread count
+def _paired(median, low, high, noisy=False, runtime="onnxruntime", batch=64):
+    return {"latency_ms": {"median": 3.0, "batch": batch, "threads": 2, "runtime": runtime, "load": 3.0,
+                           "speedup": {"median": median, "low": low, "high": high, "blocks": 8,
+                                       "baseline_median": 1.0, "noisy": noisy}}}
+
+
+def test_slower_verdict_needs_the_whole_interval_below_the_threshold():
+    assert "slower than the original in onnxruntime at batch 64" in slower_than(_paired(0.3, 0.28, 0.33))[0]
+    assert slower_than(_paired(0.9, 0.85, 0.94)) != []  # 1/1.05 = 0.952: the whole interval is below
+    assert slower_than(_paired(0.93, 0.90, 0.96)) == []  # reaches above 1/1.05: no verdict
+    assert slower_than(_paired(2.0, 1.9, 2.1)) == []
+    noisy = slower_than(_paired(0.8, 0.4, 1.6, noisy=True))
+    assert len(noisy) == 1 and noisy[0].startswith("timing too noisy: re-measure")
+    assert "slower" not in noisy[0]
+    # a noisy interval that still lies wholly below the threshold is a real verdict
+    assert "slower than" in slower_than(_paired(0.1, 0.05, 0.2, noisy=True))[0]
+
+
+def test_unpaired_and_other_runtimes_give_information_not_verdicts():
+    from tugboat.engine.measure import timing_notes
+
+    base = {"latency": {"onnxruntime": {"b64": {"median": 1.0, "batch": 64, "threads": 2}},
+                        "torch": {"b1": {"median": 0.1, "batch": 1, "threads": 2}}}}
+    variant = {"latency_ms": {"median": 3.0, "batch": 64, "threads": 2, "runtime": "onnxruntime"},
+               "latency": {"onnxruntime": {"b64": {"median": 3.0, "batch": 64, "threads": 2}},
+                           "torch": {"b1": {"median": 50.0, "batch": 1, "threads": 2}}}}
+    assert slower_than(variant, base) == []  # unpaired: two medians taken apart decide nothing
+    notes = timing_notes(variant, base)
+    assert len(notes) == 1 and "torch at batch 1" in notes[0] and "no verdict" in notes[0]
 
 
 def test_layer_table_lists_weighted_layers(demo_models):

@@ -1,4 +1,5 @@
-"""The headless face of Tugboat: ``tugboat info | run | sweep | report`` (and the GUI with no command).
+"""The headless face of Tugboat: ``tugboat info | run | sweep | report | remeasure`` (and the GUI with no
+command).
 
 Errors the user can act on (:class:`TugboatError`) print one line naming the file and the problem
 and exit with code 2; nothing else is caught, so real bugs keep their tracebacks.
@@ -179,10 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder written by tugboat run or tugboat sweep")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--csv", help="write the variants table as CSV here")
+
+    p = sub.add_parser("remeasure", help="time a workspace's baseline and variants again, back to back",
+                       description="Re-time the baseline and the variants (all, or those named) of a "
+                       "workspace, each paired with the baseline, and update the workspace and report.json. "
+                       "Use it when a timing was marked 'timing too noisy: re-measure'.")
+    p.add_argument("workspace", help="workspace folder (written by tugboat sweep or the window)")
+    p.add_argument("variants", nargs="*", metavar="VARIANT", help="variant names (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
-COMMANDS = ("info", "run", "sweep", "export", "report")
+COMMANDS = ("info", "run", "sweep", "export", "report", "remeasure")
 _VALUE_OPTIONS = ("--workspace", "--quit-after", "--open")
 
 
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"info": cmd_info, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "remeasure": cmd_remeasure}[args.command](args)
     except TugboatError as exc:
         print(f"tugboat: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -315,13 +324,40 @@ def cmd_run(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_remeasure(args) -> int:
+    from .engine.progress import Progress
+    from .engine.remeasure import remeasure_workspace
+    from .engine.workspace import Workspace
+
+    bar = TerminalProgress(enabled=not args.quiet)
+    try:
+        remeasure_workspace(args.workspace, args.variants or None, progress=Progress(bar))
+    finally:
+        bar.close()
+    report = Workspace.open(args.workspace).report()
+    if args.variants:
+        report["variants"] = [v for v in report["variants"] if v["name"] in args.variants]
+    print(format_summary(report))
+    print(f"updated {os.path.join(args.workspace, 'report.json')}")
+    return 0
+
+
+def format_speedup(lat: dict[str, Any]) -> str:
+    """``1.84x [1.79-1.90]`` from a paired timing; ``-`` without one; ``?`` marks a noisy one."""
+    sp = lat.get("speedup") if isinstance(lat, dict) else None
+    try:  # a report read back from disk may hold anything
+        return f"{sp['median']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]" + ("?" if sp.get("noisy") else "")
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return "-"
+
+
 def format_summary(report: dict[str, Any]) -> str:
     rows = [("baseline", report["baseline"]["metrics"], [])]
     rows += [(v["name"], v["metrics"], v.get("warnings", []) + ([v["error"]] if v.get("error") else []))
              for v in report["variants"]]
     width = max(len(r[0]) for r in rows)
     out = [f"{'variant':<{width}}  {'size':>9} {'deflated':>9} {'params':>8} {'latency':>10} "
-           f"{'accuracy':>8} {'agree':>6}"]
+           f"{'speed-up [95%]':>20} {'accuracy':>8} {'agree':>6}"]
     pareto = set(report.get("pareto", []))
     for name, m, warns in rows:
         if not m:
@@ -333,6 +369,7 @@ def format_summary(report: dict[str, Any]) -> str:
         out.append(
             f"{name:<{width}}  {_fmt_bytes(m.get('size_bytes')):>9} {_fmt_bytes(m.get('compressed_bytes')):>9} "
             f"{_fmt_count(m.get('params')):>8} {_fmt_ms(lat.get('median')):>7} ms "
+            f"{format_speedup(lat):>20} "
             f"{(f'{acc * 100:.2f}%' if acc is not None else '-'):>8} "
             f"{(f'{agree:.3f}' if agree is not None else '-'):>6}"
             + (" *" if name in pareto else ""))
@@ -341,7 +378,12 @@ def format_summary(report: dict[str, Any]) -> str:
             out.append(f"{'':<{width}}  ! {w}")
     lat = report["baseline"]["metrics"].get("latency_ms") or {}
     out.append(f"latency: median at batch {lat.get('batch')}, {lat.get('threads')} threads, "
-               f"{lat.get('runtime')}; * = on the Pareto front")
+               f"{lat.get('runtime')}; speed-up: paired with the original, 95% interval, ? = noisy; "
+               f"* = on the Pareto front")
+    if isinstance(report.get("machine"), dict):
+        from .engine.machine import describe
+
+        out.append(f"machine: {describe(report['machine'])}")
     return "\n".join(out)
 
 

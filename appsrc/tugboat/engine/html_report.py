@@ -19,7 +19,8 @@ from .export import atomic_write_bytes
 from .report import pareto_labels, quality_of
 
 COLUMNS = ["name", "pareto", "status", "size_bytes", "compressed_bytes", "params", "nonzero_params", "flops",
-           "latency_median_ms", "latency_p90_ms", "latency_batch", "latency_runtime", "accuracy",
+           "latency_median_ms", "latency_p90_ms", "latency_batch", "latency_runtime", "speedup", "speedup_low",
+           "speedup_high", "timing_noisy", "accuracy",
            "top1_agreement", "cosine", "rel_error", "seconds", "warnings", "error"]
 
 
@@ -33,12 +34,15 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         m = e.get("metrics") or {}
         lat = m.get("latency_ms") or {}
         fid = m.get("fidelity") or {}
+        sp = lat.get("speedup") or {}
         out.append({
             "name": e.get("name", ""), "pareto": e.get("name") in pareto, "status": e.get("status", "ok"),
             "size_bytes": m.get("size_bytes"), "compressed_bytes": m.get("compressed_bytes"),
             "params": m.get("params"), "nonzero_params": m.get("nonzero_params"), "flops": m.get("flops"),
             "latency_median_ms": lat.get("median"), "latency_p90_ms": lat.get("p90"),
             "latency_batch": lat.get("batch"), "latency_runtime": lat.get("runtime"),
+            "speedup": sp.get("median"), "speedup_low": sp.get("low"), "speedup_high": sp.get("high"),
+            "timing_noisy": sp.get("noisy"),
             "accuracy": m.get("accuracy"), "top1_agreement": fid.get("top1_agreement"),
             "cosine": fid.get("cosine"), "rel_error": fid.get("rel_error"), "seconds": m.get("seconds"),
             "warnings": "; ".join(e.get("warnings") or []), "error": e.get("error") or "",
@@ -105,9 +109,14 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
     lat = ((report.get("baseline") or {}).get("metrics") or {}).get("latency_ms") or {}
     if lat:
         out.append(f"<p class='muted'>Latency: median of timed runs at batch {lat.get('batch')}, "
-                   f"{lat.get('threads')} thread(s), {esc(str(lat.get('runtime')))}. "
+                   f"{lat.get('threads')} thread(s), {esc(str(lat.get('runtime')))}; speed-up: timed "
+                   "beside the original in alternating blocks, with its 95% interval (? = noisy). "
                    "Quality: accuracy on the test split, or top-1 agreement with the original without "
                    "labels. <span class='star'>&#9733;</span> = on the Pareto front (size, latency, quality).</p>")
+    if isinstance(report.get("machine"), dict):
+        from .machine import describe
+
+        out.append(f"<p class='muted'>Measured on: {esc(describe(report['machine']))}.</p>")
     target = report.get("target")
     if isinstance(target, dict):
         best = target.get("best")
@@ -124,7 +133,7 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
     else:
         out.append(f"<p class='muted'>No chart: {esc(chart_note or 'the chart renderer is not available')}.</p>")
     out.append("<h2>Variants</h2><table><tr><th>variant</th><th>size</th><th>deflated</th><th>params</th>"
-               "<th>latency (ms)</th><th>p90 (ms)</th><th>accuracy</th><th>agreement</th>"
+               "<th>latency (ms)</th><th>p90 (ms)</th><th>speed-up [95%]</th><th>accuracy</th><th>agreement</th>"
                "<th>&Delta; quality</th><th>job (s)</th></tr>")
     labels = pareto_labels(report)
     for r in rows(report):
@@ -135,13 +144,14 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
                 if r["pareto"] and r["name"] != "baseline" else
                 (" <span class='star'>&#9733;</span>" if r["pareto"] else ""))
         if r["status"] != "ok":
-            out.append(f"<tr class='failed'><td>{esc(r['name'])}</td><td colspan='9' class='err'>"
+            out.append(f"<tr class='failed'><td>{esc(r['name'])}</td><td colspan='10' class='err'>"
                        f"{esc(r['status'])}: {esc(r['error'])}</td></tr>")
             continue
         out.append(
             f"<tr class='{cls}'><td>{esc(r['name'])}{star}</td><td>{_kb(r['size_bytes'])}</td>"
             f"<td>{_kb(r['compressed_bytes'])}</td><td>{_num(r['params'], ',')}</td>"
             f"<td>{_num(r['latency_median_ms'], '.3f')}</td><td>{_num(r['latency_p90_ms'], '.3f')}</td>"
+            f"<td>{_speedup_cell(r)}</td>"
             f"<td>{_num(r['accuracy'], '.2%')}</td><td>{_num(r['top1_agreement'], '.3f')}</td>"
             f"<td>{dq}</td><td>{_num(r['seconds'], '.1f')}</td></tr>")
     out.append("</table><h2>Recipes and warnings</h2>")
@@ -162,6 +172,16 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
     out.append("<p class='muted'>Written by Tugboat. Re-run any variant with "
                "<code>tugboat run recipe.toml --out DIR</code> using its recipe above.</p></body></html>")
     return "\n".join(out)
+
+
+def _speedup_cell(r: dict[str, Any]) -> str:
+    if r.get("speedup") is None:
+        return "1x" if r.get("name") == "baseline" else "-"
+    try:
+        return (f"{r['speedup']:.2f}x [{r['speedup_low']:.2f}-{r['speedup_high']:.2f}]"
+                + ("?" if r.get("timing_noisy") else ""))
+    except (TypeError, ValueError):  # an incomplete entry read back from a file
+        return "-"
 
 
 def write_html(report: dict[str, Any], path: str | os.PathLike, chart_png: bytes | None = None,

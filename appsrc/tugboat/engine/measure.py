@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +24,7 @@ import torch
 from .errors import ModelLoadError, NumericalError, TugboatError
 from .models import ModelHandle, eval_mode
 from .progress import Progress, null_progress
-from .runtime import ort_session, predict, torch_threads
+from .runtime import _cast, ort_session, predict, torch_threads
 
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -48,10 +49,22 @@ class MeasureConfig:
     # every runtime to measure in (engine/runtimes: latency, fidelity, version per runtime under
     # metrics["runtimes"]); ``runtime`` is the first, whose latency is ``latency_ms``
     runtimes: list[str] = field(default_factory=list)
+    # paired timing of a variant against the baseline (docs/measurement.md)
+    min_blocks: int = 8  # alternating blocks before the interval is judged
+    block_seconds: float = 0.0  # time per model per block; 0: min_seconds / min_blocks (2 ms to 0.1 s)
+    max_width: float = 0.15  # an interval wider than this (high / low - 1) is noisy: extend, then mark
+    noisy_seconds: float = 0.0  # how long a noisy timing may be extended; 0: 3 x max_seconds
+    confidence: float = 0.95
+    systematic: float = 0.03  # the interval is at least this much either side of the median
 
     def __post_init__(self) -> None:
         if not self.threads:
             self.threads = default_threads()
+        if not self.block_seconds:
+            # the variant and the original each get about min_seconds over the min_blocks blocks
+            self.block_seconds = min(0.1, max(0.002, self.min_seconds / max(1, self.min_blocks)))
+        if not self.noisy_seconds:
+            self.noisy_seconds = 3 * self.max_seconds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -458,15 +471,48 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 # --- latency -----------------------------------------------------------------------------------
+#
+# A variant is timed *paired* with the baseline: alternating blocks of runs (variant then baseline,
+# then baseline then variant, so a linear drift cancels), same inputs, same thread count, in the
+# same seconds. Each block gives one ratio (baseline block median / variant block median); the
+# speed-up is the median of the block ratios and its 95% interval a seeded bootstrap over blocks,
+# widened by a small systematic allowance (two sessions of one graph differ by 1-2% from memory
+# placement alone). A machine that is busy moves both sides of a block alike, so the ratio stays
+# honest where two medians taken minutes apart do not. See docs/measurement.md.
 
-def _time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None) -> list[float]:
+SLOWER_PREFIX = "slower than the original"
+NOISY_PREFIX = "timing too noisy: re-measure"
+FLOPS_PREFIX = "no faster than its FLOPs promise"
+
+
+def is_timing_warning(text: str) -> bool:
+    """Warnings :func:`slower_than` and :func:`flops_promise` write (replaced, not added to, when a
+    variant is re-measured)."""
+    return text.startswith((SLOWER_PREFIX, NOISY_PREFIX, FLOPS_PREFIX))
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (runnable processes), or None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None) -> tuple[list[float], bool]:
+    """Times of ``fn`` after warm-up (itself capped by time); a noisy series (p90 over 1.5x the
+    median) is extended up to ``cfg.noisy_seconds``. Returns (times in ms, extended)."""
     # a cancel is checked before every run (a token read costs nanoseconds; one run of a large
     # model at batch 64 can take a second)
+    warm_until = time.perf_counter() + max(cfg.max_seconds / 2, 0.05)
     for _ in range(cfg.warmup):
         if progress is not None:
             progress.check()
         fn()
+        if time.perf_counter() > warm_until:
+            break
     times: list[float] = []
+    extended = False
     start = time.perf_counter()
     while True:
         t0 = time.perf_counter()
@@ -474,17 +520,32 @@ def _time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None) -> list
         times.append((time.perf_counter() - t0) * 1000.0)
         elapsed = time.perf_counter() - start
         if (len(times) >= cfg.min_runs and elapsed >= cfg.min_seconds) or elapsed >= cfg.max_seconds:
-            break
+            if elapsed >= cfg.noisy_seconds or _spread(times) <= NOISY_SPREAD or len(times) < 3:
+                break
+            extended = True
         if progress is not None:
             progress.check()
-    return times
+    return times, extended
+
+
+NOISY_SPREAD = 1.5  # p90 / median of one series above this: the machine was busy
+
+
+def _p90(times: list[float]) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def _spread(times: list[float]) -> float:
+    med = statistics.median(times)
+    return _p90(times) / med if med > 0 else 1.0
 
 
 def _summary(times: list[float], batch: int, threads: int, runtime: str) -> dict[str, Any]:
-    times = sorted(times)
-    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    return {"median": round(statistics.median(times), 4), "p90": round(p90, 4), "batch": batch,
-            "threads": threads, "runtime": runtime, "device": "cpu", "runs": len(times)}
+    med = statistics.median(times)
+    return {"median": round(med, 4), "p90": round(_p90(times), 4), "batch": batch,
+            "threads": threads, "runtime": runtime, "device": "cpu", "runs": len(times),
+            "spread": round(_spread(times), 3)}
 
 
 def batch_inputs(handle: ModelHandle, batch: int, samples: dict[str, np.ndarray] | None) -> list[np.ndarray]:
@@ -499,44 +560,234 @@ def batch_inputs(handle: ModelHandle, batch: int, samples: dict[str, np.ndarray]
     return [t.numpy() for t in handle.example_inputs(batch)]
 
 
+def model_inputs(handle: ModelHandle, batch: int, samples: dict[str, np.ndarray] | None) -> list[np.ndarray]:
+    """:func:`batch_inputs` in the model's own layout (a recurrent state's batch axis, a scalar)."""
+    return [spec.to_model(a) for spec, a in zip(handle.inputs, batch_inputs(handle, batch, samples))]
+
+
+def _onnx_runner(sess, inputs: list[np.ndarray]):
+    feeds = {i.name: _cast(x, i.type) for i, x in zip(sess.get_inputs(), inputs)}
+    return lambda: sess.run(None, feeds)
+
+
+def _torch_runner(module: torch.nn.Module, inputs: list[np.ndarray]):
+    eval_mode(module)
+    tensors = [torch.from_numpy(x) for x in inputs]
+    return lambda: module(*tensors)
+
+
+@contextlib.contextmanager
+def _timing(runtime: str, threads: int):
+    if runtime == "torch":
+        with torch_threads(threads), torch.inference_mode():
+            yield
+    else:
+        yield
+
+
+def _measured(times: list[float], inputs: list[np.ndarray], cfg: MeasureConfig, runtime: str,
+              load: float | None, extended: bool) -> dict[str, Any]:
+    out = _summary(times, len(inputs[0]), cfg.threads, runtime)
+    out["load"] = _max_load(load, machine_load())
+    out["noisy"] = out["spread"] > NOISY_SPREAD
+    if extended:
+        out["extended"] = True
+    return out
+
+
+def _max_load(*loads: float | None) -> float | None:
+    known = [x for x in loads if x is not None]
+    return max(known) if known else None
+
+
 def latency_onnx(model: onnx.ModelProto | bytes, inputs: list[np.ndarray], cfg: MeasureConfig,
                  progress: Progress | None = None, session=None) -> dict[str, Any]:
     sess = session or ort_session(model, cfg.threads)
-    feeds = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
-    times = _time_loop(lambda: sess.run(None, feeds), cfg, progress)
-    return _summary(times, len(inputs[0]), cfg.threads, "onnxruntime")
+    load = machine_load()
+    times, extended = _time_loop(_onnx_runner(sess, inputs), cfg, progress)
+    return _measured(times, inputs, cfg, "onnxruntime", load, extended)
 
 
 def latency_torch(module: torch.nn.Module, inputs: list[np.ndarray], cfg: MeasureConfig,
                   progress: Progress | None = None) -> dict[str, Any]:
-    eval_mode(module)
-    tensors = [torch.from_numpy(x) for x in inputs]
-    with torch_threads(cfg.threads), torch.inference_mode():
-        times = _time_loop(lambda: module(*tensors), cfg, progress)
-    return _summary(times, len(inputs[0]), cfg.threads, "torch")
+    load = machine_load()
+    run = _torch_runner(module, inputs)
+    with _timing("torch", cfg.threads):
+        times, extended = _time_loop(run, cfg, progress)
+    return _measured(times, inputs, cfg, "torch", load, extended)
+
+
+class TimingReference:
+    """The baseline kept ready to be timed beside each variant.
+
+    Its ONNX Runtime sessions (one per thread count) and its input batches are built once and kept
+    alive across variants (a sweep, a GUI session), so pairing costs only the baseline's own runs.
+    ``lock`` keeps paired timings serial: two variants measured at once would disturb each other."""
+
+    def __init__(self, handle: ModelHandle, samples: dict[str, np.ndarray] | None = None) -> None:
+        self.handle = handle
+        self.samples = samples
+        self.lock = threading.Lock()
+        self._inputs: dict[int, list[np.ndarray]] = {}
+        self._sessions: dict[int, Any] = {}
+
+    @property
+    def torch_ok(self) -> bool:
+        return self.handle.module is not None and self.handle.onnx_model is None
+
+    def inputs(self, batch: int) -> list[np.ndarray]:
+        if batch not in self._inputs:
+            self._inputs[batch] = model_inputs(self.handle, batch, self.samples)
+        return self._inputs[batch]
+
+    def session(self, threads: int):
+        if threads not in self._sessions:
+            self._sessions[threads] = ort_session(self.handle.to_onnx(), threads)
+        return self._sessions[threads]
+
+    def runner(self, runtime: str, batch: int, threads: int):
+        if runtime == "torch":
+            return _torch_runner(self.handle.module, self.inputs(batch))
+        return _onnx_runner(self.session(threads), self.inputs(batch))
+
+
+def speedup_interval(ratios: list[float], confidence: float = 0.95, systematic: float = 0.03,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """(median, low, high) of the speed-up from block ratios: the median ratio, and a seeded
+    percentile bootstrap of that median over blocks, at least ``systematic`` either side."""
+    r = np.log(np.asarray(ratios, dtype=float))
+    med = float(np.median(r))
+    if len(r) < 3:
+        lo, hi = float(r.min()), float(r.max())
+    else:
+        rng = np.random.default_rng(seed)
+        boots = np.median(r[rng.integers(0, len(r), size=(2000, len(r)))], axis=1)
+        alpha = (1.0 - confidence) / 2
+        lo, hi = (float(v) for v in np.quantile(boots, [alpha, 1 - alpha]))
+    pad = float(np.log1p(systematic))
+    lo, hi = min(lo, med - pad), max(hi, med + pad)
+    return float(np.exp(med)), float(np.exp(lo)), float(np.exp(hi))
+
+
+def latency_paired(variant_run, base_run, inputs: list[np.ndarray], cfg: MeasureConfig, runtime: str,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Time a variant and the baseline in alternating blocks; the variant's summary with a
+    ``speedup`` entry: ``{"median", "low", "high", "blocks", "confidence", "baseline_median",
+    "baseline_p90", "width", "noisy", ...}`` (speed-up > 1: the variant is faster)."""
+    load0 = machine_load()
+    t0 = time.perf_counter()
+    warm_until = t0 + max(cfg.max_seconds / 2, 0.05)
+    # each model's time per run: its fastest warm-up run after the cold first one (a run caught by
+    # a time slice of another process would make the blocks too short to filter such runs out)
+    fastest = {True: float("inf"), False: float("inf")}
+    for i in range(max(3, cfg.warmup)):
+        if progress is not None:
+            progress.check()
+        for fn, is_variant in ((variant_run, True), (base_run, False)):
+            a = time.perf_counter()
+            fn()
+            if i:
+                fastest[is_variant] = min(fastest[is_variant], time.perf_counter() - a)
+        if i and time.perf_counter() > warm_until:
+            break
+    per_run = max(fastest.values())
+    k = int(min(64, max(1, cfg.block_seconds / max(per_run, 1e-6))))
+    v_times: list[float] = []
+    b_times: list[float] = []
+    ratios: list[float] = []
+    start = time.perf_counter()
+    extended = False
+    while True:
+        pair = ((variant_run, True), (base_run, False))
+        block: dict[bool, list[float]] = {True: [], False: []}
+        for fn, is_variant in (pair if len(ratios) % 2 == 0 else pair[::-1]):
+            for _ in range(k):
+                if progress is not None:
+                    progress.check()
+                a = time.perf_counter()
+                fn()
+                block[is_variant].append((time.perf_counter() - a) * 1000.0)
+        v_times += block[True]
+        b_times += block[False]
+        ratios.append(statistics.median(block[False]) / max(statistics.median(block[True]), 1e-9))
+        elapsed = time.perf_counter() - start
+        n = len(ratios)
+        if n >= cfg.min_blocks and elapsed >= cfg.min_seconds and n * k >= cfg.min_runs:
+            interval = speedup_interval(ratios, cfg.confidence, cfg.systematic)
+            if interval[2] / interval[1] - 1 <= cfg.max_width or elapsed >= cfg.noisy_seconds:
+                break
+            extended = True  # too wide to decide yet: more blocks, up to the noisy budget
+        elif elapsed >= cfg.noisy_seconds and n >= 3:
+            break
+    med, lo, hi = speedup_interval(ratios, cfg.confidence, cfg.systematic)
+    width = hi / lo - 1
+    out = _measured(v_times, inputs, cfg, runtime, load0, False)
+    out["speedup"] = {
+        "median": round(med, 4), "low": round(lo, 4), "high": round(hi, 4), "blocks": len(ratios),
+        "runs_per_block": k, "confidence": cfg.confidence,
+        "baseline_median": round(statistics.median(b_times), 4), "baseline_p90": round(_p90(b_times), 4),
+        "baseline_spread": round(_spread(b_times), 3), "width": round(width, 4),
+        "noisy": bool(width > cfg.max_width or len(ratios) < 3), "extended": extended,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    out["noisy"] = out["speedup"]["noisy"]
+    out["paired"] = True
+    return out
+
+
+def chosen_runtime(cfg: MeasureConfig, handle: ModelHandle) -> str:
+    """The user's runtime, or ONNX Runtime for a model that has no torch module to run."""
+    torch_ok = handle.module is not None and handle.onnx_model is None
+    return cfg.runtime if (cfg.runtime != "torch" or torch_ok) else "onnxruntime"
+
+
+def chosen_latency(lat: dict[str, dict[str, Any]], cfg: MeasureConfig, handle: ModelHandle) -> dict[str, Any]:
+    """The entry of :func:`latency_all`'s result for the user's runtime and batch."""
+    return lat.get(chosen_runtime(cfg, handle), {}).get(f"b{cfg.batch}") or next(
+        iter(next(iter(lat.values())).values()))
 
 
 def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
-                progress: Progress | None = None) -> dict[str, dict[str, Any]]:
-    """Latency per runtime and batch: ``{"onnxruntime": {"b64": {...}, "b1": {...}}, "torch": ...}``."""
+                progress: Progress | None = None,
+                reference: TimingReference | None = None) -> dict[str, dict[str, Any]]:
+    """Latency per runtime and batch: ``{"onnxruntime": {"b64": {...}, "b1": {...}}, "torch": ...}``.
+
+    With a ``reference`` (the baseline), the user's runtime and batch (``cfg.runtime``,
+    ``cfg.batch``) are timed paired with it (:func:`latency_paired`), on the reference's inputs;
+    the other runtimes and batches are timed alone, as information."""
     batches = [cfg.batch] + ([1] if cfg.also_batch1 and cfg.batch != 1 else [])
     runtimes = [cfg.runtime]
     if cfg.both_runtimes:
         runtimes += [r for r in RUNTIMES if r != cfg.runtime]
     torch_ok = handle.module is not None and handle.onnx_model is None
+    chosen = chosen_runtime(cfg, handle)
+    if chosen not in runtimes:
+        runtimes.insert(0, chosen)
     result: dict[str, dict[str, Any]] = {}
     session = None
+    # only the user's runtime and batch are worth extra seconds when the machine is busy
+    info_cfg = replace(cfg, noisy_seconds=cfg.max_seconds)
     for runtime in runtimes:
         if runtime == "torch" and not torch_ok:
             continue
         result[runtime] = {}
         for b in batches:
-            x = [spec.to_model(a) for spec, a in zip(handle.inputs, batch_inputs(handle, b, samples))]
+            primary = runtime == chosen and b == batches[0]  # the user's runtime and batch
+            paired = primary and reference is not None and (runtime != "torch" or reference.torch_ok)
+            x = reference.inputs(b) if paired else model_inputs(handle, b, samples)
             if runtime == "onnxruntime":
                 session = session or ort_session(handle.to_onnx(), cfg.threads)
-                result[runtime][f"b{b}"] = latency_onnx(None, x, cfg, progress, session=session)
+            if paired:
+                run = _onnx_runner(session, x) if runtime == "onnxruntime" else _torch_runner(handle.module, x)
+                with reference.lock, _timing(runtime, cfg.threads):
+                    base_run = reference.runner(runtime, b, cfg.threads)
+                    result[runtime][f"b{b}"] = latency_paired(run, base_run, x, cfg, runtime, progress)
             else:
-                result[runtime][f"b{b}"] = latency_torch(handle.module, x, cfg, progress)
+                use = cfg if primary else info_cfg
+                if runtime == "onnxruntime":
+                    result[runtime][f"b{b}"] = latency_onnx(None, x, use, progress, session=session)
+                else:
+                    result[runtime][f"b{b}"] = latency_torch(handle.module, x, use, progress)
     return result
 
 
@@ -582,8 +833,12 @@ def quality(handle: ModelHandle, data, reference: list[np.ndarray] | None, runti
 
 def measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
             reference: list[np.ndarray] | None = None, progress: Progress | None = None,
-            artifact: bytes | None = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+            artifact: bytes | None = None,
+            timing: TimingReference | None = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
     """All metrics of DESIGN.md for one model; returns (metrics, test-split outputs).
+
+    With ``timing`` (the baseline's :class:`TimingReference`) the latency in the user's runtime
+    and batch is paired with the baseline's and carries ``latency_ms["speedup"]``.
 
     Errors about the model name its file; a user's ONNX file that ONNX Runtime refuses to run is
     a :class:`ModelLoadError` (a problem with the input), not a crash."""
@@ -591,12 +846,13 @@ def measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
         cfg = cfg or MeasureConfig()
         extra = requested_runtimes(cfg)
         if not extra:
-            return _measure(handle, data, cfg, reference=reference, progress=progress, artifact=artifact)
+            return _measure(handle, data, cfg, reference=reference, progress=progress, artifact=artifact,
+                            timing=timing)
         # ONNX Runtime / torch measure everything else; each requested runtime adds its own entry
         core = cfg if cfg.runtime in RUNTIMES else replace(cfg, runtime="onnxruntime")
         progress = progress or null_progress()
         metrics, outputs = _measure(handle, data, core, reference=reference, progress=progress.sub(0.0, 0.6),
-                                    artifact=artifact)
+                                    artifact=artifact, timing=timing)
         add_runtimes(metrics, handle, data, cfg, extra, reference if reference is not None else outputs,
                      progress.sub(0.6, 1.0))
         return metrics, outputs
@@ -639,7 +895,8 @@ def add_runtimes(metrics: dict[str, Any], handle: ModelHandle, data, cfg: Measur
 
 def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
              reference: list[np.ndarray] | None = None, progress: Progress | None = None,
-             artifact: bytes | None = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+             artifact: bytes | None = None,
+             timing: TimingReference | None = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
     cfg = cfg or MeasureConfig()
     progress = progress or null_progress()
     t0 = time.perf_counter()
@@ -654,8 +911,7 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
         metrics["flops"] = onnx_flops(model, input_shapes=input_shapes(handle), samples=one_sample(handle, data))[0]
     except Exception:
         metrics["flops"] = None
-    runtime = cfg.runtime if (cfg.runtime != "torch" or (handle.module is not None and handle.onnx_model is None)) \
-        else "onnxruntime"
+    runtime = chosen_runtime(cfg, handle)
     outputs = None
     if data is not None:
         progress.update(0.1, "measuring quality")
@@ -666,27 +922,92 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
         metrics["fidelity"] = fidelity([np.zeros(1)], None, handle.task == "classification")
     progress.update(0.4, "measuring latency")
     samples = data.split("test", limit=cfg.batch)[0] if data is not None else None
-    lat = latency_all(handle, cfg, samples, progress)
-    metrics["latency_ms"] = lat.get(runtime, {}).get(f"b{cfg.batch}") or next(
-        iter(next(iter(lat.values())).values()))
+    lat = latency_all(handle, cfg, samples, progress, reference=timing)
+    metrics["latency_ms"] = chosen_latency(lat, cfg, handle)
     metrics["latency"] = lat
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     progress.update(1.0, "measured")
     return metrics, outputs
 
 
-def slower_than(variant: dict[str, Any], baseline: dict[str, Any], tolerance: float = 1.05) -> list[str]:
-    """The "is it actually faster?" check: warnings for every runtime/batch where the variant is
-    slower than the float baseline measured with the same runtime, batch and threads."""
-    warnings: list[str] = []
+def slower_than(variant: dict[str, Any], baseline: dict[str, Any] | None = None,
+                tolerance: float = 1.05) -> list[str]:
+    """The "is it actually faster?" verdict, for the runtime and batch the user chose only
+    (``latency_ms``) and only from a paired timing (``latency_ms["speedup"]``):
+
+    * "slower than the original ..." when the whole interval lies below ``1 / tolerance``;
+    * "timing too noisy: re-measure ..." when the timing was marked noisy and its interval reaches
+      below ``1 / tolerance`` (it can decide nothing);
+    * nothing otherwise. Unpaired figures (other runtimes and batches, old reports) decide nothing:
+      :func:`timing_notes` describes them as information. ``baseline`` is not needed (the paired
+      timing holds the baseline's figures) and kept for callers of the old signature."""
+    lat = variant.get("latency_ms") or {}
+    sp = lat.get("speedup")
+    if not sp:
+        return []
+    where = f"{lat.get('runtime')} at batch {lat.get('batch')}"
+    shown = (f"speed-up {sp['median']:.2f}x, 95% interval {sp['low']:.2f}-{sp['high']:.2f}x, "
+             f"{lat['median']:.3g} ms vs {sp['baseline_median']:.3g} ms, paired over {sp['blocks']} blocks")
+    if sp["high"] < 1.0 / tolerance:
+        return [f"{SLOWER_PREFIX} in {where}: {1.0 / sp['median']:.2f}x its time ({shown})"]
+    if sp.get("noisy") and sp["low"] < 1.0 / tolerance:
+        load = lat.get("load")
+        busy = f"; machine load {load:.1f}" if load is not None else ""
+        return [f"{NOISY_PREFIX} ({where}: {shown}{busy})"]
+    return []
+
+
+def flops_promise(variant: dict[str, Any], baseline: dict[str, Any], steps: list[dict[str, Any]] | None = None,
+                  min_ratio: float = 1.25, tolerance: float = 1.05) -> list[str]:
+    """A warning when the variant has at least ``min_ratio`` x fewer FLOPs than the original but the
+    paired timing shows no speed-up (the whole interval below ``tolerance``): the usual cause is
+    channel counts the runtime's kernels handle slowly (not multiples of 8 or 16)."""
+    sp = (variant.get("latency_ms") or {}).get("speedup")
+    flops, base_flops = variant.get("flops"), baseline.get("flops")
+    if not sp or sp.get("noisy") or not flops or not base_flops:
+        return []
+    ratio = base_flops / flops
+    if ratio < min_ratio or sp["high"] >= tolerance:
+        return []
+    prunes = [s for s in steps or [] if s.get("technique") == "prune" and s.get("method") == "structured"]
+    hint = ""
+    if prunes and not all(s.get("round_to") for s in prunes):
+        from .machine import channel_multiple
+
+        n = channel_multiple(int((variant.get("latency_ms") or {}).get("threads") or 1))
+        hint = (f"; channel counts that are not multiples of {n} run on slower kernels on this CPU "
+                f"(measured): try round_to = {n}")
+    return [f"{FLOPS_PREFIX}: {ratio:.2f}x fewer FLOPs than the original but a speed-up of "
+            f"{sp['median']:.2f}x (95% interval {sp['low']:.2f}-{sp['high']:.2f}x){hint}"]
+
+
+def own_timing_warnings(metrics: dict[str, Any], who: str = "the original") -> list[str]:
+    """A warning for an unpaired timing (the original's own) that stayed noisy: its absolute
+    median (the table's Latency, the chart's latency axis) is not to be trusted."""
+    lat = metrics.get("latency_ms") or {}
+    if not lat.get("noisy") or lat.get("speedup"):
+        return []
+    load = lat.get("load")
+    busy = f", machine load {load:.1f}" if load is not None else ""
+    return [f"{NOISY_PREFIX} ({who}: p90 is {lat.get('spread', 0):.1f}x the median of "
+            f"{lat.get('median', 0):.3g} ms{busy}; speed-ups are paired and stay valid)"]
+
+
+def timing_notes(variant: dict[str, Any], baseline: dict[str, Any], tolerance: float = 1.05) -> list[str]:
+    """Information (not verdicts) about the runtimes and batches the user did not choose, where the
+    variant's unpaired median is slower than the baseline's with the same runtime, batch, threads."""
+    chosen = variant.get("latency_ms") or {}
+    notes = []
     for runtime, per_batch in (variant.get("latency") or {}).items():
         for key, lat in per_batch.items():
-            base = (baseline.get("latency") or {}).get(runtime, {}).get(key)
-            if not base or base.get("threads") != lat.get("threads"):
+            if runtime == chosen.get("runtime") and lat.get("batch") == chosen.get("batch"):
                 continue
-            if lat["median"] > base["median"] * tolerance:
-                warnings.append(
-                    f"slower than the original in {runtime} at batch {lat['batch']}: "
-                    f"{lat['median']:.3g} ms vs {base['median']:.3g} ms "
-                    f"({lat['median'] / base['median']:.2f}x)")
-    return warnings
+            base = (baseline.get("latency") or {}).get(runtime, {}).get(key)
+            if not base or base.get("threads") != lat.get("threads") or not base.get("median"):
+                continue
+            ratio = lat["median"] / base["median"]
+            if ratio > tolerance:
+                notes.append(f"information: in {runtime} at batch {lat['batch']} (not the runtime/batch "
+                             f"chosen in [measure]) it measured {ratio:.2f}x the original's time "
+                             f"({lat['median']:.3g} vs {base['median']:.3g} ms, unpaired: no verdict)")
+    return notes

@@ -487,7 +487,7 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
         return []
     return finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=float(params["lr"]),
                     optimizer=params.get("optimizer", "adamw"), batch_size=int(params.get("batch_size", 64)),
-                    progress=progress, reference=reference,
+                    progress=progress, reference=reference, seed=int(params.get("seed", 0)),
                     classification=handle.task == "classification")
 
 

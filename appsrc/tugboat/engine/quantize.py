@@ -642,7 +642,7 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
             module.apply(qat.disable_observer)  # settle the ranges
         total = 0.0
         for b, (xs, ys, _) in enumerate(data.batches("train", batch, names=handle.input_names,
-                                                     shuffle=True, seed=epoch)):
+                                                     shuffle=True, seed=epoch + int(params.get("seed", 0)))):
             opt.zero_grad()
             loss = qat_loss(module(*xs), xs, ys)
             loss.backward()

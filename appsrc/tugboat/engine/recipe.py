@@ -25,17 +25,30 @@ from . import steps as step_registry
 from .data import Dataset, load_data
 from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
 from .guards import check_outputs, describe_step, non_finite, probe_inputs, probe_outputs
-from .measure import MeasureConfig, measure, slower_than
+from .measure import (
+    RUNTIMES,
+    MeasureConfig,
+    TimingReference,
+    flops_promise,
+    is_timing_warning,
+    measure,
+    own_timing_warnings,
+    slower_than,
+    timing_notes,
+)
 from .models import ModelHandle, load_model
 from .progress import Progress, null_progress
 from .runtimes import RUNTIME_NAMES
 from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
-                  "input_shape", "search", "task"}
+                  "input_shape", "search", "task", "seed"}
 MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIME_NAMES, "warmup": (0, 1000),
                 "min_runs": (1, 100000), "min_seconds": (0.0, 600.0), "max_seconds": (0.01, 3600.0),
-                "also_batch1": bool, "both_runtimes": bool}
+                "also_batch1": bool, "both_runtimes": bool, "min_blocks": (2, 10000),
+                "block_seconds": (0.0, 60.0), "max_width": (0.01, 10.0), "noisy_seconds": (0.0, 3600.0),
+                "confidence": (0.5, 0.999), "systematic": (0.0, 0.5)}
+DEFAULT_SEED = 0
 
 
 @dataclass
@@ -57,6 +70,7 @@ class Recipe:
     task: str | None = None  # overrides the task inferred from the model's outputs (tasks.TASKS)
     source: str | None = None  # the recipe file, for messages and relative paths
     notes: list[str] = field(default_factory=list)  # warnings found while reading (printed by the CLI)
+    seed: int = DEFAULT_SEED  # torch / numpy / random seeds of every step (reproducible weights)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model": self.model}
@@ -70,6 +84,7 @@ class Recipe:
             d["input_shape"] = list(self.input_shape)
         if self.task:
             d["task"] = self.task
+        d["seed"] = self.seed
         d["steps"] = [dict(s) for s in self.steps]
         m = self.measure
         d["measure"] = {"batch": m.batch, "threads": m.threads,
@@ -125,6 +140,9 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     for key in ("name", "arch"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise RecipeError(f"'{key}' must be a string, got {raw[key]!r}", path=where)
+    seed = raw.get("seed", DEFAULT_SEED)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise RecipeError(f"'seed' must be a whole number from 0 to 4294967295, got {seed!r}", path=where)
     if not isinstance(raw.get("trust", False), bool):
         raise RecipeError(f"'trust' must be true or false, got {raw['trust']!r}", path=where)
     if raw.get("trust"):
@@ -146,7 +164,7 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     recipe = Recipe(model=model, data=data, steps=steps, sweep=dict(sweep), measure=cfg,
                     target=dict(raw.get("target", {}) or {}), search=dict(raw.get("search", {}) or {}),
                     name=raw.get("name"), trust=False, arch=raw.get("arch"),
-                    input_shape=shape, task=task, source=source, notes=notes)
+                    input_shape=shape, task=task, source=source, notes=notes, seed=seed)
     return recipe
 
 
@@ -341,16 +359,38 @@ def _jsonable(obj):
     return str(obj)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, numpy and ``random`` generators (fine-tuning, distillation, dropout,
+    anything a technique draws without its own generator)."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, index: int) -> int:
+    """The seed of recipe step ``index`` (0-based): a prefix computed once in a sweep and the same
+    prefix computed alone draw the same numbers."""
+    return (int(seed) * 1_000_003 + index) % 2**32
+
+
 def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset | None,
                 progress: Progress, *, first_index: int = 0, guard: bool = True,
-                trust: bool = False) -> ModelHandle:
+                trust: bool = False, seed: int = DEFAULT_SEED) -> ModelHandle:
     """Apply validated steps in order; each technique returns a new handle.
 
     After every step the new model runs on a small probe batch (:mod:`guards`): NaN or Inf outputs
     raise :class:`NumericalError` naming the step ("outputs are NaN after step 2 (quantize
     static-int8)"; ``first_index`` is the number of recipe steps applied before ``steps``). Running
     out of memory inside a step raises :class:`ResourceError` naming the step. ``trust`` (this run's
-    decision, never part of a step) reaches techniques that load files (``extras["loads_files"]``)."""
+    decision, never part of a step) reaches techniques that load files (``extras["loads_files"]``).
+
+    Every step starts from seeded generators (:func:`step_seed` of the recipe's ``seed``), and a
+    technique's own ``seed`` parameter is offset by the recipe seed, so a re-run of a recipe
+    reproduces the same weights and a different recipe seed draws different ones."""
     n = max(1, len(steps))
     probe = probe_inputs(handle, data) if guard and steps else None
     for i, step in enumerate(steps):
@@ -360,6 +400,8 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
         params["method"] = step["method"]
         if tech.extras.get("loads_files"):
             params["trust"] = bool(trust)
+        params["seed"] = int(params.get("seed", 0)) + int(seed)
+        this_seed = step_seed(seed, first_index + i)
         if tech.needs_torch and handle.module is None:
             why = handle.conversion_error or "this model is ONNX-only"
             raise TugboatError(f"{tech.name} needs a torch model, but {why}", path=handle.source)
@@ -368,8 +410,8 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
         label = describe_step(first_index + i + 1, step)
         out_of_memory = False
         try:  # on a helper thread: a cancel is honoured within cancellable.POLL_S, at any point
-            handle = cancellable.call(lambda f=tech.apply, h=handle, p=params, s=sub: f(h, p, data, s), progress,
-                                      name=f"tugboat-{tech.name}")
+            handle = cancellable.call(lambda f=tech.apply, h=handle, p=params, s=sub, k=this_seed: (
+                seed_everything(k), f(h, p, data, s))[1], progress, name=f"tugboat-{tech.name}")
         except Exception as exc:
             if not resources.is_out_of_memory(exc):
                 raise
@@ -394,6 +436,8 @@ class Baseline:
     metrics: dict[str, Any]
     outputs: list[np.ndarray] | None
     cfg: MeasureConfig
+    # the baseline kept ready for paired timing (sessions alive across variants); see measure.py
+    timing: TimingReference | None = None
 
 
 def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
@@ -426,21 +470,47 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     if metrics is None:
         gc.collect()
         raise ResourceError(resources.oom_message("measuring the original model"), path=recipe.model)
-    return Baseline(handle, data, metrics, outputs, recipe.measure)
+    handle.warnings = [w for w in handle.warnings if not is_timing_warning(w)] + own_timing_warnings(metrics)
+    return Baseline(handle, data, metrics, outputs, recipe.measure, timing_reference(handle, data, recipe.measure))
+
+
+def timing_reference(handle: ModelHandle, data: Dataset | None, cfg: MeasureConfig) -> TimingReference:
+    """The baseline ready for paired timing, on the same real samples every variant is timed on."""
+    samples = data.split("test", limit=cfg.batch)[0] if data is not None else None
+    return TimingReference(handle, samples)
 
 
 def finish_variant(variant: Variant, handle: ModelHandle, base: Baseline,
                    progress: Progress) -> Variant:
     """Measure a produced handle against the baseline and fill in the variant."""
+    if base.timing is None:
+        base.timing = timing_reference(base.handle, base.data, base.cfg)
     metrics, _ = cancellable.call(
-        lambda: measure(handle, base.data, base.cfg, reference=base.outputs, progress=progress), progress,
-        name="tugboat-measure")
+        lambda: measure(handle, base.data, base.cfg, reference=base.outputs, progress=progress,
+                        timing=base.timing), progress, name="tugboat-measure")
     variant.metrics = metrics
     variant.handle = handle
     variant.info.update(handle.info)
     variant.warnings += handle.warnings[len(base.handle.warnings):]
-    variant.warnings += slower_than(metrics, base.metrics)
+    judge_timing(variant, base.metrics)
     return variant
+
+
+def judge_timing(variant: Variant, baseline_metrics: dict[str, Any]) -> None:
+    """Replace the variant's timing verdict (:func:`measure.slower_than`) and information notes
+    (other runtimes and batches, advice for this machine and these steps)."""
+    from .machine import advice
+
+    variant.warnings = [w for w in variant.warnings if not is_timing_warning(w)]
+    steps = list((variant.recipe or {}).get("steps") or [])
+    variant.warnings += slower_than(variant.metrics, baseline_metrics)
+    variant.warnings += flops_promise(variant.metrics, baseline_metrics, steps)
+    notes = timing_notes(variant.metrics, baseline_metrics)
+    notes += advice(steps)
+    if notes:
+        variant.info["notes"] = notes
+    else:
+        variant.info.pop("notes", None)
 
 
 def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None,
@@ -456,7 +526,7 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     out_of_memory = False
     try:
         handle = apply_steps(start or base.handle, todo, base.data, progress.sub(0.0, 0.7),
-                             first_index=done_steps, trust=recipe.trust_steps)
+                             first_index=done_steps, trust=recipe.trust_steps, seed=recipe.seed)
         finish_variant(variant, handle, base, progress.sub(0.7, 1.0, "measuring: "))
     except NumericalError as exc:
         variant.status, variant.error = "failed", f"numerical failure: {exc.message}"

@@ -59,6 +59,8 @@ def pareto_front(named: list[tuple[str, dict[str, Any]]]) -> list[str]:
 
 def build_report(recipe, baseline_metrics: dict[str, Any], variants: list, *,
                  baseline_artifacts: dict[str, str] | None = None, extra: dict | None = None) -> dict[str, Any]:
+    from .machine import machine_info
+
     ok = [v for v in variants if v.status == "ok" and v.metrics]
     named = [("baseline", baseline_metrics)] + [(v.name, v.metrics) for v in ok]
     report = {
@@ -69,6 +71,7 @@ def build_report(recipe, baseline_metrics: dict[str, Any], variants: list, *,
         "baseline": {"metrics": baseline_metrics, "artifacts": baseline_artifacts or {}},
         "variants": [v.to_dict() for v in variants],
         "pareto": pareto_front(named),
+        "machine": machine_info(),  # where the latencies were measured (CPU, int8 features, versions)
     }
     if extra:
         report.update(extra)

@@ -319,6 +319,12 @@ def check_metrics(c: Checker, value: Any, key: str) -> dict[str, Any]:
     for name in ("batch", "threads"):
         c.number(lat.get(name), f"{key}.latency_ms.{name}", integer=True)
     c.text(lat.get("runtime"), f"{key}.latency_ms.runtime", optional=True)
+    for name in ("spread", "load"):
+        c.number(lat.get(name), f"{key}.latency_ms.{name}")
+    sp = c.obj(lat.get("speedup"), f"{key}.latency_ms.speedup", optional=True)  # paired timing
+    for name in ("median", "low", "high", "baseline_median", "width"):
+        c.number(sp.get(name), f"{key}.latency_ms.speedup.{name}")
+    c.number(sp.get("blocks"), f"{key}.latency_ms.speedup.blocks", integer=True)
     fid = c.obj(m.get("fidelity"), f"{key}.fidelity", optional=True)
     for name, v in fid.items():
         c.number(v, f"{key}.fidelity.{name}")

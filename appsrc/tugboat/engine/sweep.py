@@ -453,7 +453,7 @@ def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: Prefix
             step_t0 = time.perf_counter()
             sub = progress.sub(0.7 * k / n, 0.7 * (k + 1) / n)
             handle = apply_steps(handle, [cand.steps[k]], base.data, sub, first_index=k,
-                                 trust=recipe.trust_steps)
+                                 trust=recipe.trust_steps, seed=recipe.seed)
             prefix_seconds += time.perf_counter() - step_t0
             if cache is not None and k + 1 < n and cache.wants(cand.steps, k + 1):
                 cache.store(cand.steps, k + 1, handle, prefix_seconds)
@@ -566,9 +566,13 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
     if ws.baseline is not None and ws.baseline.metrics:
         base.metrics = ws.baseline.metrics  # every variant compares with the baseline on record
     else:
-        ws.set_baseline(Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle))
+        ws.set_baseline(Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle,
+                                warnings=list(base.handle.warnings)))
     ws.recipe = recipe.to_dict()
     ws.meta["sweep"] = {"kind": the_plan.kind}
+    from .machine import machine_info
+
+    ws.meta["machine"] = machine_info()  # the machine this sweep's timings come from
     ws.save()
 
     result = SweepResult(ws, the_plan.kind)

@@ -396,9 +396,14 @@ class Workspace:
             "pareto": self.pareto(),
             "workspace": {"format": FORMAT, "version": FORMAT_VERSION},
         }
-        for key in ("sweep", "target"):
+        for key in ("sweep", "target", "remeasured"):
             if key in self.meta:
                 report[key] = self.meta[key]
+        if "machine" not in self.meta:
+            from .machine import machine_info
+
+            self.meta["machine"] = machine_info()  # first written where it was measured
+        report["machine"] = self.meta["machine"]
         return _jsonable(report)
 
     def export_report(self, path: str | os.PathLike | None = None) -> Path:

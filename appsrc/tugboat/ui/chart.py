@@ -22,6 +22,7 @@ ring, the Pareto line and the estimate "ghost" are small items of their own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from .store import BASELINE, VariantStore
 class Metric:
     key: str
     label: str
-    kind: str  # "bytes" | "count" | "ms" | "fraction"
+    kind: str  # "bytes" | "count" | "ms" | "fraction" | "ratio"
     get: Callable[[dict[str, Any]], float | None]
     loggable: bool = True
     short: str = ""  # for combo boxes and axis titles (the label is the tooltip)
@@ -63,7 +64,7 @@ class Metric:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.kind == "fraction"
+        return self.kind in ("fraction", "ratio")  # accuracy, agreement, speed-up
 
 
 def pareto_2d(points: dict[str, tuple[float, float]], mx: Metric, my: Metric) -> list[str]:
@@ -92,6 +93,17 @@ def _latency(m: dict[str, Any]) -> float | None:
     return _num((m.get("latency_ms") or {}).get("median"))
 
 
+def _speedup(m: dict[str, Any]) -> float | None:
+    """The paired speed-up over the original (median of block ratios); None when not paired."""
+    return _num(((m.get("latency_ms") or {}).get("speedup") or {}).get("median"))
+
+
+def _value_of(metric: Metric, variant) -> float | None:
+    if metric.key == "speedup" and variant.name == BASELINE:
+        return 1.0  # the original, by definition
+    return metric.get(variant.metrics)
+
+
 def _agreement(m: dict[str, Any]) -> float | None:
     return _num((m.get("fidelity") or {}).get("top1_agreement"))
 
@@ -101,6 +113,8 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("compressed", "Deflated size", "bytes", lambda m: _num(m.get("compressed_bytes")),
            short="Deflated size"),
     Metric("latency", "Latency (median)", "ms", _latency, short="Latency"),
+    Metric("speedup", "Speed-up over the original, timed side by side with it (1x: the original)", "ratio",
+           _speedup, short="Speed-up"),
     Metric("params", "Parameters (as `tugboat run` and `report` count them)", "count",
            lambda m: _num(m.get("params")), short="Params"),
     Metric("nonzero", "Non-zero parameters (what unstructured pruning lowers)", "count",
@@ -147,6 +161,8 @@ def scale_for(kind: str, values: list[float]) -> tuple[float, str]:
         return 1.0, ""
     if kind == "fraction":
         return 0.01, "%"
+    if kind == "ratio":
+        return 1.0, "x"
     return 1.0, "ms"
 
 
@@ -429,7 +445,7 @@ class TradeoffChart(QWidget):
         for v in self.store.variants():
             if v.status != "ok" or not v.metrics:
                 continue
-            x, y = mx.get(v.metrics), my.get(v.metrics)
+            x, y = _value_of(mx, v), _value_of(my, v)
             if x is None or y is None or (log_x and x <= 0) or (log_y and y <= 0):
                 continue
             rows.append((v, x, y))
@@ -585,6 +601,11 @@ class TradeoffChart(QWidget):
             val = metric.get(m)
             if val is not None:
                 lines.append(f"{metric.label}: {format_metric(metric.kind, val)}")
+        sp = (m.get("latency_ms") or {}).get("speedup")
+        if sp:
+            with contextlib.suppress(TypeError, ValueError, KeyError):  # incomplete, read back from a file
+                lines.append(f"speed-up: {sp['median']:.2f}x (95% interval {sp['low']:.2f}-{sp['high']:.2f})"
+                             + (", noisy" if sp.get("noisy") else ""))
         if name in self._pareto:
             lines.append(f"on the Pareto front of {METRICS[self.x_key].title.lower()} and "
                          f"{METRICS[self.y_key].title.lower()} (the dashed line)")

@@ -315,6 +315,7 @@ class MainWindow(QMainWindow):
 
         self._build_menus()
         self._connect()
+        self._show_machine()
         guard_wheel(self)  # the wheel scrolls panels; it changes a control only when that has focus
         self.resize(default_size(self.screen()))
         self.resizeDocks([self.model_dock, self.technique_dock], [300, 340], Qt.Orientation.Horizontal)
@@ -405,6 +406,31 @@ class MainWindow(QMainWindow):
         t.delete_requested.connect(self.delete_variant)
         t.show_recipe_requested.connect(self.show_recipe)
         t.continue_requested.connect(self.session.continue_from)
+        t.remeasure_requested.connect(self.remeasure)
+        s.remeasured.connect(self._on_session_remeasured)
+
+    def _show_machine(self) -> None:
+        """The hardware every timing here comes from, always in view (status bar, right)."""
+        from ..engine.machine import describe, machine_info
+
+        info = machine_info()
+        self.machine_label = QLabel(describe(info))
+        self.machine_label.setObjectName("machine_label")
+        runtimes = ", ".join(f"{k} {v}" for k, v in (info.get("runtimes") or {}).items() if v)
+        self.machine_label.setToolTip(f"Timings are measured on this machine\n{info.get('cpu')}\n"
+                                      f"int8 features: {', '.join(info.get('flags') or []) or 'none'}\n"
+                                      f"{runtimes}")
+        self.statusBar().addPermanentWidget(self.machine_label)
+
+    def remeasure(self, names: list[str]) -> Job | None:
+        """Time the original and ``names`` again, back to back (results table > Re-measure)."""
+        artifact_dir = str(self.workspace.path) if self.workspace else None
+        return self.session.remeasure(list(names), artifact_dir)
+
+    def _on_session_remeasured(self, names: list[str]) -> None:
+        self.keeper.record_timings(names)
+        self.statusBar().showMessage(f"Re-measured {len([n for n in names if n != 'baseline'])} variant(s) "
+                                     "beside the original", 6000)
 
     def _set_ready(self, ready: bool) -> None:
         self.stack.setCurrentIndex(1 if ready or len(self.store) else 0)

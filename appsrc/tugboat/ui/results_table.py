@@ -26,7 +26,7 @@ from ..engine.recipe import step_label
 from . import theme
 from .store import BASELINE, VariantStore
 
-COLUMNS = ("Variant", "Steps", "Size", "Deflated", "Params", "Latency", "Accuracy", "Agreement",
+COLUMNS = ("Variant", "Steps", "Size", "Deflated", "Params", "Latency", "Speed-up", "Accuracy", "Agreement",
            "Warnings")
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
@@ -43,6 +43,36 @@ def params_text(m: dict[str, Any]) -> str:
 def _latency(m: dict[str, Any]) -> float | None:
     lat = m.get("latency_ms") or {}
     return lat.get("median")
+
+
+def _speedup(m: dict[str, Any]) -> dict[str, Any]:
+    """The paired timing's speed-up entry, or {} (none, or one read back incomplete)."""
+    sp = (m.get("latency_ms") or {}).get("speedup") or {}
+    ok = all(isinstance(sp.get(k), (int, float)) and not isinstance(sp.get(k), bool)
+             for k in ("median", "low", "high"))
+    return sp if ok else {}
+
+
+def speedup_text(m: dict[str, Any]) -> str:
+    """``1.84x (1.79-1.90)``: the paired speed-up and its 95% interval; ``?`` marks a noisy timing."""
+    sp = _speedup(m)
+    if not sp:
+        return "-"
+    return f"{sp['median']:.2f}x ({sp['low']:.2f}-{sp['high']:.2f})" + (" ?" if sp.get("noisy") else "")
+
+
+def speedup_tooltip(m: dict[str, Any]) -> str:
+    sp, lat = _speedup(m), m.get("latency_ms") or {}
+    if not sp:
+        return "not timed beside the original (the original itself, or an older result)"
+    lines = [f"speed-up {sp['median']:.3f}x, 95% interval {sp['low']:.3f}-{sp['high']:.3f}x",
+             f"{lat.get('median')} ms vs the original's {sp.get('baseline_median')} ms, "
+             f"timed in alternating blocks ({sp.get('blocks')} blocks) in {lat.get('runtime')} at batch "
+             f"{lat.get('batch')}, {lat.get('threads')} thread(s)",
+             f"spread (p90/median) {lat.get('spread')}; machine load {lat.get('load')}"]
+    if sp.get("noisy"):
+        lines.append("noisy: the machine was busy; right-click > Re-measure")
+    return "\n".join(lines)
 
 
 class ResultsModel(QAbstractTableModel):
@@ -99,6 +129,8 @@ class ResultsModel(QAbstractTableModel):
                 "Size": "ONNX artifact size on disk",
                 "Deflated": "size after deflate compression (what sparsity saves in a zip)",
                 "Latency": "median latency per batch in the measuring runtime",
+                "Speed-up": "how many times as fast as the original, timed side by side with it in "
+                            "alternating blocks; in brackets the 95% interval (? = noisy: re-measure)",
                 "Accuracy": "top-1 accuracy on the test split (needs labels)",
                 "Agreement": "top-1 agreement with the original model (fidelity)",
             }.get(COLUMNS[section])
@@ -124,6 +156,8 @@ class ResultsModel(QAbstractTableModel):
         if role == SORT_ROLE:
             return self._sort_key(v, col, m)
         if role == Qt.ItemDataRole.ToolTipRole:
+            if col == "Speed-up":
+                return speedup_tooltip(m)
             if col == "Params" and m.get("params") is not None:
                 return params_text(m)
             return self.warnings_text(v) or None
@@ -143,6 +177,8 @@ class ResultsModel(QAbstractTableModel):
     def warnings_text(v) -> str:
         """Every warning (and the error) in full, one per line: the cell's tooltip."""
         notes = ([f"{v.status}: {v.error}"] if v.error else []) + [f"⚠ {w}" for w in v.warnings]
+        extra = (v.info or {}).get("notes")
+        notes += [f"ⓘ {n}" for n in extra] if isinstance(extra, list) else []
         return "\n".join(notes)
 
     @staticmethod
@@ -172,6 +208,8 @@ class ResultsModel(QAbstractTableModel):
         if col == "Latency":
             lat = _latency(m)
             return f"{lat:.3f} ms" if lat is not None else "-"
+        if col == "Speed-up":
+            return speedup_text(m) if v.name != BASELINE else "1x"
         if col == "Accuracy":
             acc = m.get("accuracy")
             return f"{acc * 100:.2f}%" if acc is not None else "-"
@@ -185,6 +223,7 @@ class ResultsModel(QAbstractTableModel):
             return self._display(v, col, m).lower()
         value = {"Size": m.get("size_bytes"), "Deflated": m.get("compressed_bytes"),
                  "Params": m.get("params"), "Latency": _latency(m),
+                 "Speed-up": -(_speedup(m).get("median") or (1.0 if v.name == BASELINE else 0.0)),
                  "Accuracy": m.get("accuracy"),
                  "Agreement": (m.get("fidelity") or {}).get("top1_agreement")}.get(col)
         return float(value) if value is not None else float("inf")
@@ -217,6 +256,7 @@ class ResultsTable(QTableView):
     export_requested = Signal(str, str)  # name, kind: onnx | torch | recipe
     rerun_requested = Signal(str)
     remeasure_in_requested = Signal(str, str)  # name, runtime (engine/runtimes)
+    remeasure_requested = Signal(list)  # names: time again beside the original
     delete_requested = Signal(str)
     show_recipe_requested = Signal(str)
     continue_requested = Signal(str)
@@ -232,7 +272,8 @@ class ResultsTable(QTableView):
         self.setSortingEnabled(True)
         self.sortByColumn(-1, Qt.SortOrder.AscendingOrder)
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        # several rows can be selected for Re-measure; the store follows the current one
+        self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.setAlternatingRowColors(True)
         self.setWordWrap(False)
@@ -245,7 +286,7 @@ class ResultsTable(QTableView):
         # is cut off: the table scrolls sideways instead; the tooltip holds the same text
         header.setStretchLastSection(False)
         header.setTextElideMode(Qt.TextElideMode.ElideNone)
-        for col, width in enumerate((170, 150, 66, 68, 104, 76, 70, 76)):
+        for col, width in enumerate((170, 150, 66, 68, 104, 76, 150, 70, 76)):
             self.setColumnWidth(col, width)
         m = self.results_model
         for sig in (m.rowsInserted, m.rowsRemoved, m.modelReset, m.dataChanged):
@@ -292,10 +333,17 @@ class ResultsTable(QTableView):
         return self.results_model.name_at(self.proxy.mapToSource(self.proxy.index(view_row, 0)).row())
 
     def selected_name(self) -> str | None:
+        current = self.currentIndex()
         rows = self.selectionModel().selectedRows()
+        if current.isValid() and any(r.row() == current.row() for r in rows):
+            return self.results_model.name_at(self.proxy.mapToSource(current).row())
         if not rows:
             return None
         return self.results_model.name_at(self.proxy.mapToSource(rows[0]).row())
+
+    def selected_names(self) -> list[str]:
+        rows = sorted(r.row() for r in self.selectionModel().selectedRows())
+        return [self.name_at_row(r) for r in rows]
 
     def _on_selection_changed(self, *_a) -> None:
         if self._syncing:
@@ -351,6 +399,16 @@ class ResultsTable(QTableView):
             again.addAction(act)
         again.setToolTipsVisible(True)
         menu.addSeparator()
+        chosen = [n for n in self.selected_names() if n != BASELINE] if name in self.selected_names() else []
+        chosen = chosen or ([name] if name != BASELINE else [])
+        timed = [n for n in chosen if (self.store.get(n) is not None and self.store.get(n).status == "ok")]
+        label = "Re-measure" if len(timed) <= 1 else f"Re-measure {len(timed)} variants"
+        act = QAction(label, menu)
+        act.setObjectName("remeasure_action")
+        act.setToolTip("time the original and these variants again, back to back")
+        act.setEnabled(bool(timed))
+        act.triggered.connect(lambda _=False, names=timed: self.remeasure_requested.emit(list(names)))
+        menu.addAction(act)
         for text, signal, enabled in (
             ("Continue chain from here", self.continue_requested, has_model),
             ("Re-run", self.rerun_requested, name != BASELINE),
@@ -368,5 +426,6 @@ class ResultsTable(QTableView):
         if not index.isValid():
             return
         name = self.results_model.name_at(self.proxy.mapToSource(index).row())
-        self.store.select(name)
+        if name not in self.selected_names():
+            self.store.select(name)
         self.build_menu(name).popup(self.viewport().mapToGlobal(pos))

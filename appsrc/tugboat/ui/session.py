@@ -8,6 +8,7 @@ no torch math on the GUI thread: every engine call runs inside a job.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ from ..jobs import Job, JobQueue
 from .store import BASELINE, VariantStore
 
 DEMO_MODEL, DEMO_DATA = "demo:digits-cnn", "demo:digits"
+
+
+def _timing_copy(v: Variant) -> Variant:
+    """A copy whose metrics, warnings and notes a worker may change (the store's stay untouched)."""
+    return dataclasses.replace(v, metrics=copy.deepcopy(v.metrics), warnings=list(v.warnings),
+                               info=copy.deepcopy(v.info))
 
 
 class _Untrusted:
@@ -42,6 +49,7 @@ class Session(QObject):
     error = Signal(str, str)  # message, details (non-job errors, e.g. invalid chain)
     variant_finished = Signal(object)  # Variant added to the store
     message = Signal(str)  # information for the user (e.g. a re-measure in another runtime)
+    remeasured = Signal(list)  # names (baseline included) whose timings were taken again
 
     def __init__(self, store: VariantStore, queue: JobQueue, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -265,6 +273,60 @@ class Session(QObject):
                     if entry.get("ok") else f"{name}: {entry.get('reason')}")
             self.message.emit(text)
         self.store.update(v)
+
+    # --- re-measure -----------------------------------------------------------------------------
+    def remeasure(self, names: list[str], artifact_dir: str | None = None) -> Job | None:
+        """Time the original and the variants ``names`` again, back to back (each paired with the
+        original, whose session is kept), in a job; the store is updated on the GUI thread."""
+        base = self.baseline
+        if base is None or self.store.baseline is None:
+            self.error.emit("Load a model first (File > Open model..., or Try the demo).", "")
+            return None
+        chosen, missing = [], []
+        for name in names:
+            v = self.store.get(name)
+            if v is None or name == BASELINE or v.status != "ok" or not v.metrics:
+                continue
+            saved = (v.artifacts or {}).get("onnx")
+            path = os.path.join(artifact_dir, saved) if saved and artifact_dir else None
+            if v.handle is None and not (path and os.path.exists(path)):
+                missing.append(name)
+                continue
+            chosen.append((_timing_copy(v), v.handle, path))
+        if missing:
+            self.error.emit(f"No model in memory for {', '.join(missing)}; re-run to time again.", "")
+        if not chosen:
+            return None
+        base_copy = _timing_copy(self.store.baseline)
+
+        def work(progress):
+            from ..engine.models import load_model
+            from ..engine.remeasure import remeasure
+
+            pairs = [(copy_, handle if handle is not None else load_model(path)) for copy_, handle, path in chosen]
+            remeasure(base.handle, base_copy, pairs, base.cfg, timing=base.timing, progress=progress)
+            return base_copy, [p[0] for p in pairs]
+
+        label = chosen[0][0].name if len(chosen) == 1 else f"{len(chosen)} variants"
+        job = self.queue.submit(work, name=f"re-measure {label}", kind="measure")
+        job.finished.connect(lambda result, b=base: self._on_remeasured(result, b))
+        return job
+
+    def _on_remeasured(self, result, base: Baseline) -> None:
+        if base is not self.baseline:  # the model changed meanwhile: these timings are stale
+            return
+        new_base, variants = result
+        names = []
+        for new in [new_base, *variants]:
+            old = self.store.get(new.name)
+            if old is None:
+                continue
+            # the store's own objects change (the open workspace holds the same ones)
+            old.metrics, old.warnings, old.info = new.metrics, new.warnings, new.info
+            self.store.update(old)
+            names.append(new.name)
+        base.metrics = self.store.baseline.metrics
+        self.remeasured.emit(names)
 
     # --- sweep ----------------------------------------------------------------------------------
     def add_to_sweep(self, step: dict[str, Any]) -> None:

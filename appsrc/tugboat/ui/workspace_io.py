@@ -242,6 +242,33 @@ class WorkspaceKeeper(QObject):
     def save(self) -> Path | None:
         return self.ws.save() if self.ws is not None else None
 
+    def record_timings(self, names: list[str]) -> None:
+        """Re-measured variants: rewrite their metrics.json (their model files are unchanged) and
+        the index and report.json, atomically, with the machine the timings come from."""
+        ws = self.ws
+        if ws is None:
+            return
+        from ..engine.machine import machine_info
+
+        try:
+            for name in names:
+                v, shown = ws.get(name), self.store.get(name)
+                if v is None or shown is None:
+                    continue
+                if v is not shown:  # e.g. a reopened workspace's baseline: the window measured its own
+                    v.metrics, v.warnings = copy.deepcopy(shown.metrics), list(shown.warnings)
+                    v.info = copy.deepcopy(shown.info)
+                handle, v.handle = v.handle, None  # metrics and recipe only
+                try:
+                    ws.write_variant_files(v)
+                finally:
+                    v.handle = handle
+            ws.meta["machine"] = machine_info()
+            ws.meta["remeasured"] = {"variants": [n for n in names if n != BASELINE]}
+            ws.save()
+        except (OSError, TugboatError) as exc:
+            self.problem.emit(f"Could not save the new timings: {exc}", "warning")
+
     def save_as(self, path: str | Path) -> Workspace:
         """Copy what the window shows into a new workspace folder (files written in jobs)."""
         old = self.ws
