@@ -26,7 +26,6 @@ from .data import Dataset, load_data
 from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
 from .guards import check_outputs, describe_step, non_finite, probe_inputs, probe_outputs
 from .measure import (
-    RUNTIMES,
     MeasureConfig,
     TimingReference,
     flops_promise,
