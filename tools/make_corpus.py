@@ -90,6 +90,77 @@ def pt2_bytes() -> bytes:
     return buf.getvalue()
 
 
+def torchscript_with_meta(meta_text: str) -> bytes:
+    import torch
+
+    traced = torch.jit.trace(tiny_module(), (torch.zeros(2, 1, 8, 8),), check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf, _extra_files={"tugboat.json": meta_text})
+    return buf.getvalue()
+
+
+def pt2_with_meta(meta_text: str) -> bytes:
+    import torch
+
+    program = torch.export.export(tiny_module(), (torch.zeros(2, 1, 8, 8),))
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={"tugboat.json": meta_text})
+    return buf.getvalue()
+
+
+def onnx_with_meta(meta_text: str) -> bytes:
+    model = tiny_onnx()
+    prop = model.metadata_props.add()
+    prop.key, prop.value = "tugboat", meta_text
+    return model.SerializeToString()
+
+
+def mlp_state_dict(hidden: int = 8, depth: int = 1) -> dict:
+    """A small digits-mlp state_dict (built with arch_kwargs hidden/depth)."""
+    import torch
+
+    from tugboat.engine import zoo
+
+    torch.manual_seed(0)
+    return zoo.build("digits-mlp", hidden=hidden, depth=depth).state_dict()
+
+
+def custom_domain_models() -> dict[str, bytes]:
+    """Custom-domain operators a domain check must not let through: beside an unused local
+    function of the same domain, inside an If branch, and inside a local function that is called."""
+    from onnx import TensorProto, helper
+
+    def model_with(nodes, functions=(), domains=("evil.ops",)):
+        x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+        y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])
+        graph = helper.make_graph(nodes, "evil", [x], [y])
+        opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, 1) for d in domains]
+        model = helper.make_model(graph, opset_imports=opsets, functions=list(functions),
+                                  producer_name="tugboat-corpus")
+        model.ir_version = 8
+        return model.SerializeToString()
+
+    harmless = helper.make_function("evil.ops", "Harmless", ["x"], ["y"],
+                                    [helper.make_node("Relu", ["x"], ["y"])], [helper.make_opsetid("", 17)])
+    calls_evil = helper.make_function("evil.ops", "Wrapper", ["x"], ["y"],
+                                      [helper.make_node("Detonate", ["x"], ["y"], domain="evil.ops")],
+                                      [helper.make_opsetid("", 17), helper.make_opsetid("evil.ops", 1)])
+    branch = helper.make_graph([helper.make_node("Detonate", ["input"], ["b_out"], domain="evil.ops")], "then",
+                               [], [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, ["batch", 4])])
+    other = helper.make_graph([helper.make_node("Relu", ["input"], ["e_out"])], "else",
+                              [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, ["batch", 4])])
+    cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+    return {
+        "unused_function": model_with(
+            [helper.make_node("Detonate", ["input"], ["output"], name="boom", domain="evil.ops")], [harmless]),
+        "in_if_branch": model_with(
+            [helper.make_node("Constant", [], ["c"], value=cond),
+             helper.make_node("If", ["c"], ["output"], name="branch", then_branch=branch, else_branch=other)]),
+        "in_called_function": model_with(
+            [helper.make_node("Wrapper", ["input"], ["output"], name="wrap", domain="evil.ops")], [calls_evil]),
+    }
+
+
 def state_dict_bytes(obj=None) -> bytes:
     import torch
 
@@ -260,6 +331,53 @@ def build(out: Path) -> list[dict]:
     c.write("models/folder.onnx/README.txt", "A folder, so that git keeps it.\n")
     c.case("models/folder.onnx", "model", M, ["is a folder"], "a folder whose name ends in .onnx")
     c.case("models/does_not_exist.onnx", "model", M, ["not found"], "a path that does not exist")
+    # --- models whose Tugboat metadata (untrusted, like every byte of the file) is malformed ---
+    meta_cases = [
+        ("meta_list.onnx", onnx_with_meta("[1, 2]"), ["metadata must be a JSON object", "a list"]),
+        ("meta_string.onnx", onnx_with_meta('"tiny"'), ["metadata must be a JSON object", "a string"]),
+        ("meta_bad_json.onnx", onnx_with_meta("{inputs: ["), ["metadata_props['tugboat']", "not valid JSON"]),
+        ("meta_bad_task.onnx", onnx_with_meta('{"task": {"a": 1}}'), ["field 'task'"]),
+        ("meta_list_torchscript.pt", torchscript_with_meta("[]"), ["metadata must be a JSON object"]),
+        ("meta_unnamed_input_torchscript.pt",
+         torchscript_with_meta('{"inputs": [{"shape": ["batch", 1, 8, 8]}]}'), ["'inputs[0]'", "no name"]),
+        ("meta_float_shape_torchscript.pt",
+         torchscript_with_meta('{"inputs": [{"name": "x", "shape": ["batch", 1.5, [8], 8]}]}'),
+         ["'inputs[0]'", "shape dimension 1.5"]),
+        ("meta_inputs_string.pt2", pt2_with_meta('{"inputs": "x"}'), ["field 'inputs'", "a string"]),
+        ("meta_outputs_bad_dtype.pt2",
+         pt2_with_meta('{"outputs": [{"name": "y", "shape": [2], "dtype": "notatype"}]}'),
+         ["'outputs[0]'", "dtype \"notatype\""]),
+    ]
+    for name, data, expect in meta_cases:
+        c.case(f"models/{name}", "model", M, expect, "malformed Tugboat metadata", data)
+    import torch
+
+    mlp = mlp_state_dict()
+    sd_meta = {
+        "meta_arch_list_state_dict.pt": ({"arch": ["digits-mlp"]}, ["field 'arch'", "must be a name"]),
+        "meta_arch_kwargs_unknown_state_dict.pt": ({"arch": "digits-mlp", "arch_kwargs": {"bogus": 1}},
+                                                   ["'arch_kwargs' does not build 'digits-mlp'", "bogus"]),
+        "meta_arch_kwargs_not_numbers_state_dict.pt": ({"arch": "digits-mlp", "arch_kwargs": [1, 2]},
+                                                       ["'arch_kwargs' must map parameter names"]),
+        "meta_arch_kwargs_huge_state_dict.pt": ({"arch": "digits-mlp",
+                                                 "arch_kwargs": {"hidden": 10**12, "depth": 1}},
+                                                ["do not fit architecture 'digits-mlp'", "in the file"]),
+        "meta_bad_dtype_state_dict.pt": ({"arch": "digits-mlp", "arch_kwargs": {"hidden": 8, "depth": 1},
+                                          "inputs": [{"name": "input", "shape": ["batch", 64],
+                                                      "dtype": "notatype"}]},
+                                         ["'inputs[0]'", "\"notatype\"", "not a tensor type"]),
+        "meta_tugboat_list_state_dict.pt": (["digits-mlp"], ["metadata must be a JSON object"]),
+    }
+    for name, (meta, expect) in sd_meta.items():
+        c.case(f"models/{name}", "model", M, expect, "malformed Tugboat metadata beside a state_dict",
+               state_dict_bytes({"state_dict": mlp, "tugboat": meta}))
+    c.write("good/mlp_h8_state_dict.pt", state_dict_bytes(
+        {"state_dict": mlp, "tugboat": {"arch": "digits-mlp", "arch_kwargs": {"hidden": 8, "depth": 1}}}))
+    del torch
+    for name, data in custom_domain_models().items():
+        c.case(f"models/custom_domain_{name}.onnx", "model", M, ["custom domain 'evil.ops'", "Detonate"],
+               f"a custom-domain operator ({name.replace('_', ' ')})", data)
+
     # --- models that load but must not be measured ---
     c.case("models/dynamic_features.onnx", "baseline", M, ["unknown size in dimension 1", "--input-shape"],
            "every input dimension symbolic and no data to tell the shape",
