@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 
-from tugboat.engine.errors import ModelLoadError
+from tugboat.engine.errors import DataError, ModelLoadError
 from tugboat.engine.models import load_model, validate_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +93,213 @@ def test_cli_info_refuses_the_bypass_with_exit_2(capsys):
     rc = cli.main(["info", str(CORPUS / "models" / "custom_domain_unused_function.onnx")])
     err = capsys.readouterr().err
     assert rc == 2 and "evil.ops" in err and "Detonate" in err
+
+
+# --- data: sizes before allocation, special files ---------------------------------------------
+
+def test_npz_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    from tugboat.engine import resources
+    from tugboat.engine.data import load_data
+    from tugboat.engine.errors import ResourceError
+
+    path = tmp_path / "big.npz"
+    np.savez(path, input=np.zeros((64, 1, 64, 64), np.float32))  # 1 MB of arrays
+    monkeypatch.setattr(resources, "available_memory", lambda: 512 * 1024)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load called before the size check"))
+    with pytest.raises(ResourceError) as err:
+        load_data(path)
+    assert "big.npz" in str(err.value) and "memory" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["data.npz", "data.csv", "model.onnx", "model.pt"])
+def test_a_fifo_is_refused_without_blocking(tmp_path, name):
+    import os
+
+    from tugboat.engine.data import load_data
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    with pytest.raises((DataError, ModelLoadError)) as err:  # opening it would block forever
+        load_model(fifo) if name.startswith("model") else load_data(fifo)
+    assert "named pipe" in str(err.value) and name in str(err.value)
+
+
+def test_devices_are_refused_as_models_and_data(tmp_path):
+    from tugboat.engine.data import load_data
+
+    (tmp_path / "zero.npz").symlink_to("/dev/zero")
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match="is a device"):
+        load_data(tmp_path / "zero.npz")
+    with pytest.raises(ModelLoadError, match="is a device"):
+        load_model(tmp_path / "zero.pt")
+
+
+def test_a_fifo_among_images_is_refused(tmp_path):
+    import os
+
+    from tugboat.engine.data import load_data
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+    os.mkfifo(tmp_path / "a" / "x.png")
+    with pytest.raises(DataError, match="named pipe"):
+        load_data(tmp_path)
+
+
+def test_non_utf8_file_names_give_one_clean_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    raw = os.fsencode(tmp_path) + b"/caf\xe9\xff.onnx"
+    with open(raw, "wb") as f:
+        f.write(b"not a model")
+    proc = subprocess.run([sys.executable, "-m", "tugboat", "info", raw], capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "appsrc")})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and b"not a valid ONNX file" in lines[0], proc.stderr
+
+
+# --- the first run of the original model --------------------------------------------------------
+
+def test_a_fixed_batch_1_model_is_measured_at_batch_1_with_a_note(tmp_path):
+    from helpers import FAST
+    from tugboat.engine.recipe import Recipe, prepare
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [10, 64], np.linspace(-1, 1, 640, dtype=np.float32).tolist())
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("Gemm", ["flat", "w"], ["logits"],
+                                                                                transB=1)]
+    model = helper.make_model(helper.make_graph(nodes, "fixed", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", input=rng.random((23, 1, 8, 8)).astype(np.float32),
+             labels=rng.integers(0, 10, 23))
+    base = prepare(Recipe(model=str(tmp_path / "fixed.onnx"), data=str(tmp_path / "d.npz"), measure=FAST))
+    assert base.metrics["latency_ms"]["batch"] == 1
+    assert base.metrics["accuracy"] is not None and len(base.outputs[0]) == len(base.data.splits["test"])
+    assert any("fixed to 1" in w for w in base.handle.warnings)
+
+
+# --- technique edge cases ---------------------------------------------------------------------
+
+class _NoParams(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * 2
+
+
+def _bn_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                               torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+
+
+def _handle(module):
+    from tugboat.engine.models import ModelHandle, TensorSpec
+
+    return ModelHandle(module, [TensorSpec("input", ("batch", 1, 8, 8))], [TensorSpec("logits", ("batch", 10))],
+                       "mlp.pt", "pickle")
+
+
+def _digits_like(n: int, seed: int = 0):
+    from tugboat.engine.data import _make_dataset
+
+    rng = np.random.default_rng(seed)
+    return _make_dataset("d.npz", {"input": rng.random((n, 1, 8, 8)).astype(np.float32)}, rng.integers(0, 10, n))
+
+
+@pytest.mark.parametrize("method", ["structured", "unstructured"])
+def test_pruning_a_model_without_parameters_says_so(method):
+    from tugboat.engine import prune
+    from tugboat.engine.errors import TugboatError
+    from tugboat.engine.progress import null_progress
+
+    with pytest.raises(TugboatError, match="no Conv or Linear weights to prune"):
+        prune.apply(_handle(_NoParams()), {"method": method, "ratio": 0.5, "finetune_epochs": 1},
+                    _digits_like(20), null_progress())
+
+
+def test_finetuning_nothing_trainable_is_a_clear_error():
+    from tugboat.engine.errors import TugboatError
+    from tugboat.engine.finetune import finetune
+
+    with pytest.raises(TugboatError, match="no trainable parameters"):
+        finetune(_NoParams(), _digits_like(20), input_names=["input"], epochs=1, lr=1e-3)
+
+
+def test_structured_pruning_of_an_onnx_mlp_with_batchnorm1d(tmp_path):
+    from tugboat.engine import prune
+    from tugboat.engine.progress import null_progress
+
+    torch.onnx.export(_bn_mlp(), (torch.zeros(2, 1, 8, 8),), str(tmp_path / "bn.onnx"), dynamo=False,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    handle = load_model(tmp_path / "bn.onnx")
+    out = prune.apply(handle, {"method": "structured", "ratio": 0.5, "finetune_epochs": 1, "batch_size": 8},
+                      _digits_like(30), null_progress())
+    bns = [m for m in out.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert bns and bns[0].running_mean.shape == (16,)
+    with torch.no_grad():
+        assert out.module(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_finetuning_with_batchnorm_never_trains_on_one_sample(batch_size):
+    from tugboat.engine.finetune import finetune
+
+    data = _digits_like(24)
+    assert len(data.splits["train"]) % 8 == 1  # the last batch would hold a single sample
+    history = finetune(_bn_mlp(), data, input_names=["input"], epochs=1, lr=1e-3, batch_size=batch_size)
+    assert history and np.isfinite(history[0]["train_loss"])
+
+
+def test_a_prune_step_that_removes_nothing_is_named_and_warned(tmp_path):
+    from helpers import FAST
+    from tugboat.engine.recipe import Recipe, prepare, run_variant, validate_steps
+
+    torch.save(_bn_mlp(), tmp_path / "bn.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", input=rng.random((30, 1, 8, 8)).astype(np.float32), labels=rng.integers(0, 10, 30))
+    steps = validate_steps([{"technique": "prune", "method": "structured", "ratio": 0.5, "round_to": 256,
+                             "finetune_epochs": 1}])
+    recipe = Recipe(model=str(tmp_path / "bn.pt"), data=str(tmp_path / "d.npz"), steps=steps, measure=FAST,
+                    trust=True, input_shape=[1, 8, 8])
+    variant = run_variant(prepare(recipe), recipe)
+    assert variant.status == "ok"
+    assert variant.name == "unchanged"
+    assert any("changed nothing" in w and "round_to = 256" in w for w in variant.warnings), variant.warnings
+
+
+def test_unknown_quantize_op_types_are_refused_when_the_recipe_is_read():
+    from tugboat.engine.errors import RecipeError
+    from tugboat.engine.recipe import validate_steps
+
+    with pytest.raises(RecipeError, match="unknown value 'Bogus'"):
+        validate_steps([{"technique": "quantize", "method": "dynamic-int8", "op_types": ["Bogus"]}])
+    assert validate_steps([{"technique": "quantize", "method": "dynamic-int8", "op_types": ["MatMul", "Gemm"]}])
+
+
+def test_a_quantize_step_that_quantizes_nothing_is_warned(tmp_path):
+    from tugboat.engine.progress import null_progress
+    from tugboat.engine.recipe import apply_steps, validate_steps
+
+    steps = validate_steps([{"technique": "quantize", "method": "dynamic-int8", "op_types": ["LSTM"]}])
+    out = apply_steps(_handle(_bn_mlp()), steps, None, null_progress())
+    assert out.info["unchanged_steps"] == [0]
+    assert any("changed nothing" in w and "no operator was quantized" in w for w in out.warnings)
+
+
+@pytest.mark.parametrize("second", ["dynamic-int8", "static-int8", "fp16"])
+def test_two_quantize_steps_are_refused_up_front(second):
+    from tugboat.engine.errors import RecipeError
+    from tugboat.engine.recipe import validate_steps
+
+    with pytest.raises(RecipeError) as err:
+        validate_steps([{"technique": "quantize", "method": "static-int8"},
+                        {"technique": "quantize", "method": second}], "r.toml")
+    assert "second quantize step" in str(err.value) and str(err.value).startswith("r.toml: ")

@@ -8,9 +8,10 @@ each. ``manifest.json`` lists every case:
 
 - ``file``: path relative to the corpus folder (``absent`` cases name a file that must not exist)
 - ``kind``: ``model`` (load_model / ``tugboat info``), ``baseline`` (loads, then the baseline
-  measurement must refuse it), ``data`` (load_data against ``model``), ``recipe``
-  (load_recipe), ``run`` (a valid recipe whose run must fail), ``workspace`` (a workspace.json
-  read back by ``Workspace.open`` / ``tugboat report``), ``report`` (a report.json read back by
+  measurement must refuse it), ``data`` (load_data against ``model``), ``first_run`` (data that
+  loads but the original model's first run on it must refuse it), ``recipe`` (load_recipe),
+  ``run`` (a valid recipe whose run must fail), ``workspace`` (a workspace.json read back by
+  ``Workspace.open`` / ``tugboat report``), ``report`` (a report.json read back by
   ``tugboat report``)
 - ``error``: the TugboatError subclass expected
 - ``expect``: words the message must contain (besides the file name)
@@ -69,6 +70,26 @@ def tiny_module():
 
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def token_onnx(vocab: int = 17) -> bytes:
+    """ids int64 [batch, 5] -> Gather from a [vocab, 8] embedding -> mean -> Gemm -> 10 logits."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((vocab, 8)).astype(np.float32)
+    w = rng.standard_normal((10, 8)).astype(np.float32)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 5])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    inits = [helper.make_tensor("emb", TensorProto.FLOAT, list(emb.shape), emb.ravel().tolist()),
+             helper.make_tensor("w", TensorProto.FLOAT, [10, 8], w.ravel().tolist())]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+             helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
+             helper.make_node("Gemm", ["m", "w"], ["logits"], transB=1)]
+    model = helper.make_model(helper.make_graph(nodes, "tokens", [ids], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)], producer_name="tugboat-corpus")
+    model.ir_version = 8
+    return model.SerializeToString()
 
 
 def torchscript_bytes() -> bytes:
@@ -225,6 +246,15 @@ def _npz(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def _npy_claiming(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """An .npy header declaring ``shape`` followed by only 8 bytes of data."""
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.float32))
+    header.update(shape=shape, descr=descr)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + bytes(8)
 
 
 def _png(seed: int) -> bytes:
@@ -408,8 +438,19 @@ def build(out: Path) -> list[dict]:
            _npz(input=np.array(["a"] * 20).reshape(20, 1), labels=y), model=model)
     c.case("data/label_count.npz", "data", D, ["17 labels for 20 samples"], "fewer labels than samples",
            _npz(input=x, labels=y[:17]), model=model)
-    c.case("data/float_labels.npz", "data", D, ["'labels' must be a 1-D integer array"],
-           "labels stored as floats", _npz(input=x, labels=y.astype(np.float32)), model=model)
+    c.case("data/float_labels.npz", "data", D, ["label 2.5 of sample 0", "not a whole class index"],
+           "labels stored as floats with fractions", _npz(input=x, labels=np.where(
+               np.arange(20) == 0, 2.5, y).astype(np.float32)), model=model)
+    c.case("data/uint64_labels.npz", "data", D, ["label 18446744073709551615", "not a plausible class index"],
+           "uint64 labels with a value that wraps to -1 as int64", _npz(input=x, labels=np.where(
+               np.arange(20) == 4, np.uint64(2**64 - 1), y.astype(np.uint64)).astype(np.uint64)), model=model)
+    c.case("data/huge_header.npz", "data", D, ["decompression bomb", "declare"],
+           "an .npy header claiming 10^12 floats in a 1 KB file (refused before allocating)",
+           _zip_bytes({"input.npy": _npy_claiming((10**12,)), "labels.npy": _npy_claiming((20,), "<i8")}),
+           model=model)
+    c.case("data/object_header.npz", "data", D, ["pickled object arrays"],
+           "an .npy header declaring an object dtype (refused from the header)",
+           _zip_bytes({"input.npy": _npy_claiming((20,), "|O")}), model=model)
     c.case("data/label_out_of_range.npz", "data", D, ["label 57", "10 classes"],
            "a class index the model does not have", _npz(input=x, labels=np.where(y == y[0], 57, y)), model=model)
     c.case("data/negative_labels.npz", "data", D, ["negative"], "label -1",
@@ -440,6 +481,11 @@ def build(out: Path) -> list[dict]:
            header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},cat\n", model=model)
     c.case("data/ragged.csv", "data", D, ["columns"], "a row with a missing value",
            header + f"{row},1\n" + ",".join("0.5" for _ in range(63)) + ",2\n", model=model)
+    c.case("data/fractional_label.csv", "data", D, ["label 1.5", "not a whole class index"],
+           "a label column with a fraction (was silently truncated)",
+           header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},1.5\n", model=model)
+    c.case("data/nan_label.csv", "data", D, ["label nan", "not a whole class index"], "a NaN label",
+           header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},nan\n", model=model)
     c.case("data/one_row.csv", "data", D, ["1 sample"], "one data row", header + f"{row},3\n", model=model)
     c.case("data/wrong_width.csv", "data", D, ["shape (5,)", "expects (1, 8, 8)"],
            "5 features for a 64-pixel model",
@@ -466,6 +512,19 @@ def build(out: Path) -> list[dict]:
     c.write("data/image_bomb/zero/huge.png", _png_claiming(60000, 60000))
     c.case("data/image_bomb/zero/huge.png", "data_folder", D, ["too large to decode safely"],
            "a PNG whose header claims 60000 x 60000 pixels", model=model, folder="data/image_bomb")
+
+    # --- data that loads but fails at the original model's first run (``first_run``: prepare) ---
+    c.write("good/tokens.onnx", token_onnx())
+    ids = rng.integers(0, 17, (20, 5))
+    c.case("data/token_ids_beyond_vocab.npz", "first_run", D, ["'ids'", "beyond its vocabulary"],
+           "token ids up to 99 for a 17-token embedding",
+           _npz(ids=np.where(ids == ids[0, 0], 99, ids), labels=y), model="good/tokens.onnx")
+    symbolic = tiny_onnx()
+    symbolic.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    c.write("good/symbolic_classes.onnx", symbolic.SerializeToString())
+    c.case("data/label_beyond_symbolic_classes.npz", "first_run", D, ["label 57", "10 classes"],
+           "a label beyond the class count when the model's class dimension is symbolic",
+           _npz(input=x, labels=np.where(y == y[0], 57, y)), model="good/symbolic_classes.onnx")
 
     # --- recipes: one mistake each ---
     ok_step = '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nratio = 0.5\n'

@@ -23,7 +23,7 @@ import torch
 from .errors import ModelLoadError, NumericalError, TugboatError
 from .models import ModelHandle, eval_mode
 from .progress import Progress, null_progress
-from .runtime import ort_session, predict, torch_threads
+from .runtime import fixed_batch, ort_session, predict, torch_threads
 
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -519,7 +519,8 @@ def latency_torch(module: torch.nn.Module, inputs: list[np.ndarray], cfg: Measur
 def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
                 progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Latency per runtime and batch: ``{"onnxruntime": {"b64": {...}, "b1": {...}}, "torch": ...}``."""
-    batches = [cfg.batch] + ([1] if cfg.also_batch1 and cfg.batch != 1 else [])
+    fixed = fixed_batch(handle)
+    batches = [fixed] if fixed else [cfg.batch] + ([1] if cfg.also_batch1 and cfg.batch != 1 else [])
     runtimes = [cfg.runtime]
     if cfg.both_runtimes:
         runtimes += [r for r in RUNTIMES if r != cfg.runtime]
@@ -667,7 +668,7 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
     progress.update(0.4, "measuring latency")
     samples = data.split("test", limit=cfg.batch)[0] if data is not None else None
     lat = latency_all(handle, cfg, samples, progress)
-    metrics["latency_ms"] = lat.get(runtime, {}).get(f"b{cfg.batch}") or next(
+    metrics["latency_ms"] = lat.get(runtime, {}).get(f"b{fixed_batch(handle) or cfg.batch}") or next(
         iter(next(iter(lat.values())).values()))
     metrics["latency"] = lat
     metrics["seconds"] = round(time.perf_counter() - t0, 3)

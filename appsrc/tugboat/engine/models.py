@@ -350,6 +350,9 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
         raise ModelLoadError("file not found", path=ref)
     if path.is_dir():
         raise ModelLoadError("is a folder, not a model file", path=ref)
+    from .data import check_regular_file
+
+    check_regular_file(path, ModelLoadError)  # a FIFO or /dev/zero would block or never end
     if path.stat().st_size == 0:
         raise ModelLoadError("the file is empty", path=ref)
     suffix = path.suffix.lower()
@@ -947,13 +950,11 @@ def onnx_to_torch(model: onnx.ModelProto) -> nn.Module:
         onnx2torch = _import_onnx2torch()
     except Exception as exc:  # pragma: no cover - environment problem
         raise ModelLoadError(f"onnx2torch is not available ({exc})") from None
-    work = model
+    work = _fold_initializer_identities(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > 18:
-        try:
-            work = onnx.version_converter.convert_version(model, 18)
-        except Exception:
-            work = model
+        with contextlib.suppress(Exception):
+            work = onnx.version_converter.convert_version(work, 18)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -964,6 +965,31 @@ def onnx_to_torch(model: onnx.ModelProto) -> nn.Module:
     except Exception as exc:
         raise ModelLoadError(f"could not convert the graph to torch ({_short(exc)})") from None
     return module.eval()
+
+
+def _fold_initializer_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without ``Identity`` nodes that merely forward an initializer (the legacy exporter
+    writes them for shared tensors such as BatchNorm statistics). onnx2torch only turns a
+    BatchNormalization whose statistics are initializers into an ``nn.BatchNorm``; fed through
+    Identity they become inputs of a functional batch norm that structured pruning cannot see
+    ("running_mean should contain 16 elements not 32")."""
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    in_subgraphs = any(True for n in model.graph.node for _ in _subgraphs(n))
+    forward = {n.output[0]: n.input[0] for n in model.graph.node
+               if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1
+               and n.input[0] in inits and n.output[0] not in outputs}
+    if not forward or in_subgraphs:
+        return model
+    work = copy.deepcopy(model)
+    keep = [n for n in work.graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in forward)]
+    for node in keep:
+        for k, name in enumerate(node.input):
+            if name in forward:
+                node.input[k] = forward[name]
+    del work.graph.node[:]
+    work.graph.node.extend(keep)
+    return work
 
 
 def _failing_op(text: str) -> str:

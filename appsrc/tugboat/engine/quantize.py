@@ -42,7 +42,7 @@ from .errors import DataError, TugboatError
 from .models import ModelHandle
 from .progress import Progress, null_progress
 from .runtime import ort_session, run_onnx
-from .steps import Param, Technique, register
+from .steps import NO_CHANGE, Param, Technique, register
 
 METHODS = {
     "dynamic-int8": "int8 weights, activations quantized at run time; no calibration data needed. "
@@ -64,6 +64,19 @@ _CALIBRATED = _STATIC
 _WEIGHT_ONLY = ("weight-only-int8", "weight-only-int4")
 _INT8 = ("dynamic-int8", "static-int8", "qat-int8")
 
+# operator types ONNX Runtime's quantizers know (onnxruntime.quantization.registry 1.32: the
+# integer-ops, QDQ and QLinear registries; Gemm becomes MatMul for dynamic int8): anything else
+# in op_types would quantize nothing, so it is refused when the recipe is read
+QUANTIZABLE_OPS = (
+    "Add", "ArgMax", "Attention", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv",
+    "ConvTranspose", "CumSum", "EmbedLayerNormalization", "Flatten", "Gather", "GatherElements", "Gemm",
+    "GlobalAveragePool", "InstanceNormalization", "LSTM", "LayerNormalization", "LeakyRelu", "MatMul",
+    "MaxPool", "Mul", "Pad", "Relu", "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "Split",
+    "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where")
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                 "MatMulNBits", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "QAttention",
+                 "GatherBlockQuantized")
+
 PARAMS = [
     Param("per_channel", "bool", True,
           "one scale per output channel instead of one per tensor: more accurate, slightly larger",
@@ -84,7 +97,7 @@ PARAMS = [
     Param("op_types", "list", [],
           "operator types to quantize, e.g. [\"MatMul\", \"Gemm\"]; empty: every type the method "
           "supports (set [\"MatMul\", \"Gemm\"] to keep slow int8 convolutions out of dynamic-int8)",
-          methods=_INT8),
+          methods=_INT8, choices=QUANTIZABLE_OPS),
     Param("exclude", "list", [],
           "layers kept in float: torch module names (e.g. \"classifier.3\") or ONNX node names",
           methods=(*_INT8, *_WEIGHT_ONLY, "fp16")),
@@ -642,7 +655,7 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
             module.apply(qat.disable_observer)  # settle the ranges
         total = 0.0
         for b, (xs, ys, _) in enumerate(data.batches("train", batch, names=handle.input_names,
-                                                     shuffle=True, seed=epoch)):
+                                                     shuffle=True, seed=epoch, training=True)):
             opt.zero_grad()
             loss = qat_loss(module(*xs), xs, ys)
             loss.backward()
@@ -824,6 +837,10 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         if key in info:
             out.info[key] = info[key]
     out.warnings += warn
+    if method != "fp16" and not _count(q, QUANTIZED_OPS) and _count(float_model, QUANTIZED_OPS) == 0:
+        ops = params.get("op_types") or ["every supported type"]
+        out.info[NO_CHANGE] = (f"no operator was quantized (op_types: {', '.join(ops)}; the model's "
+                               f"operators: {', '.join(sorted({n.op_type for n in float_model.graph.node}))})")
     return out
 
 
