@@ -303,3 +303,48 @@ def test_two_quantize_steps_are_refused_up_front(second):
         validate_steps([{"technique": "quantize", "method": "static-int8"},
                         {"technique": "quantize", "method": second}], "r.toml")
     assert "second quantize step" in str(err.value) and str(err.value).startswith("r.toml: ")
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+def _interrupt_when(proc, marker: str, timeout: float = 90.0) -> str:
+    """Read the child's stderr until a line holds ``marker``, then send SIGINT; the text read."""
+    import select
+    import signal
+    import time
+
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker.encode() not in seen:
+        assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
+        if ready:
+            seen += __import__("os").read(proc.stderr.fileno(), 4096)
+    proc.send_signal(signal.SIGINT)
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_ctrl_c_mid_work_exits_130_cleanly(tmp_path, command):
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.toml"
+    sweep = '[sweep]\n"steps.0.ratio" = [0.3, 0.5]\n' if command == "sweep" else ""
+    recipe.write_text('model = "demo:digits-mlp"\ndata = "demo:digits"\n[[steps]]\ntechnique = "prune"\n'
+                      'method = "structured"\nratio = 0.5\nfinetune_epochs = 200\n' + sweep +
+                      "[measure]\nbatch = 8\nwarmup = 0\nmin_runs = 1\nmin_seconds = 0.0\nmax_seconds = 0.05\n"
+                      "also_batch1 = false\nboth_runtimes = false\n")
+    proc = subprocess.Popen([sys.executable, "-m", "tugboat", command, str(recipe), "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "appsrc")})
+    try:
+        before = _interrupt_when(proc, "fine-tuning")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    err = before + err.decode(errors="replace")
+    assert proc.returncode == 130, err
+    assert "tugboat: interrupted" in err and "terminate called" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "report.json").exists() or command == "sweep"
