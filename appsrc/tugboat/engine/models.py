@@ -445,6 +445,7 @@ _META_KEYS = ("inputs", "outputs", "task", "arch", "arch_kwargs")
 MAX_META_TENSORS = 256  # inputs or outputs a model may declare
 MAX_META_RANK = 16
 MAX_META_DIM = 2**31 - 1
+MAX_META_SAMPLE = 2**27  # values in one sample of an input or output (512 MB as float32)
 
 
 def _meta_dtype(value: Any) -> bool:
@@ -469,6 +470,12 @@ def _validate_spec(raw: Any, field_name: str, path) -> dict[str, Any]:
         if not ok:
             raise bad(f"has a shape dimension {_json_short(d)}; each must be a whole number, "
                       "a symbolic name or null")
+    per_sample = 1
+    for d in shape[1:]:
+        per_sample *= d if isinstance(d, int) else 1
+    if per_sample > MAX_META_SAMPLE:
+        raise bad(f"declares {per_sample} values per sample (more than {MAX_META_SAMPLE}); refused before "
+                  "anything that size is allocated")
     dtype = raw.get("dtype", "float32")
     if not _meta_dtype(dtype):
         raise bad(f"has dtype {_json_short(dtype)}, which is not a tensor type (e.g. 'float32', 'int64')")
