@@ -111,16 +111,19 @@ def test_npz_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch)
     assert "big.npz" in str(err.value) and "memory" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["data.npz", "data.csv", "model.onnx", "model.pt"])
+@pytest.mark.parametrize("name", ["data.npz", "data.csv", "model.onnx", "model.pt", "recipe.toml"])
 def test_a_fifo_is_refused_without_blocking(tmp_path, name):
     import os
 
     from tugboat.engine.data import load_data
+    from tugboat.engine.errors import RecipeError
+    from tugboat.engine.recipe import load_recipe
 
     fifo = tmp_path / name
     os.mkfifo(fifo)
-    with pytest.raises((DataError, ModelLoadError)) as err:  # opening it would block forever
-        load_model(fifo) if name.startswith("model") else load_data(fifo)
+    load = {"data": load_data, "model": load_model, "recipe": load_recipe}[name.split(".")[0]]
+    with pytest.raises((DataError, ModelLoadError, RecipeError)) as err:  # opening it would block forever
+        load(fifo)
     assert "named pipe" in str(err.value) and name in str(err.value)
 
 

@@ -486,6 +486,13 @@ def build(out: Path) -> list[dict]:
            header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},1.5\n", model=model)
     c.case("data/nan_label.csv", "data", D, ["label nan", "not a whole class index"], "a NaN label",
            header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},nan\n", model=model)
+    c.case("data/utf16.csv", "data", D, ["not a readable CSV"], "a CSV saved as UTF-16 (a spreadsheet export)",
+           (header + f"{row},1\n{row},2\n").encode("utf-16"), model=model)
+    c.case("data/nul_bytes.csv", "data", D, ["non-numeric value"], "NUL bytes inside a CSV",
+           (header + f"{row},1\n" + row.replace("0.5", "0\x005", 1) + ",2\n").encode(), model=model)
+    c.write("data/folder.npz/README.txt", "A folder, so that git keeps it.\n")
+    c.case("data/folder.npz", "data", D, ["is a folder, not a .npz file"], "a folder whose name ends in .npz",
+           model=model)
     c.case("data/one_row.csv", "data", D, ["1 sample"], "one data row", header + f"{row},3\n", model=model)
     c.case("data/wrong_width.csv", "data", D, ["shape (5,)", "expects (1, 8, 8)"],
            "5 features for a 64-pixel model",

@@ -112,6 +112,8 @@ def load_data(ref: str | os.PathLike, model: ModelHandle | None = None, *,
         path = Path(ref)
         if not path.exists():
             raise DataError("file or folder not found", path=ref)
+        if path.is_dir() and path.suffix.lower() in (".npz", ".csv"):
+            raise DataError(f"is a folder, not a {path.suffix.lower()} file", path=ref)
         if path.is_dir():
             ds = _load_image_folder(path, model)
         elif path.suffix.lower() == ".npz":
@@ -359,7 +361,7 @@ def _load_csv(path: Path, model: ModelHandle | None, label_column: str) -> Datas
     check_regular_file(path)
     _refuse_if_too_big(path.stat().st_size * CSV_FACTOR, "the CSV table", path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM must not rename the first column
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"not a readable CSV file ({exc})", path=path) from None

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import cancellable, resources
 from . import steps as step_registry
-from .data import Dataset, check_labels_fit, load_data
+from .data import Dataset, check_labels_fit, check_regular_file, load_data
 from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
 from .guards import (
     INDEX_MARKERS,
@@ -255,6 +255,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError("recipe file not found", path=str(path))
+    if path.is_dir():
+        raise RecipeError("is a folder, not a recipe file", path=str(path))
+    check_regular_file(path, RecipeError)  # a FIFO would block the read forever
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
