@@ -169,7 +169,7 @@ def test_non_utf8_file_names_give_one_clean_line(tmp_path):
 
 def test_a_fixed_batch_1_model_is_measured_at_batch_1_with_a_note(tmp_path):
     from helpers import FAST
-    from tugboat.engine.recipe import Recipe, prepare
+    from tugboat.engine.recipe import Recipe, prepare, run_variant, validate_steps
 
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 8, 8])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])
@@ -187,6 +187,12 @@ def test_a_fixed_batch_1_model_is_measured_at_batch_1_with_a_note(tmp_path):
     assert base.metrics["latency_ms"]["batch"] == 1
     assert base.metrics["accuracy"] is not None and len(base.outputs[0]) == len(base.data.splits["test"])
     assert any("fixed to 1" in w for w in base.handle.warnings)
+    # static int8 calibrates it one sample at a time too
+    recipe = Recipe(model=str(tmp_path / "fixed.onnx"), data=str(tmp_path / "d.npz"), measure=FAST,
+                    steps=validate_steps([{"technique": "quantize", "method": "static-int8"}]))
+    variant = run_variant(base, recipe)
+    assert variant.status == "ok", variant.error
+    assert variant.metrics["latency_ms"]["batch"] == 1
 
 
 # --- technique edge cases ---------------------------------------------------------------------

@@ -583,8 +583,12 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         if unchanged:
             round_to = params.get("round_to") or 0
             widest = max(before_ch.values(), default=0)
-            why = (f"with round_to = {round_to} no layer could lose channels (the widest has {widest})"
-                   if round_to else f"ratio {ratio:g} removes less than one channel in every prunable layer")
+            if not prunable_layers(original, example, ign):
+                why = "its only Conv/Linear layers are the output layer and 'ignored' ones, which are kept"
+            elif round_to:
+                why = f"with round_to = {round_to} no layer could lose channels (the widest has {widest})"
+            else:
+                why = f"ratio {ratio:g} removes less than one channel in every prunable layer"
             new.info[NO_CHANGE] = why
     else:  # the registry validates methods; this guards direct callers
         raise TugboatError(f"unknown prune method {method!r}; valid: unstructured, structured")

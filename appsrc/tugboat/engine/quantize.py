@@ -255,16 +255,21 @@ class _Reader:
     """An ONNX Runtime ``CalibrationDataReader`` over arrays, reporting progress per batch."""
 
     def __init__(self, names: list[str], arrays: list[np.ndarray], progress: Progress,
-                 batch: int = _CALIB_BATCH):
+                 batch: int = _CALIB_BATCH, *, fixed: bool = False):
         self.names, self.arrays, self.progress, self.batch = names, arrays, progress, batch
+        self.fixed = fixed  # the model takes exactly ``batch`` rows: a short last batch is filled
         self.n = len(arrays[0])
         self.i = 0
 
     def get_next(self):
         if self.i >= self.n:
             return None
-        feed = {name: np.ascontiguousarray(a[self.i : self.i + self.batch])
-                for name, a in zip(self.names, self.arrays)}
+        parts = [a[self.i : self.i + self.batch] for a in self.arrays]
+        if self.fixed:
+            from .runtime import fill_batch
+
+            parts = fill_batch(parts, self.batch)
+        feed = {name: np.ascontiguousarray(a) for name, a in zip(self.names, parts)}
         self.i += self.batch
         self.progress.update(min(1.0, self.i / self.n),
                              f"calibrating: batch {-(-self.i // self.batch)}/{-(-self.n // self.batch)}")
@@ -283,13 +288,26 @@ class _Reader:
         return item
 
 
-def _calibration_reader(names, arrays, progress):
+def _calibration_reader(names, arrays, progress, fixed: int | None = None):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(_Reader, CalibrationDataReader):
         pass
 
-    return Reader(names, arrays, progress)
+    return Reader(names, arrays, progress, fixed or _CALIB_BATCH, fixed=fixed is not None)
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The constant first dimension of every graph input, if the graph has one (else None)."""
+    inits = {i.name for i in model.graph.initializer}
+    sizes = set()
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        sizes.add(int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+                  else None)
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
 # --- ONNX Runtime quantizers ----------------------------------------------------------------------
@@ -376,7 +394,7 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
         with _quiet():
             quantize_static(
                 # a copy: ORT may move the tensors of the model it is given to external data
-                _copy(model), str(out), _calibration_reader(names, calib, progress),
+                _copy(model), str(out), _calibration_reader(names, calib, progress, _fixed_batch(model)),
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=params.get("op_types") or None,
                 per_channel=params.get("per_channel", True),
                 activation_type=_quant_type(params.get("activation_type", "uint8")),
