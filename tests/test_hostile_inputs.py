@@ -376,3 +376,14 @@ def test_quitting_the_demo_while_it_trains_exits_0(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Fatal Python error" not in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "cfg" / "settings.json").exists()
+
+
+def test_pruning_a_torchscript_module_is_a_clear_error():
+    from tugboat.engine import prune
+    from tugboat.engine.errors import TugboatError
+    from tugboat.engine.progress import null_progress
+
+    scripted = torch.jit.trace(_bn_mlp(), (torch.zeros(2, 1, 8, 8),))
+    with pytest.raises(TugboatError, match="TorchScript"):
+        prune.apply(_handle(scripted), {"method": "structured", "ratio": 0.5, "finetune_epochs": 0}, None,
+                    null_progress())

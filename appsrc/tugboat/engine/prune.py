@@ -513,6 +513,9 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     method = params.get("method", "structured")
     params = {**TECHNIQUE.defaults(method), **params, "method": method}  # direct callers may omit some
     original = handle.torch_module()
+    if isinstance(original, torch.jit.ScriptModule):  # compiled: no layer can be edited or copied
+        raise TugboatError("pruning cannot edit a TorchScript module (its layers are compiled); give the "
+                           "model as ONNX, a .pt2 program or a state_dict", path=handle.source)
     reference = frozen_copy(original)
     example = tuple(handle.example_inputs(2))
     ignored = list(params.get("ignored") or [])
