@@ -111,6 +111,17 @@ def test_npz_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch)
     assert "big.npz" in str(err.value) and "memory" in str(err.value)
 
 
+def test_npz_members_that_are_not_arrays_are_ignored(tmp_path):
+    import zipfile
+
+    from tugboat.engine.data import load_data
+
+    np.savez(tmp_path / "d.npz", input=np.zeros((4, 1, 8, 8), np.float32))
+    with zipfile.ZipFile(tmp_path / "d.npz", "a") as z:
+        z.writestr("notes.txt", "written by another tool")
+    assert list(load_data(tmp_path / "d.npz").inputs) == ["input"]
+
+
 @pytest.mark.parametrize("name", ["data.npz", "data.csv", "model.onnx", "model.pt", "recipe.toml"])
 def test_a_fifo_is_refused_without_blocking(tmp_path, name):
     import os

@@ -448,6 +448,9 @@ def build(out: Path) -> list[dict]:
            "an .npy header claiming 10^12 floats in a 1 KB file (refused before allocating)",
            _zip_bytes({"input.npy": _npy_claiming((10**12,)), "labels.npy": _npy_claiming((20,), "<i8")}),
            model=model)
+    c.case("data/text_member_only.npz", "data", D, ["holds no arrays"],
+           "a zip whose only member is a text file (np.load hands it over as bytes)",
+           _zip_bytes({"notes.txt": text.encode()}), model=model)
     c.case("data/object_header.npz", "data", D, ["pickled object arrays"],
            "an .npy header declaring an object dtype (refused from the header)",
            _zip_bytes({"input.npy": _npy_claiming((20,), "|O")}), model=model)

@@ -215,7 +215,7 @@ def check_npz_size(path: Path) -> None:
                 raise DataError(f"holds {len(infos)} arrays; at most {MAX_NPZ_MEMBERS} are read", path=path)
             total = 0
             for info in infos:
-                if not info.filename.endswith(".npy"):
+                if not info.filename.endswith(".npy"):  # not read (only .npy members are arrays)
                     continue
                 shape, dtype = _npy_header(zf, info, path)
                 if dtype.hasobject:
@@ -241,7 +241,9 @@ def _load_npz(path: Path, model: ModelHandle | None) -> Dataset:
     check_npz_size(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            # only .npy members are arrays: np.load hands any other member over as raw bytes
+            npy = {name[:-4] for name in z.zip.namelist() if name.endswith(".npy")}
+            arrays = {k: z[k] for k in z.files if k in npy}
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise DataError("holds pickled object arrays, which are never loaded", path=path) from None
