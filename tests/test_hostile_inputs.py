@@ -104,6 +104,7 @@ def test_npz_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch)
 
     path = tmp_path / "big.npz"
     np.savez(path, input=np.zeros((64, 1, 64, 64), np.float32))  # 1 MB of arrays
+    monkeypatch.delenv("TUGBOAT_SKIP_MEMORY_CHECK", raising=False)
     monkeypatch.setattr(resources, "available_memory", lambda: 512 * 1024)
     monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load called before the size check"))
     with pytest.raises(ResourceError) as err:
@@ -398,3 +399,17 @@ def test_pruning_a_torchscript_module_is_a_clear_error():
     with pytest.raises(TugboatError, match="TorchScript"):
         prune.apply(_handle(scripted), {"method": "structured", "ratio": 0.5, "finetune_epochs": 0}, None,
                     null_progress())
+
+
+def test_a_sparse_model_file_bigger_than_memory_is_refused_unread(tmp_path, monkeypatch):
+    from tugboat.engine import resources
+    from tugboat.engine.errors import ResourceError
+
+    path = tmp_path / "huge.onnx"
+    with open(path, "wb") as f:  # sparse: claims 64 MB, stores nothing
+        f.truncate(64 * 1024**2)
+    monkeypatch.delenv("TUGBOAT_SKIP_MEMORY_CHECK", raising=False)
+    monkeypatch.setattr(resources, "available_memory", lambda: 16 * 1024**2)
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: pytest.fail("read before the size check"))
+    with pytest.raises(ResourceError, match="the model file needs about 64 MB"):
+        load_model(path)

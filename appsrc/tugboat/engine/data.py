@@ -159,7 +159,7 @@ def _memory_limit() -> int | None:
     return int(avail * SAFETY) if avail is not None else None
 
 
-def _refuse_if_too_big(need: int, what: str, path: Path) -> None:
+def refuse_if_too_big(need: int, what: str, path: Path) -> None:
     from .errors import ResourceError
     from .resources import fmt_bytes
 
@@ -231,7 +231,7 @@ def check_npz_size(path: Path) -> None:
     if total > BOMB_MIN_BYTES and total > BOMB_RATIO * size:
         raise DataError(f"its arrays declare {fmt_bytes(total)} in a file of {fmt_bytes(size)} "
                         f"({total // size}x): a decompression bomb, not loaded", path=path)
-    _refuse_if_too_big(total * LOAD_FACTOR, "its arrays", path)
+    refuse_if_too_big(total * LOAD_FACTOR, "its arrays", path)
 
 
 def _load_npz(path: Path, model: ModelHandle | None) -> Dataset:
@@ -361,7 +361,7 @@ def check_labels_fit(ds: Dataset, n_classes: int, model_ref: str | None = None) 
 
 def _load_csv(path: Path, model: ModelHandle | None, label_column: str) -> Dataset:
     check_regular_file(path)
-    _refuse_if_too_big(path.stat().st_size * CSV_FACTOR, "the CSV table", path)
+    refuse_if_too_big(path.stat().st_size * CSV_FACTOR, "the CSV table", path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM must not rename the first column
             rows = list(csv.reader(f))
@@ -410,7 +410,7 @@ def _load_image_folder(path: Path, model: ModelHandle | None) -> Dataset:
     files = [(label, f) for label, cls in enumerate(classes) for f in sorted((path / cls).iterdir())
              if f.suffix.lower() in IMAGE_SUFFIXES]
     # every image is resized to the model's input: the count alone tells the memory it will take
-    _refuse_if_too_big(len(files) * c * h * w * 4 * LOAD_FACTOR, f"{len(files)} images", path)
+    refuse_if_too_big(len(files) * c * h * w * 4 * LOAD_FACTOR, f"{len(files)} images", path)
     xs, ys = [], []
     for label, f in files:
         check_regular_file(f)

@@ -350,9 +350,10 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
         raise ModelLoadError("file not found", path=ref)
     if path.is_dir():
         raise ModelLoadError("is a folder, not a model file", path=ref)
-    from .data import check_regular_file
+    from .data import check_regular_file, refuse_if_too_big
 
     check_regular_file(path, ModelLoadError)  # a FIFO or /dev/zero would block or never end
+    refuse_if_too_big(path.stat().st_size, "the model file", path)  # read whole (a sparse file can claim TBs)
     if path.stat().st_size == 0:
         raise ModelLoadError("the file is empty", path=ref)
     suffix = path.suffix.lower()
