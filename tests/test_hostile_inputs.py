@@ -371,25 +371,6 @@ def test_ctrl_c_mid_work_exits_130_cleanly(tmp_path, command):
     assert not (tmp_path / "out" / "report.json").exists() or command == "sweep"
 
 
-@pytest.mark.slow
-def test_quitting_the_demo_while_it_trains_exits_0(tmp_path):
-    """The CI scenario of the -11 at quit: a fresh cache, so the demo model is still training (a
-    job mid-way, its signals queued) when the window closes. faulthandler names the thread if a
-    crash ever comes back."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "appsrc"), "QT_QPA_PLATFORM": "offscreen",
-           "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg"), "TUGBOAT_CACHE_DIR": str(tmp_path / "cache"),
-           "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tugboat", "--demo", "--quit-after", "2"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Fatal Python error" not in proc.stderr and "Traceback" not in proc.stderr
-    assert (tmp_path / "cfg" / "settings.json").exists()
-
-
 def test_pruning_a_torchscript_module_is_a_clear_error():
     from tugboat.engine import prune
     from tugboat.engine.errors import TugboatError
