@@ -31,6 +31,7 @@ from torch import nn
 
 from . import zoo
 from .errors import ModelLoadError, UntrustedFileError
+from .tasks import TASKS
 
 ONNX_OPSET = 17
 METADATA_NAME = "tugboat.json"  # spec stored inside TorchScript / .pt2 archives we write
@@ -441,7 +442,6 @@ def _read_meta(extra: dict[str, Any], path: Path | str | None = None,
 
 # --- Tugboat's model metadata: one schema for every reader --------------------------------------
 
-TASKS = ("classification", "embedding", "regression")
 _META_KEYS = ("inputs", "outputs", "task", "arch", "arch_kwargs")
 MAX_META_TENSORS = 256  # inputs or outputs a model may declare
 MAX_META_RANK = 16
