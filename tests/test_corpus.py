@@ -39,6 +39,8 @@ def run_case(case: dict, out_dir: Path) -> None:
         load_model(path, arch=opts.get("arch"))
     elif kind == "baseline":
         prepare(Recipe(model=str(path), measure=MeasureConfig(**MEASURE)))
+    elif kind == "first_run":
+        prepare(Recipe(model=str(CORPUS / opts["model"]), data=str(path), measure=MeasureConfig(**MEASURE)))
     elif kind in ("data", "data_folder"):
         model = load_model(CORPUS / opts["model"]) if opts.get("model") else None
         load_data(CORPUS / opts.get("folder", case["file"]), model)

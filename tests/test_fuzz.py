@@ -331,3 +331,77 @@ def test_mutated_image_in_folder(work, data):
         (folder / cls / "ok.png").write_bytes(PNG)
     (folder / "b" / "x.png").write_bytes(data.draw(mutations(PNG)))
     expect_only_tugboat_errors("image-folder", load_data, folder, tiny_model())
+
+
+# --- Tugboat's model metadata (ONNX metadata_props, tugboat.json, a state_dict's "tugboat") ---------
+
+_DIMS = st.one_of(st.integers(-3, 2**40), st.text(max_size=5), st.none(), st.floats(), st.booleans(), values)
+_SPECS = st.fixed_dictionaries({}, optional={
+    "name": st.one_of(st.sampled_from(["input", "x", "logits", ""]), values),
+    "shape": st.one_of(st.lists(_DIMS, max_size=5), st.just(["batch", 1, 8, 8]), values),
+    "dtype": st.one_of(st.sampled_from(["float32", "int64", "bool", "float16", "notatype", "Tensor"]), values)})
+_KWARGS = st.dictionaries(st.sampled_from(["hidden", "depth", "num_classes", "bogus", "__class__"]) | keys,
+                          st.one_of(st.integers(-3, 2**20), values), max_size=3)
+metadata = st.one_of(values, st.fixed_dictionaries({}, optional={
+    "inputs": st.one_of(st.lists(_SPECS, max_size=3), values),
+    "outputs": st.one_of(st.lists(_SPECS, max_size=3), values),
+    "task": st.one_of(st.sampled_from(["classification", "regression", "embedding"]), values),
+    "arch": st.one_of(st.sampled_from(["digits-mlp", "digits-cnn"]), values),
+    "arch_kwargs": st.one_of(_KWARGS, values)}))
+
+
+def _meta_text(draw_value, raw_text) -> str:
+    import json
+
+    if raw_text is not None:
+        return raw_text
+    try:
+        return json.dumps(draw_value, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        return "{}"
+
+
+@fuzz_settings(40)
+@given(meta=metadata, raw=st.one_of(st.none(), st.text(max_size=40)),
+       carrier=st.sampled_from([".onnx", ".pt", ".pth", ".pt2"]))
+def test_model_metadata(work, meta, raw, carrier):
+    import onnx
+
+    text = _meta_text(meta, raw)
+    path = work / f"meta{carrier}"
+    if carrier == ".onnx":
+        model = onnx.load_from_string(valid(".onnx"))
+        prop = model.metadata_props.add()
+        prop.key, prop.value = "tugboat", text
+        path.write_bytes(model.SerializeToString())
+    elif carrier == ".pt":
+        torch.jit.save(torch.jit.trace(_tiny(), (torch.zeros(2, 1, 8, 8),)), str(path),
+                       _extra_files={"tugboat.json": text})
+    elif carrier == ".pt2":
+        torch.export.save(_exported(), str(path), extra_files={"tugboat.json": text})
+    else:  # a state_dict saved with Tugboat's metadata beside it (weights_only keeps plain values)
+        torch.save({"state_dict": _mlp_state(), "tugboat": meta}, path)
+    handle = expect_only_tugboat_errors(f"metadata{carrier}", load_model, path)
+    if handle is not None:
+        from tugboat.engine.info import model_info
+
+        LOADED[f"metadata{carrier}"] += 1
+        expect_only_tugboat_errors(None, model_info, str(path), handle=handle)
+
+
+_CACHE: dict[str, object] = {}
+
+
+def _exported():
+    if "pt2" not in _CACHE:
+        _CACHE["pt2"] = torch.export.export(_tiny(), (torch.zeros(2, 1, 8, 8),))
+    return _CACHE["pt2"]
+
+
+def _mlp_state():
+    if "mlp" not in _CACHE:
+        from tugboat.engine import zoo
+
+        torch.manual_seed(0)
+        _CACHE["mlp"] = zoo.build("digits-mlp", hidden=8, depth=1).state_dict()
+    return _CACHE["mlp"]

@@ -42,7 +42,9 @@ def load_demo(qtbot, window):
 
 def test_tugboat_demo_starts_and_quits_cleanly(python, tmp_path):
     """The real entry point in its own process (app.quit() would end this test's event loop)."""
-    env = {**os.environ, "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg"), "QT_QPA_PLATFORM": "offscreen"}
+    # faulthandler: a crash at quit (a -11 was seen once in CI) would name its thread and frames
+    env = {**os.environ, "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg"), "QT_QPA_PLATFORM": "offscreen",
+           "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run([python, "-m", "tugboat", "--demo", "--quit-after", "6"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -52,7 +54,9 @@ def test_tugboat_demo_starts_and_quits_cleanly(python, tmp_path):
 
 def test_quitting_while_the_demo_still_loads_exits_cleanly(python, tmp_path):
     """Closing the window mid-job (load and measure still running) cancels it and exits 0."""
-    env = {**os.environ, "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg"), "QT_QPA_PLATFORM": "offscreen"}
+    # faulthandler: a crash at quit (a -11 was seen once in CI) would name its thread and frames
+    env = {**os.environ, "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg"), "QT_QPA_PLATFORM": "offscreen",
+           "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run([python, "-m", "tugboat", "--demo", "--quit-after", "0.5"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -132,7 +132,8 @@ def test_installed_wheel_finds_its_resources_and_answers_version_and_help(instal
 
 @pytest.mark.gui
 def test_installed_wheel_opens_the_demo_window_and_quits(installed, tmp_path):
-    env = {"QT_QPA_PLATFORM": "offscreen", "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg")}
+    # faulthandler: if the process ever crashes at quit again, stderr names the threads and frames
+    env = {"QT_QPA_PLATFORM": "offscreen", "TUGBOAT_CONFIG_DIR": str(tmp_path / "cfg"), "PYTHONFAULTHANDLER": "1"}
     proc = _run([str(installed / "tugboat"), "--demo", "--quit-after", "3"], env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((tmp_path / "cfg" / "settings.json").read_text())

@@ -8,9 +8,10 @@ each. ``manifest.json`` lists every case:
 
 - ``file``: path relative to the corpus folder (``absent`` cases name a file that must not exist)
 - ``kind``: ``model`` (load_model / ``tugboat info``), ``baseline`` (loads, then the baseline
-  measurement must refuse it), ``data`` (load_data against ``model``), ``recipe``
-  (load_recipe), ``run`` (a valid recipe whose run must fail), ``workspace`` (a workspace.json
-  read back by ``Workspace.open`` / ``tugboat report``), ``report`` (a report.json read back by
+  measurement must refuse it), ``data`` (load_data against ``model``), ``first_run`` (data that
+  loads but the original model's first run on it must refuse it), ``recipe`` (load_recipe),
+  ``run`` (a valid recipe whose run must fail), ``workspace`` (a workspace.json read back by
+  ``Workspace.open`` / ``tugboat report``), ``report`` (a report.json read back by
   ``tugboat report``)
 - ``error``: the TugboatError subclass expected
 - ``expect``: words the message must contain (besides the file name)
@@ -71,6 +72,26 @@ def tiny_module():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
 
 
+def token_onnx(vocab: int = 17) -> bytes:
+    """ids int64 [batch, 5] -> Gather from a [vocab, 8] embedding -> mean -> Gemm -> 10 logits."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((vocab, 8)).astype(np.float32)
+    w = rng.standard_normal((10, 8)).astype(np.float32)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 5])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    inits = [helper.make_tensor("emb", TensorProto.FLOAT, list(emb.shape), emb.ravel().tolist()),
+             helper.make_tensor("w", TensorProto.FLOAT, [10, 8], w.ravel().tolist())]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+             helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
+             helper.make_node("Gemm", ["m", "w"], ["logits"], transB=1)]
+    model = helper.make_model(helper.make_graph(nodes, "tokens", [ids], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)], producer_name="tugboat-corpus")
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 def torchscript_bytes() -> bytes:
     import torch
 
@@ -88,6 +109,77 @@ def pt2_bytes() -> bytes:
     buf = io.BytesIO()
     torch.export.save(program, buf)
     return buf.getvalue()
+
+
+def torchscript_with_meta(meta_text: str) -> bytes:
+    import torch
+
+    traced = torch.jit.trace(tiny_module(), (torch.zeros(2, 1, 8, 8),), check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf, _extra_files={"tugboat.json": meta_text})
+    return buf.getvalue()
+
+
+def pt2_with_meta(meta_text: str) -> bytes:
+    import torch
+
+    program = torch.export.export(tiny_module(), (torch.zeros(2, 1, 8, 8),))
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={"tugboat.json": meta_text})
+    return buf.getvalue()
+
+
+def onnx_with_meta(meta_text: str) -> bytes:
+    model = tiny_onnx()
+    prop = model.metadata_props.add()
+    prop.key, prop.value = "tugboat", meta_text
+    return model.SerializeToString()
+
+
+def mlp_state_dict(hidden: int = 8, depth: int = 1) -> dict:
+    """A small digits-mlp state_dict (built with arch_kwargs hidden/depth)."""
+    import torch
+
+    from tugboat.engine import zoo
+
+    torch.manual_seed(0)
+    return zoo.build("digits-mlp", hidden=hidden, depth=depth).state_dict()
+
+
+def custom_domain_models() -> dict[str, bytes]:
+    """Custom-domain operators a domain check must not let through: beside an unused local
+    function of the same domain, inside an If branch, and inside a local function that is called."""
+    from onnx import TensorProto, helper
+
+    def model_with(nodes, functions=(), domains=("evil.ops",)):
+        x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+        y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])
+        graph = helper.make_graph(nodes, "evil", [x], [y])
+        opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, 1) for d in domains]
+        model = helper.make_model(graph, opset_imports=opsets, functions=list(functions),
+                                  producer_name="tugboat-corpus")
+        model.ir_version = 8
+        return model.SerializeToString()
+
+    harmless = helper.make_function("evil.ops", "Harmless", ["x"], ["y"],
+                                    [helper.make_node("Relu", ["x"], ["y"])], [helper.make_opsetid("", 17)])
+    calls_evil = helper.make_function("evil.ops", "Wrapper", ["x"], ["y"],
+                                      [helper.make_node("Detonate", ["x"], ["y"], domain="evil.ops")],
+                                      [helper.make_opsetid("", 17), helper.make_opsetid("evil.ops", 1)])
+    branch = helper.make_graph([helper.make_node("Detonate", ["input"], ["b_out"], domain="evil.ops")], "then",
+                               [], [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, ["batch", 4])])
+    other = helper.make_graph([helper.make_node("Relu", ["input"], ["e_out"])], "else",
+                              [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, ["batch", 4])])
+    cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+    return {
+        "unused_function": model_with(
+            [helper.make_node("Detonate", ["input"], ["output"], name="boom", domain="evil.ops")], [harmless]),
+        "in_if_branch": model_with(
+            [helper.make_node("Constant", [], ["c"], value=cond),
+             helper.make_node("If", ["c"], ["output"], name="branch", then_branch=branch, else_branch=other)]),
+        "in_called_function": model_with(
+            [helper.make_node("Wrapper", ["input"], ["output"], name="wrap", domain="evil.ops")], [calls_evil]),
+    }
 
 
 def state_dict_bytes(obj=None) -> bytes:
@@ -154,6 +246,15 @@ def _npz(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def _npy_claiming(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """An .npy header declaring ``shape`` followed by only 8 bytes of data."""
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.float32))
+    header.update(shape=shape, descr=descr)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + bytes(8)
 
 
 def _png(seed: int) -> bytes:
@@ -260,6 +361,53 @@ def build(out: Path) -> list[dict]:
     c.write("models/folder.onnx/README.txt", "A folder, so that git keeps it.\n")
     c.case("models/folder.onnx", "model", M, ["is a folder"], "a folder whose name ends in .onnx")
     c.case("models/does_not_exist.onnx", "model", M, ["not found"], "a path that does not exist")
+    # --- models whose Tugboat metadata (untrusted, like every byte of the file) is malformed ---
+    meta_cases = [
+        ("meta_list.onnx", onnx_with_meta("[1, 2]"), ["metadata must be a JSON object", "a list"]),
+        ("meta_string.onnx", onnx_with_meta('"tiny"'), ["metadata must be a JSON object", "a string"]),
+        ("meta_bad_json.onnx", onnx_with_meta("{inputs: ["), ["metadata_props['tugboat']", "not valid JSON"]),
+        ("meta_bad_task.onnx", onnx_with_meta('{"task": {"a": 1}}'), ["field 'task'"]),
+        ("meta_list_torchscript.pt", torchscript_with_meta("[]"), ["metadata must be a JSON object"]),
+        ("meta_unnamed_input_torchscript.pt",
+         torchscript_with_meta('{"inputs": [{"shape": ["batch", 1, 8, 8]}]}'), ["'inputs[0]'", "no name"]),
+        ("meta_float_shape_torchscript.pt",
+         torchscript_with_meta('{"inputs": [{"name": "x", "shape": ["batch", 1.5, [8], 8]}]}'),
+         ["'inputs[0]'", "shape dimension 1.5"]),
+        ("meta_inputs_string.pt2", pt2_with_meta('{"inputs": "x"}'), ["field 'inputs'", "a string"]),
+        ("meta_outputs_bad_dtype.pt2",
+         pt2_with_meta('{"outputs": [{"name": "y", "shape": [2], "dtype": "notatype"}]}'),
+         ["'outputs[0]'", "dtype \"notatype\""]),
+    ]
+    for name, data, expect in meta_cases:
+        c.case(f"models/{name}", "model", M, expect, "malformed Tugboat metadata", data)
+    import torch
+
+    mlp = mlp_state_dict()
+    sd_meta = {
+        "meta_arch_list_state_dict.pt": ({"arch": ["digits-mlp"]}, ["field 'arch'", "must be a name"]),
+        "meta_arch_kwargs_unknown_state_dict.pt": ({"arch": "digits-mlp", "arch_kwargs": {"bogus": 1}},
+                                                   ["'arch_kwargs' does not build 'digits-mlp'", "bogus"]),
+        "meta_arch_kwargs_not_numbers_state_dict.pt": ({"arch": "digits-mlp", "arch_kwargs": [1, 2]},
+                                                       ["'arch_kwargs' must map parameter names"]),
+        "meta_arch_kwargs_huge_state_dict.pt": ({"arch": "digits-mlp",
+                                                 "arch_kwargs": {"hidden": 10**12, "depth": 1}},
+                                                ["do not fit architecture 'digits-mlp'", "in the file"]),
+        "meta_bad_dtype_state_dict.pt": ({"arch": "digits-mlp", "arch_kwargs": {"hidden": 8, "depth": 1},
+                                          "inputs": [{"name": "input", "shape": ["batch", 64],
+                                                      "dtype": "notatype"}]},
+                                         ["'inputs[0]'", "\"notatype\"", "not a tensor type"]),
+        "meta_tugboat_list_state_dict.pt": (["digits-mlp"], ["metadata must be a JSON object"]),
+    }
+    for name, (meta, expect) in sd_meta.items():
+        c.case(f"models/{name}", "model", M, expect, "malformed Tugboat metadata beside a state_dict",
+               state_dict_bytes({"state_dict": mlp, "tugboat": meta}))
+    c.write("good/mlp_h8_state_dict.pt", state_dict_bytes(
+        {"state_dict": mlp, "tugboat": {"arch": "digits-mlp", "arch_kwargs": {"hidden": 8, "depth": 1}}}))
+    del torch
+    for name, data in custom_domain_models().items():
+        c.case(f"models/custom_domain_{name}.onnx", "model", M, ["custom domain 'evil.ops'", "Detonate"],
+               f"a custom-domain operator ({name.replace('_', ' ')})", data)
+
     # --- models that load but must not be measured ---
     c.case("models/dynamic_features.onnx", "baseline", M, ["unknown size in dimension 1", "--input-shape"],
            "every input dimension symbolic and no data to tell the shape",
@@ -290,8 +438,22 @@ def build(out: Path) -> list[dict]:
            _npz(input=np.array(["a"] * 20).reshape(20, 1), labels=y), model=model)
     c.case("data/label_count.npz", "data", D, ["17 labels for 20 samples"], "fewer labels than samples",
            _npz(input=x, labels=y[:17]), model=model)
-    c.case("data/float_labels.npz", "data", D, ["'labels' must be a 1-D integer array"],
-           "labels stored as floats", _npz(input=x, labels=y.astype(np.float32)), model=model)
+    c.case("data/float_labels.npz", "data", D, ["label 2.5 of sample 0", "not a whole class index"],
+           "labels stored as floats with fractions", _npz(input=x, labels=np.where(
+               np.arange(20) == 0, 2.5, y).astype(np.float32)), model=model)
+    c.case("data/uint64_labels.npz", "data", D, ["label 18446744073709551615", "not a plausible class index"],
+           "uint64 labels with a value that wraps to -1 as int64", _npz(input=x, labels=np.where(
+               np.arange(20) == 4, np.uint64(2**64 - 1), y.astype(np.uint64)).astype(np.uint64)), model=model)
+    c.case("data/huge_header.npz", "data", D, ["decompression bomb", "declare"],
+           "an .npy header claiming 10^12 floats in a 1 KB file (refused before allocating)",
+           _zip_bytes({"input.npy": _npy_claiming((10**12,)), "labels.npy": _npy_claiming((20,), "<i8")}),
+           model=model)
+    c.case("data/text_member_only.npz", "data", D, ["holds no arrays"],
+           "a zip whose only member is a text file (np.load hands it over as bytes)",
+           _zip_bytes({"notes.txt": text.encode()}), model=model)
+    c.case("data/object_header.npz", "data", D, ["pickled object arrays"],
+           "an .npy header declaring an object dtype (refused from the header)",
+           _zip_bytes({"input.npy": _npy_claiming((20,), "|O")}), model=model)
     c.case("data/label_out_of_range.npz", "data", D, ["label 57", "10 classes"],
            "a class index the model does not have", _npz(input=x, labels=np.where(y == y[0], 57, y)), model=model)
     c.case("data/negative_labels.npz", "data", D, ["negative"], "label -1",
@@ -322,6 +484,18 @@ def build(out: Path) -> list[dict]:
            header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},cat\n", model=model)
     c.case("data/ragged.csv", "data", D, ["columns"], "a row with a missing value",
            header + f"{row},1\n" + ",".join("0.5" for _ in range(63)) + ",2\n", model=model)
+    c.case("data/fractional_label.csv", "data", D, ["label 1.5", "not a whole class index"],
+           "a label column with a fraction (was silently truncated)",
+           header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},1.5\n", model=model)
+    c.case("data/nan_label.csv", "data", D, ["label nan", "not a whole class index"], "a NaN label",
+           header + "".join(f"{row},{i % 10}\n" for i in range(5)) + f"{row},nan\n", model=model)
+    c.case("data/utf16.csv", "data", D, ["not a readable CSV"], "a CSV saved as UTF-16 (a spreadsheet export)",
+           (header + f"{row},1\n{row},2\n").encode("utf-16"), model=model)
+    c.case("data/nul_bytes.csv", "data", D, ["non-numeric value"], "NUL bytes inside a CSV",
+           (header + f"{row},1\n" + row.replace("0.5", "0\x005", 1) + ",2\n").encode(), model=model)
+    c.write("data/folder.npz/README.txt", "A folder, so that git keeps it.\n")
+    c.case("data/folder.npz", "data", D, ["is a folder, not a .npz file"], "a folder whose name ends in .npz",
+           model=model)
     c.case("data/one_row.csv", "data", D, ["1 sample"], "one data row", header + f"{row},3\n", model=model)
     c.case("data/wrong_width.csv", "data", D, ["shape (5,)", "expects (1, 8, 8)"],
            "5 features for a 64-pixel model",
@@ -348,6 +522,19 @@ def build(out: Path) -> list[dict]:
     c.write("data/image_bomb/zero/huge.png", _png_claiming(60000, 60000))
     c.case("data/image_bomb/zero/huge.png", "data_folder", D, ["too large to decode safely"],
            "a PNG whose header claims 60000 x 60000 pixels", model=model, folder="data/image_bomb")
+
+    # --- data that loads but fails at the original model's first run (``first_run``: prepare) ---
+    c.write("good/tokens.onnx", token_onnx())
+    ids = rng.integers(0, 17, (20, 5))
+    c.case("data/token_ids_beyond_vocab.npz", "first_run", D, ["'ids'", "beyond its vocabulary"],
+           "token ids up to 99 for a 17-token embedding",
+           _npz(ids=np.where(ids == ids[0, 0], 99, ids), labels=y), model="good/tokens.onnx")
+    symbolic = tiny_onnx()
+    symbolic.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    c.write("good/symbolic_classes.onnx", symbolic.SerializeToString())
+    c.case("data/label_beyond_symbolic_classes.npz", "first_run", D, ["label 57", "10 classes"],
+           "a label beyond the class count when the model's class dimension is symbolic",
+           _npz(input=x, labels=np.where(y == y[0], 57, y)), model="good/symbolic_classes.onnx")
 
     # --- recipes: one mistake each ---
     ok_step = '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nratio = 0.5\n'

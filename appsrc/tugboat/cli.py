@@ -8,6 +8,7 @@ and exit with code 2; nothing else is caught, so real bugs keep their tracebacks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -220,11 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command is None:
         return _start_gui(args)
-    from .engine.errors import TugboatError
+    from .engine.errors import Cancelled, TugboatError
 
     try:
-        return {"info": cmd_info, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
-                "export": cmd_export, "remeasure": cmd_remeasure}[args.command](args)
+        with _ctrl_c_cancels():
+            return {"info": cmd_info, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
+                    "export": cmd_export, "remeasure": cmd_remeasure}[args.command](args)
+    except (KeyboardInterrupt, Cancelled):
+        print("tugboat: interrupted", file=sys.stderr)
+        _exit_if_native_work_left(130)
+        return 130
     except TugboatError as exc:
         print(f"tugboat: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -235,9 +241,54 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tugboat: error: {oom_message(f'in tugboat {args.command}')}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("tugboat: interrupted", file=sys.stderr)
-        return 130
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels():
+    """While a command runs, Ctrl+C (SIGINT) cancels the work cooperatively: every progress token
+    reads as cancelled and the work raises Cancelled at its next check (within
+    cancellable.POLL_S while a helper thread runs native code). A second Ctrl+C exits at once."""
+    import signal
+
+    from .engine import progress
+
+    presses = [0]
+
+    def on_sigint(_signum, _frame):
+        presses[0] += 1
+        if presses[0] > 1:
+            print("tugboat: interrupted", file=sys.stderr)
+            _hard_exit(130)
+        progress.stop_everything()
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread (an embedding app): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.reset_stop_everything()
+
+
+def _exit_if_native_work_left(code: int) -> None:
+    """After an interrupt, helper threads of cancelled work may still be inside torch or ONNX
+    Runtime; letting the interpreter finalise under them aborts in C++ ("terminate called
+    without an active exception", exit 134). Give them a moment to reach their next check, then
+    end the process without finalising if any is left."""
+    from .engine import cancellable
+
+    if not cancellable.wait_abandoned(timeout=1.0):
+        _hard_exit(code)
+
+
+def _hard_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _start_gui(args) -> int:

@@ -47,11 +47,14 @@ def call(fn: Callable[[], T], progress: Progress, *, name: str = "tugboat-work")
 
     helper = threading.Thread(target=run, name=name, daemon=True)
     helper.start()
-    while not done.wait(POLL_S):
-        if progress.cancelled:
-            with _lock:
-                _abandoned.append(helper)
-            raise Cancelled()
+    try:
+        while not done.wait(POLL_S):
+            if progress.cancelled:
+                raise Cancelled()
+    except BaseException:  # cancelled, or a KeyboardInterrupt while waiting: the helper runs on
+        with _lock:
+            _abandoned.append(helper)
+        raise
     helper.join()
     err = box.pop("error", None)
     if err is not None:

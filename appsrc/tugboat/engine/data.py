@@ -56,15 +56,23 @@ class Dataset:
         return {k: len(v) for k, v in self.splits.items()}
 
     def batches(self, split: str, batch_size: int, *, names: list[str], shuffle: bool = False,
-                seed: int = 0, extra: list[np.ndarray] | None = None,
+                seed: int = 0, extra: list[np.ndarray] | None = None, training: bool = False,
                 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]]:
         """Yield (inputs in ``names`` order, labels or None, rows of ``extra`` arrays) per batch.
 
-        ``extra`` arrays are aligned with the split (e.g. cached teacher outputs)."""
+        ``extra`` arrays are aligned with the split (e.g. cached teacher outputs). With
+        ``training`` no batch holds a single sample (BatchNorm cannot train on one): a last batch
+        of one joins the batch before it, and a batch size of 1 becomes 2."""
         idx = self.splits[split]
         order = np.random.default_rng(seed).permutation(len(idx)) if shuffle else np.arange(len(idx))
-        for i in range(0, len(idx), batch_size):
-            local = order[i : i + batch_size]
+        if training:
+            batch_size = max(2, batch_size)
+        starts = list(range(0, len(idx), batch_size))
+        if training and len(starts) > 1 and len(idx) - starts[-1] == 1:
+            starts.pop()
+        for k, i in enumerate(starts):
+            end = starts[k + 1] if k + 1 < len(starts) else len(idx)
+            local = order[i:end]
             rows = idx[local]
             xs = [torch.from_numpy(np.ascontiguousarray(self.inputs[n][rows])) for n in names]
             ys = torch.from_numpy(self.labels[rows]) if self.labels is not None else None
@@ -104,6 +112,8 @@ def load_data(ref: str | os.PathLike, model: ModelHandle | None = None, *,
         path = Path(ref)
         if not path.exists():
             raise DataError("file or folder not found", path=ref)
+        if path.is_dir() and path.suffix.lower() in (".npz", ".csv"):
+            raise DataError(f"is a folder, not a {path.suffix.lower()} file", path=ref)
         if path.is_dir():
             ds = _load_image_folder(path, model)
         elif path.suffix.lower() == ".npz":
@@ -127,12 +137,113 @@ def _load_demo(ref: str) -> Dataset:
     return Dataset(ref, {"input": x}, y, zoo.digits_splits(len(x)), classes=[str(i) for i in range(10)])
 
 
+# --- sizes checked before anything is allocated ----------------------------------------------
+
+MAX_NPZ_MEMBERS = 10_000
+# an .npz that inflates more than this many times over a quarter GB is a decompression bomb:
+# real data (even zero padding compressed by np.savez_compressed) stays far below it
+BOMB_RATIO, BOMB_MIN_BYTES = 200, 256 * 1024**2
+LOAD_FACTOR = 2  # arrays are converted (float64 -> float32, labels -> int64) after loading
+CSV_FACTOR = 24  # a CSV held as Python lists of strings takes ~20x its bytes before becoming an array
+
+
+def _memory_limit() -> int | None:
+    """Bytes a dataset may take once loaded: what the machine has available (a tenth left to the
+    rest of the machine), or None when the platform does not say. ``TUGBOAT_SKIP_MEMORY_CHECK=1``
+    turns the checks off, like the job memory check."""
+    if os.environ.get("TUGBOAT_SKIP_MEMORY_CHECK", "") not in ("", "0"):
+        return None
+    from .resources import SAFETY, available_memory
+
+    avail = available_memory()
+    return int(avail * SAFETY) if avail is not None else None
+
+
+def refuse_if_too_big(need: int, what: str, path: Path) -> None:
+    from .errors import ResourceError
+    from .resources import fmt_bytes
+
+    limit = _memory_limit()
+    if limit is not None and need > limit:
+        raise ResourceError(f"{what} needs about {fmt_bytes(need)} of memory once loaded, but only "
+                            f"{fmt_bytes(limit)} is available; it was not loaded", path=path,
+                            hint="use a smaller file or a machine with more memory")
+
+
+def check_regular_file(path: Path, error: type = DataError) -> None:
+    """Refuse a named pipe, a device (``/dev/zero``) or a socket before opening it: reading one
+    would block forever or never end."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise error(f"could not be read ({exc.strerror or exc})", path=path) from None
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode)
+                or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise error(f"is {kind}, not a regular file; it was not read", path=path)
+
+
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype an .npy member declares, read from its header alone."""
+    fmt = np.lib.format
+    try:
+        with zf.open(info) as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(f)
+            else:
+                shape, _, dtype = fmt._read_array_header(f, version)  # 3.0: utf-8 field names
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, TypeError, KeyError,
+            NotImplementedError, RuntimeError) as exc:
+        raise DataError(f"not a readable .npz file (array '{info.filename}': {' '.join(str(exc).split())[:120]})",
+                        path=path) from None
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def check_npz_size(path: Path) -> None:
+    """Read every member's declared shape and dtype from its .npy header and refuse, before
+    loading anything, an archive whose arrays would not fit in memory or that inflates like a
+    decompression bomb."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+            if len(infos) > MAX_NPZ_MEMBERS:
+                raise DataError(f"holds {len(infos)} arrays; at most {MAX_NPZ_MEMBERS} are read", path=path)
+            total = 0
+            for info in infos:
+                if not info.filename.endswith(".npy"):  # not read (only .npy members are arrays)
+                    continue
+                shape, dtype = _npy_header(zf, info, path)
+                if dtype.hasobject:
+                    raise DataError("holds pickled object arrays, which are never loaded", path=path)
+                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"not a readable .npz file ({exc})", path=path) from None
+    except OSError as exc:
+        raise DataError(f"not a readable .npz file ({exc.strerror or exc})", path=path) from None
+    from .resources import fmt_bytes
+
+    size = max(1, path.stat().st_size)
+    if total > BOMB_MIN_BYTES and total > BOMB_RATIO * size:
+        raise DataError(f"its arrays declare {fmt_bytes(total)} in a file of {fmt_bytes(size)} "
+                        f"({total // size}x): a decompression bomb, not loaded", path=path)
+    refuse_if_too_big(total * LOAD_FACTOR, "its arrays", path)
+
+
 def _load_npz(path: Path, model: ModelHandle | None) -> Dataset:
+    check_regular_file(path)
     if not zipfile.is_zipfile(path):  # np.load would take any other bytes for a pickle
         raise DataError("not a readable .npz file (not a zip archive of arrays)", path=path)
+    check_npz_size(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            # only .npy members are arrays: np.load hands any other member over as raw bytes
+            npy = {name[:-4] for name in z.zip.namelist() if name.endswith(".npy")}
+            arrays = {k: z[k] for k in z.files if k in npy}
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise DataError("holds pickled object arrays, which are never loaded", path=path) from None
@@ -202,15 +313,7 @@ def _make_dataset(ref: str, arrays: dict[str, np.ndarray], labels, classes=None)
             raise DataError(f"array '{k}' contains NaN or Inf values (or numbers too large for float32)",
                             path=ref)
     if labels is not None:
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise DataError(f"'labels' must be a 1-D integer array, got shape {labels.shape} "
-                            f"dtype {labels.dtype}", path=ref)
-        if len(labels) != n:
-            raise DataError(f"has {len(labels)} labels for {n} samples", path=ref)
-        if labels.min() < 0:
-            raise DataError("'labels' contains negative class indices", path=ref)
-        labels = labels.astype(np.int64)
+        labels = _check_labels(np.asarray(labels), n, ref)
     try:
         splits = default_splits(n)
     except DataError as exc:
@@ -218,9 +321,49 @@ def _make_dataset(ref: str, arrays: dict[str, np.ndarray], labels, classes=None)
     return Dataset(ref, arrays, labels, splits, classes)
 
 
+MAX_CLASSES = 1_000_000  # a class index beyond this is a corrupt label, not a class
+
+
+def _check_labels(labels: np.ndarray, n: int, ref: str) -> np.ndarray:
+    """Class indices as int64: 1-D, whole, not negative and not absurdly large. Checked in the
+    stored dtype before converting, so uint64 values above 2**63 cannot wrap to -1 and float
+    labels with fractions are not silently truncated."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf":
+        raise DataError(f"'labels' must be a 1-D integer array, got shape {labels.shape} "
+                        f"dtype {labels.dtype}", path=ref)
+    if len(labels) != n:
+        raise DataError(f"has {len(labels)} labels for {n} samples", path=ref)
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(f"label {labels[i].item()!r} of sample {i} is not a whole class index", path=ref)
+    if labels.dtype.kind in "if" and labels.min() < 0:
+        i = int(np.argmin(labels))
+        raise DataError(f"'labels' contains negative class indices (sample {i} has {labels[i].item()!r})", path=ref)
+    if labels.max() > MAX_CLASSES:
+        i = int(np.argmax(labels))
+        raise DataError(f"label {labels[i].item()!r} of sample {i} is not a plausible class index "
+                        f"(more than {MAX_CLASSES}; a wrapped or corrupt value)", path=ref)
+    return labels.astype(np.int64)
+
+
+def check_labels_fit(ds: Dataset, n_classes: int, model_ref: str | None = None) -> None:
+    """Labels must index the model's classes (known from the first forward pass when the output
+    shape is symbolic)."""
+    if ds.labels is None or not len(ds.labels):
+        return
+    top = int(ds.labels.max())
+    if top >= n_classes:
+        of = f" {model_ref}" if model_ref else ""
+        raise DataError(f"has label {top} but the model{of} has {n_classes} classes", path=ds.ref)
+
+
 def _load_csv(path: Path, model: ModelHandle | None, label_column: str) -> Dataset:
+    check_regular_file(path)
+    refuse_if_too_big(path.stat().st_size * CSV_FACTOR, "the CSV table", path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM must not rename the first column
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"not a readable CSV file ({exc})", path=path) from None
@@ -241,7 +384,7 @@ def _load_csv(path: Path, model: ModelHandle | None, label_column: str) -> Datas
         raise DataError(f"rows have different numbers of columns than the header ({len(header)})", path=path)
     if label_column in header:
         col = header.index(label_column)
-        labels = table[:, col].astype(np.int64)
+        labels = table[:, col]  # checked as whole class indices in _make_dataset
         table = np.delete(table, col, axis=1)
     name = model.input_names[0] if model is not None else "input"
     if model is not None:
@@ -264,24 +407,26 @@ def _load_image_folder(path: Path, model: ModelHandle | None) -> Dataset:
     if len(shape) != 3 or not all(isinstance(d, int) for d in shape):
         raise DataError(f"images need a model input of shape (C, H, W); the model takes {shape}", path=path)
     c, h, w = shape
+    files = [(label, f) for label, cls in enumerate(classes) for f in sorted((path / cls).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    # every image is resized to the model's input: the count alone tells the memory it will take
+    refuse_if_too_big(len(files) * c * h * w * 4 * LOAD_FACTOR, f"{len(files)} images", path)
     xs, ys = [], []
-    for label, cls in enumerate(classes):
-        for f in sorted((path / cls).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with warnings.catch_warnings():
-                    # an image claiming a huge size (a decompression bomb) is refused, not decoded
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    with Image.open(f) as im:
-                        im = im.convert("L" if c == 1 else "RGB").resize((w, h))
-                        arr = np.asarray(im, dtype=np.float32) / 255.0
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise DataError(f"image is too large to decode safely ({exc})", path=f) from None
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's parse errors
-                raise DataError(f"image could not be read ({exc})", path=f) from None
-            xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
-            ys.append(label)
+    for label, f in files:
+        check_regular_file(f)
+        try:
+            with warnings.catch_warnings():
+                # an image claiming a huge size (a decompression bomb) is refused, not decoded
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    im = im.convert("L" if c == 1 else "RGB").resize((w, h))
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(f"image is too large to decode safely ({exc})", path=f) from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's parse errors
+            raise DataError(f"image could not be read ({exc})", path=f) from None
+        xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+        ys.append(label)
     if not xs:
         raise DataError("holds no images", path=path)
     name = model.input_names[0] if model is not None else "input"
@@ -324,6 +469,5 @@ def check_against(ds: Dataset, model: ModelHandle) -> None:
     if ds.labels is not None and model.outputs and model.task == "classification":
         out = model.outputs[0].shape
         n_classes = out[-1] if out and isinstance(out[-1], int) else None
-        if n_classes is not None and int(ds.labels.max()) >= n_classes:
-            raise DataError(f"has label {int(ds.labels.max())} but the model has {n_classes} classes",
-                            path=ds.ref)
+        if n_classes is not None:
+            check_labels_fit(ds, n_classes)

@@ -372,7 +372,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
             sums = {"loss": 0.0, "feature": 0.0}
             count = 0
             for xs, ys, ex in data.batches("train", batch_size, names=names, shuffle=True,
-                                           seed=seed + epoch, extra=[rows]):
+                                           seed=seed + epoch, extra=[rows], training=True):
                 local = ex[0].numpy()
                 shift = SHIFTS[int(rng.integers(len(SHIFTS)))] if augment else (0, 0)
                 if shift != (0, 0):

@@ -105,9 +105,15 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
 
     torch.manual_seed(seed)
     params = trainable if trainable is not None else [p for p in module.parameters() if p.requires_grad]
-    opt = make_optimizer(optimizer, params, lr)
+    if not params:
+        raise TugboatError("fine-tuning has nothing to train: the model has no trainable parameters "
+                           "(set finetune_epochs = 0)")
     n_rows = len(data.splits[split])
-    n_batches = max(1, -(-n_rows // batch_size))
+    if n_rows < 2:
+        raise DataError(f"fine-tuning needs at least 2 samples in the '{split}' split, it has {n_rows}",
+                        path=data.ref)
+    opt = make_optimizer(optimizer, params, lr)
+    n_batches = max(1, -(-n_rows // max(2, batch_size)))
     total = epochs * n_batches
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     extra = [teacher_outputs] if (teacher_outputs is not None and not use_labels) else None
@@ -117,7 +123,7 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
         module.train()
         losses = []
         for xs, ys, ex in data.batches(split, batch_size, names=input_names, shuffle=True,
-                                       seed=seed + epoch, extra=extra):
+                                       seed=seed + epoch, extra=extra, training=True):
             out = module(*xs)
             out = out[0] if isinstance(out, (tuple, list)) else out
             if use_labels:

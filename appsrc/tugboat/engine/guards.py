@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import NumericalError
+from .errors import DataError, ModelLoadError, NumericalError, TugboatError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
@@ -24,12 +24,40 @@ PROBE_SAMPLES = 8
 
 def probe_inputs(handle: ModelHandle, data: Dataset | None, samples: int = PROBE_SAMPLES) -> list[np.ndarray]:
     """A few real samples (the first of the test split) in the model's input order, or random ones."""
+    from .runtime import fill_batch, fixed_batch
+
+    fixed = fixed_batch(handle)
+    samples = fixed or samples
     if data is not None and all(n in data.inputs for n in handle.input_names):
         for split in ("test", "val", "train"):
             if len(data.splits.get(split, ())):
                 xs, _ = data.split(split, limit=samples)
-                return [np.ascontiguousarray(xs[n]) for n in handle.input_names]
+                arrays = [np.ascontiguousarray(xs[n]) for n in handle.input_names]
+                return fill_batch(arrays, fixed) if fixed else arrays
     return [t.numpy() for t in handle.example_inputs(samples, seed=7)]
+
+
+INDEX_MARKERS = ("index out of range", "out of data bounds", "indices element", "out of bounds")
+
+
+def first_run_error(exc: BaseException, handle: ModelHandle, data: Dataset | None) -> TugboatError:
+    """A one-line error for the original model failing on its first inputs: blame the data when
+    its values cannot be indices (token ids beyond the vocabulary), else the model on that data."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "TorchScript" in lines[0]:
+        lines = lines[-1:]  # the interpreter's own error, after the serialized traceback
+    text = " ".join(" ".join(lines).split())
+    for noise in ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ", "[ONNXRuntimeError] : 1 : FAIL : ",
+                  "Non-zero status code returned while running "):
+        text = text.replace(noise, "")
+    text = text if len(text) <= 200 else text[:199] + "…"
+    if data is not None and any(m in text.lower() for m in INDEX_MARKERS):
+        ints = [n for n in handle.input_names if data.inputs[n].dtype.kind in "iu"]
+        what = f"integer input {', '.join(map(repr, ints))} " if ints else ""
+        return DataError(f"{what}holds values the model cannot use as indices (token ids beyond its "
+                         f"vocabulary?): {text}", path=data.ref)
+    on = f"samples of {data.ref}" if data is not None else "random inputs"
+    return ModelLoadError(f"the model fails on {on}: {text}", path=handle.source)
 
 
 def probe_outputs(handle: ModelHandle, inputs: list[np.ndarray]) -> list[np.ndarray]:

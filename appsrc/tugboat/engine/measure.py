@@ -24,7 +24,7 @@ import torch
 from .errors import ModelLoadError, NumericalError, TugboatError
 from .models import ModelHandle, eval_mode
 from .progress import Progress, null_progress
-from .runtime import _cast, ort_session, predict, torch_threads
+from .runtime import _cast, fixed_batch, ort_session, predict, torch_threads
 
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -743,7 +743,7 @@ def chosen_runtime(cfg: MeasureConfig, handle: ModelHandle) -> str:
 
 def chosen_latency(lat: dict[str, dict[str, Any]], cfg: MeasureConfig, handle: ModelHandle) -> dict[str, Any]:
     """The entry of :func:`latency_all`'s result for the user's runtime and batch."""
-    return lat.get(chosen_runtime(cfg, handle), {}).get(f"b{cfg.batch}") or next(
+    return lat.get(chosen_runtime(cfg, handle), {}).get(f"b{fixed_batch(handle) or cfg.batch}") or next(
         iter(next(iter(lat.values())).values()))
 
 
@@ -755,7 +755,8 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
     With a ``reference`` (the baseline), the user's runtime and batch (``cfg.runtime``,
     ``cfg.batch``) are timed paired with it (:func:`latency_paired`), on the reference's inputs;
     the other runtimes and batches are timed alone, as information."""
-    batches = [cfg.batch] + ([1] if cfg.also_batch1 and cfg.batch != 1 else [])
+    fixed = fixed_batch(handle)
+    batches = [fixed] if fixed else [cfg.batch] + ([1] if cfg.also_batch1 and cfg.batch != 1 else [])
     runtimes = [cfg.runtime]
     if cfg.both_runtimes:
         runtimes += [r for r in RUNTIMES if r != cfg.runtime]

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import zoo
 from .errors import ModelLoadError, UntrustedFileError
+from .tasks import TASKS
 
 ONNX_OPSET = 17
 METADATA_NAME = "tugboat.json"  # spec stored inside TorchScript / .pt2 archives we write
@@ -350,6 +351,10 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
         raise ModelLoadError("file not found", path=ref)
     if path.is_dir():
         raise ModelLoadError("is a folder, not a model file", path=ref)
+    from .data import check_regular_file, refuse_if_too_big
+
+    check_regular_file(path, ModelLoadError)  # a FIFO or /dev/zero would block or never end
+    refuse_if_too_big(path.stat().st_size, "the model file", path)  # read whole (a sparse file can claim TBs)
     if path.stat().st_size == 0:
         raise ModelLoadError("the file is empty", path=ref)
     suffix = path.suffix.lower()
@@ -415,17 +420,133 @@ def _infer_outputs(handle: ModelHandle) -> list[TensorSpec]:
             for n, o in zip(names, outs)]
 
 
-def _read_meta(extra: dict[str, Any]) -> dict[str, Any]:
+def _read_meta(extra: dict[str, Any], path: Path | str | None = None,
+               where: str = METADATA_NAME) -> dict[str, Any]:
+    """The ``tugboat.json`` text of an archive (or an ONNX ``metadata_props`` value, ``where``
+    names it), parsed and checked with :func:`validate_meta`; absent or empty means none."""
     raw = extra.get(METADATA_NAME)
     if not raw:
         return {}
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelLoadError(f"its Tugboat metadata ({where}) is not UTF-8 text", path=path) from None
     try:
-        return json.loads(raw)
-    except (ValueError, TypeError):
+        meta = json.loads(raw)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ModelLoadError(f"its Tugboat metadata ({where}) is not valid JSON ({_short(exc, 80)})",
+                             path=path) from None
+    return validate_meta(meta, path)
+
+
+# --- Tugboat's model metadata: one schema for every reader --------------------------------------
+
+_META_KEYS = ("inputs", "outputs", "task", "arch", "arch_kwargs")
+MAX_META_TENSORS = 256  # inputs or outputs a model may declare
+MAX_META_RANK = 16
+MAX_META_DIM = 2**31 - 1
+MAX_META_SAMPLE = 2**27  # values in one sample of an input or output (512 MB as float32)
+
+
+def _meta_dtype(value: Any) -> bool:
+    return isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)
+
+
+def _validate_spec(raw: Any, field_name: str, path) -> dict[str, Any]:
+    def bad(problem: str) -> ModelLoadError:
+        return ModelLoadError(f"its Tugboat metadata field '{field_name}' {problem}", path=path)
+
+    if not isinstance(raw, dict):
+        raise bad(f"must be an object with name, shape and dtype, got {_json_kind(raw)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad("has no name (a non-empty string is needed)")
+    shape = raw.get("shape")
+    if not isinstance(shape, list) or len(shape) > MAX_META_RANK:
+        raise bad(f"needs a shape: a list of at most {MAX_META_RANK} dimensions, got {_json_kind(shape)}")
+    for d in shape:
+        ok = (d is None or (isinstance(d, str) and 0 < len(d) <= 64)
+              or (isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_META_DIM))
+        if not ok:
+            raise bad(f"has a shape dimension {_json_short(d)}; each must be a whole number, "
+                      "a symbolic name or null")
+    per_sample = 1
+    for d in shape[1:]:
+        per_sample *= d if isinstance(d, int) else 1
+    if per_sample > MAX_META_SAMPLE:
+        raise bad(f"declares {per_sample} values per sample (more than {MAX_META_SAMPLE}); refused before "
+                  "anything that size is allocated")
+    dtype = raw.get("dtype", "float32")
+    if not _meta_dtype(dtype):
+        raise bad(f"has dtype {_json_short(dtype)}, which is not a tensor type (e.g. 'float32', 'int64')")
+    return {"name": name, "shape": shape, "dtype": dtype}
+
+
+def validate_meta(meta: Any, path: Path | str | None = None) -> dict[str, Any]:
+    """Check Tugboat's model metadata read from a file (ONNX ``metadata_props["tugboat"]``, the
+    ``tugboat.json`` of a TorchScript / ``.pt2`` archive, the ``"tugboat"`` entry of a saved
+    state_dict or pickle): every field read from disk is untrusted. Returns a clean copy with only
+    known fields; a malformed field raises ModelLoadError naming the file and the field (a
+    model described wrongly would be measured or rebuilt wrongly, so it is never guessed around).
+    """
+    if meta is None:
         return {}
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"its Tugboat metadata must be a JSON object, got {_json_kind(meta)}", path=path)
+    clean: dict[str, Any] = {}
+    for key in ("inputs", "outputs"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or len(value) > MAX_META_TENSORS:
+            raise ModelLoadError(f"its Tugboat metadata field '{key}' must be a list of at most "
+                                 f"{MAX_META_TENSORS} tensors, got {_json_kind(value)}", path=path)
+        specs = [_validate_spec(d, f"{key}[{i}]", path) for i, d in enumerate(value)]
+        names = [s["name"] for s in specs]
+        if len(set(names)) != len(names):
+            raise ModelLoadError(f"its Tugboat metadata field '{key}' names a tensor twice", path=path)
+        clean[key] = specs
+    task = meta.get("task")
+    if task is not None:
+        if task not in TASKS:
+            raise ModelLoadError(f"its Tugboat metadata field 'task' is {_json_short(task)}; "
+                                 f"one of {', '.join(TASKS)} is needed", path=path)
+        clean["task"] = task
+    arch = meta.get("arch")
+    if arch is not None:
+        if not isinstance(arch, str) or not arch or len(arch) > 200:
+            raise ModelLoadError(f"its Tugboat metadata field 'arch' must be a name, got {_json_short(arch)}",
+                                 path=path)
+        clean["arch"] = arch
+    kwargs = meta.get("arch_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or not all(
+                isinstance(k, str) and k.isidentifier() and not k.startswith("_")
+                and isinstance(v, (int, float, bool))
+                for k, v in kwargs.items()):
+            raise ModelLoadError("its Tugboat metadata field 'arch_kwargs' must map parameter names to "
+                                 f"numbers, got {_json_short(kwargs)}", path=path)
+        clean["arch_kwargs"] = dict(kwargs)
+    return clean
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_short(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 60 else text[:59] + "…"
 
 
 def _apply_meta(handle: ModelHandle, meta: dict[str, Any]) -> ModelHandle:
+    """Apply metadata already checked by :func:`validate_meta`."""
     if meta.get("inputs"):
         handle.inputs = [TensorSpec.from_dict(d) for d in meta["inputs"]]
     if meta.get("outputs"):
@@ -485,7 +606,7 @@ def _load_torch_file(path: Path, *, trust: bool, arch: str | None) -> ModelHandl
         raise ModelLoadError(f"not a readable PyTorch file ({detail})" + _text_note(path), path=path) from None
     if isinstance(obj, dict):
         state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
-        meta = obj.get("tugboat", {}) if isinstance(obj.get("tugboat"), dict) else {}
+        meta = validate_meta(obj.get("tugboat"), path)
         return _from_state_dict(path, state, arch or meta.get("arch"), meta)
     raise ModelLoadError(f"holds a {type(obj).__name__}, not a model or a state_dict", path=path)
 
@@ -497,7 +618,7 @@ def _load_torchscript(path: Path) -> ModelHandle:
     except Exception as exc:
         raise ModelLoadError(f"not a valid TorchScript archive ({_short(exc)})", path=path) from None
     handle = ModelHandle(module.eval(), [], [], source=str(path), format="torchscript")
-    return _apply_meta(handle, _read_meta(extra))
+    return _apply_meta(handle, _read_meta(extra, path))
 
 
 def _load_exported(path: Path) -> ModelHandle:
@@ -515,7 +636,7 @@ def _load_exported(path: Path) -> ModelHandle:
         export_log.setLevel(level)
     module = program.module()
     handle = ModelHandle(module, [], [], source=str(path), format="pt2")
-    meta = _read_meta(extra)
+    meta = _read_meta(extra, path)
     if not meta.get("inputs"):
         # placeholders of user inputs carry fake tensors with the example shapes
         specs = []
@@ -539,14 +660,33 @@ def _from_state_dict(path: Path, state: dict[str, Any], arch: str | None, meta: 
             "is a state_dict (weights only); name its architecture",
             path=path, hint=f"--arch one of: {', '.join(zoo.ARCHITECTURES)}",
         )
-    try:
-        module = zoo.build(arch, **meta.get("arch_kwargs", {}))
-    except KeyError:
+    if arch not in zoo.ARCHITECTURES:
         raise ModelLoadError(f"unknown architecture '{arch}'; built-in: {', '.join(zoo.ARCHITECTURES)}",
-                             path=path) from None
+                             path=path)
+    kwargs = meta.get("arch_kwargs", {})
+    # built on the meta device first: bogus arch_kwargs (a width of 10^9) allocate nothing, and
+    # the weights are checked against the shapes before any real memory is spent
     try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in zoo.build(arch, **kwargs).state_dict().items()}
+    except Exception as exc:
+        raise ModelLoadError(f"its Tugboat metadata field 'arch_kwargs' does not build '{arch}' "
+                             f"({_short(exc, 120)})", path=path) from None
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != got:
+        missing, unexpected = sorted(set(shapes) - set(got)), sorted(set(got) - set(shapes))
+        if missing or unexpected:
+            detail = (f"missing {', '.join(map(repr, missing[:3]))}" if missing
+                      else f"unexpected {', '.join(map(repr, unexpected[:3]))}")
+        else:
+            key = next(k for k in shapes if shapes[k] != got[k])
+            detail = f"'{key}' has shape {list(got[key])} in the file, {list(shapes[key])} in the architecture"
+        raise ModelLoadError(f"weights do not fit architecture '{arch}': {_short(Exception(detail), 300)}",
+                             path=path)
+    try:
+        module = zoo.build(arch, **kwargs)
         module.load_state_dict(state)
-    except RuntimeError as exc:
+    except Exception as exc:
         raise ModelLoadError(f"weights do not fit architecture '{arch}': {_short(exc, 300)}",
                              path=path) from None
     handle = load_demo_spec(module, arch, str(path), "state_dict")
@@ -566,13 +706,13 @@ def _load_pickled_module(path: Path) -> ModelHandle:
         raise ModelLoadError(f"could not unpickle the trusted file ({_short(exc)})", path=path) from None
     meta: dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
-        meta = obj.get("tugboat", {}) or {}
+        meta = obj.get("tugboat") or {}
         obj = obj["model"]
     if not isinstance(obj, nn.Module):
         raise ModelLoadError(f"holds a {type(obj).__name__}, not an nn.Module", path=path)
     handle = ModelHandle(obj.eval(), [], [], source=str(path), format="pickle")
-    meta = meta or getattr(obj, "_tugboat_meta", {}) or {}
-    return _apply_meta(handle, meta)
+    meta = meta or getattr(obj, "_tugboat_meta", None) or {}
+    return _apply_meta(handle, validate_meta(meta, path))
 
 
 # --- ONNX --------------------------------------------------------------------------------------
@@ -607,12 +747,42 @@ def check_opsets(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"uses ONNX opset {opset}, older than ONNX Runtime supports "
                              f"({ORT_MIN_OPSET} or newer)",
                              path=path, hint=f"convert it with onnx.version_converter to opset {ONNX_OPSET}")
-    local = {f.domain for f in model.functions}  # model-local functions are defined in the file
-    for node in model.graph.node:
-        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
-            raise ModelLoadError(f"node '{node.name or node.op_type}' uses operator '{node.op_type}' from the "
-                                 f"custom domain '{node.domain}', which no runtime here implements",
+    check_domains(model, path)
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def check_domains(model: onnx.ModelProto, path: Path) -> None:
+    """Every node, in the main graph, in If/Loop/Scan bodies and in the local functions it calls,
+    must be an operator ONNX Runtime implements or a call of a model-local function whose own body
+    passes the same check. A local function merely *defined* in a domain proves nothing about other
+    operators of that domain (a node ``evil.ops::Anything`` beside an unused ``evil.ops::f``)."""
+    functions = {(f.domain, f.name, getattr(f, "overload", "")): f for f in model.functions}
+    checked: set[tuple[str, str, str]] = set()
+    # an explicit stack, not recursion: a hostile file can nest subgraphs thousands deep
+    stack: list[tuple[onnx.NodeProto, str]] = [(n, "") for n in reversed(model.graph.node)]
+    while stack:
+        node, inside = stack.pop()
+        for g in _subgraphs(node):
+            stack.extend((n, inside) for n in reversed(g.node))
+        if node.domain in KNOWN_DOMAINS:
+            continue
+        key = (node.domain, node.op_type, getattr(node, "overload", ""))
+        fn = functions.get(key)
+        if fn is None:
+            where = f" (in local function '{inside}')" if inside else ""
+            raise ModelLoadError(f"node '{node.name or node.op_type}'{where} uses operator '{node.op_type}' "
+                                 f"from the custom domain '{node.domain}', which no runtime here implements",
                                  path=path)
+        if key not in checked:
+            checked.add(key)
+            stack.extend((n, fn.name) for n in reversed(fn.node))
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -658,7 +828,7 @@ def load_onnx(path: Path) -> ModelHandle:
         handle.info["lifted_constant_weights"] = lifted
     for prop in model.metadata_props:
         if prop.key == "tugboat":
-            meta = _read_meta({METADATA_NAME: prop.value})
+            meta = _read_meta({METADATA_NAME: prop.value}, path, "metadata_props['tugboat']")
             if meta.get("task"):
                 handle.task, handle.task_source = meta["task"], "file"
             handle.arch = meta.get("arch")
@@ -788,13 +958,11 @@ def onnx_to_torch(model: onnx.ModelProto) -> nn.Module:
         onnx2torch = _import_onnx2torch()
     except Exception as exc:  # pragma: no cover - environment problem
         raise ModelLoadError(f"onnx2torch is not available ({exc})") from None
-    work = model
+    work = _fold_initializer_identities(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > 18:
-        try:
-            work = onnx.version_converter.convert_version(model, 18)
-        except Exception:
-            work = model
+        with contextlib.suppress(Exception):
+            work = onnx.version_converter.convert_version(work, 18)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -805,6 +973,31 @@ def onnx_to_torch(model: onnx.ModelProto) -> nn.Module:
     except Exception as exc:
         raise ModelLoadError(f"could not convert the graph to torch ({_short(exc)})") from None
     return module.eval()
+
+
+def _fold_initializer_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without ``Identity`` nodes that merely forward an initializer (the legacy exporter
+    writes them for shared tensors such as BatchNorm statistics). onnx2torch only turns a
+    BatchNormalization whose statistics are initializers into an ``nn.BatchNorm``; fed through
+    Identity they become inputs of a functional batch norm that structured pruning cannot see
+    ("running_mean should contain 16 elements not 32")."""
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    in_subgraphs = any(True for n in model.graph.node for _ in _subgraphs(n))
+    forward = {n.output[0]: n.input[0] for n in model.graph.node
+               if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1
+               and n.input[0] in inits and n.output[0] not in outputs}
+    if not forward or in_subgraphs:
+        return model
+    work = copy.deepcopy(model)
+    keep = [n for n in work.graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in forward)]
+    for node in keep:
+        for k, name in enumerate(node.input):
+            if name in forward:
+                node.input[k] = forward[name]
+    del work.graph.node[:]
+    work.graph.node.extend(keep)
+    return work
 
 
 def _failing_op(text: str) -> str:

@@ -20,6 +20,20 @@ UpdateCallback = Callable[[float, str], None]
 RecordCallback = Callable[[str, dict[str, Any]], None]
 
 
+# set when the whole process was asked to stop (the CLI's Ctrl+C handler): every token reads as
+# cancelled, so work stops at its next check instead of a KeyboardInterrupt raised at a random
+# point (inside a __del__ or a library's broad except it is swallowed and the run goes on)
+_PROCESS_STOP = threading.Event()
+
+
+def stop_everything() -> None:
+    _PROCESS_STOP.set()
+
+
+def reset_stop_everything() -> None:
+    _PROCESS_STOP.clear()
+
+
 class CancelToken:
     """A thread-safe flag that a job's owner sets and the job polls."""
 
@@ -31,7 +45,7 @@ class CancelToken:
 
     @property
     def cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or _PROCESS_STOP.is_set()
 
 
 class Progress:

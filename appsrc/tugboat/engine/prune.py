@@ -30,7 +30,7 @@ from torch import nn
 from .errors import RecipeError, TugboatError
 from .finetune import OPTIMIZERS, evaluate, finetune, frozen_copy, outputs_for, soft_target_loss
 from .progress import Progress, null_progress
-from .steps import Param, Technique, register
+from .steps import NO_CHANGE, Param, Technique, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
@@ -513,6 +513,9 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     method = params.get("method", "structured")
     params = {**TECHNIQUE.defaults(method), **params, "method": method}  # direct callers may omit some
     original = handle.torch_module()
+    if isinstance(original, torch.jit.ScriptModule):  # compiled: no layer can be edited or copied
+        raise TugboatError("pruning cannot edit a TorchScript module (its layers are compiled); give the "
+                           "model as ONNX, a .pt2 program or a state_dict", path=handle.source)
     reference = frozen_copy(original)
     example = tuple(handle.example_inputs(2))
     ignored = list(params.get("ignored") or [])
@@ -520,6 +523,8 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     info: dict[str, Any] = {"method": method}
     tune_progress = progress.sub(0.5, 1.0, "fine-tuning: ")
     before_params = _param_count(original)
+    if not any(isinstance(m, _prunable_types()) for m in original.modules()):
+        raise TugboatError("the model has no Conv or Linear weights to prune", path=handle.source)
     if method == "unstructured":
         progress.update(0.0, "magnitude pruning")
         head = default_ignored(original, example) if params.get("keep_head", False) else []
@@ -560,9 +565,11 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
             data_batches=_data_batches(handle, data, reference) if importance == "taylor" else None,
             progress=progress.sub(0.35, 0.5, "pruning: "))
         _check_shapes(handle, original, model, example)
-        history = _finetune_after(handle, model, params, data, tune_progress, reference)
-        before_ch, after_ch = _channels(original), _channels(model)
         after_params = _param_count(model)
+        unchanged = after_params == before_params and ratio > 0
+        # fine-tuning a model that was not pruned would change it under a name that says "pruned"
+        history = [] if unchanged else _finetune_after(handle, model, params, data, tune_progress, reference)
+        before_ch, after_ch = _channels(original), _channels(model)
         info["pruning"] = {
             "method": method, "ratio": ratio, "importance": importance, "scope": params.get("scope"),
             "allocation": params.get("allocation", "uniform"),
@@ -576,6 +583,16 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         if rows is not None:
             info["sensitivity"] = rows
         new = handle.derive(module=model, step={"technique": "prune", **params})
+        if unchanged:
+            round_to = params.get("round_to") or 0
+            widest = max(before_ch.values(), default=0)
+            if not prunable_layers(original, example, ign):
+                why = "its only Conv/Linear layers are the output layer and 'ignored' ones, which are kept"
+            elif round_to:
+                why = f"with round_to = {round_to} no layer could lose channels (the widest has {widest})"
+            else:
+                why = f"ratio {ratio:g} removes less than one channel in every prunable layer"
+            new.info[NO_CHANGE] = why
     else:  # the registry validates methods; this guards direct callers
         raise TugboatError(f"unknown prune method {method!r}; valid: unstructured, structured")
     new.info.update(info)
@@ -585,7 +602,14 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
 
 def _check_shapes(handle: ModelHandle, original: nn.Module, pruned: nn.Module, example) -> None:
     with torch.no_grad():
-        a, b = _forward(original.eval(), example), _forward(pruned.eval(), example)
+        a = _forward(original.eval(), example)
+        try:
+            b = _forward(pruned.eval(), example)
+        except Exception as exc:  # a layer torch-pruning could not follow (weights fed as inputs, ...)
+            text = " ".join(str(exc).split())[:200]
+            raise TugboatError(f"structured pruning left the model inconsistent ({text}); a layer it "
+                               f"cannot follow is involved: add it to 'ignored' or use unstructured pruning",
+                               path=handle.source) from None
     if a.shape != b.shape:
         raise TugboatError(f"structured pruning changed the output shape from {tuple(a.shape)} to "
                            f"{tuple(b.shape)}; add the output layer to 'ignored'", path=handle.source)

@@ -42,7 +42,7 @@ from .errors import DataError, TugboatError
 from .models import ModelHandle
 from .progress import Progress, null_progress
 from .runtime import ort_session, run_onnx
-from .steps import Param, Technique, register
+from .steps import NO_CHANGE, Param, Technique, register
 
 METHODS = {
     "dynamic-int8": "int8 weights, activations quantized at run time; no calibration data needed. "
@@ -64,6 +64,19 @@ _CALIBRATED = _STATIC
 _WEIGHT_ONLY = ("weight-only-int8", "weight-only-int4")
 _INT8 = ("dynamic-int8", "static-int8", "qat-int8")
 
+# operator types ONNX Runtime's quantizers know (onnxruntime.quantization.registry 1.32: the
+# integer-ops, QDQ and QLinear registries; Gemm becomes MatMul for dynamic int8): anything else
+# in op_types would quantize nothing, so it is refused when the recipe is read
+QUANTIZABLE_OPS = (
+    "Add", "ArgMax", "Attention", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv",
+    "ConvTranspose", "CumSum", "EmbedLayerNormalization", "Flatten", "Gather", "GatherElements", "Gemm",
+    "GlobalAveragePool", "InstanceNormalization", "LSTM", "LayerNormalization", "LeakyRelu", "MatMul",
+    "MaxPool", "Mul", "Pad", "Relu", "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "Split",
+    "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where")
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                 "MatMulNBits", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "QAttention",
+                 "GatherBlockQuantized")
+
 PARAMS = [
     Param("per_channel", "bool", True,
           "one scale per output channel instead of one per tensor: more accurate, slightly larger",
@@ -84,7 +97,7 @@ PARAMS = [
     Param("op_types", "list", [],
           "operator types to quantize, e.g. [\"MatMul\", \"Gemm\"]; empty: every type the method "
           "supports (set [\"MatMul\", \"Gemm\"] to keep slow int8 convolutions out of dynamic-int8)",
-          methods=_INT8),
+          methods=_INT8, choices=QUANTIZABLE_OPS),
     Param("exclude", "list", [],
           "layers kept in float: torch module names (e.g. \"classifier.3\") or ONNX node names",
           methods=(*_INT8, *_WEIGHT_ONLY, "fp16")),
@@ -242,16 +255,21 @@ class _Reader:
     """An ONNX Runtime ``CalibrationDataReader`` over arrays, reporting progress per batch."""
 
     def __init__(self, names: list[str], arrays: list[np.ndarray], progress: Progress,
-                 batch: int = _CALIB_BATCH):
+                 batch: int = _CALIB_BATCH, *, fixed: bool = False):
         self.names, self.arrays, self.progress, self.batch = names, arrays, progress, batch
+        self.fixed = fixed  # the model takes exactly ``batch`` rows: a short last batch is filled
         self.n = len(arrays[0])
         self.i = 0
 
     def get_next(self):
         if self.i >= self.n:
             return None
-        feed = {name: np.ascontiguousarray(a[self.i : self.i + self.batch])
-                for name, a in zip(self.names, self.arrays)}
+        parts = [a[self.i : self.i + self.batch] for a in self.arrays]
+        if self.fixed:
+            from .runtime import fill_batch
+
+            parts = fill_batch(parts, self.batch)
+        feed = {name: np.ascontiguousarray(a) for name, a in zip(self.names, parts)}
         self.i += self.batch
         self.progress.update(min(1.0, self.i / self.n),
                              f"calibrating: batch {-(-self.i // self.batch)}/{-(-self.n // self.batch)}")
@@ -270,13 +288,26 @@ class _Reader:
         return item
 
 
-def _calibration_reader(names, arrays, progress):
+def _calibration_reader(names, arrays, progress, fixed: int | None = None):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(_Reader, CalibrationDataReader):
         pass
 
-    return Reader(names, arrays, progress)
+    return Reader(names, arrays, progress, fixed or _CALIB_BATCH, fixed=fixed is not None)
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The constant first dimension of every graph input, if the graph has one (else None)."""
+    inits = {i.name for i in model.graph.initializer}
+    sizes = set()
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        sizes.add(int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+                  else None)
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
 # --- ONNX Runtime quantizers ----------------------------------------------------------------------
@@ -363,7 +394,7 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
         with _quiet():
             quantize_static(
                 # a copy: ORT may move the tensors of the model it is given to external data
-                _copy(model), str(out), _calibration_reader(names, calib, progress),
+                _copy(model), str(out), _calibration_reader(names, calib, progress, _fixed_batch(model)),
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=params.get("op_types") or None,
                 per_channel=params.get("per_channel", True),
                 activation_type=_quant_type(params.get("activation_type", "uint8")),
@@ -642,7 +673,8 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
             module.apply(qat.disable_observer)  # settle the ranges
         total = 0.0
         for b, (xs, ys, _) in enumerate(data.batches("train", batch, names=handle.input_names,
-                                                     shuffle=True, seed=epoch + int(params.get("seed", 0)))):
+                                                     shuffle=True, seed=epoch + int(params.get("seed", 0)),
+                                                     training=True)):
             opt.zero_grad()
             loss = qat_loss(module(*xs), xs, ys)
             loss.backward()
@@ -824,6 +856,10 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         if key in info:
             out.info[key] = info[key]
     out.warnings += warn
+    if method != "fp16" and not _count(q, QUANTIZED_OPS) and _count(float_model, QUANTIZED_OPS) == 0:
+        ops = params.get("op_types") or ["every supported type"]
+        out.info[NO_CHANGE] = (f"no operator was quantized (op_types: {', '.join(ops)}; the model's "
+                               f"operators: {', '.join(sorted({n.op_type for n in float_model.graph.node}))})")
     return out
 
 

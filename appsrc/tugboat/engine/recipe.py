@@ -9,6 +9,7 @@ the variant with the same settings and writes artifacts plus ``report.json``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import gc
 import os
@@ -22,9 +23,17 @@ import numpy as np
 
 from . import cancellable, resources
 from . import steps as step_registry
-from .data import Dataset, load_data
+from .data import Dataset, check_labels_fit, check_regular_file, load_data
 from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
-from .guards import check_outputs, describe_step, non_finite, probe_inputs, probe_outputs
+from .guards import (
+    INDEX_MARKERS,
+    check_outputs,
+    describe_step,
+    first_run_error,
+    non_finite,
+    probe_inputs,
+    probe_outputs,
+)
 from .measure import (
     MeasureConfig,
     TimingReference,
@@ -37,7 +46,9 @@ from .measure import (
 )
 from .models import ModelHandle, load_model
 from .progress import Progress, null_progress
+from .runtime import fixed_batch
 from .runtimes import RUNTIME_NAMES
+from .steps import NO_CHANGE
 from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
@@ -199,6 +210,14 @@ def validate_steps(raw_steps: list[dict[str, Any]], where: str = "recipe",
             steps.append(tech.validate(raw, loc))
         except RecipeError as exc:
             raise RecipeError(exc.message, path=where) from None
+    # one quantize step: a quantized graph (QDQ pairs, integer kernels) is no input for another
+    # quantizer (ONNX Runtime fails deep inside: "DequantizeLinear_Output to be an initializer")
+    quantized = [i for i, s in enumerate(steps) if s["technique"] == "quantize"]
+    if len(quantized) > 1:
+        i, j = quantized[0], quantized[1]
+        raise RecipeError(f"'steps.{j}': a second quantize step ({steps[j]['method']}) after steps.{i} "
+                          f"({steps[i]['method']}) would quantize an already quantized model; "
+                          f"use one quantize step", path=where)
     # a step whose output is ONNX-only (e.g. ONNX Runtime int8) cannot feed a torch step
     for i, s in enumerate(steps[:-1]):
         tech = step_registry.get(s["technique"])
@@ -253,6 +272,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError("recipe file not found", path=str(path))
+    if path.is_dir():
+        raise RecipeError("is a folder, not a recipe file", path=str(path))
+    check_regular_file(path, RecipeError)  # a FIFO would block the read forever
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -420,6 +442,10 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
             raise ResourceError(resources.oom_message(f"in {label}"))
         if len(handle.history) <= before:  # the technique did not record the step itself
             handle.history = [*handle.history, step]
+        reason = handle.info.pop(NO_CHANGE, None)
+        if reason:  # a step that changed nothing is said so, never passed off as done
+            handle.info["unchanged_steps"] = [*handle.info.get("unchanged_steps", []), first_index + i]
+            handle.warnings = [*handle.warnings, f"{label} changed nothing: {reason}"]
         progress.check()
         if probe is not None:
             check_outputs(handle, probe, label)
@@ -449,10 +475,29 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
         return handle, (load_data(recipe.data, handle) if recipe.data else None)
 
     handle, data = cancellable.call(load, progress, name="tugboat-load")
+    cfg = recipe.measure
+    fixed = fixed_batch(handle)
+    if fixed and (cfg.batch != fixed or cfg.also_batch1):
+        # a graph exported with a constant batch runs at no other: measure it (and every variant,
+        # to compare like with like) at that batch, and say so
+        handle.warnings.append(f"the model's batch size is fixed to {fixed}: latency is measured at batch "
+                               f"{fixed}, not {cfg.batch}")
+        cfg = dataclasses.replace(cfg, batch=fixed, also_batch1=False)
     # refuse what cannot fit before any work, for the baseline and every step of the recipe
-    resources.check(handle, recipe.steps, data, recipe.measure, where=recipe.source or recipe.model)
+    resources.check(handle, recipe.steps, data, cfg, where=recipe.source or recipe.model)
     probe = probe_inputs(handle, data)
-    bad = non_finite(probe_outputs(handle, probe))
+    try:
+        outputs = probe_outputs(handle, probe)
+    except TugboatError:
+        raise
+    except Exception as exc:  # the first run of the original model: one line, naming model or data
+        if resources.is_out_of_memory(exc):
+            raise
+        raise first_run_error(exc, handle, data) from None
+    if data is not None and handle.task == "classification" and outputs and outputs[0].ndim == 2:
+        # the class count is known for sure only now when the output shape is symbolic
+        check_labels_fit(data, int(outputs[0].shape[1]), recipe.model)
+    bad = non_finite(outputs)
     if bad:
         on = f"{len(probe[0])} samples of the data" if data is not None else f"{len(probe[0])} random inputs"
         raise NumericalError(f"the model's outputs are {bad} on {on}; it cannot be measured or "
@@ -461,16 +506,22 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     metrics = outputs = None
     try:
         metrics, outputs = cancellable.call(
-            lambda: measure(handle, data, recipe.measure, reference=None,
+            lambda: measure(handle, data, cfg, reference=None,
                             progress=progress.sub(0.3, 1.0, "baseline: ")), progress, name="tugboat-measure")
+    except TugboatError as exc:
+        if data is not None and any(m in exc.message.lower() for m in INDEX_MARKERS):
+            raise first_run_error(exc, handle, data) from None  # a bad token id beyond the probe's
+        raise
+    except Cancelled:
+        raise
     except Exception as exc:
         if not resources.is_out_of_memory(exc):
-            raise
+            raise first_run_error(exc, handle, data) from None
     if metrics is None:
         gc.collect()
         raise ResourceError(resources.oom_message("measuring the original model"), path=recipe.model)
     handle.warnings = [w for w in handle.warnings if not is_timing_warning(w)] + own_timing_warnings(metrics)
-    return Baseline(handle, data, metrics, outputs, recipe.measure, timing_reference(handle, data, recipe.measure))
+    return Baseline(handle, data, metrics, outputs, cfg, timing_reference(handle, data, cfg))
 
 
 def timing_reference(handle: ModelHandle, data: Dataset | None, cfg: MeasureConfig) -> TimingReference:
@@ -526,6 +577,10 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     try:
         handle = apply_steps(start or base.handle, todo, base.data, progress.sub(0.0, 0.7),
                              first_index=done_steps, trust=recipe.trust_steps, seed=recipe.seed)
+        unchanged = set(handle.info.get("unchanged_steps", []))
+        if unchanged:  # the name claims only the steps that did something
+            done = [s for i, s in enumerate(recipe.steps) if i not in unchanged]
+            variant.name = variant_name(done) if done else "unchanged"
         finish_variant(variant, handle, base, progress.sub(0.7, 1.0, "measuring: "))
     except NumericalError as exc:
         variant.status, variant.error = "failed", f"numerical failure: {exc.message}"

@@ -183,7 +183,14 @@ def _torch_stats(handle: ModelHandle) -> ModelStats:
                 acts[0] += o.numel() * max(4, o.element_size())
 
     leaves = [m for m in module.modules() if not list(m.children())] or [module]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    handles = []
+    try:
+        for m in leaves:
+            handles.append(m.register_forward_hook(hook))
+    except RuntimeError:  # TorchScript modules take no hooks: the input-size fallback below
+        for h in handles:
+            h.remove()
+        handles = []
     was_training = module.training
     try:
         eval_mode(module)

@@ -18,7 +18,7 @@ def ort_session(model: onnx.ModelProto | bytes, threads: int = 1):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors are raised as exceptions (and reported once, as one line)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
@@ -58,18 +58,49 @@ def run_torch(module: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.
     return [o.detach().float().numpy() if o.is_floating_point() else o.numpy() for o in outs]
 
 
+def fixed_batch(handle) -> int | None:
+    """The batch size every batched input of the model is fixed to (an ONNX graph exported with a
+    constant batch dimension), or None when the batch is free."""
+    sizes = set()
+    for spec in handle.inputs:
+        axis = getattr(spec, "batch_axis", 0)
+        if axis is None:  # no batch at all (a scalar setting): says nothing
+            continue
+        d = spec.shape[axis] if len(spec.shape) > axis else None
+        sizes.add(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None)
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def fill_batch(arrays: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
+    """``arrays`` cut or repeated to exactly ``batch`` rows (a fixed-batch model takes no other)."""
+    out = []
+    for a in arrays:
+        reps = -(-batch // max(1, len(a)))
+        out.append(np.ascontiguousarray(np.concatenate([a] * reps)[:batch]) if len(a) != batch else a)
+    return out
+
+
 def predict(handle, inputs: dict[str, np.ndarray], *, runtime: str = "onnxruntime",
             batch: int = 256, threads: int = 1, progress=None) -> list[np.ndarray]:
-    """Outputs of the model over all samples, in batches (``inputs``: name -> array)."""
+    """Outputs of the model over all samples, in batches (``inputs``: name -> array). A model with
+    a fixed batch size gets exactly that many rows per call (the last batch padded, then cut)."""
     arrays = [inputs[name] for name in handle.input_names]
     n = len(arrays[0]) if arrays else 0
+    fixed = fixed_batch(handle)
+    batch = fixed or batch
     use_torch = runtime == "torch" and handle.module is not None and handle.onnx_model is None
     session = None if use_torch else ort_session(handle.to_onnx(), threads)
     chunks: list[list[np.ndarray]] = []
     with torch_threads(threads):
         for i in range(0, n, batch):
-            part = [spec.to_model(a[i : i + batch]) for spec, a in zip(handle.inputs, arrays)]
+            part = [a[i : i + batch] for a in arrays]
+            rows = len(part[0]) if part else 0
+            if fixed and rows != fixed:
+                part = fill_batch(part, fixed)
+            part = [spec.to_model(a) for spec, a in zip(handle.inputs, part)]
             out = run_torch(handle.module, part) if use_torch else run_onnx(None, part, session=session)
+            if fixed and rows != fixed:
+                out = [o[:rows] for o in out]
             chunks.append(out)
             if progress is not None:
                 progress.update(min(1.0, (i + batch) / n), "evaluating")

@@ -70,6 +70,10 @@ class Param:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise RecipeError(f"'{name}' must be a list of strings, got {value!r}")
             value = list(value)
+            unknown = [v for v in value if self.choices and v not in self.choices]
+            if unknown:
+                raise RecipeError(f"'{name}': unknown value {unknown[0]!r}; valid: {', '.join(self.choices)}"
+                                  + _did_you_mean(unknown[0], self.choices))
         if self.kind in ("float", "int"):
             # NaN passes every comparison below, and Infinity is no setting
             if isinstance(value, float) and not math.isfinite(value):
@@ -79,6 +83,10 @@ class Param:
                 raise RecipeError(f"'{name}' = {value} is out of range [{lo}, {hi}]")
         return value
 
+
+# a technique that leaves the model as it was sets ``handle.info[NO_CHANGE] = "why"``: the step
+# gets a warning and the variant's name does not claim it (recipe.apply_steps)
+NO_CHANGE = "no_change"
 
 ApplyFn = Callable[["ModelHandle", dict[str, Any], "Dataset | None", "Progress"], "ModelHandle"]
 

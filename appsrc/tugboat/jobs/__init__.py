@@ -287,6 +287,7 @@ class JobQueue(QObject):
         self.max_running = max_running
         self.threads = threads
         self._jobs: list[Job] = []
+        self._closed = False
 
     def submit(self, fn: Callable[[Progress], Any], *, name: str, kind: str = "job") -> Job:
         job = Job(fn, name=name, kind=kind, threads=self.threads, parent=self)
@@ -334,6 +335,11 @@ class JobQueue(QObject):
         self.cancel_all()
         return self.wait_all(timeout)
 
+    def close(self) -> None:
+        """Start no more jobs (the app is quitting); what is submitted now is cancelled."""
+        self._closed = True
+        self.cancel_all()
+
     def _on_job_state(self, job: Job) -> None:
         _release_finished_jobs()
         if job.is_ended:
@@ -342,6 +348,10 @@ class JobQueue(QObject):
         self.jobs_changed.emit()
 
     def _schedule(self) -> None:
+        if self._closed:
+            for job in [j for j in self._jobs if j.state == QUEUED]:
+                job.cancel()
+            return
         while len(self.running()) < self.max_running:
             nxt = next((j for j in self._jobs if j.state == QUEUED), None)
             if nxt is None:

@@ -54,6 +54,8 @@ def main(args) -> int:
         QTimer.singleShot(int(quit_after * 1000) + 50, app.quit)
     code = app.exec()
     window.queue.shutdown(timeout=5.0)
+    _tear_down(window)
+    del window
     return _exit_cleanly(int(code))
 
 
@@ -70,13 +72,34 @@ def start(window, args) -> None:
         window.restore_last_workspace()
 
 
-def _exit_cleanly(code: int) -> int:
-    """Return ``code``, or end the process at once when work is still running on a thread.
+def _tear_down(window) -> None:
+    """Destroy the window's objects now, on the GUI thread, in a known order, while the
+    QApplication and the interpreter are whole. Left to interpreter finalisation, Qt frees the
+    events a worker posted just before it ended (its result and tensors travel in them) and the
+    widgets in whatever order the collector picks, possibly after parts of Python are gone: the
+    segfault (-11) seen at exit on a loaded machine, when quitting coincides with a job ending."""
+    import gc
 
-    A cancelled job's uninterruptible part (an ONNX export, ONNX Runtime's quantizer) may still run
-    on a daemon thread; letting the interpreter finalise under native code that is still executing
-    can abort the process. Settings and workspaces are already written atomically by now, so the
-    safe way out is ``os._exit`` after flushing the standard streams."""
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    window.queue.close()  # a signal delivered below must not start another job
+    QCoreApplication.sendPostedEvents()  # the workers' last queued signals, delivered now
+    window.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    gc.collect()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+
+
+def _exit_cleanly(code: int) -> int:
+    """End the process with ``code`` without finalising the interpreter.
+
+    After :func:`_tear_down` nothing of the app needs a destructor: settings and workspaces are
+    written atomically when they change. What could still go wrong at finalisation (a cancelled
+    job's uninterruptible part, an ONNX export or ONNX Runtime's quantizer, still in native code on
+    a daemon thread; PySide objects freed after the QApplication) can only crash a clean quit, so
+    the exit handlers run, the streams are flushed, and the process ends with ``os._exit``
+    (pyqtgraph's ``exit()`` does the same). Threads of Tugboat's own work get a moment to end first."""
+    import atexit
     import contextlib
     import os
     import threading
@@ -90,12 +113,13 @@ def _exit_cleanly(code: int) -> int:
     while busy and time.monotonic() < deadline:
         busy[0].join(timeout=0.1)
         busy = [t for t in busy if t.is_alive()]
-    if busy:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a closed stream must not stop the exit
-                stream.flush()
-        os._exit(code)
-    return code
+    if not busy:
+        with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed stream must not stop the exit
+            stream.flush()
+    os._exit(code)
 
 
 def run() -> int:
