@@ -32,7 +32,7 @@ from .runtimes import RUNTIME_NAMES
 from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
-                  "input_shape", "search", "task"}
+                  "input_shape", "search", "arch_kwargs", "task"}
 MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIME_NAMES, "warmup": (0, 1000),
                 "min_runs": (1, 100000), "min_seconds": (0.0, 600.0), "max_seconds": (0.01, 3600.0),
                 "also_batch1": bool, "both_runtimes": bool}
@@ -53,6 +53,7 @@ class Recipe:
     # --trust sets both; the app's confirmation names one model file and sets only ``trust``
     trust_steps: bool = False
     arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # for a user architecture ("file.py:Name")
     input_shape: list[int] | None = None
     task: str | None = None  # overrides the task inferred from the model's outputs (tasks.TASKS)
     source: str | None = None  # the recipe file, for messages and relative paths
@@ -66,6 +67,8 @@ class Recipe:
             d["name"] = self.name
         if self.arch:
             d["arch"] = self.arch
+        if self.arch_kwargs:
+            d["arch_kwargs"] = dict(self.arch_kwargs)
         if self.input_shape:
             d["input_shape"] = list(self.input_shape)
         if self.task:
@@ -125,6 +128,9 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     for key in ("name", "arch"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise RecipeError(f"'{key}' must be a string, got {raw[key]!r}", path=where)
+    if raw.get("arch_kwargs") is not None and not isinstance(raw["arch_kwargs"], dict):
+        raise RecipeError(f"'arch_kwargs' must be a table of keyword arguments, got {raw['arch_kwargs']!r}",
+                          path=where)
     if not isinstance(raw.get("trust", False), bool):
         raise RecipeError(f"'trust' must be true or false, got {raw['trust']!r}", path=where)
     if raw.get("trust"):
@@ -145,9 +151,20 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
             raise RecipeError(f"'task': {exc}", path=where) from None
     recipe = Recipe(model=model, data=data, steps=steps, sweep=dict(sweep), measure=cfg,
                     target=dict(raw.get("target", {}) or {}), search=dict(raw.get("search", {}) or {}),
-                    name=raw.get("name"), trust=False, arch=raw.get("arch"),
-                    input_shape=shape, task=task, source=source, notes=notes)
+                    name=raw.get("name"), trust=False, arch=_resolve_arch(raw.get("arch"), base),
+                    arch_kwargs=dict(raw.get("arch_kwargs") or {}), input_shape=shape, task=task, source=source,
+                    notes=notes)
     return recipe
+
+
+def _resolve_arch(arch: str | None, base: Path | None) -> str | None:
+    """A relative ``models.py:Name`` is relative to the recipe file, like the model and data."""
+    if not arch or ":" not in arch:
+        return arch
+    target, _, name = arch.rpartition(":")
+    if target.endswith(".py") and base is not None and not os.path.isabs(target):
+        return f"{base / target}:{name}"
+    return arch
 
 
 def _resolve(ref: str | None, base: Path | None) -> str | None:
@@ -401,8 +418,13 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     progress.update(0.0, f"loading {recipe.model}")
     def load():
         handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
-                            input_shape=tuple(recipe.input_shape) if recipe.input_shape else None)
+                            input_shape=tuple(recipe.input_shape) if recipe.input_shape else None,
+                            arch_kwargs=recipe.arch_kwargs or None)
         set_task(handle, recipe.task)
+        if handle.pending is not None and not recipe.data:  # no input shapes in the file, no data
+            from .formats import require_shapes
+
+            require_shapes(handle)
         return handle, (load_data(recipe.data, handle) if recipe.data else None)
 
     handle, data = cancellable.call(load, progress, name="tugboat-load")
