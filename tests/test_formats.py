@@ -211,6 +211,24 @@ def test_lstm_torchscript_is_onnx_only_and_says_why(files, tmp_path):
         run_variant(base, recipe.with_steps(validate_steps([{"technique": "prune", "finetune_epochs": 0}])))
 
 
+def test_pt2_with_a_dynamic_batch_and_a_flatten_runs_at_any_batch(tmp_path):
+    """The program computes the flatten's size from the batch (aten.sym_size): the ONNX conversion
+    must not bake the example's batch into it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    x = torch.rand(2, 1, 8, 8)
+    program = _quiet(torch.export.export, model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "flat.pt2"))
+    handle = load_model(tmp_path / "flat.pt2")
+    from tugboat.engine.runtime import run_onnx
+
+    x5 = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x5).numpy()
+        np.testing.assert_allclose(handle.module(x5).numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(run_onnx(handle.to_onnx(), [x5.numpy()])[0], expected, atol=1e-4)
+
+
 def test_pt2_with_a_baked_in_batch_is_refused_with_what_to_do(tmp_path):
     model = Recurrent().eval()  # the LSTM's initial state is expanded to the example batch
     torch.export.save(_quiet(torch.export.export, model, (torch.rand(2, 5, 6),)), str(tmp_path / "fixed.pt2"))

@@ -148,6 +148,7 @@ class _ProgramModule(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
+        _keep_sizes_dynamic(module)
         self.program = module
 
     def forward(self, *args):
@@ -156,6 +157,38 @@ class _ProgramModule(nn.Module):
     def train(self, mode: bool = True):
         self.training = mode
         return self
+
+
+def _dim_size(x: torch.Tensor, dim: int):
+    return x.size(dim)
+
+
+def _reshape(x: torch.Tensor, shape, *_):
+    return x.reshape(shape)
+
+
+def _expand(x: torch.Tensor, shape, *_):
+    return x.expand(shape)
+
+
+def _keep_sizes_dynamic(gm: nn.Module) -> None:
+    """A program exported with a dynamic batch computes sizes with ``aten.sym_size`` and passes them
+    to ``aten.view`` / ``expand`` as plain ints; the TorchScript tracer behind the ONNX exporter would
+    bake the example's batch into those shapes (a flatten before the classifier then fails at any
+    other batch). Tensor-method calls keep them traced, so the export stays batch-dynamic."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return
+    swap = {torch.ops.aten.sym_size.int: _dim_size, torch.ops.aten.view.default: _reshape,
+            torch.ops.aten.reshape.default: _reshape, torch.ops.aten._unsafe_view.default: _reshape,
+            torch.ops.aten.expand.default: _expand}
+    changed = False
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in swap:
+            node.target = swap[node.target]
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def make_editable(handle: ModelHandle) -> ModelHandle:
