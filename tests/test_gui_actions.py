@@ -16,7 +16,6 @@ from helpers import run_prune
 from tugboat.engine.measure import MeasureConfig
 from tugboat.engine.recipe import Variant, load_recipe
 from tugboat.engine.workspace import Workspace
-from tugboat.ui import main_window as main_window_module
 from tugboat.ui import theme
 from tugboat.ui.main_window import MainWindow
 
@@ -188,8 +187,12 @@ def test_keyboard_shortcuts_open_run_cancel_export(qtbot, window, monkeypatch):
         assert action.shortcut() == seq and not seq.isEmpty(), action.text()
 
     opened: list[bool] = []
-    monkeypatch.setattr(main_window_module.QFileDialog, "getOpenFileName",
-                        staticmethod(lambda *a, **k: opened.append(True) or ("", "")))
+    class NoChoice:  # the open dialog (file + architecture fields), cancelled
+        def exec(self):
+            opened.append(True)
+            return 0
+
+    monkeypatch.setattr(window, "make_open_dialog", NoChoice)
     window.activateWindow()
     qtbot.waitUntil(window.isActiveWindow, timeout=5000)
     qtbot.keyClick(window, Qt.Key.Key_O, Qt.KeyboardModifier.ControlModifier)

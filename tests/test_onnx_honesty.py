@@ -314,5 +314,6 @@ def test_a_model_file_that_names_no_inputs_takes_them_from_the_data(tmp_path):
     handle = load_model(tmp_path / "lin.pt")
     np.savez(tmp_path / "d.npz", features=RNG.normal(size=(8, 6)).astype(np.float32), labels=np.arange(8) % 3)
     ds = load_data(tmp_path / "d.npz", handle)
-    assert handle.input_names == ["features"] and handle.inputs[0].shape == ("batch", 6)
-    assert ds.inputs["features"].shape == (8, 6) and ds.has_labels
+    # the input keeps its name from forward()'s signature (engine.formats); the single array feeds it
+    assert handle.input_names == ["input"] and handle.inputs[0].shape == ("batch", 6)
+    assert ds.inputs["input"].shape == (8, 6) and ds.has_labels

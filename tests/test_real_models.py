@@ -63,10 +63,9 @@ def test_missing_package_names_the_install_command(monkeypatch):
         corpus.materialise("silero-vad-onnx")
 
 
-# loading these formats is issue 14's h14-formats work (TorchScript, .pt2, arch-from-file, HF folders);
-# strict: the day they load, these tests pass and the marks must go
-_LOADING_GAPS = {"silero-vad-jit": "scripted TorchScript", "effnet-lite0-pt2": ".pt2",
-                 "effnet-lite0-sd": "arch from the user's file", "minilm-hf": "Hugging Face folder"}
+# strict: the day they load, these tests pass and the marks must go. Silero's scripted forward(x, sr: int)
+# takes a Python int besides the tensor, which no ONNX export can feed (docs/formats.md)
+_LOADING_GAPS = {"silero-vad-jit": "a forward argument that is an int, not a tensor"}
 _BIG = {"minilm-hf", "minilm-onnx"}  # 90 MB each: deflating them for the size metric takes seconds
 
 
@@ -89,14 +88,15 @@ def test_info_on_every_real_model_shows_params_flops_and_task(name):
     from tugboat.engine.models import load_model
 
     rm = real_model(name)
+    trusted = bool(rm.arch and ":" in rm.arch)  # the architecture file is the corpus tool's own code
     if name in _BIG:  # what info computes, without deflating 90 MB for the size metric
-        handle = load_model(rm.model, arch=rm.arch)
+        handle = load_model(rm.model, arch=rm.arch, trust=trusted)
         load_data(rm.data, handle)
         flops, rows = onnx_flops(handle.to_onnx(), input_shapes=input_shapes(handle))
         info = {"params": handle.param_count()[0], "task": handle.task, "flops": flops, "layers": rows,
                 "outputs": [s.to_dict() for s in handle.outputs]}
     else:
-        info = model_info(str(rm.model), arch=rm.arch, data=str(rm.data))
+        info = model_info(str(rm.model), arch=rm.arch, data=str(rm.data), trust=trusted)
     assert info["params"] > 0
     assert info["task"] == rm.entry.task, (info["task"], info["outputs"])
     assert info["flops"] > 0  # at the data's sizes (and, for Silero, the branch its 16 kHz samples take)

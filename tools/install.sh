@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-[ "${1:-}" = "--test" ] && extra="[test,openvino]"
-[ "${1:-}" = "--test" ] && [ "${2:-}" = "--executorch" ] && extra="[test,openvino,executorch]"
+# --test also installs the optional extras the tests exercise (hf: Hugging Face folders)
+[ "${1:-}" = "--test" ] && extra="[test,openvino,hf]"
+[ "${1:-}" = "--test" ] && [ "${2:-}" = "--executorch" ] && extra="[test,openvino,executorch,hf]"
 
 # the system libraries Qt needs (offscreen and on a desktop); only installed when missing
 qt_libs="libegl1 libgl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3 fonts-dejavu-core

@@ -136,13 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model: format, inputs/outputs, params, size, FLOPs, layers",
                        description="Describe a model file or demo:NAME.")
-    p.add_argument("model", nargs="?", help="model file (.onnx, .pt, .pth, .pt2) or demo:NAME")
+    p.add_argument("model", nargs="?", help="model file (.onnx, .pt, .pth, .pt2, .safetensors), a Hugging Face model "
+                   "folder, or demo:NAME")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--runtimes", action="store_true",
                    help="list the runtimes variants can be measured in, installed or not (with the install command)")
     p.add_argument("--trust", action="store_true",
-                   help="allow unpickling a whole nn.Module (runs code from the file: only for files you trust)")
-    p.add_argument("--arch", help="built-in architecture for a bare state_dict (e.g. digits-cnn)")
+                   help="allow unpickling a whole nn.Module or running --arch code (only for files you trust)")
+    _add_arch_args(p)
     p.add_argument("--input-shape", type=_parse_shape, help="input shape without batch, e.g. 1,8,8")
     p.add_argument("--data", help="data (.npz, folder, demo:NAME): sizes for dynamic inputs, labels for the task")
     p.add_argument("--task", choices=TASKS, help="override the task inferred from the model's outputs")
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe file (.toml)")
     p.add_argument("--out", required=True, help="output folder (artifacts and report.json)")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    _add_arch_args(p, recipe=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--task", choices=TASKS, help="override the task (how quality is measured)")
 
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-variants", type=_positive_int, metavar="N",
                    help="allow a [sweep] grid of up to N combinations (default 1000)")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    _add_arch_args(p, recipe=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("export", help="export a variant for a runtime: onnx, ort (ONNX Runtime Mobile), "
@@ -215,6 +218,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             argv[i:i + 1] = ["--open", arg]
         break
     return build_parser().parse_args(argv)
+
+
+def _add_arch_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
+    over = " (overrides the recipe's)" if recipe else ""
+    p.add_argument("--arch", help="architecture for a bare state_dict or .safetensors: a built-in name "
+                   "(e.g. digits-cnn), or your code as path/to/models.py:ClassName or package.module:factory "
+                   "(runs that code: needs --trust)" + over)
+    p.add_argument("--arch-kwargs", type=_parse_kwargs, metavar="JSON",
+                   help="keyword arguments for --arch as a JSON object, e.g. '{\"width\": 32}'" + over)
+
+
+def _parse_kwargs(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--arch-kwargs must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--arch-kwargs must be a JSON object like '{{\"width\": 32}}', "
+                                         f"got {text!r}")
+    return value
+
+
+def apply_arch_args(recipe, args) -> None:
+    """--arch / --arch-kwargs from the command line onto a loaded recipe (trust is set per run)."""
+    if getattr(args, "arch", None):
+        recipe.arch = args.arch
+    if getattr(args, "arch_kwargs", None) is not None:
+        recipe.arch_kwargs = dict(args.arch_kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +351,7 @@ def cmd_info(args) -> int:
         print("tugboat info: error: give a model (file or demo:NAME), or --runtimes", file=sys.stderr)
         return EXIT_USAGE
     info = model_info(args.model, trust=args.trust, arch=args.arch, input_shape=args.input_shape,
-                      data=args.data, task=args.task)
+                      data=args.data, task=args.task, arch_kwargs=args.arch_kwargs)
     if args.json:
         from .engine.stored import finite
 
@@ -339,8 +370,11 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"{kind[:-1].capitalize():<9} {spec['name']}  [{shape}]  {spec['dtype']}")
     lines.append(f"Params    {_fmt_count(info['params'])} ({info['params']:,}; non-zero {info['nonzero_params']:,})")
     size, deflated = _fmt_bytes(info["size_bytes"]), _fmt_bytes(info["compressed_bytes"])
-    lines.append(f"Size      {size} as ONNX ({deflated} deflated)")
-    lines.append(f"FLOPs     {_fmt_count(info['flops'])} per sample")
+    lines.append(f"Size      {size} as {info.get('size_of', 'ONNX')} ({deflated} deflated)")
+    if info["flops"] is None:
+        lines.append("FLOPs     - (needs the input shape)")
+    else:
+        lines.append(f"FLOPs     {_fmt_count(info['flops'])} per sample")
     if info.get("warnings"):
         for w in info["warnings"]:
             lines.append(f"Warning   {w}")
@@ -361,6 +395,7 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
     recipe.trust = recipe.trust_steps = bool(args.trust)  # per run: a recipe file never grants trust
+    apply_arch_args(recipe, args)
     recipe.task = args.task or recipe.task
     bar = TerminalProgress(enabled=not args.quiet)
     try:

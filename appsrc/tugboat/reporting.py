@@ -22,6 +22,9 @@ def run_sweep_cli(args) -> int:
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
     recipe.trust = recipe.trust_steps = bool(getattr(args, "trust", False))  # per run, never from a file
+    from .cli import apply_arch_args
+
+    apply_arch_args(recipe, args)
     quiet = getattr(args, "quiet", False)
     bar = TerminalProgress(enabled=not quiet)
 

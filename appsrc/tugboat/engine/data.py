@@ -105,6 +105,15 @@ def default_splits(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 def load_data(ref: str | os.PathLike, model: ModelHandle | None = None, *,
               label_column: str = "label") -> Dataset:
     """Load a data reference and check it against the model's inputs (when given)."""
+    if model is not None and getattr(model, "pending", None) is not None:
+        # a model file that records no input shapes (TorchScript, a user architecture): the data's
+        # arrays give them, then the model is converted (engine.formats)
+        from .formats import complete_from_data
+
+        ds = load_data(ref, None, label_column=label_column)
+        complete_from_data(model, ds)
+        check_against(ds, model)
+        return ds
     ref = str(ref)
     if ref.startswith("demo:"):
         ds = _load_demo(ref)

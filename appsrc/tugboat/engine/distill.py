@@ -178,10 +178,19 @@ def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out
         except UntrustedFileError as exc:
             raise UntrustedFileError(f"student_file {exc.message}", path=exc.path,
                                      hint=f"if you trust where it came from: {TRUST_OPTION}") from None
-        student = loaded.torch_module()
         if loaded.input_names and len(loaded.inputs) != len(handle.inputs):
             raise TugboatError(f"the student takes {len(loaded.inputs)} inputs, the teacher "
                                f"{len(handle.inputs)}", path=ref)
+        if loaded.pending is not None:  # TorchScript etc.: the student takes the teacher's input shapes
+            from .formats import make_editable
+            from .models import TensorSpec
+
+            loaded.inputs = [TensorSpec(s.name, t.shape, t.dtype) for s, t in zip(loaded.inputs, handle.inputs)]
+            vocab = handle.info.get("vocab_size", {})
+            loaded.info["vocab_size"] = {s.name: vocab[t.name] for s, t in zip(loaded.inputs, handle.inputs)
+                                         if t.name in vocab}
+            make_editable(loaded)
+        student = loaded.torch_module()
         return student, None, {"student_file": str(ref), "student_format": loaded.format}
     raise TugboatError(f"unknown student {kind!r}; valid: {', '.join(STUDENTS)}")
 

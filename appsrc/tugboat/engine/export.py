@@ -28,6 +28,9 @@ def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
     module = handle.torch_module()
     args = tuple(handle.example_inputs(2))
     dynamic = {n: {0: "batch"} for n in handle.input_names + handle.output_names}
+    for name, dims in (handle.info.get("dynamic_dims") or {}).items():  # e.g. a text model's sequence
+        if name in dynamic:
+            dynamic[name].update({int(axis): label for axis, label in dims.items()})
     buf = io.BytesIO()
     was_training = module.training
     eval_mode(module)

@@ -12,11 +12,13 @@ from .tasks import set_task
 
 def model_info(ref: str, *, trust: bool = False, arch: str | None = None,
                input_shape: tuple[int, ...] | None = None, handle=None, data: str | None = None,
-               task: str | None = None) -> dict[str, Any]:
+               task: str | None = None, arch_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """``data`` (a data reference) gives concrete sizes for inputs the file leaves open (FLOPs then
     count at the data's sizes) and labels that tell classification from other tasks; ``task``
-    overrides the inferred task."""
-    handle = handle or load_model(ref, trust=trust, arch=arch, input_shape=input_shape)
+    overrides the inferred task. A file that records no input shapes (TorchScript) takes them from
+    the data too."""
+    handle = handle or load_model(ref, trust=trust, arch=arch, input_shape=input_shape,
+                                  arch_kwargs=arch_kwargs)
     set_task(handle, task)
     samples = None
     if data is not None:
@@ -24,6 +26,18 @@ def model_info(ref: str, *, trust: bool = False, arch: str | None = None,
 
         ds = load_data(data, handle)  # checks the data against the model and records its sample shapes
         samples = one_sample(handle, ds)
+    if handle.pending is not None:  # input shapes unknown: what the file itself tells
+        from .formats import pending_info
+
+        told = pending_info(handle)
+        return {
+            "source": handle.source, "format": handle.format, "task": handle.task,
+            "task_source": handle.task_source, "arch": handle.arch,
+            "inputs": [s.to_dict() for s in handle.inputs], "outputs": [],
+            **{k: told[k] for k in ("params", "nonzero_params", "flops", "size_bytes", "compressed_bytes")},
+            "size_of": handle.format, "torch_available": False, "conversion_error": None,
+            "warnings": [*handle.warnings, told["note"]], "layers": told["layers"],
+        }
     model = handle.to_onnx()
     params, nonzero = handle.param_count()
     shapes = input_shapes(handle)

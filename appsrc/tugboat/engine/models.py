@@ -145,6 +145,9 @@ class ModelHandle:
     # the float module an ONNX Runtime int8 variant was quantized from: ExecuTorch quantizes it again
     # with the XNNPACK quantizer (engine/runtimes/executorch_runtime.py); in memory only
     float_module: nn.Module | None = None
+    # the loaded object (ScriptModule, ExportedProgram, a plain module) while its input shapes are
+    # unknown; see engine.formats (None once the model is ready to run)
+    pending: Any = None
 
     @property
     def has_torch(self) -> bool:
@@ -165,6 +168,7 @@ class ModelHandle:
         new.module = module
         new.onnx_model = onnx_model
         new.deploy_onnx = None
+        new.pending = None
         new.conversion_error = None if module is not None else self.conversion_error
         new.history = [*self.history, step] if step else list(self.history)
         new.info = dict(self.info)
@@ -196,6 +200,11 @@ class ModelHandle:
 
     def param_count(self) -> tuple[int, int]:
         """(parameters, non-zero parameters); from the torch module or the ONNX initializers."""
+        if self.pending is not None:
+            from .formats import pending_info
+
+            info = pending_info(self)
+            return info["params"], info["nonzero_params"]
         if self.module is not None and self.onnx_model is None and self.deploy_onnx is None:
             params = nonzero = 0
             for t in _unique_tensors(self.module):
@@ -210,6 +219,10 @@ class ModelHandle:
             return self.onnx_model
         if self.deploy_onnx is not None:
             return self.deploy_onnx
+        if self.pending is not None:
+            from .formats import require_shapes
+
+            require_shapes(self)
         from .export import export_onnx_model
 
         return export_onnx_model(self)
@@ -336,12 +349,15 @@ def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
 # --- loading ---------------------------------------------------------------------------------
 
 def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None = None,
-               input_shape: tuple[int, ...] | None = None) -> ModelHandle:
-    """Load a model reference: ``demo:NAME`` or a file path.
+               input_shape: tuple[int, ...] | None = None,
+               arch_kwargs: dict[str, Any] | None = None) -> ModelHandle:
+    """Load a model reference: ``demo:NAME``, a file path, or a Hugging Face model folder.
 
-    ``trust`` allows unpickling a whole ``nn.Module`` (arbitrary code can run: only for files the
-    user vouches for). ``arch`` names the built-in architecture for a bare ``state_dict``.
-    ``input_shape`` (without batch) fills in the input spec when the file does not record it.
+    ``trust`` allows unpickling a whole ``nn.Module`` and running the user's architecture code
+    (arbitrary code can run: only for files the user vouches for). ``arch`` names the architecture
+    for a bare ``state_dict`` / ``.safetensors``: a built-in name, ``"path/to/models.py:Class"`` or
+    ``"package.module:factory"`` (called with ``arch_kwargs``). ``input_shape`` (without batch)
+    fills in the input spec when the file does not record it.
     """
     ref = str(ref)
     if ref.startswith("demo:"):
@@ -350,7 +366,12 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
     if not path.exists():
         raise ModelLoadError("file not found", path=ref)
     if path.is_dir():
-        raise ModelLoadError("is a folder, not a model file", path=ref)
+        if (path / "config.json").is_file():
+            from .hf import load_hf_folder
+
+            return _with_shape(load_hf_folder(path, trust=trust), input_shape, path)
+        raise ModelLoadError("is a folder, not a model file (a Hugging Face model folder has a config.json)",
+                             path=ref)
     from .data import check_regular_file, refuse_if_too_big
 
     check_regular_file(path, ModelLoadError)  # a FIFO or /dev/zero would block or never end
@@ -360,14 +381,33 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return _with_shape(load_onnx(path), input_shape, path)
-    if suffix == ".pt2":
-        return _with_shape(_load_exported(path), input_shape, path)
-    if suffix in (".pt", ".pth", ".bin", ".ckpt", ".torchscript", ".jit"):
-        return _with_shape(_load_torch_file(path, trust=trust, arch=arch), input_shape, path)
+    if suffix == ".safetensors":
+        from .formats import load_safetensors
+
+        state = load_safetensors(path)
+        return _with_shape(_from_state_dict(path, state, arch, {}, trust=trust, arch_kwargs=arch_kwargs),
+                           input_shape, path)
+    if suffix in (".pt2", ".pt", ".pth", ".bin", ".ckpt", ".torchscript", ".jit", ".ts"):
+        names = _zip_names(path)
+        if suffix == ".pt2" and not _is_torchscript(names):  # export's TorchScript fallback: by content
+            return _with_shape(_load_exported(path), input_shape, path)
+        if _is_exported_program(names):
+            return _with_shape(_load_exported(path), input_shape, path)
+        return _with_shape(_load_torch_file(path, trust=trust, arch=arch, arch_kwargs=arch_kwargs),
+                           input_shape, path)
     raise ModelLoadError(
         f"unknown model format '{suffix or '(no extension)'}'",
-        path=ref, hint="supported: .onnx, .pt/.pth (TorchScript, state_dict or trusted pickle), .pt2",
+        path=ref, hint="supported: .onnx, .pt/.pth (TorchScript, state_dict or trusted pickle), .pt2, "
+        ".safetensors (with --arch), a Hugging Face model folder",
     )
+
+
+def _is_torchscript(names: list[str] | None) -> bool:
+    return names is not None and any(n.split("/", 1)[-1].startswith("code/") for n in names)
+
+
+def _is_exported_program(names: list[str] | None) -> bool:
+    return names is not None and any(n.split("/", 1)[-1] == "models/model.json" for n in names)
 
 
 def load_demo(name: str, progress=None) -> ModelHandle:
@@ -394,6 +434,15 @@ def _with_shape(handle: ModelHandle, input_shape, path) -> ModelHandle:
 
 
 def _with_shape_inner(handle: ModelHandle, input_shape, path) -> ModelHandle:
+    if handle.pending is not None:
+        if input_shape is not None:
+            # several inputs of one shape (token ids and their attention mask) all take it
+            if len({(s.shape, s.dtype) for s in handle.inputs}) > 1:
+                raise ModelLoadError("--input-shape only works for single-input models", path=path)
+            handle.inputs = [TensorSpec(s.name, ("batch", *input_shape), s.dtype) for s in handle.inputs]
+        from .formats import make_editable, shapes_known
+
+        return make_editable(handle) if shapes_known(handle) else handle
     if input_shape is not None:
         if len(handle.inputs) > 1:
             raise ModelLoadError("--input-shape only works for single-input models", path=path)
@@ -574,9 +623,10 @@ def _looks_pickled(path: Path, names: list[str] | None) -> bool:
         return f.read(1) == b"\x80"
 
 
-def _load_torch_file(path: Path, *, trust: bool, arch: str | None) -> ModelHandle:
+def _load_torch_file(path: Path, *, trust: bool, arch: str | None,
+                     arch_kwargs: dict[str, Any] | None = None) -> ModelHandle:
     names = _zip_names(path)
-    if names is not None and any(n.split("/", 1)[-1].startswith("code/") for n in names):
+    if _is_torchscript(names):
         return _load_torchscript(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -607,7 +657,8 @@ def _load_torch_file(path: Path, *, trust: bool, arch: str | None) -> ModelHandl
     if isinstance(obj, dict):
         state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
         meta = validate_meta(obj.get("tugboat"), path)
-        return _from_state_dict(path, state, arch or meta.get("arch"), meta)
+        return _from_state_dict(path, state, arch or meta.get("arch"), meta, trust=trust,
+                                arch_kwargs=arch_kwargs)
     raise ModelLoadError(f"holds a {type(obj).__name__}, not a model or a state_dict", path=path)
 
 
@@ -617,8 +668,15 @@ def _load_torchscript(path: Path) -> ModelHandle:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:
         raise ModelLoadError(f"not a valid TorchScript archive ({_short(exc)})", path=path) from None
-    handle = ModelHandle(module.eval(), [], [], source=str(path), format="torchscript")
-    return _apply_meta(handle, _read_meta(extra, path))
+    from .formats import script_input_specs
+
+    handle = ModelHandle(None, script_input_specs(module, path), [], source=str(path), format="torchscript",
+                         pending=module.eval())
+    handle.conversion_error = "the input shape is not known yet"
+    meta = _read_meta(extra, path)
+    if not meta.get("inputs"):
+        handle.info["input_dtypes_guessed"] = True  # float32 until data or a failed probe says otherwise
+    return _apply_meta(handle, meta)
 
 
 def _load_exported(path: Path) -> ModelHandle:
@@ -634,8 +692,8 @@ def _load_exported(path: Path) -> ModelHandle:
                              path=path) from None
     finally:
         export_log.setLevel(level)
-    module = program.module()
-    handle = ModelHandle(module, [], [], source=str(path), format="pt2")
+    handle = ModelHandle(None, [], [], source=str(path), format="pt2", pending=program)
+    handle.conversion_error = "the input shape is not known yet"
     meta = _read_meta(extra, path)
     if not meta.get("inputs"):
         # placeholders of user inputs carry fake tensors with the example shapes
@@ -644,22 +702,27 @@ def _load_exported(path: Path) -> ModelHandle:
         for node in program.graph.nodes:
             if node.op == "placeholder" and node.name in user_inputs:
                 val = node.meta.get("val")
-                if val is not None:
-                    shape = tuple(d if isinstance(d, int) else str(d) for d in val.shape)
+                if val is not None and hasattr(val, "shape"):
+                    # a symbolic dimension (dynamic sequence, height) takes its size from the data
+                    shape = tuple(d if isinstance(d, int) else "?" for d in val.shape)
                     specs.append(TensorSpec(node.name, ("batch", *shape[1:]),
                                             str(val.dtype).replace("torch.", "")))
         handle.inputs = specs
     return _apply_meta(handle, meta)
 
 
-def _from_state_dict(path: Path, state: dict[str, Any], arch: str | None, meta: dict) -> ModelHandle:
+def _from_state_dict(path: Path, state: dict[str, Any], arch: str | None, meta: dict, *,
+                     trust: bool = False, arch_kwargs: dict[str, Any] | None = None) -> ModelHandle:
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError("holds a dictionary that is not a state_dict of tensors", path=path)
     if arch is None:
         raise ModelLoadError(
             "is a state_dict (weights only); name its architecture",
-            path=path, hint=f"--arch one of: {', '.join(zoo.ARCHITECTURES)}",
+            path=path, hint=f"--arch one of: {', '.join(zoo.ARCHITECTURES)}, or your own code as "
+            "--arch path/to/models.py:ClassName (with --trust)",
         )
+    if ":" in arch and arch not in zoo.ARCHITECTURES:
+        return _from_user_arch(path, state, arch, arch_kwargs, trust=trust)
     if arch not in zoo.ARCHITECTURES:
         raise ModelLoadError(f"unknown architecture '{arch}'; built-in: {', '.join(zoo.ARCHITECTURES)}",
                              path=path)
@@ -693,6 +756,23 @@ def _from_state_dict(path: Path, state: dict[str, Any], arch: str | None, meta: 
     return _apply_meta(handle, meta)
 
 
+def _from_user_arch(path: Path, state: dict[str, Any], arch: str, arch_kwargs: dict[str, Any] | None, *,
+                    trust: bool) -> ModelHandle:
+    from .formats import build_user_arch, load_weights_into, module_input_specs
+
+    if not trust:
+        raise UntrustedFileError(
+            f"the architecture {arch} is Python code that runs when the model is built; it was not run",
+            path=path, hint="if you trust that code, load with --trust (or confirm in the app)")
+    module = build_user_arch(arch, arch_kwargs, path)
+    load_weights_into(module, state, arch, path)
+    handle = ModelHandle(None, module_input_specs(module, path), [], source=str(path), format="state_dict",
+                         arch=arch, pending=module.eval())
+    handle.info["input_dtypes_guessed"] = True
+    handle.conversion_error = "the input shape is not known yet"
+    return handle
+
+
 def load_demo_spec(module: nn.Module, arch: str, source: str, fmt: str) -> ModelHandle:
     return ModelHandle(module.eval(), [TensorSpec("input", ("batch", *zoo.IMAGE_SHAPE))],
                        [TensorSpec("logits", ("batch", zoo.NUM_CLASSES))],
@@ -712,7 +792,15 @@ def _load_pickled_module(path: Path) -> ModelHandle:
         raise ModelLoadError(f"holds a {type(obj).__name__}, not an nn.Module", path=path)
     handle = ModelHandle(obj.eval(), [], [], source=str(path), format="pickle")
     meta = meta or getattr(obj, "_tugboat_meta", None) or {}
-    return _apply_meta(handle, validate_meta(meta, path))
+    handle = _apply_meta(handle, validate_meta(meta, path))
+    if not handle.inputs:  # shapes come from the data or --input-shape, as for TorchScript
+        from .formats import module_input_specs
+
+        handle.inputs = module_input_specs(obj, path)
+        handle.module, handle.pending = None, obj.eval()
+        handle.info["input_dtypes_guessed"] = True
+        handle.conversion_error = "the input shape is not known yet"
+    return handle
 
 
 # --- ONNX --------------------------------------------------------------------------------------

@@ -106,6 +106,18 @@ def attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def hf_attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Hugging Face-style attention: ``query`` / ``key`` / ``value`` Linears, an integer
+    ``num_attention_heads`` and an ``attention_head_size`` the forward reshapes with (BERT family)."""
+    found = []
+    for name, m in module.named_modules():
+        if (all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
+                and isinstance(getattr(m, "num_attention_heads", None), int)
+                and isinstance(getattr(m, "attention_head_size", None), int)):
+            found.append((name, m))
+    return found
+
+
 def _importance(name: str):
     tp = _tp()
     if name == "l1":
@@ -182,6 +194,10 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
     ignored_layers = _resolve_names(model, _with_head(model, example, ignored), "ignored")
     attn = attention_modules(model)
     num_heads = {m.qkv: m.num_heads for _, m in attn}
+    hf_attn = hf_attention_modules(model)
+    for _, m in hf_attn:
+        num_heads.update({m.query: m.num_attention_heads, m.key: m.num_attention_heads,
+                          m.value: m.num_attention_heads})
     ratio_dict = None
     if per_layer:
         ratio_dict = {m: float(r) for m, r in zip(_resolve_names(model, per_layer, "per_layer"),
@@ -209,6 +225,9 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         m.num_heads = pruner.num_heads[m.qkv]
         if hasattr(m, "head_dim"):
             m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    for _, m in hf_attn:  # the forward views q/k/v as [.., heads, attention_head_size]
+        m.attention_head_size = m.query.out_features // m.num_attention_heads
+        m.all_head_size = m.query.out_features
     for p in model.parameters():
         p.requires_grad_(True)
     progress.update(1.0, "pruned")

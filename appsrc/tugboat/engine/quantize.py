@@ -183,6 +183,17 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     model = _copy(model)
     inits = {i.name: i for i in model.graph.initializer}
     nodes = []
+    taken = {n.name for n in model.graph.node}
+
+    def unique(name: str) -> str:
+        # several Linears in one scope (a flat graph from a torch.export program: "/program/...")
+        # would otherwise give two nodes one name, which ONNX Runtime refuses
+        out, i = name, 1
+        while out in taken:
+            out, i = f"{name}_{i}", i + 1
+        taken.add(out)
+        return out
+
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
@@ -198,10 +209,10 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
         has_bias = len(node.input) > 2 and node.input[2]
         mm_out = f"{node.output[0]}_mm" if has_bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out],
-                                      name=f"{base}/MatMul"))
+                                      name=unique(f"{base}/MatMul")))
         if has_bias:
             nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
-                                          name=f"{base}/Add"))
+                                          name=unique(f"{base}/Add")))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {i for n in model.graph.node for i in n.input}

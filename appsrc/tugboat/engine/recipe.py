@@ -52,7 +52,7 @@ from .steps import NO_CHANGE
 from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
-                  "input_shape", "search", "task", "seed"}
+                  "input_shape", "search", "arch_kwargs", "task", "seed"}
 MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIME_NAMES, "warmup": (0, 1000),
                 "min_runs": (1, 100000), "min_seconds": (0.0, 600.0), "max_seconds": (0.01, 3600.0),
                 "also_batch1": bool, "both_runtimes": bool, "min_blocks": (2, 10000),
@@ -76,6 +76,7 @@ class Recipe:
     # --trust sets both; the app's confirmation names one model file and sets only ``trust``
     trust_steps: bool = False
     arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # for a user architecture ("file.py:Name")
     input_shape: list[int] | None = None
     task: str | None = None  # overrides the task inferred from the model's outputs (tasks.TASKS)
     source: str | None = None  # the recipe file, for messages and relative paths
@@ -90,6 +91,8 @@ class Recipe:
             d["name"] = self.name
         if self.arch:
             d["arch"] = self.arch
+        if self.arch_kwargs:
+            d["arch_kwargs"] = dict(self.arch_kwargs)
         if self.input_shape:
             d["input_shape"] = list(self.input_shape)
         if self.task:
@@ -153,6 +156,9 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     seed = raw.get("seed", DEFAULT_SEED)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise RecipeError(f"'seed' must be a whole number from 0 to 4294967295, got {seed!r}", path=where)
+    if raw.get("arch_kwargs") is not None and not isinstance(raw["arch_kwargs"], dict):
+        raise RecipeError(f"'arch_kwargs' must be a table of keyword arguments, got {raw['arch_kwargs']!r}",
+                          path=where)
     if not isinstance(raw.get("trust", False), bool):
         raise RecipeError(f"'trust' must be true or false, got {raw['trust']!r}", path=where)
     if raw.get("trust"):
@@ -173,9 +179,20 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
             raise RecipeError(f"'task': {exc}", path=where) from None
     recipe = Recipe(model=model, data=data, steps=steps, sweep=dict(sweep), measure=cfg,
                     target=dict(raw.get("target", {}) or {}), search=dict(raw.get("search", {}) or {}),
-                    name=raw.get("name"), trust=False, arch=raw.get("arch"),
-                    input_shape=shape, task=task, source=source, notes=notes, seed=seed)
+                    name=raw.get("name"), trust=False, arch=_resolve_arch(raw.get("arch"), base),
+                    arch_kwargs=dict(raw.get("arch_kwargs") or {}), input_shape=shape, task=task, source=source,
+                    notes=notes, seed=seed)
     return recipe
+
+
+def _resolve_arch(arch: str | None, base: Path | None) -> str | None:
+    """A relative ``models.py:Name`` is relative to the recipe file, like the model and data."""
+    if not arch or ":" not in arch:
+        return arch
+    target, _, name = arch.rpartition(":")
+    if target.endswith(".py") and base is not None and not os.path.isabs(target):
+        return f"{base / target}:{name}"
+    return arch
 
 
 def _resolve(ref: str | None, base: Path | None) -> str | None:
@@ -470,8 +487,13 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     progress.update(0.0, f"loading {recipe.model}")
     def load():
         handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
-                            input_shape=tuple(recipe.input_shape) if recipe.input_shape else None)
+                            input_shape=tuple(recipe.input_shape) if recipe.input_shape else None,
+                            arch_kwargs=recipe.arch_kwargs or None)
         set_task(handle, recipe.task)
+        if handle.pending is not None and not recipe.data:  # no input shapes in the file, no data
+            from .formats import require_shapes
+
+            require_shapes(handle)
         return handle, (load_data(recipe.data, handle) if recipe.data else None)
 
     handle, data = cancellable.call(load, progress, name="tugboat-load")

@@ -130,7 +130,7 @@ class StudentTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Sequential(nn.Linear(dim, math.prod(out_shape)), _Reshape(out_shape))
 
-    def forward(self, ids, mask=None):
+    def forward(self, ids, mask=None, *_token_types):  # token_type_ids of a BERT teacher: unused
         x = self.embed(ids) + self.pos[:, : ids.shape[1]]
         if mask is None:
             m = torch.ones_like(ids, dtype=x.dtype)

@@ -45,7 +45,7 @@ from .store import VariantStore
 from .technique_panel import TechniquePanel, build_panels
 from .workspace_io import Workspace, WorkspaceKeeper, is_workspace
 
-MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts", ".safetensors"}
+MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts", ".bin", ".ckpt", ".safetensors"}
 DATA_SUFFIXES = {".npz", ".csv"}
 RECIPE_SUFFIXES = {".toml"}
 
@@ -460,10 +460,13 @@ class MainWindow(QMainWindow):
     def load_demo(self) -> Job | None:
         return self.load_model(DEMO_MODEL, DEMO_DATA)
 
-    def load_model(self, ref: str, data: str | None = None, *, trust: bool = False) -> Job | None:
+    def load_model(self, ref: str, data: str | None = None, *, trust: bool = False, arch: str | None = None,
+                   arch_kwargs: dict | None = None) -> Job | None:
+        """Load a model (``arch`` / ``arch_kwargs``: the architecture of a bare state_dict)."""
         # Recent models get the file when the load succeeds (_on_baseline_ready); last_model names
         # it while it loads (a quit mid-load keeps it) and goes back if the load fails
-        job = self.session.load(ref, data if data is not None else self.session.data_ref, trust=trust)
+        job = self.session.load(ref, data if data is not None else self.session.data_ref, trust=trust,
+                                arch=arch, arch_kwargs=arch_kwargs)
         if job is not None:
             if self._last_model_before is None:
                 self._last_model_before = self.settings.last_model
@@ -519,9 +522,20 @@ class MainWindow(QMainWindow):
         return path
 
     def open_model_dialog(self) -> None:
-        path = self._open_file("models", "Open model", MODEL_FILTER)
-        if path:
-            self.load_model(path)
+        dialog = self.make_open_dialog()
+        if dialog.exec():
+            path, arch, kwargs = dialog.values()
+            self.load_model(path, arch=arch, arch_kwargs=kwargs)
+
+    def make_open_dialog(self):
+        """The open dialog (a file or a Hugging Face folder, and an architecture for a state_dict);
+        tests drive it directly."""
+        from .open_model_dialog import OpenModelDialog
+
+        return OpenModelDialog(
+            self, arch=self.session.arch or "", arch_kwargs=self.session.arch_kwargs,
+            open_file=lambda: self._open_file("models", "Open model", MODEL_FILTER),
+            open_folder=lambda: self._open_folder("models", "Open a Hugging Face model folder"))
 
     def open_data_dialog(self) -> None:
         path = self._open_file("data", "Open data", DATA_FILTER)
@@ -534,11 +548,13 @@ class MainWindow(QMainWindow):
             self.load_data(path)
 
     def _ask_trust(self, path: str) -> bool:
+        what = (f"needs the architecture code {self.session.arch} to be run. That code"
+                if self.session.arch and ":" in self.session.arch else
+                "holds a pickled Python object. Loading it runs code from the file, which")
         answer = QMessageBox.warning(
             self, "Trust this file?",
-            f"{path}\n\nholds a pickled Python object. Loading it runs code from the file, which can "
-            "do anything your user account can. Load it only if you made it or trust its source.\n\n"
-            "Load it?",
+            f"{path}\n\n{what} can do anything your user account can. Load it only if you made it or "
+            "trust its source.\n\nLoad it?",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
         return answer == QMessageBox.StandardButton.Yes
 
@@ -789,6 +805,8 @@ class MainWindow(QMainWindow):
         if p.is_dir():
             if is_workspace(p):
                 self.open_workspace(path)
+            elif (p / "config.json").is_file():  # a Hugging Face model folder
+                self.load_model(path)
             else:
                 self.load_data(path)
         elif p.suffix.lower() in DATA_SUFFIXES:

@@ -25,7 +25,7 @@ from ..engine.capabilities import summary as capability_summary
 from ..engine.tasks import TASKS
 from .controls import ElidedLabel
 
-MODEL_FILTER = "Models (*.onnx *.pt *.pth *.pt2 *.ts);;All files (*)"
+MODEL_FILTER = "Models (*.onnx *.pt *.pth *.pt2 *.ts *.bin *.ckpt *.safetensors);;All files (*)"
 DATA_FILTER = "Data (*.npz *.csv);;All files (*)"
 DEMO_MODELS = ("demo:digits-cnn", "demo:digits-mlp", "demo:digits-resnet", "demo:digits-vit")
 DEMO_DATA = ("demo:digits",)
@@ -80,7 +80,8 @@ class ModelPanel(QWidget):
         lay = QVBoxLayout(self)
         buttons = QHBoxLayout()
         self.open_button = QPushButton("Open model...")
-        self.open_button.setToolTip("Open an ONNX, TorchScript, torch.export or torch file (Ctrl+O)")
+        self.open_button.setToolTip("Open an ONNX, TorchScript, torch.export, torch or safetensors file, "
+                                    "or a Hugging Face folder (Ctrl+O)")
         self.open_button.clicked.connect(self.open_requested)
         self.demo_combo = QComboBox()
         self.demo_combo.addItem("Demo models...")

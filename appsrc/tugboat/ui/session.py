@@ -22,6 +22,7 @@ from ..jobs import Job, JobQueue
 from .store import BASELINE, VariantStore
 
 DEMO_MODEL, DEMO_DATA = "demo:digits-cnn", "demo:digits"
+_KEEP: Any = object()  # load(): keep the current architecture
 
 
 def _timing_copy(v: Variant) -> Variant:
@@ -57,12 +58,14 @@ class Session(QObject):
         self.queue = queue
         self.model_ref: str = ""
         self.data_ref: str = ""
-        self.trust = False
+        self.trust = False  # for this load only: never written into a recipe or workspace
+        self.arch: str | None = None  # the architecture of a bare state_dict / safetensors file
+        self.arch_kwargs: dict[str, Any] = {}
         self.task: str | None = None  # the user's task override (None: inferred from the outputs)
         self.measure = MeasureConfig()
         self.baseline: Baseline | None = None
         self.info: dict[str, Any] | None = None
-        self._before_load: tuple[str, str, bool] = ("", "", False)
+        self._before_load: tuple = ("", "", False, None, {})
         self.chain: list[dict[str, Any]] = []
         self.chain_from: str | None = None  # variant whose model the chain starts from (reuse)
         self.sweep: list[dict[str, Any]] = []
@@ -71,7 +74,7 @@ class Session(QObject):
     # --- recipes --------------------------------------------------------------------------------
     def base_recipe(self) -> Recipe:
         return Recipe(model=self.model_ref, data=self.data_ref or None, measure=copy.copy(self.measure),
-                      trust=self.trust, task=self.task)
+                      trust=self.trust, task=self.task, arch=self.arch, arch_kwargs=dict(self.arch_kwargs))
 
     def recipe_for(self, step: dict[str, Any] | None) -> Recipe:
         steps = [*self.chain, step] if step else list(self.chain)
@@ -82,7 +85,8 @@ class Session(QObject):
 
     # --- loading --------------------------------------------------------------------------------
     def load(self, model_ref: str | None = None, data_ref: str | None = None, *,
-             trust: bool = False) -> Job | None:
+             trust: bool = False, arch: str | None = _KEEP,
+             arch_kwargs: dict[str, Any] | None = None) -> Job | None:
         """Load the model (and data) and measure the baseline in a job; clears earlier results."""
         model_ref = model_ref if model_ref is not None else self.model_ref
         data_ref = data_ref if data_ref is not None else self.data_ref
@@ -90,12 +94,14 @@ class Session(QObject):
             return None
         if self.load_job is not None and not self.load_job.is_ended:
             self.load_job.cancel()
-        previous = (self.model_ref, self.data_ref, self.trust)
+        previous = (self.model_ref, self.data_ref, self.trust, self.arch, self.arch_kwargs)
         if self.load_job is None or self.load_job.is_ended:  # not while another load is pending
             self._before_load = previous
         if str(model_ref) != self.model_ref:
             self.task = None  # a task chosen for one model does not carry over to the next
         self.model_ref, self.data_ref, self.trust = str(model_ref), str(data_ref or ""), trust
+        if arch is not _KEEP:
+            self.arch, self.arch_kwargs = arch or None, dict(arch_kwargs or {})
         recipe = self.base_recipe()
         self.loading.emit(self.model_ref, self.data_ref)
 
@@ -127,7 +133,7 @@ class Session(QObject):
         if job is not self.load_job:  # a newer load superseded this one
             return
         if self.baseline is not None:
-            self.model_ref, self.data_ref, self.trust = self._before_load
+            self.model_ref, self.data_ref, self.trust, self.arch, self.arch_kwargs = self._before_load
         self.load_ended.emit(self.model_ref if self.baseline is not None else "", reason)
 
     def _on_load_finished(self, result: object) -> None:

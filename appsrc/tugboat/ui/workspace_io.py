@@ -145,7 +145,11 @@ class WorkspaceKeeper(QObject):
         self._restoring = None
         if ws.model:
             self._restoring = ws
-            self.session.load(ws.model, ws.data)
+            # a state_dict's architecture comes back from the baseline's recipe (trust never does:
+            # building the user's code asks again)
+            base_recipe = (ws.baseline.recipe or {}) if ws.baseline is not None else {}
+            self.session.load(ws.model, ws.data, arch=base_recipe.get("arch"),
+                              arch_kwargs=base_recipe.get("arch_kwargs"))
         return ws
 
     def on_baseline_ready(self, base: Any) -> None:
