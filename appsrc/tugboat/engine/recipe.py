@@ -9,7 +9,6 @@ the variant with the same settings and writes artifacts plus ``report.json``.
 from __future__ import annotations
 
 import copy
-import difflib
 import gc
 import os
 import time
@@ -20,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from . import cancellable, resources
+from . import cancellable, memory
 from . import steps as step_registry
 from .data import Dataset, load_data
 from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
+from .formatting import did_you_mean
 from .guards import check_outputs, describe_step, non_finite, probe_inputs, probe_outputs
 from .measure import MeasureConfig, measure, slower_than
 from .models import ModelHandle, load_model
@@ -89,11 +89,6 @@ class Recipe:
         return new
 
 
-def _closest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     """Validate a recipe dictionary (as read from TOML) into a :class:`Recipe`."""
     where = source or "recipe"
@@ -101,7 +96,7 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
         raise RecipeError("a recipe must be a table of keys", path=where)
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            raise RecipeError(f"unknown key {key!r}" + _closest(key, TOP_LEVEL_KEYS), path=where)
+            raise RecipeError(f"unknown key {key!r}" + did_you_mean(key, TOP_LEVEL_KEYS), path=where)
     model = raw.get("model")
     if not isinstance(model, str) or not model:
         raise RecipeError("'model' is missing (a file path or demo:NAME)", path=where)
@@ -199,7 +194,7 @@ def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
     kwargs = {}
     for key, value in raw.items():
         if key not in MEASURE_KEYS:
-            raise RecipeError(f"unknown key 'measure.{key}'" + _closest(key, MEASURE_KEYS), path=where)
+            raise RecipeError(f"unknown key 'measure.{key}'" + did_you_mean(key, MEASURE_KEYS), path=where)
         rule = MEASURE_KEYS[key]
         if rule is bool:
             if not isinstance(value, bool):
@@ -212,7 +207,7 @@ def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
             for name in names:
                 if name not in rule:
                     raise RecipeError(f"'measure.runtime' must be one of {', '.join(rule)}, got {name!r}"
-                                      + _closest(name, rule), path=where)
+                                      + did_you_mean(name, rule), path=where)
             names = list(dict.fromkeys(names))
             kwargs["runtime"] = names[0]
             if len(names) > 1:
@@ -221,7 +216,7 @@ def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
         elif isinstance(rule, tuple) and isinstance(rule[0], str):
             if value not in rule:
                 raise RecipeError(f"'measure.{key}' must be one of {', '.join(rule)}, got {value!r}"
-                                  + _closest(str(value), rule), path=where)
+                                  + did_you_mean(str(value), rule), path=where)
         else:
             lo, hi = rule
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
@@ -371,12 +366,12 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
             handle = cancellable.call(lambda f=tech.apply, h=handle, p=params, s=sub: f(h, p, data, s), progress,
                                       name=f"tugboat-{tech.name}")
         except Exception as exc:
-            if not resources.is_out_of_memory(exc):
+            if not memory.is_out_of_memory(exc):
                 raise
             out_of_memory = True  # raised outside the handler so the failed step's tensors are freed
         if out_of_memory:
             gc.collect()
-            raise ResourceError(resources.oom_message(f"in {label}"))
+            raise ResourceError(memory.oom_message(f"in {label}"))
         if len(handle.history) <= before:  # the technique did not record the step itself
             handle.history = [*handle.history, step]
         progress.check()
@@ -407,7 +402,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
 
     handle, data = cancellable.call(load, progress, name="tugboat-load")
     # refuse what cannot fit before any work, for the baseline and every step of the recipe
-    resources.check(handle, recipe.steps, data, recipe.measure, where=recipe.source or recipe.model)
+    memory.check(handle, recipe.steps, data, recipe.measure, where=recipe.source or recipe.model)
     probe = probe_inputs(handle, data)
     bad = non_finite(probe_outputs(handle, probe))
     if bad:
@@ -421,11 +416,11 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
             lambda: measure(handle, data, recipe.measure, reference=None,
                             progress=progress.sub(0.3, 1.0, "baseline: ")), progress, name="tugboat-measure")
     except Exception as exc:
-        if not resources.is_out_of_memory(exc):
+        if not memory.is_out_of_memory(exc):
             raise
     if metrics is None:
         gc.collect()
-        raise ResourceError(resources.oom_message("measuring the original model"), path=recipe.model)
+        raise ResourceError(memory.oom_message("measuring the original model"), path=recipe.model)
     return Baseline(handle, data, metrics, outputs, recipe.measure)
 
 
@@ -451,7 +446,7 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     variant = Variant(variant_name(recipe.steps), recipe.to_dict())
     t0 = time.perf_counter()
     todo = recipe.steps[done_steps:]
-    resources.check(start or base.handle, todo, base.data, base.cfg, first_index=done_steps,
+    memory.check(start or base.handle, todo, base.data, base.cfg, first_index=done_steps,
                     where=recipe.source or recipe.model)
     out_of_memory = False
     try:
@@ -464,13 +459,13 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
         variant.status, variant.error = "cancelled", "cancelled by the user"
         raise
     except Exception as exc:
-        if not resources.is_out_of_memory(exc):
+        if not memory.is_out_of_memory(exc):
             raise
         out_of_memory = True
     if out_of_memory:
         variant.handle = None
         gc.collect()
-        raise ResourceError(resources.oom_message(f"measuring {variant.name}"))
+        raise ResourceError(memory.oom_message(f"measuring {variant.name}"))
     if variant.metrics:
         variant.metrics["seconds"] = round(time.perf_counter() - t0, 3)
     return variant
@@ -514,7 +509,7 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
 
 
 def _run_locked(recipe: Recipe, out: Path, progress: Progress) -> dict[str, Any]:
-    from .report import build_report, write_report
+    from .report_json import build_report, write_report
 
     base = prepare(recipe, progress.sub(0.0, 0.3 if recipe.steps else 0.9))
     variants: list[Variant] = []

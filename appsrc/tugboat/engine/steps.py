@@ -8,13 +8,13 @@ registry, so a new technique is a new module, not a change everywhere.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import RecipeError
+from .formatting import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
@@ -59,7 +59,7 @@ class Param:
             if value not in self.choices:
                 raise RecipeError(
                     f"'{name}' must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
-                    + _did_you_mean(str(value), self.choices)
+                    + did_you_mean(str(value), self.choices)
                 )
         elif self.kind == "str":
             if not isinstance(value, str):
@@ -114,7 +114,7 @@ class Technique:
         if not isinstance(method, str) or method not in self.methods:
             raise RecipeError(
                 f"'{where}.method': unknown {self.name} method {method!r}; "
-                f"valid: {', '.join(self.methods)}" + _did_you_mean(str(method), self.methods)
+                f"valid: {', '.join(self.methods)}" + did_you_mean(str(method), self.methods)
             )
         out: dict[str, Any] = {"technique": self.name, "method": method}
         known = {p.name: p for p in self.params}
@@ -124,7 +124,7 @@ class Technique:
             if key not in known:
                 raise RecipeError(
                     f"'{where}': unknown {self.name} parameter {key!r}"
-                    + _did_you_mean(key, known)
+                    + did_you_mean(key, known)
                 )
             p = known[key]
             if not p.applies_to(method):
@@ -158,11 +158,6 @@ def get(name: str, where: str = "technique") -> Technique:
     if name not in registry:
         valid = ", ".join(sorted(registry)) or "none registered"
         raise RecipeError(
-            f"'{where}': unknown technique {name!r}; valid: {valid}" + _did_you_mean(name, registry)
+            f"'{where}': unknown technique {name!r}; valid: {valid}" + did_you_mean(name, registry)
         )
     return registry[name]
-
-
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""

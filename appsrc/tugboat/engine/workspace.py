@@ -52,7 +52,7 @@ from typing import Any
 from .errors import TugboatError, WorkspaceError
 from .lock import FolderLock, FolderLockedError
 from .recipe import Variant, _jsonable, _safe_name, recipe_to_toml, without_trust
-from .report import REPORT_VERSION, pareto_front
+from .report_json import REPORT_VERSION, pareto_front
 from .stored import (
     TMP_GLOB,
     Checker,

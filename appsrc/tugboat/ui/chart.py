@@ -44,7 +44,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..engine.recipe import step_label
-from ..engine.report import quality_of
+from ..engine.report_json import quality_of
 from .store import BASELINE, VariantStore
 
 
@@ -688,7 +688,7 @@ class TradeoffChart(QWidget):
         }
 
     def to_csv(self) -> str:
-        from ..engine.html_report import to_csv
+        from ..engine.report_html import to_csv
 
         return to_csv(self.report_dict())
 

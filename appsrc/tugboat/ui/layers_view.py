@@ -23,7 +23,6 @@ from typing import Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -39,9 +38,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..engine.formatting import fmt_count
 from ..jobs import Job
 from .controls import guard_wheel
 from .store import BASELINE
+from .theme import chart_colors
 
 NO_OVERRIDE = -0.05  # the sparsity spin box's "default" value: no per-layer ratio
 COLUMNS = ["Layer", "Type", "Params", "FLOPs", "Latency", "Prune sens.", "Quant sens.",
@@ -54,24 +55,6 @@ SERIES = {  # key: (legend, colour)
     "prune": ("pruning", (214, 39, 40)),
     "quant": ("int8", (148, 103, 189)),
 }
-
-
-def _colors(widget: QWidget) -> dict[str, QColor]:
-    try:
-        from . import theme
-
-        return theme.chart_colors()
-    except ImportError:  # the theme module is optional
-        pal = widget.palette()
-        return {"background": pal.color(QPalette.ColorRole.Base),
-                "foreground": pal.color(QPalette.ColorRole.Text)}
-
-
-def _human(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.3g}"
 
 
 def parse_pairs(items: list[str]) -> dict[str, float]:
@@ -205,7 +188,7 @@ class LayersView(QWidget):
         return item
 
     def _apply_colors(self) -> None:
-        c = _colors(self)
+        c = chart_colors()
         self.plots.setBackground(c["background"])
         for p in (self.cost_plot, self.prune_plot, self.quant_plot):
             for axis in ("left", "bottom"):
@@ -548,7 +531,7 @@ class LayersView(QWidget):
             for i, r in enumerate(self.rows):
                 s = self._sens_for(r["layer"])
                 lat = r.get("latency_share")
-                cells = [r["name"], r["type"], _human(r["params"]), _human(r["flops"]),
+                cells = [r["name"], r["type"], fmt_count(r["params"], 3), fmt_count(r["flops"], 3),
                          f"{100 * lat:.1f} %" if lat is not None else "...",
                          f"{100 * s['prune']:.1f}" if "prune" in s else "",
                          f"{100 * s['quant_rel_error']:.2f} %" if "quant_rel_error" in s else ""]
