@@ -21,9 +21,9 @@ import onnx
 import torch
 
 from .errors import ModelLoadError, NumericalError, TugboatError
-from .models import ModelHandle, eval_mode
+from .models import ModelHandle
 from .progress import Progress, null_progress
-from .runtime import ort_session, predict, torch_threads
+from .runtime import eval_mode, ort_session, predict, torch_threads
 
 RUNTIMES = ("onnxruntime", "torch")
 

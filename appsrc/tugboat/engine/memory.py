@@ -166,7 +166,7 @@ def _input_bytes(handle: ModelHandle) -> int:
 def _torch_stats(handle: ModelHandle) -> ModelStats:
     import torch
 
-    from .models import eval_mode
+    from .runtime import eval_mode
 
     module = handle.module
     seen: set[int] = set()

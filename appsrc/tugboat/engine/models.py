@@ -10,7 +10,6 @@ Nothing is unpickled unless trusted: plain ``torch.load`` always runs with ``wei
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
@@ -31,6 +30,7 @@ from torch import nn
 
 from . import zoo
 from .errors import ModelLoadError, UntrustedFileError
+from .runtime import eval_mode  # noqa: F401  (its old home: code on other branches imports it from here)
 
 ONNX_OPSET = 17
 METADATA_NAME = "tugboat.json"  # spec stored inside TorchScript / .pt2 archives we write
@@ -217,14 +217,6 @@ class ModelHandle:
         return {"inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs],
                 "task": self.task, "arch": self.arch}
-
-
-def eval_mode(module: nn.Module, training: bool = False) -> nn.Module:
-    """``module.train(training)``, tolerating modules that refuse it (``torch.export`` programs are
-    always in the mode they were exported in)."""
-    with contextlib.suppress(NotImplementedError):
-        module.train(training)
-    return module
 
 
 def _unique_tensors(module: nn.Module):

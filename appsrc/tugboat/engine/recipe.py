@@ -22,13 +22,14 @@ import numpy as np
 from . import cancellable, memory
 from . import steps as step_registry
 from .data import Dataset, load_data
-from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
+from .errors import TRUST_OPTION, Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
 from .formatting import did_you_mean
 from .guards import check_outputs, describe_step, non_finite, probe_inputs, probe_outputs
 from .measure import MeasureConfig, measure, slower_than
 from .models import ModelHandle, load_model
 from .progress import Progress, null_progress
 from .runtimes import RUNTIME_NAMES
+from .stored import TRUST_KEYS, recipe_dict_to_toml, without_trust  # noqa: F401  (without_trust: its old home)
 from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
@@ -151,9 +152,6 @@ def _resolve(ref: str | None, base: Path | None) -> str | None:
     return str(base / ref)
 
 
-TRUST_KEYS = ("trust", "student_trust")
-TRUST_OPTION = ("to trust the model and student files of one run, pass --trust to tugboat run or "
-                "tugboat sweep")
 
 
 def validate_steps(raw_steps: list[dict[str, Any]], where: str = "recipe",
@@ -241,30 +239,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def recipe_to_toml(recipe: Recipe | dict[str, Any]) -> str:
-    import tomli_w
-
-    d = recipe.to_dict() if isinstance(recipe, Recipe) else without_trust(recipe)
-    return tomli_w.dumps(_toml_safe(d))
-
-
-def without_trust(recipe: Any) -> Any:
-    """A recipe dictionary (from a file an older version wrote) without any trust flag, at the top
-    level or in a step: trust is never stored, so it is dropped wherever a recipe is read or written."""
-    if not isinstance(recipe, dict):
-        return recipe
-    out = {k: v for k, v in recipe.items() if k not in TRUST_KEYS}
-    if isinstance(out.get("steps"), list):
-        out["steps"] = [{k: v for k, v in s.items() if k not in TRUST_KEYS} if isinstance(s, dict) else s
-                        for s in out["steps"]]
-    return out
-
-
-def _toml_safe(obj):
-    if isinstance(obj, dict):
-        return {k: _toml_safe(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, (list, tuple)):
-        return [_toml_safe(v) for v in obj]
-    return obj
+    return recipe_dict_to_toml(recipe.to_dict() if isinstance(recipe, Recipe) else recipe)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -496,7 +471,7 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
     ``out_dir`` is checked first (writable, not a sweep workspace) and locked while the run writes it
     (:mod:`lock`): a second run or sweep on it is refused with the PID that holds it."""
     from .lock import locked_output
-    from .workspace import FILE as WORKSPACE_FILE
+    from .stored import WORKSPACE_FILE
 
     progress = progress or null_progress()
     out = Path(out_dir)

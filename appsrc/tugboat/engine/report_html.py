@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .export import atomic_write_bytes
 from .report_json import pareto_labels, quality_of
+from .stored import atomic_write_bytes
 
 COLUMNS = ["name", "pareto", "status", "size_bytes", "compressed_bytes", "params", "nonzero_params", "flops",
            "latency_median_ms", "latency_p90_ms", "latency_batch", "latency_runtime", "accuracy",

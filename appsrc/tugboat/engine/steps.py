@@ -42,34 +42,7 @@ class Param:
     def coerce(self, value: Any, where: str) -> Any:
         """Check ``value`` against type and range; return it normalised or raise RecipeError."""
         name = f"{where}.{self.name}"
-        if self.kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise RecipeError(f"'{name}' must be a number, got {value!r}")
-            value = float(value)
-        elif self.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                else:
-                    raise RecipeError(f"'{name}' must be a whole number, got {value!r}")
-        elif self.kind == "bool":
-            if not isinstance(value, bool):
-                raise RecipeError(f"'{name}' must be true or false, got {value!r}")
-        elif self.kind == "choice":
-            if value not in self.choices:
-                raise RecipeError(
-                    f"'{name}' must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
-                    + did_you_mean(str(value), self.choices)
-                )
-        elif self.kind == "str":
-            if not isinstance(value, str):
-                raise RecipeError(f"'{name}' must be a string, got {value!r}")
-        elif self.kind == "list":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"'{name}' must be a list of strings, got {value!r}")
-            value = list(value)
+        value = self._typed(value, name)
         if self.kind in ("float", "int"):
             # NaN passes every comparison below, and Infinity is no setting
             if isinstance(value, float) and not math.isfinite(value):
@@ -77,6 +50,33 @@ class Param:
             lo, hi = self.minimum, self.maximum
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 raise RecipeError(f"'{name}' = {value} is out of range [{lo}, {hi}]")
+        return value
+
+    def _typed(self, value: Any, name: str) -> Any:
+        """``value`` as this parameter's kind (an int for a whole float, a list for one string)."""
+        if self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(f"'{name}' must be a number, got {value!r}")
+            return float(value)
+        if self.kind == "int":
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RecipeError(f"'{name}' must be a whole number, got {value!r}")
+            return value
+        if self.kind == "bool" and not isinstance(value, bool):
+            raise RecipeError(f"'{name}' must be true or false, got {value!r}")
+        if self.kind == "choice" and value not in self.choices:
+            raise RecipeError(f"'{name}' must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
+                              + did_you_mean(str(value), self.choices))
+        if self.kind == "str" and not isinstance(value, str):
+            raise RecipeError(f"'{name}' must be a string, got {value!r}")
+        if self.kind == "list":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise RecipeError(f"'{name}' must be a list of strings, got {value!r}")
+            return list(value)
         return value
 
 

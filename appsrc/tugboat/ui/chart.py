@@ -693,7 +693,7 @@ class TradeoffChart(QWidget):
         return to_csv(self.report_dict())
 
     def export_csv(self, path: str) -> str:
-        from ..engine.export import atomic_write_bytes
+        from ..engine.stored import atomic_write_bytes
 
         atomic_write_bytes(path, self.to_csv().encode("utf-8"))
         return str(path)

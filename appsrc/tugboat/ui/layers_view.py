@@ -111,6 +111,34 @@ class LayersView(QWidget):
             top.addWidget(b)
         lay.addLayout(top)
 
+        self._build_plots()
+        self._build_table()
+
+        split = QSplitter(Qt.Orientation.Vertical)
+        top_box = QWidget()
+        tlay = QVBoxLayout(top_box)
+        tlay.setContentsMargins(0, 0, 0, 0)
+        tlay.addWidget(self.plots, 1)
+        tlay.addWidget(self.note)
+        split.addWidget(top_box)
+        split.addWidget(self.table)
+        split.setSizes([300, 220])
+        lay.addWidget(split, 1)
+
+        self.sensitivity_button.clicked.connect(self.measure_sensitivity)
+        self.cancel_button.clicked.connect(self.cancel_sensitivity)
+        self.clear_button.clicked.connect(self.clear_overrides)
+        self.session.baseline_ready.connect(self._on_baseline_ready)
+        self.session.model_info_ready.connect(self._on_model_info)
+        self.store.selection_changed.connect(self._on_selection_changed)
+        self.store.cleared.connect(self._on_store_cleared)
+        self._connected_panels: set[str] = set()
+        self._connect_panels()
+        self._apply_colors()
+        self._update_buttons()
+
+    def _build_plots(self) -> None:
+        """The three bar charts (cost, prune and int8 sensitivity) sharing one row per layer."""
         self.plots = pg.GraphicsLayoutWidget()
         self.plots.setObjectName("layers_plots")
         self.cost_plot = self.plots.addPlot(row=0, col=0, title="Share of the model (%)")
@@ -137,6 +165,8 @@ class LayersView(QWidget):
         self.note.setObjectName("layers_note")
         self.note.setWordWrap(True)
 
+    def _build_table(self) -> None:
+        """The numbers of every layer and its two overrides (sparsity, keep in float)."""
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setObjectName("layers_table")
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -155,29 +185,6 @@ class LayersView(QWidget):
                 8: "keep this layer in float when the next quantize Run quantizes the rest"}
         for col, tip in tips.items():
             self.table.horizontalHeaderItem(col).setToolTip(tip)
-
-        split = QSplitter(Qt.Orientation.Vertical)
-        top_box = QWidget()
-        tlay = QVBoxLayout(top_box)
-        tlay.setContentsMargins(0, 0, 0, 0)
-        tlay.addWidget(self.plots, 1)
-        tlay.addWidget(self.note)
-        split.addWidget(top_box)
-        split.addWidget(self.table)
-        split.setSizes([300, 220])
-        lay.addWidget(split, 1)
-
-        self.sensitivity_button.clicked.connect(self.measure_sensitivity)
-        self.cancel_button.clicked.connect(self.cancel_sensitivity)
-        self.clear_button.clicked.connect(self.clear_overrides)
-        self.session.baseline_ready.connect(self._on_baseline_ready)
-        self.session.model_info_ready.connect(self._on_model_info)
-        self.store.selection_changed.connect(self._on_selection_changed)
-        self.store.cleared.connect(self._on_store_cleared)
-        self._connected_panels: set[str] = set()
-        self._connect_panels()
-        self._apply_colors()
-        self._update_buttons()
 
     # --- helpers ------------------------------------------------------------------------------------
     def _bar_item(self, key: str, plot) -> pg.BarGraphItem:

@@ -673,7 +673,7 @@ class MainWindow(QMainWindow):
     def _on_save_sweep(self) -> None:
         path = self.ask_save_path("Save sweep recipe", "sweep.toml", "*.toml")
         if path:
-            from ..engine.export import atomic_write_bytes
+            from ..engine.stored import atomic_write_bytes
 
             atomic_write_bytes(path, recipe_to_toml(self.session.sweep_recipe()).encode("utf-8"))
 
