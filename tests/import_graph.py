@@ -45,9 +45,13 @@ def _imports(tree: ast.AST):
     yield from walk(tree, False)
 
 
-def edges(root: Path = PACKAGE_ROOT) -> dict[str, dict[str, list[str]]]:
-    """module -> {imported module -> ["file:line (deferred)", ...]}, within the package only."""
+def edges(root: Path = PACKAGE_ROOT, missing: list[str] | None = None) -> dict[str, dict[str, list[str]]]:
+    """module -> {imported module -> ["file:line (deferred)", ...]}, within the package only.
+
+    ``missing`` collects imports of package modules that do not exist ("file:line: name"): a module
+    renamed while a deferred import elsewhere still uses the old name fails only when that line runs."""
     files = module_files(root)
+    top = root.name
     graph: dict[str, dict[str, list[str]]] = {m: {} for m in files}
     for mod, path in files.items():
         is_pkg = path.name == "__init__.py"
@@ -68,6 +72,12 @@ def edges(root: Path = PACKAGE_ROOT) -> dict[str, dict[str, list[str]]]:
                     sub = f"{base}.{alias.name}"
                     targets.append(sub if sub in files else base)
             where = f"{path.relative_to(root.parent.parent)}:{node.lineno}" + (" (deferred)" if deferred else "")
+            base_module = None
+            if isinstance(node, ast.ImportFrom):
+                base_module = base if node.level else (node.module or "")
+            for name in ([base_module] if base_module is not None else targets):
+                if missing is not None and name.split(".")[0] == top and name not in files:
+                    missing.append(f"{where.removesuffix(' (deferred)')}: {name}")
             for target in targets:
                 # "import tugboat.engine.models" names the module; a name from a module is that module
                 while target and target not in files:
