@@ -13,7 +13,7 @@ from PySide6.QtCore import QPointF, Qt
 
 from tugboat.engine.measure import MeasureConfig
 from tugboat.engine.recipe import Variant
-from tugboat.engine.report import dominates, objectives
+from tugboat.engine.report_json import dominates, objectives
 from tugboat.jobs import CANCELLED, DONE
 from tugboat.ui.chart import TradeoffChart
 from tugboat.ui.main_window import MainWindow

@@ -55,7 +55,7 @@ def run_case(case: dict, out_dir: Path) -> None:
 
         Workspace.open(path.parent)
     elif kind == "report":
-        from tugboat.reporting import load_any_report
+        from tugboat.report_command import load_any_report
 
         load_any_report(path.parent)
     else:  # pragma: no cover - a manifest typo

@@ -247,9 +247,8 @@ def test_recipe_validation_and_chaining_into_another_step(teacher, demo_data):
     with pytest.raises(RecipeError, match="student"):
         tech.validate({"technique": "distill", "student": "teacher"}, "steps.0")
     recipe_steps = [tech.validate({"technique": "distill", "width": 0.5, "epochs": 3}, "steps.0")]
-    if "prune" in steps.techniques():
-        recipe_steps.append(steps.get("prune").validate(
-            {"technique": "prune", "method": "unstructured", "ratio": 0.3, "finetune_epochs": 0}, "steps.1"))
+    recipe_steps.append(steps.get("prune").validate(
+        {"technique": "prune", "method": "unstructured", "ratio": 0.3, "finetune_epochs": 0}, "steps.1"))
     out = apply_steps(teacher, recipe_steps, demo_data, Progress())
     assert [h["technique"] for h in out.history] == [s["technique"] for s in recipe_steps]
     assert out.history[-1]["technique"] == recipe_steps[-1]["technique"]

@@ -24,12 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tugboat.cli import format_summary
+from tugboat.console import format_summary
 from tugboat.engine.errors import TugboatError
-from tugboat.engine.html_report import render_html, to_csv
 from tugboat.engine.recipe import Variant
+from tugboat.engine.report_html import render_html, to_csv
 from tugboat.engine.workspace import Workspace
-from tugboat.reporting import load_any_report
+from tugboat.report_command import load_any_report
 from tugboat.settings import Settings, load_settings
 
 SCALE = float(os.environ.get("TUGBOAT_FUZZ_SCALE", "1"))

@@ -15,12 +15,6 @@ from tugboat.engine.recipe import load_recipe, parse_recipe, recipe_to_toml
 PRUNE = '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nfinetune_epochs = 0\n'
 
 
-@pytest.fixture(autouse=True)
-def _needs_prune():
-    if "prune" not in step_registry.techniques():
-        pytest.skip("the prune technique is not available")
-
-
 @pytest.mark.parametrize("command", ["run", "sweep"])
 @pytest.mark.parametrize("body, fragment", [
     ('[[steps]]\ntechnique = "prunning"\n', "unknown technique 'prunning'"),  # unknown technique

@@ -12,80 +12,16 @@ import contextlib
 import json
 import os
 import sys
-import time
+from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .console import TerminalProgress, format_info, format_summary, print_notes
 from .engine.tasks import TASKS
 
+__all__ = ["build_parser", "format_info", "format_summary", "main", "parse_args"]
+
 EXIT_USAGE = 2
-
-
-class TerminalProgress:
-    """A progress bar with ETA on a terminal; plain lines (at most one per second) otherwise."""
-
-    def __init__(self, stream=None, enabled: bool = True):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.enabled = enabled
-        self.t0 = time.monotonic()
-        self._last = 0.0
-        self._last_text = ""
-
-    def __call__(self, fraction: float, message: str) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        elapsed = now - self.t0
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
-        eta_text = f" ETA {_fmt_seconds(eta)}" if eta is not None else ""
-        if self.tty:
-            width = 28
-            filled = round(width * fraction)
-            line = f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}%{eta_text} {message}"
-            self.stream.write(line[:160].ljust(len(self._last_text)))
-            self._last_text = line[:160]
-            self.stream.flush()
-        elif now - self._last >= 1.0 or fraction >= 1.0:
-            self.stream.write(f"{fraction * 100:5.1f}%{eta_text} {message}\n")
-            self.stream.flush()
-            self._last = now
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self._last_text:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _fmt_seconds(s: float) -> str:
-    s = round(s)
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _fmt_ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _fmt_count(n: int | None) -> str:
-    if n is None:
-        return "-"
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}G"
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}k"
-    return str(n)
 
 
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -109,12 +45,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return value
-
-
-def print_notes(recipe) -> None:
-    """Warnings found while reading a recipe (e.g. a trust flag, which is ignored)."""
-    for note in getattr(recipe, "notes", []):
-        print(f"tugboat: warning: {note}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tugboat: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # running out of memory is the user's to fix (a smaller batch), not a bug
-        from .engine.resources import is_out_of_memory, oom_message
+        from .engine.memory import is_out_of_memory, oom_message
 
         if not is_out_of_memory(exc):
             raise
@@ -322,10 +252,15 @@ def _hard_exit(code: int) -> None:
     os._exit(code)
 
 
+QT_PACKAGES = ("PySide6", "pyqtgraph", "superqt")
+
+
 def _start_gui(args) -> int:
     try:
         from .ui.app import main as gui_main
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:  # Qt itself missing (a broken install); any other error is a bug
+        if (exc.name or "").split(".")[0] not in QT_PACKAGES:
+            raise
         print(f"tugboat: the desktop app is not available ({exc}); use a command, see --help",
               file=sys.stderr)
         return EXIT_USAGE
@@ -359,33 +294,6 @@ def cmd_info(args) -> int:
         return 0
     print(format_info(info))
     return 0
-
-
-def format_info(info: dict[str, Any]) -> str:
-    lines = [f"Model     {info['source']}", f"Format    {info['format']}",
-             f"Task      {info['task']}"]
-    for kind in ("inputs", "outputs"):
-        for spec in info[kind]:
-            shape = "x".join(str(d) if d is not None else "?" for d in spec["shape"])
-            lines.append(f"{kind[:-1].capitalize():<9} {spec['name']}  [{shape}]  {spec['dtype']}")
-    lines.append(f"Params    {_fmt_count(info['params'])} ({info['params']:,}; non-zero {info['nonzero_params']:,})")
-    size, deflated = _fmt_bytes(info["size_bytes"]), _fmt_bytes(info["compressed_bytes"])
-    lines.append(f"Size      {size} as {info.get('size_of', 'ONNX')} ({deflated} deflated)")
-    if info["flops"] is None:
-        lines.append("FLOPs     - (needs the input shape)")
-    else:
-        lines.append(f"FLOPs     {_fmt_count(info['flops'])} per sample")
-    if info.get("warnings"):
-        for w in info["warnings"]:
-            lines.append(f"Warning   {w}")
-    layers = info.get("layers") or []
-    if layers:
-        width = max(len(r["name"]) for r in layers)
-        lines.append("")
-        lines.append(f"{'layer':<{width}}  {'type':<16} {'params':>10} {'FLOPs':>10}")
-        for r in layers:
-            lines.append(f"{r['name']:<{width}}  {r['type']:<16} {r['params']:>10,} {_fmt_count(r['flops']):>10}")
-    return "\n".join(lines)
 
 
 def cmd_run(args) -> int:
@@ -428,51 +336,6 @@ def cmd_remeasure(args) -> int:
     return 0
 
 
-def format_speedup(lat: dict[str, Any]) -> str:
-    """``1.84x [1.79-1.90]`` from a paired timing; ``-`` without one; ``?`` marks a noisy one."""
-    sp = lat.get("speedup") if isinstance(lat, dict) else None
-    try:  # a report read back from disk may hold anything
-        return f"{sp['median']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]" + ("?" if sp.get("noisy") else "")
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return "-"
-
-
-def format_summary(report: dict[str, Any]) -> str:
-    rows = [("baseline", report["baseline"]["metrics"], [])]
-    rows += [(v["name"], v["metrics"], v.get("warnings", []) + ([v["error"]] if v.get("error") else []))
-             for v in report["variants"]]
-    width = max(len(r[0]) for r in rows)
-    out = [f"{'variant':<{width}}  {'size':>9} {'deflated':>9} {'params':>8} {'latency':>10} "
-           f"{'speed-up [95%]':>20} {'accuracy':>8} {'agree':>6}"]
-    pareto = set(report.get("pareto", []))
-    for name, m, warns in rows:
-        if not m:
-            out.append(f"{name:<{width}}  (no metrics) {'; '.join(warns)}")
-            continue
-        lat = m.get("latency_ms") or {}
-        acc = m.get("accuracy")
-        agree = (m.get("fidelity") or {}).get("top1_agreement")
-        out.append(
-            f"{name:<{width}}  {_fmt_bytes(m.get('size_bytes')):>9} {_fmt_bytes(m.get('compressed_bytes')):>9} "
-            f"{_fmt_count(m.get('params')):>8} {_fmt_ms(lat.get('median')):>7} ms "
-            f"{format_speedup(lat):>20} "
-            f"{(f'{acc * 100:.2f}%' if acc is not None else '-'):>8} "
-            f"{(f'{agree:.3f}' if agree is not None else '-'):>6}"
-            + (" *" if name in pareto else ""))
-        out += format_runtimes(m, width)
-        for w in warns:
-            out.append(f"{'':<{width}}  ! {w}")
-    lat = report["baseline"]["metrics"].get("latency_ms") or {}
-    out.append(f"latency: median at batch {lat.get('batch')}, {lat.get('threads')} threads, "
-               f"{lat.get('runtime')}; speed-up: paired with the original, 95% interval, ? = noisy; "
-               f"* = on the Pareto front")
-    if isinstance(report.get("machine"), dict):
-        from .engine.machine import describe
-
-        out.append(f"machine: {describe(report['machine'])}")
-    return "\n".join(out)
-
-
 def cmd_export(args) -> int:
     from .engine.progress import Progress
     from .engine.targets import describe, export_from_folder
@@ -486,36 +349,48 @@ def cmd_export(args) -> int:
     return 0
 
 
-def format_runtimes(m: dict[str, Any], width: int) -> list[str]:
-    """One line per runtime a variant was measured in (``[measure] runtime = [...]``)."""
-    out = []
-    for name, r in (m.get("runtimes") or {}).items():
-        if not r.get("ok"):
-            out.append(f"{'':<{width}}  {name}: {r.get('reason') or 'not measured'}")
-            continue
-        lat, fid = r.get("latency_ms") or {}, r.get("fidelity") or {}
-        agree = fid.get("top1_agreement")
-        out.append(f"{'':<{width}}  {name} {r.get('version')}: {_fmt_ms(lat.get('median'))} ms at batch "
-                   f"{lat.get('batch')}, agreement {agree if agree is None else f'{agree:.3f}'}, "
-                   f"rel. error {fid.get('rel_error', 0):.3g}")
-    return out
-
-
 def cmd_sweep(args) -> int:
+    from .engine.progress import Progress
+    from .engine.recipe import load_recipe
+    from .engine.sweep import run_sweep
+
+    recipe = load_recipe(args.recipe)
+    print_notes(recipe)
+    recipe.trust = recipe.trust_steps = bool(getattr(args, "trust", False))  # per run, never from a file
+    apply_arch_args(recipe, args)
+    quiet = getattr(args, "quiet", False)
+    bar = TerminalProgress(enabled=not quiet)
+
+    def log(msg: str) -> None:
+        if not quiet:
+            bar.print_line(msg)
+
     try:
-        from .reporting import run_sweep_cli
-    except ImportError:
-        print("tugboat: error: sweeps are not available in this build", file=sys.stderr)
-        return EXIT_USAGE
-    return run_sweep_cli(args)
+        result = run_sweep(recipe, args.out, resume=args.resume, progress=Progress(bar), log=log,
+                           max_variants=getattr(args, "max_variants", None))
+    finally:
+        bar.close()
+    report = result.workspace.report()
+    print(format_summary(report))
+    if report.get("failed"):
+        for v in report["failed"]:
+            print(f"failed: {v['name']}: {v.get('error')}")
+    print(f"{len(result.tried)} variant(s) run, {len(result.skipped)} kept from before; "
+          f"workspace {args.out}, report {Path(args.out) / 'report.json'}")
+    if result.kind == "target":
+        if result.best is None:
+            print(f"no variant within the accuracy tolerance ({len(result.workspace)} tried)")
+            return 1
+        print(f"best within tolerance ({result.workspace.meta['target']['objective']}): {result.best} "
+              f"(of {len(result.within)} within tolerance, {len(result.workspace)} tried)")
+    if report["variants"] == [] and report.get("failed"):
+        return 1
+    return 0
 
 
 def cmd_report(args) -> int:
-    try:
-        from .reporting import report_cli
-    except ImportError:
-        print("tugboat: error: reports are not available in this build", file=sys.stderr)
-        return EXIT_USAGE
+    from .report_command import report_cli
+
     return report_cli(args)
 
 

@@ -1,19 +1,10 @@
-"""Imports every technique module so each registers itself with :mod:`tugboat.engine.steps`.
+"""The technique catalogue: importing it imports every technique module, and each registers itself
+with :mod:`tugboat.engine.steps` (imported by :func:`steps.techniques` on first use).
 
-A technique module that fails to import (e.g. an optional dependency is missing) is skipped; the
-recipe validator then reports it as unknown, which is the honest answer.
+A technique module that fails to import is an error, not a technique quietly missing: every
+technique's dependencies are required ones, so a failure here is a broken install or a bug.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-
-_log = logging.getLogger(__name__)
-
-for _name in ("prune", "quantize", "distill"):
-    try:
-        importlib.import_module(f"tugboat.engine.{_name}")
-    except ModuleNotFoundError as exc:  # the module itself not written yet, or a missing extra
-        if exc.name != f"tugboat.engine.{_name}":
-            _log.warning("technique %s unavailable: %s", _name, exc)
+from . import distill, prune, quantize  # noqa: F401  (imported to register themselves)

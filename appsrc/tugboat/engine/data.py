@@ -162,7 +162,7 @@ def _memory_limit() -> int | None:
     turns the checks off, like the job memory check."""
     if os.environ.get("TUGBOAT_SKIP_MEMORY_CHECK", "") not in ("", "0"):
         return None
-    from .resources import SAFETY, available_memory
+    from .memory import SAFETY, available_memory
 
     avail = available_memory()
     return int(avail * SAFETY) if avail is not None else None
@@ -170,7 +170,7 @@ def _memory_limit() -> int | None:
 
 def refuse_if_too_big(need: int, what: str, path: Path) -> None:
     from .errors import ResourceError
-    from .resources import fmt_bytes
+    from .formatting import fmt_bytes
 
     limit = _memory_limit()
     if limit is not None and need > limit:
@@ -234,7 +234,7 @@ def check_npz_size(path: Path) -> None:
         raise DataError(f"not a readable .npz file ({exc})", path=path) from None
     except OSError as exc:
         raise DataError(f"not a readable .npz file ({exc.strerror or exc})", path=path) from None
-    from .resources import fmt_bytes
+    from .formatting import fmt_bytes
 
     size = max(1, path.stat().st_size)
     if total > BOMB_MIN_BYTES and total > BOMB_RATIO * size:

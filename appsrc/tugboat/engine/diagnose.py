@@ -479,7 +479,7 @@ def _module_outputs(module, xs: list[np.ndarray]) -> tuple[dict[str, np.ndarray]
     """Every named module's first tensor output (forward hooks), in execution order."""
     import torch
 
-    from .models import eval_mode
+    from .runtime import eval_mode
 
     seen: dict[str, np.ndarray] = {}
     order: list[str] = []

@@ -30,8 +30,8 @@ from torch.nn import functional as F
 
 from .errors import DataError, NumericalError, TugboatError
 from .finetune import make_optimizer
-from .models import eval_mode
 from .progress import Progress, null_progress
+from .runtime import eval_mode
 from .steps import Param, Technique, register
 from .students import build_student, input_kind
 
@@ -169,9 +169,8 @@ def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out
         ref = params.get("student_file") or ""
         if not ref:
             raise TugboatError("student = \"file\" needs student_file (the student model's path)")
-        from .errors import UntrustedFileError
+        from .errors import TRUST_OPTION, UntrustedFileError
         from .models import load_model
-        from .recipe import TRUST_OPTION
 
         try:  # trust is this run's decision (tugboat run/sweep --trust), never a recipe value
             loaded = load_model(ref, trust=bool(params.get("trust", False)))

@@ -7,6 +7,9 @@ GUI can show it without a traceback.
 
 from __future__ import annotations
 
+TRUST_OPTION = ("to trust the model and student files of one run, pass --trust to tugboat run or "
+                "tugboat sweep")  # the hint of an UntrustedFileError: trust is per run, never in a file
+
 
 class TugboatError(Exception):
     """A problem with the user's input (file, data, recipe), stated plainly."""

@@ -543,7 +543,7 @@ def estimate_quality(steps: list[dict[str, Any]], measured: list[tuple[list[dict
                      estimate_metrics: dict[str, Any]) -> dict[str, Any]:
     """Fill accuracy / fidelity of an estimate by interpolating measured variants of the same
     chain that differ in one number (``ratio``, ``width``...); unchanged if there are none."""
-    from .report import quality_of
+    from .report_json import quality_of
 
     sig = _signature(steps)
     points: list[tuple[float, dict[str, Any]]] = []

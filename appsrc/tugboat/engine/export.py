@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,8 +14,9 @@ import onnx
 import torch
 
 from .errors import ModelLoadError, TugboatError
-from .models import ONNX_OPSET, ModelHandle, eval_mode
-from .stored import TMP_MARK, atomic_write_bytes, current_umask, fsync_dir
+from .models import ONNX_OPSET, ModelHandle
+from .runtime import eval_mode
+from .stored import atomic_write_bytes, recipe_dict_to_toml, replace_with, temp_file_beside, without_trust
 
 
 def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
@@ -98,8 +98,7 @@ def for_export(model: onnx.ModelProto, recipe: dict | None = None,
     props = {p.key: p.value for p in out.metadata_props}
     props["tugboat.version"] = __version__
     if recipe:
-        from .recipe import without_trust  # trust is never stored, in files we hand out least of all
-
+        # trust is never stored, in files we hand out least of all
         props["tugboat.recipe"] = json.dumps(without_trust(recipe), sort_keys=True, default=str)
     if handle is not None:
         props["tugboat.inputs"] = json.dumps([s.to_dict() for s in handle.inputs])
@@ -177,17 +176,12 @@ def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: Mode
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     progress.update(0.05, f"exporting {kind}")
-    # the suffix stays last: torch.export.save wants a name ending in .pt2
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TMP_MARK}", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_file_beside(path)
 
     def work() -> None:
         try:
             if kind == "recipe":
-                from .recipe import recipe_to_toml
-
-                tmp.write_bytes(recipe_to_toml(recipe or {}).encode("utf-8"))
+                tmp.write_bytes(recipe_dict_to_toml(recipe or {}).encode("utf-8"))
             elif kind == "copy":
                 if source is None or not Path(source).is_file():
                     raise TugboatError("the saved model file is missing", path=str(source))
@@ -223,14 +217,12 @@ def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: Mode
     try:
         cancellable.call(work, progress, name="tugboat-export")
         progress.check()
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
+        replace_with(tmp, path)
     except BaseException:
         # a helper still writing after a cancel removes what it wrote when it stops (it checks the
         # token last); whatever it already finished is removed here
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
     progress.update(1.0, f"exported {path.name}")
     return path

@@ -56,7 +56,7 @@ def _torch_latency(module: torch.nn.Module, inputs: list[torch.Tensor], names: l
                    repeats: int, progress: Progress) -> tuple[dict[str, float], dict[str, float], float]:
     """Median ms and share of the time inside each named module, and the median ms of the whole
     forward pass (forward hooks)."""
-    from .models import eval_mode
+    from .runtime import eval_mode
 
     eval_mode(module)
     subs = {n: module.get_submodule(n) for n in names}

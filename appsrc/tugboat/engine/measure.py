@@ -22,9 +22,9 @@ import onnx
 import torch
 
 from .errors import ModelLoadError, NumericalError, TugboatError
-from .models import ModelHandle, eval_mode
+from .models import ModelHandle
 from .progress import Progress, null_progress
-from .runtime import _cast, fixed_batch, ort_session, predict, torch_threads
+from .runtime import _cast, eval_mode, fixed_batch, ort_session, predict, torch_threads
 
 RUNTIMES = ("onnxruntime", "torch")
 

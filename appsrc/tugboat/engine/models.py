@@ -31,6 +31,7 @@ from torch import nn
 
 from . import zoo
 from .errors import ModelLoadError, UntrustedFileError
+from .runtime import eval_mode  # noqa: F401  (its old home: code on other branches imports it from here)
 from .tasks import TASKS
 
 ONNX_OPSET = 17
@@ -231,14 +232,6 @@ class ModelHandle:
         return {"inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs],
                 "task": self.task, "arch": self.arch}
-
-
-def eval_mode(module: nn.Module, training: bool = False) -> nn.Module:
-    """``module.train(training)``, tolerating modules that refuse it (``torch.export`` programs are
-    always in the mode they were exported in)."""
-    with contextlib.suppress(NotImplementedError):
-        module.train(training)
-    return module
 
 
 def _unique_tensors(module: nn.Module):

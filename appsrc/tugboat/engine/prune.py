@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import RecipeError, TugboatError
 from .finetune import OPTIMIZERS, evaluate, finetune, frozen_copy, outputs_for, soft_target_loss
+from .formatting import did_you_mean
 from .progress import Progress, null_progress
 from .steps import NO_CHANGE, Param, Technique, register
 
@@ -136,11 +137,7 @@ def _resolve_names(module: nn.Module, names: Iterable[str], what: str) -> list[n
     known = dict(module.named_modules())
     for n in names:
         if n not in known:
-            import difflib
-
-            close = difflib.get_close_matches(n, [k for k in known if k], n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TugboatError(f"{what}: the model has no layer named {n!r}{hint}")
+            raise TugboatError(f"{what}: the model has no layer named {n!r}{did_you_mean(n, known)}")
         out.append(known[n])
     return out
 

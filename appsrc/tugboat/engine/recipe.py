@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import gc
 import os
 import time
@@ -21,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from . import cancellable, resources
+from . import cancellable, memory
 from . import steps as step_registry
 from .data import Dataset, check_labels_fit, check_regular_file, load_data
-from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
+from .errors import TRUST_OPTION, Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
+from .formatting import did_you_mean
 from .guards import (
     INDEX_MARKERS,
     check_outputs,
@@ -49,6 +49,7 @@ from .progress import Progress, null_progress
 from .runtime import fixed_batch
 from .runtimes import RUNTIME_NAMES
 from .steps import NO_CHANGE
+from .stored import TRUST_KEYS, recipe_dict_to_toml, without_trust  # noqa: F401  (without_trust: its old home)
 from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
@@ -117,11 +118,6 @@ class Recipe:
         return new
 
 
-def _closest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     """Validate a recipe dictionary (as read from TOML) into a :class:`Recipe`."""
     where = source or "recipe"
@@ -129,7 +125,7 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
         raise RecipeError("a recipe must be a table of keys", path=where)
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            raise RecipeError(f"unknown key {key!r}" + _closest(key, TOP_LEVEL_KEYS), path=where)
+            raise RecipeError(f"unknown key {key!r}" + did_you_mean(key, TOP_LEVEL_KEYS), path=where)
     model = raw.get("model")
     if not isinstance(model, str) or not model:
         raise RecipeError("'model' is missing (a file path or demo:NAME)", path=where)
@@ -201,9 +197,6 @@ def _resolve(ref: str | None, base: Path | None) -> str | None:
     return str(base / ref)
 
 
-TRUST_KEYS = ("trust", "student_trust")
-TRUST_OPTION = ("to trust the model and student files of one run, pass --trust to tugboat run or "
-                "tugboat sweep")
 
 
 def validate_steps(raw_steps: list[dict[str, Any]], where: str = "recipe",
@@ -252,7 +245,7 @@ def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
     kwargs = {}
     for key, value in raw.items():
         if key not in MEASURE_KEYS:
-            raise RecipeError(f"unknown key 'measure.{key}'" + _closest(key, MEASURE_KEYS), path=where)
+            raise RecipeError(f"unknown key 'measure.{key}'" + did_you_mean(key, MEASURE_KEYS), path=where)
         rule = MEASURE_KEYS[key]
         if rule is bool:
             if not isinstance(value, bool):
@@ -265,7 +258,7 @@ def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
             for name in names:
                 if name not in rule:
                     raise RecipeError(f"'measure.runtime' must be one of {', '.join(rule)}, got {name!r}"
-                                      + _closest(name, rule), path=where)
+                                      + did_you_mean(name, rule), path=where)
             names = list(dict.fromkeys(names))
             kwargs["runtime"] = names[0]
             if len(names) > 1:
@@ -274,7 +267,7 @@ def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
         elif isinstance(rule, tuple) and isinstance(rule[0], str):
             if value not in rule:
                 raise RecipeError(f"'measure.{key}' must be one of {', '.join(rule)}, got {value!r}"
-                                  + _closest(str(value), rule), path=where)
+                                  + did_you_mean(str(value), rule), path=where)
         else:
             lo, hi = rule
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
@@ -302,30 +295,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def recipe_to_toml(recipe: Recipe | dict[str, Any]) -> str:
-    import tomli_w
-
-    d = recipe.to_dict() if isinstance(recipe, Recipe) else without_trust(recipe)
-    return tomli_w.dumps(_toml_safe(d))
-
-
-def without_trust(recipe: Any) -> Any:
-    """A recipe dictionary (from a file an older version wrote) without any trust flag, at the top
-    level or in a step: trust is never stored, so it is dropped wherever a recipe is read or written."""
-    if not isinstance(recipe, dict):
-        return recipe
-    out = {k: v for k, v in recipe.items() if k not in TRUST_KEYS}
-    if isinstance(out.get("steps"), list):
-        out["steps"] = [{k: v for k, v in s.items() if k not in TRUST_KEYS} if isinstance(s, dict) else s
-                        for s in out["steps"]]
-    return out
-
-
-def _toml_safe(obj):
-    if isinstance(obj, dict):
-        return {k: _toml_safe(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, (list, tuple)):
-        return [_toml_safe(v) for v in obj]
-    return obj
+    return recipe_dict_to_toml(recipe.to_dict() if isinstance(recipe, Recipe) else recipe)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -451,12 +421,12 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
             handle = cancellable.call(lambda f=tech.apply, h=handle, p=params, s=sub, k=this_seed: (
                 seed_everything(k), f(h, p, data, s))[1], progress, name=f"tugboat-{tech.name}")
         except Exception as exc:
-            if not resources.is_out_of_memory(exc):
+            if not memory.is_out_of_memory(exc):
                 raise
             out_of_memory = True  # raised outside the handler so the failed step's tensors are freed
         if out_of_memory:
             gc.collect()
-            raise ResourceError(resources.oom_message(f"in {label}"))
+            raise ResourceError(memory.oom_message(f"in {label}"))
         if len(handle.history) <= before:  # the technique did not record the step itself
             handle.history = [*handle.history, step]
         reason = handle.info.pop(NO_CHANGE, None)
@@ -506,14 +476,14 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
                                f"{fixed}, not {cfg.batch}")
         cfg = dataclasses.replace(cfg, batch=fixed, also_batch1=False)
     # refuse what cannot fit before any work, for the baseline and every step of the recipe
-    resources.check(handle, recipe.steps, data, cfg, where=recipe.source or recipe.model)
+    memory.check(handle, recipe.steps, data, cfg, where=recipe.source or recipe.model)
     probe = probe_inputs(handle, data)
     try:
         outputs = probe_outputs(handle, probe)
     except TugboatError:
         raise
     except Exception as exc:  # the first run of the original model: one line, naming model or data
-        if resources.is_out_of_memory(exc):
+        if memory.is_out_of_memory(exc):
             raise
         raise first_run_error(exc, handle, data) from None
     if data is not None and handle.task == "classification" and outputs and outputs[0].ndim == 2:
@@ -537,11 +507,11 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     except Cancelled:
         raise
     except Exception as exc:
-        if not resources.is_out_of_memory(exc):
+        if not memory.is_out_of_memory(exc):
             raise first_run_error(exc, handle, data) from None
     if metrics is None:
         gc.collect()
-        raise ResourceError(resources.oom_message("measuring the original model"), path=recipe.model)
+        raise ResourceError(memory.oom_message("measuring the original model"), path=recipe.model)
     handle.warnings = [w for w in handle.warnings if not is_timing_warning(w)] + own_timing_warnings(metrics)
     return Baseline(handle, data, metrics, outputs, cfg, timing_reference(handle, data, cfg))
 
@@ -593,7 +563,7 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     variant = Variant(variant_name(recipe.steps), recipe.to_dict())
     t0 = time.perf_counter()
     todo = recipe.steps[done_steps:]
-    resources.check(start or base.handle, todo, base.data, base.cfg, first_index=done_steps,
+    memory.check(start or base.handle, todo, base.data, base.cfg, first_index=done_steps,
                     where=recipe.source or recipe.model)
     out_of_memory = False
     try:
@@ -610,13 +580,13 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
         variant.status, variant.error = "cancelled", "cancelled by the user"
         raise
     except Exception as exc:
-        if not resources.is_out_of_memory(exc):
+        if not memory.is_out_of_memory(exc):
             raise
         out_of_memory = True
     if out_of_memory:
         variant.handle = None
         gc.collect()
-        raise ResourceError(resources.oom_message(f"measuring {variant.name}"))
+        raise ResourceError(memory.oom_message(f"measuring {variant.name}"))
     if variant.metrics:
         variant.metrics["seconds"] = round(time.perf_counter() - t0, 3)
     return variant
@@ -647,7 +617,7 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
     ``out_dir`` is checked first (writable, not a sweep workspace) and locked while the run writes it
     (:mod:`lock`): a second run or sweep on it is refused with the PID that holds it."""
     from .lock import locked_output
-    from .workspace import FILE as WORKSPACE_FILE
+    from .stored import WORKSPACE_FILE
 
     progress = progress or null_progress()
     out = Path(out_dir)
@@ -660,7 +630,7 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
 
 
 def _run_locked(recipe: Recipe, out: Path, progress: Progress) -> dict[str, Any]:
-    from .report import build_report, write_report
+    from .report_json import build_report, write_report
 
     base = prepare(recipe, progress.sub(0.0, 0.3 if recipe.steps else 0.9))
     variants: list[Variant] = []

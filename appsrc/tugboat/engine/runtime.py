@@ -48,9 +48,15 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def run_torch(module: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    from .models import eval_mode
+def eval_mode(module: torch.nn.Module, training: bool = False) -> torch.nn.Module:
+    """``module.train(training)``, tolerating modules that refuse it (``torch.export`` programs are
+    always in the mode they were exported in)."""
+    with contextlib.suppress(NotImplementedError):
+        module.train(training)
+    return module
 
+
+def run_torch(module: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     eval_mode(module)
     with torch.inference_mode():
         out = module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])

@@ -8,13 +8,13 @@ registry, so a new technique is a new module, not a change everywhere.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import RecipeError
+from .formatting import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
@@ -42,38 +42,7 @@ class Param:
     def coerce(self, value: Any, where: str) -> Any:
         """Check ``value`` against type and range; return it normalised or raise RecipeError."""
         name = f"{where}.{self.name}"
-        if self.kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise RecipeError(f"'{name}' must be a number, got {value!r}")
-            value = float(value)
-        elif self.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                else:
-                    raise RecipeError(f"'{name}' must be a whole number, got {value!r}")
-        elif self.kind == "bool":
-            if not isinstance(value, bool):
-                raise RecipeError(f"'{name}' must be true or false, got {value!r}")
-        elif self.kind == "choice":
-            if value not in self.choices:
-                raise RecipeError(
-                    f"'{name}' must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
-                    + _did_you_mean(str(value), self.choices)
-                )
-        elif self.kind == "str":
-            if not isinstance(value, str):
-                raise RecipeError(f"'{name}' must be a string, got {value!r}")
-        elif self.kind == "list":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"'{name}' must be a list of strings, got {value!r}")
-            value = list(value)
-            unknown = [v for v in value if self.choices and v not in self.choices]
-            if unknown:
-                raise RecipeError(f"'{name}': unknown value {unknown[0]!r}; valid: {', '.join(self.choices)}"
-                                  + _did_you_mean(unknown[0], self.choices))
+        value = self._typed(value, name)
         if self.kind in ("float", "int"):
             # NaN passes every comparison below, and Infinity is no setting
             if isinstance(value, float) and not math.isfinite(value):
@@ -81,6 +50,37 @@ class Param:
             lo, hi = self.minimum, self.maximum
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 raise RecipeError(f"'{name}' = {value} is out of range [{lo}, {hi}]")
+        return value
+
+    def _typed(self, value: Any, name: str) -> Any:
+        """``value`` as this parameter's kind (an int for a whole float, a list for one string)."""
+        if self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(f"'{name}' must be a number, got {value!r}")
+            return float(value)
+        if self.kind == "int":
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RecipeError(f"'{name}' must be a whole number, got {value!r}")
+            return value
+        if self.kind == "bool" and not isinstance(value, bool):
+            raise RecipeError(f"'{name}' must be true or false, got {value!r}")
+        if self.kind == "choice" and value not in self.choices:
+            raise RecipeError(f"'{name}' must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
+                              + did_you_mean(str(value), self.choices))
+        if self.kind == "str" and not isinstance(value, str):
+            raise RecipeError(f"'{name}' must be a string, got {value!r}")
+        if self.kind == "list":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise RecipeError(f"'{name}' must be a list of strings, got {value!r}")
+            unknown = [v for v in value if self.choices and v not in self.choices]
+            if unknown:
+                raise RecipeError(f"'{name}': unknown value {unknown[0]!r}; valid: {', '.join(self.choices)}"
+                                  + did_you_mean(unknown[0], self.choices))
+            return list(value)
         return value
 
 
@@ -122,7 +122,7 @@ class Technique:
         if not isinstance(method, str) or method not in self.methods:
             raise RecipeError(
                 f"'{where}.method': unknown {self.name} method {method!r}; "
-                f"valid: {', '.join(self.methods)}" + _did_you_mean(str(method), self.methods)
+                f"valid: {', '.join(self.methods)}" + did_you_mean(str(method), self.methods)
             )
         out: dict[str, Any] = {"technique": self.name, "method": method}
         known = {p.name: p for p in self.params}
@@ -132,7 +132,7 @@ class Technique:
             if key not in known:
                 raise RecipeError(
                     f"'{where}': unknown {self.name} parameter {key!r}"
-                    + _did_you_mean(key, known)
+                    + did_you_mean(key, known)
                 )
             p = known[key]
             if not p.applies_to(method):
@@ -166,11 +166,6 @@ def get(name: str, where: str = "technique") -> Technique:
     if name not in registry:
         valid = ", ".join(sorted(registry)) or "none registered"
         raise RecipeError(
-            f"'{where}': unknown technique {name!r}; valid: {valid}" + _did_you_mean(name, registry)
+            f"'{where}': unknown technique {name!r}; valid: {valid}" + did_you_mean(name, registry)
         )
     return registry[name]
-
-
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""

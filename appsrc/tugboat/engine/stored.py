@@ -37,8 +37,41 @@ __all__ = ["OutputError", "StoredFileError", "atomic_write_bytes", "check_report
 
 MAX_DEPTH = 64  # Tugboat's own files nest about 8 deep
 MAX_JSON_BYTES = 256 * 1024 * 1024
+WORKSPACE_FILE = "workspace.json"  # a sweep workspace's index (engine.workspace)
 TMP_MARK = ".tugboat-"  # temporary files: ".<name>.tugboat-<random>.tmp"
 TMP_GLOB = f".*{TMP_MARK}*.tmp"
+
+
+# --- recipes as stored: never with a trust flag ------------------------------------------------
+
+TRUST_KEYS = ("trust", "student_trust")
+
+
+def without_trust(recipe: Any) -> Any:
+    """A recipe dictionary (from a file an older version wrote) without any trust flag, at the top
+    level or in a step: trust is never stored, so it is dropped wherever a recipe is read or written."""
+    if not isinstance(recipe, dict):
+        return recipe
+    out = {k: v for k, v in recipe.items() if k not in TRUST_KEYS}
+    if isinstance(out.get("steps"), list):
+        out["steps"] = [{k: v for k, v in s.items() if k not in TRUST_KEYS} if isinstance(s, dict) else s
+                        for s in out["steps"]]
+    return out
+
+
+def _toml_safe(obj):
+    if isinstance(obj, dict):
+        return {k: _toml_safe(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_toml_safe(v) for v in obj]
+    return obj
+
+
+def recipe_dict_to_toml(recipe: dict[str, Any]) -> str:
+    """A recipe dictionary as TOML text, without trust flags or empty values."""
+    import tomli_w
+
+    return tomli_w.dumps(_toml_safe(without_trust(recipe)))
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -70,6 +103,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+    return path
+
+
+def temp_file_beside(path: Path) -> Path:
+    """A new empty temporary file in ``path``'s folder, for a writer that cannot take bytes (an
+    exporter that wants a file name): ``.<stem>.tugboat-<random>.tmp<suffix>`` (the suffix stays
+    last: ``torch.export.save`` wants a name ending in ``.pt2``). Finish with :func:`replace_with`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TMP_MARK}", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    return Path(tmp)
+
+
+def replace_with(tmp: Path, path: Path) -> Path:
+    """Put a finished temporary file in place of ``path`` in one rename (the permissions a new file
+    gets, the folder synced), as :func:`atomic_write_bytes` does with bytes."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
     fsync_dir(path.parent)
     return path
 

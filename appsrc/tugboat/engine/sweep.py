@@ -48,13 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import resources
+from . import memory
 from . import steps as step_registry
 from .errors import Cancelled, RecipeError, TugboatError
+from .formatting import did_you_mean
 from .models import ModelHandle
 from .progress import Progress, null_progress
 from .recipe import Baseline, Recipe, Variant, apply_steps, prepare, run_variant, validate_steps, variant_name
-from .report import quality_of
+from .report_json import quality_of
 
 SEARCH_KEYS = {"budget_seconds": (0.0, 7 * 24 * 3600.0), "max_variants": (1, 100000), "seed": (0, 2**31)}
 TARGET_KEYS = {**SEARCH_KEYS, "max_accuracy_drop": (0.0, 1.0), "objective": ("latency", "size")}
@@ -130,7 +131,7 @@ def parse_axes(recipe: Recipe) -> list[Axis]:
         known = {p.name for p in tech.params}
         if param != "method" and param not in known:
             raise RecipeError(f"sweep key {key!r}: unknown {tech.name} parameter {param!r}"
-                              + step_registry._did_you_mean(param, known | {"method"}), path=where)
+                              + did_you_mean(param, known | {"method"}), path=where)
         p = tech.param(param) if param != "method" else None
         if isinstance(spec, list):
             if not spec:
@@ -301,12 +302,12 @@ def random_candidates(recipe: Recipe, seed: int = 0, limit: int | None = None) -
 def _check_table(table: dict[str, Any], rules: dict[str, Any], name: str, where: str) -> dict[str, Any]:
     for key, value in table.items():
         if key not in rules:
-            raise RecipeError(f"unknown key '{name}.{key}'" + step_registry._did_you_mean(key, rules), path=where)
+            raise RecipeError(f"unknown key '{name}.{key}'" + did_you_mean(key, rules), path=where)
         rule = rules[key]
         if isinstance(rule[0], str):
             if value not in rule:
                 raise RecipeError(f"'{name}.{key}' must be one of {', '.join(rule)}, got {value!r}"
-                                  + step_registry._did_you_mean(str(value), rule), path=where)
+                                  + did_you_mean(str(value), rule), path=where)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not rule[0] <= value <= rule[1]:
             raise RecipeError(f"'{name}.{key}' = {value!r} is out of range [{rule[0]}, {rule[1]}]", path=where)
     return table
@@ -448,7 +449,7 @@ def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: Prefix
     n = len(cand.steps)
     variant_recipe = recipe.with_steps(cand.steps)
     try:
-        resources.check(handle, cand.steps[done:], base.data, base.cfg, first_index=done, where=cand.name)
+        memory.check(handle, cand.steps[done:], base.data, base.cfg, first_index=done, where=cand.name)
         for k in range(done, n):
             step_t0 = time.perf_counter()
             sub = progress.sub(0.7 * k / n, 0.7 * (k + 1) / n)
@@ -554,7 +555,7 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
     base = prepare(recipe, progress.sub(0.0, 0.05, "baseline: "))
     if isinstance(the_plan.candidates, list):  # refuse a grid that cannot fit before any of it runs
         for cand in the_plan.candidates:
-            resources.check(base.handle, cand.steps, base.data, base.cfg,
+            memory.check(base.handle, cand.steps, base.data, base.cfg,
                             where=f"{recipe.source or recipe.model} (variant {cand.name})")
     if existing:
         ws = Workspace.open(out, lock=lock)

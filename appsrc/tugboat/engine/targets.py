@@ -255,7 +255,7 @@ def export_from_folder(folder: str | os.PathLike, variant: str, kind: str, out: 
 
 
 def _folder_report(folder: Path) -> dict[str, Any]:
-    from .report import read_report
+    from .report_json import read_report
     from .workspace import Workspace
 
     if Workspace.exists(folder):

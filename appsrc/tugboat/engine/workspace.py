@@ -8,7 +8,7 @@ Layout (``FORMAT_VERSION`` 1)::
     DIR/baseline/               model.onnx, recipe.toml, metrics.json
     DIR/<variant>/              model.onnx, recipe.toml, metrics.json (one folder per variant)
 
-Every file is written atomically (temp file, fsync, rename: :func:`export.atomic_write_bytes`), in
+Every file is written atomically (temp file, fsync, rename: :func:`stored.atomic_write_bytes`), in
 the order artifact -> recipe.toml -> metrics.json -> workspace.json, so a process killed at any
 moment leaves either the old or the new version of each file. ``metrics.json`` marks a finished
 variant: on reopening, a variant folder with a ``metrics.json`` that ``workspace.json`` does not
@@ -51,10 +51,11 @@ from typing import Any
 
 from .errors import TugboatError, WorkspaceError
 from .lock import FolderLock, FolderLockedError
-from .recipe import Variant, _jsonable, _safe_name, recipe_to_toml, without_trust
-from .report import REPORT_VERSION, pareto_front
+from .recipe import Variant, _jsonable, _safe_name, recipe_to_toml
+from .report_json import REPORT_VERSION, pareto_front
 from .stored import (
     TMP_GLOB,
+    WORKSPACE_FILE,
     Checker,
     OutputError,
     StoredFileError,
@@ -64,9 +65,10 @@ from .stored import (
     dumps,
     inside,
     read_json,
+    without_trust,
 )
 
-FILE = "workspace.json"
+FILE = WORKSPACE_FILE
 FORMAT = "tugboat-workspace"
 FORMAT_VERSION = 1
 BASELINE = "baseline"

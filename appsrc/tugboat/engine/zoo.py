@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .stored import replace_with, temp_file_beside
+
 ZOO_VERSION = 1
 IMAGE_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
@@ -231,9 +233,13 @@ def pretrained(arch: str, progress=None) -> nn.Module:
         finally:
             torch.set_num_threads(threads)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        tmp = temp_file_beside(path)  # two processes training at once each write their own
+        try:
+            torch.save(model.state_dict(), tmp)
+            replace_with(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return model.eval()
 
 

@@ -25,8 +25,8 @@ from typing import Any
 from PySide6.QtCore import QObject, Qt, Signal
 
 from ..engine.errors import Cancelled, TugboatError
+from ..engine.memory import is_out_of_memory, oom_message
 from ..engine.progress import CancelToken, Progress
-from ..engine.resources import is_out_of_memory, oom_message
 from . import _qt_compat  # noqa: F401  (guards a PySide6 6.12.0 emit bug; first, before any emit)
 
 __all__ = [

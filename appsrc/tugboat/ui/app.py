@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QApplication
 from ..jobs import warm_up_torch
 from .theme import apply_system_palette, dark_palette, follow_system
 
-__all__ = ["app_icon", "apply_system_palette", "dark_palette", "main", "make_app", "run"]
+__all__ = ["app_icon", "apply_system_palette", "dark_palette", "main", "make_app"]
 
 
 def app_icon() -> QIcon:
@@ -121,9 +121,3 @@ def _exit_cleanly(code: int) -> int:
             stream.flush()
     os._exit(code)
 
-
-def run() -> int:
-    """The gui-script entry point."""
-    from ..cli import parse_args
-
-    return main(parse_args(sys.argv[1:]))

@@ -45,7 +45,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..engine.recipe import step_label
-from ..engine.report import quality_of
+from ..engine.report_json import quality_of
 from .store import BASELINE, VariantStore
 
 
@@ -709,12 +709,12 @@ class TradeoffChart(QWidget):
         }
 
     def to_csv(self) -> str:
-        from ..engine.html_report import to_csv
+        from ..engine.report_html import to_csv
 
         return to_csv(self.report_dict())
 
     def export_csv(self, path: str) -> str:
-        from ..engine.export import atomic_write_bytes
+        from ..engine.stored import atomic_write_bytes
 
         atomic_write_bytes(path, self.to_csv().encode("utf-8"))
         return str(path)

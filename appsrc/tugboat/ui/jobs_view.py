@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..cli import _fmt_seconds
+from ..engine.formatting import fmt_seconds
 from ..jobs import CANCELLED, DONE, FAILED, Job, JobQueue
 
 MAX_ROWS = 30
@@ -61,7 +61,7 @@ class JobRow(QWidget):
         self.bar.setValue(int(job.fraction * 1000))
         self.bar.setFormat(f"{job.fraction * 100:.0f}%")
         if job.state == DONE:
-            text = f"done in {_fmt_seconds(job.elapsed())}"
+            text = f"done in {fmt_seconds(job.elapsed())}"
         elif job.state == FAILED:
             text = f"failed: {job.error}"
         elif job.state == CANCELLED:
@@ -70,7 +70,7 @@ class JobRow(QWidget):
             text = "queued"
         else:
             eta = job.eta()
-            text = (job.message or "running") + (f"  (ETA {_fmt_seconds(eta)})" if eta is not None else "")
+            text = (job.message or "running") + (f"  (ETA {fmt_seconds(eta)})" if eta is not None else "")
         self.status.setText(text)
         self.status.setToolTip(text)
         self.cancel_button.setEnabled(not job.is_ended)

@@ -23,7 +23,6 @@ from typing import Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -39,9 +38,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..engine.formatting import fmt_count
 from ..jobs import Job
 from .controls import guard_wheel
 from .store import BASELINE
+from .theme import chart_colors
 
 NO_OVERRIDE = -0.05  # the sparsity spin box's "default" value: no per-layer ratio
 COLUMNS = ["Layer", "Type", "Params", "FLOPs", "Latency", "Prune sens.", "Quant sens.",
@@ -54,24 +55,6 @@ SERIES = {  # key: (legend, colour)
     "prune": ("pruning", (214, 39, 40)),
     "quant": ("int8", (148, 103, 189)),
 }
-
-
-def _colors(widget: QWidget) -> dict[str, QColor]:
-    try:
-        from . import theme
-
-        return theme.chart_colors()
-    except ImportError:  # the theme module is optional
-        pal = widget.palette()
-        return {"background": pal.color(QPalette.ColorRole.Base),
-                "foreground": pal.color(QPalette.ColorRole.Text)}
-
-
-def _human(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.3g}"
 
 
 def parse_pairs(items: list[str]) -> dict[str, float]:
@@ -128,6 +111,34 @@ class LayersView(QWidget):
             top.addWidget(b)
         lay.addLayout(top)
 
+        self._build_plots()
+        self._build_table()
+
+        split = QSplitter(Qt.Orientation.Vertical)
+        top_box = QWidget()
+        tlay = QVBoxLayout(top_box)
+        tlay.setContentsMargins(0, 0, 0, 0)
+        tlay.addWidget(self.plots, 1)
+        tlay.addWidget(self.note)
+        split.addWidget(top_box)
+        split.addWidget(self.table)
+        split.setSizes([300, 220])
+        lay.addWidget(split, 1)
+
+        self.sensitivity_button.clicked.connect(self.measure_sensitivity)
+        self.cancel_button.clicked.connect(self.cancel_sensitivity)
+        self.clear_button.clicked.connect(self.clear_overrides)
+        self.session.baseline_ready.connect(self._on_baseline_ready)
+        self.session.model_info_ready.connect(self._on_model_info)
+        self.store.selection_changed.connect(self._on_selection_changed)
+        self.store.cleared.connect(self._on_store_cleared)
+        self._connected_panels: set[str] = set()
+        self._connect_panels()
+        self._apply_colors()
+        self._update_buttons()
+
+    def _build_plots(self) -> None:
+        """The three bar charts (cost, prune and int8 sensitivity) sharing one row per layer."""
         self.plots = pg.GraphicsLayoutWidget()
         self.plots.setObjectName("layers_plots")
         self.cost_plot = self.plots.addPlot(row=0, col=0, title="Share of the model (%)")
@@ -154,6 +165,8 @@ class LayersView(QWidget):
         self.note.setObjectName("layers_note")
         self.note.setWordWrap(True)
 
+    def _build_table(self) -> None:
+        """The numbers of every layer and its two overrides (sparsity, keep in float)."""
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setObjectName("layers_table")
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -173,29 +186,6 @@ class LayersView(QWidget):
         for col, tip in tips.items():
             self.table.horizontalHeaderItem(col).setToolTip(tip)
 
-        split = QSplitter(Qt.Orientation.Vertical)
-        top_box = QWidget()
-        tlay = QVBoxLayout(top_box)
-        tlay.setContentsMargins(0, 0, 0, 0)
-        tlay.addWidget(self.plots, 1)
-        tlay.addWidget(self.note)
-        split.addWidget(top_box)
-        split.addWidget(self.table)
-        split.setSizes([300, 220])
-        lay.addWidget(split, 1)
-
-        self.sensitivity_button.clicked.connect(self.measure_sensitivity)
-        self.cancel_button.clicked.connect(self.cancel_sensitivity)
-        self.clear_button.clicked.connect(self.clear_overrides)
-        self.session.baseline_ready.connect(self._on_baseline_ready)
-        self.session.model_info_ready.connect(self._on_model_info)
-        self.store.selection_changed.connect(self._on_selection_changed)
-        self.store.cleared.connect(self._on_store_cleared)
-        self._connected_panels: set[str] = set()
-        self._connect_panels()
-        self._apply_colors()
-        self._update_buttons()
-
     # --- helpers ------------------------------------------------------------------------------------
     def _bar_item(self, key: str, plot) -> pg.BarGraphItem:
         name, rgb = SERIES[key]
@@ -205,7 +195,7 @@ class LayersView(QWidget):
         return item
 
     def _apply_colors(self) -> None:
-        c = _colors(self)
+        c = chart_colors()
         self.plots.setBackground(c["background"])
         for p in (self.cost_plot, self.prune_plot, self.quant_plot):
             for axis in ("left", "bottom"):
@@ -548,7 +538,7 @@ class LayersView(QWidget):
             for i, r in enumerate(self.rows):
                 s = self._sens_for(r["layer"])
                 lat = r.get("latency_share")
-                cells = [r["name"], r["type"], _human(r["params"]), _human(r["flops"]),
+                cells = [r["name"], r["type"], fmt_count(r["params"], 3), fmt_count(r["flops"], 3),
                          f"{100 * lat:.1f} %" if lat is not None else "...",
                          f"{100 * s['prune']:.1f}" if "prune" in s else "",
                          f"{100 * s['quant_rel_error']:.2f} %" if "quant_rel_error" in s else ""]

@@ -41,9 +41,7 @@ class LivePreview(QObject):
         self.window = window
         self.session = window.session
         self.store = window.store
-        self.chart = getattr(window, "chart", None)
-        if not hasattr(self.chart, "set_ghost"):
-            self.chart = None  # the chart module is missing: nothing to preview on
+        self.chart = window.chart
         self.auto_run = {"prune", "quantize"}
         self.profile = None
         self.job: Job | None = None  # the live job measuring the latest rested setting
@@ -60,17 +58,15 @@ class LivePreview(QObject):
         self._starting = False
         window.queue.job_added.connect(self._on_job_added)
         self.session.chain_changed.connect(lambda _c: self.clear_ghost())
-        if self.chart is not None:
-            self.chart.live_toggle.toggled.connect(self._on_toggled)
+        self.chart.live_toggle.toggled.connect(self._on_toggled)
 
     # --- state ------------------------------------------------------------------------------------
     @property
     def enabled(self) -> bool:
-        return self.chart is not None and self.chart.live_toggle.isChecked()
+        return self.chart.live_toggle.isChecked()
 
     def set_enabled(self, on: bool) -> None:
-        if self.chart is not None:
-            self.chart.live_toggle.setChecked(on)
+        self.chart.live_toggle.setChecked(on)
 
     def set_rest_ms(self, ms: int) -> None:
         """How long keyboard steps rest before they run (a release or an entered value runs at once)."""
@@ -118,8 +114,7 @@ class LivePreview(QObject):
 
     def clear_ghost(self) -> None:
         self.ghost = None
-        if self.chart is not None:
-            self.chart.set_ghost(None)
+        self.chart.set_ghost(None)
         self.ghost_moved.emit(None)
 
     # --- real runs --------------------------------------------------------------------------------

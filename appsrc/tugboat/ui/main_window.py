@@ -2,15 +2,13 @@
 results table in the middle, jobs at the bottom.
 
 The window only binds widgets to state and turns clicks into :class:`Session` calls; all engine
-work happens in jobs. Optional views written elsewhere (the trade-off chart, live preview, per-layer
-and training views) are picked up when their modules exist.
+work happens in jobs.
 """
 
 from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any
 
 from PySide6.QtCore import QByteArray, QSize, Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
@@ -35,38 +33,24 @@ from ..engine.errors import TugboatError
 from ..engine.recipe import Variant, recipe_to_toml, step_label
 from ..jobs import Job, JobQueue
 from ..settings import Settings, load_settings, save_settings
+from .chart import TradeoffChart
 from .controls import ElidedLabel, guard_wheel
+from .diagnose_view import DiagnoseView
 from .jobs_view import JobsView
+from .layers_view import LayersView
+from .live_preview import LivePreview
 from .model_panel import DATA_FILTER, MODEL_FILTER, DataPanel, ModelPanel
 from .notify import DetailsDialog, NotificationArea
 from .results_table import ResultsTable
 from .session import DEMO_DATA, DEMO_MODEL, Session
 from .store import VariantStore
 from .technique_panel import TechniquePanel, build_panels
+from .training_view import TrainingView
 from .workspace_io import Workspace, WorkspaceKeeper, is_workspace
 
 MODEL_SUFFIXES = {".onnx", ".pt", ".pth", ".pt2", ".ts", ".bin", ".ckpt", ".safetensors"}
 DATA_SUFFIXES = {".npz", ".csv"}
 RECIPE_SUFFIXES = {".toml"}
-
-
-def _optional_view(module: str, cls: str, *args_options: tuple[Any, ...]) -> QWidget | None:
-    """Build a view from a sibling module if it exists (written by another part of the project)."""
-    import importlib
-
-    try:
-        factory = getattr(importlib.import_module(f"tugboat.ui.{module}"), cls)
-    except (ImportError, AttributeError):
-        return None
-    last: Exception | None = None
-    for args in args_options:
-        try:
-            return factory(*args)
-        except TypeError as exc:
-            last = exc
-    if last is not None:
-        raise last
-    return None
 
 
 def default_size(screen) -> QSize:
@@ -229,24 +213,16 @@ class MainWindow(QMainWindow):
         # --- centre: notifications, empty state or chart/views + results table ---
         self.notifications = NotificationArea()
         self.empty_state = EmptyState()
-        self.chart = _optional_view("chart", "TradeoffChart", (self.store,))
-        if self.chart is None:
-            self.chart = QLabel("The trade-off chart appears here: size, latency and quality of every "
-                                "variant.")
-            self.chart.setAlignment(Qt.AlignmentFlag.AlignCenter)
-            self.chart.setObjectName("chart_placeholder")
+        self.chart = TradeoffChart(self.store)
         self.view_tabs = QTabWidget()
         self.view_tabs.setObjectName("view_tabs")
         self.view_tabs.addTab(self.chart, "Trade-off")
-        self.layers_view = _optional_view("layers_view", "LayersView", (self,), (self.store,))
-        if self.layers_view is not None:
-            self.view_tabs.addTab(self.layers_view, "Layers")
-        self.training_view = _optional_view("training_view", "TrainingView", (self,), (self.store,))
-        if self.training_view is not None:
-            self.view_tabs.addTab(self.training_view, "Training")
-        self.diagnose_view = _optional_view("diagnose_view", "DiagnoseView", (self,))
-        if self.diagnose_view is not None:
-            self.view_tabs.addTab(self.diagnose_view, "Diagnose")
+        self.layers_view = LayersView(self)
+        self.view_tabs.addTab(self.layers_view, "Layers")
+        self.training_view = TrainingView(self)
+        self.view_tabs.addTab(self.training_view, "Training")
+        self.diagnose_view = DiagnoseView(self)
+        self.view_tabs.addTab(self.diagnose_view, "Diagnose")
         self.results_table = ResultsTable(self.store)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.view_tabs)
@@ -322,7 +298,7 @@ class MainWindow(QMainWindow):
         self.resizeDocks([self.jobs_dock], [170], Qt.Orientation.Vertical)
         self._restore_settings()
         self._set_ready(False)
-        self.live_preview = _optional_view("live_preview", "LivePreview", (self,))
+        self.live_preview = LivePreview(self)
 
     # --- building ---------------------------------------------------------------------------------
     def _dock(self, title: str, widget: QWidget, area) -> QDockWidget:
@@ -367,12 +343,11 @@ class MainWindow(QMainWindow):
         run = bar.addMenu("&Run")
         self.run_action = self._action(run, "&Run current technique", self.run_current, "Ctrl+R")
         self.cancel_action = self._action(run, "&Cancel all jobs", self.queue.cancel_all, "Esc")
-        if self.diagnose_view is not None:
-            run.addSeparator()
-            self.diagnose_action = self._action(run, "&Diagnose selected variant", self.diagnose_selected,
-                                                "Ctrl+D", "Where the selected variant diverges from "
-                                                "the original, layer by layer")
-            self._action(run, "Com&pare two variants...", self.diagnose_view.open_compare)
+        run.addSeparator()
+        self.diagnose_action = self._action(run, "&Diagnose selected variant", self.diagnose_selected,
+                                            "Ctrl+D", "Where the selected variant diverges from "
+                                            "the original, layer by layer")
+        self._action(run, "Com&pare two variants...", self.diagnose_view.open_compare)
         view = bar.addMenu("&View")
         for dock in (self.model_dock, self.technique_dock, self.jobs_dock):
             view.addAction(dock.toggleViewAction())
@@ -740,7 +715,7 @@ class MainWindow(QMainWindow):
     def _on_save_sweep(self) -> None:
         path = self.ask_save_path("Save sweep recipe", "sweep.toml", "*.toml")
         if path:
-            from ..engine.export import atomic_write_bytes
+            from ..engine.stored import atomic_write_bytes
 
             atomic_write_bytes(path, recipe_to_toml(self.session.sweep_recipe()).encode("utf-8"))
 

@@ -20,8 +20,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..cli import _fmt_bytes, _fmt_count
 from ..engine.capabilities import summary as capability_summary
+from ..engine.formatting import fmt_bytes, fmt_count
 from ..engine.tasks import TASKS
 from .controls import ElidedLabel
 
@@ -155,10 +155,10 @@ class ModelPanel(QWidget):
             f[kind.capitalize()].setText(", ".join(f"{s['name']} [{_shape(s)}] {s.get('dtype', '')}"
                                                    for s in info.get(kind, [])) or "-")
         params, nonzero = info.get("params") or 0, info.get("nonzero_params") or 0
-        f["Params"].setText(f"{_fmt_count(params)} ({params:,}; non-zero {nonzero:,})")
-        f["Size"].setText(f"{_fmt_bytes(info.get('size_bytes'))} as ONNX "
-                          f"({_fmt_bytes(info.get('compressed_bytes'))} deflated)")
-        f["FLOPs"].setText(f"{_fmt_count(info.get('flops'))} per sample")
+        f["Params"].setText(f"{fmt_count(params)} ({params:,}; non-zero {nonzero:,})")
+        f["Size"].setText(f"{fmt_bytes(info.get('size_bytes'))} as ONNX "
+                          f"({fmt_bytes(info.get('compressed_bytes'))} deflated)")
+        f["FLOPs"].setText(f"{fmt_count(info.get('flops'))} per sample")
         notes = list(info.get("warnings") or [])
         made_by = info.get("provenance") or {}
         if made_by:
@@ -177,7 +177,7 @@ class ModelPanel(QWidget):
             self.layers.setItem(i, 0, QTableWidgetItem(str(r["name"])))
             self.layers.setItem(i, 1, QTableWidgetItem(str(r["type"])))
             self.layers.setItem(i, 2, _NumberItem(int(r["params"]), f"{int(r['params']):,}"))
-            self.layers.setItem(i, 3, _NumberItem(int(r["flops"]), _fmt_count(int(r["flops"]))))
+            self.layers.setItem(i, 3, _NumberItem(int(r["flops"]), fmt_count(int(r["flops"]))))
         self.layers.setSortingEnabled(True)
 
 

@@ -21,7 +21,7 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QAbstractItemView, QApplication, QHeaderView, QMenu, QStyle, QTableView
 
-from ..cli import _fmt_bytes, _fmt_count
+from ..engine.formatting import fmt_bytes, fmt_count
 from ..engine.recipe import step_label
 from . import theme
 from .store import BASELINE, VariantStore
@@ -196,14 +196,14 @@ class ResultsModel(QAbstractTableModel):
         if not m:
             return "-"
         if col == "Size":
-            return _fmt_bytes(m.get("size_bytes"))
+            return fmt_bytes(m.get("size_bytes"))
         if col == "Deflated":
-            return _fmt_bytes(m.get("compressed_bytes"))
+            return fmt_bytes(m.get("compressed_bytes"))
         if col == "Params":  # the count `tugboat run` and `report` print; non-zeros in the tooltip
             params, nonzero = m.get("params"), m.get("nonzero_params")
-            text = _fmt_count(params)
+            text = fmt_count(params)
             if params and nonzero is not None and nonzero < 0.9 * params:  # sparse (unstructured pruning)
-                text += f" ({_fmt_count(nonzero)} nz)"
+                text += f" ({fmt_count(nonzero)} nz)"
             return text
         if col == "Latency":
             lat = _latency(m)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from PySide6.QtCore import QObject, Signal
 
 from ..engine.recipe import Variant
-from ..engine.report import pareto_front
+from ..engine.report_json import pareto_front
 
 BASELINE = "baseline"
 

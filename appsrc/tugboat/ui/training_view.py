@@ -18,10 +18,10 @@ from typing import Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ..jobs import Job
+from .theme import chart_colors
 
 KEEP_RUNS = 8
 CURVES = {  # key in the epoch event: (plot, legend, colour)
@@ -54,17 +54,6 @@ class TrainingRun:
             xs.append(float(i))
             ys.append(float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.nan)
         return xs, ys
-
-
-def _colors(widget: QWidget) -> dict[str, QColor]:
-    try:
-        from . import theme
-
-        return theme.chart_colors()
-    except ImportError:  # the theme module is optional
-        pal = widget.palette()
-        return {"background": pal.color(QPalette.ColorRole.Base),
-                "foreground": pal.color(QPalette.ColorRole.Text)}
 
 
 class TrainingView(QWidget):
@@ -109,7 +98,7 @@ class TrainingView(QWidget):
             plot = self.plot[plot_key]
             if plot_key == "loss" and plot.legend is None:
                 plot.addLegend(offset=(-4, 4), labelTextSize="8pt",
-                               labelTextColor=_colors(self)["foreground"])
+                               labelTextColor=chart_colors()["foreground"])
             self.curves[key] = plot.plot([], [], name=label, pen=pg.mkPen(rgb, width=2),
                                          symbol="o", symbolSize=6, symbolBrush=pg.mkBrush(*rgb),
                                          symbolPen=pg.mkPen(None), connect="finite")
@@ -205,7 +194,7 @@ class TrainingView(QWidget):
             plot.removeItem(line)
         self._phase_lines = []
         if run is not None:
-            fg = _colors(self)["foreground"]
+            fg = chart_colors()["foreground"]
             for x in run.phase_starts:
                 for plot in self.plot.values():
                     line = pg.InfiniteLine(pos=x - 0.5, angle=90,
@@ -245,7 +234,7 @@ class TrainingView(QWidget):
                              "the original model's (the teacher's, for distillation).")
 
     def _apply_colors(self) -> None:
-        c = _colors(self)
+        c = chart_colors()
         self.plots.setBackground(c["background"])
         for plot in self.plot.values():
             for axis in ("left", "bottom"):

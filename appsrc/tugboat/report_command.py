@@ -1,4 +1,4 @@
-"""``tugboat sweep`` and ``tugboat report``: the CLI glue between the engine and the chart renderer.
+"""``tugboat report``: read a run or workspace folder back, print its variants, write CSV or HTML.
 
 Lives outside :mod:`tugboat.engine` because the HTML report's chart is drawn with pyqtgraph
 (:mod:`tugboat.ui.render`), and the engine never imports Qt.
@@ -10,59 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_USAGE = 2
-
-
-def run_sweep_cli(args) -> int:
-    from .cli import TerminalProgress, format_summary, print_notes
-    from .engine.progress import Progress
-    from .engine.recipe import load_recipe
-    from .engine.sweep import run_sweep
-
-    recipe = load_recipe(args.recipe)
-    print_notes(recipe)
-    recipe.trust = recipe.trust_steps = bool(getattr(args, "trust", False))  # per run, never from a file
-    from .cli import apply_arch_args
-
-    apply_arch_args(recipe, args)
-    quiet = getattr(args, "quiet", False)
-    bar = TerminalProgress(enabled=not quiet)
-
-    def log(msg: str) -> None:
-        if quiet:
-            return
-        if bar.tty and bar._last_text:
-            bar.stream.write("\r" + " " * len(bar._last_text) + "\r")
-        print(msg, file=bar.stream, flush=True)
-
-    try:
-        result = run_sweep(recipe, args.out, resume=args.resume, progress=Progress(bar), log=log,
-                           max_variants=getattr(args, "max_variants", None))
-    finally:
-        bar.close()
-    report = result.workspace.report()
-    print(format_summary(report))
-    if report.get("failed"):
-        for v in report["failed"]:
-            print(f"failed: {v['name']}: {v.get('error')}")
-    print(f"{len(result.tried)} variant(s) run, {len(result.skipped)} kept from before; "
-          f"workspace {args.out}, report {Path(args.out) / 'report.json'}")
-    if result.kind == "target":
-        if result.best is None:
-            print(f"no variant within the accuracy tolerance ({len(result.workspace)} tried)")
-            return 1
-        print(f"best within tolerance ({result.workspace.meta['target']['objective']}): {result.best} "
-              f"(of {len(result.within)} within tolerance, {len(result.workspace)} tried)")
-    if report["variants"] == [] and report.get("failed"):
-        return 1
-    return 0
-
 
 def load_any_report(folder: str | Path) -> dict[str, Any]:
     """The report of a workspace (``workspace.json``) or of a ``tugboat run`` folder (``report.json``),
     validated (:mod:`tugboat.engine.stored`): a malformed file is one error naming it."""
     from .engine.errors import TugboatError
-    from .engine.report import read_report
+    from .engine.report_json import read_report
     from .engine.workspace import Workspace
 
     folder = Path(folder)
@@ -93,8 +46,8 @@ def chart_png(report: dict[str, Any]) -> tuple[bytes | None, str]:
 
 
 def report_cli(args) -> int:
-    from .cli import format_summary
-    from .engine.html_report import write_csv, write_html
+    from .console import format_summary
+    from .engine.report_html import write_csv, write_html
     from .engine.stored import check_writable_file
 
     report = load_any_report(args.dir)

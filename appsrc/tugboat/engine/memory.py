@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ResourceError
+from .formatting import fmt_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
     from .measure import MeasureConfig
     from .models import ModelHandle
 
-GB = 1024**3
 SAFETY = 0.9  # leave a tenth of what is available to the rest of the machine
 QUALITY_BATCH = 256  # runtime.predict's batch
 CALIB_BATCHES_KEPT = 64  # quantize.static_int8: CalibMaxIntermediateOutputs
@@ -166,7 +166,7 @@ def _input_bytes(handle: ModelHandle) -> int:
 def _torch_stats(handle: ModelHandle) -> ModelStats:
     import torch
 
-    from .models import eval_mode
+    from .runtime import eval_mode
 
     module = handle.module
     seen: set[int] = set()
@@ -318,12 +318,6 @@ def estimate(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset | N
     held = stats.param_bytes * len(steps)  # each step's output stays until the variant is measured
     peak_phase = max(phases, key=lambda p: p.total)
     return MemoryEstimate(held + peak_phase.total, peak_phase, held, phases)
-
-
-def fmt_bytes(n: float) -> str:
-    if n >= GB:
-        return f"{n / GB:.1f} GB"
-    return f"{n / 1024**2:.0f} MB"
 
 
 def check(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset | None,

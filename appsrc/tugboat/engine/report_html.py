@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .export import atomic_write_bytes
-from .report import pareto_labels, quality_of
+from .formatting import fmt_bytes
+from .report_json import pareto_labels, quality_of
+from .stored import atomic_write_bytes
 
 COLUMNS = ["name", "pareto", "status", "size_bytes", "compressed_bytes", "params", "nonzero_params", "flops",
            "latency_median_ms", "latency_p90_ms", "latency_batch", "latency_runtime", "speedup", "speedup_low",
@@ -61,10 +62,6 @@ def to_csv(report: dict[str, Any]) -> str:
 
 def write_csv(report: dict[str, Any], path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, to_csv(report).encode("utf-8"))
-
-
-def _kb(n) -> str:
-    return "-" if n is None else f"{n / 1024:.1f} KB"
 
 
 def _num(x, fmt: str) -> str:
@@ -148,8 +145,8 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
                        f"{esc(r['status'])}: {esc(r['error'])}</td></tr>")
             continue
         out.append(
-            f"<tr class='{cls}'><td>{esc(r['name'])}{star}</td><td>{_kb(r['size_bytes'])}</td>"
-            f"<td>{_kb(r['compressed_bytes'])}</td><td>{_num(r['params'], ',')}</td>"
+            f"<tr class='{cls}'><td>{esc(r['name'])}{star}</td><td>{fmt_bytes(r['size_bytes'])}</td>"
+            f"<td>{fmt_bytes(r['compressed_bytes'])}</td><td>{_num(r['params'], ',')}</td>"
             f"<td>{_num(r['latency_median_ms'], '.3f')}</td><td>{_num(r['latency_p90_ms'], '.3f')}</td>"
             f"<td>{_speedup_cell(r)}</td>"
             f"<td>{_num(r['accuracy'], '.2%')}</td><td>{_num(r['top1_agreement'], '.3f')}</td>"

@@ -12,7 +12,7 @@ import pytest
 
 from sweep_support import count_calls, write_recipe
 from tugboat.cli import main
-from tugboat.engine import resources
+from tugboat.engine import memory
 from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import ResourceError
 from tugboat.engine.models import load_model
@@ -60,20 +60,20 @@ def hog(monkeypatch):
 @pytest.fixture
 def low_memory(monkeypatch):
     monkeypatch.delenv("TUGBOAT_SKIP_MEMORY_CHECK", raising=False)
-    monkeypatch.setattr(resources, "available_memory", lambda: 200 * 1024**2)
+    monkeypatch.setattr(memory, "available_memory", lambda: 200 * 1024**2)
 
 
 def test_available_memory_is_known_here():
-    avail = resources.available_memory()
+    avail = memory.available_memory()
     assert avail is not None and 10 * 1024**2 < avail < 1 << 50
 
 
 def test_estimate_grows_with_the_batch_and_the_suggestion_fits(demo_models, demo_data):
     handle = demo_models("digits-cnn")
     step = step_registry.get("prune").validate({"method": "structured", "finetune_epochs": 1}, "s")
-    small = resources.estimate(handle, [{**step, "batch_size": 64}], demo_data, None)
-    big = resources.estimate(handle, [{**step, "batch_size": 4096}], demo_data, None)
-    stats = resources.model_stats(handle)
+    small = memory.estimate(handle, [{**step, "batch_size": 64}], demo_data, None)
+    big = memory.estimate(handle, [{**step, "batch_size": 4096}], demo_data, None)
+    stats = memory.model_stats(handle)
     tensors = [*handle.module.parameters(), *handle.module.buffers()]
     assert stats.param_bytes == sum(t.numel() * t.element_size() for t in tensors)
     assert big.peak > 10 * small.peak
@@ -81,7 +81,7 @@ def test_estimate_grows_with_the_batch_and_the_suggestion_fits(demo_models, demo
     budget = 200 * 1024**2
     fit = big.fits_batch(budget)
     assert fit is not None and fit < 4096
-    again = resources.estimate(handle, [{**step, "batch_size": fit}], demo_data, None)
+    again = memory.estimate(handle, [{**step, "batch_size": fit}], demo_data, None)
     assert again.peak <= budget
 
 
@@ -97,7 +97,7 @@ def _high_water_mark() -> int | None:
 def test_the_estimate_is_above_the_measured_peak_of_a_fine_tune(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, BIG_FINETUNE.replace("4096", "1024")))
     base = prepare(recipe.with_steps([]))
-    est = resources.estimate(base.handle, recipe.steps, base.data, base.cfg)
+    est = memory.estimate(base.handle, recipe.steps, base.data, base.cfg)
     with open("/proc/self/status", encoding="ascii") as fh:
         before = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
     with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
@@ -122,8 +122,8 @@ def test_too_large_a_job_is_refused_before_it_starts(low_memory, tmp_path, monke
     handle = load_model("demo:digits-cnn")
     cfg = load_recipe(recipe).measure
     budget = 0.9 * 200 * 1024**2
-    assert resources.estimate(handle, [{**step, "batch_size": suggested}], None, cfg).peak <= budget
-    assert resources.estimate(handle, [{**step, "batch_size": 2 * suggested}], None, cfg).peak > budget
+    assert memory.estimate(handle, [{**step, "batch_size": suggested}], None, cfg).peak <= budget
+    assert memory.estimate(handle, [{**step, "batch_size": 2 * suggested}], None, cfg).peak > budget
     assert calls == []  # nothing ran
     assert not (tmp_path / "out" / "report.json").exists()
 
