@@ -53,5 +53,6 @@ def test_layers_of_a_quantized_onnx_model_have_their_parameters(tmp_path):
     onnx.save(_qdq_matmul(), str(path))
     handle = load_model(str(path))
     rows = layer_table(handle)
-    assert [(r["type"], r["params"]) for r in rows] == [("MatMul", 16)]  # was 0 behind DequantizeLinear
-    assert handle.param_count()[0] == 20
+    # the weight was 0 behind DequantizeLinear; the bias has its row (this graph names no layers)
+    assert [(r["type"], r["params"]) for r in rows] == [("MatMul", 16), ("Add", 4)]
+    assert handle.param_count()[0] == 20 == sum(r["params"] for r in rows)

@@ -133,6 +133,16 @@ def _resolve_names(module: nn.Module, names: Iterable[str], what: str) -> list[n
     return out
 
 
+def _deployed_params(handle: ModelHandle) -> int:
+    """Parameters of the handle's deployed artifact (``ModelHandle.param_count``, the count every
+    report shows); the torch module's own count only if the export fails (reporting never fails a
+    prune)."""
+    try:
+        return int(handle.param_count()[0])
+    except Exception:
+        return _param_count(handle.torch_module())
+
+
 def _param_count(module: nn.Module) -> int:
     seen, total = set(), 0
     for p in module.parameters():
@@ -519,7 +529,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     overrides = parse_layer_ratios(params.get("layer_ratios"))
     info: dict[str, Any] = {"method": method}
     tune_progress = progress.sub(0.5, 1.0, "fine-tuning: ")
-    before_params = _param_count(original)
+    before_params = _deployed_params(handle)
     if method == "unstructured":
         progress.update(0.0, "magnitude pruning")
         head = default_ignored(original, example) if params.get("keep_head", False) else []
@@ -562,7 +572,8 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         _check_shapes(handle, original, model, example)
         history = _finetune_after(handle, model, params, data, tune_progress, reference)
         before_ch, after_ch = _channels(original), _channels(model)
-        after_params = _param_count(model)
+        new = handle.derive(module=model, step={"technique": "prune", **params})
+        after_params = _deployed_params(new)
         info["pruning"] = {
             "method": method, "ratio": ratio, "importance": importance, "scope": params.get("scope"),
             "allocation": params.get("allocation", "uniform"),
@@ -575,7 +586,6 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         }
         if rows is not None:
             info["sensitivity"] = rows
-        new = handle.derive(module=model, step={"technique": "prune", **params})
     else:  # the registry validates methods; this guards direct callers
         raise TugboatError(f"unknown prune method {method!r}; valid: unstructured, structured")
     new.info.update(info)
