@@ -389,7 +389,7 @@ def layer_sensitivity(handle: ModelHandle, data: Dataset | None, ratios: Sequenc
     quality, metric = _quality_fn(handle, data)
     base_q = quality(module)
     table = {r["name"]: r for r in layer_table(handle)}
-    total_params = max(1, _param_count(module))
+    total_params = max(1, _deployed_params(handle))  # the count the table's rows add up to
     total_flops = max(1, sum(r["flops"] for r in table.values()))
     lat_inputs = tuple(handle.example_inputs(64))
     lat = _layer_latency(module, lat_inputs, layers)
@@ -409,7 +409,7 @@ def layer_sensitivity(handle: ModelHandle, data: Dataset | None, ratios: Sequenc
             drop_at[f"{r:g}"] = base_q - q
             done += 1
         row = table.get(name, {})
-        params = int(sum(p.numel() for p in sub.parameters(recurse=False)))
+        params = int(row.get("params", 0))  # in the deployed artifact (a folded BatchNorm's included)
         rows.append({
             "name": name, "type": type(sub).__name__, "out_channels": _channels(sub).get("", None),
             "params": params, "params_share": params / total_params,
