@@ -422,7 +422,9 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
         row = {"name": name, "type": type(sub).__name__, "params": deployed.get(name, 0), "flops": flops}
         used.add(name)
         if name not in deployed:
-            row["folded"] = True  # its weights are in another layer of the artifact (BatchNorm)
+            # no weights of its own in the artifact: a BatchNorm folded into its convolution (or a
+            # module the forward pass never uses)
+            row["folded"] = True
         rows.append(row)
     rows += [r for r in onnx_rows if layer_key(r["name"]) not in used and r["params"]]
     return rows
