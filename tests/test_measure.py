@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from helpers import FAST, Wide
 from tugboat.engine.export import write_onnx
 from tugboat.engine.measure import MeasureConfig, fidelity, measure, onnx_flops, slower_than
-from tugboat.engine.models import ModelHandle, TensorSpec, load_model
+from tugboat.engine.models import ModelHandle, TensorSpec, load_model, onnx_param_count
 
 
 def _handle(module) -> ModelHandle:
@@ -23,7 +24,10 @@ def test_size_bytes_equals_the_artifact_file(tmp_path, demo_models, demo_data):
     metrics, _ = measure(handle, demo_data, FAST, artifact=path.read_bytes())
     assert metrics["size_bytes"] == path.stat().st_size
     assert 0 < metrics["compressed_bytes"] < metrics["size_bytes"]
-    assert metrics["params"] == sum(p.numel() for p in handle.module.parameters())
+    # parameters of the deployed artifact, the file written: its BatchNorms are folded into the
+    # convolutions, so it holds fewer than the torch module (448 = 2 x 224 BatchNorm channels)
+    assert metrics["params"] == onnx_param_count(onnx.load(str(path)))[0] == handle.param_count()[0]
+    assert metrics["params"] == sum(p.numel() for p in handle.module.parameters()) - 448
     assert metrics["nonzero_params"] <= metrics["params"]
 
 
@@ -111,7 +115,11 @@ def test_layer_table_lists_weighted_layers(demo_models):
     convs = [r for r in rows if r["type"] == "Conv2d"]
     assert len(convs) == 3
     assert convs[1]["flops"] == 2 * (64 * 8 * 8) * (32 * 9)  # out elements x (in channels x kernel)
-    assert sum(r["params"] for r in rows) == sum(p.numel() for p in demo_models("digits-cnn").module.parameters())
+    # the rows add up to the deployed artifact's count; BatchNorms fold into their convolutions
+    assert sum(r["params"] for r in rows) == demo_models("digits-cnn").param_count()[0]
+    norms = [r for r in rows if r["type"] == "BatchNorm2d"]
+    assert len(norms) == 3 and all(r["params"] == 0 and r["folded"] for r in norms)
+    assert convs[0]["params"] == 32 * 9 + 32  # weight and the bias the folded BatchNorm gives it
 
 
 def test_onnx_only_model_measures(tmp_path, demo_models, demo_data):
@@ -119,7 +127,8 @@ def test_onnx_only_model_measures(tmp_path, demo_models, demo_data):
     handle = load_model(path)
     handle.module = None  # as if onnx2torch had failed
     metrics, _ = measure(handle, demo_data, FAST)
-    assert metrics["params"] == sum(p.numel() for p in demo_models("digits-mlp").module.parameters())
+    assert metrics["params"] == demo_models("digits-mlp").param_count()[0]
+    assert metrics["params"] == sum(p.numel() for p in demo_models("digits-mlp").module.parameters())  # no BatchNorm
     assert metrics["accuracy"] > 0.9
     assert "torch" not in metrics["latency"]
 

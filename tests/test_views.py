@@ -175,3 +175,28 @@ def test_layer_ratios_are_validated_and_parsed():
     for bad in (["features.3"], ["features.3=x"], ["=0.2"], ["features.3=0.99"]):
         with pytest.raises(RecipeError):
             parse_layer_ratios(bad)
+
+
+def test_one_parameter_count_in_the_model_panel_results_table_and_chart(qtbot, window):
+    from PySide6.QtCore import Qt
+
+    from tugboat.ui.chart import METRICS, format_metric
+    from tugboat.ui.results_table import COLUMNS
+
+    window.session.clear_chain()
+    window.layers_view.clear_overrides()
+    base = window.store.baseline
+    expected = base.handle.param_count()[0]  # the deployed artifact's count (BatchNorm folded)
+    assert base.metrics["params"] == expected < sum(p.numel() for p in base.handle.module.parameters())
+    assert f"({expected:,};" in window.model_panel.fields["Params"].text()
+    _job, q = run_panel(qtbot, window, "quantize", method="dynamic-int8")
+    assert q.metrics["params"] == expected  # no weight scale counted
+    model, col = window.results_table.results_model, COLUMNS.index("Params")
+    shown = set()
+    for name in (base.name, q.name):
+        index = model.index(model.row_of(name), col)
+        assert model.data(index, Qt.ItemDataRole.ToolTipRole).startswith(f"{expected:,} parameters")
+        shown.add(model.data(index, Qt.ItemDataRole.DisplayRole))
+        label = f"{METRICS['params'].label}: {format_metric('count', expected)}"
+        assert label in window.chart.tooltip_for(name).splitlines()
+    assert len(shown) == 1

@@ -349,7 +349,6 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
                                  for (_, b), f in zip(pairs, t_train_feats)])
     feat_scale = [float(np.mean(np.square(f))) + 1e-8 for f in t_train_feats]
     teacher_params = _count(handle)
-    student_params = sum(p.numel() for p in student.parameters())
 
     # 3. training
     augment = bool(params["augment"])
@@ -446,6 +445,8 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     new = handle.derive(module=student, step=step_record)
     new.arch = arch
     new.info["training"] = history
+    # the student's deployed artifact, counted as measure counts it (the export is reused there)
+    student_params = _count(new) or sum(p.numel() for p in student.parameters())
     new.info["distill"] = {
         "student": params["student"], **student_info, "loss": loss_kind, "alpha": alpha,
         "temperature": temperature, "labels_used": use_labels, "epochs_run": len(history),

@@ -442,7 +442,7 @@ def estimate(profile: ModelProfile, steps: list[dict[str, Any]]) -> dict[str, An
         if scheme == "float32":
             b = 4 * (w + bias)
             raw_compressed += 4 * w * _deflate_rel(st.sparsity, 4) + 4 * bias
-            n_params = (w + (o if lay.own_bias else 0) + lay.norm_per_channel * o) if torch_model else w + bias
+            n_params = w + bias  # the exported artifact's count: a BatchNorm folds into the bias
             n_nonzero = n_params - (w - nz_w)
         elif scheme == "fp16":
             b = 2 * (w + bias)
@@ -486,8 +486,8 @@ def estimate(profile: ModelProfile, steps: list[dict[str, Any]]) -> dict[str, An
     other_bytes = (2 if quant == "fp16" else 4) * profile.other_floats
     size_bytes += other_bytes + per_layer
     raw_compressed += other_bytes * _deflate_rel(state.other_sparsity, 4) + profile.overhead_bytes
-    params += profile.other_params if torch_model else profile.other_floats
-    nonzero += profile.other_params if torch_model else profile.other_floats
+    params += profile.other_floats  # counted in the artifact, as measure counts (ModelHandle.param_count)
+    nonzero += profile.other_floats
     base_size = int(base.get("size_bytes") or 1)
     ratio = (base.get("compressed_bytes") or base_size) / base_size
     # the measured baseline's deflate ratio stands for how its floats compress

@@ -59,8 +59,13 @@ def _torch_latency(module: torch.nn.Module, inputs: list[torch.Tensor], names: l
     from .runtime import eval_mode
 
     eval_mode(module)
-    subs = {n: module.get_submodule(n) for n in names}
-    times: dict[str, list[float]] = {n: [] for n in names}
+    subs = {}
+    for n in names:  # rows of ONNX nodes outside any module (a positional embedding) have no hooks
+        try:
+            subs[n] = module.get_submodule(n)
+        except AttributeError:
+            continue
+    times: dict[str, list[float]] = {n: [] for n in subs}
     starts: dict[str, float] = {}
     hooks = []
     for n, m in subs.items():

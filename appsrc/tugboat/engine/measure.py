@@ -400,63 +400,90 @@ def input_shapes(handle: ModelHandle, batch: int = 1) -> dict[str, tuple[int, ..
 def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
     """One row per layer with weights: name, type, params, FLOPs at batch 1.
 
-    From the torch module (FlopCounterMode per module) when there is one, else the ONNX nodes."""
-    if handle.module is not None and handle.onnx_model is None:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        module = handle.module
-        counter = FlopCounterMode(display=False)
-        try:
-            with counter, torch.inference_mode():
-                module(*handle.example_inputs(1))
-            counts = counter.get_flop_counts()
-        except Exception:
-            counts = {}
-        rows = []
-        for name, sub in module.named_modules():
-            own = list(sub.parameters(recurse=False))
-            if not name or not own:
-                continue
-            key = next((k for k in counts if k.endswith("." + name) or k == name), None)
-            flops = int(sum(counts[key].values())) if key else 0
-            rows.append({"name": name, "type": type(sub).__name__,
-                         "params": int(sum(p.numel() for p in own)), "flops": flops})
-        return rows
-    from .models import onnx_weight_tensors
+    Parameters are those of the deployed artifact (:meth:`ModelHandle.param_count`), each weight
+    tensor attributed to the layer that uses it, so the rows add up to the model's ``params``. For a
+    torch model the rows are its modules (FLOPs from FlopCounterMode per module): a BatchNorm the
+    export folds into its convolution keeps a row with 0 parameters (``folded``), and weights the
+    export puts outside any module row (e.g. a positional embedding) get rows of their ONNX nodes."""
+    from .layers import layer_key
 
     model = handle.to_onnx()
-    _, nodes = onnx_flops(model, input_shapes=input_shapes(handle))
-    from .models import quantization_aux_names
+    onnx_rows = _onnx_layer_rows(handle, model)
+    if handle.module is None or handle.onnx_model is not None:
+        return onnx_rows
+    from torch.utils.flop_counter import FlopCounterMode
 
-    sizes = {name: int(np.prod(t.dims)) for name, t in onnx_weight_tensors(model)}
-    aux = quantization_aux_names(model)
-    all_nodes = list(_all_nodes(model.graph))
-    producers = {out: n for n in all_nodes for out in n.output}
-    by_name = {(n.name or n.output[0]): n for n in all_nodes if n.name or n.output}
-
-    def weight_elements(name: str, depth: int = 0) -> int:
-        # a quantized (or fp16) graph feeds weights through DequantizeLinear / Cast: count what is
-        # behind it, so an int8 variant's layers have their parameters, not 0
-        if name in sizes:
-            return 0 if name in aux else sizes[name]
-        src = producers.get(name)
-        if src is not None and depth < 3 and src.op_type in ("DequantizeLinear", "Cast") and src.input:
-            return weight_elements(src.input[0], depth + 1)
-        return 0
-
-    rows = []
-    for info in nodes:
-        node = by_name.get(info["name"])
-        if node is None:
-            params = 0
-        elif node.op_type == "MatMulNBits":
-            attrs = {a.name: a.i for a in node.attribute}
-            params = int(attrs.get("K", 0)) * int(attrs.get("N", 0))
-            params += sum(weight_elements(i) for i in node.input[2:] if i not in aux)
-        else:
-            params = sum(weight_elements(i) for i in node.input[1:])
-        rows.append({"name": info["name"], "type": info["type"], "params": params, "flops": info["flops"]})
+    module = handle.module
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.inference_mode():
+            module(*handle.example_inputs(1))
+        counts = counter.get_flop_counts()
+    except Exception:
+        counts = {}
+    deployed: dict[str, int] = {}
+    for r in onnx_rows:
+        key = layer_key(r["name"])
+        deployed[key] = deployed.get(key, 0) + r["params"]
+    rows, used = [], set()
+    for name, sub in module.named_modules():
+        own = list(sub.parameters(recurse=False))
+        if not name or not own:
+            continue
+        key = next((k for k in counts if k.endswith("." + name) or k == name), None)
+        flops = int(sum(counts[key].values())) if key else 0
+        row = {"name": name, "type": type(sub).__name__, "params": deployed.get(name, 0), "flops": flops}
+        used.add(name)
+        if name not in deployed:
+            # no weights of its own in the artifact: a BatchNorm folded into its convolution (or a
+            # module the forward pass never uses)
+            row["folded"] = True
+        rows.append(row)
+    rows += [r for r in onnx_rows if layer_key(r["name"]) not in used and r["params"]]
     return rows
+
+
+def _onnx_layer_rows(handle: ModelHandle, model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """Rows of the graph's nodes with FLOPs or weights; every counted weight tensor
+    (:func:`~tugboat.engine.models.onnx_param_tensors`) goes to the first node that uses it, seen
+    through DequantizeLinear / Cast (a quantized or fp16 variant's layers have their parameters),
+    and to that node's layer row when the layer has one already (a Linear's MatMul and its bias Add)."""
+    from .layers import layer_key
+    from .models import onnx_param_tensors
+
+    _, nodes = onnx_flops(model, input_shapes=input_shapes(handle))
+    all_nodes = list(_all_nodes(model.graph))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in all_nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rows = [{"name": info["name"], "type": info["type"], "params": 0, "flops": info["flops"]} for info in nodes]
+    by_name = {r["name"]: r for r in rows}
+    by_key: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        by_key.setdefault(layer_key(r["name"]), r)
+
+    def user(name: str, depth: int = 0) -> onnx.NodeProto | None:
+        for n in consumers.get(name, []):
+            if n.op_type in ("DequantizeLinear", "Cast") and depth < 3 and n.output:
+                found = user(n.output[0], depth + 1)
+                if found is not None:
+                    return found
+            return n
+        return None
+
+    for tensor, params, _ in onnx_param_tensors(model):
+        node = user(tensor)
+        name = (node.name or node.output[0]) if node is not None and (node.name or node.output) else tensor
+        row = by_name.get(name) or by_key.get(layer_key(name))
+        if row is None:
+            row = {"name": name, "type": node.op_type if node is not None else "Initializer",
+                   "params": 0, "flops": 0}
+            rows.append(row)
+            by_name[name] = row
+            by_key.setdefault(layer_key(name), row)
+        row["params"] += params
+    return [r for r in rows if r["params"] or r["flops"]]
 
 
 def _all_nodes(graph: onnx.GraphProto):

@@ -170,6 +170,7 @@ class ModelHandle:
         new.onnx_model = onnx_model
         new.deploy_onnx = None
         new.pending = None
+        new.__dict__.pop("_exported", None)
         new.conversion_error = None if module is not None else self.conversion_error
         new.history = [*self.history, step] if step else list(self.history)
         new.info = dict(self.info)
@@ -200,22 +201,23 @@ class ModelHandle:
         return self.module
 
     def param_count(self) -> tuple[int, int]:
-        """(parameters, non-zero parameters); from the torch module or the ONNX initializers."""
+        """(parameters, non-zero parameters) of the deployed artifact: the ONNX graph that is measured
+        and exported (:func:`onnx_param_count`), for torch models too (a BatchNorm folded into its
+        convolution by the export is not counted twice; an int8 or fp16 variant counts what its float
+        original counts). A torch model is exported once and the graph reused (:meth:`to_onnx`)."""
         if self.pending is not None:
             from .formats import pending_info
 
             info = pending_info(self)
             return info["params"], info["nonzero_params"]
-        if self.module is not None and self.onnx_model is None and self.deploy_onnx is None:
-            params = nonzero = 0
-            for t in _unique_tensors(self.module):
-                params += t.numel()
-                nonzero += int(torch.count_nonzero(t))
-            return params, nonzero
         return onnx_param_count(self.to_onnx())
 
     def to_onnx(self) -> onnx.ModelProto:
-        """The deployable ONNX graph (exported from torch with a dynamic batch if needed)."""
+        """The deployable ONNX graph (exported from torch with a dynamic batch if needed).
+
+        The export of a torch module is kept and reused while the module, its tensors and the input
+        spec are unchanged (measuring, counting and writing one variant export it once); callers
+        must not modify the graph they get (copy it first)."""
         if self.onnx_model is not None:
             return self.onnx_model
         if self.deploy_onnx is not None:
@@ -226,7 +228,28 @@ class ModelHandle:
             require_shapes(self)
         from .export import export_onnx_model
 
-        return export_onnx_model(self)
+        try:
+            key = self._export_key()
+        except Exception:  # a module whose state cannot be read cheaply: export every time
+            key = None
+        cached = self.__dict__.get("_exported")
+        if key is not None and cached is not None and cached[0] is self.module and cached[1] == key:
+            return cached[2]
+        model = export_onnx_model(self)
+        if key is not None:
+            self.__dict__["_exported"] = (self.module, key, model)
+        return model
+
+    def _export_key(self) -> tuple:
+        """What an export of the module depends on: each tensor's identity, shape and version
+        counter (bumped by in-place updates such as optimizer steps), a checksum of float buffers
+        (BatchNorm statistics change without bumping it) and the input/output spec."""
+        module = self.torch_module()
+        tensors = tuple((id(t), tuple(t.shape), t._version) for t in module.state_dict(keep_vars=True).values()
+                        if isinstance(t, torch.Tensor))
+        with torch.no_grad():
+            buffers = tuple(float(b.double().sum()) for b in module.buffers() if b.is_floating_point())
+        return tensors, buffers, json.dumps(self.spec_dict(), sort_keys=True, default=str)
 
     def spec_dict(self) -> dict[str, Any]:
         return {"inputs": [s.to_dict() for s in self.inputs],
@@ -234,12 +257,6 @@ class ModelHandle:
                 "task": self.task, "arch": self.arch}
 
 
-def _unique_tensors(module: nn.Module):
-    seen: set[int] = set()
-    for t in module.parameters():
-        if id(t) not in seen and t.dim() > 0:
-            seen.add(id(t))
-            yield t.detach()
 
 
 # inputs of quantization operators that are scales or zero points (not parameters), by position
@@ -254,17 +271,57 @@ _QUANT_AUX_INPUTS = {
 
 def quantization_aux_names(model: onnx.ModelProto) -> set[str]:
     """Initializers a quantized graph uses only as scales or zero points: not parameters (an int8
-    model has the float model's parameter count, not that plus one scale per channel)."""
+    model has the float model's parameter count, not that plus one scale per channel).
+
+    Besides the scale and zero-point inputs of quantization operators, a dynamic-int8 graph
+    multiplies each weight's scale with the activation's run-time scale (``Mul(x_scale, w_scale)``
+    after ``DynamicQuantizeLinear``): a constant multiplied only with quantization scales is one
+    too. Anything also used elsewhere (as a weight, a bias) stays a parameter."""
+    nodes = list(_graph_nodes(model.graph))
+    constants = {i.name for g in _graphs(model.graph) for i in g.initializer}
+    constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    scales: set[str] = set()  # run-time values that are quantization scales
+    for node in nodes:
+        if node.op_type == "DynamicQuantizeLinear" and len(node.output) > 1:
+            scales.add(node.output[1])
     aux: set[str] = set()
     other: set[str] = set()
-    for node in model.graph.node:
+    changed = True
+    while changed:  # scale products can chain (Mul(Mul(x_scale, a), b)); graphs are small to walk
+        changed = False
+        for node in nodes:
+            if (node.op_type == "Mul" and any(i in scales for i in node.input)
+                    and all(i in scales or i in constants for i in node.input)
+                    and not set(node.output) <= scales):
+                scales.update(node.output)
+                changed = True
+    for node in nodes:
         positions = _QUANT_AUX_INPUTS.get(node.op_type)
+        if node.op_type == "Mul" and set(node.output) <= scales:
+            positions = range(len(node.input))
         for i, name in enumerate(node.input):
             if positions is not None and i in positions:
                 aux.add(name)
             else:
                 other.add(name)
     return aux - other
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it (If branches, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def _graph_nodes(graph: onnx.GraphProto):
+    for g in _graphs(graph):
+        yield from g.node
 
 
 def onnx_weight_tensors(model: onnx.ModelProto):
@@ -311,32 +368,39 @@ def onnx_weight_tensors(model: onnx.ModelProto):
     yield from walk(model.graph)
 
 
-def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters, non-zero parameters) over :func:`onnx_weight_tensors` (initializers and Constant
-    nodes, subgraphs included), quantization scales and zero points excluded (the one definition of
-    "parameters" for every model and report); 4-bit packed weights count as K x N."""
+def onnx_param_tensors(model: onnx.ModelProto) -> list[tuple[str, int, int]]:
+    """``(tensor name, parameters, non-zero parameters)`` for every weight tensor of the graph that
+    counts as parameters (:func:`onnx_param_count` sums them; the Layers view attributes each to its
+    layer, so the per-layer figures add up to the total)."""
     from onnx import numpy_helper
 
     aux = quantization_aux_names(model)
     packed: dict[str, int] = {}  # 4-bit weights packed two per byte: count the weights, K x N
-    for node in model.graph.node:
+    for node in _graph_nodes(model.graph):
         if node.op_type == "MatMulNBits" and len(node.input) > 1:
             attrs = {a.name: a.i for a in node.attribute}
             if attrs.get("K") and attrs.get("N"):
                 packed[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
-    params = nonzero = 0
+    out: list[tuple[str, int, int]] = []
     for name, tensor in onnx_weight_tensors(model):
         if name in aux:
             continue
+        values = numpy_helper.to_array(tensor)
         if name in packed:
-            values = numpy_helper.to_array(tensor)
-            params += packed[name]
             # a packed byte is zero only when both of its weights are (at their zero point 0)
-            nonzero += min(packed[name], 2 * int(np.count_nonzero(values)))
-            continue
-        params += int(np.prod(tensor.dims))
-        nonzero += int(np.count_nonzero(numpy_helper.to_array(tensor)))
-    return params, nonzero
+            out.append((name, packed[name], min(packed[name], 2 * int(np.count_nonzero(values)))))
+        else:
+            out.append((name, int(np.prod(tensor.dims)), int(np.count_nonzero(values))))
+    return out
+
+
+def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
+    """(parameters, non-zero parameters) over :func:`onnx_weight_tensors` (initializers and Constant
+    nodes, subgraphs included), quantization scales and zero points excluded (the one definition of
+    "parameters" for every model and report: ``ModelHandle.param_count`` applies it to the deployed
+    artifact); 4-bit packed weights count as K x N."""
+    rows = onnx_param_tensors(model)
+    return sum(r[1] for r in rows), sum(r[2] for r in rows)
 
 
 # --- loading ---------------------------------------------------------------------------------

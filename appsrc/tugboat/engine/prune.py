@@ -142,6 +142,16 @@ def _resolve_names(module: nn.Module, names: Iterable[str], what: str) -> list[n
     return out
 
 
+def _deployed_params(handle: ModelHandle) -> int:
+    """Parameters of the handle's deployed artifact (``ModelHandle.param_count``, the count every
+    report shows); the torch module's own count only if the export fails (reporting never fails a
+    prune)."""
+    try:
+        return int(handle.param_count()[0])
+    except Exception:
+        return _param_count(handle.torch_module())
+
+
 def _param_count(module: nn.Module) -> int:
     seen, total = set(), 0
     for p in module.parameters():
@@ -395,7 +405,7 @@ def layer_sensitivity(handle: ModelHandle, data: Dataset | None, ratios: Sequenc
     quality, metric = _quality_fn(handle, data)
     base_q = quality(module)
     table = {r["name"]: r for r in layer_table(handle)}
-    total_params = max(1, _param_count(module))
+    total_params = max(1, _deployed_params(handle))  # the count the table's rows add up to
     total_flops = max(1, sum(r["flops"] for r in table.values()))
     lat_inputs = tuple(handle.example_inputs(64))
     lat = _layer_latency(module, lat_inputs, layers)
@@ -415,7 +425,7 @@ def layer_sensitivity(handle: ModelHandle, data: Dataset | None, ratios: Sequenc
             drop_at[f"{r:g}"] = base_q - q
             done += 1
         row = table.get(name, {})
-        params = int(sum(p.numel() for p in sub.parameters(recurse=False)))
+        params = int(row.get("params", 0))  # in the deployed artifact (a folded BatchNorm's included)
         rows.append({
             "name": name, "type": type(sub).__name__, "out_channels": _channels(sub).get("", None),
             "params": params, "params_share": params / total_params,
@@ -538,7 +548,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     overrides = parse_layer_ratios(params.get("layer_ratios"))
     info: dict[str, Any] = {"method": method}
     tune_progress = progress.sub(0.5, 1.0, "fine-tuning: ")
-    before_params = _param_count(original)
+    before_params = _deployed_params(handle)
     if not any(isinstance(m, _prunable_types()) for m in original.modules()):
         raise TugboatError("the model has no Conv or Linear weights to prune", path=handle.source)
     if method == "unstructured":
@@ -581,11 +591,12 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
             data_batches=_data_batches(handle, data, reference) if importance == "taylor" else None,
             progress=progress.sub(0.35, 0.5, "pruning: "))
         _check_shapes(handle, original, model, example)
-        after_params = _param_count(model)
-        unchanged = after_params == before_params and ratio > 0
+        unchanged = _param_count(model) == _param_count(original) and ratio > 0
         # fine-tuning a model that was not pruned would change it under a name that says "pruned"
         history = [] if unchanged else _finetune_after(handle, model, params, data, tune_progress, reference)
         before_ch, after_ch = _channels(original), _channels(model)
+        new = handle.derive(module=model, step={"technique": "prune", **params})
+        after_params = _deployed_params(new)
         info["pruning"] = {
             "method": method, "ratio": ratio, "importance": importance, "scope": params.get("scope"),
             "allocation": params.get("allocation", "uniform"),
@@ -598,7 +609,6 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         }
         if rows is not None:
             info["sensitivity"] = rows
-        new = handle.derive(module=model, step={"technique": "prune", **params})
         if unchanged:
             round_to = params.get("round_to") or 0
             widest = max(before_ch.values(), default=0)

@@ -141,15 +141,16 @@ def layer_of(node_name: str) -> str:
     """The torch module path an exported node belongs to.
 
     The legacy exporter names nodes by scope, e.g. ``/blocks/blocks.0/attn/qkv/MatMul`` for module
-    ``blocks.0.attn.qkv`` and ``/net/net.1/Gemm`` for ``net.1``."""
+    ``blocks.0.attn.qkv`` and ``/net/net.1/Gemm`` for ``net.1``; a scope names a container's child
+    after the container (``/blocks/blocks.0/mlp/mlp.0/MatMul`` is ``blocks.0.mlp.0``)."""
     parts = [p for p in node_name.split("/") if p][:-1]
-    path = ""
+    path: list[str] = []
     for p in parts:
-        if not path or p.startswith(path + "."):
-            path = p
+        if path and p.startswith(path[-1] + "."):
+            path[-1] = p
         else:
-            path = f"{path}.{p}"
-    return path or node_name
+            path.append(p)
+    return ".".join(path) or node_name
 
 
 def _resolve_names(model: onnx.ModelProto, names: list[str], where: str) -> list[str]:
