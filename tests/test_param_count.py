@@ -113,7 +113,8 @@ def test_a_torch_model_is_exported_once_and_again_when_its_weights_change(demo_d
 def test_run_summary_report_json_and_tugboat_report_print_the_same_count(tmp_path, capsys, demo_models):
     import json
 
-    from tugboat.cli import _fmt_count, main
+    from tugboat.cli import main
+    from tugboat.engine.formatting import fmt_count as _fmt_count
 
     recipe = tmp_path / "q.toml"
     recipe.write_text('model = "demo:digits-cnn"\ndata = "demo:digits"\n'
