@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .converted_graphs import ChannelConstant, channel_constant_pruner, normalise_for_pruning
 from .errors import RecipeError, TugboatError
 from .finetune import OPTIMIZERS, evaluate, finetune, frozen_copy, outputs_for, soft_target_loss
 from .progress import Progress, null_progress
@@ -177,6 +178,7 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         raise TugboatError(f"structured pruning ratio must be in [0, 1), got {ratio}")
     example = _as_tuple(example_inputs)
     model = copy.deepcopy(module).eval()
+    normalise_for_pruning(model, example)  # onnx2torch graphs: weights kept as buffers become prunable
     for p in model.parameters():
         p.requires_grad_(True)
     ignored_layers = _resolve_names(model, _with_head(model, example, ignored), "ignored")
@@ -197,7 +199,7 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
             pruning_ratio_dict=ratio_dict, iterative_steps=steps,
             ignored_layers=ignored_layers, round_to=round_to,
             num_heads=num_heads, prune_num_heads=False, prune_head_dims=True,
-            max_pruning_ratio=0.95,
+            max_pruning_ratio=0.95, customized_pruners=_customized_pruners(),
         )
         for step in range(steps):
             progress.update(step / steps, f"pruning step {step + 1}/{steps}")
@@ -213,6 +215,10 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         p.requires_grad_(True)
     progress.update(1.0, "pruned")
     return model.eval()
+
+
+def _customized_pruners() -> dict:
+    return {ChannelConstant: channel_constant_pruner()}
 
 
 def _accumulate_gradients(model: nn.Module, data_batches) -> None:
@@ -232,12 +238,16 @@ def prunable_layers(module: nn.Module, example_inputs, ignored: Iterable[str] | 
     """Names of the layers whose output channels structured pruning can remove (group roots)."""
     tp = _tp()
     example = _as_tuple(example_inputs)
+    if isinstance(module, torch.fx.GraphModule):  # converted graph: as pruning sees it (same layer names)
+        module = copy.deepcopy(module)
+        normalise_for_pruning(module, example)
     ignored_layers = []
     for m in _resolve_names(module, _with_head(module, example, ignored), "ignored"):
         ignored_layers.extend(m.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(module, example_inputs=example)
+        dg = tp.DependencyGraph().build_dependency(module, example_inputs=example,
+                                                   customized_pruners=_customized_pruners())
         names = {m: n for n, m in module.named_modules()}
         roots = []
         for group in dg.get_all_groups(ignored_layers=ignored_layers,
