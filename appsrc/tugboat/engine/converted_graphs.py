@@ -52,6 +52,15 @@ def _op_of(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
+def _is(gm: fx.GraphModule, node: fx.Node, module_type: str, functions: tuple, methods: tuple) -> bool:
+    """Whether ``node`` is an onnx2torch ``module_type`` module, one of ``functions`` or a ``methods`` call."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__ == module_type
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
 def _kind(fn) -> str:
     return "add" if fn in _ADD else "sub" if fn in _SUB else "mul" if fn in _MUL else "div"
 
@@ -197,7 +206,7 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
     # 0. a Reshape to [N, C*H*W] (a flatten whose target size is partly written down as a constant,
     #    which goes stale once channels are removed): torch.flatten(x, 1)
     for n in list(graph.nodes):
-        if n.op != "call_module" or type(gm.get_submodule(n.target)).__name__ != "OnnxReshape" or not n.args:
+        if not _is(gm, n, "OnnxReshape", (torch.reshape,), ("reshape", "view")) or not n.args:
             continue
         x = n.args[0]
         if not isinstance(x, fx.Node) or x in known or x not in shapes or n not in shapes:
@@ -214,7 +223,7 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
 
     # 1. MatMul(x, W) with a constant 2-D W: a Linear layer (the classifier of many converted graphs)
     for n in list(graph.nodes):
-        if n.op != "call_module" or type(gm.get_submodule(n.target)).__name__ != "OnnxMatMul" or len(n.args) != 2:
+        if not _is(gm, n, "OnnxMatMul", (torch.matmul, operator.matmul), ()) or len(n.args) != 2 or n.kwargs:
             continue
         x, w = n.args
         wv = known.get(w) if isinstance(w, fx.Node) else None
@@ -222,8 +231,18 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
             continue
         lin = nn.Linear(wv.shape[0], wv.shape[1], bias=False)
         lin.weight = nn.Parameter(wv.detach().t().contiguous().float())
-        gm.add_submodule(n.target, lin)
-        n.args = (x,)
+        if n.op == "call_module":
+            gm.add_submodule(n.target, lin)
+            n.args = (x,)
+        else:
+            name = f"{n.name}_linear"
+            gm.add_submodule(name, lin)
+            with graph.inserting_after(n):
+                new = graph.call_module(name, (x,))
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+            if n in shapes:
+                shapes[new] = shapes[n]
         counts["matmul_to_linear"] += 1
 
     # 2. producer + constant bias -> the producer's bias; 3. other per-channel constants -> ChannelConstant
