@@ -620,6 +620,10 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     info: dict[str, Any] = {"method": method}
     tune_progress = progress.sub(0.5, 1.0, "fine-tuning: ")
     before_params = _param_count(original)
+    if isinstance(original, torch.fx.GraphModule):  # weights kept as buffers count once they are layers
+        normalised = copy.deepcopy(original)
+        normalise_for_pruning(normalised, example)
+        before_params = _param_count(normalised)
     if method == "unstructured":
         progress.update(0.0, "magnitude pruning")
         head = default_ignored(original, example) if params.get("keep_head", False) else []
