@@ -1,0 +1,289 @@
+"""Make graphs converted by onnx2torch prunable: show torch-pruning the real channel structure.
+
+onnx2torch turns every ONNX node into a module of a ``torch.fx.GraphModule``. Weights that ONNX kept
+outside a Conv / Gemm become *buffers* that torch-pruning cannot see and so never slices:
+
+* a convolution without bias followed by ``Add(conv, Reshape(bias, [1, C, 1, 1]))`` (Paddle exports,
+  e.g. the RapidOCR models) or ``Add(conv_transpose, bias[1, C, 1, 1])``;
+* per-channel scales and shifts (``Mul`` / ``Add`` / ``Sub`` / ``Div`` by a ``[1, C, 1, 1]`` constant);
+* a classifier written as ``MatMul(x, W)`` (+ ``Add(b)``) with a constant ``W``;
+* a flatten written as ``Reshape(x, Concat(Shape(x)[:1], [200]))``: the 200 is a constant.
+
+After pruning their producer these constants still hold ``C`` values, and the model fails with
+"The size of tensor a (18) must match the size of tensor b (24)". :func:`normalise_for_pruning`
+rewrites such a graph into the same function with native, prunable parts: such reshapes as
+``torch.flatten(x, 1)``, biases folded into the
+producing Conv / Linear, ``MatMul`` by a constant matrix as ``nn.Linear`` (so the classifier is found and
+kept whole), and the remaining per-channel constants as :class:`ChannelConstant` modules holding a
+parameter that :class:`ChannelConstantPruner` slices together with their channels. Elementwise ops
+between two activations (residual additions, squeeze-excite multiplications) are already coupled by
+torch-pruning's autograd tracing; a depthwise convolution is pruned with its producer by torch-pruning's
+group-convolution rule once nothing else hides the channels. Constants are folded so that a
+``Reshape`` or ``Cast`` of a weight counts as the weight.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+_ADD = {torch.add, operator.add}
+_SUB = {torch.sub, operator.sub}
+_MUL = {torch.mul, operator.mul}
+_DIV = {torch.div, operator.truediv}
+
+
+def _op_of(gm: fx.GraphModule, node: fx.Node):
+    """The binary function a node applies (``torch.add`` ...), or None."""
+    if node.op == "call_function" and node.target in _ADD | _SUB | _MUL | _DIV:
+        return node.target
+    if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ == "OnnxBinaryMathOperation":
+        mod = gm.get_submodule(node.target)
+        if getattr(mod, "broadcast", None) == 1 and getattr(mod, "axis", None) is not None:
+            return None  # old-style axis broadcast: leave as is
+        fn = mod.math_op_function
+        if fn in _ADD | _SUB | _MUL:
+            return fn
+        if getattr(fn, "__name__", "") == "_onnx_div":
+            return torch.div  # float division (integer inputs are never weights)
+    return None
+
+
+def _is(gm: fx.GraphModule, node: fx.Node, module_type: str, functions: tuple, methods: tuple) -> bool:
+    """Whether ``node`` is an onnx2torch ``module_type`` module, one of ``functions`` or a ``methods`` call."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__ == module_type
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _kind(fn) -> str:
+    return "add" if fn in _ADD else "sub" if fn in _SUB else "mul" if fn in _MUL else "div"
+
+
+class ChannelConstant(nn.Module):
+    """``x op c`` (or ``c op x``) with a per-channel constant ``c`` kept as a prunable parameter."""
+
+    def __init__(self, value: torch.Tensor, op: str, constant_first: bool, dim: int):
+        super().__init__()
+        self.value = nn.Parameter(value.detach().clone().float(), requires_grad=True)
+        self.op = op
+        self.constant_first = constant_first
+        self.dim = dim  # the axis of ``value`` that holds the channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.value.to(x.dtype)
+        a, b = (c, x) if self.constant_first else (x, c)
+        if self.op == "add":
+            return a + b
+        if self.op == "sub":
+            return a - b
+        if self.op == "mul":
+            return a * b
+        return a / b
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}, shape={tuple(self.value.shape)}, dim={self.dim}"
+
+
+def channel_constant_pruner():
+    """torch-pruning's pruner for :class:`ChannelConstant`: inputs and outputs are the same channels."""
+    import torch_pruning as tp
+
+    class ChannelConstantPruner(tp.pruner.function.BasePruningFunc):
+        def prune_out_channels(self, layer: ChannelConstant, idxs):
+            keep = sorted(set(range(layer.value.shape[layer.dim])) - set(int(i) for i in idxs))
+            layer.value = nn.Parameter(torch.index_select(layer.value.data, layer.dim, torch.tensor(keep)),
+                                       requires_grad=layer.value.requires_grad)
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+        def get_out_channels(self, layer: ChannelConstant):
+            return layer.value.shape[layer.dim]
+
+        get_in_channels = get_out_channels
+
+    return ChannelConstantPruner()
+
+
+def _constants(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+    """Values of the nodes that do not depend on the inputs (weights, shapes, their reshapes)."""
+    known: dict[fx.Node, Any] = {}
+
+    def value(a):
+        return fx.node.map_arg(a, lambda n: known[n])
+
+    def all_known(n: fx.Node) -> bool:
+        deps = n.all_input_nodes
+        return all(d in known for d in deps)
+
+    for n in gm.graph.nodes:
+        try:
+            if n.op == "get_attr":
+                known[n] = _getattr_path(gm, n.target)
+            elif n.op == "call_module" and all_known(n):
+                mod = gm.get_submodule(n.target)
+                if any(True for _ in mod.parameters()):
+                    continue
+                with torch.no_grad():
+                    known[n] = mod(*value(n.args), **value(n.kwargs))
+            elif n.op == "call_function" and all_known(n) and n.all_input_nodes:
+                with torch.no_grad():
+                    known[n] = n.target(*value(n.args), **value(n.kwargs))
+        except Exception:  # a node that cannot run alone is simply not a constant
+            continue
+    return known
+
+
+def _getattr_path(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _shapes(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> dict[fx.Node, torch.Size]:
+    """The output shape of every tensor-valued node at the example inputs."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example)
+    out = {}
+    for n in gm.graph.nodes:
+        meta = n.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            out[n] = meta.shape
+    return out
+
+
+def _channel_axis(rank: int) -> int:
+    """The channel axis of an activation: 1 for [N, C, ...] maps, the last for [N, C] features."""
+    return 1 if rank >= 3 else rank - 1
+
+
+def _per_channel(c: torch.Tensor, shape: torch.Size) -> int | None:
+    """The axis of ``c`` (aligned to ``shape`` by broadcasting) holding one value per channel, or None
+    when ``c`` is a scalar, varies along another axis too, or does not broadcast that way."""
+    if not isinstance(c, torch.Tensor) or not c.is_floating_point() or c.numel() <= 1 or c.dim() > len(shape):
+        return None
+    axis = _channel_axis(len(shape))
+    offset = len(shape) - c.dim()
+    for i, size in enumerate(c.shape):
+        if i + offset == axis:
+            if size != shape[axis]:
+                return None
+        elif size != 1:
+            return None
+    if axis - offset < 0:
+        return None
+    return axis - offset
+
+
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Rewrite an onnx2torch ``GraphModule`` in place (same outputs) so torch-pruning can prune it.
+
+    Returns counts of what changed: ``{"flatten", "matmul_to_linear", "bias_folded", "channel_constants"}``.
+    Any other module is left untouched (an empty dict)."""
+    counts = {"flatten": 0, "matmul_to_linear": 0, "bias_folded": 0, "channel_constants": 0}
+    if not isinstance(gm, fx.GraphModule):
+        return {}
+    known = _constants(gm)
+    graph = gm.graph
+    shapes = _shapes(gm, example)
+
+    # 0. a Reshape to [N, C*H*W] (a flatten whose target size is partly written down as a constant,
+    #    which goes stale once channels are removed): torch.flatten(x, 1)
+    for n in list(graph.nodes):
+        if not _is(gm, n, "OnnxReshape", (torch.reshape,), ("reshape", "view")) or not n.args:
+            continue
+        x = n.args[0]
+        if not isinstance(x, fx.Node) or x in known or x not in shapes or n not in shapes:
+            continue
+        si, so = shapes[x], shapes[n]
+        if len(si) > 2 and len(so) == 2 and so[0] == si[0] and so[1] == si[1:].numel():
+            with graph.inserting_after(n):
+                new = graph.call_function(torch.flatten, (x, 1))
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+            shapes[new] = so
+            counts["flatten"] += 1
+
+    # 1. MatMul(x, W) with a constant 2-D W: a Linear layer (the classifier of many converted graphs)
+    for n in list(graph.nodes):
+        if not _is(gm, n, "OnnxMatMul", (torch.matmul, operator.matmul), ()) or len(n.args) != 2 or n.kwargs:
+            continue
+        x, w = n.args
+        wv = known.get(w) if isinstance(w, fx.Node) else None
+        if x in known or not isinstance(wv, torch.Tensor) or wv.dim() != 2 or not wv.is_floating_point():
+            continue
+        lin = nn.Linear(wv.shape[0], wv.shape[1], bias=False)
+        lin.weight = nn.Parameter(wv.detach().t().contiguous().float())
+        if n.op == "call_module":
+            gm.add_submodule(n.target, lin)
+            n.args = (x,)
+        else:
+            name = f"{n.name}_linear"
+            gm.add_submodule(name, lin)
+            with graph.inserting_after(n):
+                new = graph.call_module(name, (x,))
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+            if n in shapes:
+                shapes[new] = shapes[n]
+        counts["matmul_to_linear"] += 1
+
+    # 2. producer + constant bias -> the producer's bias; 3. other per-channel constants -> ChannelConstant
+    for n in list(graph.nodes):
+        fn = _op_of(gm, n)
+        if fn is None or len(n.args) != 2 or n.kwargs or n not in shapes:
+            continue
+        a, b = n.args
+        a_const = isinstance(a, fx.Node) and a in known
+        b_const = isinstance(b, fx.Node) and b in known
+        if a_const == b_const:
+            continue
+        x, c_node = (b, a) if a_const else (a, b)
+        if not isinstance(x, fx.Node) or x in known:
+            continue
+        c = known[c_node]
+        axis = _per_channel(c, shapes[n])
+        if axis is None or shapes.get(x) != shapes[n]:
+            continue
+        prod = gm.get_submodule(x.target) if x.op == "call_module" else None
+        if (fn in _ADD and isinstance(prod, _PRODUCERS) and len(x.users) == 1
+                and _out_channels(prod) == c.numel()):
+            bias = c.detach().reshape(-1).float()
+            if prod.bias is not None:
+                bias = prod.bias.data + bias
+            prod.bias = nn.Parameter(bias.clone())
+            n.replace_all_uses_with(x)
+            graph.erase_node(n)
+            counts["bias_folded"] += 1
+            continue
+        name = f"{n.name}_channel_constant"
+        gm.add_submodule(name, ChannelConstant(c, _kind(fn), constant_first=a_const, dim=axis))
+        with graph.inserting_after(n):
+            new = graph.call_module(name, (x,))
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        counts["channel_constants"] += 1
+
+    if any(counts.values()):
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+    return counts
