@@ -1284,5 +1284,5 @@ TECHNIQUE = register(Technique(
     apply=apply,
     needs_torch=False,  # ONNX Runtime quantizes the graph; only qat-int8 asks for the module
     final=True,
-    default_method="static-int8",
+    default_method="auto",  # static int8 for CNNs, dynamic int8 for transformers (auto_method)
 ))
