@@ -562,6 +562,9 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
     """``quantize_static`` in QDQ format, calibrated on ``calib`` (arrays in ``names`` order)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
+    if params.get("activation_type") == "int8" and params.get("weight_type") == "uint8":
+        raise TugboatError("static int8 with activation_type int8 needs weight_type int8 (ONNX "
+                           "Runtime has no kernels for int8 activations with uint8 weights)")
     calibration = params.get("calibration", "percentile")
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[
