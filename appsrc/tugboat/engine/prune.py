@@ -641,8 +641,8 @@ TECHNIQUE = register(Technique(
               choices=("uniform", "sensitivity"), methods=("structured",)),
         Param("finetune_epochs", "int", 2, "epochs of fine-tuning after pruning (0: none)",
               minimum=0, maximum=200, methods=_FT),
-        Param("lr", "float", 3e-3, "fine-tuning learning rate (cosine decay to 0 over the epochs)", minimum=1e-7, maximum=1.0,
-              log_scale=True, methods=_FT),
+        Param("lr", "float", 3e-3, "fine-tuning learning rate (cosine decay to 0 over the epochs)",
+              minimum=1e-7, maximum=1.0, log_scale=True, methods=_FT),
         Param("optimizer", "choice", "adamw", "fine-tuning optimizer", choices=OPTIMIZERS, methods=_FT),
         Param("teacher_weight", "float", 0.5, "share of the fine-tuning loss that copies the original "
               "(unpruned) model's outputs (distillation: KL on softened scores, MSE for other outputs); "

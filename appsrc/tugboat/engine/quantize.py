@@ -514,6 +514,26 @@ def _tmp() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="tugboat-quant-")
 
 
+def _symbolic_shapes_complete(model: onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime's symbolic shape inference gets every shape of ``model``.
+
+    Asked first because when it does not, ``SymbolicShapeInference.infer_shapes`` (inside
+    ``quant_pre_process``) saves ``sym_shape_infer_temp.onnx`` and its weights as ``<uuid>.data``
+    files into the current directory before raising: 90 MB of litter per MiniLM quantization."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        ssi._preprocess(_copy(model))
+        done = False
+        while ssi.run_:
+            done = ssi._infer_impl()
+        return bool(done)
+    except Exception as exc:  # an ONNX Runtime without these internals, or a graph it refuses
+        _LOG.debug("symbolic shape inference skipped: %s", exc)
+        return False
+
+
 def _prepared(model: onnx.ModelProto, tmp: Path) -> onnx.ModelProto:
     """``quant_pre_process`` (shape inference, constant folding) when it succeeds, else as-is."""
     from onnxruntime.quantization import quant_pre_process
@@ -523,7 +543,8 @@ def _prepared(model: onnx.ModelProto, tmp: Path) -> onnx.ModelProto:
     started = time.time()
     try:
         with _quiet():
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+            symbolic = _symbolic_shapes_complete(model)
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=not symbolic, auto_merge=True)
         return onnx.load(str(dst))
     except Exception as exc:  # an exotic graph: quantize without the pre-pass
         _LOG.debug("quant_pre_process skipped: %s", exc)
@@ -904,6 +925,26 @@ def error_by_layer(float_model: onnx.ModelProto, q: onnx.ModelProto, xs: list[np
     return out
 
 
+def _neighbourhood(model: onnx.ModelProto, ranking: list[dict[str, Any]], count: int) -> list[str]:
+    """``exclude`` names for the ``count`` nodes that add the most error, with the nodes on both
+    sides of their input tensors: a tensor stays quantized while any node next to it is."""
+    worst = {r["node"] for r in ranking[:count] if r["added_error"] > 0}
+    if not worst:
+        return []
+    producers = {o: n.name for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.name)
+    around = set(worst)
+    for n in model.graph.node:
+        if n.name in worst:
+            for i in n.input:
+                around.update(filter(None, [producers.get(i), *consumers.get(i, [])]))
+    name_of = {r["node"]: r["name"] for r in ranking}
+    return list(dict.fromkeys(name_of[r["node"]] for r in ranking if r["node"] in around))
+
+
 def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _CheckSet, method: str,
                     info: dict[str, Any], warn: list[str], redo) -> None:
     """Measure fidelity on the val split; when it is low, say so, find the layers that add the
@@ -917,32 +958,29 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
     msg = (f"low fidelity: {what} with the float model is {score['value']:.3f} on the "
            f"{check.split} split (below {score['threshold']:g})")
     ranking = error_by_layer(float_model, q, check.xs)
-    worst = list(dict.fromkeys(r["name"] for r in ranking if r["added_error"] > 0))[:3]
-    # a tensor stays quantized while the node on either side of it is: keep the nodes feeding
-    # the worst ones float too
-    producers = {o: n for n in float_model.graph.node for o in n.output}
-    by_node = {r["node"]: r for r in ranking}
-    feeding = []
-    for r in ranking:
-        if r["name"] in worst:
-            node = next(n for n in float_model.graph.node if n.name == r["node"])
-            feeding += [by_node[p.name]["name"] for i in node.input
-                        if (p := producers.get(i)) is not None and p.name in by_node]
-    worst = list(dict.fromkeys(worst + feeding))
     advice = []
-    if worst and redo is not None:
+    best = None  # (fidelity, names kept float)
+    for count in (3, 6, 12):  # widen until fidelity is back (each try is one quantization)
+        names = _neighbourhood(float_model, ranking, count)
+        if not names or redo is None or (best and names == best[1]):
+            break
         try:
-            better = _score(redo(worst), check)
+            trial = _score(redo(names), check)
         except Exception as exc:  # the advice is best effort; the variant stands
-            _LOG.debug("re-quantizing without %s failed: %s", worst, exc)
-            better = None
-        listed = ", ".join(f'"{w}"' for w in worst)
-        if better is not None:
-            info["fidelity_check"]["suggested_exclude"] = worst
-            info["fidelity_check"]["with_suggested_exclude"] = better["value"]
-            gain = "" if better["value"] > score["value"] else " (no better: the loss is spread out)"
-            advice.append(f"keeping the {len(worst)} layer(s) or node(s) that add the most error in float "
-                          f"gives {better['value']:.3f}{gain}: exclude = [{listed}]")
+            _LOG.debug("re-quantizing without %s failed: %s", names, exc)
+            break
+        if best is None or trial["value"] > best[0]:
+            best = (trial["value"], names)
+        if not trial["low"]:
+            break
+    if best is not None:
+        value, names = best
+        info["fidelity_check"]["suggested_exclude"] = names
+        info["fidelity_check"]["with_suggested_exclude"] = value
+        listed = ", ".join(f'"{w}"' for w in names)
+        gain = "" if value > score["value"] else " (no better: the loss is spread out)"
+        advice.append(f"keeping {len(names)} layer(s) or node(s) around those that add the most "
+                      f"error in float gives {value:.3f}{gain}: exclude = [{listed}]")
     if method in _STATIC:
         advice.append("max_accuracy_drop = 0.01 searches for the fewest layers to keep in float")
         advice.append("dynamic-int8 (what method \"auto\" picks for transformers) keeps "
