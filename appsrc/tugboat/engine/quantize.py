@@ -41,7 +41,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .data import Dataset
-from .errors import DataError, TugboatError
+from .errors import Cancelled, DataError, TugboatError
 from .models import ModelHandle
 from .progress import Progress, null_progress
 from .runtime import _cast, ort_session, run_onnx
@@ -966,6 +966,8 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
             break
         try:
             trial = _score(redo(names), check)
+        except Cancelled:
+            raise
         except Exception as exc:  # the advice is best effort; the variant stands
             _LOG.debug("re-quantizing without %s failed: %s", names, exc)
             break
@@ -1243,8 +1245,9 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
             q, info["calibration"] = _best_calibration(prepared, handle, calib, params, exclude, check,
                                                        progress.sub(0.05, 0.95))
             chosen = {**params, "calibration": info["calibration"]["method"]}
-            redo = (lambda extra: static_int8(prepared, handle.input_names, calib, chosen,
-                                              null_progress(), exclude=exclude + _nodes_for(prepared, extra)))
+            redo = (lambda extra: static_int8(prepared, handle.input_names, calib, chosen,  # cancellable
+                                              progress.sub(0.95, 1.0, "trying layers in float: "),
+                                              exclude=exclude + _nodes_for(prepared, extra)))
         info["quantized_nodes"] = _count(q, ("QuantizeLinear",))
     elif method == "dynamic-int8":
         with _tmp() as tmp:  # shape inference and constant folding: fewer, smaller nodes
