@@ -61,13 +61,15 @@ def standins():
             "standin-tinybert": lambda: mod.build_tinybert(epochs=3)}
 
 
-def corpus():
-    """Corpus entries the engine can quantize (ONNX or torch-loadable), when the tool exists."""
+def corpus(images: int = 0):
+    """Corpus entries the engine can quantize (ONNX or torch-loadable), when the tool exists.
+    ``images``: replace an ImageNet classifier's small data file by this many photo crops (more
+    rows make top-1 agreement less coarse; no labels, so quality is fidelity)."""
     tool = ROOT / "tools" / "real_models.py"
     if not tool.exists():
         return {}
     rm = _module("real_models", tool)
-    from tugboat.engine.data import load_data
+    from tugboat.engine.data import _make_dataset, load_data
     from tugboat.engine.models import load_model
 
     out = {}
@@ -79,7 +81,12 @@ def corpus():
             real = rm.materialise(name)
             handle = load_model(str(real.model), trust=True, arch=real.arch) if real.arch else \
                 load_model(str(real.model))
-            return handle, load_data(str(real.data), handle)
+            data = load_data(str(real.data), handle)
+            shape = next(iter(data.inputs.values())).shape[1:]
+            if images and entry.task == "classification" and len(data.inputs) == 1 and shape == (3, 224, 224):
+                data = _make_dataset(f"{real.data} + {images} photo crops",
+                                     {handle.input_names[0]: rm.imagenet_images(images, 224, seed=7)}, None)
+            return handle, data
 
         out[name] = load
     return out
@@ -187,11 +194,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="", help="comma-separated names (default: all available)")
     ap.add_argument("--no-corpus", action="store_true", help="stand-ins only")
+    ap.add_argument("--images", type=int, default=0,
+                    help="ImageNet classifiers: this many photo crops instead of the corpus data file")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for loading/training")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantization_real.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = {**({} if args.no_corpus else corpus()), **standins()}
+    models = {**({} if args.no_corpus else corpus(args.images)), **standins()}
     wanted = [m for m in args.models.split(",") if m] or list(models)
     unknown = [m for m in wanted if m not in models]
     if unknown:

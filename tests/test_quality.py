@@ -134,8 +134,11 @@ def test_transformer_with_everything_quantized_is_worse_than_the_default():
 
 def test_calibration_batches_are_equal_and_samples_beyond_the_calib_split_are_used():
     handle, data = _senet()[:2]
-    # 100 samples used to end in a batch of 4, which crashed entropy calibration
+    # 100 samples used to end in a batch of 4, which crashed entropy calibration: now 4 x 25
     out = _quantize(handle, data, method="static-int8", calibration="entropy", calibration_samples=100)
+    assert out.info["quantize"]["calibration_samples_used"] == 100
+    assert quantize.calib_batch(100) == 25 and quantize.calib_batch(97) == 32
+    out = _quantize(handle, data, method="static-int8", calibration="entropy", calibration_samples=97)
     assert out.info["quantize"]["calibration_samples_used"] == 96
     assert "whole batches of 32" in out.info["quantize"]["calibration_note"]
     notes: list[str] = []
@@ -145,7 +148,7 @@ def test_calibration_batches_are_equal_and_samples_beyond_the_calib_split_are_us
                     {"train": np.arange(40), "calib": np.arange(20), "val": np.arange(40, 50),
                      "test": np.arange(40, 50)})
     notes = []
-    assert len(quantize._calib_arrays(small, handle, 256, "static-int8", notes)[0]) == 32
+    assert len(quantize._calib_arrays(small, handle, 256, "static-int8", notes)[0]) == 40  # 2 x 20
     assert "the data has 40" in notes[0]
 
 
@@ -189,3 +192,18 @@ def test_pruned_half_recovers_within_two_points_in_two_epochs():
     assert info["batchnorm_recalibrated"] == 2 and info["teacher_weight"] == params["teacher_weight"]
     assert base - before > 0.1, (base, before)  # hard enough that pruning costs real accuracy
     assert base - after <= 0.02, (base, before, after)
+
+
+def test_old_opset_graph_gets_per_channel_static_int8():
+    from onnx import version_converter
+
+    handle, data = _senet()[:2]
+    old = version_converter.convert_version(handle.to_onnx(), 11)
+    assert quantize.opset_of(old) == 11
+    onnx_only = handle.derive(module=None, onnx_model=old)
+    # per-channel DequantizeLinear has an axis only from opset 13: ONNX Runtime refused the graph
+    out = _quantize(onnx_only, data, method="static-int8", calibration="minmax")
+    assert quantize.opset_of(out.onnx_model) >= 13
+    assert any(n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)
+               for n in out.onnx_model.graph.node)
+    assert out.info["quantize"]["fidelity_check"]["value"] >= 0.95

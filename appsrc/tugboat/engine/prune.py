@@ -500,7 +500,7 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
                     progress=progress, reference=reference,
                     classification=handle.task == "classification",
                     teacher_weight=float(params.get("teacher_weight", 0.0)),
-                    temperature=float(params.get("temperature", 1.0)),
+                    temperature=float(params.get("teacher_temperature", 1.0)),
                     augment=bool(params.get("augment", False)))
 
 
@@ -648,7 +648,7 @@ TECHNIQUE = register(Technique(
               "(unpruned) model's outputs (distillation: KL on softened scores, MSE for other outputs); "
               "the rest fits the labels. 0: labels only. Without labels it is always 1",
               minimum=0.0, maximum=1.0, methods=_FT),
-        Param("temperature", "float", 1.0, "softening of the original's class scores for "
+        Param("teacher_temperature", "float", 1.0, "softening of the original's class scores for "
               "distillation during fine-tuning (higher: more weight on near-miss classes)",
               minimum=1.0, maximum=20.0, methods=_FT),
         Param("augment", "bool", True, "shift images by up to a pixel during fine-tuning; the "

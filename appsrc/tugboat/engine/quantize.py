@@ -306,6 +306,28 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def at_least_opset(model: onnx.ModelProto, version: int = 13) -> tuple[onnx.ModelProto, str | None]:
+    """``model`` converted up to opset ``version`` when it is older (per-channel Quantize/
+    DequantizeLinear need opset 13: ONNX Runtime writes an ``axis`` the old opset does not know, and
+    the quantized graph is refused at load). Returns (model, None) or (model as-is, why not)."""
+    have = opset_of(model)
+    if not have or have >= version:
+        return model, None
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(model, version)
+        onnx.checker.check_model(converted)
+        return converted, None
+    except Exception as exc:
+        return model, (f"the model is opset {have} and could not be converted to opset {version} "
+                       f"({' '.join(str(exc).split())[:120]})")
+
+
 _WEIGHTED = {"Conv": "conv", "ConvTranspose": "conv", "MatMul": "linear", "Gemm": "linear",
              "Gather": "embedding", "LSTM": "recurrent", "GRU": "recurrent", "RNN": "recurrent"}
 
@@ -418,11 +440,11 @@ def _calib_arrays(data: Dataset | None, handle: ModelHandle, samples: int, metho
         raise DataError("has no calib or train samples to calibrate on", path=data.ref)
     available = len(idx)
     idx = idx[:samples]
-    whole = len(idx) - len(idx) % _CALIB_BATCH if len(idx) > _CALIB_BATCH else len(idx)
-    idx = idx[:whole]
+    batch = calib_batch(len(idx))
+    idx = idx[: len(idx) - len(idx) % batch]
     if notes is not None and len(idx) < samples:
         why = (f"the data has {available}" if available < samples
-               else f"whole batches of {_CALIB_BATCH}")
+               else f"whole batches of {batch}")
         notes.append(f"calibrated on {len(idx)} samples (asked for {samples}; {why})")
     return [_in_layout(data.inputs[spec.name][idx], spec) for spec in handle.inputs]
 
@@ -446,13 +468,23 @@ class _ModelLayout:
         return self.spec.to_model(self.array[index])
 
 
+def calib_batch(n: int) -> int:
+    """The calibration batch size for ``n`` rows: all batches must have the same size (ONNX
+    Runtime's histogram calibrators stack them), so the largest size from 8 to 32 that divides
+    ``n`` (``n`` itself up to 32); 32 when none does (the rows are then cut to whole batches)."""
+    if n <= _CALIB_BATCH:
+        return max(1, n)
+    return next((b for b in range(_CALIB_BATCH, 7, -1) if n % b == 0), _CALIB_BATCH)
+
+
 class _Reader:
     """An ONNX Runtime ``CalibrationDataReader`` over arrays, reporting progress per batch."""
 
     def __init__(self, names: list[str], arrays: list[np.ndarray], progress: Progress,
-                 batch: int = _CALIB_BATCH):
-        self.names, self.arrays, self.progress, self.batch = names, arrays, progress, batch
+                 batch: int | None = None):
         self.n = len(arrays[0])
+        self.names, self.arrays, self.progress = names, arrays, progress
+        self.batch = batch or calib_batch(self.n)
         self.i = 0
 
     def get_next(self):
@@ -1198,6 +1230,11 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     else:
         float_model = handle.to_onnx()
     float_model = constants_to_initializers(float_model)
+    if method in (*_INT8,) and params.get("per_channel", True):
+        float_model, why_not = at_least_opset(float_model, 13)
+        if why_not:
+            params = {**params, "per_channel": False}
+            warn.append(f"per-tensor weight scales: per-channel needs opset 13, and {why_not}")
     exclude = _resolve_names(float_model, exclude_names, "quantize.exclude") if exclude_names else []
     if method == "auto":
         method, why = auto_method(float_model)
