@@ -827,7 +827,7 @@ def _check_set(handle: ModelHandle, data: Dataset | None, float_model: onnx.Mode
     except DataError:
         return None
     xs_d, _ = data.split(split, limit=_CHECK_ROWS)
-    xs = [xs_d[n] for n in handle.input_names]
+    xs = [_in_layout(xs_d[spec.name], spec) for spec in handle.inputs]
     reference = _run(float_model, xs)
     classification = (handle.task == "classification" and reference.ndim == 2
                       and reference.shape[1] > 1)
@@ -835,7 +835,7 @@ def _check_set(handle: ModelHandle, data: Dataset | None, float_model: onnx.Mode
 
 
 def _run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None = None,
-         rows: int = 256) -> Any:
+         rows: int = _CHECK_ROWS) -> Any:
     sess = ort_session(model, 1)
     chunks: list[list[np.ndarray]] = []
     for i in range(0, len(xs[0]), rows):
@@ -922,7 +922,7 @@ def error_by_layer(float_model: onnx.ModelProto, q: onnx.ModelProto, xs: list[np
     if not nodes:
         return []
     wanted = sorted({t for _, ins, out in nodes for t in (*ins, out)})
-    small = [x[:rows] for x in xs]
+    small = [_ModelLayout(x.array[:rows], x.spec) if isinstance(x, _ModelLayout) else x[:rows] for x in xs]
 
     def expose(model):
         m = _copy(model)
