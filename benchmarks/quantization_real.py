@@ -190,6 +190,23 @@ def _line(r: dict) -> str:
             f"{r['seconds']:>6.1f} s{low}{chosen}")
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as the Markdown table docs/techniques/quantization.md shows."""
+    out = ["| model | config | chose | x smaller | fidelity | speed-up | quantize s | warned |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("config") == "float" and r.get("status", "ok") == "ok":
+            continue
+        if r.get("status", "ok") != "ok":
+            out.append(f"| {r['model']} | {r['config']} | | {r['status'][:60]} | | | | |")
+            continue
+        what = "top-1" if r["metric"] == "top1_agreement" else "cos"
+        low = "low fidelity" if any(w.startswith("low fidelity") for w in r.get("warnings", [])) else ""
+        out.append(f"| {r['model']} | {r['config']} | {r.get('chosen') or ''} | {r['size_ratio']:.2f} | "
+                   f"{what} {r['fidelity']:.3f} | {r['speedup']:.2f} | {r['seconds']:.0f} | {low} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="", help="comma-separated names (default: all available)")
@@ -198,7 +215,11 @@ def main(argv=None) -> int:
                     help="ImageNet classifiers: this many photo crops instead of the corpus data file")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for loading/training")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantization_real.json"))
+    ap.add_argument("--markdown", metavar="JSON", help="print the Markdown table of a results file and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())["rows"]))
+        return 0
     torch.set_num_threads(args.threads)
     models = {**({} if args.no_corpus else corpus(args.images)), **standins()}
     wanted = [m for m in args.models.split(",") if m] or list(models)
@@ -220,6 +241,7 @@ def main(argv=None) -> int:
            "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
+    print(markdown(rows))
     print(f"wrote {args.out}")
     return 0
 
