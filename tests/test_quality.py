@@ -207,3 +207,12 @@ def test_old_opset_graph_gets_per_channel_static_int8():
     assert any(n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)
                for n in out.onnx_model.graph.node)
     assert out.info["quantize"]["fidelity_check"]["value"] >= 0.95
+
+
+def test_histogram_calibration_on_a_masked_attention_range_says_what_to_do():
+    from tugboat.engine.errors import TugboatError
+
+    base = _bert()
+    ops = ["MatMul", "Gemm", "Gather", "Add", "Softmax"]  # the mask's most negative float included
+    with pytest.raises(TugboatError, match=r"too wide .*minmax"):
+        _quantize(base[0], base[1], method="static-int8", calibration="entropy", op_types=ops)

@@ -627,7 +627,7 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
         extra["CalibPercentile"] = 99.999  # ONNX Runtime's own default
     with _tmp() as tmp:
         out = Path(tmp) / "q.onnx"
-        with _quiet():
+        with _quiet(), _histogram_errors(calibration):
             quantize_static(
                 # a copy: ORT may move the tensors of the model it is given to external data
                 _copy(model), str(out), _calibration_reader(names, calib, progress),
@@ -641,6 +641,20 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
                 calibration_cache_path=None,
             )
         return onnx.load(str(out))
+
+
+@contextlib.contextmanager
+def _histogram_errors(calibration: str):
+    """ONNX Runtime's histogram calibrators fail with numpy's words on activations whose range is
+    astronomically wide (an attention mask's most negative float): say what it means."""
+    try:
+        yield
+    except ValueError as exc:
+        if "bins" not in str(exc) or calibration not in ("entropy", "percentile"):
+            raise
+        raise TugboatError(f"{calibration} calibration failed: an activation's range is too wide for "
+                           f"its histogram ({str(exc)[:80]}); use calibration = \"minmax\", or "
+                           f"method = \"auto\" / \"dynamic-int8\" for transformers") from None
 
 
 def dynamic_int8(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.ModelProto:
@@ -873,11 +887,17 @@ def _best_calibration(prepared: onnx.ModelProto, handle: ModelHandle, calib: lis
     methods = ["percentile", "minmax"] if asked == "auto" and check is not None else \
         ["percentile" if asked == "auto" else asked]
     best = None
-    tried: dict[str, float] = {}
+    tried: dict[str, float | None] = {}
     for i, cal in enumerate(methods):
         sub = progress.sub(i / len(methods), (i + 1) / len(methods), f"{cal} calibration: ")
-        q = static_int8(prepared, handle.input_names, calib, {**params, "calibration": cal}, sub,
-                        exclude=exclude)
+        try:
+            q = static_int8(prepared, handle.input_names, calib, {**params, "calibration": cal}, sub,
+                            exclude=exclude)
+        except TugboatError:
+            if len(methods) == 1 or (best is None and i == len(methods) - 1):
+                raise
+            tried[cal] = None  # e.g. percentile on an astronomically wide range: the other one
+            continue
         if len(methods) == 1:
             return q, {"method": cal, "asked": asked}
         score = _score(q, check)
