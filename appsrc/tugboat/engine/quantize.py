@@ -882,7 +882,7 @@ def _best_calibration(prepared: onnx.ModelProto, handle: ModelHandle, calib: lis
                       params: dict, exclude: list[str], check: _CheckSet | None, progress: Progress
                       ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Static int8 with the asked calibration, or with ``auto``: percentile and minmax both, the
-    one closer to the float model on the val split kept (percentile on a tie)."""
+    one closer to the float model on the val split kept (top-1 agreement, then cosine)."""
     asked = params.get("calibration", "auto")
     methods = ["percentile", "minmax"] if asked == "auto" and check is not None else \
         ["percentile" if asked == "auto" else asked]
@@ -902,8 +902,9 @@ def _best_calibration(prepared: onnx.ModelProto, handle: ModelHandle, calib: lis
             return q, {"method": cal, "asked": asked}
         score = _score(q, check)
         tried[cal] = score["value"]
-        if best is None or score["value"] > best[0]:
-            best = (score["value"], cal, q)
+        key = (score["value"], score["cosine"])  # ties in top-1 agreement: the closer outputs
+        if best is None or key > best[0]:
+            best = (key, cal, q)
     assert best is not None
     return best[2], {"method": best[1], "asked": asked, "tried": tried,
                      "metric": "top1_agreement" if check.classification else "cosine",
