@@ -128,7 +128,7 @@ def _latency(model, xs, batch: int, budget: float = 1.0) -> float:
     return float(np.median(times) * 1000)
 
 
-def bench(name: str, load, batch: int = 8) -> list[dict]:
+def bench(name: str, load, batch: int = 8, only: list[str] | None = None) -> list[dict]:
     handle, data = load()
     float_model = quantize.constants_to_initializers(handle.to_onnx())
     xs_d, _ = data.split("test", limit=256)
@@ -144,6 +144,7 @@ def bench(name: str, load, batch: int = 8) -> list[dict]:
              "size_ratio": 1.0, "metric": metric, "fidelity": 1.0, "latency_ms": round(f_lat, 3),
              "speedup": 1.0, "seconds": 0.0, "warnings": []}]
     configs = [f"tugboat:{m}" for m in TUGBOAT] + [f"ort:{c}" for c in ORT]
+    configs = [c for c in configs if not only or c in only]
     for config in configs:
         t0 = time.perf_counter()
         warnings: list[str] = []
@@ -215,6 +216,7 @@ def main(argv=None) -> int:
                     help="ImageNet classifiers: this many photo crops instead of the corpus data file")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for loading/training")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantization_real.json"))
+    ap.add_argument("--configs", default="", help="comma-separated configurations (default: all)")
     ap.add_argument("--markdown", metavar="JSON", help="print the Markdown table of a results file and exit")
     args = ap.parse_args(argv)
     if args.markdown:
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
     rows = []
     for name in wanted:
         try:
-            rows += bench(name, models[name])
+            rows += bench(name, models[name], only=[c for c in args.configs.split(",") if c])
         except Exception as exc:
             print(f"{name}: could not load or export: {' '.join(str(exc).split())[:200]}")
             rows.append({"model": name, "config": "float", "status": f"failed: {exc}"})
