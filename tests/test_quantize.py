@@ -58,8 +58,9 @@ def _ratio(base: Baseline, v) -> float:
 
 def test_registered_with_documented_params():
     tech = steps.get("quantize")
-    assert set(tech.methods) == {"dynamic-int8", "static-int8", "weight-only-int8",
+    assert set(tech.methods) == {"auto", "dynamic-int8", "static-int8", "weight-only-int8",
                                  "weight-only-int4", "fp16", "qat-int8"}
+    assert tech.default_method == "auto"
     assert tech.final and not tech.needs_torch
     for p in tech.params:
         assert len(p.help) > 20, p.name

@@ -61,8 +61,9 @@ _DEFLATE_REL = {
     2: (1.0, 0.879, 0.672, 0.398, 0.190, 0.105, 0.0),
     1: (1.0, 0.904, 0.726, 0.456, 0.232, 0.136, 0.0),
 }
-# bytes ONNX Runtime's quantizers add per quantized layer besides the weights (Q/DQ nodes, names)
-_PER_LAYER_BYTES = {"static": 1700, "dynamic": 1200, "weight-only": 100, "fp16": 200}
+# bytes ONNX Runtime's quantizers add per quantized layer besides the weights (Q/DQ nodes, names
+# shortened by quantize.compact)
+_PER_LAYER_BYTES = {"static": 300, "dynamic": 150, "weight-only": 100, "fp16": 200}
 _CALIBRATED = ("static-int8", "qat-int8")
 _NODE_DEFLATE = 0.35  # node protos with repetitive names deflate well
 
@@ -319,6 +320,12 @@ def _apply_step(profile: ModelProfile, state: _State, step: dict[str, Any]) -> b
     if tech == "quantize":
         if method == "qat-int8" and not profile.torch:
             return False
+        if method == "auto":  # as quantize.auto_method decides: where most weights sit
+            conv = sum(lay.weights() for lay in profile.layers if lay.op == "conv")
+            dense = sum(lay.weights() for lay in profile.layers if lay.op != "conv")
+            method = "static-int8" if conv >= dense else "dynamic-int8"
+            if method == "dynamic-int8" and not step.get("op_types"):
+                step = {**step, "op_types": ["MatMul"]}
         state.quant, state.quant_params = str(method), dict(step)
         exclude = list(step.get("exclude") or [])
         op_types = [str(o) for o in step.get("op_types") or []]
@@ -451,7 +458,7 @@ def estimate(profile: ModelProfile, steps: list[dict[str, Any]]) -> dict[str, An
             per_layer += _PER_LAYER_BYTES["fp16"]
         elif scheme == "static":
             per_ch = bool(state.quant_params.get("per_channel", True))
-            b = w + (5 * o if per_ch else 5) + 12 * bias  # bias: int32 + scale + zero point
+            b = w + (5 * o if per_ch else 5) + 8 * bias  # bias: int32 + scale (no zero point: compact())
             raw_compressed += w * _deflate_rel(st.sparsity, 1) + (b - w)
             n_params = w + bias  # scales and zero points are not parameters (models.onnx_param_count)
             n_nonzero = n_params - (w - nz_w)

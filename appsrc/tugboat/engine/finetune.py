@@ -3,8 +3,13 @@ distillation.
 
 With labels it trains with cross-entropy on the ``train`` split. Without labels it trains on soft
 targets: the original model's outputs for the same rows (``teacher_outputs``, or computed from
-``reference``), so the compressed model learns to agree with the original. Every batch checks for
-cancellation; every epoch publishes ``progress.record("epoch", ...)`` for the GUI's live curves.
+``reference``), so the compressed model learns to agree with the original. With labels and
+``teacher_weight > 0`` it does both: knowledge distillation from the original model (the same loss
+as :mod:`tugboat.engine.distill`: KL on temperature-softened logits for classifiers, MSE or cosine
+on other outputs) weighted ``teacher_weight``, cross-entropy on the labels for the rest. A pruned
+model recovers much faster copying its unpruned self than from hard labels alone: the original's
+soft outputs say which wrong classes are close. Every batch checks for cancellation; every epoch
+publishes ``progress.record("epoch", ...)`` for the GUI's live curves.
 """
 
 from __future__ import annotations
@@ -51,12 +56,43 @@ def outputs_for(module: nn.Module, data: Dataset, split: str, input_names: list[
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                      classification: bool = True) -> torch.Tensor:
-    """KL divergence between softened class distributions (classification) or MSE (other tasks)."""
+    """KL divergence between softened class distributions (classification) or MSE (other tasks):
+    :func:`tugboat.engine.distill.kd_loss` / ``output_loss``, the one implementation."""
+    from .distill import kd_loss, output_loss
+
     if not classification:
-        return F.mse_loss(student, teacher)
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, dim=-1), F.softmax(teacher / t, dim=-1),
-                    reduction="batchmean") * (t * t)
+        return output_loss("mse", student, teacher)
+    return kd_loss(student.reshape(len(student), -1), teacher.reshape(len(teacher), -1), temperature)
+
+
+def recalibrate_batchnorm(module: nn.Module, data: Dataset, input_names: list[str], split: str = "train",
+                          batches: int = 8, batch_size: int = 64) -> int:
+    """Re-estimate BatchNorm running statistics on ``batches`` batches of ``split`` (structured
+    pruning removes channels, so the statistics of the layers after them are stale). Returns the
+    number of BatchNorm layers reset; the weights are not touched."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms or data is None or not len(data.splits.get(split, ())):
+        return 0
+    saved = {m: m.momentum for m in norms}
+    was_training = module.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches seen
+    module.train()
+    try:
+        with torch.no_grad():
+            for i, (xs, _, _) in enumerate(data.batches(split, batch_size, names=input_names,
+                                                         shuffle=True, seed=123)):
+                if i >= batches:
+                    break
+                if len(xs[0]) > 1:  # batch-norm cannot train on a batch of one
+                    module(*xs)
+    finally:
+        for m, mom in saved.items():
+            m.momentum = mom
+        module.train(was_training)
+    return len(norms)
 
 
 def evaluate(module: nn.Module, data: Dataset, split: str, input_names: list[str],
@@ -80,12 +116,17 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
              teacher_outputs: np.ndarray | None = None, progress: Progress | None = None,
              split: str = "train", seed: int = 0, reference: nn.Module | None = None,
              classification: bool = True, temperature: float = 1.0,
-             trainable: list[nn.Parameter] | None = None) -> list[dict[str, Any]]:
+             trainable: list[nn.Parameter] | None = None,
+             teacher_weight: float = 0.0, augment: bool = False) -> list[dict[str, Any]]:
     """Train ``module`` in place for ``epochs`` epochs; returns one history row per epoch.
 
     ``teacher_outputs`` are the original model's outputs for the rows of ``split`` (in split
     order); with them and no labels the loss is a soft-target loss. ``reference`` (the original
     module) fills them in when missing and gives the per-epoch fidelity on the ``val`` split.
+    With labels, ``teacher_weight`` (0..1) is the share of the loss that distils from the
+    original (needs ``reference`` or ``teacher_outputs``); the rest is cross-entropy.
+    ``augment`` shifts image inputs (4-D float) by up to one pixel per batch; the ``reference``
+    module then labels the shifted images itself, so the teacher covers more than the rows seen.
     """
     progress = progress or null_progress()
     if epochs <= 0:
@@ -93,9 +134,18 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
     if data is None:
         raise DataError("fine-tuning needs data (a dataset with a training split)")
     use_labels = data.has_labels and classification
-    if teacher_outputs is None and reference is not None and not use_labels:
+    alpha = float(teacher_weight) if use_labels else 1.0
+    if not 0.0 <= alpha <= 1.0:
+        raise TugboatError(f"teacher_weight must be in [0, 1], got {teacher_weight}")
+    if use_labels and alpha > 0 and teacher_outputs is None and reference is None:
+        alpha = 0.0  # nothing to distil from
+    first = data.inputs[input_names[0]] if input_names else None
+    augment = bool(augment and first is not None and first.ndim == 4 and first.dtype.kind == "f")
+    online = augment and reference is not None and teacher_outputs is None \
+        and (not use_labels or alpha > 0)  # the teacher runs on each (shifted) batch
+    if teacher_outputs is None and reference is not None and (not use_labels or alpha > 0) and not online:
         teacher_outputs = outputs_for(reference, data, split, input_names)
-    if not use_labels and teacher_outputs is None:
+    if not use_labels and teacher_outputs is None and not online:
         raise DataError("fine-tuning without labels needs the original model's outputs as targets",
                         path=data.ref)
     if teacher_outputs is not None and len(teacher_outputs) != len(data.splits[split]):
@@ -116,7 +166,9 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
     n_batches = max(1, -(-n_rows // max(2, batch_size)))
     total = epochs * n_batches
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    extra = [teacher_outputs] if (teacher_outputs is not None and not use_labels) else None
+    distil = (teacher_outputs is not None or online) and (not use_labels or alpha > 0)
+    extra = [teacher_outputs] if distil and not online else None
+    rng = np.random.default_rng(seed)
     history: list[dict[str, Any]] = []
     step = 0
     for epoch in range(1, epochs + 1):
@@ -124,9 +176,20 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
         losses = []
         for xs, ys, ex in data.batches(split, batch_size, names=input_names, shuffle=True,
                                        seed=seed + epoch, extra=extra, training=True):
+            if augment:
+                dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))
+                if dy or dx:
+                    xs[0] = torch.roll(xs[0], shifts=(dy, dx), dims=(2, 3))
+            if online:
+                with torch.no_grad():
+                    t_out = reference(*xs)
+                ex = [(t_out[0] if isinstance(t_out, (tuple, list)) else t_out).float()]
             out = module(*xs)
             out = out[0] if isinstance(out, (tuple, list)) else out
-            if use_labels:
+            if use_labels and distil:
+                loss = alpha * soft_target_loss(out, ex[0], temperature, classification) \
+                    + (1.0 - alpha) * F.cross_entropy(out.reshape(len(ys), -1), ys)
+            elif use_labels:
                 loss = F.cross_entropy(out.reshape(len(ys), -1), ys)
             else:
                 loss = soft_target_loss(out, ex[0], temperature, classification)

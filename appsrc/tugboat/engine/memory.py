@@ -288,7 +288,7 @@ def step_phases(index: int, step: dict[str, Any], stats: ModelStats, data: Datas
         if method == "qat-int8":
             phases.append(_training(f"QAT in {where}", stats, int(step.get("batch_size", 64)),
                                     f"steps.{index}.batch_size", extra_models=1))
-        elif method == "static-int8":
+        elif method in ("static-int8", "auto"):  # auto calibrates when it picks static int8
             samples = int(step.get("calibration_samples", 256))
             if data is not None:
                 split = "calib" if len(data.splits.get("calib", ())) else "train"

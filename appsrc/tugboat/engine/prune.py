@@ -29,7 +29,15 @@ from torch import nn
 
 from .converted_graphs import ChannelConstant, channel_constant_pruner, normalise_for_pruning
 from .errors import RecipeError, TugboatError
-from .finetune import OPTIMIZERS, evaluate, finetune, frozen_copy, outputs_for, soft_target_loss
+from .finetune import (
+    OPTIMIZERS,
+    evaluate,
+    finetune,
+    frozen_copy,
+    outputs_for,
+    recalibrate_batchnorm,
+    soft_target_loss,
+)
 from .formatting import did_you_mean
 from .progress import Progress, null_progress
 from .steps import NO_CHANGE, Param, Technique, register
@@ -611,10 +619,15 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
     if data is None:
         handle.warnings.append("fine-tuning skipped: it needs data (give a dataset)")
         return []
+    # the original model is the teacher: its soft outputs recover a pruned model faster than
+    # labels alone (teacher_weight = 0: labels only)
     return finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=float(params["lr"]),
                     optimizer=params.get("optimizer", "adamw"), batch_size=int(params.get("batch_size", 64)),
                     progress=progress, reference=reference, seed=int(params.get("seed", 0)),
-                    classification=handle.task == "classification")
+                    classification=handle.task == "classification",
+                    teacher_weight=float(params.get("teacher_weight", 0.0)),
+                    temperature=float(params.get("teacher_temperature", 1.0)),
+                    augment=bool(params.get("augment", False)))
 
 
 def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ratios") -> dict[str, float]:
@@ -698,6 +711,9 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
             progress=progress.sub(0.35, 0.5, "pruning: "))
         _check_shapes(handle, original, model, example)
         unchanged = _param_count(model) == _param_count(original) and ratio > 0
+        recalibrated = 0
+        if not unchanged and params.get("recalibrate_bn", True) and data is not None:
+            recalibrated = recalibrate_batchnorm(model, data, handle.input_names)
         # fine-tuning a model that was not pruned would change it under a name that says "pruned"
         history = [] if unchanged else _finetune_after(handle, model, params, data, tune_progress, reference)
         before_ch, after_ch = _channels(original), _channels(model)
@@ -712,6 +728,8 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
             "kept_channels": {n: {"before": before_ch[n], "after": after_ch.get(n, before_ch[n])}
                               for n in before_ch},
             "per_layer_ratio": per_layer, "layer_ratios": overrides, "finetune": history,
+            "batchnorm_recalibrated": recalibrated,
+            "teacher_weight": float(params.get("teacher_weight", 0.0)) if history else None,
         }
         if rows is not None:
             info["sensitivity"] = rows
@@ -782,9 +800,21 @@ TECHNIQUE = register(Technique(
               "into the convolutions, as in every ONNX export, from drifting)", methods=("structured",)),
         Param("finetune_epochs", "int", 2, "epochs of fine-tuning after pruning (0: none)",
               minimum=0, maximum=200, methods=_FT),
-        Param("lr", "float", 1e-3, "fine-tuning learning rate", minimum=1e-7, maximum=1.0,
-              log_scale=True, methods=_FT),
+        Param("lr", "float", 3e-3, "fine-tuning learning rate (cosine decay to 0 over the epochs)",
+              minimum=1e-7, maximum=1.0, log_scale=True, methods=_FT),
         Param("optimizer", "choice", "adamw", "fine-tuning optimizer", choices=OPTIMIZERS, methods=_FT),
+        Param("teacher_weight", "float", 0.5, "share of the fine-tuning loss that copies the original "
+              "(unpruned) model's outputs (distillation: KL on softened scores, MSE for other outputs); "
+              "the rest fits the labels. 0: labels only. Without labels it is always 1",
+              minimum=0.0, maximum=1.0, methods=_FT),
+        Param("teacher_temperature", "float", 1.0, "softening of the original's class scores for "
+              "distillation during fine-tuning (higher: more weight on near-miss classes)",
+              minimum=1.0, maximum=20.0, methods=_FT),
+        Param("augment", "bool", True, "shift images by up to a pixel during fine-tuning; the "
+              "original model labels each shifted batch (more to learn from on small data sets)",
+              methods=_FT),
+        Param("recalibrate_bn", "bool", True, "re-estimate BatchNorm statistics on training data "
+              "right after pruning (the removed channels leave them stale)", methods=("structured",)),
         Param("batch_size", "int", 64, "fine-tuning batch size", minimum=1, maximum=8192, methods=_FT),
     ],
     apply=apply,

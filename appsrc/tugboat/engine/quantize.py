@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import io
 import logging
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +41,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .data import Dataset
-from .errors import DataError, TugboatError
+from .errors import Cancelled, DataError, TugboatError
 from .models import ModelHandle
 from .progress import Progress, null_progress
-from .runtime import ort_session, run_onnx
+from .runtime import _cast, ort_session, run_onnx
 from .steps import NO_CHANGE, Param, Technique, register
 
 METHODS = {
+    "auto": "int8 chosen per model kind: static-int8 for convolutional networks (fast int8 "
+            "convolutions), dynamic-int8 on MatMul/Gather weights for transformers, recurrent and "
+            "Linear-heavy models (static activation ranges hurt attention and LayerNorm outputs).",
     "dynamic-int8": "int8 weights, activations quantized at run time; no calibration data needed. "
                     "Good for Linear/MatMul-heavy models; often slower on convolutions.",
     "static-int8": "int8 weights and activations, ranges calibrated on the calibration split. "
@@ -60,9 +66,14 @@ METHODS = {
 }
 
 _STATIC = ("static-int8", "qat-int8")
-_CALIBRATED = _STATIC
+_CALIBRATED = (*_STATIC, "auto")
 _WEIGHT_ONLY = ("weight-only-int8", "weight-only-int4")
-_INT8 = ("dynamic-int8", "static-int8", "qat-int8")
+_INT8 = ("auto", "dynamic-int8", "static-int8", "qat-int8")
+CALIBRATIONS = ("auto", "percentile", "minmax", "entropy")
+# below these the variant says fidelity dropped (and what to try): top-1 agreement with the float
+# model for classifiers, mean cosine similarity of the outputs for everything else
+MIN_TOP1_AGREEMENT = 0.95
+MIN_COSINE = 0.99
 
 # operator types ONNX Runtime's quantizers know (onnxruntime.quantization.registry 1.32: the
 # integer-ops, QDQ and QLinear registries; Gemm becomes MatMul for dynamic int8): anything else
@@ -81,13 +92,20 @@ PARAMS = [
     Param("per_channel", "bool", True,
           "one scale per output channel instead of one per tensor: more accurate, slightly larger",
           methods=_INT8),
-    Param("calibration", "choice", "minmax",
-          "how activation ranges are chosen: minmax (full range), entropy (minimises information "
-          "loss, clips outliers) or percentile (clips the top 0.01%)",
-          choices=("minmax", "entropy", "percentile"), methods=_CALIBRATED),
+    Param("calibration", "choice", "auto",
+          "how activation ranges are chosen: percentile (clips the rarest 0.001% of values: robust "
+          "to the outliers SiLU, squeeze-excite and attention produce), minmax (full range), "
+          "entropy (minimises information loss), or auto: percentile and minmax both tried, the "
+          "one closer to the float model on the val split kept",
+          choices=CALIBRATIONS, methods=_CALIBRATED),
     Param("calibration_samples", "int", 256,
-          "samples of the calib split used to measure activation ranges (more: steadier ranges, "
-          "slower)", minimum=8, maximum=100000, methods=_CALIBRATED),
+          "samples used to measure activation ranges: the calib split first, then more rows of "
+          "the train split (more: steadier ranges, slower); the variant says how many were used",
+          minimum=8, maximum=100000, methods=_CALIBRATED),
+    Param("reduce_range", "choice", "auto",
+          "7-bit weights: avoids int16 overflow in the int8 kernels of x86 CPUs without VNNI "
+          "(auto: on exactly there), slightly less accurate", choices=("auto", "on", "off"),
+          methods=_CALIBRATED),
     Param("activation_type", "choice", "uint8",
           "storage type of quantized activations (uint8 suits ReLU outputs, int8 symmetric ones)",
           choices=("uint8", "int8"), methods=_CALIBRATED),
@@ -96,7 +114,8 @@ PARAMS = [
           choices=("int8", "uint8"), methods=_INT8),
     Param("op_types", "list", [],
           "operator types to quantize, e.g. [\"MatMul\", \"Gemm\"]; empty: every type the method "
-          "supports (set [\"MatMul\", \"Gemm\"] to keep slow int8 convolutions out of dynamic-int8)",
+          "supports (set [\"MatMul\", \"Gemm\"] to keep slow int8 convolutions out of dynamic-int8); "
+          "static-int8 on a transformer quantizes its weighted MatMul/Gemm/Gather layers only",
           methods=_INT8, choices=QUANTIZABLE_OPS),
     Param("exclude", "list", [],
           "layers kept in float: torch module names (e.g. \"classifier.3\") or ONNX node names",
@@ -104,7 +123,7 @@ PARAMS = [
     Param("max_accuracy_drop", "float", 0.0,
           "accuracy-aware exclusion: keep the most sensitive layers in float until accuracy on the "
           "val split drops at most this much (0.01 = 1 point); 0 turns it off",
-          minimum=0.0, maximum=0.5, methods=_STATIC),
+          minimum=0.0, maximum=0.5, methods=(*_STATIC, "auto")),
     Param("block_size", "int", 32,
           "weights per shared scale in weight-only quantization (power of two, at least 16): "
           "smaller blocks are more accurate and a little larger", minimum=16, maximum=256,
@@ -223,6 +242,57 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def compact(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+    """Make a quantized graph smaller without changing what it computes, in place.
+
+    ONNX Runtime's quantizers name every tensor they add after the tensor it quantizes
+    (``/blocks/blocks.4/se/expand/Conv_output_0_QuantizeLinear_Output``, its ``_scale`` and
+    ``_zero_point``): on a small or depthwise-heavy network those names weigh as much as the int8
+    weights. They become short ids; the names of the graph's inputs and outputs, of the source
+    model's tensors and of every node that existed in the source (the layers, mapped back to torch
+    modules by :func:`layer_of`) stay. All-zero zero points of int32 bias dequantization are
+    dropped (0 is the default), and the shape annotations the pre-pass added go (the runtime
+    infers them again). Graphs with subgraphs (If/Loop) keep their names: subgraphs may refer to
+    outer tensors by name."""
+    g = q.graph
+    del g.value_info[:]
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in g.node for a in n.attribute):
+        return q
+    keep = {i.name for i in g.input} | {o.name for o in g.output}
+    keep |= {i.name for i in source.graph.initializer} | {i.name for i in source.graph.input}
+    keep |= {o for n in source.graph.node for o in n.output}
+    source_nodes = {n.name for n in source.graph.node}
+    inits = {i.name: i for i in g.initializer}
+    # DequantizeLinear of int32 biases: a zero point of zeros is the default
+    for node in g.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[2] in inits:
+            zp = inits[node.input[2]]
+            if zp.data_type == onnx.TensorProto.INT32 and not numpy_helper.to_array(zp).any():
+                del node.input[2]
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    kept_inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            names[name] = f"q{len(names)}"
+        return names[name]
+
+    for init in g.initializer:
+        init.name = short(init.name)
+    for node in g.node:
+        node.input[:] = [short(i) for i in node.input]
+        node.output[:] = [short(o) for o in node.output]
+        if node.name not in source_nodes:
+            node.name = ""
+    return q
+
+
 def _with_meta(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
     """Carry the float model's ``tugboat`` metadata (input/output spec) to the quantized graph."""
     have = {p.key for p in q.metadata_props}
@@ -237,16 +307,176 @@ def weight_nodes(model: onnx.ModelProto, op_types=("Conv", "Gemm", "MatMul")) ->
     return [n for n in model.graph.node if n.op_type in op_types]
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Move the tensors of top-level ``Constant`` nodes into initializers (on a copy when there
+    are any): some exporters store weights that way, and ONNX Runtime's quantizers only see
+    initializers (``quantize_dynamic`` fails, ``quantize_static`` leaves them float)."""
+    consts = [n for n in model.graph.node if n.op_type == "Constant" and len(n.output) == 1
+              and n.attribute and n.attribute[0].name == "value"]
+    if not consts:
+        return model
+    model = _copy(model)
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1 and node.attribute \
+                and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def at_least_opset(model: onnx.ModelProto, version: int = 13) -> tuple[onnx.ModelProto, str | None]:
+    """``model`` converted up to opset ``version`` when it is older (per-channel Quantize/
+    DequantizeLinear need opset 13: ONNX Runtime writes an ``axis`` the old opset does not know, and
+    the quantized graph is refused at load). Returns (model, None) or (model as-is, why not)."""
+    have = opset_of(model)
+    if not have or have >= version:
+        return model, None
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(model, version)
+        onnx.checker.check_model(converted)
+        return converted, None
+    except Exception as exc:
+        return model, (f"the model is opset {have} and could not be converted to opset {version} "
+                       f"({' '.join(str(exc).split())[:120]})")
+
+
+_WEIGHTED = {"Conv": "conv", "ConvTranspose": "conv", "MatMul": "linear", "Gemm": "linear",
+             "Gather": "embedding", "LSTM": "recurrent", "GRU": "recurrent", "RNN": "recurrent"}
+
+
+def _weight_input(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> str | None:
+    """The initializer holding ``node``'s weights (the data of a Gather, the kernel otherwise)."""
+    slots = (0,) if node.op_type == "Gather" else (1, 0) if node.op_type in ("MatMul", "Gemm") else (1,)
+    for i in slots:
+        if i < len(node.input) and node.input[i] in inits and len(inits[node.input[i]].dims) >= 2:
+            return node.input[i]
+    return None
+
+
+def model_kind(model: onnx.ModelProto) -> dict[str, Any]:
+    """What a graph mostly is, from where its weights sit: ``conv`` (most weights in
+    convolutions), ``transformer`` (MatMul weights plus Softmax attention), ``recurrent``
+    (LSTM/GRU weights) or ``linear``; with the weight counts per kind."""
+    inits = {i.name: i for i in model.graph.initializer}
+    counts = {"conv": 0, "linear": 0, "embedding": 0, "recurrent": 0}
+    for node in model.graph.node:
+        kind = _WEIGHTED.get(node.op_type)
+        name = _weight_input(node, inits) if kind else None
+        if name:
+            counts[kind] += int(np.prod(inits[name].dims))
+    ops = {n.op_type for n in model.graph.node}
+    dense = counts["linear"] + counts["embedding"]
+    if counts["recurrent"] and counts["recurrent"] >= counts["conv"]:
+        kind = "recurrent"
+    elif counts["conv"] >= dense:
+        kind = "conv"
+    elif "Softmax" in ops and ("LayerNormalization" in ops or "ReduceMean" in ops or counts["embedding"]):
+        kind = "transformer"
+    else:
+        kind = "linear"
+    return {"kind": kind, "weights": counts}
+
+
+def auto_method(model: onnx.ModelProto) -> tuple[str, str]:
+    """(method, why) for ``method = "auto"``."""
+    kind = model_kind(model)["kind"]
+    if kind == "conv":
+        return "static-int8", ("a convolutional network: static int8 runs its convolutions as fast "
+                               "int8 kernels")
+    return "dynamic-int8", (f"a {kind} model: dynamic int8 on its MatMul/Gather weights keeps "
+                            f"activations in float, where attention and LayerNorm outliers would "
+                            f"lose fidelity with static ranges")
+
+
+# ops whose inputs stay float in static-int8 on a transformer; only layers with weights are
+# quantized (attention scores, Softmax and LayerNorm outputs have outliers static ranges clip)
+_TRANSFORMER_STATIC_OPS = ["MatMul", "Gemm", "Gather"]
+# dynamic-int8 chosen by "auto": weights of these ops; never ConvInteger (slow on CPUs)
+_AUTO_DYNAMIC_OPS = ["MatMul", "Gather", "LSTM", "Attention", "EmbedLayerNormalization"]
+
+
+def _static_plan(model: onnx.ModelProto, params: dict) -> tuple[dict, list[str], str | None]:
+    """Per-kind defaults for static-int8: (params, nodes to keep float, note)."""
+    if params.get("op_types") or model_kind(model)["kind"] != "transformer":
+        return params, [], None
+    inits = {i.name: i for i in model.graph.initializer}
+    keep = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name
+            and _weight_input(n, inits) is None]
+    note = ("a transformer: static int8 quantizes the layers with weights (MatMul/Gemm/Gather) and "
+            "keeps attention scores, Softmax and LayerNorm in float")
+    return {**params, "op_types": list(_TRANSFORMER_STATIC_OPS)}, keep, note
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI int8 dot products (None: not x86, or unknown)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return None
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _reduce_range(setting: str | bool) -> bool:
+    """7-bit weights where u8 x s8 products could overflow int16 (x86 without VNNI)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    return cpu_has_vnni() is False
+
+
 # --- calibration ---------------------------------------------------------------------------------
 
-def _calib_arrays(data: Dataset | None, handle: ModelHandle, samples: int, method: str
-                  ) -> list[np.ndarray]:
+def _calib_arrays(data: Dataset | None, handle: ModelHandle, samples: int, method: str,
+                  notes: list[str] | None = None) -> list[np.ndarray]:
+    """``samples`` rows for calibration: the calib split first, then further rows of the train
+    split when more are asked for than it holds (``default_splits`` puts 256 in calib), trimmed to
+    whole calibration batches (ONNX Runtime's histogram calibrators need equal batch shapes).
+    What was used, when it is not what was asked, goes into ``notes``."""
     if data is None:
         raise DataError(f"quantize {method} needs data to calibrate activation ranges; give a "
                         f"dataset (recipe 'data = ...')")
-    split = "calib" if len(data.splits.get("calib", ())) else "train"
-    xs, _ = data.split(split, limit=samples)
-    return [xs[spec.name] if spec.batch_axis == 0 else _ModelLayout(xs[spec.name], spec) for spec in handle.inputs]
+    rows = [np.asarray(data.splits.get(s, ()), dtype=np.int64) for s in ("calib", "train")]
+    idx = np.concatenate(rows) if any(len(r) for r in rows) else np.zeros(0, np.int64)
+    _, first = np.unique(idx, return_index=True)  # calib is a subset of train: no repeats
+    idx = idx[np.sort(first)]
+    if not len(idx):
+        raise DataError("has no calib or train samples to calibrate on", path=data.ref)
+    available = len(idx)
+    idx = idx[:samples]
+    batch = calib_batch(len(idx))
+    idx = idx[: len(idx) - len(idx) % batch]
+    if notes is not None and len(idx) < samples:
+        why = (f"the data has {available}" if available < samples
+               else f"whole batches of {batch}")
+        notes.append(f"calibrated on {len(idx)} samples (asked for {samples}; {why})")
+    return [_in_layout(data.inputs[spec.name][idx], spec) for spec in handle.inputs]
+
+
+def _in_layout(array: np.ndarray, spec):
+    """Sample-first rows as the model takes them (see :class:`_ModelLayout`)."""
+    return array if spec.batch_axis == 0 else _ModelLayout(array, spec)
 
 
 class _ModelLayout:
@@ -263,14 +493,24 @@ class _ModelLayout:
         return self.spec.to_model(self.array[index])
 
 
+def calib_batch(n: int) -> int:
+    """The calibration batch size for ``n`` rows: all batches must have the same size (ONNX
+    Runtime's histogram calibrators stack them), so the largest size from 8 to 32 that divides
+    ``n`` (``n`` itself up to 32); 32 when none does (the rows are then cut to whole batches)."""
+    if n <= _CALIB_BATCH:
+        return max(1, n)
+    return next((b for b in range(_CALIB_BATCH, 7, -1) if n % b == 0), _CALIB_BATCH)
+
+
 class _Reader:
     """An ONNX Runtime ``CalibrationDataReader`` over arrays, reporting progress per batch."""
 
     def __init__(self, names: list[str], arrays: list[np.ndarray], progress: Progress,
-                 batch: int = _CALIB_BATCH, *, fixed: bool = False):
-        self.names, self.arrays, self.progress, self.batch = names, arrays, progress, batch
+                 batch: int | None = None, *, fixed: bool = False):
         self.fixed = fixed  # the model takes exactly ``batch`` rows: a short last batch is filled
         self.n = len(arrays[0])
+        self.names, self.arrays, self.progress = names, arrays, progress
+        self.batch = batch or calib_batch(self.n)
         self.i = 0
 
     def get_next(self):
@@ -306,7 +546,7 @@ def _calibration_reader(names, arrays, progress, fixed: int | None = None):
     class Reader(_Reader, CalibrationDataReader):
         pass
 
-    return Reader(names, arrays, progress, fixed or _CALIB_BATCH, fixed=fixed is not None)
+    return Reader(names, arrays, progress, fixed, fixed=fixed is not None)
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:
@@ -337,7 +577,8 @@ def _quiet():
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        # the histogram calibrators print their progress to stdout
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -346,6 +587,26 @@ def _quiet():
 
 def _tmp() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="tugboat-quant-")
+
+
+def _symbolic_shapes_complete(model: onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime's symbolic shape inference gets every shape of ``model``.
+
+    Asked first because when it does not, ``SymbolicShapeInference.infer_shapes`` (inside
+    ``quant_pre_process``) saves ``sym_shape_infer_temp.onnx`` and its weights as ``<uuid>.data``
+    files into the current directory before raising: 90 MB of litter per MiniLM quantization."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        ssi._preprocess(_copy(model))
+        done = False
+        while ssi.run_:
+            done = ssi._infer_impl()
+        return bool(done)
+    except Exception as exc:  # an ONNX Runtime without these internals, or a graph it refuses
+        _LOG.debug("symbolic shape inference skipped: %s", exc)
+        return False
 
 
 def _prepared(model: onnx.ModelProto, tmp: Path) -> onnx.ModelProto:
@@ -357,7 +618,8 @@ def _prepared(model: onnx.ModelProto, tmp: Path) -> onnx.ModelProto:
     started = time.time()
     try:
         with _quiet():
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+            symbolic = _symbolic_shapes_complete(model)
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=not symbolic, auto_merge=True)
         return onnx.load(str(dst))
     except Exception as exc:  # an exotic graph: quantize without the pre-pass
         _LOG.debug("quant_pre_process skipped: %s", exc)
@@ -396,14 +658,19 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
     """``quantize_static`` in QDQ format, calibrated on ``calib`` (arrays in ``names`` order)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
+    if params.get("activation_type") == "int8" and params.get("weight_type") == "uint8":
+        raise TugboatError("static int8 with activation_type int8 needs weight_type int8 (ONNX "
+                           "Runtime has no kernels for int8 activations with uint8 weights)")
+    calibration = params.get("calibration", "percentile")
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[params.get("calibration", "minmax")]
+              "percentile": CalibrationMethod.Percentile}[
+        "percentile" if calibration == "auto" else calibration]
     extra = {"CalibMaxIntermediateOutputs": 64}
     if method == CalibrationMethod.Percentile:
-        extra["CalibPercentile"] = 99.99
+        extra["CalibPercentile"] = 99.999  # ONNX Runtime's own default
     with _tmp() as tmp:
         out = Path(tmp) / "q.onnx"
-        with _quiet():
+        with _quiet(), _histogram_errors(calibration):
             quantize_static(
                 # a copy: ORT may move the tensors of the model it is given to external data
                 _copy(model), str(out), _calibration_reader(names, calib, progress, _fixed_batch(model)),
@@ -413,9 +680,24 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
                 weight_type=_quant_type(params.get("weight_type", "int8")),
                 nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=exclude or None,
                 calibrate_method=method, extra_options=extra,
+                reduce_range=_reduce_range(params.get("reduce_range", "auto")),
                 calibration_cache_path=None,
             )
         return onnx.load(str(out))
+
+
+@contextlib.contextmanager
+def _histogram_errors(calibration: str):
+    """ONNX Runtime's histogram calibrators fail with numpy's words on activations whose range is
+    astronomically wide (an attention mask's most negative float): say what it means."""
+    try:
+        yield
+    except ValueError as exc:
+        if "bins" not in str(exc) or calibration not in ("entropy", "percentile"):
+            raise
+        raise TugboatError(f"{calibration} calibration failed: an activation's range is too wide for "
+                           f"its histogram ({str(exc)[:80]}); use calibration = \"minmax\", or "
+                           f"method = \"auto\" / \"dynamic-int8\" for transformers") from None
 
 
 def dynamic_int8(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.ModelProto:
@@ -577,6 +859,234 @@ def _accuracy_aware(handle: ModelHandle, float_model: onnx.ModelProto, calib, da
     info["final_accuracy"] = current["accuracy"]
     info["within_tolerance"] = base["accuracy"] - current["accuracy"] <= tol
     return q, info
+
+
+# --- fidelity: is the quantized model still the float model? ----------------------------------
+
+_CHECK_ROWS = 512
+
+
+@dataclass
+class _CheckSet:
+    """Held-out rows (val split) and the float model's outputs on them."""
+
+    split: str
+    xs: list[np.ndarray]
+    reference: np.ndarray
+    classification: bool
+
+
+def _check_set(handle: ModelHandle, data: Dataset | None, float_model: onnx.ModelProto) -> _CheckSet | None:
+    if data is None:
+        return None
+    try:
+        split = _eval_split(data)
+    except DataError:
+        return None
+    xs_d, _ = data.split(split, limit=_CHECK_ROWS)
+    xs = [_in_layout(xs_d[spec.name], spec) for spec in handle.inputs]
+    reference = _run(float_model, xs)
+    classification = (handle.task == "classification" and reference.ndim == 2
+                      and reference.shape[1] > 1)
+    return _CheckSet(split, xs, reference, classification)
+
+
+def _run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None = None,
+         rows: int = _CHECK_ROWS) -> Any:
+    sess = ort_session(model, 1)
+    chunks: list[list[np.ndarray]] = []
+    for i in range(0, len(xs[0]), rows):
+        feed = {s.name: _cast(x[i : i + rows], s.type) for s, x in zip(sess.get_inputs(), xs)}
+        chunks.append(sess.run(outputs, feed))
+    cols = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+    return cols if outputs is not None else cols[0]
+
+
+def fidelity_of(outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement and mean cosine similarity of ``outputs`` with ``reference`` (row-wise)."""
+    y = outputs.reshape(len(outputs), -1).astype(np.float64)
+    y0 = reference.reshape(len(reference), -1).astype(np.float64)
+    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(y0, axis=1)
+    cos = np.sum(y * y0, axis=1) / np.maximum(norms, 1e-12)
+    return {"top1_agreement": float(np.mean(y.argmax(1) == y0.argmax(1))),
+            "cosine": float(np.clip(cos.mean(), -1.0, 1.0))}
+
+
+def _score(q: onnx.ModelProto, check: _CheckSet) -> dict[str, Any]:
+    f = fidelity_of(_run(q, check.xs), check.reference)
+    metric = "top1_agreement" if check.classification else "cosine"
+    low = MIN_TOP1_AGREEMENT if check.classification else MIN_COSINE
+    return {"split": check.split, "metric": metric, "value": f[metric], "threshold": low,
+            "top1_agreement": f["top1_agreement"] if check.classification else None,
+            "cosine": f["cosine"], "low": f[metric] < low}
+
+
+def _best_calibration(prepared: onnx.ModelProto, handle: ModelHandle, calib: list[np.ndarray],
+                      params: dict, exclude: list[str], check: _CheckSet | None, progress: Progress
+                      ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Static int8 with the asked calibration, or with ``auto``: percentile and minmax both, the
+    one closer to the float model on the val split kept (top-1 agreement, then cosine)."""
+    asked = params.get("calibration", "auto")
+    methods = ["percentile", "minmax"] if asked == "auto" and check is not None else \
+        ["percentile" if asked == "auto" else asked]
+    best = None
+    tried: dict[str, float | None] = {}
+    for i, cal in enumerate(methods):
+        sub = progress.sub(i / len(methods), (i + 1) / len(methods), f"{cal} calibration: ")
+        try:
+            q = static_int8(prepared, handle.input_names, calib, {**params, "calibration": cal}, sub,
+                            exclude=exclude)
+        except TugboatError:
+            if len(methods) == 1 or (best is None and i == len(methods) - 1):
+                raise
+            tried[cal] = None  # e.g. percentile on an astronomically wide range: the other one
+            continue
+        if len(methods) == 1:
+            return q, {"method": cal, "asked": asked}
+        score = _score(q, check)
+        tried[cal] = score["value"]
+        key = (score["value"], score["cosine"])  # ties in top-1 agreement: the closer outputs
+        if best is None or key > best[0]:
+            best = (key, cal, q)
+    assert best is not None
+    return best[2], {"method": best[1], "asked": asked, "tried": tried,
+                     "metric": "top1_agreement" if check.classification else "cosine",
+                     "split": check.split}
+
+
+def _nodes_for(model: onnx.ModelProto, layers: list[str]) -> list[str]:
+    """Node names of ``model`` for layer or node names (unknown ones skipped)."""
+    out: list[str] = []
+    for name in layers:
+        out += [n.name for n in model.graph.node if n.name and (n.name == name or layer_of(n.name) == name)]
+    return out
+
+
+def error_by_layer(float_model: onnx.ModelProto, q: onnx.ModelProto, xs: list[np.ndarray],
+                   rows: int = 64) -> list[dict[str, Any]]:
+    """How much output error each node of the float graph adds in ``q``: the relative error of
+    its output against the float model minus the largest relative error of its inputs, on
+    ``rows`` samples, largest first. One run of each model with the tensors exposed as outputs.
+
+    Rows: ``{"node", "layer", "name", "op_type", "error_in", "error_out", "added_error"}``, where
+    ``name`` is what ``exclude`` takes: the torch layer for nodes with weights, else the node."""
+    inits = {i.name: i for i in float_model.graph.initializer}
+    q_tensors = {o for n in q.graph.node for o in n.output} | {i.name for i in q.graph.input}
+    f_types = {v.name: v.type.tensor_type.elem_type for v in
+               [*float_model.graph.value_info, *float_model.graph.output, *float_model.graph.input]}
+    nodes = []
+    for node in float_model.graph.node:
+        if not node.name or not node.output or node.output[0] not in q_tensors:
+            continue
+        if f_types.get(node.output[0], onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            continue
+        ins = [i for i in node.input if i and i not in inits and i in q_tensors
+               and f_types.get(i, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+        nodes.append((node, ins, node.output[0]))
+    if not nodes:
+        return []
+    wanted = sorted({t for _, ins, out in nodes for t in (*ins, out)})
+    small = [_ModelLayout(x.array[:rows], x.spec) if isinstance(x, _ModelLayout) else x[:rows] for x in xs]
+
+    def expose(model):
+        m = _copy(model)
+        have = {o.name for o in m.graph.output}
+        for t in wanted:
+            if t not in have:
+                m.graph.output.append(helper.make_empty_tensor_value_info(t))
+        return m
+
+    try:
+        f_out = dict(zip(wanted, _run(expose(float_model), small, wanted)))
+        q_out = dict(zip(wanted, _run(expose(q), small, wanted)))
+    except Exception as exc:  # a graph ORT will not run with extra outputs: no ranking
+        _LOG.debug("per-layer error skipped: %s", exc)
+        return []
+
+    @functools.cache
+    def rel(t: str) -> float:
+        a, b = np.asarray(q_out[t], np.float64), np.asarray(f_out[t], np.float64)
+        if a.shape != b.shape or b.dtype.kind != "f":
+            return 0.0
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+    out = []
+    for n, ins, o in nodes:
+        before = max((rel(i) for i in ins), default=0.0)
+        weighted = _weight_input(n, inits) is not None
+        out.append({"node": n.name, "layer": layer_of(n.name), "op_type": n.op_type,
+                    "name": layer_of(n.name) if weighted else n.name,
+                    "error_in": before, "error_out": rel(o), "added_error": rel(o) - before})
+    out.sort(key=lambda r: r["added_error"], reverse=True)
+    return out
+
+
+def _neighbourhood(model: onnx.ModelProto, ranking: list[dict[str, Any]], count: int) -> list[str]:
+    """``exclude`` names for the ``count`` nodes that add the most error, with the nodes on both
+    sides of their input tensors: a tensor stays quantized while any node next to it is."""
+    worst = {r["node"] for r in ranking[:count] if r["added_error"] > 0}
+    if not worst:
+        return []
+    producers = {o: n.name for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.name)
+    around = set(worst)
+    for n in model.graph.node:
+        if n.name in worst:
+            for i in n.input:
+                around.update(filter(None, [producers.get(i), *consumers.get(i, [])]))
+    name_of = {r["node"]: r["name"] for r in ranking}
+    return list(dict.fromkeys(name_of[r["node"]] for r in ranking if r["node"] in around))
+
+
+def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _CheckSet, method: str,
+                    info: dict[str, Any], warn: list[str], redo) -> None:
+    """Measure fidelity on the val split; when it is low, say so, find the layers that add the
+    most error, try keeping them in float, and offer what worked (``exclude`` / accuracy-aware)."""
+    score = _score(q, check)
+    info["fidelity_check"] = {k: score[k] for k in ("split", "metric", "value", "threshold",
+                                                     "top1_agreement", "cosine")}
+    if not score["low"]:
+        return
+    what = "top-1 agreement" if score["metric"] == "top1_agreement" else "cosine similarity"
+    msg = (f"low fidelity: {what} with the float model is {score['value']:.3f} on the "
+           f"{check.split} split (below {score['threshold']:g})")
+    ranking = error_by_layer(float_model, q, check.xs)
+    advice = []
+    best = None  # (fidelity, names kept float)
+    for count in (3, 6, 12):  # widen until fidelity is back (each try is one quantization)
+        names = _neighbourhood(float_model, ranking, count)
+        if not names or redo is None or (best and names == best[1]):
+            break
+        try:
+            trial = _score(redo(names), check)
+        except Cancelled:
+            raise
+        except Exception as exc:  # the advice is best effort; the variant stands
+            _LOG.debug("re-quantizing without %s failed: %s", names, exc)
+            break
+        if best is None or trial["value"] > best[0]:
+            best = (trial["value"], names)
+        if not trial["low"]:
+            break
+    if best is not None:
+        value, names = best
+        info["fidelity_check"]["suggested_exclude"] = names
+        info["fidelity_check"]["with_suggested_exclude"] = value
+        listed = ", ".join(f'"{w}"' for w in names)
+        gain = "" if value > score["value"] else " (no better: the loss is spread out)"
+        advice.append(f"keeping {len(names)} layer(s) or node(s) around those that add the most "
+                      f"error in float gives {value:.3f}{gain}: exclude = [{listed}]")
+    if method in _STATIC:
+        advice.append("max_accuracy_drop = 0.01 searches for the fewest layers to keep in float")
+        advice.append("dynamic-int8 (what method \"auto\" picks for transformers) keeps "
+                      "activations in float")
+    elif method == "dynamic-int8":
+        advice.append("weight-only-int8 or fp16 keep activations and compute closer to float")
+    info["fidelity_check"]["ranking"] = ranking[:10]
+    warn.append(msg + ("; " + "; ".join(advice) if advice else ""))
 
 
 # --- quantization-aware training ---------------------------------------------------------------
@@ -784,14 +1294,40 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         progress = progress.sub(0.7, 1.0)
     else:
         float_model = handle.to_onnx()
+    float_model = constants_to_initializers(float_model)
+    if method in (*_INT8,) and params.get("per_channel", True):
+        float_model, why_not = at_least_opset(float_model, 13)
+        if why_not:
+            params = {**params, "per_channel": False}
+            warn.append(f"per-tensor weight scales: per-channel needs opset 13, and {why_not}")
     exclude = _resolve_names(float_model, exclude_names, "quantize.exclude") if exclude_names else []
+    if method == "auto":
+        method, why = auto_method(float_model)
+        info["auto"] = {"method": method, "why": why}
+        if method == "dynamic-int8" and not params.get("op_types"):
+            params = {**params, "op_types": list(_AUTO_DYNAMIC_OPS)}
+    check = _check_set(handle, data, float_model if method != "qat-int8" else handle.to_onnx())
 
     module_out = None
+    q = None
+    redo = None  # redo(extra nodes kept float) -> quantized graph: to try the low-fidelity advice
+    quantized_from = float_model  # the graph the quantizer was given (names kept by compact())
     if method in _STATIC:
-        calib = _calib_arrays(data, handle, params["calibration_samples"], method)
+        notes: list[str] = []
+        calib = _calib_arrays(data, handle, params["calibration_samples"], method, notes)
         with _tmp() as tmp:
             prepared = _prepared(float_model, Path(tmp))
+        float_model = prepared
+        quantized_from = prepared
         exclude = _resolve_names(prepared, exclude_names, "quantize.exclude") if exclude_names else []
+        params, keep_float, plan = _static_plan(prepared, params)
+        if plan:
+            info["plan"] = plan
+        exclude = exclude + [n for n in keep_float if n not in exclude]
+        info["calibration_samples_used"] = len(calib[0])
+        if notes:
+            info["calibration_note"] = "; ".join(notes)
+            warn.extend(n for n in notes if "the data has" in n)
         if params.get("max_accuracy_drop", 0.0) > 0:
             q, aware = _accuracy_aware(handle, prepared, calib, data, params, exclude,
                                        progress.sub(0.05, 1.0))
@@ -808,17 +1344,24 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
                 warn.append("accuracy-aware quantization could not reach the tolerance even with "
                             "every layer in float")
         else:
-            q = static_int8(prepared, handle.input_names, calib, params, progress.sub(0.05, 1.0),
-                            exclude=exclude)
+            q, info["calibration"] = _best_calibration(prepared, handle, calib, params, exclude, check,
+                                                       progress.sub(0.05, 0.95))
+            chosen = {**params, "calibration": info["calibration"]["method"]}
+            redo = (lambda extra: static_int8(prepared, handle.input_names, calib, chosen,  # cancellable
+                                              progress.sub(0.95, 1.0, "trying layers in float: "),
+                                              exclude=exclude + _nodes_for(prepared, extra)))
         info["quantized_nodes"] = _count(q, ("QuantizeLinear",))
     elif method == "dynamic-int8":
-        work = gemm_to_matmul(float_model)
+        with _tmp() as tmp:  # shape inference and constant folding: fewer, smaller nodes
+            float_model = _prepared(float_model, Path(tmp))
+        work = quantized_from = gemm_to_matmul(float_model)
         exclude = _resolve_names(work, exclude_names, "quantize.exclude") if exclude_names else []
         progress.update(0.2, "quantizing weights")
         if params.get("runtime") == "torch" and not params.get("op_types"):
             # torch dynamic int8 covers Linear only: the ONNX equivalent quantizes MatMul only
             params = {**params, "op_types": ["MatMul"]}
         q = dynamic_int8(work, params, exclude)
+        redo = (lambda extra, p=params: dynamic_int8(work, p, exclude + _nodes_for(work, extra)))
         if params.get("runtime") == "torch":
             module_out = torch_dynamic_int8(handle.torch_module(), exclude_names)
         if _count(q, ("ConvInteger",)):
@@ -828,10 +1371,11 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
                         "avoid it")
     elif method in _WEIGHT_ONLY:
         bits = 8 if method == "weight-only-int8" else 4
-        work = gemm_to_matmul(float_model)
+        work = quantized_from = gemm_to_matmul(float_model)
         exclude = _resolve_names(work, exclude_names, "quantize.exclude") if exclude_names else []
         progress.update(0.2, f"quantizing MatMul weights to {bits} bits")
         q = weight_only(work, bits, params, exclude)
+        redo = lambda extra: weight_only(work, bits, params, exclude + _nodes_for(work, extra))
         done = _count(q, ("MatMulNBits",))
         left = [layer_of(n.name) for n in weight_nodes(q, ("Conv", "ConvTranspose"))]
         info["quantized_layers"] = done
@@ -845,9 +1389,14 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     elif method == "fp16":
         progress.update(0.2, "converting to float16")
         q = fp16(float_model, params, exclude)
+        redo = lambda extra: fp16(float_model, params, exclude + _nodes_for(float_model, extra))
     else:  # pragma: no cover - validated by the registry
         raise TugboatError(f"unknown quantize method {method!r}")
     progress.check()
+    q = compact(q, quantized_from)
+    if check is not None and not info.get("accuracy_aware"):
+        progress.update(0.97, "checking fidelity to the float model")
+        _fidelity_check(q, float_model, check, method, info, warn, redo)
     q = _with_meta(q, float_model)
     try:
         onnx.checker.check_model(q)
@@ -885,5 +1434,5 @@ TECHNIQUE = register(Technique(
     apply=apply,
     needs_torch=False,  # ONNX Runtime quantizes the graph; only qat-int8 asks for the module
     final=True,
-    default_method="static-int8",
+    default_method="auto",  # static int8 for CNNs, dynamic int8 for transformers (auto_method)
 ))
