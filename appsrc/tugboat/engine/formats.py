@@ -217,8 +217,17 @@ def make_editable(handle: ModelHandle) -> ModelHandle:
                               input_names=handle.input_names, output_names=out_names,
                               dynamic_axes=dynamic, do_constant_folding=True)
     except Exception as exc:
-        raise ModelLoadError(f"could not convert the {handle.format} model to ONNX, the path that makes it "
-                             f"editable ({_short(exc, 300)})", path=handle.source) from None
+        why = f"could not convert the {handle.format} model to ONNX, the path that makes it editable " \
+              f"({_short(exc, 300)})"
+        if not isinstance(original, torch.jit.ScriptModule):
+            raise ModelLoadError(why, path=handle.source) from None
+        # e.g. a torch dynamic-int8 module (quantized::linear_dynamic has no ONNX export): it still runs
+        # and measures in torch as it is; techniques that edit it or need its ONNX say why
+        handle.module, handle.pending, handle.conversion_error = original, None, why
+        handle.outputs = [TensorSpec(n, ("batch", *o.shape[1:]), str(o.dtype).replace("torch.", ""))
+                          for n, o in zip(out_names, outs)]
+        handle.warnings.append(f"runs in torch only: {why}")
+        return handle
     model = onnx.load_from_string(buf.getvalue())
     _check_other_batch(handle, model)
     handle.onnx_model = model
