@@ -279,14 +279,14 @@ def _isolated_model(float_model: onnx.ModelProto, q_model: onnx.ModelProto, node
         if q is not None and q.op_type == "QuantizeLinear":
             dq_in = f"{q.output[0]}__iso{k}"
             added.append(helper.make_node("QuantizeLinear", [target.input[k], *q.input[1:]], [dq_in],
-                                          name=f"{q.name}__iso{k}", domain=q.domain))
+                                          name=f"{node_name}__iso_q{k}", domain=q.domain))
             added[-1].attribute.extend(q.attribute)
             need(q.input[1:])
         else:
             need([dq_in])
         out = f"{dq.output[0]}__iso{k}"
         added.append(helper.make_node("DequantizeLinear", [dq_in, *dq.input[1:]], [out],
-                                      name=f"{dq.name}__iso{k}", domain=dq.domain))
+                                      name=f"{node_name}__iso_dq{k}", domain=dq.domain))
         added[-1].attribute.extend(dq.attribute)
         need(dq.input[1:])
         target.input[k] = out
@@ -300,10 +300,10 @@ def _isolated_model(float_model: onnx.ModelProto, q_model: onnx.ModelProto, node
             final = target.output[0]
             target.output[0] = raw
             added.append(helper.make_node("QuantizeLinear", [raw, *q_out.input[1:]], [qt],
-                                          name=f"{q_out.name}__iso", domain=q_out.domain))
+                                          name=f"{node_name}__iso_q_out", domain=q_out.domain))
             added[-1].attribute.extend(q_out.attribute)
             added.append(helper.make_node("DequantizeLinear", [qt, *dq_out.input[1:]], [final],
-                                          name=f"{dq_out.name}__iso", domain=dq_out.domain))
+                                          name=f"{node_name}__iso_dq_out", domain=dq_out.domain))
             added[-1].attribute.extend(dq_out.attribute)
             need([*q_out.input[1:], *dq_out.input[1:]])
     g.node.extend(added)
@@ -320,17 +320,46 @@ def _isolated_model(float_model: onnx.ModelProto, q_model: onnx.ModelProto, node
     return toposort(m)
 
 
-def _layer_output(node: onnx.NodeProto, q_acts: dict[str, np.ndarray]) -> tuple[str, str]:
+class _Graphs:
+    """Lookups that line a quantized graph's nodes up with the float graph's, by node name (QDQ
+    quantizers keep node names; the tensor names may be shortened when the variant is compacted)."""
+
+    def __init__(self, float_model: onnx.ModelProto, q_model: onnx.ModelProto) -> None:
+        self.float_nodes = {n.name: n for n in float_model.graph.node if n.name}
+        self.q_names = {n.name for n in q_model.graph.node}
+        self.f_consumers = _consumers(float_model)
+        self.q_consumers = _consumers(q_model)
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _layer_output(node: onnx.NodeProto, q_acts: dict[str, np.ndarray], graphs: _Graphs) -> tuple[str, str]:
     """(float tensor name, quantized graph tensor to compare with it) for a node's output.
 
     What the next layer reads is compared: the DequantizeLinear output when the output is
-    quantized. ONNX Runtime fuses a following Relu into the Q/DQ pair (the node then writes the
-    Relu's tensor name, unclipped, and the uint8 zero point clips it), so only the post-QDQ tensor
-    matches the float graph's."""
+    quantized. ONNX Runtime fuses a following Relu into the Q/DQ pair (the Relu node is gone and the
+    uint8 zero point clips), so then the float graph's Relu output is the matching tensor."""
     out = node.output[0]
-    fname = _float_name(out)
-    post = out + _DQ_SUFFIX
-    return fname, post if post in q_acts else out
+    seen = out + _DQ_SUFFIX if out + _DQ_SUFFIX in q_acts else out
+    q = next((c for c in graphs.q_consumers.get(out, []) if c.op_type == "QuantizeLinear"), None)
+    if q is not None:
+        dq = next((c for c in graphs.q_consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"), None)
+        if dq is not None and dq.output[0] in q_acts:
+            seen = dq.output[0]
+    twin = graphs.float_nodes.get(node.name)
+    if twin is None:
+        return _float_name(out), seen
+    fname = twin.output[0]
+    after = graphs.f_consumers.get(fname, [])
+    if len(after) == 1 and after[0].op_type == "Relu" and after[0].name not in graphs.q_names:
+        fname = after[0].output[0]  # the Relu folded into the variant's Q/DQ pair
+    return fname, seen
 
 
 def _float_name(name: str) -> str:
@@ -390,6 +419,7 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
     float_out = _run(float_model, xs)[0]
     q_out = _run(q_model, xs)[0]
     float_nodes = {n.name for n in float_model.graph.node}
+    graphs = _Graphs(float_model, q_model)
     has_qdq = any(n.op_type == "DequantizeLinear" for n in q_model.graph.node)
     dq_outputs = {n.output[0] for n in q_model.graph.node if n.op_type == "DequantizeLinear"}
     if not has_qdq:
@@ -408,7 +438,7 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
             continue
         if not has_qdq and node.op_type not in _COMPUTE:
             continue
-        fname, seen = _layer_output(node, q_acts)
+        fname, seen = _layer_output(node, q_acts, graphs)
         if fname not in f_acts or seen not in q_acts or f_acts[fname].shape != q_acts[seen].shape:
             continue
         candidates.append(node)
@@ -426,7 +456,7 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
     for k, node in enumerate(candidates):
         progress.update(0.25 + 0.55 * k / len(candidates),
                         f"layer {k + 1}/{len(candidates)}: {layer_of(node.name)}")
-        fname, seen = _layer_output(node, q_acts)
+        fname, seen = _layer_output(node, q_acts, graphs)
         acc = errors(f_acts[fname], q_acts[seen])
         input_sqnr = [qdq_err[i[: -len(_DQ_SUFFIX)]] for i in node.input
                       if i.endswith(_DQ_SUFFIX) and i[: -len(_DQ_SUFFIX)] in qdq_err]
