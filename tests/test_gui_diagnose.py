@@ -67,6 +67,7 @@ def test_diagnose_ranks_the_bad_layer_and_keep_in_float_recovers(qtbot, window, 
     base_acc = window.store.baseline.metrics["accuracy"]
 
     panel = window.show_panel("quantize")
+    panel.method_combo.setCurrentIndex(panel.method_combo.findData("static-int8"))  # the default is auto
     assert panel.method == "static-int8"
     panel.set_value("calibration_samples", 64)
     panel.run_button.click()
