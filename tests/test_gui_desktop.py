@@ -127,8 +127,11 @@ def test_file_dialogs_start_in_the_folder_last_used(qtbot, window, model_file, t
         return str(model_file), file_filter
 
     monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(fake_open))
-    window.open_model_dialog()
-    window.open_model_dialog()
+    for _ in range(2):  # File > Open model... and its "File..." button, as the user clicks them
+        dialog = window.make_open_dialog()
+        dialog._on_browse_clicked()
+        assert dialog.values()[0] == str(model_file)
+        dialog.deleteLater()
     assert asked[0] == "" and asked[1] == str(model_file.parent)
     # kept in the settings: a new window starts there too
     assert load_settings().dialog_dirs["models"] == str(model_file.parent)
