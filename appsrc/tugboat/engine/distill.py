@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import DataError, NumericalError, TugboatError
-from .finetune import make_optimizer
+from .finetune import kd_loss, make_optimizer, output_loss
 from .progress import Progress, null_progress
 from .runtime import eval_mode
 from .steps import Param, Technique, register
@@ -195,20 +195,6 @@ def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out
 
 
 # --- losses ------------------------------------------------------------------------------------
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch."""
-    t = float(temperature)
-    return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
-                    reduction="batchmean", log_target=True) * (t * t)
-
-
-def output_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    s, t = student.reshape(len(student), -1), teacher.reshape(len(teacher), -1)
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
-    return F.mse_loss(s, t)
-
 
 class FeatureProjection(nn.Module):
     """Maps a student feature onto the teacher's feature shape (learned; dropped after training)."""

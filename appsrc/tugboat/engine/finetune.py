@@ -54,12 +54,24 @@ def outputs_for(module: nn.Module, data: Dataset, split: str, input_names: list[
     return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
 
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def output_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    s, t = student.reshape(len(student), -1), teacher.reshape(len(teacher), -1)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
+    return F.mse_loss(s, t)
+
+
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                      classification: bool = True) -> torch.Tensor:
     """KL divergence between softened class distributions (classification) or MSE (other tasks):
-    :func:`tugboat.engine.distill.kd_loss` / ``output_loss``, the one implementation."""
-    from .distill import kd_loss, output_loss
-
+    :func:`kd_loss` / :func:`output_loss`, the one implementation (distillation uses them too)."""
     if not classification:
         return output_loss("mse", student, teacher)
     return kd_loss(student.reshape(len(student), -1), teacher.reshape(len(teacher), -1), temperature)

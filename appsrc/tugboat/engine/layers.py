@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .names import layer_key
 from .progress import Progress, null_progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,15 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import ModelHandle
 
 QUANTIZABLE_TYPES = {"Conv1d", "Conv2d", "Conv3d", "Linear", "Conv", "Gemm", "MatMul"}
-
-
-def layer_key(name: str) -> str:
-    """The torch layer a row or ONNX node belongs to (``/a/a.1/Conv`` -> ``a.1``)."""
-    if name.startswith("/"):
-        from .quantize import layer_of
-
-        return layer_of(name)
-    return name
 
 
 def _torch_latency(module: torch.nn.Module, inputs: list[torch.Tensor], names: list[str],

@@ -405,7 +405,7 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
     torch model the rows are its modules (FLOPs from FlopCounterMode per module): a BatchNorm the
     export folds into its convolution keeps a row with 0 parameters (``folded``), and weights the
     export puts outside any module row (e.g. a positional embedding) get rows of their ONNX nodes."""
-    from .layers import layer_key
+    from .names import layer_key
 
     model = handle.to_onnx()
     onnx_rows = _onnx_layer_rows(handle, model)
@@ -448,8 +448,8 @@ def _onnx_layer_rows(handle: ModelHandle, model: onnx.ModelProto) -> list[dict[s
     (:func:`~tugboat.engine.models.onnx_param_tensors`) goes to the first node that uses it, seen
     through DequantizeLinear / Cast (a quantized or fp16 variant's layers have their parameters),
     and to that node's layer row when the layer has one already (a Linear's MatMul and its bias Add)."""
-    from .layers import layer_key
     from .models import onnx_param_tensors
+    from .names import layer_key
 
     _, nodes = onnx_flops(model, input_shapes=input_shapes(handle))
     all_nodes = list(_all_nodes(model.graph))

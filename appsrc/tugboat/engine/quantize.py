@@ -43,6 +43,7 @@ from onnx import helper, numpy_helper
 from .data import Dataset
 from .errors import Cancelled, DataError, TugboatError
 from .models import ModelHandle
+from .names import layer_of
 from .progress import Progress, null_progress
 from .runtime import _cast, ort_session, run_onnx
 from .steps import NO_CHANGE, Param, Technique, register
@@ -155,22 +156,6 @@ _LOG = logging.getLogger(__name__)
 
 
 # --- names: ONNX nodes <-> torch layers ----------------------------------------------------------
-
-def layer_of(node_name: str) -> str:
-    """The torch module path an exported node belongs to.
-
-    The legacy exporter names nodes by scope, e.g. ``/blocks/blocks.0/attn/qkv/MatMul`` for module
-    ``blocks.0.attn.qkv`` and ``/net/net.1/Gemm`` for ``net.1``; a scope names a container's child
-    after the container (``/blocks/blocks.0/mlp/mlp.0/MatMul`` is ``blocks.0.mlp.0``)."""
-    parts = [p for p in node_name.split("/") if p][:-1]
-    path: list[str] = []
-    for p in parts:
-        if path and p.startswith(path[-1] + "."):
-            path[-1] = p
-        else:
-            path.append(p)
-    return ".".join(path) or node_name
-
 
 def _resolve_names(model: onnx.ModelProto, names: list[str], where: str) -> list[str]:
     """ONNX node names for user-given layer names (torch module names or node names)."""
