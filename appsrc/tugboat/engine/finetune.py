@@ -78,13 +78,15 @@ def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: 
 
 
 def recalibrate_batchnorm(module: nn.Module, data: Dataset, input_names: list[str], split: str = "train",
-                          batches: int = 8, batch_size: int = 64) -> int:
+                          batches: int = 8, batch_size: int = 64, min_samples: int = 128) -> int:
     """Re-estimate BatchNorm running statistics on ``batches`` batches of ``split`` (structured
     pruning removes channels, so the statistics of the layers after them are stale). Returns the
-    number of BatchNorm layers reset; the weights are not touched."""
+    number of BatchNorm layers reset; the weights are not touched. With fewer than ``min_samples``
+    rows the stale statistics are kept: a few dozen samples estimate them worse (the real OCR
+    classifier's agreement fell from 0.77 to 0.62 when recalibrated on its 45 training lines)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
-    if not norms or data is None or not len(data.splits.get(split, ())):
+    if not norms or data is None or len(data.splits.get(split, ())) < min_samples:
         return 0
     saved = {m: m.momentum for m in norms}
     was_training = module.training
