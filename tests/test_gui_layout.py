@@ -65,6 +65,13 @@ def test_every_panel_reachable_and_unclipped(qtbot, window, tmp_path, size):
         qtbot.wait(20)
         assert _in_window(window, panel.run_button), name
         assert _in_window(window, panel.method_combo) or panel.method_combo.visibleRegion().isEmpty()
+        # no control runs past the right edge of the scrolling page (the form is not cut off)
+        viewport = panel.parentWidget()
+        for pname, control in panel.controls.items():
+            if not control.isVisible():  # a row of another method
+                continue
+            right = control.mapTo(viewport, control.rect().topRight()).x()
+            assert right < viewport.width(), (name, pname, right, viewport.width())
     # chart controls are as wide as they ask to be (no "Siz" / "Qu")
     chart = window.chart
     for combo in chart.findChildren(QComboBox):

@@ -174,14 +174,14 @@ class NumberField(QWidget):
             self.slider.installEventFilter(self)
             self.slider.valueChanged.connect(self._on_slider_value)
             self.slider.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-            self.slider.setMinimumWidth(60)
+            self.slider.setMinimumWidth(40)
 
         lay = QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         if self.slider is not None:
             lay.addWidget(self.slider, 1)
         lay.addWidget(self.spin, 0 if self.slider is not None else 1)
-        self.spin.setMinimumWidth(self.spin.fontMetrics().horizontalAdvance("0" * 8) + 24)
+        self.spin.setMinimumWidth(self.spin.fontMetrics().horizontalAdvance("0" * 6) + 24)
         for w in (self.spin, self.slider):
             if w is not None:
                 w.setFocusPolicy(Qt.FocusPolicy.StrongFocus)

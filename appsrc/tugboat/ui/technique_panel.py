@@ -135,6 +135,7 @@ class TechniquePanel(QWidget):
         w.setToolTip(p.help)
         w.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         label = QLabel(p.name.replace("_", " ").capitalize())
+        label.setWordWrap(True)  # "Teacher temperature" takes two lines, not the dock's width
         label.setToolTip(p.help)
         label.setBuddy(w)
         self.form.addRow(label, w)
