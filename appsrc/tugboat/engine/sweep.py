@@ -472,6 +472,47 @@ def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: Prefix
     return variant
 
 
+def finish_outcome(base: Baseline, recipe: Recipe, cand: Candidate, outcome, progress: Progress) -> Variant:
+    """The variant for an executor's outcome: measured here (quality and latency, serially, in the
+    driver), or failed with the reason it could not be made or measured."""
+    from .errors import NumericalError
+    from .recipe import finish_variant
+
+    t0 = time.perf_counter()
+    variant_recipe = recipe.with_steps(cand.steps)
+    if outcome.error is not None:
+        variant = Variant(cand.name, variant_recipe.to_dict(), status="failed", error=outcome.error)
+    else:
+        variant = Variant(cand.name, variant_recipe.to_dict())
+        try:
+            finish_variant(variant, outcome.handle, base, progress)
+        except NumericalError as exc:
+            variant = Variant(cand.name, variant_recipe.to_dict(), status="failed",
+                              error=f"numerical failure: {exc.message}")
+        except Cancelled:
+            raise
+        except TugboatError as exc:
+            variant = Variant(cand.name, variant_recipe.to_dict(), status="failed", error=exc.message)
+        except Exception as exc:
+            if not resources.is_out_of_memory(exc):
+                raise
+            from .errors import ResourceError
+
+            raise ResourceError(resources.oom_message(f"measuring {cand.name}")) from None
+    variant.name = cand.name
+    if outcome.reused_prefix_steps:
+        variant.info["reused_prefix_steps"] = outcome.reused_prefix_steps
+    if outcome.where != "local":
+        variant.info["made_on"] = outcome.where
+    if outcome.attempts > 1:
+        variant.info["attempts"] = outcome.attempts
+    if variant.metrics:
+        variant.metrics["seconds"] = round(outcome.seconds + time.perf_counter() - t0, 3)
+    if cand.overrides:
+        variant.info["sweep"] = dict(cand.overrides)
+    return variant
+
+
 # --- running a sweep ------------------------------------------------------------------------------
 
 @dataclass
@@ -491,16 +532,20 @@ class SweepResult:
 
 def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
               progress: Progress | None = None, on_variant: Callable[[Variant], None] | None = None,
-              log: Callable[[str], None] | None = None, max_variants: int | None = None) -> SweepResult:
+              log: Callable[[str], None] | None = None, max_variants: int | None = None,
+              executor=None) -> SweepResult:
     """Run a recipe's sweep (grid, random or target search) into the workspace ``out_dir``, holding
-    the folder's lock throughout. ``max_variants`` raises the grid-size limit (:data:`MAX_VARIANTS`)."""
+    the folder's lock throughout. ``max_variants`` raises the grid-size limit (:data:`MAX_VARIANTS`).
+
+    ``executor`` (:mod:`tugboat.engine.executors`; default: in this process) makes the variants;
+    this process measures each one as it comes back, one at a time, and alone writes the workspace."""
     from .lock import locked_output
 
     the_plan = plan(recipe, max_variants)  # every combination validated before any work
     out = Path(out_dir)
     with locked_output(out, "tugboat sweep") as lock:  # an existing file, read-only, full: first
         return _run_sweep_locked(recipe, the_plan, out, lock, resume=resume, progress=progress,
-                                 on_variant=on_variant, log=log)
+                                 on_variant=on_variant, log=log, executor=executor)
 
 
 def _same_ref(a: str | None, b: str | None) -> bool:
@@ -533,7 +578,7 @@ def resume_differences(ws, recipe: Recipe) -> list[str]:
 
 def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume: bool,
                       progress: Progress | None, on_variant: Callable[[Variant], None] | None,
-                      log: Callable[[str], None] | None) -> SweepResult:
+                      log: Callable[[str], None] | None, executor=None) -> SweepResult:
     from .workspace import Workspace, WorkspaceError
 
     progress = progress or null_progress()
@@ -588,30 +633,54 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
         source, total = the_plan.candidates, the_plan.max_variants
     if result.skipped:
         log(f"resuming: {len(result.skipped)} finished variant(s) kept, not recomputed")
+    from .executors import Context, LocalExecutor, Task
+
+    executor = executor or LocalExecutor()
+    executor.start(Context.of(base, recipe), cache)
+    ws.meta["sweep"]["executor"] = executor.describe()
     count = 0
-    for cand in source:
-        elapsed = time.monotonic() - t_start
-        if cand.name in ws:
-            if cand.name not in result.skipped:
-                result.skipped.append(cand.name)
-            continue
-        if budget is not None and elapsed >= budget:
-            result.stopped_by_budget = True
-            log(f"time budget of {budget:g} s used up after {count} new variant(s)")
-            break
-        if the_plan.max_variants is not None and count + len(result.skipped) >= the_plan.max_variants:
-            break
-        lo, hi = _share(count, total, elapsed, budget)
-        label = f"[{count + 1}/{total}] " if total else f"[{count + 1}] "
-        variant = run_candidate(base, recipe, cand, cache, progress.sub(lo, hi, f"{label}{cand.name}: "))
-        cache.release(cand.steps)
-        ws.add_variant(variant)
-        variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
-        result.tried.append(variant.name)
-        count += 1
-        log(f"done {variant.name}: {describe(variant)}")
-        if on_variant is not None:
-            on_variant(variant)
+    try:
+        while True:
+            chunk: list[Candidate] = []
+            elapsed = time.monotonic() - t_start
+            for cand in source:
+                if cand.name in ws:
+                    if cand.name not in result.skipped:
+                        result.skipped.append(cand.name)
+                    continue
+                if budget is not None and elapsed >= budget:
+                    result.stopped_by_budget = True
+                    log(f"time budget of {budget:g} s used up after {count} new variant(s)")
+                    break
+                if the_plan.max_variants is not None and \
+                        count + len(chunk) + len(result.skipped) >= the_plan.max_variants:
+                    break
+                chunk.append(cand)
+                if len(chunk) >= max(1, executor.width) and (executor.width == 1 or budget is not None
+                                                             or not isinstance(the_plan.candidates, list)):
+                    break  # one round, then look at the budget again (a grid goes to workers whole)
+            if not chunk:
+                break
+            by_name = {c.name: c for c in chunk}
+            lo, hi = _share(count, total, elapsed, budget)
+            _, hi2 = _share(count + len(chunk) - 1, total, elapsed, budget)
+            label = f"[{count + 1}/{total}] " if total else f"[{count + 1}] "
+            sub = progress.sub(lo, hi2 if len(chunk) > 1 else hi, label if len(chunk) > 1 else
+                               f"{label}{chunk[0].name}: ")
+            for outcome in executor.map([Task(c.name, c.steps) for c in chunk], sub.sub(0.0, 0.7)):
+                cand = by_name[outcome.name]
+                variant = finish_outcome(base, recipe, cand, outcome, sub.sub(0.7, 1.0, f"{cand.name}: "))
+                ws.add_variant(variant)
+                variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
+                result.tried.append(variant.name)
+                count += 1
+                log(f"done {variant.name}: {describe(variant)}")
+                if on_variant is not None:
+                    on_variant(variant)
+            if result.stopped_by_budget:
+                break
+    finally:
+        executor.close()
     if the_plan.kind == "target":
         result.within, result.best = rank_within(ws, base.metrics, the_plan.max_accuracy_drop or 0.0,
                                                  the_plan.objective or "latency")
