@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished variants are kept")
     p.add_argument("--max-variants", type=_positive_int, metavar="N",
                    help="allow a [sweep] grid of up to N combinations (default 1000)")
+    p.add_argument("--executor", choices=("local", "processes", "ray"), default="local",
+                   help="where variants are made: in this process (default), in worker processes, or as Ray "
+                   "tasks (pip install 'tugboat-ml[ray]'); timing always runs here, one variant at a time")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="worker processes (processes) or CPUs of a local Ray instance (default: all cores)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="join the Ray cluster at ADDR (e.g. auto, ray://head:10001) instead of a local instance")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 

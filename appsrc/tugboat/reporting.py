@@ -15,10 +15,13 @@ EXIT_USAGE = 2
 
 def run_sweep_cli(args) -> int:
     from .cli import TerminalProgress, format_summary, print_notes
+    from .engine.executors import make_executor
     from .engine.progress import Progress
     from .engine.recipe import load_recipe
     from .engine.sweep import run_sweep
 
+    executor = make_executor(getattr(args, "executor", "local") or "local", workers=getattr(args, "workers", None),
+                             address=getattr(args, "address", None))  # a missing Ray: one line, before any work
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
     recipe.trust = recipe.trust_steps = bool(getattr(args, "trust", False))  # per run, never from a file
@@ -34,7 +37,7 @@ def run_sweep_cli(args) -> int:
 
     try:
         result = run_sweep(recipe, args.out, resume=args.resume, progress=Progress(bar), log=log,
-                           max_variants=getattr(args, "max_variants", None))
+                           max_variants=getattr(args, "max_variants", None), executor=executor)
     finally:
         bar.close()
     report = result.workspace.report()

@@ -76,7 +76,12 @@ class ProcessExecutor(Executor):
         def submit(task: Task) -> None:
             attempts[task.name] = attempts.get(task.name, 0) + 1
             assert self._pool is not None
-            pending[self._pool.submit(_run, task)] = task
+            try:
+                fut = self._pool.submit(_run, task)
+            except BrokenProcessPool as exc:  # a worker died while tasks were still being handed over
+                fut = Future()
+                fut.set_exception(exc)
+            pending[fut] = task
 
         for task in tasks:
             submit(task)
@@ -128,6 +133,4 @@ class ProcessExecutor(Executor):
             p.join(timeout=5)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._kill()  # every result is in; idle workers are ended, never waited on
