@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test,openvino]"
 [ "${1:-}" = "--test" ] && [ "${2:-}" = "--executorch" ] && extra="[test,openvino,executorch]"
+[ "${1:-}" = "--test" ] && [ "${2:-}" = "--ray" ] && extra="[test,openvino,ray]"  # Ray executor tests (~240 MB)
 
 # the system libraries Qt needs (offscreen and on a desktop); only installed when missing
 qt_libs="libegl1 libgl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3 fonts-dejavu-core
