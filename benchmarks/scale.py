@@ -69,6 +69,7 @@ def main() -> None:
     from tugboat.engine.executors import LocalExecutor, make_executor
 
     print(f"{len(ratios) * 3} variants, {args.finetune} fine-tuning epoch(s)")
+    one("local (warm-up run)", text, LocalExecutor)  # first-use imports and caches out of the comparison
     local, n = one("local", text, LocalExecutor)
     one("processes (2 workers)", text, lambda: make_executor("processes", workers=2))
     if importlib.util.find_spec("ray") is None:
