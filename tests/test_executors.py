@@ -181,3 +181,22 @@ def test_ray_without_retries_records_the_lost_task_as_failed(tmp_path, monkeypat
     result = _sweep(tmp_path, "ws", RayExecutor(max_retries=0), text=text)
     (v,) = result.variants
     assert v.status == "failed" and "lost on Ray" in v.error
+
+
+def test_cancel_stops_the_workers_and_keeps_only_finished_variants(tmp_path):
+    import multiprocessing
+
+    from tugboat.engine.errors import Cancelled
+    from tugboat.engine.progress import CancelToken, Progress
+    from tugboat.engine.workspace import Workspace
+
+    token = CancelToken()
+    recipe = parse_recipe(tomllib.loads(SIX), str(tmp_path / "r.toml"))
+    with pytest.raises(Cancelled):
+        run_sweep(recipe, tmp_path / "ws", progress=Progress(token=token), on_variant=lambda v: token.cancel(),
+                  executor=make_executor("processes", workers=2))
+    assert multiprocessing.active_children() == []  # no worker left behind
+    ws = Workspace.open(tmp_path / "ws")
+    assert 1 <= len(ws) < 6 and all(v.status == "ok" for v in ws.variants())
+    again = run_sweep(recipe, tmp_path / "ws", resume=True)  # and it resumes (here, locally)
+    assert len(again.variants) == 6 and len(again.skipped) == len(ws)
