@@ -128,6 +128,9 @@ def test_cli_flags_and_errors(tmp_path, capsys, monkeypatch):
     assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--executor", "local",
                  "--address", "auto"]) == 2
     assert "--address is for --executor ray" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--out", str(tmp_path / "p"), "--executor", "processes", "--workers", "2",
+                 "--quiet"]) == 0
+    assert "6 variant(s) run" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     sys.modules.pop("tugboat.engine.executors.ray_executor", None)
     assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--executor", "ray"]) == 2
