@@ -53,7 +53,7 @@ from . import steps as step_registry
 from .errors import Cancelled, RecipeError, TugboatError
 from .models import ModelHandle
 from .progress import Progress, null_progress
-from .recipe import Baseline, Recipe, Variant, apply_steps, prepare, run_variant, validate_steps, variant_name
+from .recipe import Baseline, Recipe, Variant, prepare, validate_steps, variant_name
 from .report import quality_of
 
 SEARCH_KEYS = {"budget_seconds": (0.0, 7 * 24 * 3600.0), "max_variants": (1, 100000), "seed": (0, 2**31)}
@@ -437,39 +437,6 @@ def _private_copy(handle: ModelHandle) -> ModelHandle:
     new.info = dict(handle.info)
     new.warnings = list(handle.warnings)
     return new
-
-
-def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: PrefixCache | None,
-                  progress: Progress) -> Variant:
-    """Apply a candidate's steps (from the longest cached prefix) and measure it."""
-    t0 = time.perf_counter()
-    done, handle, prefix_seconds = cache.lookup(cand.steps) if cache is not None else (0, None, 0.0)
-    handle = handle or base.handle
-    n = len(cand.steps)
-    variant_recipe = recipe.with_steps(cand.steps)
-    try:
-        resources.check(handle, cand.steps[done:], base.data, base.cfg, first_index=done, where=cand.name)
-        for k in range(done, n):
-            step_t0 = time.perf_counter()
-            sub = progress.sub(0.7 * k / n, 0.7 * (k + 1) / n)
-            handle = apply_steps(handle, [cand.steps[k]], base.data, sub, first_index=k,
-                                 trust=recipe.trust_steps)
-            prefix_seconds += time.perf_counter() - step_t0
-            if cache is not None and k + 1 < n and cache.wants(cand.steps, k + 1):
-                cache.store(cand.steps, k + 1, handle, prefix_seconds)
-        variant = run_variant(base, variant_recipe, progress.sub(0.7, 1.0), start=handle, done_steps=n)
-    except Cancelled:
-        raise
-    except TugboatError as exc:  # one combination that cannot be made does not end the sweep
-        variant = Variant(cand.name, variant_recipe.to_dict(), status="failed", error=exc.message)
-    variant.name = cand.name
-    if done:
-        variant.info["reused_prefix_steps"] = done
-    if variant.metrics:
-        variant.metrics["seconds"] = round(time.perf_counter() - t0, 3)
-    if cand.overrides:
-        variant.info["sweep"] = dict(cand.overrides)
-    return variant
 
 
 def finish_outcome(base: Baseline, recipe: Recipe, cand: Candidate, outcome, progress: Progress) -> Variant:
