@@ -13,6 +13,7 @@ extra=""
 # --test also installs the optional extras the tests exercise (hf: Hugging Face folders)
 [ "${1:-}" = "--test" ] && extra="[test,openvino,hf]"
 [ "${1:-}" = "--test" ] && [ "${2:-}" = "--executorch" ] && extra="[test,openvino,executorch,hf]"
+[ "${1:-}" = "--test" ] && [ "${2:-}" = "--ray" ] && extra="[test,openvino,hf,ray]"  # Ray executor tests (~240 MB)
 
 # the system libraries Qt needs (offscreen and on a desktop); only installed when missing
 qt_libs="libegl1 libgl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3 fonts-dejavu-core

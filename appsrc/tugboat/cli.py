@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished variants are kept")
     p.add_argument("--max-variants", type=_positive_int, metavar="N",
                    help="allow a [sweep] grid of up to N combinations (default 1000)")
+    p.add_argument("--executor", choices=("local", "processes", "ray"), default="local",
+                   help="where variants are made: in this process (default), in worker processes, or as Ray "
+                   "tasks (pip install 'tugboat-ml[ray]'); timing always runs here, one variant at a time")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="worker processes (processes) or CPUs of a local Ray instance (default: all cores)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="join the Ray cluster at ADDR (e.g. auto, ray://head:10001) instead of a local instance")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     _add_arch_args(p, recipe=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -352,8 +359,11 @@ def cmd_export(args) -> int:
 def cmd_sweep(args) -> int:
     from .engine.progress import Progress
     from .engine.recipe import load_recipe
+    from .engine.executors import make_executor
     from .engine.sweep import run_sweep
 
+    executor = make_executor(getattr(args, "executor", "local") or "local", workers=getattr(args, "workers", None),
+                             address=getattr(args, "address", None))  # a missing Ray: one line, before any work
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
     recipe.trust = recipe.trust_steps = bool(getattr(args, "trust", False))  # per run, never from a file
@@ -367,7 +377,7 @@ def cmd_sweep(args) -> int:
 
     try:
         result = run_sweep(recipe, args.out, resume=args.resume, progress=Progress(bar), log=log,
-                           max_variants=getattr(args, "max_variants", None))
+                           max_variants=getattr(args, "max_variants", None), executor=executor)
     finally:
         bar.close()
     report = result.workspace.report()

@@ -54,7 +54,7 @@ from .errors import Cancelled, RecipeError, TugboatError
 from .formatting import did_you_mean
 from .models import ModelHandle
 from .progress import Progress, null_progress
-from .recipe import Baseline, Recipe, Variant, apply_steps, prepare, run_variant, validate_steps, variant_name
+from .recipe import Baseline, Recipe, Variant, prepare, validate_steps, variant_name
 from .report_json import quality_of
 
 SEARCH_KEYS = {"budget_seconds": (0.0, 7 * 24 * 3600.0), "max_variants": (1, 100000), "seed": (0, 2**31)}
@@ -440,34 +440,42 @@ def _private_copy(handle: ModelHandle) -> ModelHandle:
     return new
 
 
-def run_candidate(base: Baseline, recipe: Recipe, cand: Candidate, cache: PrefixCache | None,
-                  progress: Progress) -> Variant:
-    """Apply a candidate's steps (from the longest cached prefix) and measure it."""
+def finish_outcome(base: Baseline, recipe: Recipe, cand: Candidate, outcome, progress: Progress) -> Variant:
+    """The variant for an executor's outcome: measured here (quality and latency, serially, in the
+    driver), or failed with the reason it could not be made or measured."""
+    from .errors import NumericalError
+    from .recipe import finish_variant
+
     t0 = time.perf_counter()
-    done, handle, prefix_seconds = cache.lookup(cand.steps) if cache is not None else (0, None, 0.0)
-    handle = handle or base.handle
-    n = len(cand.steps)
     variant_recipe = recipe.with_steps(cand.steps)
-    try:
-        memory.check(handle, cand.steps[done:], base.data, base.cfg, first_index=done, where=cand.name)
-        for k in range(done, n):
-            step_t0 = time.perf_counter()
-            sub = progress.sub(0.7 * k / n, 0.7 * (k + 1) / n)
-            handle = apply_steps(handle, [cand.steps[k]], base.data, sub, first_index=k,
-                                 trust=recipe.trust_steps, seed=recipe.seed)
-            prefix_seconds += time.perf_counter() - step_t0
-            if cache is not None and k + 1 < n and cache.wants(cand.steps, k + 1):
-                cache.store(cand.steps, k + 1, handle, prefix_seconds)
-        variant = run_variant(base, variant_recipe, progress.sub(0.7, 1.0), start=handle, done_steps=n)
-    except Cancelled:
-        raise
-    except TugboatError as exc:  # one combination that cannot be made does not end the sweep
-        variant = Variant(cand.name, variant_recipe.to_dict(), status="failed", error=exc.message)
+    if outcome.error is not None:
+        variant = Variant(cand.name, variant_recipe.to_dict(), status="failed", error=outcome.error)
+    else:
+        variant = Variant(cand.name, variant_recipe.to_dict())
+        try:
+            finish_variant(variant, outcome.handle, base, progress)
+        except NumericalError as exc:
+            variant = Variant(cand.name, variant_recipe.to_dict(), status="failed",
+                              error=f"numerical failure: {exc.message}")
+        except Cancelled:
+            raise
+        except TugboatError as exc:
+            variant = Variant(cand.name, variant_recipe.to_dict(), status="failed", error=exc.message)
+        except Exception as exc:
+            if not memory.is_out_of_memory(exc):
+                raise
+            from .errors import ResourceError
+
+            raise ResourceError(memory.oom_message(f"measuring {cand.name}")) from None
     variant.name = cand.name
-    if done:
-        variant.info["reused_prefix_steps"] = done
+    if outcome.reused_prefix_steps:
+        variant.info["reused_prefix_steps"] = outcome.reused_prefix_steps
+    if outcome.where != "local":
+        variant.info["made_on"] = outcome.where
+    if outcome.attempts > 1:
+        variant.info["attempts"] = outcome.attempts
     if variant.metrics:
-        variant.metrics["seconds"] = round(time.perf_counter() - t0, 3)
+        variant.metrics["seconds"] = round(outcome.seconds + time.perf_counter() - t0, 3)
     if cand.overrides:
         variant.info["sweep"] = dict(cand.overrides)
     return variant
@@ -492,16 +500,20 @@ class SweepResult:
 
 def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
               progress: Progress | None = None, on_variant: Callable[[Variant], None] | None = None,
-              log: Callable[[str], None] | None = None, max_variants: int | None = None) -> SweepResult:
+              log: Callable[[str], None] | None = None, max_variants: int | None = None,
+              executor=None) -> SweepResult:
     """Run a recipe's sweep (grid, random or target search) into the workspace ``out_dir``, holding
-    the folder's lock throughout. ``max_variants`` raises the grid-size limit (:data:`MAX_VARIANTS`)."""
+    the folder's lock throughout. ``max_variants`` raises the grid-size limit (:data:`MAX_VARIANTS`).
+
+    ``executor`` (:mod:`tugboat.engine.executors`; default: in this process) makes the variants;
+    this process measures each one as it comes back, one at a time, and alone writes the workspace."""
     from .lock import locked_output
 
     the_plan = plan(recipe, max_variants)  # every combination validated before any work
     out = Path(out_dir)
     with locked_output(out, "tugboat sweep") as lock:  # an existing file, read-only, full: first
         return _run_sweep_locked(recipe, the_plan, out, lock, resume=resume, progress=progress,
-                                 on_variant=on_variant, log=log)
+                                 on_variant=on_variant, log=log, executor=executor)
 
 
 def _same_ref(a: str | None, b: str | None) -> bool:
@@ -534,7 +546,7 @@ def resume_differences(ws, recipe: Recipe) -> list[str]:
 
 def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume: bool,
                       progress: Progress | None, on_variant: Callable[[Variant], None] | None,
-                      log: Callable[[str], None] | None) -> SweepResult:
+                      log: Callable[[str], None] | None, executor=None) -> SweepResult:
     from .workspace import Workspace, WorkspaceError
 
     progress = progress or null_progress()
@@ -593,30 +605,54 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
         source, total = the_plan.candidates, the_plan.max_variants
     if result.skipped:
         log(f"resuming: {len(result.skipped)} finished variant(s) kept, not recomputed")
+    from .executors import Context, LocalExecutor, Task
+
+    executor = executor or LocalExecutor()
+    executor.start(Context.of(base, recipe), cache)
+    ws.meta["sweep"]["executor"] = executor.describe()
     count = 0
-    for cand in source:
-        elapsed = time.monotonic() - t_start
-        if cand.name in ws:
-            if cand.name not in result.skipped:
-                result.skipped.append(cand.name)
-            continue
-        if budget is not None and elapsed >= budget:
-            result.stopped_by_budget = True
-            log(f"time budget of {budget:g} s used up after {count} new variant(s)")
-            break
-        if the_plan.max_variants is not None and count + len(result.skipped) >= the_plan.max_variants:
-            break
-        lo, hi = _share(count, total, elapsed, budget)
-        label = f"[{count + 1}/{total}] " if total else f"[{count + 1}] "
-        variant = run_candidate(base, recipe, cand, cache, progress.sub(lo, hi, f"{label}{cand.name}: "))
-        cache.release(cand.steps)
-        ws.add_variant(variant)
-        variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
-        result.tried.append(variant.name)
-        count += 1
-        log(f"done {variant.name}: {describe(variant)}")
-        if on_variant is not None:
-            on_variant(variant)
+    try:
+        while True:
+            chunk: list[Candidate] = []
+            elapsed = time.monotonic() - t_start
+            for cand in source:
+                if cand.name in ws:
+                    if cand.name not in result.skipped:
+                        result.skipped.append(cand.name)
+                    continue
+                if budget is not None and elapsed >= budget:
+                    result.stopped_by_budget = True
+                    log(f"time budget of {budget:g} s used up after {count} new variant(s)")
+                    break
+                if the_plan.max_variants is not None and \
+                        count + len(chunk) + len(result.skipped) >= the_plan.max_variants:
+                    break
+                chunk.append(cand)
+                if len(chunk) >= max(1, executor.width) and (executor.width == 1 or budget is not None
+                                                             or not isinstance(the_plan.candidates, list)):
+                    break  # one round, then look at the budget again (a grid goes to workers whole)
+            if not chunk:
+                break
+            by_name = {c.name: c for c in chunk}
+            lo, hi = _share(count, total, elapsed, budget)
+            _, hi2 = _share(count + len(chunk) - 1, total, elapsed, budget)
+            label = f"[{count + 1}/{total}] " if total else f"[{count + 1}] "
+            sub = progress.sub(lo, hi2 if len(chunk) > 1 else hi, label if len(chunk) > 1 else
+                               f"{label}{chunk[0].name}: ")
+            for outcome in executor.map([Task(c.name, c.steps) for c in chunk], sub.sub(0.0, 0.7)):
+                cand = by_name[outcome.name]
+                variant = finish_outcome(base, recipe, cand, outcome, sub.sub(0.7, 1.0, f"{cand.name}: "))
+                ws.add_variant(variant)
+                variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
+                result.tried.append(variant.name)
+                count += 1
+                log(f"done {variant.name}: {describe(variant)}")
+                if on_variant is not None:
+                    on_variant(variant)
+            if result.stopped_by_budget:
+                break
+    finally:
+        executor.close()
     if the_plan.kind == "target":
         result.within, result.best = rank_within(ws, base.metrics, the_plan.max_accuracy_drop or 0.0,
                                                  the_plan.objective or "latency")

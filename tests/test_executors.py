@@ -1,0 +1,205 @@
+"""Sweep executors (issue 20, issue 17.8): variants made in worker processes or on Ray are the same
+variants, with the same non-timing metrics, as those made in this process; a worker that dies is
+retried or recorded as failed; the driver alone measures and writes the workspace."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tomllib
+
+import pytest
+
+from tugboat.cli import main
+from tugboat.engine.executors import CRASH_ENV, ExecutorError, make_executor
+from tugboat.engine.recipe import parse_recipe
+from tugboat.engine.sweep import run_sweep
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+
+# 3 ratios x 2 methods = 6 variants, no fine-tuning (training sums differ in the last bits with the
+# thread count, which a worker sets); the two methods share each pruned prefix
+SIX = """
+model = "demo:digits-cnn"
+data = "demo:digits"
+[[steps]]
+technique = "prune"
+method = "unstructured"
+ratio = 0.25
+finetune_epochs = 0
+[[steps]]
+technique = "quantize"
+method = "dynamic-int8"
+[sweep]
+"steps.0.ratio" = [0.25, 0.5, 0.75]
+"steps.1.method" = ["dynamic-int8", "fp16"]
+[measure]
+batch = 32
+threads = 1
+warmup = 1
+min_runs = 3
+min_seconds = 0.0
+max_seconds = 0.3
+also_batch1 = false
+both_runtimes = false
+"""
+
+NON_TIMING = ("size_bytes", "compressed_bytes", "params", "nonzero_params", "flops")
+
+
+def _sweep(tmp_path, name, executor=None, text=SIX):
+    recipe = parse_recipe(tomllib.loads(text), str(tmp_path / f"{name}.toml"))
+    return run_sweep(recipe, tmp_path / name, executor=executor)
+
+
+def _table(result):
+    out = {}
+    for v in result.variants:
+        m = v.metrics or {}
+        out[v.name] = (v.status, {k: m.get(k) for k in NON_TIMING}, m.get("accuracy"), m.get("fidelity"))
+    return out
+
+
+def _assert_same(a, b):
+    assert set(a) == set(b) and len(a) == 6
+    for name in a:
+        sa, na, acc_a, fid_a = a[name]
+        sb, nb, acc_b, fid_b = b[name]
+        assert sa == sb == "ok", (name, sa, sb)
+        # deflate size moves by a few bytes with float noise in the weights; everything else is exact
+        assert na["compressed_bytes"] == pytest.approx(nb["compressed_bytes"], rel=1e-3), name
+        assert {k: v for k, v in na.items() if k != "compressed_bytes"} == \
+            {k: v for k, v in nb.items() if k != "compressed_bytes"}, name
+        assert acc_a == pytest.approx(acc_b, abs=1e-6), name
+        for k in set(fid_a or {}) | set(fid_b or {}):
+            va, vb = (fid_a or {}).get(k), (fid_b or {}).get(k)
+            if isinstance(va, float):
+                assert va == pytest.approx(vb, rel=1e-6, abs=1e-9), (name, k)
+            else:
+                assert va == vb, (name, k)
+
+
+@pytest.fixture(scope="module")
+def local_table(tmp_path_factory):
+    return _table(_sweep(tmp_path_factory.mktemp("local"), "ws"))
+
+
+@pytest.mark.slow
+def test_process_pool_makes_the_same_variants_as_local(tmp_path, local_table):
+    result = _sweep(tmp_path, "ws", make_executor("processes", workers=2))
+    _assert_same(_table(result), local_table)
+    made = {v.info.get("made_on", "") for v in result.variants}
+    assert all(m.startswith("process ") for m in made), made  # made in workers, measured here
+    assert result.workspace.meta["sweep"]["executor"] == {"name": "processes", "workers": 2}
+
+
+@pytest.mark.slow
+def test_a_dead_worker_process_is_replaced_and_its_variant_retried(tmp_path, monkeypatch, local_table):
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv(CRASH_ENV, str(marker))
+    result = _sweep(tmp_path, "ws", make_executor("processes", workers=2))
+    assert marker.exists()  # a worker really died
+    table = _table(result)
+    _assert_same(table, local_table)
+    assert any(v.info.get("attempts", 1) > 1 for v in result.variants)
+
+
+def test_processes_with_no_retries_record_the_lost_variant_as_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed-once"))
+    text = SIX.replace('[0.25, 0.5, 0.75]', '[0.5]').replace('["dynamic-int8", "fp16"]', '["fp16"]')
+    result = _sweep(tmp_path, "ws", make_executor("processes", workers=1, max_retries=0), text=text)
+    (v,) = result.variants
+    assert v.status == "failed" and "worker process died" in v.error
+
+
+def test_resume_works_across_executors(tmp_path, local_table):
+    text = SIX.replace('[0.25, 0.5, 0.75]', '[0.25]')  # 2 variants locally, then all 6 in processes
+    first = _sweep(tmp_path, "ws", text=text)
+    assert len(first.tried) == 2
+    recipe = parse_recipe(tomllib.loads(SIX), str(tmp_path / "ws.toml"))
+    again = run_sweep(recipe, tmp_path / "ws", resume=True, executor=make_executor("processes", workers=2))
+    assert sorted(again.skipped) == sorted(first.tried) and len(again.tried) == 4
+    _assert_same(_table(again), local_table)
+
+
+def test_cli_flags_and_errors(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "r.toml"
+    path.write_text(SIX)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--executor", "local",
+                 "--address", "auto"]) == 2
+    assert "--address is for --executor ray" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--out", str(tmp_path / "p"), "--executor", "processes", "--workers", "2",
+                 "--quiet"]) == 0
+    assert "6 variant(s) run" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    sys.modules.pop("tugboat.engine.executors.ray_executor", None)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--executor", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'tugboat-ml[ray]'" in err, err
+    assert not (tmp_path / "o").exists()  # refused before any work
+    with pytest.raises(ExecutorError, match="unknown executor"):
+        make_executor("slurm")
+
+
+# --- Ray (the optional extra): skipped only where Ray is not installed ----------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    if not HAVE_RAY:
+        pytest.skip("Ray is not installed (pip install 'tugboat-ml[ray]')")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_gives_the_same_variants_and_metrics_as_local(tmp_path, ray_local, local_table):
+    from tugboat.engine.executors.ray_executor import RayExecutor
+
+    result = _sweep(tmp_path, "ws", RayExecutor())
+    _assert_same(_table(result), local_table)
+    assert all(v.info.get("made_on", "").startswith("ray") for v in result.variants)
+    assert result.workspace.meta["sweep"]["executor"]["name"] == "ray"
+
+
+@pytest.mark.slow
+def test_ray_retries_a_task_whose_worker_died(tmp_path, monkeypatch, ray_local, local_table):
+    from tugboat.engine.executors.ray_executor import RayExecutor
+
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv(CRASH_ENV, str(marker))
+    result = _sweep(tmp_path, "ws", RayExecutor(max_retries=2))
+    assert marker.exists()  # one worker really died mid-task
+    _assert_same(_table(result), local_table)
+
+
+@pytest.mark.slow
+def test_ray_without_retries_records_the_lost_task_as_failed(tmp_path, monkeypatch, ray_local):
+    from tugboat.engine.executors.ray_executor import RayExecutor
+
+    monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed-once"))
+    text = SIX.replace('[0.25, 0.5, 0.75]', '[0.5]').replace('["dynamic-int8", "fp16"]', '["fp16"]')
+    result = _sweep(tmp_path, "ws", RayExecutor(max_retries=0), text=text)
+    (v,) = result.variants
+    assert v.status == "failed" and "lost on Ray" in v.error
+
+
+def test_cancel_stops_the_workers_and_keeps_only_finished_variants(tmp_path):
+    import multiprocessing
+
+    from tugboat.engine.errors import Cancelled
+    from tugboat.engine.progress import CancelToken, Progress
+    from tugboat.engine.workspace import Workspace
+
+    token = CancelToken()
+    recipe = parse_recipe(tomllib.loads(SIX), str(tmp_path / "r.toml"))
+    with pytest.raises(Cancelled):
+        run_sweep(recipe, tmp_path / "ws", progress=Progress(token=token), on_variant=lambda v: token.cancel(),
+                  executor=make_executor("processes", workers=2))
+    assert multiprocessing.active_children() == []  # no worker left behind
+    ws = Workspace.open(tmp_path / "ws")
+    assert 1 <= len(ws) < 6 and all(v.status == "ok" for v in ws.variants())
+    again = run_sweep(recipe, tmp_path / "ws", resume=True)  # and it resumes (here, locally)
+    assert len(again.variants) == 6 and len(again.skipped) == len(ws)
