@@ -357,9 +357,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .engine.executors import make_executor
     from .engine.progress import Progress
     from .engine.recipe import load_recipe
-    from .engine.executors import make_executor
     from .engine.sweep import run_sweep
 
     executor = make_executor(getattr(args, "executor", "local") or "local", workers=getattr(args, "workers", None),
