@@ -1,6 +1,6 @@
 """A pool of ``spawn`` worker processes that make variants (issue 17.8: a sweep uses every core).
 
-Model and data are pickled once and sent once per worker (the pool's initializer); each worker uses
+Model and data are sent once per worker (the pool's initializer arguments); each worker uses
 ``cores // workers`` torch threads and keeps a small cache of step prefixes of its own. A worker that
 dies takes its in-flight tasks with it: the pool is rebuilt and those tasks are tried again, at most
 ``max_retries`` times, then recorded as failed with the reason. A made model that cannot travel back
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -25,7 +24,7 @@ _CACHE = None
 _CACHE_LIMIT = 8
 
 
-def _init(ctx_bytes: bytes, threads: int) -> None:
+def _init(ctx: Context, threads: int) -> None:
     global _CTX, _CACHE
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
@@ -34,7 +33,7 @@ def _init(ctx_bytes: bytes, threads: int) -> None:
     torch.set_num_threads(threads)
     from ..sweep import PrefixCache
 
-    _CTX = pickle.loads(ctx_bytes)
+    _CTX = ctx  # sent by the pool to this worker once (Tugboat's own objects between its processes)
     _CACHE = PrefixCache(None)
 
 
@@ -56,15 +55,15 @@ class ProcessExecutor(Executor):
         self.max_retries = max_retries
         self.threads = max(1, cpu_count() // workers)
         self._pool: ProcessPoolExecutor | None = None
-        self._ctx_bytes = b""
+        self._ctx: Context | None = None
 
     def start(self, ctx: Context, cache=None) -> None:
         super().start(ctx, None)  # the driver's cache stays in the driver; workers keep their own
-        self._ctx_bytes = pickle.dumps(ctx, protocol=pickle.HIGHEST_PROTOCOL)
+        self._ctx = ctx
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.width, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init, initargs=(self._ctx_bytes, self.threads))
+                                   initializer=_init, initargs=(self._ctx, self.threads))
 
     def map(self, tasks: Iterable[Task], progress: Progress | None = None) -> Iterator[Outcome]:
         progress = progress or null_progress()
