@@ -299,11 +299,11 @@ def test_slider_moves_ghost_at_once_and_a_newer_setting_cancels_the_older_job(qt
     field.spin.setFocus()
     field.spin.selectAll()
     with qtbot.waitSignal(lp.job_started, timeout=5000) as second:
-        QTest.keyClicks(field.spin, "0.7")
+        QTest.keyClicks(field.spin, "0.85")  # above any value the drag reached
         QTest.keyClick(field.spin, Qt.Key.Key_Return)
     assert chart.ghost_point()[0] < xs[-1]
     job2 = second.args[0]
-    assert job2 is not job1 and "r0.7" in job2.name
+    assert job2 is not job1 and "r0.85" in job2.name
     qtbot.waitUntil(lambda: job1.is_ended, timeout=20000)
     assert job1.state == CANCELLED
     gate.set()
@@ -313,8 +313,8 @@ def test_slider_moves_ghost_at_once_and_a_newer_setting_cancels_the_older_job(qt
     # the measured point replaces the ghost; the estimate's error is logged
     qtbot.waitUntil(lambda: len(lp.errors) == 1, timeout=5000)
     v = window.store.get(lp.errors[0]["name"])
-    assert v.recipe["steps"][0]["ratio"] == 0.7
-    assert [x.recipe["steps"][0]["ratio"] for x in window.store.variants() if x.name != "baseline"] == [0.7]
+    assert v.recipe["steps"][0]["ratio"] == 0.85
+    assert [x.recipe["steps"][0]["ratio"] for x in window.store.variants() if x.name != "baseline"] == [0.85]
     assert window.store.selected == v.name and chart.point_of(v.name) is not None
     assert chart.ghost_point() is None
     assert abs(lp.errors[0]["errors"]["size_bytes"]) < 0.10, lp.errors
