@@ -72,7 +72,8 @@ _BUSY = "import time\nend = time.time() + 60\nwhile time.time() < end:\n    pass
 def test_same_speed_variant_is_never_flagged_on_a_busy_machine(cnn_timing_only):
     """A short version of benchmarks/measurement.py: unstructured pruning (the same dense graph, the
     same speed) measured 3 times beside a CPU-bound process: no "slower" verdict, and every interval
-    holds 1.0 unless the timing says it is noisy; dynamic int8 on the CNN (ConvInteger) is flagged."""
+    reaches the 5% band around 1.0 unless the timing says it is noisy; dynamic int8 on the CNN
+    (ConvInteger) is flagged."""
     busy = subprocess.Popen([sys.executable, "-c", _BUSY])
     try:
         time.sleep(0.2)
@@ -83,7 +84,10 @@ def test_same_speed_variant_is_never_flagged_on_a_busy_machine(cnn_timing_only):
                 judge_timing(v, cnn_timing_only.metrics)
             sp = v.metrics["latency_ms"]["speedup"]
             assert not any(w.startswith("slower than") for w in v.warnings), (v.warnings, sp)
-            assert sp["noisy"] or sp["low"] <= 1.0 <= sp["high"], sp
+            # the interval reaches into the 5% tolerance band (so no verdict either way); in the full
+            # suite it once came out [0.942, 0.999], excluding 1.0 by 0.1%: holding 1.0 every time is
+            # the benchmark's figure (benchmarks/measurement.py, 10 runs), not a unit-test promise
+            assert sp["noisy"] or (sp["low"] <= 1.05 and sp["high"] >= 1 / 1.05), sp
             assert sp["blocks"] >= 2 and sp["baseline_median"] > 0
             lat = v.metrics["latency_ms"]
             assert lat["paired"] and lat["spread"] >= 1.0 and "load" in lat
