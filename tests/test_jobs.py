@@ -139,3 +139,40 @@ def test_worker_leaves_a_core_for_the_interface(qtbot, queue):
     import os
 
     assert worker_threads() == max(1, (os.cpu_count() or 1) - 1)
+
+
+def test_garbage_is_collected_on_the_gui_thread_while_jobs_run(qtbot, queue):
+    """A worker that triggers the cyclic collector would destroy Qt objects in cycles off the GUI
+    thread (a deadlock seen in the suite); while a job runs, only the GUI thread collects."""
+    import gc
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    collected_in: list[str] = []
+    seen = threading.Event()
+
+    class Marker:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            collected_in.append(threading.current_thread().name)
+            seen.set()
+
+    assert gc.isenabled()
+
+    def work(progress):
+        assert not gc.isenabled()  # no automatic collection while a job runs
+        Marker()  # garbage in a cycle, made on the worker
+        for _ in range(50_000):  # allocations that would have triggered a collection here
+            Cycle()
+        return "done"
+
+    job = queue.submit(work, name="allocates")
+    qtbot.waitUntil(lambda: job.is_ended, timeout=20000)
+    assert job.state == DONE, job.error
+    qtbot.waitUntil(seen.is_set, timeout=5000)  # the GUI thread's timer collected it
+    assert collected_in == [threading.main_thread().name]
+    assert gc.isenabled()  # back to normal once no job runs

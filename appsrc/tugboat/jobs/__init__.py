@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtCore import QObject, Qt, QTimer, Signal
 
 from ..engine.errors import Cancelled, TugboatError
 from ..engine.memory import is_out_of_memory, oom_message
@@ -273,6 +273,50 @@ def _release_finished_jobs() -> None:
     _in_flight[:] = [j for j in _in_flight if j._thread is not None and j._thread.is_alive()]
 
 
+class _GuiThreadCollector:
+    """Python's cyclic garbage collector runs in whichever thread allocates past its threshold. A
+    worker thread that collects a cycle holding Qt objects destroys them off the GUI thread, and that
+    can deadlock with the GUI thread (seen: a pruning job's deepcopy collected a QMenu while the GUI
+    thread was deleting another, each waiting for the other's lock). While any job runs, automatic
+    collection is off and the GUI thread collects on a timer instead (pyqtgraph's GarbageCollector
+    does the same for a whole application)."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.was_enabled = True
+        self.timer: QTimer | None = None
+
+    def acquire(self) -> None:
+        if self.users == 0:
+            if self.timer is None:
+                self.timer = QTimer()
+                self.timer.setInterval(500)
+                self.timer.timeout.connect(self.collect)
+            self.was_enabled = gc.isenabled()
+            gc.disable()
+            self.timer.start()
+        self.users += 1
+
+    def release(self) -> None:
+        self.users = max(0, self.users - 1)
+        if self.users == 0 and self.timer is not None:
+            self.timer.stop()
+            if self.was_enabled:
+                gc.enable()
+
+    @staticmethod
+    def collect() -> None:
+        """What automatic collection would have done by now, generation by generation."""
+        counts, threshold = gc.get_count(), gc.get_threshold()
+        for generation in range(3):
+            if counts[generation] <= threshold[generation]:
+                return
+            gc.collect(generation)
+
+
+_collector = _GuiThreadCollector()
+
+
 class JobQueue(QObject):
     """One queue for the app. Jobs run in submission order, ``max_running`` at a time, each on its
     own worker thread (with the default of one, compute-heavy jobs do not fight over two cores)."""
@@ -342,6 +386,9 @@ class JobQueue(QObject):
 
     def _on_job_state(self, job: Job) -> None:
         _release_finished_jobs()
+        if job.is_ended and getattr(job, "_gc_held", False):
+            job._gc_held = False
+            _collector.release()
         if job.is_ended:
             self.job_ended.emit(job)
             self._schedule()
@@ -356,4 +403,6 @@ class JobQueue(QObject):
             nxt = next((j for j in self._jobs if j.state == QUEUED), None)
             if nxt is None:
                 return
+            _collector.acquire()  # released when the job ends (_on_job_state)
+            nxt._gc_held = True
             nxt._start()
