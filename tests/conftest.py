@@ -57,18 +57,3 @@ def demo_models():
 @pytest.fixture
 def python():
     return sys.executable
-
-
-@pytest.fixture
-def window(qtbot):
-    """The real main window with quick measuring settings (a module may define its own ``window``)."""
-    from tugboat.engine.measure import MeasureConfig
-    from tugboat.ui.main_window import MainWindow
-
-    w = MainWindow()
-    qtbot.addWidget(w)
-    w.session.measure = MeasureConfig(batch=16, threads=1, warmup=1, min_runs=3, min_seconds=0.0,
-                                      max_seconds=0.2, also_batch1=False, both_runtimes=False)
-    w.show()
-    yield w
-    w.queue.shutdown(10)

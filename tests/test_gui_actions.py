@@ -13,12 +13,24 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import QApplication, QPlainTextEdit
 
 from helpers import run_prune
+from tugboat.engine.measure import MeasureConfig
 from tugboat.engine.recipe import Variant, load_recipe
 from tugboat.engine.workspace import Workspace
 from tugboat.ui import theme
 from tugboat.ui.main_window import MainWindow
 
 pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def window(qtbot):
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.session.measure = MeasureConfig(batch=16, threads=1, warmup=1, min_runs=3, min_seconds=0.0,
+                                      max_seconds=0.2, also_batch1=False, both_runtimes=False)
+    w.show()
+    yield w
+    w.queue.shutdown(10)
 
 
 def wait_baseline(qtbot, window) -> None:

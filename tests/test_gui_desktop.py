@@ -13,10 +13,23 @@ import pytest
 
 from tugboat import resources
 from tugboat.cli import parse_args
+from tugboat.engine.measure import MeasureConfig
 from tugboat.settings import load_settings
 from tugboat.ui.app import start
+from tugboat.ui.main_window import MainWindow
 
 pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def window(qtbot):
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.session.measure = MeasureConfig(batch=16, threads=1, warmup=1, min_runs=3, min_seconds=0.0,
+                                      max_seconds=0.2, also_batch1=False, both_runtimes=False)
+    w.show()
+    yield w
+    w.queue.shutdown(10)
 
 
 @pytest.fixture

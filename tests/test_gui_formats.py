@@ -11,8 +11,21 @@ from PySide6.QtWidgets import QDialogButtonBox
 
 from helpers import run_prune
 from test_formats import ARCH_CODE, MobileLike
+from tugboat.engine.measure import MeasureConfig
+from tugboat.ui.main_window import MainWindow
 
 pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def window(qtbot):
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.session.measure = MeasureConfig(batch=16, threads=1, warmup=1, min_runs=3, min_seconds=0.0,
+                                      max_seconds=0.2, also_batch1=False, both_runtimes=False)
+    w.show()
+    yield w
+    w.queue.shutdown(10)
 
 
 def _open_with_dialog(window, path, arch="", kwargs=""):

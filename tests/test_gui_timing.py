@@ -9,9 +9,22 @@ import pytest
 from PySide6.QtCore import Qt
 
 from helpers import run_prune
+from tugboat.engine.measure import MeasureConfig
+from tugboat.ui.main_window import MainWindow
 from tugboat.ui.results_table import COLUMNS
 
 pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def window(qtbot):
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.session.measure = MeasureConfig(batch=16, threads=1, warmup=1, min_runs=3, min_seconds=0.0,
+                                      max_seconds=0.2, also_batch1=False, both_runtimes=False)
+    w.show()
+    yield w
+    w.queue.shutdown(10)
 
 
 def test_speedup_interval_machine_and_remeasure_in_the_window(qtbot, window, tmp_path):
