@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install Tugboat into ./.venv on a fresh Debian/Ubuntu machine (Python 3.11).
 #   bash tools/install.sh          the app
-#   bash tools/install.sh --test   the app, the test tools and the OpenVINO runtime (tests use it)
-#   bash tools/install.sh --test --executorch   also ExecuTorch (about 1 min and 270 MB more; its
+#   bash tools/install.sh --test   the app, the test tools and the optional runtimes the tests
+#                                  exercise (OpenVINO, Hugging Face folders, Ray: ~20 s more)
+#   bash tools/install.sh --test --executorch   also ExecuTorch (about 1.5 min and 270 MB more; its
 #                                  tests skip without it)
 # Order matters: the CPU build of torch first (any other torch spec pulls a multi-GB CUDA build),
 # then the project, then onnx2torch without its torchvision requirement (see pyproject.toml).
@@ -10,10 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-# --test also installs the optional extras the tests exercise (hf: Hugging Face folders)
-[ "${1:-}" = "--test" ] && extra="[test,openvino,hf]"
-[ "${1:-}" = "--test" ] && [ "${2:-}" = "--executorch" ] && extra="[test,openvino,executorch,hf]"
-[ "${1:-}" = "--test" ] && [ "${2:-}" = "--ray" ] && extra="[test,openvino,hf,ray]"  # Ray executor tests (~240 MB)
+# --test also installs the optional extras the tests exercise (hf: Hugging Face folders, ray: the
+# Ray executor on a local instance)
+[ "${1:-}" = "--test" ] && extra="[test,openvino,hf,ray]"
+[ "${1:-}" = "--test" ] && [ "${2:-}" = "--executorch" ] && extra="[test,openvino,executorch,hf,ray]"
 
 # the system libraries Qt needs (offscreen and on a desktop); only installed when missing
 qt_libs="libegl1 libgl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3 fonts-dejavu-core
