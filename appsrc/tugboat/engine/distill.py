@@ -13,14 +13,16 @@ The teacher only has to produce outputs, so it may be an ONNX-only model (run in
 Its outputs on the training and validation splits are computed once per job and cached (with
 image augmentation: once per pixel shift used), never per epoch. The student is a built-in family
 member (:mod:`tugboat.engine.students`), a structured-pruned copy of the teacher, or a model file.
-Every batch checks for cancellation; every epoch publishes ``progress.record("epoch", ...)``.
+Training runs in the shared loop (:func:`tugboat.engine.training.train`: cancellation every batch,
+divergence check, one ``progress.record("epoch", ...)`` per epoch, best epoch kept, early stop), on
+the step's ``device``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,12 +30,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import DataError, NumericalError, TugboatError
-from .finetune import kd_loss, make_optimizer, output_loss
+from .devices import DEFAULT_TRAINING, DEVICE_CHOICES
+from .devices import HELP as DEVICE_HELP
+from .devices import resolve as resolve_device
+from .errors import DataError, TugboatError
+from .finetune import kd_loss, output_loss
 from .progress import Progress, null_progress
 from .runtime import eval_mode
 from .steps import Param, Technique, register
 from .students import build_student, input_kind
+from .training import BatchLoss, TrainResult, TrainSpec, TrainTask, module_device, to_device, train
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
@@ -237,10 +243,11 @@ def parse_pairs(pairs: list[str]) -> list[tuple[str, str]]:
 
 def _outputs(module: nn.Module, data: Dataset, split: str, names: list[str], batch: int = 256) -> torch.Tensor:
     eval_mode(module)
+    device = module_device(module)
     chunks = []
     with torch.inference_mode():
         for xs, _, _ in data.batches(split, batch, names=names):
-            chunks.append(_first(module(*xs)).float())
+            chunks.append(_first(module(*to_device(xs, device))).float().cpu())
     return torch.cat(chunks)
 
 
@@ -268,29 +275,33 @@ def _is_classification(handle: ModelHandle, teacher_out: np.ndarray) -> bool:
 
 # --- the technique -------------------------------------------------------------------------------
 
-def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
-          progress: Progress | None = None) -> ModelHandle:
-    progress = progress or null_progress()
-    method = params.get("method", "kd")
-    params = {**TECHNIQUE.defaults(method), **params, "method": method}  # direct callers may omit some
-    if data is None:
-        raise DataError("distillation needs data: the student learns from the teacher's outputs on it")
-    for split in ("train", "val"):
-        if len(data.splits.get(split, ())) == 0:
-            raise DataError(f"distillation needs a non-empty '{split}' split", path=data.ref)
-    t_start = time.perf_counter()
-    names = handle.input_names
-    pairs = parse_pairs(list(params.get("feature_pairs") or []))
-    temperature = float(params["temperature"])
-    epochs, batch_size = int(params["epochs"]), int(params["batch_size"])
-    seed = int(params["seed"])
+@dataclass
+class _Plan:
+    """What the student learns from and how: decided once, before the student is built."""
 
-    # 1. the teacher's outputs, once
+    cache: TeacherCache
+    pairs: list[tuple[str, str]]
+    t_train: np.ndarray  # the teacher's outputs on the train split (no shift)
+    t_val: np.ndarray
+    t_train_feats: list[np.ndarray]
+    classification: bool
+    loss_kind: str
+    alpha: float
+    temperature: float
+    augment: bool
+    notes: list[str]
+
+    @property
+    def use_labels(self) -> bool:
+        return self.loss_kind == "kd" and self.alpha < 1.0
+
+
+def _plan(handle: ModelHandle, params: dict[str, Any], data: Dataset, progress: Progress) -> _Plan:
+    pairs = parse_pairs(list(params.get("feature_pairs") or []))
     cache = TeacherCache(handle, data, [a for a, _ in pairs])
     t_train, t_train_feats = cache.get("train", progress=progress.sub(0.0, 0.07, "teacher: "))
     t_val, _ = cache.get("val", progress=progress.sub(0.07, 0.1, "teacher: "))
     classification = _is_classification(handle, t_train)
-
     loss_kind = params["loss"]
     if loss_kind == "auto":
         loss_kind = "kd" if classification else ("cosine" if handle.task == "embedding" else "mse")
@@ -302,148 +313,179 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     if loss_kind == "kd" and alpha < 1.0 and not data.has_labels:
         notes.append("the data has no labels: alpha forced to 1 (teacher's soft targets only)")
         alpha = 1.0
-    use_labels = loss_kind == "kd" and alpha < 1.0
+    augment = bool(params["augment"])
+    first = data.inputs[handle.input_names[0]]
+    if augment and not (first.ndim == 4 and first.dtype.kind == "f"):
+        notes.append("augment ignored: pixel shifts apply to image inputs only")
+        augment = False
+    return _Plan(cache, pairs, t_train, t_val, t_train_feats, classification, loss_kind, alpha,
+                 float(params["temperature"]), augment, notes)
 
-    # 2. the student
-    student, arch, student_info = make_student(handle, params, data, tuple(t_train.shape[1:]),
-                                               progress.sub(0.1, 0.12, "student: "))
+
+@dataclass
+class _Student:
+    """The student in training: the module, its feature hooks and the learned projections."""
+
+    module: nn.Module
+    arch: str | None
+    info: dict[str, Any]
+    captured: dict[str, torch.Tensor]
+    hooks: list
+    projections: nn.ModuleList
+    feat_scale: list[float]
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def _student(handle: ModelHandle, params: dict[str, Any], data: Dataset, plan: _Plan,
+             progress: Progress) -> _Student:
+    student, arch, info = make_student(handle, params, data, tuple(plan.t_train.shape[1:]), progress)
     eval_mode(student, True)
     for p in student.parameters():
         p.requires_grad_(True)
-    probe = [torch.from_numpy(np.ascontiguousarray(data.inputs[n][data.splits["train"][:2]])) for n in names]
     s_named = dict(student.named_modules())
-    s_missing = [b for _, b in pairs if b not in s_named]
+    s_missing = [b for _, b in plan.pairs if b not in s_named]
     if s_missing:
         raise TugboatError(f"feature_pairs: the student has no layer {s_missing[0]!r}", hint=_layer_hint(student))
     captured: dict[str, torch.Tensor] = {}
-    hooks = [s_named[b].register_forward_hook(_capture(captured, b)) for _, b in pairs]
+    hooks = [s_named[b].register_forward_hook(_capture(captured, b)) for _, b in plan.pairs]
+    s = _Student(student, arch, info, captured, hooks, nn.ModuleList(), [])
+    try:
+        probe_out = _probe(student, data, handle.input_names)
+        if tuple(probe_out.shape[1:]) != tuple(plan.t_train.shape[1:]):
+            raise TugboatError(f"the student's output has shape {tuple(probe_out.shape[1:])} but the "
+                               f"teacher's has {tuple(plan.t_train.shape[1:])}")
+    except BaseException:
+        s.remove_hooks()
+        raise
+    s.projections = nn.ModuleList([FeatureProjection(tuple(captured[b].shape[1:]), tuple(f.shape[1:]))
+                                   for (_, b), f in zip(plan.pairs, plan.t_train_feats)])
+    s.feat_scale = [float(np.mean(np.square(f))) + 1e-8 for f in plan.t_train_feats]
+    return s
+
+
+def _probe(student: nn.Module, data: Dataset, names: list[str]) -> torch.Tensor:
+    """The student's output on two training rows (it must run on the data at all)."""
+    probe = [torch.from_numpy(np.ascontiguousarray(data.inputs[n][data.splits["train"][:2]])) for n in names]
     try:
         with torch.no_grad():
             eval_mode(student)
-            probe_out = _first(student(*probe))
-            eval_mode(student, True)
+            return _first(student(*probe))
     except Exception as exc:
-        for h in hooks:
-            h.remove()
         raise TugboatError(f"the student fails on the data: {' '.join(str(exc).split())[:200]}") from None
-    if tuple(probe_out.shape[1:]) != tuple(t_train.shape[1:]):
-        for h in hooks:
-            h.remove()
-        raise TugboatError(f"the student's output has shape {tuple(probe_out.shape[1:])} but the "
-                           f"teacher's has {tuple(t_train.shape[1:])}")
-    projections = nn.ModuleList([FeatureProjection(tuple(captured[b].shape[1:]), tuple(f.shape[1:]))
-                                 for (_, b), f in zip(pairs, t_train_feats)])
-    feat_scale = [float(np.mean(np.square(f))) + 1e-8 for f in t_train_feats]
-    teacher_params = _count(handle)
-
-    # 3. training
-    augment = bool(params["augment"])
-    image_input = data.inputs[names[0]].ndim == 4 and data.inputs[names[0]].dtype.kind == "f"
-    if augment and not image_input:
-        notes.append("augment ignored: pixel shifts apply to image inputs only")
-        augment = False
-    torch.manual_seed(seed)
-    opt = make_optimizer(params["optimizer"], list(student.parameters()) + list(projections.parameters()),
-                         float(params["lr"]))
-    n_train = len(data.splits["train"])
-    n_batches = max(1, math.ceil(n_train / batch_size))
-    total = epochs * n_batches
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    rows = np.arange(n_train)
-    _, val_labels = data.split("val")
-    t_val_tensor = torch.from_numpy(t_val)
-    train_progress = progress.sub(0.12, 1.0)
-    patience, feature_weight = int(params["patience"]), float(params["feature_weight"])
-    history: list[dict[str, Any]] = []
-    best_score: tuple | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch, stale, step = 0, 0, 0
-    rng = np.random.default_rng(seed)
-    try:
-        for epoch in range(1, epochs + 1):
-            eval_mode(student, True)
-            sums = {"loss": 0.0, "feature": 0.0}
-            count = 0
-            for xs, ys, ex in data.batches("train", batch_size, names=names, shuffle=True,
-                                           seed=seed + epoch, extra=[rows], training=True):
-                local = ex[0].numpy()
-                shift = SHIFTS[int(rng.integers(len(SHIFTS)))] if augment else (0, 0)
-                if shift != (0, 0):
-                    xs[0] = torch.roll(xs[0], shifts=shift, dims=(2, 3))
-                t_out, t_feats = cache.get("train", shift)
-                target = torch.from_numpy(t_out[local])
-                out = _first(student(*xs))
-                if loss_kind == "kd":
-                    loss = alpha * kd_loss(out, target, temperature) if alpha > 0 else out.new_zeros(())
-                    if use_labels:
-                        loss = loss + (1.0 - alpha) * F.cross_entropy(out, ys)
-                else:
-                    loss = output_loss(loss_kind, out, target)
-                feat_loss = out.new_zeros(())
-                for k, ((_, b), proj) in enumerate(zip(pairs, projections)):
-                    tf = torch.from_numpy(t_feats[k][local])
-                    feat_loss = feat_loss + F.mse_loss(proj(captured[b]), tf) / feat_scale[k]
-                if pairs:
-                    loss = loss + feature_weight * feat_loss
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"distillation diverged (loss {float(loss.detach())} at epoch {epoch}); "
-                                         f"try a lower learning rate than {float(params['lr']):g}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                sums["loss"] += float(loss.detach()) * len(local)
-                sums["feature"] += float(feat_loss.detach()) * len(local)
-                count += len(local)
-                step += 1
-                train_progress.update(step / total, f"epoch {epoch}/{epochs}")
-            s_val = _outputs(student, data, "val", names)
-            ev = _val_metrics(s_val, t_val_tensor, val_labels if classification else None,
-                              classification, loss_kind, temperature, alpha if use_labels else 1.0)
-            row = {"epoch": epoch, "train_loss": sums["loss"] / max(1, count), **ev,
-                   "lr": float(sched.get_last_lr()[0])}
-            if pairs:
-                row["feature_loss"] = sums["feature"] / max(1, count)
-            history.append(row)
-            progress.record("epoch", **row)
-            primary = ev["val_accuracy"] if (use_labels and ev["val_accuracy"] is not None) else ev["fidelity"]
-            score = (round(primary, 6), -ev["val_loss"])
-            if best_score is None or score > best_score:
-                best_score, best_epoch, stale = score, epoch, 0
-                best_state = copy.deepcopy(student.state_dict())
-            else:
-                stale += 1
-                if patience and stale >= patience:
-                    progress.log(f"early stop after epoch {epoch}: no better validation score for "
-                                 f"{patience} epochs (best: epoch {best_epoch})")
-                    break
-            train_progress.check()
     finally:
-        for h in hooks:
-            h.remove()
-    if best_state is not None:
-        student.load_state_dict(best_state)
-    eval_mode(student)
-    for p in student.parameters():
-        p.requires_grad_(False)
+        eval_mode(student, True)
 
-    step_record = {"technique": "distill", **params}
-    new = handle.derive(module=student, step=step_record)
-    new.arch = arch
-    new.info["training"] = history
-    # the student's deployed artifact, counted as measure counts it (the export is reused there)
-    student_params = _count(new) or sum(p.numel() for p in student.parameters())
-    new.info["distill"] = {
-        "student": params["student"], **student_info, "loss": loss_kind, "alpha": alpha,
-        "temperature": temperature, "labels_used": use_labels, "epochs_run": len(history),
-        "best_epoch": best_epoch, "teacher_params": teacher_params, "student_params": student_params,
-        "param_ratio": student_params / max(1, teacher_params), "augment": augment,
-        "feature_pairs": [f"{a}:{b}" for a, b in pairs],
-        "teacher_seconds": round(cache.seconds, 3),
-        "seconds": round(time.perf_counter() - t_start, 3), "notes": notes,
-    }
-    new.warnings += notes
+
+def _batch_loss(student: _Student, plan: _Plan, feature_weight: float, seed: int, device: str):
+    """The distillation loss of one batch (``extra`` carries the batch's row numbers)."""
+    rng = np.random.default_rng(seed)
+
+    def loss(batch) -> BatchLoss:
+        xs, ys, ex = batch
+        local = ex[0].cpu().numpy()
+        shift = SHIFTS[int(rng.integers(len(SHIFTS)))] if plan.augment else (0, 0)
+        if shift != (0, 0):
+            xs[0] = torch.roll(xs[0], shifts=shift, dims=(2, 3))
+        t_out, t_feats = plan.cache.get("train", shift)
+        target = torch.from_numpy(t_out[local]).to(device)
+        out = _first(student.module(*xs))
+        if plan.loss_kind == "kd":
+            value = plan.alpha * kd_loss(out, target, plan.temperature) if plan.alpha > 0 else out.new_zeros(())
+            if plan.use_labels:
+                value = value + (1.0 - plan.alpha) * F.cross_entropy(out, ys)
+        else:
+            value = output_loss(plan.loss_kind, out, target)
+        if not plan.pairs:
+            return value, len(local), {}
+        feat_loss = out.new_zeros(())
+        for k, ((_, b), proj) in enumerate(zip(plan.pairs, student.projections)):
+            tf = torch.from_numpy(t_feats[k][local]).to(device)
+            feat_loss = feat_loss + F.mse_loss(proj(student.captured[b]), tf) / student.feat_scale[k]
+        return value + feature_weight * feat_loss, len(local), {"feature_loss": float(feat_loss.detach())}
+
+    return loss
+
+
+def _task(student: _Student, plan: _Plan, params: dict[str, Any], data: Dataset, names: list[str],
+          device: str) -> TrainTask:
+    seed, batch_size = int(params["seed"]), int(params["batch_size"])
+    rows = np.arange(len(data.splits["train"]))
+    _, val_labels = data.split("val")
+    t_val = torch.from_numpy(plan.t_val)
+
+    def evaluate(_epoch: int) -> dict[str, Any]:
+        return _val_metrics(_outputs(student.module, data, "val", names), t_val,
+                            val_labels if plan.classification else None, plan.classification,
+                            plan.loss_kind, plan.temperature, plan.alpha if plan.use_labels else 1.0)
+
+    def score(row: dict[str, Any]) -> tuple:
+        primary = row["val_accuracy"] if (plan.use_labels and row["val_accuracy"] is not None) else row["fidelity"]
+        return (round(primary, 6), -row["val_loss"])
+
+    return TrainTask(
+        batches=lambda epoch: data.batches("train", batch_size, names=names, shuffle=True, seed=seed + epoch,
+                                           extra=[rows], training=True),
+        loss=_batch_loss(student, plan, float(params["feature_weight"]), seed, device),
+        evaluate=evaluate, score=score)
+
+
+def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
+          progress: Progress | None = None) -> ModelHandle:
+    progress = progress or null_progress()
+    method = params.get("method", "kd")
+    params = {**TECHNIQUE.defaults(method), **params, "method": method}  # direct callers may omit some
+    if data is None:
+        raise DataError("distillation needs data: the student learns from the teacher's outputs on it")
+    for split in ("train", "val"):
+        if len(data.splits.get(split, ())) == 0:
+            raise DataError(f"distillation needs a non-empty '{split}' split", path=data.ref)
+    device = resolve_device(params.get("device", DEFAULT_TRAINING), "distill.device")
+    t_start = time.perf_counter()
+    plan = _plan(handle, params, data, progress)
+    student = _student(handle, params, data, plan, progress.sub(0.1, 0.12, "student: "))
+    epochs, batch_size = int(params["epochs"]), int(params["batch_size"])
+    spec = TrainSpec(epochs=epochs, lr=float(params["lr"]), optimizer=params["optimizer"],
+                     steps_per_epoch=max(1, math.ceil(len(data.splits["train"]) / batch_size)),
+                     seed=int(params["seed"]), patience=int(params["patience"]), name="distillation",
+                     device=device)
+    student.projections.to(device)
+    trainable = list(student.module.parameters()) + list(student.projections.parameters())
+    try:
+        result = train(student.module, trainable, spec,
+                       _task(student, plan, params, data, handle.input_names, device),
+                       progress.sub(0.12, 1.0))
+    finally:
+        student.remove_hooks()
+    for p in student.module.parameters():
+        p.requires_grad_(False)
+    new = _distilled(handle, params, plan, student, result)
+    new.info["distill"].update(device=device, seconds=round(time.perf_counter() - t_start, 3))
     progress.update(1.0, "distilled")
+    return new
+
+
+def _distilled(handle: ModelHandle, params: dict[str, Any], plan: _Plan, student: _Student,
+               result: TrainResult) -> ModelHandle:
+    """The student as the step's result, with its training history and a summary for the report."""
+    new = handle.derive(module=student.module, step={"technique": "distill", **params})
+    new.arch = student.arch
+    new.info["training"] = result.history
+    teacher_params = _count(handle)
+    # the student's deployed artifact, counted as measure counts it (the export is reused there)
+    student_params = _count(new) or sum(p.numel() for p in student.module.parameters())
+    new.info["distill"] = {
+        "student": params["student"], **student.info, "loss": plan.loss_kind, "alpha": plan.alpha,
+        "temperature": plan.temperature, "labels_used": plan.use_labels, "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch, "teacher_params": teacher_params, "student_params": student_params,
+        "param_ratio": student_params / max(1, teacher_params), "augment": plan.augment,
+        "feature_pairs": [f"{a}:{b}" for a, b in plan.pairs],
+        "teacher_seconds": round(plan.cache.seconds, 3), "notes": plan.notes,
+    }
+    new.warnings += plan.notes
     return new
 
 
@@ -490,6 +532,7 @@ TECHNIQUE = register(Technique(
         Param("feature_weight", "float", 1.0, "weight of the feature-matching loss", minimum=0.0,
               maximum=100.0),
         Param("seed", "int", 0, "random seed (initialisation, batch order, augmentation)", minimum=0),
+        Param("device", "choice", DEFAULT_TRAINING, "training " + DEVICE_HELP, choices=DEVICE_CHOICES),
     ],
     apply=apply,
     needs_torch=False,  # the teacher may be ONNX-only; student = "pruned" checks for itself

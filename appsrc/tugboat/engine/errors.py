@@ -76,5 +76,9 @@ class ExportCheckError(TugboatError):
     """An exported file does not load in its runtime or does not reproduce the variant's outputs."""
 
 
+class DeviceError(TugboatError):
+    """A ``device`` setting names a device this machine does not have (or is not a device)."""
+
+
 class Cancelled(Exception):  # noqa: N818 - reads better at call sites than CancelledError
     """Raised inside a job when the user asked it to stop."""

@@ -8,13 +8,15 @@ targets: the original model's outputs for the same rows (``teacher_outputs``, or
 as :mod:`tugboat.engine.distill`: KL on temperature-softened logits for classifiers, MSE or cosine
 on other outputs) weighted ``teacher_weight``, cross-entropy on the labels for the rest. A pruned
 model recovers much faster copying its unpruned self than from hard labels alone: the original's
-soft outputs say which wrong classes are close. Every batch checks for cancellation; every epoch
-publishes ``progress.record("epoch", ...)`` for the GUI's live curves.
+soft outputs say which wrong classes are close. The loop itself (optimizer, schedule, cancellation,
+divergence check, the per-epoch ``progress.record("epoch", ...)`` rows) is
+:func:`tugboat.engine.training.train`, shared with distillation and quantization-aware training.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,34 +25,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import DataError, TugboatError
-from .progress import Progress, null_progress
+from .progress import Progress
+from .training import OPTIMIZERS as OPTIMIZERS  # re-exported: pruning's optimizer choices
+from .training import BatchLoss, TrainSpec, TrainTask, first_output, module_device, to_device, train
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-
-
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    raise TugboatError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-
 
 def outputs_for(module: nn.Module, data: Dataset, split: str, input_names: list[str],
                 batch_size: int = 256) -> np.ndarray:
     """The first output of ``module`` for every row of ``split``, in split order."""
     module.eval()
+    device = module_device(module)
     chunks = []
     with torch.inference_mode():
         for xs, _, _ in data.batches(split, batch_size, names=input_names):
-            out = module(*xs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            chunks.append(out.detach().float().numpy())
+            out = first_output(module(*to_device(xs, device)))
+            chunks.append(out.detach().float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
 
@@ -125,28 +116,24 @@ def evaluate(module: nn.Module, data: Dataset, split: str, input_names: list[str
     return {"accuracy": acc, "fidelity": agree}
 
 
-def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs: int, lr: float,
-             optimizer: str = "adamw", batch_size: int = 64,
-             teacher_outputs: np.ndarray | None = None, progress: Progress | None = None,
-             split: str = "train", seed: int = 0, reference: nn.Module | None = None,
-             classification: bool = True, temperature: float = 1.0,
-             trainable: list[nn.Parameter] | None = None,
-             teacher_weight: float = 0.0, augment: bool = False) -> list[dict[str, Any]]:
-    """Train ``module`` in place for ``epochs`` epochs; returns one history row per epoch.
+@dataclass
+class _Targets:
+    """What a fine-tuning batch learns from: labels, the original's outputs, or both."""
 
-    ``teacher_outputs`` are the original model's outputs for the rows of ``split`` (in split
-    order); with them and no labels the loss is a soft-target loss. ``reference`` (the original
-    module) fills them in when missing and gives the per-epoch fidelity on the ``val`` split.
-    With labels, ``teacher_weight`` (0..1) is the share of the loss that distils from the
-    original (needs ``reference`` or ``teacher_outputs``); the rest is cross-entropy.
-    ``augment`` shifts image inputs (4-D float) by up to one pixel per batch; the ``reference``
-    module then labels the shifted images itself, so the teacher covers more than the rows seen.
-    """
-    progress = progress or null_progress()
-    if epochs <= 0:
-        return []
-    if data is None:
-        raise DataError("fine-tuning needs data (a dataset with a training split)")
+    use_labels: bool
+    alpha: float  # share of the loss from the original model's outputs (with labels)
+    augment: bool  # one-pixel shifts of image batches
+    online: bool  # the reference labels each (shifted) batch itself
+    teacher_outputs: np.ndarray | None  # or the original's outputs per row, computed once
+
+    @property
+    def distil(self) -> bool:
+        return (self.teacher_outputs is not None or self.online) and (not self.use_labels or self.alpha > 0)
+
+
+def _targets(data: Dataset, split: str, input_names: list[str], teacher_outputs: np.ndarray | None,
+             reference: nn.Module | None, classification: bool, teacher_weight: float,
+             augment: bool) -> _Targets:
     use_labels = data.has_labels and classification
     alpha = float(teacher_weight) if use_labels else 1.0
     if not 0.0 <= alpha <= 1.0:
@@ -165,9 +152,62 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
     if teacher_outputs is not None and len(teacher_outputs) != len(data.splits[split]):
         raise TugboatError(f"teacher_outputs has {len(teacher_outputs)} rows for "
                            f"{len(data.splits[split])} rows of split '{split}'")
-    val_reference = outputs_for(reference, data, "val", input_names) if reference is not None else None
+    return _Targets(use_labels, alpha, augment, online, teacher_outputs)
 
-    torch.manual_seed(seed)
+
+def _batch_loss(module: nn.Module, plan: _Targets, reference: nn.Module | None, temperature: float,
+                classification: bool, seed: int):
+    """The loss of one fine-tuning batch, as :class:`~tugboat.engine.training.TrainTask` wants it."""
+    rng = np.random.default_rng(seed)
+    alpha = plan.alpha
+
+    def loss(batch) -> BatchLoss:
+        xs, ys, ex = batch
+        if plan.augment:
+            dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))
+            if dy or dx:
+                xs[0] = torch.roll(xs[0], shifts=(dy, dx), dims=(2, 3))
+        if plan.online:
+            with torch.no_grad():
+                ex = [first_output(reference(*xs)).float()]
+        out = first_output(module(*xs))
+        if plan.use_labels and plan.distil:
+            value = alpha * soft_target_loss(out, ex[0], temperature, classification) \
+                + (1.0 - alpha) * F.cross_entropy(out.reshape(len(ys), -1), ys)
+        elif plan.use_labels:
+            value = F.cross_entropy(out.reshape(len(ys), -1), ys)
+        else:
+            value = soft_target_loss(out, ex[0], temperature, classification)
+        return value, len(xs[0]), {}
+
+    return loss
+
+
+def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs: int, lr: float,
+             optimizer: str = "adamw", batch_size: int = 64,
+             teacher_outputs: np.ndarray | None = None, progress: Progress | None = None,
+             split: str = "train", seed: int = 0, reference: nn.Module | None = None,
+             classification: bool = True, temperature: float = 1.0,
+             trainable: list[nn.Parameter] | None = None,
+             teacher_weight: float = 0.0, augment: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
+    """Train ``module`` in place for ``epochs`` epochs; returns one history row per epoch.
+
+    ``teacher_outputs`` are the original model's outputs for the rows of ``split`` (in split
+    order); with them and no labels the loss is a soft-target loss. ``reference`` (the original
+    module) fills them in when missing and gives the per-epoch fidelity on the ``val`` split.
+    With labels, ``teacher_weight`` (0..1) is the share of the loss that distils from the
+    original (needs ``reference`` or ``teacher_outputs``); the rest is cross-entropy.
+    ``augment`` shifts image inputs (4-D float) by up to one pixel per batch; the ``reference``
+    module then labels the shifted images itself, so the teacher covers more than the rows seen.
+    ``device`` is a resolved device (:func:`tugboat.engine.devices.resolve`); the module ends on the CPU.
+    """
+    if epochs <= 0:
+        return []
+    if data is None:
+        raise DataError("fine-tuning needs data (a dataset with a training split)")
+    plan = _targets(data, split, input_names, teacher_outputs, reference, classification, teacher_weight,
+                    augment)
+    val_reference = outputs_for(reference, data, "val", input_names) if reference is not None else None
     params = trainable if trainable is not None else [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TugboatError("fine-tuning has nothing to train: the model has no trainable parameters "
@@ -176,58 +216,23 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
     if n_rows < 2:
         raise DataError(f"fine-tuning needs at least 2 samples in the '{split}' split, it has {n_rows}",
                         path=data.ref)
-    opt = make_optimizer(optimizer, params, lr)
-    n_batches = max(1, -(-n_rows // max(2, batch_size)))
-    total = epochs * n_batches
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    distil = (teacher_outputs is not None or online) and (not use_labels or alpha > 0)
-    extra = [teacher_outputs] if distil and not online else None
-    rng = np.random.default_rng(seed)
-    history: list[dict[str, Any]] = []
-    step = 0
-    for epoch in range(1, epochs + 1):
-        module.train()
-        losses = []
-        for xs, ys, ex in data.batches(split, batch_size, names=input_names, shuffle=True,
-                                       seed=seed + epoch, extra=extra, training=True):
-            if augment:
-                dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))
-                if dy or dx:
-                    xs[0] = torch.roll(xs[0], shifts=(dy, dx), dims=(2, 3))
-            if online:
-                with torch.no_grad():
-                    t_out = reference(*xs)
-                ex = [(t_out[0] if isinstance(t_out, (tuple, list)) else t_out).float()]
-            out = module(*xs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            if use_labels and distil:
-                loss = alpha * soft_target_loss(out, ex[0], temperature, classification) \
-                    + (1.0 - alpha) * F.cross_entropy(out.reshape(len(ys), -1), ys)
-            elif use_labels:
-                loss = F.cross_entropy(out.reshape(len(ys), -1), ys)
-            else:
-                loss = soft_target_loss(out, ex[0], temperature, classification)
-            if not torch.isfinite(loss.detach()):
-                module.eval()
-                from .errors import NumericalError
+    if plan.online and device != "cpu":
+        reference = copy.deepcopy(reference).to(device)  # the caller's module stays where it is
+    extra = [plan.teacher_outputs] if plan.distil and not plan.online else None
+    task = TrainTask(
+        batches=lambda epoch: data.batches(split, batch_size, names=input_names, shuffle=True,
+                                           seed=seed + epoch, extra=extra, training=True),
+        loss=_batch_loss(module, plan, reference, temperature, classification, seed),
+        evaluate=lambda _epoch: _renamed(evaluate(module, data, "val", input_names, val_reference,
+                                                  classification)))
+    spec = TrainSpec(epochs=epochs, lr=lr, steps_per_epoch=max(1, -(-n_rows // max(2, batch_size))),
+                     optimizer=optimizer, seed=seed, name="fine-tuning",
+                     message="fine-tuning epoch {epoch}/{epochs}", device=device)
+    return train(module, params, spec, task, progress).history
 
-                raise NumericalError(f"fine-tuning diverged (loss {loss.item()} at epoch {epoch}); "
-                                     f"try a lower learning rate than {lr:g}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            step += 1
-            progress.update(step / total, f"fine-tuning epoch {epoch}/{epochs}")
-        module.eval()
-        ev = evaluate(module, data, "val", input_names, val_reference, classification)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-               "val_accuracy": ev["accuracy"], "fidelity": ev["fidelity"]}
-        history.append(row)
-        progress.record("epoch", **row)
-    module.eval()
-    return history
+
+def _renamed(ev: dict[str, float | None]) -> dict[str, float | None]:
+    return {"val_accuracy": ev["accuracy"], "fidelity": ev["fidelity"]}
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
