@@ -41,6 +41,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .data import Dataset
+from .devices import DEFAULT_TRAINING, DEVICE_CHOICES
+from .devices import HELP as DEVICE_HELP
 from .errors import Cancelled, DataError, TugboatError
 from .models import ModelHandle
 from .names import layer_of
@@ -148,6 +150,8 @@ PARAMS = [
           "(distillation); the rest fits the labels. Without labels it is 1",
           minimum=0.0, maximum=1.0, methods=("qat-int8",)),
     Param("batch_size", "int", 64, "fine-tuning batch size", minimum=1, maximum=4096,
+          methods=("qat-int8",)),
+    Param("device", "choice", DEFAULT_TRAINING, "fine-tuning " + DEVICE_HELP, choices=DEVICE_CHOICES,
           methods=("qat-int8",)),
 ]
 
@@ -1086,164 +1090,13 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
 
 def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progress):
     """Fine-tune a copy of the torch module with fake-quantized weights and layer inputs; return it
-    as a plain float module (the trained latent weights), ready for ORT static int8."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torch.nn.utils import parametrize
-
-    qat = _fake_quant_api()
-    FakeQuantize = qat.FakeQuantize  # noqa: N806 - the library's class names
-    MovingAverageMinMaxObserver = qat.MovingAverageMinMaxObserver  # noqa: N806
-    MovingAveragePerChannelMinMaxObserver = qat.MovingAveragePerChannelMinMaxObserver  # noqa: N806
-
+    as a plain float module (the trained latent weights), ready for ORT static int8. The training
+    (the shared loop, on the step's ``device``) is :func:`tugboat.engine.qat.train_qat`."""
     if data is None:
         raise DataError("quantize qat-int8 fine-tunes on data; give a dataset (recipe 'data = ...')")
-    teacher = handle.torch_module().eval()
-    module = copy.deepcopy(teacher).eval()
-    module = _fold_batchnorm(module)
-    per_channel = params.get("per_channel", True)
-    act_signed = params.get("activation_type", "uint8") == "int8"
+    from .qat import train_qat  # lazy: torch (and torchao's observers) only when QAT runs
 
-    class WeightFQ(nn.Module):
-        def __init__(self, axis: int):
-            super().__init__()
-            if per_channel:
-                obs = MovingAveragePerChannelMinMaxObserver.with_args(
-                    ch_axis=axis, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-            else:
-                obs = MovingAverageMinMaxObserver.with_args(dtype=torch.qint8,
-                                                            qscheme=torch.per_tensor_symmetric)
-            self.fq = FakeQuantize(observer=obs, quant_min=-127, quant_max=127, dtype=torch.qint8,
-                                   qscheme=torch.per_channel_symmetric if per_channel
-                                   else torch.per_tensor_symmetric, ch_axis=axis)
-
-        def forward(self, w):
-            return self.fq(w)
-
-    layers = [(name, m) for name, m in module.named_modules()
-              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-    if not layers:
-        raise TugboatError("qat-int8 found no Conv or Linear layers to quantize", path=handle.source)
-    hooks, act_fqs = [], []
-    for _name, layer in layers:
-        parametrize.register_parametrization(layer, "weight", WeightFQ(0))
-        fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=-128 if act_signed else 0,
-                          quant_max=127 if act_signed else 255,
-                          dtype=torch.qint8 if act_signed else torch.quint8,
-                          qscheme=torch.per_tensor_affine)
-        act_fqs.append(fq)
-        hooks.append(layer.register_forward_pre_hook(lambda _m, args, fq=fq: (fq(args[0]), *args[1:])))
-    # warm the observers on calibration data before training so early steps see sane ranges
-    with torch.no_grad():
-        for xs, _, _ in data.batches("calib", 64, names=handle.input_names):
-            module(*xs)
-    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=params["lr"])
-    classification = handle.task == "classification"
-    # distillation from the float model keeps the int8 model close to it; labels (when there are
-    # any) take the rest of the loss
-    w_teacher = params.get("teacher_weight", 0.8) if data.labels is not None and classification else 1.0
-
-    def qat_loss(out, xs, ys):
-        with torch.no_grad():
-            target = teacher(*xs)
-        if classification:
-            loss = F.kl_div(F.log_softmax(out, 1), F.softmax(target, 1), reduction="batchmean")
-        else:
-            loss = F.mse_loss(out, target)
-        if w_teacher < 1.0:
-            loss = w_teacher * loss + (1 - w_teacher) * F.cross_entropy(out, ys)
-        return loss
-
-    epochs, batch = params["epochs"], params["batch_size"]
-    n_batches = -(-len(data.splits["train"]) // batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches)
-    split = _eval_split(data)
-    val_x, val_y = data.split(split)
-    val_in = [torch.from_numpy(val_x[n]) for n in handle.input_names]
-    with torch.no_grad():
-        val_ref = teacher(*val_in)
-    val_t = torch.from_numpy(val_y) if val_y is not None else val_ref.argmax(1)
-
-    last_fidelity: list[float | None] = [None]  # top-1 agreement with the float model (val split)
-
-    def val_score() -> tuple[float, float]:
-        module.eval()
-        with torch.no_grad():
-            out = module(*val_in)
-            acc = float((out.argmax(1) == val_t).float().mean()) if classification else 0.0
-            last_fidelity[0] = (float((out.argmax(1) == val_ref.argmax(1)).float().mean())
-                                if classification else None)
-            return acc, float(qat_loss(out, val_in, val_t))
-
-    # the weights with the best simulated-int8 accuracy on the val split win (ties: the lower val
-    # loss), epoch 0 (before fine-tuning) included, so a short or unlucky run never ends worse
-    # than where it started
-    best_acc, best_loss = val_score()
-    best_epoch = 0
-    best_state = copy.deepcopy(module.state_dict())
-    for epoch in range(epochs):
-        module.train()  # batch-norm is folded: train() only matters for dropout and observers
-        if epoch == epochs - 1 and epochs > 1:
-            module.apply(qat.disable_observer)  # settle the ranges
-        total = 0.0
-        for b, (xs, ys, _) in enumerate(data.batches("train", batch, names=handle.input_names,
-                                                     shuffle=True, seed=epoch + int(params.get("seed", 0)),
-                                                     training=True)):
-            opt.zero_grad()
-            loss = qat_loss(module(*xs), xs, ys)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-            progress.update((epoch + (b + 1) / n_batches) / epochs,
-                            f"epoch {epoch + 1}/{epochs}, batch {b + 1}/{n_batches}")
-        acc, val_loss = val_score()
-        progress.record("epoch", epoch=epoch + 1, epochs=epochs, train_loss=total / n_batches,
-                        val_loss=val_loss, val_accuracy=acc, fidelity=last_fidelity[0])
-        if (acc, -val_loss) > (best_acc, -best_loss):
-            best_acc, best_loss, best_epoch = acc, val_loss, epoch + 1
-            best_state = copy.deepcopy(module.state_dict())
-    module.load_state_dict(best_state)
-    summary = {"best_epoch": best_epoch, "val_accuracy": best_acc, "val_loss": best_loss,
-               "split": split}
-    for h in hooks:
-        h.remove()
-    for _name, layer in layers:
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-    return module.eval(), summary
-
-
-def _fake_quant_api():
-    """FakeQuantize, the moving-average observers and ``disable_observer``: from torchao's pt2e
-    package (where torch.ao.quantization moved; it is deprecated upstream), or from torch.ao when
-    torchao is not installed."""
-    import os
-
-    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # its CUDA-only extensions
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # import-time notices of its dependencies
-            import torchao.quantization.pt2e as api
-    except ImportError:
-        import torch.ao.quantization as api
-    return api
-
-
-def _fold_batchnorm(module):
-    """Fold BatchNorm into the preceding conv (as the ONNX export does) so the fake-quantized
-    weights during training are the weights that will be quantized."""
-    try:
-        with warnings.catch_warnings():
-            # importing it scripts helpers with torch.jit.script_method, deprecated in torch 2.13:
-            # torch's own use, not ours, but it would fill every QAT run's log
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torch.fx.experimental.optimization import fuse
-
-        return fuse(module)
-    except Exception as exc:  # not fx-traceable: train with batch-norm in place
-        _LOG.debug("batch-norm folding skipped: %s", exc)
-        return module
+    return train_qat(handle, data, params, progress, split=_eval_split(data))
 
 
 # --- torch-side dynamic int8 -------------------------------------------------------------------
