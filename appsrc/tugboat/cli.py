@@ -33,6 +33,9 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise argparse.ArgumentTypeError(f"--input-shape must be integers like 1,8,8, got {text!r}") from None
 
 
+DEVICE_HELP = ("where training steps (fine-tuning, distillation, QAT) and latency timing run for this "
+               "run: cpu, cuda, cuda:N or auto (a GPU when torch sees one); overrides the recipe's "
+               "[measure] device and the steps' device")
 TRUST_HELP = ("allow unpickling the model file and a distillation student_file of this run (runs code "
               "from them: only for files you trust); never read from a recipe, never saved")
 
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe file (.toml)")
     p.add_argument("--out", required=True, help="output folder (artifacts and report.json)")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    p.add_argument("--device", help=DEVICE_HELP)
     _add_arch_args(p, recipe=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--task", choices=TASKS, help="override the task (how quality is measured)")
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", metavar="ADDR",
                    help="join the Ray cluster at ADDR (e.g. auto, ray://head:10001) instead of a local instance")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    p.add_argument("--device", help=DEVICE_HELP)
     _add_arch_args(p, recipe=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -178,7 +183,11 @@ def _parse_kwargs(text: str) -> dict[str, Any]:
 
 
 def apply_arch_args(recipe, args) -> None:
-    """--arch / --arch-kwargs from the command line onto a loaded recipe (trust is set per run)."""
+    """--arch / --arch-kwargs / --device from the command line onto a loaded recipe (trust is set per run)."""
+    if getattr(args, "device", None):
+        from .engine.devices import set_run_device
+
+        set_run_device(recipe, args.device)  # a missing GPU: one line before any work
     if getattr(args, "arch", None):
         recipe.arch = args.arch
     if getattr(args, "arch_kwargs", None) is not None:

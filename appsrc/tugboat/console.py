@@ -126,7 +126,8 @@ def format_summary(report: dict[str, Any]) -> str:
             out.append(f"{'':<{width}}  ! {w}")
     lat = report["baseline"]["metrics"].get("latency_ms") or {}
     out.append(f"latency: median at batch {lat.get('batch')}, {lat.get('threads')} threads, "
-               f"{lat.get('runtime')}; speed-up: paired with the original, 95% interval, ? = noisy; "
+               f"{lat.get('runtime')} on {lat.get('device') or 'cpu'}; speed-up: paired with the original, "
+               f"95% interval, ? = noisy; "
                f"* = on the Pareto front")
     if isinstance(report.get("machine"), dict):
         from .engine.machine import describe

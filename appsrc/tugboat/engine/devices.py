@@ -83,3 +83,17 @@ def describe(device: str) -> str:
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     except Exception:
         return device
+
+
+def set_run_device(recipe, setting: str, where: str = "--device") -> str:
+    """One run's device (``tugboat run|sweep --device``): latency (``[measure] device``) and every
+    step that trains (those with a ``device`` parameter) use ``setting``. Resolved here, before any
+    work, so a missing GPU is one line up front rather than a failed variant per step. Returns the
+    resolved device."""
+    resolved = resolve(setting, where)
+    text = check(setting, where)
+    recipe.measure.device = text
+    for step in recipe.steps:
+        if "device" in step:
+            step["device"] = text
+    return resolved

@@ -9,6 +9,7 @@ batch size, thread count and runtime it was measured with (threads pinned while 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import statistics
 import threading
@@ -21,10 +22,11 @@ import numpy as np
 import onnx
 import torch
 
+from .devices import resolve as resolve_device
 from .errors import ModelLoadError, NumericalError, TugboatError
 from .models import ModelHandle
 from .progress import Progress, null_progress
-from .runtime import _cast, eval_mode, fixed_batch, ort_session, predict, torch_threads
+from .runtime import _cast, eval_mode, fixed_batch, ort_device, ort_session, predict, torch_threads
 
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -49,6 +51,9 @@ class MeasureConfig:
     # every runtime to measure in (engine/runtimes: latency, fidelity, version per runtime under
     # metrics["runtimes"]); ``runtime`` is the first, whose latency is ``latency_ms``
     runtimes: list[str] = field(default_factory=list)
+    # where latency is timed (engine/devices: cpu, cuda, cuda:N, auto); every latency entry names
+    # the device it really ran on (ONNX Runtime without its CUDA provider times on the cpu)
+    device: str = "cpu"
     # paired timing of a variant against the baseline (docs/measurement.md)
     min_blocks: int = 8  # alternating blocks before the interval is judged
     block_seconds: float = 0.0  # time per model per block; 0: min_seconds / min_blocks (2 ms to 0.1 s)
@@ -597,10 +602,35 @@ def _onnx_runner(sess, inputs: list[np.ndarray]):
     return lambda: sess.run(None, feeds)
 
 
-def _torch_runner(module: torch.nn.Module, inputs: list[np.ndarray]):
+def _torch_runner(module: torch.nn.Module, inputs: list[np.ndarray], device: str = "cpu"):
+    """A call of ``module`` (already on ``device``) on ``inputs``; on a GPU it waits for the result."""
     eval_mode(module)
-    tensors = [torch.from_numpy(x) for x in inputs]
-    return lambda: module(*tensors)
+    tensors = [torch.from_numpy(x).to(device) for x in inputs]
+    if device == "cpu":
+        return lambda: module(*tensors)
+
+    def run():
+        out = module(*tensors)
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def on_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``module`` itself on the cpu, else a copy of it on ``device`` (the variant stays where it is)."""
+    return module if device == "cpu" else copy.deepcopy(module).to(device)
+
+
+def _mark_devices(result: dict[str, dict[str, Any]], cfg: MeasureConfig, session) -> None:
+    """Every latency entry names the device it ran on (and why, when it is not the one asked for)."""
+    for runtime, entries in result.items():
+        device = ort_device(session, cfg.device) if runtime == "onnxruntime" and session else cfg.device
+        for entry in entries.values():
+            entry["device"] = device
+            if device != cfg.device:
+                entry["device_note"] = (f"{runtime} has no CUDA execution provider here (pip install "
+                                        f"onnxruntime-gpu): timed on the {device}")
 
 
 @contextlib.contextmanager
@@ -638,7 +668,7 @@ def latency_onnx(model: onnx.ModelProto | bytes, inputs: list[np.ndarray], cfg: 
 def latency_torch(module: torch.nn.Module, inputs: list[np.ndarray], cfg: MeasureConfig,
                   progress: Progress | None = None) -> dict[str, Any]:
     load = machine_load()
-    run = _torch_runner(module, inputs)
+    run = _torch_runner(module, inputs, cfg.device)
     with _timing("torch", cfg.threads):
         times, extended = _time_loop(run, cfg, progress)
     return _measured(times, inputs, cfg, "torch", load, extended)
@@ -656,7 +686,8 @@ class TimingReference:
         self.samples = samples
         self.lock = threading.Lock()
         self._inputs: dict[int, list[np.ndarray]] = {}
-        self._sessions: dict[int, Any] = {}
+        self._sessions: dict[tuple[int, str], Any] = {}
+        self._modules: dict[str, torch.nn.Module] = {}
 
     @property
     def torch_ok(self) -> bool:
@@ -667,15 +698,17 @@ class TimingReference:
             self._inputs[batch] = model_inputs(self.handle, batch, self.samples)
         return self._inputs[batch]
 
-    def session(self, threads: int):
-        if threads not in self._sessions:
-            self._sessions[threads] = ort_session(self.handle.to_onnx(), threads)
-        return self._sessions[threads]
+    def session(self, threads: int, device: str = "cpu"):
+        if (threads, device) not in self._sessions:
+            self._sessions[threads, device] = ort_session(self.handle.to_onnx(), threads, device)
+        return self._sessions[threads, device]
 
-    def runner(self, runtime: str, batch: int, threads: int):
+    def runner(self, runtime: str, batch: int, threads: int, device: str = "cpu"):
         if runtime == "torch":
-            return _torch_runner(self.handle.module, self.inputs(batch))
-        return _onnx_runner(self.session(threads), self.inputs(batch))
+            if device not in self._modules:
+                self._modules[device] = on_device(self.handle.module, device)
+            return _torch_runner(self._modules[device], self.inputs(batch), device)
+        return _onnx_runner(self.session(threads, device), self.inputs(batch))
 
 
 def speedup_interval(ratios: list[float], confidence: float = 0.95, systematic: float = 0.03,
@@ -793,6 +826,7 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
         runtimes.insert(0, chosen)
     result: dict[str, dict[str, Any]] = {}
     session = None
+    module = on_device(handle.module, cfg.device) if torch_ok and "torch" in runtimes else handle.module
     # only the user's runtime and batch are worth extra seconds when the machine is busy
     info_cfg = replace(cfg, noisy_seconds=cfg.max_seconds)
     for runtime in runtimes:
@@ -804,18 +838,19 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
             paired = primary and reference is not None and (runtime != "torch" or reference.torch_ok)
             x = reference.inputs(b) if paired else model_inputs(handle, b, samples)
             if runtime == "onnxruntime":
-                session = session or ort_session(handle.to_onnx(), cfg.threads)
+                session = session or ort_session(handle.to_onnx(), cfg.threads, cfg.device)
             if paired:
-                run = _onnx_runner(session, x) if runtime == "onnxruntime" else _torch_runner(handle.module, x)
+                run = _onnx_runner(session, x) if runtime == "onnxruntime" else _torch_runner(module, x, cfg.device)
                 with reference.lock, _timing(runtime, cfg.threads):
-                    base_run = reference.runner(runtime, b, cfg.threads)
+                    base_run = reference.runner(runtime, b, cfg.threads, cfg.device)
                     result[runtime][f"b{b}"] = latency_paired(run, base_run, x, cfg, runtime, progress)
             else:
                 use = cfg if primary else info_cfg
                 if runtime == "onnxruntime":
                     result[runtime][f"b{b}"] = latency_onnx(None, x, use, progress, session=session)
                 else:
-                    result[runtime][f"b{b}"] = latency_torch(handle.module, x, use, progress)
+                    result[runtime][f"b{b}"] = latency_torch(module, x, use, progress)
+    _mark_devices(result, cfg, session)
     return result
 
 
@@ -870,8 +905,9 @@ def measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *,
 
     Errors about the model name its file; a user's ONNX file that ONNX Runtime refuses to run is
     a :class:`ModelLoadError` (a problem with the input), not a crash."""
+    cfg = cfg or MeasureConfig()
+    cfg = replace(cfg, device=resolve_device(cfg.device, "measure.device"))  # a missing GPU: one line
     try:
-        cfg = cfg or MeasureConfig()
         extra = requested_runtimes(cfg)
         if not extra:
             return _measure(handle, data, cfg, reference=reference, progress=progress, artifact=artifact,

@@ -28,6 +28,9 @@ import torch
 from torch import nn
 
 from .converted_graphs import ChannelConstant, channel_constant_pruner, normalise_for_pruning
+from .devices import DEFAULT_TRAINING, DEVICE_CHOICES
+from .devices import HELP as DEVICE_HELP
+from .devices import resolve as resolve_device
 from .errors import RecipeError, TugboatError
 from .finetune import (
     OPTIMIZERS,
@@ -627,7 +630,8 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
                     classification=handle.task == "classification",
                     teacher_weight=float(params.get("teacher_weight", 0.0)),
                     temperature=float(params.get("teacher_temperature", 1.0)),
-                    augment=bool(params.get("augment", False)))
+                    augment=bool(params.get("augment", False)),
+                    device=resolve_device(params.get("device", DEFAULT_TRAINING), "prune.device"))
 
 
 def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ratios") -> dict[str, float]:
@@ -816,6 +820,8 @@ TECHNIQUE = register(Technique(
         Param("recalibrate_bn", "bool", True, "re-estimate BatchNorm statistics on training data "
               "right after pruning (the removed channels leave them stale)", methods=("structured",)),
         Param("batch_size", "int", 64, "fine-tuning batch size", minimum=1, maximum=8192, methods=_FT),
+        Param("device", "choice", DEFAULT_TRAINING, "fine-tuning " + DEVICE_HELP, choices=DEVICE_CHOICES,
+              methods=_FT),
     ],
     apply=apply,
     needs_torch=True,

@@ -23,7 +23,8 @@ import numpy as np
 from . import cancellable, memory
 from . import steps as step_registry
 from .data import Dataset, check_labels_fit, check_regular_file, load_data
-from .errors import TRUST_OPTION, Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
+from .devices import check as check_device
+from .errors import TRUST_OPTION, Cancelled, DeviceError, NumericalError, RecipeError, ResourceError, TugboatError
 from .formatting import did_you_mean
 from .guards import (
     INDEX_MARKERS,
@@ -58,7 +59,7 @@ MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIME_NAM
                 "min_runs": (1, 100000), "min_seconds": (0.0, 600.0), "max_seconds": (0.01, 3600.0),
                 "also_batch1": bool, "both_runtimes": bool, "min_blocks": (2, 10000),
                 "block_seconds": (0.0, 60.0), "max_width": (0.01, 10.0), "noisy_seconds": (0.0, 3600.0),
-                "confidence": (0.5, 0.999), "systematic": (0.0, 0.5)}
+                "confidence": (0.5, 0.999), "systematic": (0.0, 0.5), "device": str}
 DEFAULT_SEED = 0
 
 
@@ -104,6 +105,8 @@ class Recipe:
         d["measure"] = {"batch": m.batch, "threads": m.threads,
                         "runtime": [m.runtime, *[r for r in m.runtimes if r != m.runtime]] if m.runtimes
                         else m.runtime}
+        if m.device != "cpu":
+            d["measure"]["device"] = m.device
         if self.sweep:
             d["sweep"] = dict(self.sweep)
         if self.target:
@@ -264,6 +267,11 @@ def _parse_measure(raw: dict[str, Any], where: str) -> MeasureConfig:
             if len(names) > 1:
                 kwargs["runtimes"] = names
             continue
+        elif key == "device":
+            try:
+                value = check_device(value, "measure.device")
+            except DeviceError as exc:
+                raise RecipeError(exc.message, path=where) from None
         elif isinstance(rule, tuple) and isinstance(rule[0], str):
             if value not in rule:
                 raise RecipeError(f"'measure.{key}' must be one of {', '.join(rule)}, got {value!r}"

@@ -20,8 +20,8 @@ from .report_json import pareto_labels, quality_of
 from .stored import atomic_write_bytes
 
 COLUMNS = ["name", "pareto", "status", "size_bytes", "compressed_bytes", "params", "nonzero_params", "flops",
-           "latency_median_ms", "latency_p90_ms", "latency_batch", "latency_runtime", "speedup", "speedup_low",
-           "speedup_high", "timing_noisy", "accuracy",
+           "latency_median_ms", "latency_p90_ms", "latency_batch", "latency_runtime", "latency_device",
+           "speedup", "speedup_low", "speedup_high", "timing_noisy", "accuracy",
            "top1_agreement", "cosine", "rel_error", "seconds", "warnings", "error"]
 
 
@@ -42,6 +42,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "params": m.get("params"), "nonzero_params": m.get("nonzero_params"), "flops": m.get("flops"),
             "latency_median_ms": lat.get("median"), "latency_p90_ms": lat.get("p90"),
             "latency_batch": lat.get("batch"), "latency_runtime": lat.get("runtime"),
+            "latency_device": lat.get("device") or "cpu",
             "speedup": sp.get("median"), "speedup_low": sp.get("low"), "speedup_high": sp.get("high"),
             "timing_noisy": sp.get("noisy"),
             "accuracy": m.get("accuracy"), "top1_agreement": fid.get("top1_agreement"),
@@ -106,7 +107,8 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
     lat = ((report.get("baseline") or {}).get("metrics") or {}).get("latency_ms") or {}
     if lat:
         out.append(f"<p class='muted'>Latency: median of timed runs at batch {lat.get('batch')}, "
-                   f"{lat.get('threads')} thread(s), {esc(str(lat.get('runtime')))}; speed-up: timed "
+                   f"{lat.get('threads')} thread(s), {esc(str(lat.get('runtime')))} on "
+                   f"{esc(str(lat.get('device') or 'cpu'))}; speed-up: timed "
                    "beside the original in alternating blocks, with its 95% interval (? = noisy). "
                    "Quality: accuracy on the test split, or top-1 agreement with the original without "
                    "labels. <span class='star'>&#9733;</span> = on the Pareto front (size, latency, quality).</p>")

@@ -10,7 +10,22 @@ import onnx
 import torch
 
 
-def ort_session(model: onnx.ModelProto | bytes, threads: int = 1):
+def ort_providers(device: str = "cpu") -> list[str]:
+    """ONNX Runtime's execution providers for a resolved ``device``: CUDA first for a GPU when this
+    ONNX Runtime has it (the ``onnxruntime-gpu`` package), the CPU always (also as the fallback)."""
+    import onnxruntime as ort
+
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_device(session, device: str = "cpu") -> str:
+    """Where ``session`` runs: ``device`` when its first provider is CUDA, else ``"cpu"``."""
+    return device if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+
+def ort_session(model: onnx.ModelProto | bytes, threads: int = 1, device: str = "cpu"):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -20,7 +35,12 @@ def ort_session(model: onnx.ModelProto | bytes, threads: int = 1):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 4  # errors are raised as exceptions (and reported once, as one line)
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    providers = ort_providers(device)
+    if providers[0] == "CUDAExecutionProvider":
+        index = int(device.partition(":")[2] or 0)
+        return ort.InferenceSession(data, opts, providers=[("CUDAExecutionProvider", {"device_id": index}),
+                                                           "CPUExecutionProvider"])
+    return ort.InferenceSession(data, opts, providers=providers)
 
 
 def run_onnx(model, inputs: Sequence[np.ndarray], threads: int = 1, session=None) -> list[np.ndarray]:

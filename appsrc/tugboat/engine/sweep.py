@@ -527,7 +527,7 @@ def _same_ref(a: str | None, b: str | None) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-COMPARABLE_MEASURE = ("batch", "threads", "runtime")
+COMPARABLE_MEASURE = ("batch", "threads", "runtime", "device")
 
 
 def resume_differences(ws, recipe: Recipe) -> list[str]:
