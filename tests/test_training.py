@@ -230,6 +230,15 @@ def test_cli_device_sets_every_training_step_and_the_measurement(tmp_path, monke
     assert recipe.measure.device == "cuda:0" and recipe.steps[0]["device"] == "cuda:0"
 
 
+def test_a_recipe_naming_a_gpu_makes_ray_tasks_declare_one(tmp_path):
+    recipe = load_recipe(_recipe(tmp_path))
+    assert recipe.steps[0]["device"] == "auto" and not devices.wants_gpu(recipe)
+    recipe.sweep = {"steps.0.device": ["cpu", "cuda:0"]}
+    assert devices.wants_gpu(recipe)
+    recipe.sweep, recipe.steps[0]["device"] = {}, "cuda"
+    assert devices.wants_gpu(recipe)
+
+
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
 def test_cli_device_cuda_without_a_gpu_exits_2_before_any_work(tmp_path, capsys):
     out = tmp_path / "out"

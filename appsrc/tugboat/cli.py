@@ -377,6 +377,10 @@ def cmd_sweep(args) -> int:
     print_notes(recipe)
     recipe.trust = recipe.trust_steps = bool(getattr(args, "trust", False))  # per run, never from a file
     apply_arch_args(recipe, args)
+    from .engine.devices import wants_gpu
+
+    if getattr(executor, "name", "") == "ray" and wants_gpu(recipe):
+        executor.num_gpus = 1  # each variant's task declares the GPU its steps train on
     quiet = getattr(args, "quiet", False)
     bar = TerminalProgress(enabled=not quiet)
 

@@ -97,3 +97,13 @@ def set_run_device(recipe, setting: str, where: str = "--device") -> str:
         if "device" in step:
             step["device"] = text
     return resolved
+
+
+def wants_gpu(recipe) -> bool:
+    """Whether a step of ``recipe`` (or a value its ``[sweep]`` tries for a step's device) names a
+    GPU explicitly: a Ray task then declares one (``auto`` does not: it takes one only if present)."""
+    named = [step.get("device") for step in recipe.steps]
+    for key, values in (getattr(recipe, "sweep", None) or {}).items():
+        if str(key).endswith(".device"):
+            named += list(values) if isinstance(values, (list, tuple)) else [values]
+    return any(isinstance(v, str) and v.strip().lower().startswith("cuda") for v in named)
