@@ -246,3 +246,15 @@ def test_cli_device_cuda_without_a_gpu_exits_2_before_any_work(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'--device' = 'cuda' asks for a GPU" in err
     assert not out.exists()
+
+
+def test_table_html_and_csv_say_which_device_latency_ran_on(demo_models, demo_data):
+    from tugboat.console import format_summary
+    from tugboat.engine.report_html import render_html, rows, to_csv
+
+    metrics, _ = measure.measure(demo_models("digits-mlp"), demo_data, FAST)
+    report = {"model": "demo:digits-mlp", "data": "demo:digits", "baseline": {"metrics": metrics},
+              "variants": [{"name": "v", "recipe": {}, "metrics": metrics, "artifacts": {}}], "pareto": ["v"]}
+    assert "onnxruntime on cpu" in format_summary(report)
+    assert "onnxruntime on cpu" in render_html(report)
+    assert rows(report)[0]["latency_device"] == "cpu" and "latency_device" in to_csv(report).splitlines()[0]

@@ -67,7 +67,8 @@ def speedup_tooltip(m: dict[str, Any]) -> str:
         return "not timed beside the original (the original itself, or an older result)"
     lines = [f"speed-up {sp['median']:.3f}x, 95% interval {sp['low']:.3f}-{sp['high']:.3f}x",
              f"{lat.get('median')} ms vs the original's {sp.get('baseline_median')} ms, "
-             f"timed in alternating blocks ({sp.get('blocks')} blocks) in {lat.get('runtime')} at batch "
+             f"timed in alternating blocks ({sp.get('blocks')} blocks) in {lat.get('runtime')} on "
+             f"{lat.get('device') or 'cpu'} at batch "
              f"{lat.get('batch')}, {lat.get('threads')} thread(s)",
              f"spread (p90/median) {lat.get('spread')}; machine load {lat.get('load')}"]
     if sp.get("noisy"):
