@@ -40,6 +40,12 @@ TRUST_HELP = ("allow unpickling the model file and a distillation student_file o
               "from them: only for files you trust); never read from a recipe, never saved")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """What one run of a recipe decides for itself: trust and the device."""
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    p.add_argument("--device", help=DEVICE_HELP)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -85,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a recipe file (TOML). Without steps it measures the baseline.")
     p.add_argument("recipe", help="recipe file (.toml)")
     p.add_argument("--out", required=True, help="output folder (artifacts and report.json)")
-    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
-    p.add_argument("--device", help=DEVICE_HELP)
+    _add_run_args(p)
     _add_arch_args(p, recipe=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--task", choices=TASKS, help="override the task (how quality is measured)")
@@ -105,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (processes) or CPUs of a local Ray instance (default: all cores)")
     p.add_argument("--address", metavar="ADDR",
                    help="join the Ray cluster at ADDR (e.g. auto, ray://head:10001) instead of a local instance")
-    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
-    p.add_argument("--device", help=DEVICE_HELP)
+    _add_run_args(p)
     _add_arch_args(p, recipe=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
