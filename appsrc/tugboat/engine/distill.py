@@ -443,7 +443,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     for split in ("train", "val"):
         if len(data.splits.get(split, ())) == 0:
             raise DataError(f"distillation needs a non-empty '{split}' split", path=data.ref)
-    device = resolve_device(params.get("device", DEFAULT_TRAINING), "distill.device")
+    device = resolve_device(params["device"], "distill.device")
     t_start = time.perf_counter()
     plan = _plan(handle, params, data, progress)
     student = _student(handle, params, data, plan, progress.sub(0.1, 0.12, "student: "))

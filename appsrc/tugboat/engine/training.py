@@ -132,7 +132,7 @@ def train(module: nn.Module, params: list[nn.Parameter], spec: TrainSpec, task: 
     progress = progress or null_progress()
     if spec.seed is not None:
         torch.manual_seed(spec.seed)
-    module.to(spec.device)
+    _move(module, spec.device)
     opt = make_optimizer(spec.optimizer, params, spec.lr)
     total = max(1, spec.epochs * spec.steps_per_epoch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -158,10 +158,16 @@ def train(module: nn.Module, params: list[nn.Parameter], spec: TrainSpec, task: 
             progress.check()
         best.restore()
     finally:
-        module.to("cpu")
+        _move(module, "cpu")
         eval_mode(module)
     result.best_epoch, result.best_row = best.epoch, best.row
     return result
+
+
+def _move(module: nn.Module, device: str) -> None:
+    """``module.to(device)``, skipped when it is already there (the usual case on a CPU machine)."""
+    if module_device(module) != torch.device(device):
+        module.to(device)
 
 
 def _evaluate(module: nn.Module, task: TrainTask, epoch: int) -> dict[str, Any]:
@@ -180,7 +186,7 @@ def _epoch(module: nn.Module, opt, sched, spec: TrainSpec, task: TrainTask, epoc
     for b, batch in enumerate(task.batches(epoch)):
         loss, n, extra = task.loss(to_device(batch, spec.device))
         if not torch.isfinite(loss.detach()):
-            module.to("cpu")
+            _move(module, "cpu")
             eval_mode(module)
             raise NumericalError(f"{spec.name} diverged (loss {float(loss.detach())} at epoch {epoch}); "
                                  f"try a lower learning rate than {spec.lr:g}")
