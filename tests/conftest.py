@@ -4,6 +4,7 @@ tests never touch the user's real files; torch uses one thread so the suite is r
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,21 @@ with contextlib.suppress(ImportError):  # no Qt installed: engine tests still ru
 def _isolated_config(tmp_path, monkeypatch):
     monkeypatch.setenv("TUGBOAT_CONFIG_DIR", str(tmp_path / "config"))
     yield
+
+
+_QT_FIXTURES = {"qtbot", "qapp", "window"}
+
+
+@pytest.fixture(autouse=True)
+def _qt_garbage_on_the_gui_thread(request):
+    """A Qt test's garbage is collected on the main (GUI) thread as the test ends. Left to automatic
+    collection it may be freed later on whatever thread allocates next (an export or calibration
+    helper thread of a later test), and a Qt object destroyed off the GUI thread can deadlock with
+    it (docs/reliability.md). The app itself collects on the GUI thread while jobs run
+    (jobs._GuiThreadCollector); this covers the plain threads tests start."""
+    yield
+    if _QT_FIXTURES & set(request.fixturenames):
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
