@@ -14,6 +14,7 @@ function returns after the request (superqt's ``test_abort_does_not_return``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -37,6 +38,7 @@ __all__ = [
     "RUNNING",
     "Job",
     "JobQueue",
+    "JobSlot",
     "warm_up_torch",
     "worker_threads",
 ]
@@ -406,3 +408,56 @@ class JobQueue(QObject):
             _collector.acquire()  # released when the job ends (_on_job_state)
             nxt._gc_held = True
             nxt._start()
+
+
+class JobSlot(QObject):
+    """Jobs that one owner started for one purpose (Orange's ``ConcurrentWidgetMixin``).
+
+    ``submit`` cancels the slot's earlier job and *disconnects* it first, so a stale result (an older
+    slider setting, the previous model, another selection) never reaches the owner: no owner needs
+    its own "is this still the current job?" check. With ``keep=True`` earlier jobs go on running
+    (a queue of runs for one model) until :meth:`cancel` drops them all, e.g. when the model changes.
+    Handlers are the job's own signals by name: ``finished``, ``failed``, ``cancelled``, ``record``,
+    ``progress``, ``state_changed``."""
+
+    def __init__(self, queue: JobQueue, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.queue = queue
+        self._links: dict[Job, list[tuple[Any, Callable[..., Any]]]] = {}
+
+    @property
+    def job(self) -> Job | None:
+        """The latest job still running or queued (None when the slot is idle)."""
+        live = [j for j in self._links if not j.is_ended]
+        return live[-1] if live else None
+
+    def jobs(self) -> list[Job]:
+        return [j for j in self._links if not j.is_ended]
+
+    def submit(self, fn: Callable[[Progress], Any], *, name: str, kind: str = "job", keep: bool = False,
+               **handlers: Callable[..., Any]) -> Job:
+        if not keep:
+            self.cancel()
+        job = self.queue.submit(fn, name=name, kind=kind)
+        links = self._links.setdefault(job, [])
+        for signal_name, handler in handlers.items():
+            signal = getattr(job, signal_name)
+            signal.connect(handler)
+            links.append((signal, handler))
+        job.state_changed.connect(lambda _s, j=job: self._forget_if_ended(j))
+        if job.is_ended:  # cancelled at once (the queue is closing)
+            self._forget_if_ended(job)
+        return job
+
+    def cancel(self) -> None:
+        """Disconnect every job of the slot (nothing of theirs reaches the owner), then cancel them."""
+        jobs, self._links = self._links, {}
+        for job, links in jobs.items():
+            for signal, handler in links:
+                with contextlib.suppress(RuntimeError, TypeError):  # already gone with its job
+                    signal.disconnect(handler)
+            job.cancel()
+
+    def _forget_if_ended(self, job: Job) -> None:
+        if job.is_ended:
+            self._links.pop(job, None)

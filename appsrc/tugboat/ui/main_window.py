@@ -13,10 +13,12 @@ from pathlib import Path
 from PySide6.QtCore import QByteArray, QSize, Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
+    QComboBox,
     QDockWidget,
     QFileDialog,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QListWidget,
     QMainWindow,
     QMessageBox,
@@ -148,7 +150,21 @@ class ChainView(QWidget):
         self._update_buttons()
 
 
+RAY_INSTALL = "pip install 'tugboat-ml[ray]'"
+
+
+def ray_installed() -> bool:
+    """Whether Ray can be imported (looked up, not imported: importing Ray takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 class SweepView(QWidget):
+    """The picked settings, and where the sweep runs: here, or on Ray at an address (issue 20)."""
+
+    run_requested = Signal(str, str)  # executor ("local" | "ray"), address ("" for a local Ray)
+
     def __init__(self, session: Session, parent=None) -> None:
         super().__init__(parent)
         self.setObjectName("sweep_view")
@@ -161,11 +177,12 @@ class SweepView(QWidget):
         self.list = QListWidget()
         self.list.setMaximumHeight(80)
         lay.addWidget(self.list)
+        lay.addLayout(self._build_where())
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run sweep")
         self.save_button = QPushButton("Save as recipe...")
         self.clear_button = QPushButton("Clear")
-        self.run_button.clicked.connect(session.run_sweep)
+        self.run_button.clicked.connect(self._on_run)
         self.clear_button.clicked.connect(session.clear_sweep)
         for b in (self.run_button, self.save_button, self.clear_button):
             buttons.addWidget(b)
@@ -173,18 +190,57 @@ class SweepView(QWidget):
         session.sweep_changed.connect(self._on_sweep_changed)
         self._on_sweep_changed([])
 
+    def _build_where(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        self.where = QComboBox()
+        self.where.setObjectName("sweep_where")
+        self.where.addItem("Run here", "local")
+        self.where.addItem("Run on Ray at", "ray")
+        self.address = QLineEdit()
+        self.address.setObjectName("sweep_address")
+        self.address.setPlaceholderText("auto, ray://head:10001 (empty: a local Ray)")
+        self.where.currentIndexChanged.connect(lambda _i: self._update_where())
+        row.addWidget(self.where)
+        row.addWidget(self.address, 1)
+        self.set_ray_available(ray_installed())
+        return row
+
+    def set_ray_available(self, available: bool) -> None:
+        """Without Ray, its choice is shown unavailable, with the command that installs it."""
+        item = self.where.model().item(1)
+        item.setEnabled(available)
+        tip = ("Send each variant to a Ray cluster (or a local Ray instance); results stream back into "
+               "this workspace as they finish" if available else
+               f"Ray is not installed; install it with: {RAY_INSTALL}")
+        item.setToolTip(tip)
+        self.where.setItemText(1, "Run on Ray at" if available else f"Run on Ray (not installed: {RAY_INSTALL})")
+        if not available:
+            self.where.setCurrentIndex(0)
+        self._update_where()
+
+    def _update_where(self) -> None:
+        ray = self.where.currentData() == "ray"
+        self.address.setEnabled(ray)
+        self.address.setVisible(ray)
+
+    def executor(self) -> tuple[str, str]:
+        return str(self.where.currentData()), self.address.text().strip()
+
+    def _on_run(self) -> None:
+        self.run_requested.emit(*self.executor())
+
     def _on_sweep_changed(self, sweep: list) -> None:
         self.list.clear()
         for steps in sweep:
             self.list.addItem(" → ".join(step_label(s) for s in steps))
-        for b in (self.run_button, self.save_button, self.clear_button):
-            b.setEnabled(bool(sweep))
         # empty, it is one line: the panels above get the height
         self.title.setText(f"<b>Sweep</b>: {len(sweep)} setting{'s' if len(sweep) != 1 else ''}" if sweep
                            else "<b>Sweep</b>: empty (\"Add to sweep\" collects settings)")
-        self.list.setVisible(bool(sweep))
-        for b in (self.run_button, self.save_button, self.clear_button):
-            b.setVisible(bool(sweep))
+        for w in (self.list, self.run_button, self.save_button, self.clear_button, self.where):
+            w.setVisible(bool(sweep))
+            w.setEnabled(bool(sweep))
+        self._update_where()
+        self.address.setVisible(bool(sweep) and self.where.currentData() == "ray")
 
 
 class MainWindow(QMainWindow):
@@ -273,6 +329,7 @@ class MainWindow(QMainWindow):
         self.chain_view = ChainView(self.session, self.store)
         self.sweep_view = SweepView(self.session)
         self.sweep_view.save_button.clicked.connect(self._on_save_sweep)
+        self.sweep_view.run_requested.connect(self.run_sweep)
         right = QWidget()
         rlay = QVBoxLayout(right)
         rlay.setContentsMargins(4, 4, 4, 4)
@@ -364,6 +421,7 @@ class MainWindow(QMainWindow):
         s.error.connect(lambda msg, det: self.notify(msg, det))
         s.message.connect(lambda msg: self.notify(msg, "", "info", 10000))
         s.variant_finished.connect(self._on_variant_finished)
+        s.sweep_variant.connect(self._on_sweep_variant)
         self.queue.job_added.connect(self._on_job_added)
         self.empty_state.open_requested.connect(self.open_model_dialog)
         self.empty_state.demo_requested.connect(self.load_demo)
@@ -595,9 +653,23 @@ class MainWindow(QMainWindow):
         self.session.run_step(dict(step))
 
     def _on_variant_finished(self, variant: Variant) -> None:
+        self._on_sweep_variant(variant)
+        self.autosave(variant)
+
+    def _on_sweep_variant(self, variant: Variant) -> None:
         if variant.status != "ok":
             self.notify(f"{variant.name}: {variant.error}", "", "warning")
-        self.autosave(variant)
+
+    def run_sweep(self, executor: str = "local", address: str = "") -> Job | None:
+        """The picked settings as one sweep job (``engine.sweep``) into the open workspace, made in
+        the data folder if none is open; ``executor`` "ray" sends the variants to Ray at ``address``."""
+        ws = self.keeper.ensure()
+        if ws is None:
+            return None
+        job = self.session.run_sweep(ws, executor, address or None)
+        if job is not None:
+            self.keeper.written_by(job)
+        return job
 
     # --- workspace --------------------------------------------------------------------------------
     # The engine's Workspace format, shared with `tugboat sweep` and `tugboat report` (workspace_io).

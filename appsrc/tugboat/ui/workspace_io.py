@@ -76,6 +76,8 @@ class WorkspaceKeeper(QObject):
         self.ws: Workspace | None = None
         self._lock: FolderLock | None = None  # the open workspace's folder lock
         self._restoring: Workspace | None = None  # reopened, waiting for the baseline to be measured
+        self._writer: Job | None = None  # a sweep writing the open workspace from its worker thread
+        self._deferred: list[tuple[Workspace, str]] = []  # deletions waiting for that sweep to end
 
     # --- opening and creating ---------------------------------------------------------------------
     def _set(self, ws: Workspace | None, lock: FolderLock | None = None) -> None:
@@ -115,7 +117,7 @@ class WorkspaceKeeper(QObject):
         """An empty workspace in ``path``; the current model (if any) is measured again into it."""
         ws, lock = self._create(path)
         self.store.clear()
-        self.session.baseline = None
+        self.session.forget_baseline()
         self._restoring = None
         self._set(ws, lock)
         if self.session.model_ref:
@@ -128,7 +130,7 @@ class WorkspaceKeeper(QObject):
         ws, lock = self._locked(path, lambda lock: Workspace.open(path, lock=lock))
         self._set(ws, lock)
         self.store.clear()
-        self.session.baseline = None
+        self.session.forget_baseline()
         if ws.baseline is not None:
             self.store.set_baseline(ws.baseline)
         for v in ws.variants():
@@ -230,9 +232,8 @@ class WorkspaceKeeper(QObject):
             return
         self.saved.emit(variant.name)
 
-    def autosave(self, variant: Variant) -> Job | None:
-        """Write a finished variant into the open workspace, creating one in the data folder if none
-        is open, so nothing measured is lost."""
+    def ensure(self) -> Workspace | None:
+        """The open workspace, or a new one in the data folder (None if it cannot be made)."""
         if self.ws is None:
             try:
                 ws, lock = self._create(default_workspace_dir())
@@ -241,7 +242,27 @@ class WorkspaceKeeper(QObject):
                 return None
             self._set(ws, lock)
             self._write_baseline(ws)
-        return self._write(self.ws, variant)
+        return self.ws
+
+    def autosave(self, variant: Variant) -> Job | None:
+        """Write a finished variant into the open workspace, creating one in the data folder if none
+        is open, so nothing measured is lost."""
+        ws = self.ensure()
+        return self._write(ws, variant) if ws is not None else None
+
+    def written_by(self, job: Job) -> None:
+        """``job`` (a sweep) writes the open workspace from its worker: until it ends, the GUI
+        thread changes that workspace only through it (a deletion waits for the end)."""
+        self._writer = job
+        job.state_changed.connect(lambda _s, j=job: self._on_writer_state(j))
+
+    def _on_writer_state(self, job: Job) -> None:
+        if not job.is_ended or job is not self._writer:
+            return
+        self._writer, deferred, self._deferred = None, self._deferred, []
+        for ws, name in deferred:
+            if name in ws and name not in self.store:
+                ws.remove_variant(name)
 
     def save(self) -> Path | None:
         return self.ws.save() if self.ws is not None else None
@@ -288,5 +309,7 @@ class WorkspaceKeeper(QObject):
         if name == BASELINE:
             return
         self.store.remove(name)
-        if self.ws is not None and name in self.ws:
+        if self._writer is not None and not self._writer.is_ended and self.ws is not None:
+            self._deferred.append((self.ws, name))  # the sweep's worker writes this workspace now
+        elif self.ws is not None and name in self.ws:
             self.ws.remove_variant(name)

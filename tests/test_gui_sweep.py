@@ -1,0 +1,101 @@
+"""One way to run a sweep: the window's sweep is one job of ``engine.sweep.run_sweep`` whose variants
+land in the workspace and stream into the table; "Save as recipe" writes exactly what ran, so
+``tugboat sweep`` of that recipe makes the same variants; where it runs is a choice (here, or Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tugboat import cli
+from tugboat.engine.errors import RecipeError
+from tugboat.engine.measure import MeasureConfig
+from tugboat.engine.recipe import load_recipe, parse_recipe
+from tugboat.engine.sweep import plan
+from tugboat.engine.workspace import Workspace
+from tugboat.ui import main_window as main_window_module
+from tugboat.ui.main_window import RAY_INSTALL, MainWindow
+
+pytestmark = pytest.mark.timeout(240)
+
+QUICK = {"batch": 16, "threads": 1, "warmup": 1, "min_runs": 3, "min_seconds": 0.0, "max_seconds": 0.2,
+         "also_batch1": False, "both_runtimes": False}
+PRUNE = {"technique": "prune", "method": "structured", "finetune_epochs": 0}
+
+
+def test_a_listed_sweep_plans_exactly_its_entries_and_names_a_bad_one():
+    entries = [[{**PRUNE, "ratio": 0.3}], [{**PRUNE, "ratio": 0.6}],
+               [{**PRUNE, "ratio": 0.3}, {"technique": "quantize", "method": "dynamic-int8"}]]
+    p = plan(parse_recipe({"model": "demo:digits-cnn", "sweep": {"steps": entries}}))
+    assert p.kind == "grid" and len(p.candidates) == 3  # not the 2x2 grid of what differs
+    assert [c.steps[0]["ratio"] for c in p.candidates] == [0.3, 0.6, 0.3]
+    assert len({c.name for c in p.candidates}) == 3
+    bad = [entries[0], [{**PRUNE, "ratio": 7}]]
+    with pytest.raises(RecipeError, match=r"sweep\.steps\[1\].*ratio") as info:
+        plan(parse_recipe({"model": "demo:digits-cnn", "sweep": {"steps": bad}}, source="r.toml"))
+    assert info.value.path == "r.toml"
+    with pytest.raises(RecipeError, match="no other"):
+        plan(parse_recipe({"model": "demo:digits-cnn", "sweep": {"steps": entries, "steps.0.ratio": [0.1]}}))
+
+
+def test_ray_choice_unavailable_without_ray_shows_the_install_command(qtbot, monkeypatch):
+    monkeypatch.setattr(main_window_module, "ray_installed", lambda: False)
+    w = MainWindow()
+    qtbot.addWidget(w)
+    view = w.sweep_view
+    item = view.where.model().item(1)
+    assert not item.isEnabled()
+    assert RAY_INSTALL in item.toolTip() and RAY_INSTALL in view.where.itemText(1)
+    assert view.executor() == ("local", "")
+    view.set_ray_available(True)  # with Ray: it can be chosen, with an address
+    view.where.setCurrentIndex(1)
+    view.address.setText("ray://head:10001")
+    assert view.executor() == ("ray", "ray://head:10001")
+
+
+def test_window_sweep_streams_into_the_table_and_its_recipe_reproduces_it(qtbot, tmp_path, capsys):
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.session.measure = MeasureConfig(**QUICK)
+    w.show()
+    with qtbot.waitSignal(w.session.baseline_ready, timeout=120000):
+        w.load_demo()
+    w.new_workspace(str(tmp_path / "ws"))
+    with qtbot.waitSignal(w.session.baseline_ready, timeout=120000):
+        pass
+    picked = [{**PRUNE, "ratio": 0.3}, {**PRUNE, "ratio": 0.6}]
+    for step in picked:
+        w.session.add_to_sweep(step)
+    w.session.set_chain([{**PRUNE, "ratio": 0.3}])
+    w.session.add_to_sweep({"technique": "quantize", "method": "dynamic-int8"})
+    w.session.clear_chain()
+
+    rows_while_running = []
+    w.store.variant_added.connect(lambda _n: rows_while_running.append(
+        (w.results_table.model().rowCount(), w.sweep_job.is_ended)))
+    w.sweep_job = w.run_sweep()
+    assert w.sweep_job is not None and w.sweep_job.kind == "sweep"
+    assert len([j for j in w.queue.jobs() if j.kind == "sweep"]) == 1  # one job, not one per variant
+    with qtbot.waitSignal(w.session.sweep_ended, timeout=180000) as ended:
+        pass
+    assert ended.args[0] is not None, w.sweep_job.error
+    # rows came one by one while the job still ran (remote or local, they stream the same way)
+    assert [n for n, _ in rows_while_running] == [2, 3, 4]
+    assert not any(done for _, done in rows_while_running)
+    ws = w.workspace
+    gui = {n: ws.get(n) for n in ws.names()}
+    assert len(gui) == 3 and set(gui) <= set(w.store.names())
+    assert [s["ratio"] for s in gui[next(iter(gui))].recipe["steps"]] == [0.3]
+
+    recipe_path = tmp_path / "sweep.toml"
+    w.ask_save_path = lambda *_a: str(recipe_path)
+    w.sweep_view.save_button.click()
+    assert len(load_recipe(str(recipe_path)).sweep["steps"]) == 3
+    assert cli.main(["sweep", str(recipe_path), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    made = Workspace.open(tmp_path / "cli")
+    assert made.names() == list(gui)
+    for name, v in gui.items():
+        other = made.get(name)
+        assert other.recipe["steps"] == v.recipe["steps"]
+        assert other.metrics["params"] == v.metrics["params"]
+        assert other.metrics["size_bytes"] == pytest.approx(v.metrics["size_bytes"], rel=0.01)
+    w.queue.shutdown(10)
