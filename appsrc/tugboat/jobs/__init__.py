@@ -438,7 +438,12 @@ class JobSlot(QObject):
                **handlers: Callable[..., Any]) -> Job:
         if not keep:
             self.cancel()
-        job = self.queue.submit(fn, name=name, kind=kind)
+        return self.adopt(self.queue.submit(fn, name=name, kind=kind), keep=True, **handlers)
+
+    def adopt(self, job: Job, *, keep: bool = False, **handlers: Callable[..., Any]) -> Job:
+        """Hold a job someone else submitted (e.g. a run the session started for a live preview)."""
+        if not keep:
+            self.cancel()
         links = self._links.setdefault(job, [])
         for signal_name, handler in handlers.items():
             signal = getattr(job, signal_name)
