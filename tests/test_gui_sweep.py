@@ -85,6 +85,8 @@ def test_window_sweep_streams_into_the_table_and_its_recipe_reproduces_it(qtbot,
     gui = {n: ws.get(n) for n in ws.names()}
     assert len(gui) == 3 and set(gui) <= set(w.store.names())
     assert [s["ratio"] for s in gui[next(iter(gui))].recipe["steps"]] == [0.3]
+    # the window keeps each model in memory (Diagnose, Layers); the workspace has it on disk
+    assert all(w.store.get(n).handle is not None and ws.get(n).handle is None for n in gui)
 
     recipe_path = tmp_path / "sweep.toml"
     w.ask_save_path = lambda *_a: str(recipe_path)

@@ -681,12 +681,12 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
                 cand = by_name[outcome.name]
                 variant = finish_outcome(base, recipe, cand, outcome, sub.sub(0.7, 1.0, f"{cand.name}: "))
                 ws.add_variant(variant)
-                variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
                 result.tried.append(variant.name)
                 count += 1
                 log(f"done {variant.name}: {describe(variant)}")
                 if on_variant is not None:
-                    on_variant(variant)
+                    on_variant(variant)  # with its model still in memory (the window keeps a copy)
+                variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
             if result.stopped_by_budget:
                 break
     finally:

@@ -373,7 +373,7 @@ class Session(QObject):
             runner = make_executor(executor, address=address or None) if executor != "local" else None
             return run_sweep(recipe, workspace.path, progress=progress, executor=runner,
                              workspace=workspace, base=base,
-                             on_variant=lambda v: progress.record("variant", variant=v),
+                             on_variant=lambda v: progress.record("variant", variant=dataclasses.replace(v)),
                              log=lambda msg: progress.record("log", message=msg))
 
         where = "here" if executor == "local" else f"on {executor}" + (f" at {address}" if address else "")
@@ -397,7 +397,9 @@ class Session(QObject):
     def _on_sweep_record(self, kind: str, data: dict) -> None:
         variant = data.get("variant") if kind == "variant" else None
         if isinstance(variant, Variant):
-            self.store.add(variant)  # the workspace named it; the store adds it under that name
+            # a copy of the workspace's entry that keeps the model in memory (Diagnose, Layers,
+            # Continue from); the workspace named it, and the store adds it under that name
+            self.store.add(variant)
             self.sweep_variant.emit(variant)
 
     # --- export ---------------------------------------------------------------------------------

@@ -265,7 +265,11 @@ class WorkspaceKeeper(QObject):
                 ws.remove_variant(name)
 
     def save(self) -> Path | None:
-        return self.ws.save() if self.ws is not None else None
+        if self.ws is None:
+            return None
+        if self._writer is not None and not self._writer.is_ended:
+            return self.ws.path / FILE  # the sweep writing it saves the index after every variant
+        return self.ws.save()
 
     def record_timings(self, names: list[str]) -> None:
         """Re-measured variants: rewrite their metrics.json (their model files are unchanged) and
