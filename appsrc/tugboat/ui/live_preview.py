@@ -3,12 +3,13 @@
 While a technique slider moves, every change is estimated at once (:mod:`tugboat.engine.estimate`,
 arithmetic on the baseline's layer shapes, no job) and the chart's hollow "ghost" point jumps there.
 When the setting is final (the panel's ``step_committed``: the slider released, a typed value
-entered, or the panel's one debounce after the last keyboard step; never while the mouse button is held) it is
-run for real through the window's normal run path (``Session.run_step``, one job in the queue);
-a newer setting cancels and disconnects the older job first (a :class:`~tugboat.jobs.JobSlot`), so
-dragging across a big model never piles up stale runs (Orange's "one task per owner"). The measured point replaces the
-ghost, and the estimate's error against the measurement is logged (``logging`` and
-:attr:`LivePreview.errors`) so the estimator can be checked and improved.
+entered, or the panel's one debounce after the last keyboard step; never while the mouse button is
+held) it is run for real through the window's normal run path (``Session.run_step``, one job in
+the queue); a newer setting cancels and disconnects the older job first (a
+:class:`~tugboat.jobs.JobSlot`), so dragging across a big model never piles up stale runs (Orange's
+"one task per owner"). The measured point replaces the ghost, and the estimate's error against the
+measurement is logged (``logging`` and :attr:`LivePreview.errors`) so the estimator can be checked
+and improved.
 
 Only quick techniques run by themselves (``auto_run``: pruning and quantization); distillation
 trains for minutes, so its ghost moves but it runs when the user presses Run. The chart's "Live
@@ -137,7 +138,8 @@ class LivePreview(QObject):
             return
         started = time.monotonic()
         self.slot.adopt(job, finished=lambda variant, t=started, e=est or {}: self._on_job_finished(
-            variant, t, steps, e), cancelled=self._clear_stale_ghost, failed=lambda _m, _d: self._clear_stale_ghost())
+                            variant, t, steps, e),
+                        cancelled=self._clear_stale_ghost, failed=lambda _m, _d: self._clear_stale_ghost())
         self.job_started.emit(job)
 
     def _clear_stale_ghost(self) -> None:
