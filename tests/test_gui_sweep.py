@@ -57,11 +57,9 @@ def test_window_sweep_streams_into_the_table_and_its_recipe_reproduces_it(qtbot,
     qtbot.addWidget(w)
     w.session.measure = MeasureConfig(**QUICK)
     w.show()
+    w.new_workspace(str(tmp_path / "ws"))  # before the model: one load, measured into it
     with qtbot.waitSignal(w.session.baseline_ready, timeout=120000):
         w.load_demo()
-    w.new_workspace(str(tmp_path / "ws"))
-    with qtbot.waitSignal(w.session.baseline_ready, timeout=120000):
-        pass
     picked = [{**PRUNE, "ratio": 0.3}, {**PRUNE, "ratio": 0.6}]
     for step in picked:
         w.session.add_to_sweep(step)

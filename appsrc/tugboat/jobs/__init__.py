@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtCore import QMetaObject, QObject, Qt, QTimer, Signal
 
 from ..engine.errors import Cancelled, TugboatError
 from ..engine.memory import is_out_of_memory, oom_message
@@ -423,7 +423,9 @@ class JobSlot(QObject):
     def __init__(self, queue: JobQueue, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.queue = queue
-        self._links: dict[Job, list[tuple[Any, Callable[..., Any]]]] = {}
+        # only connection handles: the slot holds no handler, so no reference cycle through it keeps
+        # the owner's Qt objects for Python's collector to destroy on some worker thread later
+        self._links: dict[Job, list[QMetaObject.Connection]] = {}
 
     @property
     def job(self) -> Job | None:
@@ -446,9 +448,7 @@ class JobSlot(QObject):
             self.cancel()
         links = self._links.setdefault(job, [])
         for signal_name, handler in handlers.items():
-            signal = getattr(job, signal_name)
-            signal.connect(handler)
-            links.append((signal, handler))
+            links.append(getattr(job, signal_name).connect(handler))
         job.state_changed.connect(lambda _s, j=job: self._forget_if_ended(j))
         if job.is_ended:  # cancelled at once (the queue is closing)
             self._forget_if_ended(job)
@@ -458,9 +458,9 @@ class JobSlot(QObject):
         """Disconnect every job of the slot (nothing of theirs reaches the owner), then cancel them."""
         jobs, self._links = self._links, {}
         for job, links in jobs.items():
-            for signal, handler in links:
+            for link in links:
                 with contextlib.suppress(RuntimeError, TypeError):  # already gone with its job
-                    signal.disconnect(handler)
+                    QObject.disconnect(link)
             job.cancel()
 
     def _forget_if_ended(self, job: Job) -> None:
