@@ -85,6 +85,7 @@ def test_window_sweep_streams_into_the_table_and_its_recipe_reproduces_it(qtbot,
     assert [s["ratio"] for s in gui[next(iter(gui))].recipe["steps"]] == [0.3]
     # the window keeps each model in memory (Diagnose, Layers); the workspace has it on disk
     assert all(w.store.get(n).handle is not None and ws.get(n).handle is None for n in gui)
+    qtbot.waitUntil(lambda: all(w.chart.point_of(n) is not None for n in gui), timeout=5000)
 
     recipe_path = tmp_path / "sweep.toml"
     w.ask_save_path = lambda *_a: str(recipe_path)
@@ -99,3 +100,35 @@ def test_window_sweep_streams_into_the_table_and_its_recipe_reproduces_it(qtbot,
         assert other.metrics["params"] == v.metrics["params"]
         assert other.metrics["size_bytes"] == pytest.approx(v.metrics["size_bytes"], rel=0.01)
     w.queue.shutdown(10)
+
+
+@pytest.mark.slow
+def test_window_sweep_on_a_local_ray_lands_in_the_table_and_chart(qtbot, monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    from tugboat.engine.executors import ray_executor
+
+    # a small local instance (the window would use every core)
+    real = ray_executor.RayExecutor
+    monkeypatch.setattr(ray_executor, "RayExecutor", lambda **kw: real(**{**kw, "workers": 1}))
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.session.measure = MeasureConfig(**QUICK)
+    with qtbot.waitSignal(w.session.baseline_ready, timeout=120000):
+        w.load_demo()
+    for ratio in (0.3, 0.6):
+        w.session.add_to_sweep({**PRUNE, "ratio": ratio})
+    try:
+        job = w.run_sweep("ray", "")
+        with qtbot.waitSignal(w.session.sweep_ended, timeout=180000) as ended:
+            pass
+        assert ended.args[0] is not None, job.error
+        names = ended.args[0].tried
+        assert len(names) == 2
+        for name in names:  # made by a Ray task, measured here, shown like any other variant
+            assert w.store.get(name).info["made_on"].startswith("ray")
+        qtbot.waitUntil(lambda: all(w.chart.point_of(n) is not None for n in names), timeout=5000)
+    finally:
+        w.queue.shutdown(10)
+        ray.shutdown()
