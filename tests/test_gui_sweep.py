@@ -73,6 +73,9 @@ def test_window_sweep_streams_into_the_table_and_its_recipe_reproduces_it(qtbot,
     w.sweep_job = w.run_sweep()
     assert w.sweep_job is not None and w.sweep_job.kind == "sweep"
     assert len([j for j in w.queue.jobs() if j.kind == "sweep"]) == 1  # one job, not one per variant
+    # while it writes the open workspace, another one is not opened (its folder lock would go)
+    assert w.new_workspace(str(tmp_path / "other")) is None
+    assert "running sweep" in w.statusBar().currentMessage() and not (tmp_path / "other").exists()
     with qtbot.waitSignal(w.session.sweep_ended, timeout=180000) as ended:
         pass
     assert ended.args[0] is not None, w.sweep_job.error

@@ -113,8 +113,15 @@ class WorkspaceKeeper(QObject):
         return self._locked(path, lambda _lock: Workspace.create(
             path, model=s.model_ref, data=s.data_ref, measure=_measure_dict(s.measure)))
 
+    def _check_no_writer(self) -> None:
+        """Another workspace is not opened while a sweep writes this one (its lock would go)."""
+        if self._writer is not None and not self._writer.is_ended and self.ws is not None:
+            raise WorkspaceError("is still being written by a running sweep; cancel it in the Jobs "
+                                 "panel or wait for it to end", path=str(self.ws.path))
+
     def new(self, path: str | Path) -> Workspace:
         """An empty workspace in ``path``; the current model (if any) is measured again into it."""
+        self._check_no_writer()
         ws, lock = self._create(path)
         self.store.clear()
         self.session.forget_baseline()
@@ -127,6 +134,7 @@ class WorkspaceKeeper(QObject):
     def open(self, path: str | Path) -> Workspace:
         """Show a workspace's baseline and variants at once, then load its model again so new steps
         can run (the variants come back after the baseline; their recorded metrics are kept)."""
+        self._check_no_writer()
         ws, lock = self._locked(path, lambda lock: Workspace.open(path, lock=lock))
         self._set(ws, lock)
         self.store.clear()
@@ -300,6 +308,7 @@ class WorkspaceKeeper(QObject):
 
     def save_as(self, path: str | Path) -> Workspace:
         """Copy what the window shows into a new workspace folder (files written in jobs)."""
+        self._check_no_writer()
         old = self.ws
         ws, lock = self._create(path)
         ws.recipe = old.recipe if old is not None else None
