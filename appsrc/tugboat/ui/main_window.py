@@ -229,7 +229,9 @@ class SweepView(QWidget):
         self.address.setVisible(ray)
 
     def executor(self) -> tuple[str, str]:
-        return str(self.where.currentData()), self.address.text().strip()
+        """Where the sweep runs: ("local", "") or ("ray", ADDRESS or "" for a local Ray instance)."""
+        where = str(self.where.currentData())
+        return where, self.address.text().strip() if where == "ray" else ""
 
     def _on_run(self) -> None:
         self.run_requested.emit(*self.executor())
