@@ -37,6 +37,33 @@ def test_a_listed_sweep_plans_exactly_its_entries_and_names_a_bad_one():
         plan(parse_recipe({"model": "demo:digits-cnn", "sweep": {"steps": entries, "steps.0.ratio": [0.1]}}))
 
 
+def test_a_variant_deleted_while_a_sweep_writes_the_workspace_leaves_it_when_the_sweep_ends(qtbot, tmp_path):
+    import threading
+
+    from tugboat.engine.recipe import Variant
+    from tugboat.jobs import JobQueue
+    from tugboat.ui.session import Session
+    from tugboat.ui.store import VariantStore
+    from tugboat.ui.workspace_io import WorkspaceKeeper
+
+    queue, store = JobQueue(), VariantStore()
+    keeper = WorkspaceKeeper(store, Session(store, queue), queue)
+    ws = keeper.new(str(tmp_path / "ws"))
+    v = Variant("prune-a", {"steps": []}, {"size_bytes": 1}, status="failed", error="x")
+    ws.add_variant(v, write=False)
+    store.add(v)
+    release = threading.Event()
+    writer = queue.submit(lambda p: release.wait(10), name="sweep", kind="sweep")
+    keeper.written_by(writer)
+    keeper.delete("prune-a")  # the worker may be saving the index right now: the GUI waits
+    assert "prune-a" not in store and "prune-a" in ws
+    release.set()
+    qtbot.waitUntil(lambda: writer.is_ended, timeout=5000)
+    assert "prune-a" not in ws and "prune-a" not in Workspace.open(tmp_path / "ws")
+    keeper.close()
+    queue.shutdown(5)
+
+
 def test_ray_choice_unavailable_without_ray_shows_the_install_command(qtbot, monkeypatch):
     monkeypatch.setattr(main_window_module, "ray_installed", lambda: False)
     w = MainWindow()
