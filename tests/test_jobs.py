@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tugboat.engine.errors import DataError
-from tugboat.jobs import CANCELLED, DONE, FAILED, JobQueue, worker_threads
+from tugboat.jobs import CANCELLED, DONE, FAILED, JobQueue, JobSlot, worker_threads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -176,3 +176,40 @@ def test_garbage_is_collected_on_the_gui_thread_while_jobs_run(qtbot, queue):
     qtbot.waitUntil(seen.is_set, timeout=5000)  # the GUI thread's timer collected it
     assert collected_in == [threading.main_thread().name]
     assert gc.isenabled()  # back to normal once no job runs
+
+
+def test_job_slot_a_new_job_cancels_and_disconnects_the_old_one(qtbot, queue):
+    """Orange's ConcurrentWidgetMixin: the owner hears only from its latest job, so it needs no
+    "is this result still current?" check of its own."""
+    queue.max_running = 2
+    slot = JobSlot(queue)
+    heard: list = []
+    release = threading.Event()
+
+    def slow(progress):
+        while not release.is_set():
+            time.sleep(0.01)  # returns even when cancelled: a stale result the slot must drop
+        return "old"
+
+    old = slot.submit(slow, name="old", finished=heard.append, cancelled=lambda: heard.append("cancelled"))
+    new = slot.submit(lambda p: "new", name="new", finished=heard.append)
+    assert slot.job is new and old.token.cancelled
+    with qtbot.waitSignal(new.finished, timeout=5000):
+        pass
+    release.set()
+    qtbot.waitUntil(lambda: old.is_ended, timeout=5000)
+    assert old.state == CANCELLED and heard == ["new"]  # neither the old result nor its cancel
+    assert slot.job is None
+
+    # keep=True: runs for one model go on side by side until cancel() drops them all
+    a = slot.submit(lambda p: "a", name="a", keep=True, finished=heard.append)
+    with qtbot.waitSignal(a.finished, timeout=5000):
+        pass
+    release.clear()
+    b = slot.submit(slow, name="b", keep=True, finished=heard.append)
+    c = slot.submit(slow, name="c", keep=True, finished=heard.append)
+    assert slot.jobs() == [b, c]
+    slot.cancel()
+    release.set()
+    qtbot.waitUntil(lambda: b.is_ended and c.is_ended, timeout=5000)
+    assert heard == ["new", "a"] and slot.job is None

@@ -61,6 +61,7 @@ SEARCH_KEYS = {"budget_seconds": (0.0, 7 * 24 * 3600.0), "max_variants": (1, 100
 TARGET_KEYS = {**SEARCH_KEYS, "max_accuracy_drop": (0.0, 1.0), "objective": ("latency", "size")}
 DEFAULT_BUDGET = 600.0
 MAX_VARIANTS = 1000  # the largest grid run without an explicit --max-variants
+LISTED = "steps"  # [sweep] steps = [[...], [...]]: the variants' step lists, one by one
 
 
 # --- the search space ----------------------------------------------------------------------------
@@ -229,6 +230,30 @@ def grid(recipe: Recipe, limit: int | None = None) -> list[Candidate]:
     return name_candidates(_unique(cands), axes)
 
 
+def listed(recipe: Recipe, limit: int | None = None) -> list[Candidate]:
+    """The variants of a ``[sweep] steps = [[...], [...]]`` list, each entry one variant's whole step
+    list (what the window's sweep of picked settings runs, and its "Save as recipe" writes)."""
+    where = recipe.source or "recipe"
+    entries = recipe.sweep[LISTED]
+    if set(recipe.sweep) != {LISTED} or recipe.steps:
+        raise RecipeError("a [sweep] 'steps' list gives each variant's steps in full: it takes no other "
+                          "[sweep] keys and no [[steps]]", path=where)
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, list) and e and all(isinstance(s, dict) for s in e) for e in entries):
+        raise RecipeError("sweep key 'steps' must be a list of step lists, e.g. "
+                          "[[{technique = \"prune\", ratio = 0.5}], [{technique = \"quantize\"}]]", path=where)
+    if len(entries) > (MAX_VARIANTS if limit is None else limit):
+        raise RecipeError(f"the [sweep] 'steps' list has {len(entries):,} variants, more than the limit of "
+                          f"{MAX_VARIANTS if limit is None else limit:,} (tugboat sweep --max-variants N)", path=where)
+    cands = []
+    for i, entry in enumerate(entries):
+        try:
+            cands.append(Candidate(validate_steps([dict(s) for s in entry], where), {}))
+        except RecipeError as exc:
+            raise RecipeError(f"sweep.steps[{i}]: {exc.message}", path=where) from None
+    return name_candidates(_unique(cands), [])
+
+
 def _unique(cands: list[Candidate]) -> list[Candidate]:
     seen, out = set(), []
     for c in cands:
@@ -347,6 +372,11 @@ def plan(recipe: Recipe, max_variants: int | None = None) -> Plan:
         raise RecipeError(f"--max-variants must be a positive whole number, got {max_variants!r}", path=where)
     search = _check_table(recipe.search, SEARCH_KEYS, "search", where)
     target = _check_table(recipe.target, TARGET_KEYS, "target", where)
+    if LISTED in recipe.sweep:
+        if search or target:
+            raise RecipeError("a [sweep] 'steps' list names each variant; it takes no [search] or [target]",
+                              path=where)
+        return Plan("grid", listed(recipe, max_variants))
     if target:
         if "max_accuracy_drop" not in target:
             raise RecipeError("'target.max_accuracy_drop' is missing (e.g. 0.01 for one point)", path=where)
@@ -501,15 +531,21 @@ class SweepResult:
 def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
               progress: Progress | None = None, on_variant: Callable[[Variant], None] | None = None,
               log: Callable[[str], None] | None = None, max_variants: int | None = None,
-              executor=None) -> SweepResult:
+              executor=None, workspace=None, base: Baseline | None = None) -> SweepResult:
     """Run a recipe's sweep (grid, random or target search) into the workspace ``out_dir``, holding
     the folder's lock throughout. ``max_variants`` raises the grid-size limit (:data:`MAX_VARIANTS`).
 
     ``executor`` (:mod:`tugboat.engine.executors`; default: in this process) makes the variants;
-    this process measures each one as it comes back, one at a time, and alone writes the workspace."""
+    this process measures each one as it comes back, one at a time, and alone writes the workspace.
+
+    ``workspace`` (an open Workspace whose folder lock the caller holds, e.g. the window's) is
+    continued instead of ``out_dir`` (as with ``resume``); ``base``: the baseline already prepared."""
     from .lock import locked_output
 
     the_plan = plan(recipe, max_variants)  # every combination validated before any work
+    if workspace is not None:
+        return _run_sweep_locked(recipe, the_plan, workspace.path, None, resume=True, progress=progress,
+                                 on_variant=on_variant, log=log, executor=executor, ws=workspace, base=base)
     out = Path(out_dir)
     with locked_output(out, "tugboat sweep") as lock:  # an existing file, read-only, full: first
         return _run_sweep_locked(recipe, the_plan, out, lock, resume=resume, progress=progress,
@@ -546,14 +582,16 @@ def resume_differences(ws, recipe: Recipe) -> list[str]:
 
 def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume: bool,
                       progress: Progress | None, on_variant: Callable[[Variant], None] | None,
-                      log: Callable[[str], None] | None, executor=None) -> SweepResult:
+                      log: Callable[[str], None] | None, executor=None, ws=None,
+                      base: Baseline | None = None) -> SweepResult:
     from .workspace import Workspace, WorkspaceError
 
     progress = progress or null_progress()
     log = log or (lambda _msg: None)
-    existing = Workspace.exists(out)
+    given = ws
+    existing = given is not None or Workspace.exists(out)
     if existing:
-        ws = Workspace.open(out, lock=lock)
+        ws = given if given is not None else Workspace.open(out, lock=lock)
         holds = len(ws) > 0 or ws.baseline is not None
         if holds and not resume:
             raise WorkspaceError("already holds a workspace; add --resume to continue it, or choose "
@@ -564,13 +602,13 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
                                  "variants that cannot be compared; use the original settings or another "
                                  "--out folder", path=str(out))
     progress.update(0.0, f"loading {recipe.model}")
-    base = prepare(recipe, progress.sub(0.0, 0.05, "baseline: "))
+    base = base if base is not None else prepare(recipe, progress.sub(0.0, 0.05, "baseline: "))
     if isinstance(the_plan.candidates, list):  # refuse a grid that cannot fit before any of it runs
         for cand in the_plan.candidates:
             memory.check(base.handle, cand.steps, base.data, base.cfg,
                             where=f"{recipe.source or recipe.model} (variant {cand.name})")
     if existing:
-        ws = Workspace.open(out, lock=lock)
+        ws = given if given is not None else Workspace.open(out, lock=lock)
         if not (len(ws) or ws.baseline is not None):  # an empty one takes this sweep's settings
             ws.model, ws.data, ws.measure = recipe.model, recipe.data or "", recipe.measure.to_dict()
     else:
@@ -643,12 +681,12 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
                 cand = by_name[outcome.name]
                 variant = finish_outcome(base, recipe, cand, outcome, sub.sub(0.7, 1.0, f"{cand.name}: "))
                 ws.add_variant(variant)
-                variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
                 result.tried.append(variant.name)
                 count += 1
                 log(f"done {variant.name}: {describe(variant)}")
                 if on_variant is not None:
-                    on_variant(variant)
+                    on_variant(variant)  # with its model still in memory (the window keeps a copy)
+                variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
             if result.stopped_by_budget:
                 break
     finally:

@@ -14,6 +14,7 @@ function returns after the request (superqt's ``test_abort_does_not_return``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -22,7 +23,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtCore import QMetaObject, QObject, Qt, QTimer, Signal
 
 from ..engine.errors import Cancelled, TugboatError
 from ..engine.memory import is_out_of_memory, oom_message
@@ -37,6 +38,7 @@ __all__ = [
     "RUNNING",
     "Job",
     "JobQueue",
+    "JobSlot",
     "warm_up_torch",
     "worker_threads",
 ]
@@ -406,3 +408,61 @@ class JobQueue(QObject):
             _collector.acquire()  # released when the job ends (_on_job_state)
             nxt._gc_held = True
             nxt._start()
+
+
+class JobSlot(QObject):
+    """Jobs that one owner started for one purpose (Orange's ``ConcurrentWidgetMixin``).
+
+    ``submit`` cancels the slot's earlier job and *disconnects* it first, so a stale result (an older
+    slider setting, the previous model, another selection) never reaches the owner: no owner needs
+    its own "is this still the current job?" check. With ``keep=True`` earlier jobs go on running
+    (a queue of runs for one model) until :meth:`cancel` drops them all, e.g. when the model changes.
+    Handlers are the job's own signals by name: ``finished``, ``failed``, ``cancelled``, ``record``,
+    ``progress``, ``state_changed``."""
+
+    def __init__(self, queue: JobQueue, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.queue = queue
+        # only connection handles: the slot holds no handler, so no reference cycle through it keeps
+        # the owner's Qt objects for Python's collector to destroy on some worker thread later
+        self._links: dict[Job, list[QMetaObject.Connection]] = {}
+
+    @property
+    def job(self) -> Job | None:
+        """The latest job still running or queued (None when the slot is idle)."""
+        live = [j for j in self._links if not j.is_ended]
+        return live[-1] if live else None
+
+    def jobs(self) -> list[Job]:
+        return [j for j in self._links if not j.is_ended]
+
+    def submit(self, fn: Callable[[Progress], Any], *, name: str, kind: str = "job", keep: bool = False,
+               **handlers: Callable[..., Any]) -> Job:
+        if not keep:
+            self.cancel()
+        return self.adopt(self.queue.submit(fn, name=name, kind=kind), keep=True, **handlers)
+
+    def adopt(self, job: Job, *, keep: bool = False, **handlers: Callable[..., Any]) -> Job:
+        """Hold a job someone else submitted (e.g. a run the session started for a live preview)."""
+        if not keep:
+            self.cancel()
+        links = self._links.setdefault(job, [])
+        for signal_name, handler in handlers.items():
+            links.append(getattr(job, signal_name).connect(handler))
+        job.state_changed.connect(lambda _s, j=job: self._forget_if_ended(j))
+        if job.is_ended:  # cancelled at once (the queue is closing)
+            self._forget_if_ended(job)
+        return job
+
+    def cancel(self) -> None:
+        """Disconnect every job of the slot (nothing of theirs reaches the owner), then cancel them."""
+        jobs, self._links = self._links, {}
+        for job, links in jobs.items():
+            for link in links:
+                with contextlib.suppress(RuntimeError, TypeError):  # already gone with its job
+                    QObject.disconnect(link)
+            job.cancel()
+
+    def _forget_if_ended(self, job: Job) -> None:
+        if job.is_ended:
+            self._links.pop(job, None)

@@ -243,8 +243,20 @@ class TradeoffChart(QWidget):
         self._refresh_timer.setSingleShot(True)
         self._refresh_timer.setInterval(0)
         self._refresh_timer.timeout.connect(self.refresh)
+        bar = self._build_toolbar()
+        self._build_plot()
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(0)
+        lay.addLayout(bar)
+        lay.addWidget(self.view, 1)
+        self.set_axes("size", "quality", colour="latency")
+        self._connect(store)
+        self.refresh()
 
-        # --- toolbar ---
+    # --- building -----------------------------------------------------------------------------------
+    def _build_toolbar(self) -> QHBoxLayout:
+        """Axis and colour choices, log scales, the live-preview toggle, export."""
         bar = QHBoxLayout()
         bar.setContentsMargins(4, 2, 4, 2)
         self.x_combo, self.y_combo, self.colour_combo = QComboBox(), QComboBox(), QComboBox()
@@ -265,6 +277,18 @@ class TradeoffChart(QWidget):
                     combo.setItemData(i, METRICS[key].label, Qt.ItemDataRole.ToolTipRole)
             combo.currentIndexChanged.connect(
                 lambda _i, c=combo: c.setToolTip(METRICS[c.currentData()].label if c.currentData() else ""))
+        self._build_toggles()
+        for label, widget in (("x:", self.x_combo), ("", self.log_x), ("y:", self.y_combo),
+                              ("", self.log_y), ("colour:", self.colour_combo)):
+            if label:
+                bar.addWidget(QLabel(label))
+            bar.addWidget(widget)
+        bar.addStretch(1)
+        bar.addWidget(self.live_toggle)
+        bar.addWidget(self.export_button)
+        return bar
+
+    def _build_toggles(self) -> None:
         self.x_combo.setObjectName("chart_x")
         self.y_combo.setObjectName("chart_y")
         self.colour_combo.setObjectName("chart_colour")
@@ -291,16 +315,9 @@ class TradeoffChart(QWidget):
             act.triggered.connect(lambda _=False, s=slot: s())
             menu.addAction(act)
         self.export_button.setMenu(menu)
-        for label, widget in (("x:", self.x_combo), ("", self.log_x), ("y:", self.y_combo),
-                              ("", self.log_y), ("colour:", self.colour_combo)):
-            if label:
-                bar.addWidget(QLabel(label))
-            bar.addWidget(widget)
-        bar.addStretch(1)
-        bar.addWidget(self.live_toggle)
-        bar.addWidget(self.export_button)
 
-        # --- plot: scatter, colour bar on the right, legend below ---
+    def _build_plot(self) -> None:
+        """The plot: scatter, colour bar on the right, legend below; items built once (setData)."""
         self.view = pg.GraphicsLayoutWidget()
         self.view.setBackground(CHART_BG)
         self.view.setObjectName("chart_view")
@@ -324,7 +341,9 @@ class TradeoffChart(QWidget):
         self.legend_row = self.view.addLayout(row=1, col=0, colspan=2)
         self.legend_row.addItem(self.legend)
         self.legend_row.setMaximumHeight(48)
+        self._build_items()
 
+    def _build_items(self) -> None:
         self.pareto_line = pg.PlotDataItem(pen=PARETO_PEN)
         self.pareto_line.setZValue(1)
         self.scatter = pg.ScatterPlotItem(size=11, pxMode=True, hoverable=True, tip=self._hover_tip,
@@ -348,13 +367,7 @@ class TradeoffChart(QWidget):
                                        anchor=(0.5, 0.5))
         self.plot.addItem(self.empty_label)
 
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.setSpacing(0)
-        lay.addLayout(bar)
-        lay.addWidget(self.view, 1)
-
-        self.set_axes("size", "quality", colour="latency")
+    def _connect(self, store: VariantStore) -> None:
         self.x_combo.currentIndexChanged.connect(self._on_axes_changed)
         self.y_combo.currentIndexChanged.connect(self._on_axes_changed)
         self.colour_combo.currentIndexChanged.connect(self._on_axes_changed)
@@ -367,7 +380,6 @@ class TradeoffChart(QWidget):
         store.variant_removed.connect(lambda _n: self._refresh_timer.start())
         store.cleared.connect(self._on_store_cleared)
         store.selection_changed.connect(lambda _n: self._update_selection())
-        self.refresh()
 
     # --- axes -------------------------------------------------------------------------------------
     @property

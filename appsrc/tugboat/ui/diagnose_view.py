@@ -40,7 +40,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..engine.errors import RecipeError, TugboatError
-from ..jobs import Job
+from ..jobs import Job, JobSlot
 from .store import BASELINE
 
 # (header, tooltip, (part, key) of a row or a special name, format)
@@ -188,23 +188,45 @@ class DiagnoseModel(QAbstractTableModel):
 
 
 class DiagnoseView(QWidget):
-    """The view; ``window`` gives the session, store, job queue and notifications."""
+    """The view of the session's diagnoses; ``notify(message, details, level)`` shows a problem."""
 
     fix_started = Signal(object)  # the Job running the fixed recipe
 
-    def __init__(self, window) -> None:
+    def __init__(self, session, store, queue, notify) -> None:
         super().__init__()
         self.setObjectName("diagnose_view")
-        self.window_ = window
-        self.session, self.store, self.queue = window.session, window.store, window.queue
+        self.session, self.store, self.queue, self.notify = session, store, queue, notify
         self.subject: str | None = None  # the variant whose diagnosis is shown
         self.result: dict[str, Any] | None = None
-        self.job: Job | None = None
-        self._generation = 0
+        self.slot = JobSlot(queue, self)  # one diagnosis: a newer one (or another model) drops the older
         self._recent: list[str] = []  # last selected variants, for Compare
 
         self.title = QLabel("Select a variant in the results table, then Diagnose.")
         self.title.setWordWrap(True)
+        top = self._build_top()
+        self._build_table()
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addWidget(self.title)
+        lay.addLayout(top)
+        lay.addWidget(self.table, 1)
+        lay.addWidget(self.summary)
+
+        self.diagnose_button.clicked.connect(self.run_diagnose)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.fix_button.clicked.connect(lambda: self.apply_fix(self.selected_row()))
+        self.compare_button.clicked.connect(lambda: self.open_compare())
+        self.store.selection_changed.connect(self._on_selection_changed)
+        self.store.cleared.connect(self._on_store_cleared)
+        self.store.variant_removed.connect(self._on_variant_removed)
+        self._update_buttons()
+
+    def _build_top(self) -> QHBoxLayout:
+        """Diagnose, samples, Cancel, progress; Fix and Compare on the right."""
         self.samples = QSpinBox()
         self.samples.setRange(16, 256)
         self.samples.setSingleStep(16)
@@ -234,7 +256,9 @@ class DiagnoseView(QWidget):
         top.addStretch(1)
         top.addWidget(self.fix_button)
         top.addWidget(self.compare_button)
+        return top
 
+    def _build_table(self) -> None:
         self.model = DiagnoseModel(self)
         self.proxy = QSortFilterProxyModel(self)
         self.proxy.setSourceModel(self.model)
@@ -256,25 +280,6 @@ class DiagnoseView(QWidget):
         self.table.customContextMenuRequested.connect(self._on_table_context_menu)
         self.table.doubleClicked.connect(lambda index: self.apply_fix(self._row_at(index.row())))
         self.table.selectionModel().selectionChanged.connect(lambda *_a: self._update_buttons())
-        self.summary = QLabel()
-        self.summary.setWordWrap(True)
-        self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(4, 4, 4, 4)
-        lay.addWidget(self.title)
-        lay.addLayout(top)
-        lay.addWidget(self.table, 1)
-        lay.addWidget(self.summary)
-
-        self.diagnose_button.clicked.connect(self.run_diagnose)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.fix_button.clicked.connect(lambda: self.apply_fix(self.selected_row()))
-        self.compare_button.clicked.connect(lambda: self.open_compare())
-        self.store.selection_changed.connect(self._on_selection_changed)
-        self.store.cleared.connect(self._on_store_cleared)
-        self.store.variant_removed.connect(self._on_variant_removed)
-        self._update_buttons()
 
     # --- state --------------------------------------------------------------------------------
     def _selected_variant(self):
@@ -283,8 +288,13 @@ class DiagnoseView(QWidget):
         ok = v is not None and name != BASELINE and v.status == "ok" and v.handle is not None
         return v if ok else None
 
+    @property
+    def job(self) -> Job | None:
+        """The diagnosis running now (None when none runs)."""
+        return self.slot.job
+
     def _running(self) -> bool:
-        return self.job is not None and not self.job.is_ended
+        return self.slot.job is not None
 
     def _update_buttons(self) -> None:
         running = self._running()
@@ -314,7 +324,8 @@ class DiagnoseView(QWidget):
         self._update_buttons()
 
     def _on_store_cleared(self) -> None:
-        self._generation += 1
+        self.slot.cancel()
+        self.progress.hide()
         self.subject, self.result, self._recent = None, None, []
         self.model.set_rows([])
         self.summary.clear()
@@ -342,10 +353,7 @@ class DiagnoseView(QWidget):
         base = self.session.baseline
         if v is None or base is None:
             return None
-        if self._running():
-            self.job.cancel()
-        self._generation += 1
-        gen, name, samples = self._generation, v.name, self.samples.value()
+        name, samples = v.name, self.samples.value()
         original, handle, data = base.handle, v.handle, base.data
         reference = self._reference_handle(list((v.recipe or {}).get("steps", [])))
 
@@ -357,36 +365,31 @@ class DiagnoseView(QWidget):
 
         self.subject = name
         self.title.setText(f"Diagnosing <b>{name}</b> against the original...")
-        job = self.queue.submit(work, name=f"diagnose {name}", kind="diagnose")
-        job.finished.connect(lambda result, g=gen, n=name: self._on_finished(g, n, result))
-        job.failed.connect(lambda msg, _det, g=gen, n=name: self._on_failed(g, n, msg))
-        job.cancelled.connect(lambda g=gen, n=name: self._on_failed(g, n, "cancelled"))
-        job.progress.connect(self._on_progress)
-        job.state_changed.connect(lambda _s: self._update_buttons())
-        self.job = job
+        job = self.slot.submit(work, name=f"diagnose {name}", kind="diagnose",
+                               finished=lambda result, n=name: self._on_finished(n, result),
+                               failed=lambda msg, _det, n=name: self._on_failed(n, msg),
+                               cancelled=lambda n=name: self._on_failed(n, "cancelled"),
+                               progress=self._on_progress, state_changed=lambda _s: self._update_buttons())
         self.progress.setValue(0)
         self.progress.show()
         self._update_buttons()
         return job
 
     def cancel(self) -> None:
-        if self._running():
-            self.job.cancel()
+        """The user's Cancel: the job ends and says so (its handlers stay connected)."""
+        if self.slot.job is not None:
+            self.slot.job.cancel()
 
     def _on_progress(self, fraction: float, message: str) -> None:
         self.progress.setValue(int(fraction * 1000))
         self.progress.setFormat(message[:40] or "%p%")
 
-    def _on_failed(self, gen: int, name: str, message: str) -> None:
-        if gen != self._generation:
-            return
+    def _on_failed(self, name: str, message: str) -> None:
         self.progress.hide()
         self.title.setText(f"Diagnosis of <b>{name}</b>: {message}")
         self._update_buttons()
 
-    def _on_finished(self, gen: int, name: str, result: dict[str, Any]) -> None:
-        if gen != self._generation:  # a newer diagnosis or another model: stale
-            return
+    def _on_finished(self, name: str, result: dict[str, Any]) -> None:
         self.progress.hide()
         self.result = result
         self.model.set_rows(result["rows"])
@@ -456,7 +459,7 @@ class DiagnoseView(QWidget):
             return None
         v = self.store.get(self.subject)
         if v is None or self.session.baseline is None:
-            self.window_.notify(f"Variant {self.subject!r} is gone; diagnose another one.", "", "warning")
+            self.notify(f"Variant {self.subject!r} is gone; diagnose another one.", "", "warning")
             return None
         from ..engine.diagnose import fixed_steps
         from ..engine.recipe import validate_steps
@@ -465,7 +468,7 @@ class DiagnoseView(QWidget):
             steps = validate_steps(fixed_steps(list(v.recipe.get("steps", [])), row["action"]),
                                    "diagnose fix")
         except (RecipeError, TugboatError) as exc:
-            self.window_.notify(str(exc), "")
+            self.notify(str(exc), "")
             return None
         job = self.session.run_recipe(self.session.base_recipe().with_steps(steps),
                                       name=f"{v.name}: {row['action']['label'].lower()} {row['layer']}")

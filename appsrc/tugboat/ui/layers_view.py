@@ -39,7 +39,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..engine.formatting import fmt_count
-from ..jobs import Job
+from ..jobs import Job, JobQueue, JobSlot
 from .controls import guard_wheel
 from .store import BASELINE
 from .theme import chart_colors
@@ -74,18 +74,17 @@ class LayersView(QWidget):
     profile_ready = Signal(str)  # subject name
     sensitivity_ready = Signal(str)  # subject name
 
-    def __init__(self, window) -> None:
+    def __init__(self, session, store, queue: JobQueue, panels: dict[str, Any]) -> None:
         super().__init__()
         self.setObjectName("layers_view")
-        self.window = window
-        self.store = window.store
-        self.session = window.session
-        self.queue = window.queue
+        self.session, self.store, self.queue, self.panels = session, store, queue, panels
+        # one job per purpose: a newer request cancels and disconnects the older (no stale results)
+        self.profile_slot, self.sensitivity_slot = JobSlot(queue, self), JobSlot(queue, self)
         self.subject: str | None = None  # variant whose layers are shown
         self.rows: list[dict[str, Any]] = []
         self.latency_info: dict[str, Any] = {}
         self.sensitivity: dict[str, dict[str, Any]] = {}  # subject -> engine.layers.layer_sensitivity
-        self.profile_job: Job | None = None
+        self.profile_job: Job | None = None  # the latest of each (kept after it ends, for the title)
         self.sensitivity_job: Job | None = None
         self._profiles: dict[tuple[str, int], dict[str, Any]] = {}  # (subject, id(handle)) -> profile
         self._stale = False
@@ -93,6 +92,24 @@ class LayersView(QWidget):
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
+        lay.addLayout(self._build_top())
+        self._build_plots()
+        self._build_table()
+        split = QSplitter(Qt.Orientation.Vertical)
+        top_box = QWidget()
+        tlay = QVBoxLayout(top_box)
+        tlay.setContentsMargins(0, 0, 0, 0)
+        tlay.addWidget(self.plots, 1)
+        tlay.addWidget(self.note)
+        split.addWidget(top_box)
+        split.addWidget(self.table)
+        split.setSizes([300, 220])
+        lay.addWidget(split, 1)
+        self._connect(panels)
+        self._apply_colors()
+        self._update_buttons()
+
+    def _build_top(self) -> QHBoxLayout:
         top = QHBoxLayout()
         self.title = QLabel("Load a model to see its layers.")
         self.title.setObjectName("layers_title")
@@ -109,22 +126,9 @@ class LayersView(QWidget):
         top.addWidget(self.title, 1)
         for b in (self.sensitivity_button, self.cancel_button, self.clear_button):
             top.addWidget(b)
-        lay.addLayout(top)
+        return top
 
-        self._build_plots()
-        self._build_table()
-
-        split = QSplitter(Qt.Orientation.Vertical)
-        top_box = QWidget()
-        tlay = QVBoxLayout(top_box)
-        tlay.setContentsMargins(0, 0, 0, 0)
-        tlay.addWidget(self.plots, 1)
-        tlay.addWidget(self.note)
-        split.addWidget(top_box)
-        split.addWidget(self.table)
-        split.setSizes([300, 220])
-        lay.addWidget(split, 1)
-
+    def _connect(self, panels: dict[str, Any]) -> None:
         self.sensitivity_button.clicked.connect(self.measure_sensitivity)
         self.cancel_button.clicked.connect(self.cancel_sensitivity)
         self.clear_button.clicked.connect(self.clear_overrides)
@@ -132,10 +136,9 @@ class LayersView(QWidget):
         self.session.model_info_ready.connect(self._on_model_info)
         self.store.selection_changed.connect(self._on_selection_changed)
         self.store.cleared.connect(self._on_store_cleared)
-        self._connected_panels: set[str] = set()
-        self._connect_panels()
-        self._apply_colors()
-        self._update_buttons()
+        for name in ("prune", "quantize"):  # follow the panels' edits
+            if name in panels:
+                panels[name].step_changed.connect(lambda _s: self._sync_overrides_from_panels())
 
     def _build_plots(self) -> None:
         """The three bar charts (cost, prune and int8 sensitivity) sharing one row per layer."""
@@ -207,16 +210,8 @@ class LayersView(QWidget):
                        for k in ("params", "flops", "latency"))
         self.cost_plot.setTitle(f"Share (%):{keys}", color=c["foreground"].name(), size="9pt")
 
-    def _connect_panels(self) -> None:
-        """Follow the panels' edits (the window builds its panels after its views: retried)."""
-        for name in ("prune", "quantize"):
-            panel = self._panel(name)
-            if panel is not None and name not in self._connected_panels:
-                panel.step_changed.connect(lambda _s: self._sync_overrides_from_panels())
-                self._connected_panels.add(name)
-
     def _panel(self, name: str):
-        return getattr(self.window, "panels", {}).get(name)
+        return self.panels.get(name)
 
     def _subject_variant(self):
         return self.store.get(self.subject) if self.subject else None
@@ -244,8 +239,8 @@ class LayersView(QWidget):
         self._set_subject(BASELINE)
 
     def _on_store_cleared(self) -> None:
-        self._cancel_job(self.profile_job)
-        self._cancel_job(self.sensitivity_job)
+        self.profile_slot.cancel()
+        self.sensitivity_slot.cancel()
 
     def _on_selection_changed(self, name) -> None:
         v = self.store.get(name) if name else None
@@ -274,7 +269,6 @@ class LayersView(QWidget):
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt
         super().showEvent(event)
-        self._connect_panels()
         if self._stale:
             self.refresh_profile()
 
@@ -284,7 +278,6 @@ class LayersView(QWidget):
         if v is None or v.handle is None:
             return None
         self._stale = False
-        self._cancel_job(self.profile_job)
         handle, name = v.handle, v.name
         cfg = self.session.measure
         batch, threads, runtime = int(cfg.batch), int(cfg.threads), str(cfg.runtime)
@@ -294,16 +287,15 @@ class LayersView(QWidget):
 
             return layer_profile(handle, batch=batch, threads=threads, runtime=runtime, progress=progress)
 
-        job = self.queue.submit(work, name=f"layers of {name}", kind="layers")
-        job.finished.connect(lambda result, n=name, h=handle: self._on_profile_finished(n, h, result))
-        self.profile_job = job
+        self.profile_job = self.profile_slot.submit(
+            work, name=f"layers of {name}", kind="layers",
+            finished=lambda result, n=name, h=handle: self._on_profile_finished(n, h, result))
         self._refresh()
-        return job
+        return self.profile_job
 
     def _on_profile_finished(self, name: str, handle, profile: dict) -> None:
         self._profiles[(name, id(handle))] = profile
-        if name == self.subject:
-            self._show_profile(profile)
+        self._show_profile(profile)  # the slot's latest job: its subject is the one shown
         self.profile_ready.emit(name)
 
     def _show_profile(self, profile: dict) -> None:
@@ -317,7 +309,6 @@ class LayersView(QWidget):
         v = self._subject_variant()
         if v is None or v.handle is None:
             return None
-        self._cancel_job(self.sensitivity_job)
         handle, name = v.handle, v.name
         base = self.session.baseline
         data = base.data if base is not None else None
@@ -327,15 +318,16 @@ class LayersView(QWidget):
 
             return layer_sensitivity(handle, data, progress=progress)
 
-        job = self.queue.submit(work, name=f"sensitivity of {name}", kind="sensitivity")
-        job.finished.connect(lambda result, n=name: self._on_sensitivity_finished(n, result))
-        job.state_changed.connect(lambda _s: self._update_buttons())
-        self.sensitivity_job = job
+        self.sensitivity_job = self.sensitivity_slot.submit(
+            work, name=f"sensitivity of {name}", kind="sensitivity",
+            finished=lambda result, n=name: self._on_sensitivity_finished(n, result),
+            state_changed=lambda _s: self._update_buttons())
         self._update_buttons()
-        return job
+        return self.sensitivity_job
 
     def cancel_sensitivity(self) -> None:
-        self._cancel_job(self.sensitivity_job)
+        self.sensitivity_slot.cancel()
+        self._update_buttons()
 
     def _on_sensitivity_finished(self, name: str, result: dict) -> None:
         self.sensitivity[name] = result
@@ -343,13 +335,8 @@ class LayersView(QWidget):
             self._refresh()
         self.sensitivity_ready.emit(name)
 
-    @staticmethod
-    def _cancel_job(job: Job | None) -> None:
-        if job is not None and not job.is_ended:
-            job.cancel()
-
     def _update_buttons(self) -> None:
-        running = self.sensitivity_job is not None and not self.sensitivity_job.is_ended
+        running = self.sensitivity_slot.job is not None
         v = self._subject_variant()
         self.sensitivity_button.setEnabled(not running and v is not None and v.handle is not None)
         self.cancel_button.setEnabled(running)
@@ -437,7 +424,6 @@ class LayersView(QWidget):
         return (sens.get("layers") or {}).get(layer, {})
 
     def _refresh(self) -> None:
-        self._connect_panels()
         self._update_title()
         self._draw_bars()
         self._fill_table()
@@ -445,8 +431,7 @@ class LayersView(QWidget):
 
     def _update_title(self) -> None:
         if not self.subject or not self.rows:
-            job = self.profile_job
-            busy = job is not None and not job.is_ended
+            busy = self.profile_slot.job is not None
             self.title.setText("Measuring layers..." if busy else "Load a model to see its layers.")
             self.note.setText("")
             return
@@ -463,8 +448,7 @@ class LayersView(QWidget):
                          f"{100 * lat['other_share']:.0f} % of it in layers without weights "
                          "(activations, pooling) and overhead.")
         else:
-            notes.append("Latency per layer: measuring..." if self.profile_job is not None
-                         and not self.profile_job.is_ended else
+            notes.append("Latency per layer: measuring..." if self.profile_slot.job is not None else
                          "Latency per layer is measured when this view is shown.")
         sens = self.sensitivity.get(self.subject)
         if sens:

@@ -3,12 +3,13 @@
 While a technique slider moves, every change is estimated at once (:mod:`tugboat.engine.estimate`,
 arithmetic on the baseline's layer shapes, no job) and the chart's hollow "ghost" point jumps there.
 When the setting is final (the panel's ``step_committed``: the slider released, a typed value
-entered, or ``rest_ms`` after the last keyboard step; never while the mouse button is held) it is
-run for real through the window's normal run path (``Session.run_step``, one job in the queue);
-a newer setting cancels the older job first, so dragging across a big model never piles up stale
-runs (Orange's "one task per owner, a new one cancels the old"). The measured point replaces the
-ghost, and the estimate's error against the measurement is logged (``logging`` and
-:attr:`LivePreview.errors`) so the estimator can be checked and improved.
+entered, or the panel's one debounce after the last keyboard step; never while the mouse button is
+held) it is run for real through the window's normal run path (``Session.run_step``, one job in
+the queue); a newer setting cancels and disconnects the older job first (a
+:class:`~tugboat.jobs.JobSlot`), so dragging across a big model never piles up stale runs (Orange's
+"one task per owner"). The measured point replaces the ghost, and the estimate's error against the
+measurement is logged (``logging`` and :attr:`LivePreview.errors`) so the estimator can be checked
+and improved.
 
 Only quick techniques run by themselves (``auto_run``: pruning and quantization); distillation
 trains for minutes, so its ghost moves but it runs when the user presses Run. The chart's "Live
@@ -24,11 +25,9 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 
 from ..engine.estimate import build_profile, estimate, estimate_errors, estimate_quality
-from ..jobs import Job
+from ..jobs import Job, JobQueue, JobSlot
 
 log = logging.getLogger(__name__)
-
-REST_MS = 600
 
 
 class LivePreview(QObject):
@@ -36,31 +35,31 @@ class LivePreview(QObject):
     job_started = Signal(object)  # the Job measuring a rested setting
     measured = Signal(object, dict)  # Variant, relative errors of the estimate
 
-    def __init__(self, window, rest_ms: int = REST_MS) -> None:
-        super().__init__(window)
-        self.window = window
-        self.session = window.session
-        self.store = window.store
-        self.chart = window.chart
+    def __init__(self, session, store, queue: JobQueue, chart, panels: list, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.session, self.store, self.chart = session, store, chart
         self.auto_run = {"prune", "quantize"}
         self.profile = None
-        self.job: Job | None = None  # the live job measuring the latest rested setting
+        self.slot = JobSlot(queue, self)  # the live job measuring the latest rested setting
         self.pending: dict[str, Any] | None = None  # the estimated step waiting for its commit
         self.ghost: dict[str, Any] | None = None
         self.errors: list[dict[str, Any]] = []  # one entry per measured estimate
-        self._estimates: dict[int, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
-        self.panels = list(getattr(window, "panels", {}).values())
+        self.panels = list(panels)
         for panel in self.panels:
             panel.step_changed.connect(self._on_step_changed)
             panel.step_committed.connect(self._on_step_committed)
-        self.set_rest_ms(rest_ms)
         self.session.baseline_ready.connect(self._on_baseline_ready)
         self._starting = False
-        window.queue.job_added.connect(self._on_job_added)
+        queue.job_added.connect(self._on_job_added)
         self.session.chain_changed.connect(lambda _c: self.clear_ghost())
         self.chart.live_toggle.toggled.connect(self._on_toggled)
 
     # --- state ------------------------------------------------------------------------------------
+    @property
+    def job(self) -> Job | None:
+        """The live job measuring the latest rested setting (None when none runs)."""
+        return self.slot.job
+
     @property
     def enabled(self) -> bool:
         return self.chart.live_toggle.isChecked()
@@ -68,20 +67,14 @@ class LivePreview(QObject):
     def set_enabled(self, on: bool) -> None:
         self.chart.live_toggle.setChecked(on)
 
-    def set_rest_ms(self, ms: int) -> None:
-        """How long keyboard steps rest before they run (a release or an entered value runs at once)."""
-        for panel in self.panels:
-            panel.set_commit_delay(ms)
-
     def _on_toggled(self, on: bool) -> None:
         if not on:
             self.pending = None
-            self._cancel_live_job()
+            self.slot.cancel()
             self.clear_ghost()
 
     def _on_baseline_ready(self, base) -> None:
         self.pending = None
-        self.job = None
         info = self.session.info or {}
         try:
             self.profile = build_profile(base.handle, base.metrics, info.get("layers"))
@@ -130,11 +123,11 @@ class LivePreview(QObject):
         same = next((v for v in self.store.variants()
                      if v.status == "ok" and list((v.recipe or {}).get("steps") or []) == steps), None)
         if same is not None:  # measured already: show it instead of running again
-            self._cancel_live_job()
+            self.slot.cancel()
             self.clear_ghost()
             self.store.select(same.name)
             return
-        self._cancel_live_job()
+        self.slot.cancel()
         est = self.ghost
         self._starting = True
         try:
@@ -143,24 +136,16 @@ class LivePreview(QObject):
             self._starting = False
         if job is None:
             return
-        self.job = job
-        self._estimates[job.id] = (steps, est or {})
         started = time.monotonic()
-        job.finished.connect(lambda variant, j=job, t=started: self._on_job_finished(j, variant, t))
-        job.cancelled.connect(lambda j=job: self._on_job_ended(j))
-        job.failed.connect(lambda _m, _d, j=job: self._on_job_ended(j))
+        self.slot.adopt(job, finished=lambda variant, t=started, e=est or {}: self._on_job_finished(
+                            variant, t, steps, e),
+                        cancelled=self._clear_stale_ghost, failed=lambda _m, _d: self._clear_stale_ghost())
         self.job_started.emit(job)
 
-    def _on_job_ended(self, job: Job) -> None:
-        """A run ended without a measured point (cancelled, failed): its ghost goes too, unless a
-        newer setting is already estimated or running."""
-        self._estimates.pop(job.id, None)
-        if self.job is job:
-            self.job = None
-        self._clear_stale_ghost()
-
     def _clear_stale_ghost(self) -> None:
-        if self.ghost is not None and self.pending is None and (self.job is None or self.job.is_ended):
+        """A run ended (measured, cancelled, failed): its ghost goes too, unless a newer setting is
+        already estimated or running."""
+        if self.ghost is not None and self.pending is None and self.slot.job is None:
             self.clear_ghost()
 
     def _on_job_added(self, job: Job) -> None:
@@ -174,16 +159,7 @@ class LivePreview(QObject):
             job.cancelled.connect(self._clear_stale_ghost)
             job.failed.connect(lambda _m, _d: self._clear_stale_ghost())
 
-    def _cancel_live_job(self) -> None:
-        if self.job is not None and not self.job.is_ended:
-            log.debug("live preview: cancelling %s (a newer setting arrived)", self.job.name)
-            self.job.cancel()
-        self.job = None
-
-    def _on_job_finished(self, job: Job, variant, started: float) -> None:
-        steps, est = self._estimates.pop(job.id, ([], {}))
-        if self.job is job:
-            self.job = None
+    def _on_job_finished(self, variant, started: float, steps: list[dict[str, Any]], est: dict[str, Any]) -> None:
         if variant is None or getattr(variant, "status", "") != "ok":
             return
         errors = estimate_errors(est, variant.metrics) if est else {}

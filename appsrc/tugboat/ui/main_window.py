@@ -13,10 +13,12 @@ from pathlib import Path
 from PySide6.QtCore import QByteArray, QSize, Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
+    QComboBox,
     QDockWidget,
     QFileDialog,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QListWidget,
     QMainWindow,
     QMessageBox,
@@ -148,7 +150,21 @@ class ChainView(QWidget):
         self._update_buttons()
 
 
+RAY_INSTALL = "pip install 'tugboat-ml[ray]'"
+
+
+def ray_installed() -> bool:
+    """Whether Ray can be imported (looked up, not imported: importing Ray takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 class SweepView(QWidget):
+    """The picked settings, and where the sweep runs: here, or on Ray at an address (issue 20)."""
+
+    run_requested = Signal(str, str)  # executor ("local" | "ray"), address ("" for a local Ray)
+
     def __init__(self, session: Session, parent=None) -> None:
         super().__init__(parent)
         self.setObjectName("sweep_view")
@@ -161,11 +177,12 @@ class SweepView(QWidget):
         self.list = QListWidget()
         self.list.setMaximumHeight(80)
         lay.addWidget(self.list)
+        lay.addLayout(self._build_where())
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run sweep")
         self.save_button = QPushButton("Save as recipe...")
         self.clear_button = QPushButton("Clear")
-        self.run_button.clicked.connect(session.run_sweep)
+        self.run_button.clicked.connect(self._on_run)
         self.clear_button.clicked.connect(session.clear_sweep)
         for b in (self.run_button, self.save_button, self.clear_button):
             buttons.addWidget(b)
@@ -173,18 +190,64 @@ class SweepView(QWidget):
         session.sweep_changed.connect(self._on_sweep_changed)
         self._on_sweep_changed([])
 
+    def _build_where(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        self.where = QComboBox()
+        self.where.setObjectName("sweep_where")
+        self.where.addItem("Run here", "local")
+        self.where.addItem("Run on Ray at", "ray")
+        # sized for "Run on Ray at", not for its longest text: the address keeps the room
+        self.where.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.where.setMinimumContentsLength(len("Run on Ray at"))
+        self.address = QLineEdit()
+        self.address.setObjectName("sweep_address")
+        self.address.setPlaceholderText("auto, ray://head:10001 (empty: a local Ray)")
+        self.address.setMinimumWidth(120)
+        self.where.currentIndexChanged.connect(lambda _i: self._update_where())
+        row.addWidget(self.where)
+        row.addWidget(self.address, 1)
+        self.set_ray_available(ray_installed())
+        return row
+
+    def set_ray_available(self, available: bool) -> None:
+        """Without Ray, its choice is shown unavailable, with the command that installs it."""
+        item = self.where.model().item(1)
+        item.setEnabled(available)
+        tip = ("Send each variant to a Ray cluster (or a local Ray instance); results stream back into "
+               "this workspace as they finish" if available else
+               f"Ray is not installed; install it with: {RAY_INSTALL}")
+        item.setToolTip(tip)
+        self.where.setItemText(1, "Run on Ray at" if available else f"Run on Ray (not installed: {RAY_INSTALL})")
+        self.where.view().setMinimumWidth(self.where.view().sizeHintForColumn(0) + 24)  # the whole text
+        if not available:
+            self.where.setCurrentIndex(0)
+        self._update_where()
+
+    def _update_where(self) -> None:
+        ray = self.where.currentData() == "ray"
+        self.address.setEnabled(ray)
+        self.address.setVisible(ray)
+
+    def executor(self) -> tuple[str, str]:
+        """Where the sweep runs: ("local", "") or ("ray", ADDRESS or "" for a local Ray instance)."""
+        where = str(self.where.currentData())
+        return where, self.address.text().strip() if where == "ray" else ""
+
+    def _on_run(self) -> None:
+        self.run_requested.emit(*self.executor())
+
     def _on_sweep_changed(self, sweep: list) -> None:
         self.list.clear()
         for steps in sweep:
             self.list.addItem(" → ".join(step_label(s) for s in steps))
-        for b in (self.run_button, self.save_button, self.clear_button):
-            b.setEnabled(bool(sweep))
         # empty, it is one line: the panels above get the height
         self.title.setText(f"<b>Sweep</b>: {len(sweep)} setting{'s' if len(sweep) != 1 else ''}" if sweep
                            else "<b>Sweep</b>: empty (\"Add to sweep\" collects settings)")
-        self.list.setVisible(bool(sweep))
-        for b in (self.run_button, self.save_button, self.clear_button):
-            b.setVisible(bool(sweep))
+        for w in (self.list, self.run_button, self.save_button, self.clear_button, self.where):
+            w.setVisible(bool(sweep))
+            w.setEnabled(bool(sweep))
+        self._update_where()
+        self.address.setVisible(bool(sweep) and self.where.currentData() == "ray")
 
 
 class MainWindow(QMainWindow):
@@ -210,19 +273,43 @@ class MainWindow(QMainWindow):
         self._dialogs: list[QWidget] = []
         self._last_model_before: str | None = None  # last_model before a load that is still running
 
-        # --- centre: notifications, empty state or chart/views + results table ---
+        self.panels: dict[str, TechniquePanel] = build_panels()  # before the views that follow them
+        self.setCentralWidget(self._build_centre())
+        self.model_dock = self._dock("Model and data", self._build_left(), Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.technique_dock = self._dock("Techniques", self._build_right(), Qt.DockWidgetArea.RightDockWidgetArea)
+        self.jobs_view = JobsView(self.queue)
+        self.jobs_dock = self._dock("Jobs", self.jobs_view, Qt.DockWidgetArea.BottomDockWidgetArea)
+        # the side docks run the full height; the jobs dock sits under the centre only
+        self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
+
+        self._build_menus()
+        self._connect()
+        self._show_machine()
+        guard_wheel(self)  # the wheel scrolls panels; it changes a control only when that has focus
+        self.resize(default_size(self.screen()))
+        self.resizeDocks([self.model_dock, self.technique_dock], [300, 340], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.jobs_dock], [170], Qt.Orientation.Vertical)
+        self._restore_settings()
+        self._set_ready(False)
+        self.live_preview = LivePreview(self.session, self.store, self.queue, self.chart,
+                                        list(self.panels.values()), self)
+
+    # --- building ---------------------------------------------------------------------------------
+    def _build_centre(self) -> QWidget:
+        """Notifications, then the empty state or the views (chart, layers, training, diagnose) over
+        the results table. Each view gets the objects it uses, not the window."""
         self.notifications = NotificationArea()
         self.empty_state = EmptyState()
         self.chart = TradeoffChart(self.store)
+        self.layers_view = LayersView(self.session, self.store, self.queue, self.panels)
+        self.training_view = TrainingView(self.queue)
+        self.diagnose_view = DiagnoseView(self.session, self.store, self.queue, self.notify)
         self.view_tabs = QTabWidget()
         self.view_tabs.setObjectName("view_tabs")
-        self.view_tabs.addTab(self.chart, "Trade-off")
-        self.layers_view = LayersView(self)
-        self.view_tabs.addTab(self.layers_view, "Layers")
-        self.training_view = TrainingView(self)
-        self.view_tabs.addTab(self.training_view, "Training")
-        self.diagnose_view = DiagnoseView(self)
-        self.view_tabs.addTab(self.diagnose_view, "Diagnose")
+        for view, title in ((self.chart, "Trade-off"), (self.layers_view, "Layers"),
+                            (self.training_view, "Training"), (self.diagnose_view, "Diagnose")):
+            self.view_tabs.addTab(view, title)
         self.results_table = ResultsTable(self.store)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.view_tabs)
@@ -236,9 +323,10 @@ class MainWindow(QMainWindow):
         clay.setContentsMargins(4, 4, 4, 4)
         clay.addWidget(self.notifications)
         clay.addWidget(self.stack, 1)
-        self.setCentralWidget(centre)
+        return centre
 
-        # --- left: model and data ---
+    def _build_left(self) -> QWidget:
+        """Model and data."""
         self.model_panel = ModelPanel()
         self.data_panel = DataPanel()
         self.data_panel.set_measure(self.session.measure.batch, self.settings.measure_threads,
@@ -247,10 +335,10 @@ class MainWindow(QMainWindow):
         self.left_tabs.addTab(_scrolling(self.model_panel), "Model")
         self.left_tabs.addTab(_scrolling(self.data_panel), "Data")
         self.left_tabs.setMinimumWidth(260)  # squeezed further, the docks collapse (View menu)
-        self.model_dock = self._dock("Model and data", self.left_tabs, Qt.DockWidgetArea.LeftDockWidgetArea)
+        return self.left_tabs
 
-        # --- right: chain, technique panels, sweep ---
-        self.panels: dict[str, TechniquePanel] = build_panels()
+    def _build_right(self) -> QWidget:
+        """The chain, the technique panels (Run and Add to sweep always in view), the sweep."""
         self.technique_tabs = QTabWidget()
         self.technique_tabs.setObjectName("technique_tabs")
         self._tab_panels: list[TechniquePanel] = []
@@ -273,34 +361,15 @@ class MainWindow(QMainWindow):
         self.chain_view = ChainView(self.session, self.store)
         self.sweep_view = SweepView(self.session)
         self.sweep_view.save_button.clicked.connect(self._on_save_sweep)
+        self.sweep_view.run_requested.connect(self.run_sweep)
         right = QWidget()
         rlay = QVBoxLayout(right)
         rlay.setContentsMargins(4, 4, 4, 4)
         rlay.addWidget(self.chain_view)
         rlay.addWidget(self.technique_tabs, 1)
         rlay.addWidget(self.sweep_view)
-        self.technique_dock = self._dock("Techniques", right, Qt.DockWidgetArea.RightDockWidgetArea)
+        return right
 
-        # --- bottom: jobs ---
-        self.jobs_view = JobsView(self.queue)
-        self.jobs_dock = self._dock("Jobs", self.jobs_view, Qt.DockWidgetArea.BottomDockWidgetArea)
-
-        # the side docks run the full height; the jobs dock sits under the centre only
-        self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
-        self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
-
-        self._build_menus()
-        self._connect()
-        self._show_machine()
-        guard_wheel(self)  # the wheel scrolls panels; it changes a control only when that has focus
-        self.resize(default_size(self.screen()))
-        self.resizeDocks([self.model_dock, self.technique_dock], [300, 340], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.jobs_dock], [170], Qt.Orientation.Vertical)
-        self._restore_settings()
-        self._set_ready(False)
-        self.live_preview = LivePreview(self)
-
-    # --- building ---------------------------------------------------------------------------------
     def _dock(self, title: str, widget: QWidget, area) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(f"dock_{title.lower().replace(' ', '_')}")
@@ -364,6 +433,8 @@ class MainWindow(QMainWindow):
         s.error.connect(lambda msg, det: self.notify(msg, det))
         s.message.connect(lambda msg: self.notify(msg, "", "info", 10000))
         s.variant_finished.connect(self._on_variant_finished)
+        s.sweep_variant.connect(self._on_sweep_variant)
+        s.sweep_ended.connect(self._on_sweep_ended)
         self.queue.job_added.connect(self._on_job_added)
         self.empty_state.open_requested.connect(self.open_model_dialog)
         self.empty_state.demo_requested.connect(self.load_demo)
@@ -595,9 +666,30 @@ class MainWindow(QMainWindow):
         self.session.run_step(dict(step))
 
     def _on_variant_finished(self, variant: Variant) -> None:
+        self._on_sweep_variant(variant)
+        self.autosave(variant)
+
+    def _on_sweep_variant(self, variant: Variant) -> None:
         if variant.status != "ok":
             self.notify(f"{variant.name}: {variant.error}", "", "warning")
-        self.autosave(variant)
+
+    def _on_sweep_ended(self, result) -> None:
+        if result is not None:
+            failed = [n for n in result.tried if (v := result.workspace.get(n)) is not None and v.status != "ok"]
+            self.statusBar().showMessage(
+                f"Sweep: {len(result.tried)} variant(s) made, {len(result.skipped)} kept from before"
+                + (f", {len(failed)} failed" if failed else "") + f"; workspace {result.workspace.path}", 10000)
+
+    def run_sweep(self, executor: str = "local", address: str = "") -> Job | None:
+        """The picked settings as one sweep job (``engine.sweep``) into the open workspace, made in
+        the data folder if none is open; ``executor`` "ray" sends the variants to Ray at ``address``."""
+        ws = self.keeper.ensure()
+        if ws is None:
+            return None
+        job = self.session.run_sweep(ws, executor, address or None)
+        if job is not None:
+            self.keeper.written_by(job)
+        return job
 
     # --- workspace --------------------------------------------------------------------------------
     # The engine's Workspace format, shared with `tugboat sweep` and `tugboat report` (workspace_io).

@@ -18,7 +18,8 @@ from PySide6.QtCore import QObject, Signal
 from ..engine.errors import RecipeError, UntrustedFileError
 from ..engine.measure import MeasureConfig
 from ..engine.recipe import Baseline, Recipe, Variant, settings_difference, validate_steps, variant_name
-from ..jobs import Job, JobQueue
+from ..engine.sweep import LISTED
+from ..jobs import Job, JobQueue, JobSlot
 from .store import BASELINE, VariantStore
 
 DEMO_MODEL, DEMO_DATA = "demo:digits-cnn", "demo:digits"
@@ -48,7 +49,9 @@ class Session(QObject):
     chain_changed = Signal(list)
     sweep_changed = Signal(list)
     error = Signal(str, str)  # message, details (non-job errors, e.g. invalid chain)
-    variant_finished = Signal(object)  # Variant added to the store
+    variant_finished = Signal(object)  # Variant added to the store (a single run: not saved yet)
+    sweep_variant = Signal(object)  # Variant a sweep wrote into the workspace, then added to the store
+    sweep_ended = Signal(object)  # engine SweepResult, or None when the sweep failed or was cancelled
     message = Signal(str)  # information for the user (e.g. a re-measure in another runtime)
     remeasured = Signal(list)  # names (baseline included) whose timings were taken again
 
@@ -69,7 +72,10 @@ class Session(QObject):
         self.chain: list[dict[str, Any]] = []
         self.chain_from: str | None = None  # variant whose model the chain starts from (reuse)
         self.sweep: list[dict[str, Any]] = []
-        self.load_job: Job | None = None
+        self.load_job: Job | None = None  # the latest load (the load slot's job while it runs)
+        # one slot per purpose: a new load supersedes the old; a new model drops the old one's runs
+        self.load_slot = JobSlot(queue, self)
+        self.model_jobs = JobSlot(queue, self)
 
     # --- recipes --------------------------------------------------------------------------------
     def base_recipe(self) -> Recipe:
@@ -92,10 +98,8 @@ class Session(QObject):
         data_ref = data_ref if data_ref is not None else self.data_ref
         if not model_ref:
             return None
-        if self.load_job is not None and not self.load_job.is_ended:
-            self.load_job.cancel()
         previous = (self.model_ref, self.data_ref, self.trust, self.arch, self.arch_kwargs)
-        if self.load_job is None or self.load_job.is_ended:  # not while another load is pending
+        if self.load_slot.job is None:  # not while another load is pending
             self._before_load = previous
         if str(model_ref) != self.model_ref:
             self.task = None  # a task chosen for one model does not carry over to the next
@@ -117,21 +121,23 @@ class Session(QObject):
             info = model_info(recipe.model, handle=base.handle)
             return base, info
 
-        job = self.queue.submit(work, name=f"load {Path(self.model_ref).name}", kind="load")
-        job.finished.connect(self._on_load_finished)
-        job.failed.connect(lambda msg, _det, j=job: self._on_load_ended(j, msg))
-        job.cancelled.connect(lambda j=job: self._on_load_ended(j, "cancelled"))
-        self.load_job = job
-        return job
+        # a newer load disconnects this one (the slot): what arrives here is the current load's
+        self.load_job = self.load_slot.submit(
+            work, name=f"load {Path(self.model_ref).name}", kind="load", finished=self._on_load_finished,
+            failed=lambda msg, _det: self._on_load_ended(msg), cancelled=lambda: self._on_load_ended("cancelled"))
+        return self.load_job
 
     def abandon_load(self, reason: str) -> None:
         """The user declined to trust the file: as if the load had failed."""
-        self._on_load_ended(self.load_job, reason)
+        self._on_load_ended(reason)
 
-    def _on_load_ended(self, job: Job | None, reason: str) -> None:
+    def forget_baseline(self) -> None:
+        """Results are cleared (a workspace opened or made): runs of the old model are dropped."""
+        self.model_jobs.cancel()
+        self.baseline = None
+
+    def _on_load_ended(self, reason: str) -> None:
         """A failed or cancelled load: the model that was loaded before stays the one recipes use."""
-        if job is not self.load_job:  # a newer load superseded this one
-            return
         if self.baseline is not None:
             self.model_ref, self.data_ref, self.trust, self.arch, self.arch_kwargs = self._before_load
         self.load_ended.emit(self.model_ref if self.baseline is not None else "", reason)
@@ -141,6 +147,7 @@ class Session(QObject):
             self.trust_needed.emit(result.path, result.message)
             return
         base, info = result
+        self.model_jobs.cancel()  # runs of the previous model: their results would be stale
         self.baseline, self.info = base, info
         self.chain, self.chain_from, self.sweep = [], None, []
         self.store.clear()
@@ -199,13 +206,10 @@ class Session(QObject):
 
             return run_variant(base, recipe, progress, start=start, done_steps=done)
 
-        job = self.queue.submit(work, name=label, kind="variant")
-        job.finished.connect(lambda v, b=base: self._on_variant_finished(v, b))
-        return job
+        return self.model_jobs.submit(work, name=label, kind="variant", keep=True,
+                                      finished=self._on_variant_finished)
 
-    def _on_variant_finished(self, variant: Variant, base: Baseline) -> None:
-        if base is not self.baseline:  # the model changed while it ran: a stale result
-            return
+    def _on_variant_finished(self, variant: Variant) -> None:
         variant.name = self._distinct_name(variant)
         self.store.add(variant)
         self.variant_finished.emit(variant)
@@ -263,13 +267,12 @@ class Session(QObject):
             return measure_runtimes(handle, cfg, [runtime], data=base.data, reference=base.outputs,
                                     progress=progress)
 
-        job = self.queue.submit(work, name=f"measure {name} in {runtime}", kind="measure")
-        job.finished.connect(lambda per, n=name, b=base: self._on_remeasured_in(n, per, b))
-        return job
+        return self.model_jobs.submit(work, name=f"measure {name} in {runtime}", kind="measure", keep=True,
+                                      finished=lambda per, n=name: self._on_remeasured_in(n, per))
 
-    def _on_remeasured_in(self, name: str, per: dict[str, Any], base: Baseline) -> None:
+    def _on_remeasured_in(self, name: str, per: dict[str, Any]) -> None:
         v = self.store.get(name)
-        if v is None or base is not self.baseline:  # deleted, or another model since
+        if v is None:  # deleted meanwhile
             return
         v.metrics.setdefault("runtimes", {}).update(per)
         for runtime, entry in per.items():
@@ -314,13 +317,10 @@ class Session(QObject):
             return base_copy, [p[0] for p in pairs]
 
         label = chosen[0][0].name if len(chosen) == 1 else f"{len(chosen)} variants"
-        job = self.queue.submit(work, name=f"re-measure {label}", kind="measure")
-        job.finished.connect(lambda result, b=base: self._on_remeasured(result, b))
-        return job
+        return self.model_jobs.submit(work, name=f"re-measure {label}", kind="measure", keep=True,
+                                      finished=lambda result, b=base: self._on_remeasured(result, b))
 
     def _on_remeasured(self, result, base: Baseline) -> None:
-        if base is not self.baseline:  # the model changed meanwhile: these timings are stale
-            return
         new_base, variants = result
         names = []
         for new in [new_base, *variants]:
@@ -345,42 +345,62 @@ class Session(QObject):
         self.sweep = []
         self.sweep_changed.emit([])
 
-    def run_sweep(self) -> list[Job]:
-        jobs = []
-        for steps in self.sweep:
-            try:
-                validate_steps(steps, "sweep")
-            except RecipeError as exc:
-                self.error.emit(str(exc), "")
-                continue
-            job = self.run_recipe(self.base_recipe().with_steps(steps))
-            if job is not None:
-                jobs.append(job)
-        return jobs
+    def sweep_as_recipe(self) -> Recipe:
+        """The sweep as a recipe: each picked setting is one entry of ``[sweep] steps``, so the
+        recipe names exactly the variants the window runs (``tugboat sweep`` runs the same ones)."""
+        recipe = self.base_recipe().with_steps([])
+        recipe.sweep = {LISTED: [[dict(step) for step in steps] for steps in self.sweep]}
+        return recipe
 
     def sweep_recipe(self) -> dict[str, Any]:
-        """The sweep as a recipe: one base step list plus ``[sweep]`` ranges for what differs."""
-        if not self.sweep:
-            return self.base_recipe().to_dict()
-        first = self.sweep[0]
-        same_shape = all(len(s) == len(first) and all(a["technique"] == b["technique"] and
-                                                       a["method"] == b["method"]
-                                                       for a, b in zip(s, first)) for s in self.sweep)
-        d = self.base_recipe().with_steps(first).to_dict()
-        if not same_shape:
-            return d
-        ranges: dict[str, list[Any]] = {}
-        for i, step in enumerate(first):
-            for key in step:
-                values = []
-                for s in self.sweep:
-                    if s[i].get(key) not in values:
-                        values.append(s[i].get(key))
-                if len(values) > 1:
-                    ranges[f"steps.{i}.{key}"] = values
-        if ranges:
-            d["sweep"] = ranges
-        return d
+        return self.sweep_as_recipe().to_dict()
+
+    def run_sweep(self, workspace, executor: str = "local", address: str | None = None) -> Job | None:
+        """Run the sweep as one job of :func:`engine.sweep.run_sweep` (its plan, prefix cache and
+        memory check) into ``workspace`` (open, its lock held by the window). Each variant lands
+        in the workspace first, then in the store as it finishes (``sweep_variant``)."""
+        base = self.baseline
+        if base is None or not self.sweep:
+            return None
+        recipe = self._checked_sweep_recipe()
+        if recipe is None:
+            return None
+
+        def work(progress):
+            from ..engine.executors import make_executor
+            from ..engine.sweep import run_sweep
+
+            runner = make_executor(executor, address=address or None) if executor != "local" else None
+            return run_sweep(recipe, workspace.path, progress=progress, executor=runner,
+                             workspace=workspace, base=base,
+                             on_variant=lambda v: progress.record("variant", variant=dataclasses.replace(v)),
+                             log=lambda msg: progress.record("log", message=msg))
+
+        where = "here" if executor == "local" else f"on {executor}" + (f" at {address}" if address else "")
+        return self.model_jobs.submit(
+            work, name=f"sweep of {len(self.sweep)} ({where})", kind="sweep", keep=True,
+            record=self._on_sweep_record, finished=self.sweep_ended.emit,
+            failed=lambda _m, _d: self.sweep_ended.emit(None), cancelled=lambda: self.sweep_ended.emit(None))
+
+    def _checked_sweep_recipe(self) -> Recipe | None:
+        """The sweep recipe, checked (each setting validated, the list planned) before a job starts."""
+        from ..engine.sweep import plan
+
+        recipe = self.sweep_as_recipe()
+        try:
+            plan(recipe)
+        except RecipeError as exc:
+            self.error.emit(str(exc), "")
+            return None
+        return recipe
+
+    def _on_sweep_record(self, kind: str, data: dict) -> None:
+        variant = data.get("variant") if kind == "variant" else None
+        if isinstance(variant, Variant):
+            # a copy of the workspace's entry that keeps the model in memory (Diagnose, Layers,
+            # Continue from); the workspace named it, and the store adds it under that name
+            self.store.add(variant)
+            self.sweep_variant.emit(variant)
 
     # --- export ---------------------------------------------------------------------------------
     def export(self, name: str, kind: str, path: str, artifact_dir: str | None = None) -> Job | None:

@@ -4,6 +4,11 @@ A plain evented model (ndv's ``models/``, napari's ``EventedModel``): the chart,
 and the details view subscribe to its signals and keep no copies. It is changed only on the GUI
 thread (jobs hand results over through signals). Entries are engine :class:`Variant` objects; the
 baseline is the variant named ``"baseline"``.
+
+What is on record is the engine's :class:`~tugboat.engine.workspace.Workspace` (the folder the CLI
+writes too); the store is its evented face in the window. A sweep writes the workspace first and its
+variants reach the store as each one finishes; a single run reaches the store first and is then
+written to the workspace (``workspace_io.WorkspaceKeeper.autosave``).
 """
 
 from __future__ import annotations

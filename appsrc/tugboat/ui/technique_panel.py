@@ -9,9 +9,10 @@ parameters that apply to the chosen method are shown. A new technique needs no c
 
 Signals carry a recipe step (``{"technique", "method", **params}``): ``step_changed`` on every
 edit including while a slider is dragged (for live estimates), ``step_committed`` once a setting is
-final: the slider released or a typed value entered at once, keyboard steps 400 ms after the last
-one; never while the mouse button is still down on a slider (the "real run" cue). The wheel changes
-a control only when it has focus, so scrolling the panel changes nothing.
+final: the slider released or a typed value entered at once, keyboard steps 600 ms after the last
+one (the app's one debounce: the live preview runs what the panel commits); never while the mouse
+button is still down on a slider (the "real run" cue). The wheel changes a control only when it has
+focus, so scrolling the panel changes nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..engine.errors import RecipeError
 from ..engine.steps import Param, Technique
 from .controls import NumberField, guard_wheel
 
-COMMIT_DELAY_MS = 400
+COMMIT_DELAY_MS = 600
 
 
 class TechniquePanel(QWidget):
@@ -84,20 +85,7 @@ class TechniquePanel(QWidget):
         for p in technique.params:
             self._add_param(p)
         outer.addLayout(self.form)
-
-        # the buttons live in their own bar: the window keeps it below the scrolling form, in view
-        self.button_bar = QWidget()
-        self.button_bar.setObjectName("panel_buttons")
-        buttons = QHBoxLayout(self.button_bar)
-        buttons.setContentsMargins(0, 2, 0, 2)
-        self.run_button = QPushButton("Run")
-        self.run_button.setToolTip("Make one variant with these settings (after the chained steps)")
-        self.sweep_button = QPushButton("Add to sweep")
-        self.sweep_button.setToolTip("Add the current settings to the sweep ranges")
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.sweep_button)
-        buttons.addStretch(1)
-        outer.addWidget(self.button_bar)
+        outer.addWidget(self._build_buttons())
         outer.addStretch(1)
 
         self.method_combo.currentIndexChanged.connect(self._on_method_changed)
@@ -108,6 +96,21 @@ class TechniquePanel(QWidget):
         self._loading = False
         self._last_committed = self.step()
         guard_wheel(self)
+
+    def _build_buttons(self) -> QWidget:
+        """Run and Add to sweep in their own bar: the window keeps it below the scrolling form."""
+        self.button_bar = QWidget()
+        self.button_bar.setObjectName("panel_buttons")
+        buttons = QHBoxLayout(self.button_bar)
+        buttons.setContentsMargins(0, 2, 0, 2)
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Make one variant with these settings (after the chained steps)")
+        self.sweep_button = QPushButton("Add to sweep")
+        self.sweep_button.setToolTip("Add these settings (after the chained steps) to the sweep: one variant each")
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.sweep_button)
+        buttons.addStretch(1)
+        return self.button_bar
 
     # --- building ---------------------------------------------------------------------------------
     def _add_param(self, p: Param) -> None:
@@ -242,10 +245,6 @@ class TechniquePanel(QWidget):
             return
         self._commit_timer.stop()
         self._commit()
-
-    def set_commit_delay(self, ms: int) -> None:
-        """How long keyboard steps (arrows, Page Up/Down, checkboxes, combos) wait before a run."""
-        self._commit_timer.setInterval(int(ms))
 
     def _commit(self) -> None:
         step = self.step()

@@ -59,11 +59,10 @@ class TrainingRun:
 class TrainingView(QWidget):
     epoch_drawn = Signal(int)  # points now drawn for the shown run
 
-    def __init__(self, window) -> None:
+    def __init__(self, queue) -> None:
         super().__init__()
         self.setObjectName("training_view")
-        self.window = window
-        self.queue = window.queue
+        self.queue = queue
         self.runs: list[TrainingRun] = []
         self.shown: TrainingRun | None = None
         self._follow = True  # show the newest run as it arrives (off once the user picks an older one)

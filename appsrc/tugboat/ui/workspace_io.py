@@ -76,6 +76,8 @@ class WorkspaceKeeper(QObject):
         self.ws: Workspace | None = None
         self._lock: FolderLock | None = None  # the open workspace's folder lock
         self._restoring: Workspace | None = None  # reopened, waiting for the baseline to be measured
+        self._writer: Job | None = None  # a sweep writing the open workspace from its worker thread
+        self._deferred: list[tuple[Workspace, str]] = []  # deletions waiting for that sweep to end
 
     # --- opening and creating ---------------------------------------------------------------------
     def _set(self, ws: Workspace | None, lock: FolderLock | None = None) -> None:
@@ -111,11 +113,18 @@ class WorkspaceKeeper(QObject):
         return self._locked(path, lambda _lock: Workspace.create(
             path, model=s.model_ref, data=s.data_ref, measure=_measure_dict(s.measure)))
 
+    def _check_no_writer(self) -> None:
+        """Another workspace is not opened while a sweep writes this one (its lock would go)."""
+        if self._writer is not None and not self._writer.is_ended and self.ws is not None:
+            raise WorkspaceError("is still being written by a running sweep; cancel it in the Jobs "
+                                 "panel or wait for it to end", path=str(self.ws.path))
+
     def new(self, path: str | Path) -> Workspace:
         """An empty workspace in ``path``; the current model (if any) is measured again into it."""
+        self._check_no_writer()
         ws, lock = self._create(path)
         self.store.clear()
-        self.session.baseline = None
+        self.session.forget_baseline()
         self._restoring = None
         self._set(ws, lock)
         if self.session.model_ref:
@@ -125,10 +134,11 @@ class WorkspaceKeeper(QObject):
     def open(self, path: str | Path) -> Workspace:
         """Show a workspace's baseline and variants at once, then load its model again so new steps
         can run (the variants come back after the baseline; their recorded metrics are kept)."""
+        self._check_no_writer()
         ws, lock = self._locked(path, lambda lock: Workspace.open(path, lock=lock))
         self._set(ws, lock)
         self.store.clear()
-        self.session.baseline = None
+        self.session.forget_baseline()
         if ws.baseline is not None:
             self.store.set_baseline(ws.baseline)
         for v in ws.variants():
@@ -230,9 +240,8 @@ class WorkspaceKeeper(QObject):
             return
         self.saved.emit(variant.name)
 
-    def autosave(self, variant: Variant) -> Job | None:
-        """Write a finished variant into the open workspace, creating one in the data folder if none
-        is open, so nothing measured is lost."""
+    def ensure(self) -> Workspace | None:
+        """The open workspace, or a new one in the data folder (None if it cannot be made)."""
         if self.ws is None:
             try:
                 ws, lock = self._create(default_workspace_dir())
@@ -241,10 +250,34 @@ class WorkspaceKeeper(QObject):
                 return None
             self._set(ws, lock)
             self._write_baseline(ws)
-        return self._write(self.ws, variant)
+        return self.ws
+
+    def autosave(self, variant: Variant) -> Job | None:
+        """Write a finished variant into the open workspace, creating one in the data folder if none
+        is open, so nothing measured is lost."""
+        ws = self.ensure()
+        return self._write(ws, variant) if ws is not None else None
+
+    def written_by(self, job: Job) -> None:
+        """``job`` (a sweep) writes the open workspace from its worker: until it ends, the GUI
+        thread changes that workspace only through it (a deletion waits for the end)."""
+        self._writer = job
+        job.state_changed.connect(lambda _s, j=job: self._on_writer_state(j))
+
+    def _on_writer_state(self, job: Job) -> None:
+        if not job.is_ended or job is not self._writer:
+            return
+        self._writer, deferred, self._deferred = None, self._deferred, []
+        for ws, name in deferred:
+            if name in ws and name not in self.store:
+                ws.remove_variant(name)
 
     def save(self) -> Path | None:
-        return self.ws.save() if self.ws is not None else None
+        if self.ws is None:
+            return None
+        if self._writer is not None and not self._writer.is_ended:
+            return self.ws.path / FILE  # the sweep writing it saves the index after every variant
+        return self.ws.save()
 
     def record_timings(self, names: list[str]) -> None:
         """Re-measured variants: rewrite their metrics.json (their model files are unchanged) and
@@ -275,6 +308,7 @@ class WorkspaceKeeper(QObject):
 
     def save_as(self, path: str | Path) -> Workspace:
         """Copy what the window shows into a new workspace folder (files written in jobs)."""
+        self._check_no_writer()
         old = self.ws
         ws, lock = self._create(path)
         ws.recipe = old.recipe if old is not None else None
@@ -288,5 +322,7 @@ class WorkspaceKeeper(QObject):
         if name == BASELINE:
             return
         self.store.remove(name)
-        if self.ws is not None and name in self.ws:
+        if self._writer is not None and not self._writer.is_ended and self.ws is not None:
+            self._deferred.append((self.ws, name))  # the sweep's worker writes this workspace now
+        elif self.ws is not None and name in self.ws:
             self.ws.remove_variant(name)
