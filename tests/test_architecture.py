@@ -17,10 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Cycles still in the engine core, waiting for the rest of issue 16 (not new ones: a cycle that is not
 # inside one of these fails the test). Remove an entry when its cycle is gone.
 KNOWN_CYCLES = [
-    # technique registration: steps.techniques() imports the catalogue (_techniques), whose modules
-    # import steps to register; goes with "a technique is one module with one complete interface"
-    {"tugboat.engine.steps", "tugboat.engine._techniques", "tugboat.engine.prune", "tugboat.engine.quantize",
-     "tugboat.engine.distill"},
     # ModelHandle.to_onnx() exports through export.export_onnx_model, which takes a ModelHandle; merged
     # while the rules came in (issue 14 formats, issue 15 size checks): load_model dispatches to the
     # format readers (formats, hf), which build ModelHandles, and to data's regular-file/size checks,

@@ -98,7 +98,7 @@ def test_cli_info_refuses_the_bypass_with_exit_2(capsys):
 # --- data: sizes before allocation, special files ---------------------------------------------
 
 def test_npz_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch):
-    from tugboat.engine import memory as resources
+    from tugboat.engine import ram as resources
     from tugboat.engine.data import load_data
     from tugboat.engine.errors import ResourceError
 
@@ -383,7 +383,7 @@ def test_pruning_a_torchscript_module_is_a_clear_error():
 
 
 def test_a_sparse_model_file_bigger_than_memory_is_refused_unread(tmp_path, monkeypatch):
-    from tugboat.engine import memory as resources
+    from tugboat.engine import ram as resources
     from tugboat.engine.errors import ResourceError
 
     path = tmp_path / "huge.onnx"

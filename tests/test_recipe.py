@@ -19,7 +19,7 @@ PRUNE = '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nfinetune_epochs 
 @pytest.mark.parametrize("body, fragment", [
     ('[[steps]]\ntechnique = "prunning"\n', "unknown technique 'prunning'"),  # unknown technique
     ('[[steps]]\ntechnique = "prune"\nratoi = 0.5\n', "unknown prune parameter 'ratoi' (did you mean 'ratio'?)"),
-    ('[[steps]]\ntechnique = "prune"\nratio = 1.5\n', "'steps.0.ratio' = 1.5 is out of range [0.0, 0.99]"),
+    ('[[steps]]\ntechnique = "prune"\nratio = 1.5\n', "'steps.0.ratio' = 1.5 is out of range [0.0, 0.95]"),
     ('[[steps]]\ntechnique = "prune"\nmethod = "structral"\n', "did you mean 'structured'"),
     ('[[steps]]\ntechnique = "prune"\nratio = "half"\n', "must be a number"),
 ])

@@ -162,7 +162,7 @@ def _memory_limit() -> int | None:
     turns the checks off, like the job memory check."""
     if os.environ.get("TUGBOAT_SKIP_MEMORY_CHECK", "") not in ("", "0"):
         return None
-    from .memory import SAFETY, available_memory
+    from .ram import SAFETY, available_memory
 
     avail = available_memory()
     return int(avail * SAFETY) if avail is not None else None

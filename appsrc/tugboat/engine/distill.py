@@ -33,12 +33,12 @@ from torch.nn import functional as F
 from .devices import DEFAULT_TRAINING, DEVICE_CHOICES
 from .devices import HELP as DEVICE_HELP
 from .devices import resolve as resolve_device
-from .errors import DataError, TugboatError
+from .errors import DataError, RecipeError, TugboatError
 from .finetune import kd_loss, output_loss
 from .progress import Progress, null_progress
 from .runtime import eval_mode
-from .steps import Param, Technique, register
 from .students import build_student, input_kind
+from .technique import Param, Technique
 from .training import BatchLoss, TrainResult, TrainSpec, TrainTask, module_device, to_device, train
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -168,11 +168,10 @@ def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out
         from .prune import prune_structured_module  # lazy: pruning pulls in torch-pruning
 
         student = prune_structured_module(handle.module, tuple(handle.example_inputs(2)), 1.0 - width,
-                                          importance=params.get("importance", "l1"),
                                           progress=progress)
         return student, None, {"pruned_width": width}
     if kind == "file":
-        ref = params.get("student_file") or ""
+        ref = params["student_file"]
         if not ref:
             raise TugboatError("student = \"file\" needs student_file (the student model's path)")
         from .errors import TRUST_OPTION, UntrustedFileError
@@ -229,11 +228,13 @@ class FeatureProjection(nn.Module):
         return self.proj(x.reshape(len(x), -1)).reshape(len(x), *self.teacher_shape)
 
 
-def parse_pairs(pairs: list[str]) -> list[tuple[str, str]]:
+def parse_pairs(pairs: list[str], where: str = "feature_pairs") -> list[tuple[str, str]]:
+    """``["features.3:features.1"]`` -> ``[("features.3", "features.1")]``; also the parameter's check
+    when a step is validated (a RecipeError naming ``where``)."""
     out = []
     for p in pairs:
         if p.count(":") != 1 or not all(part.strip() for part in p.split(":")):
-            raise TugboatError(f"feature_pairs: {p!r} is not \"teacher_layer:student_layer\"")
+            raise RecipeError(f"'{where}': {p!r} is not \"teacher_layer:student_layer\"")
         a, b = p.split(":")
         out.append((a.strip(), b.strip()))
     return out
@@ -297,7 +298,7 @@ class _Plan:
 
 
 def _plan(handle: ModelHandle, params: dict[str, Any], data: Dataset, progress: Progress) -> _Plan:
-    pairs = parse_pairs(list(params.get("feature_pairs") or []))
+    pairs = parse_pairs(params["feature_pairs"])
     cache = TeacherCache(handle, data, [a for a, _ in pairs])
     t_train, t_train_feats = cache.get("train", progress=progress.sub(0.0, 0.07, "teacher: "))
     t_val, _ = cache.get("val", progress=progress.sub(0.07, 0.1, "teacher: "))
@@ -436,8 +437,7 @@ def _task(student: _Student, plan: _Plan, params: dict[str, Any], data: Dataset,
 def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
           progress: Progress | None = None) -> ModelHandle:
     progress = progress or null_progress()
-    method = params.get("method", "kd")
-    params = {**TECHNIQUE.defaults(method), **params, "method": method}  # direct callers may omit some
+    params = TECHNIQUE.complete(params)  # a validated step's, or a direct caller's partial ones
     if data is None:
         raise DataError("distillation needs data: the student learns from the teacher's outputs on it")
     for split in ("train", "val"):
@@ -496,7 +496,23 @@ def _count(handle: ModelHandle) -> int:
         return 0
 
 
-TECHNIQUE = register(Technique(
+def _estimate(step: dict[str, Any], est) -> bool:
+    """The instant estimate (:class:`tugboat.engine.estimate.EstimateState`): a family student
+    replaces the model; a pruned one keeps ``width`` of each layer's channels (no fine-tuning); a
+    student file is unknown until loaded."""
+    if step["student"] == "family":
+        return est.use_student(step["width"], step["depth"])
+    if step["student"] != "pruned" or not est.profile.torch:
+        return False
+    est.prune_channels(1.0 - step["width"])
+    return True
+
+
+def _memory(step: dict[str, Any], mem) -> None:
+    mem.training("training")  # the teacher runs beside the student (:class:`tugboat.engine.memory.StepMemory`)
+
+
+TECHNIQUE = Technique(
     name="distill",
     title="Distillation",
     summary="Train a small student to imitate the model's outputs (its softened predictions), "
@@ -509,14 +525,14 @@ TECHNIQUE = register(Technique(
               "and depth; pruned: a channel-pruned copy of the teacher; file: your own model file",
               choices=STUDENTS),
         Param("width", "float", 0.5, "family: size multiplier (CNN base channels 32 x width); pruned: "
-              "share of channels kept", minimum=0.02, maximum=4.0),
+              "share of channels kept", minimum=0.02, maximum=4.0, short="w"),
         Param("depth", "int", 3, "family: number of blocks (conv blocks, hidden layers, encoder layers)",
               minimum=1, maximum=12),
         Param("student_file", "str", "", "student = file: path of the student model"),
         Param("temperature", "float", 4.0, "softens the teacher's predictions; higher shares more about "
-              "the wrong classes", minimum=1.0, maximum=20.0),
+              "the wrong classes", minimum=1.0, maximum=20.0, short="T"),
         Param("alpha", "float", 0.7, "weight of the teacher's soft targets vs the labels (1: teacher "
-              "only; forced to 1 without labels)", minimum=0.0, maximum=1.0),
+              "only; forced to 1 without labels)", minimum=0.0, maximum=1.0, short="a"),
         Param("loss", "choice", "auto", "auto: kd for class logits, cosine for embeddings, mse otherwise",
               choices=LOSSES),
         Param("epochs", "int", 20, "training epochs (at most)", minimum=1, maximum=1000),
@@ -528,7 +544,7 @@ TECHNIQUE = register(Technique(
               "(0: never); the best epoch's weights are kept", minimum=0, maximum=1000),
         Param("augment", "bool", False, "images: random one-pixel shifts (teacher outputs cached per shift)"),
         Param("feature_pairs", "list", [], "intermediate layers to match, \"teacher_layer:student_layer\" "
-              "(a learned projection maps the student's feature to the teacher's)"),
+              "(a learned projection maps the student's feature to the teacher's)", check=parse_pairs),
         Param("feature_weight", "float", 1.0, "weight of the feature-matching loss", minimum=0.0,
               maximum=100.0),
         Param("seed", "int", 0, "random seed (initialisation, batch order, augmentation)", minimum=0),
@@ -537,4 +553,6 @@ TECHNIQUE = register(Technique(
     apply=apply,
     needs_torch=False,  # the teacher may be ONNX-only; student = "pruned" checks for itself
     extras={"loads_files": True},  # student_file: gets this run's trust decision, never a stored one
-))
+    estimate=_estimate,
+    memory=_memory,
+)

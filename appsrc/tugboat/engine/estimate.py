@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,7 +65,6 @@ _DEFLATE_REL = {
 # bytes ONNX Runtime's quantizers add per quantized layer besides the weights (Q/DQ nodes, names
 # shortened by quantize.compact)
 _PER_LAYER_BYTES = {"static": 300, "dynamic": 150, "weight-only": 100, "fp16": 200}
-_CALIBRATED = ("static-int8", "qat-int8")
 _NODE_DEFLATE = 0.35  # node protos with repetitive names deflate well
 
 
@@ -248,13 +248,75 @@ class _LayerState:
     scheme: str = "float32"  # float32 | fp16 | static | dynamic | wo8 | wo4
 
 
-@dataclass
-class _State:
-    layers: list[_LayerState]
-    other_sparsity: float = 0.0
-    quant: str | None = None  # the quantize method, once applied
-    quant_params: dict[str, Any] = field(default_factory=dict)
-    approximate: list[str] = field(default_factory=list)
+class EstimateState:
+    """The model as the steps so far would leave it, and the operations a technique's ``estimate``
+    hook (:class:`tugboat.engine.technique.Technique`) describes its step with."""
+
+    def __init__(self, profile: ModelProfile) -> None:
+        self.profile = profile
+        self.layers = [_LayerState(lay.in_ch, lay.out_ch) for lay in profile.layers]
+        self.other_sparsity = 0.0
+        self.quant: str | None = None  # the quantize method, once applied
+        self.quant_params: dict[str, Any] = {}
+        self.torch_model = True  # the variant is measured as a torch module (else in ONNX Runtime)
+        self.approximate: list[str] = []
+        self.closed = False  # a final step (an ONNX-only artifact) was applied: nothing follows
+
+    def apply(self, step: dict[str, Any]) -> bool:
+        """Change the state as ``step`` would change the model; False when it cannot be estimated
+        (an unknown technique, one without an ``estimate`` hook, an invalid step)."""
+        from .errors import RecipeError
+        from .steps import find
+
+        tech = find(step.get("technique"))
+        if tech is None or tech.estimate is None or self.closed:
+            return False
+        try:
+            params = tech.complete(step)
+        except RecipeError:  # a half-typed GUI value: no estimate rather than a wrong one
+            return False
+        if not tech.estimate(params, self):
+            return False
+        self.closed = tech.final
+        return True
+
+    def weights(self, op: str) -> int:
+        """Weight elements of the profiled layers of one kind ("conv" or "linear")."""
+        return sum(lay.weights() for lay in self.profile.layers if lay.op == op)
+
+    def prune_channels(self, ratio: float, ignored: Sequence[str] = (), round_to: int = 0,
+                       per_layer: dict[str, float] | None = None) -> None:
+        """Structured pruning: ``int(channels * (1 - ratio))`` outputs kept per layer (head kept)."""
+        _prune_structured(self.profile, self, ratio, list(ignored), int(round_to or 0), per_layer)
+
+    def sparsify(self, ratio: float, ignored: Sequence[str] = (), per_layer: dict[str, float] | None = None) -> None:
+        """Unstructured pruning: ``ratio`` of each layer's weights zeroed (``per_layer`` overrides)."""
+        per_layer = per_layer or {}
+        for lay, st in zip(self.profile.layers, self.layers):
+            if not _matches(lay.name, list(ignored)):
+                r = per_layer.get(lay.name, ratio)
+                st.sparsity = 1.0 - (1.0 - st.sparsity) * (1.0 - r)
+
+    def quantize(self, method: str, params: dict[str, Any], scheme_of: Callable[[str], str | None],
+                 exclude: Sequence[str] = (), runs_in_torch: bool = False) -> None:
+        """Store layers in another format: ``scheme_of(op)`` names a layer's scheme (``static``,
+        ``dynamic``, ``wo8``, ``wo4``, ``fp16``) or None to keep it float. ``method`` keys the
+        latency factors (:data:`QUANT_LATENCY`); ``params`` the scales' layout (per_channel,
+        block_size, symmetric)."""
+        self.quant, self.quant_params, self.torch_model = method, dict(params), runs_in_torch
+        for lay, st in zip(self.profile.layers, self.layers):
+            scheme = None if _matches(lay.name, list(exclude)) else scheme_of(lay.op)
+            if scheme:
+                st.scheme = scheme
+
+    def use_student(self, width: float, depth: int) -> bool:
+        """A fresh built-in student replaces the model (whatever came before it); False when the
+        student cannot be built for these inputs."""
+        student = student_profile(self.profile, width, depth)
+        if student is None:
+            return False
+        self.__init__(student)
+        return True
 
 
 def _matches(name: str, names: list[str]) -> bool:
@@ -262,25 +324,13 @@ def _matches(name: str, names: list[str]) -> bool:
 
 
 def _keep(channels: int, ratio: float, round_to: int) -> int:
-    keep = int(channels * (1.0 - min(ratio, 0.95)))
+    keep = int(channels * (1.0 - ratio))  # ratios are validated against the technique's one bound
     if round_to and round_to > 1:
         keep -= keep % round_to
     return max(1, keep)
 
 
-def _layer_ratios(items) -> dict[str, float]:
-    """``["features.7=0.4", ...]`` (the per-layer overrides of the Layers view) as a dict."""
-    out = {}
-    for item in items or []:
-        name, _, value = str(item).partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            continue
-    return out
-
-
-def _prune_structured(profile: ModelProfile, state: _State, ratio: float, ignored: list[str],
+def _prune_structured(profile: ModelProfile, state: EstimateState, ratio: float, ignored: list[str],
                       round_to: int = 0, per_layer: dict[str, float] | None = None) -> None:
     per_layer = per_layer or {}
     for lay, st in zip(profile.layers, state.layers):
@@ -295,74 +345,12 @@ def _prune_structured(profile: ModelProfile, state: _State, ratio: float, ignore
                 st.out_ch = st.in_ch
 
 
-def _apply_step(profile: ModelProfile, state: _State, step: dict[str, Any]) -> bool:
-    """Change ``state`` as ``step`` would change the model; False when it cannot be estimated."""
-    tech, method = step.get("technique"), step.get("method")
-    if state.quant is not None:
-        return False  # nothing follows a quantize step (it is final)
-    if tech == "prune":
-        if not profile.torch:
-            return False
-        ratio = float(step.get("ratio", 0.5))
-        ignored = list(step.get("ignored") or [])
-        if method == "structured":
-            if step.get("scope") == "global" or step.get("allocation") == "sensitivity":
-                state.approximate.append("per-layer ratios vary; estimated as uniform")
-            _prune_structured(profile, state, ratio, ignored, int(step.get("round_to") or 0),
-                              _layer_ratios(step.get("layer_ratios")))
-        else:
-            per_layer = _layer_ratios(step.get("layer_ratios"))
-            for lay, st in zip(profile.layers, state.layers):
-                if not _matches(lay.name, ignored):
-                    r = per_layer.get(lay.name, ratio)
-                    st.sparsity = 1.0 - (1.0 - st.sparsity) * (1.0 - r)
-        return True
-    if tech == "quantize":
-        if method == "qat-int8" and not profile.torch:
-            return False
-        if method == "auto":  # as quantize.auto_method decides: where most weights sit
-            conv = sum(lay.weights() for lay in profile.layers if lay.op == "conv")
-            dense = sum(lay.weights() for lay in profile.layers if lay.op != "conv")
-            method = "static-int8" if conv >= dense else "dynamic-int8"
-            if method == "dynamic-int8" and not step.get("op_types"):
-                step = {**step, "op_types": ["MatMul"]}
-        state.quant, state.quant_params = str(method), dict(step)
-        exclude = list(step.get("exclude") or [])
-        op_types = [str(o) for o in step.get("op_types") or []]
-        for lay, st in zip(profile.layers, state.layers):
-            if _matches(lay.name, exclude):
-                continue
-            onnx_op = "Conv" if lay.op == "conv" else ("MatMul" if method not in _CALIBRATED else "Gemm")
-            if op_types and onnx_op not in op_types and not (onnx_op == "Gemm" and "MatMul" in op_types):
-                continue
-            if method in _CALIBRATED:
-                st.scheme = "static"
-            elif method == "dynamic-int8":
-                if step.get("runtime") == "torch" and lay.op != "linear":
-                    continue
-                st.scheme = "dynamic"
-            elif method in ("weight-only-int8", "weight-only-int4"):
-                if lay.op == "linear":
-                    st.scheme = "wo8" if method.endswith("int8") else "wo4"
-            elif method == "fp16":
-                st.scheme = "fp16"
-        return True
-    if tech == "distill":
-        if step.get("student", "family") != "pruned" or not profile.torch:
-            return False  # family students are handled in estimate(); file students are unknown
-        # a pruned student keeps ``width`` of each layer's channels (structured, no fine-tuning)
-        _prune_structured(profile, state, 1.0 - float(step.get("width", 0.5)), [])
-        return True
-    return False
-
-
 _STUDENTS: dict[tuple, ModelProfile] = {}
 
 
-def student_profile(teacher: ModelProfile, step: dict[str, Any]) -> ModelProfile | None:
+def student_profile(teacher: ModelProfile, width: float, depth: int) -> ModelProfile | None:
     """The profile of the built-in student a ``distill`` step with ``student = "family"`` trains:
     the student is built (untrained, small) and its FLOPs counted once per width and depth."""
-    width, depth = float(step.get("width", 0.5)), int(step.get("depth", 3))
     key = (id(teacher), width, depth)
     if key in _STUDENTS:
         return _STUDENTS[key]
@@ -417,106 +405,108 @@ def _batch_and_runtime(metrics: dict[str, Any]) -> tuple[int, str]:
 
 def estimate(profile: ModelProfile, steps: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Estimated metrics of ``steps`` applied to the profiled baseline (the keys of measured
-    metrics, plus ``estimated`` and ``approximate`` notes), or None when it cannot be estimated."""
-    family = [i for i, s in enumerate(steps)
-              if s.get("technique") == "distill" and s.get("student", "family") == "family"]
-    if family:  # a fresh student replaces whatever came before it
-        student = student_profile(profile, steps[family[-1]])
-        if student is None:
-            return None
-        profile, steps = student, steps[family[-1] + 1:]
-    state = _State([_LayerState(lay.in_ch, lay.out_ch) for lay in profile.layers])
+    metrics, plus ``estimated`` and ``approximate`` notes), or None when it cannot be estimated.
+    Each step is described by its technique's ``estimate`` hook (:meth:`EstimateState.apply`)."""
+    est = EstimateState(profile)
     for step in steps:
-        if not _apply_step(profile, state, step):
+        if not est.apply(step):
             return None
-    base = profile.metrics
-    size_bytes = profile.overhead_bytes
-    raw_compressed = 0.0  # bytes before deflate, weighted by how well each tensor deflates
-    params = nonzero = 0
-    flops = profile.other_flops
-    lat_work = 0.0  # FLOP-weighted compute time of the layers, relative units
-    batch, runtime = _batch_and_runtime(base)
-    big = 1 if batch >= 8 else 0
-    quant = state.quant
-    torch_model = quant is None or (quant == "dynamic-int8" and state.quant_params.get("runtime") == "torch")
-    per_layer = 0
-    for lay, st in zip(profile.layers, state.layers):
-        w = lay.weights(st.in_ch, st.out_ch)
-        o = st.out_ch
-        nz_w = round(w * (1.0 - st.sparsity))
-        bias = o if lay.onnx_bias else 0
-        scheme = st.scheme
-        if scheme == "float32":
-            b = 4 * (w + bias)
-            raw_compressed += 4 * w * _deflate_rel(st.sparsity, 4) + 4 * bias
-            n_params = w + bias  # the exported artifact's count: a BatchNorm folds into the bias
-            n_nonzero = n_params - (w - nz_w)
-        elif scheme == "fp16":
-            b = 2 * (w + bias)
-            raw_compressed += 2 * w * _deflate_rel(st.sparsity, 2) + 2 * bias
-            n_params, n_nonzero = w + bias, nz_w + bias
-            per_layer += _PER_LAYER_BYTES["fp16"]
-        elif scheme == "static":
-            per_ch = bool(state.quant_params.get("per_channel", True))
-            b = w + (5 * o if per_ch else 5) + 8 * bias  # bias: int32 + scale (no zero point: compact())
-            raw_compressed += w * _deflate_rel(st.sparsity, 1) + (b - w)
-            n_params = w + bias  # scales and zero points are not parameters (models.onnx_param_count)
-            n_nonzero = n_params - (w - nz_w)
-            per_layer += _PER_LAYER_BYTES["static"]
-        elif scheme == "dynamic":
+    return _metrics(est)
+
+
+@dataclass
+class _Totals:
+    size_bytes: float = 0.0
+    raw_compressed: float = 0.0  # bytes before deflate, weighted by how well each tensor deflates
+    params: int = 0
+    nonzero: int = 0
+    flops: float = 0.0
+    lat_work: float = 0.0  # FLOP-weighted compute time of the layers, relative units
+    per_layer: int = 0  # bytes of the nodes a quantizer adds per layer
+
+
+def _layer_bytes(lay: Layer, st: _LayerState, quant_params: dict[str, Any]) -> tuple[int, float, int, int, int]:
+    """One layer's (bytes, bytes before deflate weighted by how they deflate, params, non-zero params,
+    bytes of the nodes its quantizer adds). Params count as in the exported artifact: a BatchNorm
+    folds into the bias; scales and zero points are not parameters (models.onnx_param_count)."""
+    w = lay.weights(st.in_ch, st.out_ch)
+    o = st.out_ch
+    zeros = w - round(w * (1.0 - st.sparsity))
+    bias = o if lay.onnx_bias else 0
+    if st.scheme == "float32":
+        return 4 * (w + bias), 4 * w * _deflate_rel(st.sparsity, 4) + 4 * bias, w + bias, w + bias - zeros, 0
+    if st.scheme == "fp16":
+        return (2 * (w + bias), 2 * w * _deflate_rel(st.sparsity, 2) + 2 * bias, w + bias, w + bias - zeros,
+                _PER_LAYER_BYTES["fp16"])
+    if st.scheme in ("static", "dynamic"):
+        if st.scheme == "static":  # bias: int32 + scale (no zero point: quantize.compact())
+            b = w + (5 * o if quant_params["per_channel"] else 5) + 8 * bias
+        else:
             b = w + 5 * o + 4 * bias
-            raw_compressed += w * _deflate_rel(st.sparsity, 1) + (b - w)
-            n_params = w + bias
-            n_nonzero = n_params - (w - nz_w)
-            per_layer += _PER_LAYER_BYTES["dynamic"]
-        else:  # weight-only int8 / int4: block-wise over the input dimension
-            bits = 8 if scheme == "wo8" else 4
-            k = st.in_ch * lay.unit
-            blocks = math.ceil(k / int(state.quant_params.get("block_size", 32)))
-            packed = math.ceil(k * bits / 8) * o
-            zero_points = 0 if state.quant_params.get("symmetric", True) else math.ceil(blocks * bits / 8) * o
-            b = packed + 4 * blocks * o + zero_points + 4 * bias
-            raw_compressed += packed * _deflate_rel(st.sparsity, 1) + (b - packed)
-            n_params = k * o + bias  # packed weights count as weights; scales are not parameters
-            n_nonzero = n_params - int(k * o * st.sparsity)
-            per_layer += _PER_LAYER_BYTES["weight-only"]
-        size_bytes += b
-        params += n_params
-        nonzero += n_nonzero
+        return b, w * _deflate_rel(st.sparsity, 1) + (b - w), w + bias, w + bias - zeros, _PER_LAYER_BYTES[st.scheme]
+    # weight-only int8 / int4: block-wise over the input dimension
+    bits = 8 if st.scheme == "wo8" else 4
+    k = st.in_ch * lay.unit
+    blocks = math.ceil(k / int(quant_params["block_size"]))
+    packed = math.ceil(k * bits / 8) * o
+    zero_points = 0 if quant_params["symmetric"] else math.ceil(blocks * bits / 8) * o
+    b = packed + 4 * blocks * o + zero_points + 4 * bias
+    # packed weights count as weights; scales are not parameters
+    return (b, packed * _deflate_rel(st.sparsity, 1) + (b - packed), k * o + bias,
+            k * o + bias - int(k * o * st.sparsity), _PER_LAYER_BYTES["weight-only"])
+
+
+def _totals(est: EstimateState, big: int) -> _Totals:
+    profile = est.profile
+    t = _Totals(size_bytes=profile.overhead_bytes, flops=profile.other_flops)
+    for lay, st in zip(profile.layers, est.layers):
+        b, raw, n_params, n_nonzero, node_bytes = _layer_bytes(lay, st, est.quant_params)
+        t.size_bytes += b
+        t.raw_compressed += raw
+        t.params += n_params
+        t.nonzero += n_nonzero
+        t.per_layer += node_bytes
         keep = (st.out_ch / lay.out_ch) * (1.0 if lay.depthwise else st.in_ch / lay.in_ch)
         layer_flops = lay.flops * keep
-        flops += layer_flops
+        t.flops += layer_flops
         factor = 1.0
-        if scheme != "float32" and quant in QUANT_LATENCY:
-            factor = QUANT_LATENCY[quant]["conv" if lay.op == "conv" else "linear"][big]
-        lat_work += layer_flops * factor
-    other_bytes = (2 if quant == "fp16" else 4) * profile.other_floats
-    size_bytes += other_bytes + per_layer
-    raw_compressed += other_bytes * _deflate_rel(state.other_sparsity, 4) + profile.overhead_bytes
-    params += profile.other_floats  # counted in the artifact, as measure counts (ModelHandle.param_count)
-    nonzero += profile.other_floats
+        if st.scheme != "float32" and est.quant in QUANT_LATENCY:
+            factor = QUANT_LATENCY[est.quant]["conv" if lay.op == "conv" else "linear"][big]
+        t.lat_work += layer_flops * factor
+    other_bytes = (2 if est.quant == "fp16" else 4) * profile.other_floats
+    t.size_bytes += other_bytes + t.per_layer
+    t.raw_compressed += other_bytes * _deflate_rel(est.other_sparsity, 4) + profile.overhead_bytes
+    t.params += profile.other_floats  # counted in the artifact, as measure counts (ModelHandle.param_count)
+    t.nonzero += profile.other_floats
+    t.lat_work += profile.other_flops
+    return t
+
+
+def _metrics(est: EstimateState) -> dict[str, Any]:
+    base = est.profile.metrics
+    batch, runtime = _batch_and_runtime(base)
+    t = _totals(est, 1 if batch >= 8 else 0)
     base_size = int(base.get("size_bytes") or 1)
     ratio = (base.get("compressed_bytes") or base_size) / base_size
     # the measured baseline's deflate ratio stands for how its floats compress
-    compressed = int(raw_compressed * ratio + per_layer * _NODE_DEFLATE)
+    compressed = int(t.raw_compressed * ratio + t.per_layer * _NODE_DEFLATE)
     base_flops = max(1, int(base.get("flops") or 1))
-    lat_work += profile.other_flops
-    measure_runtime = runtime if torch_model else "onnxruntime"
+    measure_runtime = runtime if est.torch_model else "onnxruntime"
     lat0 = _base_latency(base, measure_runtime, batch)
     latency = None
     if lat0 is not None:
-        scale = LATENCY_FIXED_SHARE + (1.0 - LATENCY_FIXED_SHARE) * lat_work / base_flops
+        scale = LATENCY_FIXED_SHARE + (1.0 - LATENCY_FIXED_SHARE) * t.lat_work / base_flops
         latency = {"median": round(lat0["median"] * scale, 4),
                    "p90": round(float(lat0.get("p90") or lat0["median"]) * scale, 4),
                    "batch": batch, "threads": lat0.get("threads"), "runtime": measure_runtime,
                    "estimated": True}
     return {
-        "size_bytes": int(size_bytes), "compressed_bytes": compressed,
-        "params": int(max(1, params)), "nonzero_params": int(nonzero),
-        "flops": round(flops) if base.get("flops") else None,
+        "size_bytes": int(t.size_bytes), "compressed_bytes": compressed,
+        "params": int(max(1, t.params)), "nonzero_params": int(t.nonzero),
+        "flops": round(t.flops) if base.get("flops") else None,
         "latency_ms": latency, "accuracy": base.get("accuracy"),
         "fidelity": copy.deepcopy(base.get("fidelity")),
-        "estimated": True, "quality_estimated": False, "approximate": list(state.approximate),
+        "estimated": True, "quality_estimated": False, "approximate": list(est.approximate),
     }
 
 

@@ -1,4 +1,4 @@
-"""Memory: estimate a job's peak before it starts, refuse what cannot fit, recognise out-of-memory.
+"""Memory: estimate a job's peak before it starts and refuse what cannot fit.
 
 :func:`estimate` adds up what a recipe's phases hold at their peak, from the model's parameter
 bytes and its activation bytes per sample (measured by one batch-1 forward pass with hooks on a
@@ -6,122 +6,41 @@ torch module, or from ONNX shape inference) times each phase's batch size:
 
 * measuring (baseline and variants): activations at ``measure.batch`` and at the quality batch
   (256), plus an ONNX Runtime session (about twice the weights);
-* training (fine-tuning after pruning, QAT, distillation): weights, gradients and two optimizer
-  states (4x the weights) plus activations kept for the backward pass (3x) at ``batch_size``;
-* static int8 calibration: ONNX Runtime keeps every intermediate tensor of up to
-  ``calibration_samples`` samples;
-* every step's output model stays in memory until the variant is measured.
+* every step's output model stays in memory until the variant is measured;
+* the phases each step's technique declares through its ``memory`` hook, built with
+  :class:`StepMemory`: training (fine-tuning after pruning, QAT, distillation: weights, gradients
+  and two optimizer states, 4x the weights, plus activations kept for the backward pass at
+  ``batch_size``), calibration (ONNX Runtime keeps every intermediate tensor of up to
+  ``calibration_samples`` samples), or one ONNX Runtime pass over the weights.
 
 :func:`check` compares the estimate with :func:`available_memory` (psutil when installed, else
 ``/proc/meminfo`` and the cgroup limit on Linux, ``GlobalMemoryStatusEx`` on Windows,
 ``sysconf`` elsewhere) and raises :class:`ResourceError` naming the setting to lower and a value
 that fits. ``TUGBOAT_SKIP_MEMORY_CHECK=1`` turns the refusal off (the estimate is conservative).
-
-:func:`is_out_of_memory` recognises ``MemoryError`` and torch's allocator errors, so a job that
-runs out anyway ends as a failed job with a clear message (:func:`oom_message`), not a dead app.
+What is available and running out anyway (:func:`is_out_of_memory`) are :mod:`tugboat.engine.ram`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ResourceError
 from .formatting import fmt_bytes
+from .ram import SAFETY, available_memory, is_out_of_memory, oom_message  # noqa: F401  (callers' names)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
     from .measure import MeasureConfig
     from .models import ModelHandle
 
-SAFETY = 0.9  # leave a tenth of what is available to the rest of the machine
 QUALITY_BATCH = 256  # runtime.predict's batch
 CALIB_BATCHES_KEPT = 64  # quantize.static_int8: CalibMaxIntermediateOutputs
 CALIB_BATCH = 32
 ORT_OVERHEAD = 32 * 1024**2  # an ONNX Runtime session's arenas and code, beyond weights and tensors
-OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc",
-               "failed to allocate memory")
-
-
-# --- what is available -------------------------------------------------------------------------
-
-def available_memory() -> int | None:
-    """Bytes of memory this process can still use, or None if the platform does not say."""
-    try:
-        import psutil  # optional
-
-        avail = int(psutil.virtual_memory().available)
-    except Exception:
-        avail = _proc_meminfo() or _windows_available() or _sysconf_available()
-    limit = _cgroup_headroom()
-    if avail is None:
-        return limit
-    return min(avail, limit) if limit is not None else avail
-
-
-def _proc_meminfo() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _cgroup_headroom() -> int | None:
-    """Limit minus usage of this process's cgroup (containers see the host's /proc/meminfo)."""
-    pairs = [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-             ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")]
-    for limit_file, usage_file in pairs:
-        try:
-            with open(limit_file, encoding="ascii") as fh:
-                text = fh.read().strip()
-            if text == "max":
-                return None
-            limit = int(text)
-            if limit >= 1 << 60:  # cgroup v1 "unlimited"
-                return None
-            with open(usage_file, encoding="ascii") as fh:
-                usage = int(fh.read().strip())
-            return max(0, limit - usage)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def _windows_available() -> int | None:
-    if sys.platform != "win32":
-        return None
-    try:
-        import ctypes
-
-        class MemoryStatus(ctypes.Structure):
-            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
-                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
-                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
-                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
-                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
-
-        status = MemoryStatus()
-        status.dwLength = ctypes.sizeof(MemoryStatus)
-        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
-            return int(status.ullAvailPhys)
-    except Exception:
-        pass
-    return None
-
-
-def _sysconf_available() -> int | None:
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 # --- what a model needs ------------------------------------------------------------------------
@@ -272,34 +191,49 @@ def _training(name: str, stats: ModelStats, batch: int, knob: str, extra_models:
                  batch, knob)
 
 
+class StepMemory:
+    """What a technique's ``memory`` hook is given: the validated ``step``, the model's sizes, and
+    builders of the phases the step runs through (each adds one :class:`Phase`)."""
+
+    def __init__(self, index: int, step: dict[str, Any], stats: ModelStats, data: Dataset | None) -> None:
+        self.index, self.step, self.stats, self.data = index, step, stats, data
+        tech, method = step.get("technique", ""), step.get("method", "")
+        self.where = f"steps.{index} ({tech} {method})".replace(" )", ")")
+        self.phases = [Phase(f"{self.where}: the new model", 2 * stats.param_bytes, stats.activation_bytes, 2)]
+
+    def training(self, what: str, batch_key: str = "batch_size", extra_models: int = 1) -> None:
+        """Training at the step's ``batch_key`` batch with ``extra_models`` frozen copies (a teacher)."""
+        self.phases.append(_training(f"{what} in {self.where}", self.stats, int(self.step[batch_key]),
+                                     f"steps.{self.index}.{batch_key}", extra_models))
+
+    def calibration(self, samples_key: str) -> None:
+        """Static int8 calibration on up to ``step[samples_key]`` samples: the augmented graph
+        outputs every intermediate tensor, kept for up to :data:`CALIB_BATCHES_KEPT` batches."""
+        samples = int(self.step[samples_key])
+        if self.data is not None:
+            split = "calib" if len(self.data.splits.get("calib", ())) else "train"
+            samples = min(samples, len(self.data.splits.get(split, ())) or samples)
+        samples = min(samples, CALIB_BATCH * CALIB_BATCHES_KEPT)
+        self.phases.append(Phase(f"calibration in {self.where}", 3 * self.stats.param_bytes + ORT_OVERHEAD,
+                                 2 * self.stats.activation_bytes, samples, f"steps.{self.index}.{samples_key}"))
+
+    def onnx_pass(self) -> None:
+        """One ONNX Runtime pass over the weights (a quantizer's copy of the graph)."""
+        self.phases.append(Phase(f"{self.where}", 3 * self.stats.param_bytes + ORT_OVERHEAD, 0, 1))
+
+
 def step_phases(index: int, step: dict[str, Any], stats: ModelStats, data: Dataset | None) -> list[Phase]:
-    """The memory phases of one validated step (``index`` counts from 0 in the recipe)."""
-    tech, method = step.get("technique", ""), step.get("method", "")
-    where = f"steps.{index} ({tech} {method})".replace(" )", ")")
-    phases = [Phase(f"{where}: the new model", 2 * stats.param_bytes, stats.activation_bytes, 2)]
-    if tech == "prune":
-        if int(step.get("finetune_epochs") or 0) > 0:
-            phases.append(_training(f"fine-tuning in {where}", stats, int(step.get("batch_size", 64)),
-                                    f"steps.{index}.batch_size", extra_models=1))
-    elif tech == "distill":
-        phases.append(_training(f"training in {where}", stats, int(step.get("batch_size", 64)),
-                                f"steps.{index}.batch_size", extra_models=1))
-    elif tech == "quantize":
-        if method == "qat-int8":
-            phases.append(_training(f"QAT in {where}", stats, int(step.get("batch_size", 64)),
-                                    f"steps.{index}.batch_size", extra_models=1))
-        elif method in ("static-int8", "auto"):  # auto calibrates when it picks static int8
-            samples = int(step.get("calibration_samples", 256))
-            if data is not None:
-                split = "calib" if len(data.splits.get("calib", ())) else "train"
-                samples = min(samples, len(data.splits.get(split, ())) or samples)
-            samples = min(samples, CALIB_BATCH * CALIB_BATCHES_KEPT)
-            # the augmented graph outputs every intermediate tensor, kept for up to 64 batches
-            phases.append(Phase(f"calibration in {where}", 3 * stats.param_bytes + ORT_OVERHEAD,
-                                2 * stats.activation_bytes, samples, f"steps.{index}.calibration_samples"))
-        else:
-            phases.append(Phase(f"{where}", 3 * stats.param_bytes + ORT_OVERHEAD, 0, 1))
-    return phases
+    """The memory phases of one validated step (``index`` counts from 0 in the recipe): holding the
+    new model, and what its technique's ``memory`` hook adds."""
+    from .steps import find
+
+    tech = find(step.get("technique"))
+    if tech is None or tech.memory is None:
+        return StepMemory(index, step, stats, data).phases
+    params = tech.complete(step)
+    mem = StepMemory(index, {"technique": tech.name, **params}, stats, data)
+    tech.memory(params, mem)
+    return mem.phases
 
 
 def estimate(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset | None,
@@ -351,21 +285,3 @@ def _round_down(n: int) -> int:
     while p * 2 <= n:
         p *= 2
     return p
-
-
-# --- running out anyway --------------------------------------------------------------------------
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """``MemoryError``, torch's ``OutOfMemoryError`` and the CPU allocator's ``RuntimeError``
-    ("DefaultCPUAllocator: can't allocate memory"), ONNX Runtime's allocation failures."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    if isinstance(exc, RuntimeError) or type(exc).__module__.startswith("onnxruntime"):
-        text = str(exc).lower()
-        return any(m in text for m in OOM_MARKERS)
-    return False
-
-
-def oom_message(what: str) -> str:
-    return (f"out of memory {what}; lower the batch size (batch_size, measure.batch, "
-            f"calibration_samples) or use a smaller model")

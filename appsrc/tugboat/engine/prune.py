@@ -43,13 +43,16 @@ from .finetune import (
 )
 from .formatting import did_you_mean
 from .progress import Progress, null_progress
-from .steps import NO_CHANGE, Param, Technique, register
+from .technique import NO_CHANGE, Param, Technique
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Dataset
     from .models import ModelHandle
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
+# the one bound of a pruning ratio (the whole step's and each layer's): torch-pruning removes at most
+# this share of any layer, so a larger ratio would only be this one under another name
+MAX_RATIO = 0.95
 DENSE_RUNTIME_NOTE = (
     "unstructured pruning zeroes weights but keeps every tensor's shape: a dense runtime "
     "(ONNX Runtime, torch) runs it no faster and the file is the same size until compressed; "
@@ -236,7 +239,7 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
             pruning_ratio_dict=ratio_dict, iterative_steps=steps,
             ignored_layers=ignored_layers, round_to=round_to,
             num_heads=num_heads, prune_num_heads=False, prune_head_dims=True,
-            max_pruning_ratio=0.95, customized_pruners=_customized_pruners(),
+            max_pruning_ratio=MAX_RATIO, customized_pruners=_customized_pruners(),
         )
         for step in range(steps):
             progress.update(step / steps, f"pruning step {step + 1}/{steps}")
@@ -375,7 +378,7 @@ def prunable_layers(module: nn.Module, example_inputs, ignored: Iterable[str] | 
 
 # --- unstructured --------------------------------------------------------------------------------
 
-def prune_unstructured_module(module: nn.Module, ratio: float, *, scope: str = "global",
+def prune_unstructured_module(module: nn.Module, ratio: float, *, scope: str = "uniform",
                               ignored: Iterable[str] = (), permanent: bool = True,
                               per_layer: dict[str, float] | None = None) -> nn.Module:
     """Magnitude pruning of the Conv / Linear weights of a deep copy of ``module``.
@@ -385,8 +388,8 @@ def prune_unstructured_module(module: nn.Module, ratio: float, *, scope: str = "
     zeros at zero); call :func:`make_permanent` afterwards."""
     from torch.nn.utils import prune as tprune
 
-    if not 0.0 <= ratio <= 0.99:
-        raise TugboatError(f"unstructured pruning ratio must be in [0, 0.99], got {ratio}")
+    if not 0.0 <= ratio <= MAX_RATIO:
+        raise TugboatError(f"unstructured pruning ratio must be in [0, {MAX_RATIO}], got {ratio}")
     model = copy.deepcopy(module).eval()
     skip = set(ignored)
     own = dict(per_layer or {})
@@ -616,7 +619,7 @@ def _compensation_batches(handle: ModelHandle, data: Dataset | None, n_batches: 
 
 def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, Any], data: Dataset | None,
                     progress: Progress, reference: nn.Module) -> list[dict[str, Any]]:
-    epochs = int(params.get("finetune_epochs", 0))
+    epochs = params["finetune_epochs"]
     if epochs <= 0:
         return []
     if data is None:
@@ -624,18 +627,21 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
         return []
     # the original model is the teacher: its soft outputs recover a pruned model faster than
     # labels alone (teacher_weight = 0: labels only)
-    return finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=float(params["lr"]),
-                    optimizer=params.get("optimizer", "adamw"), batch_size=int(params.get("batch_size", 64)),
-                    progress=progress, reference=reference, seed=int(params.get("seed", 0)),
+    return finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=params["lr"],
+                    optimizer=params["optimizer"], batch_size=params["batch_size"],
+                    progress=progress, reference=reference, seed=params["seed"],
                     classification=handle.task == "classification",
-                    teacher_weight=float(params.get("teacher_weight", 0.0)),
-                    temperature=float(params.get("teacher_temperature", 1.0)),
-                    augment=bool(params.get("augment", False)),
-                    device=resolve_device(params.get("device", DEFAULT_TRAINING), "prune.device"))
+                    teacher_weight=params["teacher_weight"], temperature=params["teacher_temperature"],
+                    augment=params["augment"], device=resolve_device(params["device"], "prune.device"))
 
 
-def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ratios") -> dict[str, float]:
-    """``["features.3=0.25", "classifier.1=0"]`` -> ``{"features.3": 0.25, "classifier.1": 0.0}``."""
+def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ratios", *,
+                       skip_bad: bool = False) -> dict[str, float]:
+    """``["features.3=0.25", "classifier.1=0"]`` -> ``{"features.3": 0.25, "classifier.1": 0.0}``.
+
+    The one reader of per-layer ratios: recipe validation (the ``layer_ratios`` parameter's check),
+    pruning, the estimator, diagnose and the Layers view. A bad entry raises :class:`RecipeError`
+    naming ``where``; with ``skip_bad`` (a half-typed entry in a GUI field) it is left out."""
     out: dict[str, float] = {}
     for item in items or []:
         name, sep, value = str(item).rpartition("=")
@@ -644,8 +650,10 @@ def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ra
             ratio = float(value)
         except ValueError:
             ratio = float("nan")
-        if not sep or not name or not 0.0 <= ratio <= 0.95:
-            raise RecipeError(f"'{where}': {item!r} must be \"layer=ratio\" with a ratio in [0, 0.95] "
+        if not sep or not name or not 0.0 <= ratio <= MAX_RATIO:
+            if skip_bad:
+                continue
+            raise RecipeError(f"'{where}': {item!r} must be \"layer=ratio\" with a ratio in [0, {MAX_RATIO}] "
                               "(e.g. \"features.3=0.25\"; 0 keeps the layer whole)")
         out[name] = ratio
     return out
@@ -653,19 +661,12 @@ def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ra
 
 def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
           progress: Progress) -> ModelHandle:
-    method = params.get("method", "structured")
-    params = {**TECHNIQUE.defaults(method), **params, "method": method}  # direct callers may omit some
+    params = TECHNIQUE.complete(params)  # a validated step's, or a direct caller's partial ones
     original = handle.torch_module()
     if isinstance(original, torch.jit.ScriptModule):  # compiled: no layer can be edited or copied
         raise TugboatError("pruning cannot edit a TorchScript module (its layers are compiled); give the "
                            "model as ONNX, a .pt2 program or a state_dict", path=handle.source)
-    reference = frozen_copy(original)
     example = tuple(handle.example_inputs(2))
-    ignored = list(params.get("ignored") or [])
-    overrides = parse_layer_ratios(params.get("layer_ratios"))
-    info: dict[str, Any] = {"method": method}
-    tune_progress = progress.sub(0.5, 1.0, "fine-tuning: ")
-    before_params = _deployed_params(handle)  # the deployed ONNX: buffer weights of converted graphs count
     probe = original
     if isinstance(original, torch.fx.GraphModule) and not any(isinstance(m, _prunable_types())
                                                                 for m in original.modules()):
@@ -673,85 +674,102 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         normalise_for_pruning(probe, example)
     if not any(isinstance(m, _prunable_types()) for m in probe.modules()):
         raise TugboatError("the model has no Conv or Linear weights to prune", path=handle.source)
-    if method == "unstructured":
-        progress.update(0.0, "magnitude pruning")
-        head = default_ignored(original, example) if params.get("keep_head", False) else []
-        model = prune_unstructured_module(original, float(params["ratio"]), scope=params.get("scope", "global"),
-                                          ignored=ignored + head, permanent=False, per_layer=overrides)
-        progress.update(0.5, "pruned")
-        history = _finetune_after(handle, model, params, data, tune_progress, reference)
-        make_permanent(model)
-        zeros = sum(int((m.weight == 0).sum()) for m in model.modules()
-                    if isinstance(m, _prunable_types()))
-        weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _prunable_types()))
-        info["pruning"] = {"method": method, "ratio": float(params["ratio"]), "scope": params.get("scope"),
-                           "weights_zeroed": zeros, "weights": weights,
-                           "achieved_weight_sparsity": zeros / max(1, weights),
-                           "layer_ratios": overrides, "finetune": history}
-        new = handle.derive(module=model, step={"technique": "prune", **params})
-        if DENSE_RUNTIME_NOTE not in new.warnings:
-            new.warnings.append(DENSE_RUNTIME_NOTE)
-    elif method == "structured":
-        ratio = float(params["ratio"])
-        importance = params.get("importance", "l1")
-        ign = ignored or None
-        per_layer = None
-        rows = None
-        if params.get("allocation", "uniform") == "sensitivity":
-            rows = layer_sensitivity(handle, data, progress=progress.sub(0.0, 0.35, "sensitivity: "),
-                                     importance="l1" if importance in ("taylor", "random") else importance,
-                                     ignored=ign)
-            per_layer = sensitivity_allocation(original, example, ratio, rows, ignored=ign,
-                                               importance="l1" if importance == "taylor" else importance,
-                                               round_to=params.get("round_to") or None)
-        if overrides:  # the user's per-layer ratios win over the allocation's
-            per_layer = {**(per_layer or {}), **overrides}
-        model = prune_structured_module(
-            original, example, ratio, importance=importance, scope=params.get("scope", "uniform"),
-            ignored=ign, iterative_steps=int(params.get("iterative_steps", 1)),
-            round_to=params.get("round_to") or None, per_layer=per_layer,
-            data_batches=_data_batches(handle, data, reference) if importance == "taylor" else None,
-            compensate=_compensation_batches(handle, data) if params.get("bias_compensation", True) else None,
-            progress=progress.sub(0.35, 0.5, "pruning: "))
-        _check_shapes(handle, original, model, example)
-        unchanged = _param_count(model) == _param_count(original) and ratio > 0
-        recalibrated = 0
-        if not unchanged and params.get("recalibrate_bn", True) and data is not None:
-            recalibrated = recalibrate_batchnorm(model, data, handle.input_names)
-        # fine-tuning a model that was not pruned would change it under a name that says "pruned"
-        history = [] if unchanged else _finetune_after(handle, model, params, data, tune_progress, reference)
-        before_ch, after_ch = _channels(original), _channels(model)
-        new = handle.derive(module=model, step={"technique": "prune", **params})
-        after_params = _deployed_params(new)
-        info["pruning"] = {
-            "method": method, "ratio": ratio, "importance": importance, "scope": params.get("scope"),
-            "allocation": params.get("allocation", "uniform"),
-            "ignored": _with_head(original, example, ign),
-            "params_before": before_params, "params_after": after_params,
-            "achieved_param_ratio": after_params / max(1, before_params),
-            "kept_channels": {n: {"before": before_ch[n], "after": after_ch.get(n, before_ch[n])}
-                              for n in before_ch},
-            "per_layer_ratio": per_layer, "layer_ratios": overrides, "finetune": history,
-            "batchnorm_recalibrated": recalibrated,
-            "teacher_weight": float(params.get("teacher_weight", 0.0)) if history else None,
-        }
-        if rows is not None:
-            info["sensitivity"] = rows
-        if unchanged:
-            round_to = params.get("round_to") or 0
-            widest = max(before_ch.values(), default=0)
-            if not prunable_layers(original, example, ign):
-                why = "its only Conv/Linear layers are the output layer and 'ignored' ones, which are kept"
-            elif round_to:
-                why = f"with round_to = {round_to} no layer could lose channels (the widest has {widest})"
-            else:
-                why = f"ratio {ratio:g} removes less than one channel in every prunable layer"
-            new.info[NO_CHANGE] = why
-    else:  # the registry validates methods; this guards direct callers
-        raise TugboatError(f"unknown prune method {method!r}; valid: unstructured, structured")
-    new.info.update(info)
+    run = _apply_unstructured if params["method"] == "unstructured" else _apply_structured
+    new = run(handle, params, data, progress, example)
     progress.update(1.0, "done")
     return new
+
+
+def _apply_unstructured(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
+                        progress: Progress, example) -> ModelHandle:
+    original = handle.torch_module()
+    reference = frozen_copy(original)
+    overrides = parse_layer_ratios(params["layer_ratios"])
+    progress.update(0.0, "magnitude pruning")
+    model = prune_unstructured_module(original, params["ratio"], scope=params["scope"],
+                                      ignored=list(params["ignored"]), permanent=False, per_layer=overrides)
+    progress.update(0.5, "pruned")
+    history = _finetune_after(handle, model, params, data, progress.sub(0.5, 1.0, "fine-tuning: "), reference)
+    make_permanent(model)
+    zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, _prunable_types()))
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _prunable_types()))
+    new = handle.derive(module=model, step={"technique": "prune", **params})
+    new.info.update({"method": "unstructured", "pruning": {
+        "method": "unstructured", "ratio": params["ratio"], "scope": params["scope"],
+        "weights_zeroed": zeros, "weights": weights, "achieved_weight_sparsity": zeros / max(1, weights),
+        "layer_ratios": overrides, "finetune": history}})
+    if DENSE_RUNTIME_NOTE not in new.warnings:
+        new.warnings.append(DENSE_RUNTIME_NOTE)
+    return new
+
+
+def _allocate(handle: ModelHandle, params: dict[str, Any], data: Dataset | None, progress: Progress,
+              example) -> tuple[dict[str, float] | None, list[dict[str, Any]] | None]:
+    """Per-layer ratios: measured sensitivity's (``allocation = "sensitivity"``), then the user's."""
+    per_layer, rows = None, None
+    importance, ign = params["importance"], list(params["ignored"]) or None
+    if params["allocation"] == "sensitivity":
+        rows = layer_sensitivity(handle, data, progress=progress.sub(0.0, 0.35, "sensitivity: "),
+                                 importance="l1" if importance in ("taylor", "random") else importance,
+                                 ignored=ign)
+        per_layer = sensitivity_allocation(handle.torch_module(), example, params["ratio"], rows, ignored=ign,
+                                           importance="l1" if importance == "taylor" else importance,
+                                           round_to=params["round_to"] or None)
+    overrides = parse_layer_ratios(params["layer_ratios"])
+    if overrides:  # the user's per-layer ratios win over the allocation's
+        per_layer = {**(per_layer or {}), **overrides}
+    return per_layer, rows
+
+
+def _apply_structured(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
+                      progress: Progress, example) -> ModelHandle:
+    original = handle.torch_module()
+    reference = frozen_copy(original)
+    before_params = _deployed_params(handle)  # the deployed ONNX: buffer weights of converted graphs count
+    ratio, importance, ign = params["ratio"], params["importance"], list(params["ignored"]) or None
+    per_layer, rows = _allocate(handle, params, data, progress, example)
+    model = prune_structured_module(
+        original, example, ratio, importance=importance, scope=params["scope"],
+        ignored=ign, iterative_steps=params["iterative_steps"],
+        round_to=params["round_to"] or None, per_layer=per_layer,
+        data_batches=_data_batches(handle, data, reference) if importance == "taylor" else None,
+        compensate=_compensation_batches(handle, data) if params["bias_compensation"] else None,
+        progress=progress.sub(0.35, 0.5, "pruning: "))
+    _check_shapes(handle, original, model, example)
+    unchanged = _param_count(model) == _param_count(original) and ratio > 0
+    recalibrated = 0
+    if not unchanged and params["recalibrate_bn"] and data is not None:
+        recalibrated = recalibrate_batchnorm(model, data, handle.input_names)
+    # fine-tuning a model that was not pruned would change it under a name that says "pruned"
+    history = [] if unchanged else _finetune_after(handle, model, params, data,
+                                                   progress.sub(0.5, 1.0, "fine-tuning: "), reference)
+    before_ch, after_ch = _channels(original), _channels(model)
+    new = handle.derive(module=model, step={"technique": "prune", **params})
+    after_params = _deployed_params(new)
+    new.info.update({"method": "structured", "pruning": {
+        "method": "structured", "ratio": ratio, "importance": importance, "scope": params["scope"],
+        "allocation": params["allocation"], "ignored": _with_head(original, example, ign),
+        "params_before": before_params, "params_after": after_params,
+        "achieved_param_ratio": after_params / max(1, before_params),
+        "kept_channels": {n: {"before": before_ch[n], "after": after_ch.get(n, before_ch[n])} for n in before_ch},
+        "per_layer_ratio": per_layer, "layer_ratios": parse_layer_ratios(params["layer_ratios"]),
+        "finetune": history, "batchnorm_recalibrated": recalibrated,
+        "teacher_weight": params["teacher_weight"] if history else None}})
+    if rows is not None:
+        new.info["sensitivity"] = rows
+    if unchanged:
+        new.info[NO_CHANGE] = _why_unchanged(original, example, ign, params["round_to"], ratio, before_ch)
+    return new
+
+
+def _why_unchanged(original: nn.Module, example, ignored: list[str] | None, round_to: int, ratio: float,
+                   channels: dict[str, int]) -> str:
+    if not prunable_layers(original, example, ignored):
+        return "its only Conv/Linear layers are the output layer and 'ignored' ones, which are kept"
+    if round_to:
+        widest = max(channels.values(), default=0)
+        return f"with round_to = {round_to} no layer could lose channels (the widest has {widest})"
+    return f"ratio {ratio:g} removes less than one channel in every prunable layer"
 
 
 def _check_shapes(handle: ModelHandle, original: nn.Module, pruned: nn.Module, example) -> None:
@@ -769,8 +787,31 @@ def _check_shapes(handle: ModelHandle, original: nn.Module, pruned: nn.Module, e
                            f"{tuple(b.shape)}; add the output layer to 'ignored'", path=handle.source)
 
 
+# --- the technique: its hooks and its one schema -----------------------------------------------------
+
+def _estimate(step: dict[str, Any], est) -> bool:
+    """The instant estimate (:class:`tugboat.engine.estimate.EstimateState`): the channels each layer
+    keeps (structured) or the share of its weights zeroed (unstructured)."""
+    if not est.profile.torch:
+        return False
+    per_layer = parse_layer_ratios(step["layer_ratios"], skip_bad=True)
+    if step["method"] == "structured":
+        if step["scope"] == "global" or step["allocation"] == "sensitivity":
+            est.approximate.append("per-layer ratios vary; estimated as uniform")
+        est.prune_channels(step["ratio"], step["ignored"], step["round_to"], per_layer)
+    else:
+        est.sparsify(step["ratio"], step["ignored"], per_layer)
+    return True
+
+
+def _memory(step: dict[str, Any], mem) -> None:
+    """Memory phases (:class:`tugboat.engine.memory.StepMemory`): fine-tuning, when there is any."""
+    if step["finetune_epochs"] > 0:
+        mem.training("fine-tuning")
+
+
 _FT = ("unstructured", "structured")
-TECHNIQUE = register(Technique(
+TECHNIQUE = Technique(
     name="prune",
     title="Pruning",
     summary="Remove the weights or channels that matter least, then fine-tune to recover accuracy.",
@@ -781,7 +822,7 @@ TECHNIQUE = register(Technique(
     default_method="structured",
     params=[
         Param("ratio", "float", 0.5, "share of channels (structured) or weights (unstructured) removed",
-              minimum=0.0, maximum=0.99),
+              minimum=0.0, maximum=MAX_RATIO, short="r"),
         Param("scope", "choice", "uniform", "uniform: same ratio in every layer (structured) / "
               "layer: per layer (unstructured); global: rank all layers together",
               choices=("uniform", "global", "layer")),
@@ -791,7 +832,7 @@ TECHNIQUE = register(Technique(
         Param("ignored", "list", [], "layer names never pruned (the classifier head always is kept)"),
         Param("layer_ratios", "list", [], "per-layer ratios that override the ratio, as "
               "\"layer=ratio\" (e.g. \"features.3=0.25\"; 0 keeps the layer whole); set from the "
-              "Layers view"),
+              "Layers view", check=parse_layer_ratios),
         Param("iterative_steps", "int", 1, "prune in this many smaller steps", minimum=1, maximum=20,
               methods=("structured",)),
         Param("round_to", "int", 0, "keep channel counts a multiple of this (0: any); 8 or 16 suit "
@@ -825,4 +866,6 @@ TECHNIQUE = register(Technique(
     ],
     apply=apply,
     needs_torch=True,
-))
+    estimate=_estimate,
+    memory=_memory,
+)

@@ -93,11 +93,11 @@ def _fake_quantize(module: nn.Module, params: dict, api, where: str) -> tuple[li
     layers = [m for m in module.modules() if isinstance(m, _LAYERS)]
     if not layers:
         raise TugboatError("qat-int8 found no Conv or Linear layers to quantize", path=where)
-    signed = params.get("activation_type", "uint8") == "int8"
+    signed = params["activation_type"] == "int8"
     hooks, inputs = [], []
     for layer in layers:
         parametrize.register_parametrization(layer, "weight",
-                                             _WeightFakeQuant(api, params.get("per_channel", True)))
+                                             _WeightFakeQuant(api, params["per_channel"]))
         fq = api.FakeQuantize(observer=api.MovingAverageMinMaxObserver, quant_min=-128 if signed else 0,
                               quant_max=127 if signed else 255, dtype=torch.qint8 if signed else torch.quint8,
                               qscheme=torch.per_tensor_affine)
@@ -155,7 +155,7 @@ def train_qat(handle: ModelHandle, data: Dataset, params: dict, progress: Progre
     """Fine-tune a fake-quantized copy of the handle's torch module; return it as a plain float
     module (eval mode, on the CPU) and a summary (best epoch, its validation accuracy and loss)."""
     api = fake_quant_api()
-    device = resolve_device(params.get("device", "auto"), "quantize.device")
+    device = resolve_device(params["device"], "quantize.device")
     teacher = handle.torch_module().eval()
     module = fold_batchnorm(copy.deepcopy(teacher).eval())
     layers, hooks, input_fqs = _fake_quantize(module, params, api, handle.source)
@@ -168,7 +168,7 @@ def train_qat(handle: ModelHandle, data: Dataset, params: dict, progress: Progre
             fq.to(device)
         teacher = copy.deepcopy(teacher).to(device) if device != "cpu" else teacher
         classification = handle.task == "classification"
-        w_teacher = params.get("teacher_weight", 0.8) if data.labels is not None and classification else 1.0
+        w_teacher = params["teacher_weight"] if data.labels is not None and classification else 1.0
         qat_loss = _loss_fn(teacher, classification, w_teacher)
         task = _task(module, teacher, data, params, handle.input_names, qat_loss, api)
         task.evaluate = _validation(module, teacher, data, split, handle.input_names, classification,
@@ -176,7 +176,7 @@ def train_qat(handle: ModelHandle, data: Dataset, params: dict, progress: Progre
         epochs, batch = int(params["epochs"]), int(params["batch_size"])
         spec = TrainSpec(epochs=epochs, lr=float(params["lr"]), optimizer="adam",
                          steps_per_epoch=max(1, -(-len(data.splits["train"]) // batch)),
-                         seed=int(params.get("seed", 0)), name="quantization-aware training",
+                         seed=int(params["seed"]), name="quantization-aware training",
                          message="epoch {epoch}/{epochs}, batch {batch}/{batches}", device=device)
         result = train(module, [p for p in module.parameters() if p.requires_grad], spec, task, progress)
     finally:
@@ -189,7 +189,7 @@ def train_qat(handle: ModelHandle, data: Dataset, params: dict, progress: Progre
 
 def _task(module: nn.Module, teacher: nn.Module, data: Dataset, params: dict, names: list[str], qat_loss,
           api) -> TrainTask:
-    epochs, batch, seed = int(params["epochs"]), int(params["batch_size"]), int(params.get("seed", 0))
+    epochs, batch, seed = int(params["epochs"]), int(params["batch_size"]), int(params["seed"])
 
     def start_epoch(epoch: int) -> None:
         if epoch == epochs and epochs > 1:

@@ -48,7 +48,7 @@ from .models import ModelHandle
 from .names import layer_of
 from .progress import Progress, null_progress
 from .runtime import _cast, ort_session, run_onnx
-from .steps import NO_CHANGE, Param, Technique, register
+from .technique import NO_CHANGE, Param, Technique
 
 METHODS = {
     "auto": "int8 chosen per model kind: static-int8 for convolutional networks (fast int8 "
@@ -130,7 +130,7 @@ PARAMS = [
     Param("block_size", "int", 32,
           "weights per shared scale in weight-only quantization (power of two, at least 16): "
           "smaller blocks are more accurate and a little larger", minimum=16, maximum=256,
-          methods=_WEIGHT_ONLY),
+          methods=_WEIGHT_ONLY, short="bs"),
     Param("symmetric", "bool", True,
           "symmetric weight ranges (no zero point): simpler and usually as accurate",
           methods=_WEIGHT_ONLY),
@@ -399,7 +399,7 @@ _AUTO_DYNAMIC_OPS = ["MatMul", "Gather", "LSTM", "Attention", "EmbedLayerNormali
 
 def _static_plan(model: onnx.ModelProto, params: dict) -> tuple[dict, list[str], str | None]:
     """Per-kind defaults for static-int8: (params, nodes to keep float, note)."""
-    if params.get("op_types") or model_kind(model)["kind"] != "transformer":
+    if params["op_types"] or model_kind(model)["kind"] != "transformer":
         return params, [], None
     inits = {i.name: i for i in model.graph.initializer}
     keep = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name
@@ -647,10 +647,11 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
     """``quantize_static`` in QDQ format, calibrated on ``calib`` (arrays in ``names`` order)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-    if params.get("activation_type") == "int8" and params.get("weight_type") == "uint8":
+    params = TECHNIQUE.defaults("static-int8") | params  # direct callers may give only some
+    if params["activation_type"] == "int8" and params["weight_type"] == "uint8":
         raise TugboatError("static int8 with activation_type int8 needs weight_type int8 (ONNX "
                            "Runtime has no kernels for int8 activations with uint8 weights)")
-    calibration = params.get("calibration", "percentile")
+    calibration = params["calibration"]
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[
         "percentile" if calibration == "auto" else calibration]
@@ -663,13 +664,13 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
             quantize_static(
                 # a copy: ORT may move the tensors of the model it is given to external data
                 _copy(model), str(out), _calibration_reader(names, calib, progress, _fixed_batch(model)),
-                quant_format=QuantFormat.QDQ, op_types_to_quantize=params.get("op_types") or None,
-                per_channel=params.get("per_channel", True),
-                activation_type=_quant_type(params.get("activation_type", "uint8")),
-                weight_type=_quant_type(params.get("weight_type", "int8")),
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=params["op_types"] or None,
+                per_channel=params["per_channel"],
+                activation_type=_quant_type(params["activation_type"]),
+                weight_type=_quant_type(params["weight_type"]),
                 nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=exclude or None,
                 calibrate_method=method, extra_options=extra,
-                reduce_range=_reduce_range(params.get("reduce_range", "auto")),
+                reduce_range=_reduce_range(params["reduce_range"]),
                 calibration_cache_path=None,
             )
         return onnx.load(str(out))
@@ -692,12 +693,13 @@ def _histogram_errors(calibration: str):
 def dynamic_int8(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.ModelProto:
     from onnxruntime.quantization import quantize_dynamic
 
+    params = TECHNIQUE.defaults("dynamic-int8") | params  # direct callers may give only some
     with _tmp() as tmp:
         out = Path(tmp) / "q.onnx"
         with _quiet():
-            quantize_dynamic(_copy(model), str(out), op_types_to_quantize=params.get("op_types") or None,
-                             per_channel=params.get("per_channel", True),
-                             weight_type=_quant_type(params.get("weight_type", "int8")),
+            quantize_dynamic(_copy(model), str(out), op_types_to_quantize=params["op_types"] or None,
+                             per_channel=params["per_channel"],
+                             weight_type=_quant_type(params["weight_type"]),
                              nodes_to_exclude=exclude or None)
         return onnx.load(str(out))
 
@@ -708,13 +710,14 @@ def weight_only(model: onnx.ModelProto, bits: int, params: dict, exclude: list[s
         MatMulNBitsQuantizer,
     )
 
-    block = int(params.get("block_size", 32))
+    params = TECHNIQUE.defaults(f"weight-only-int{bits}") | params  # direct callers may give only some
+    block = params["block_size"]
     if block & (block - 1):
         raise TugboatError(f"'block_size' must be a power of two (16, 32, 64, ...), got {block}")
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=params.get("symmetric", True),
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=params["symmetric"],
                                        bits=bits, op_types_to_quantize=("MatMul",))
     quant = MatMulNBitsQuantizer(_copy(model), bits=bits, block_size=block,
-                                 is_symmetric=params.get("symmetric", True),
+                                 is_symmetric=params["symmetric"],
                                  nodes_to_exclude=exclude or [], algo_config=cfg)
     with _quiet():
         quant.process()
@@ -724,8 +727,9 @@ def weight_only(model: onnx.ModelProto, bits: int, params: dict, exclude: list[s
 def fp16(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    params = TECHNIQUE.defaults("fp16") | params  # direct callers may give only some
     with _quiet():
-        half = convert_float_to_float16(_copy(model), keep_io_types=params.get("keep_io_float32", True),
+        half = convert_float_to_float16(_copy(model), keep_io_types=params["keep_io_float32"],
                                         node_block_list=exclude or None)
     return toposort(half)
 
@@ -783,7 +787,7 @@ def layer_sensitivity(handle: ModelHandle, data: Dataset, params: dict[str, Any]
     Rows, most sensitive first: ``{"node", "layer", "op_type", "accuracy", "accuracy_drop",
     "rel_error"}``. The GUI charts these; ``max_accuracy_drop`` uses them to pick layers to keep."""
     progress = progress or null_progress()
-    params = {p.name: p.default for p in PARAMS if p.applies_to("static-int8")} | dict(params or {})
+    params = TECHNIQUE.defaults("static-int8") | dict(params or {})
     float_model = model if model is not None else handle.to_onnx()
     split = _eval_split(data)
     xs_d, labels = data.split(split)
@@ -793,7 +797,7 @@ def layer_sensitivity(handle: ModelHandle, data: Dataset, params: dict[str, Any]
         prepared = _prepared(float_model, Path(tmp))
     reference = run_onnx(prepared, xs)[0]
     base = _evaluate(prepared, xs, labels, reference)
-    op_types = params.get("op_types") or ["Conv", "Gemm", "MatMul"]
+    op_types = params["op_types"] or ["Conv", "Gemm", "MatMul"]
     candidates = [n for n in weight_nodes(prepared, tuple(op_types)) if n.name]
     rows = []
     for i, node in enumerate(candidates):
@@ -923,7 +927,7 @@ def _best_calibration(prepared: onnx.ModelProto, handle: ModelHandle, calib: lis
                       ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Static int8 with the asked calibration, or with ``auto``: percentile and minmax both, the
     one closer to the float model on the val split kept (top-1 agreement, then cosine)."""
-    asked = params.get("calibration", "auto")
+    asked = params["calibration"]
     methods = ["percentile", "minmax"] if asked == "auto" and check is not None else \
         ["percentile" if asked == "auto" else asked]
     best = None
@@ -1125,124 +1129,170 @@ def _count(model: onnx.ModelProto, ops: tuple[str, ...]) -> int:
     return sum(1 for n in model.graph.node if n.op_type in ops)
 
 
+@dataclass
+class _Job:
+    """One quantize step on its way: the graphs, the layers kept in float, and what it reports."""
+
+    handle: ModelHandle
+    data: Dataset | None
+    params: dict[str, Any]
+    method: str
+    float_model: onnx.ModelProto  # the float graph the quantized one is checked against
+    progress: Progress
+    info: dict[str, Any]
+    warn: list[str]
+    work: onnx.ModelProto | None = None  # the graph given to the quantizer (names kept by compact())
+    exclude: list[str] | None = None  # node names kept in float, resolved once on ``work``
+    check: _CheckSet | None = None
+    redo: Any = None  # redo(extra layers kept float) -> quantized graph: to try the low-fidelity advice
+    module_out: Any = None  # a torch module beside the graph (dynamic int8 for torch)
+
+
 def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
           progress: Progress) -> ModelHandle:
-    method = params["method"]
+    params = TECHNIQUE.complete(params)  # a validated step's, or a direct caller's partial ones
     step = {"technique": "quantize", **params}
-    exclude_names = list(params.get("exclude") or [])
-    info: dict[str, Any] = {"method": method}
-    warn: list[str] = []
+    job = _Job(handle, data, params, params["method"], None, progress, {"method": params["method"]}, [])
     progress.update(0.0, "exporting the float graph")
-    if method == "qat-int8":
-        trained, info["qat"] = _qat_train(handle, data, params, progress.sub(0.0, 0.7, "QAT: "))
+    source = handle
+    if job.method == "qat-int8":
+        trained, job.info["qat"] = _qat_train(handle, data, params, progress.sub(0.0, 0.7, "QAT: "))
         source = handle.derive(module=trained, onnx_model=None)
-        float_model = source.to_onnx()
-        progress = progress.sub(0.7, 1.0)
+        job.float_model = source.to_onnx()
+        job.progress = progress.sub(0.7, 1.0)
     else:
-        float_model = handle.to_onnx()
-    float_model = constants_to_initializers(float_model)
-    if method in (*_INT8,) and params.get("per_channel", True):
-        float_model, why_not = at_least_opset(float_model, 13)
-        if why_not:
-            params = {**params, "per_channel": False}
-            warn.append(f"per-tensor weight scales: per-channel needs opset 13, and {why_not}")
-    exclude = _resolve_names(float_model, exclude_names, "quantize.exclude") if exclude_names else []
-    if method == "auto":
-        method, why = auto_method(float_model)
-        info["auto"] = {"method": method, "why": why}
-        if method == "dynamic-int8" and not params.get("op_types"):
-            params = {**params, "op_types": list(_AUTO_DYNAMIC_OPS)}
-    check = _check_set(handle, data, float_model if method != "qat-int8" else handle.to_onnx())
+        job.float_model = handle.to_onnx()
+    _prepare_graphs(job)
+    q = {"static-int8": _quantize_static, "qat-int8": _quantize_static, "dynamic-int8": _quantize_dynamic,
+     "weight-only-int8": _quantize_weight_only, "weight-only-int4": _quantize_weight_only,
+     "fp16": _quantize_fp16}[job.method](job)
+    return _finish(job, q, source, step)
 
-    module_out = None
-    q = None
-    redo = None  # redo(extra nodes kept float) -> quantized graph: to try the low-fidelity advice
-    quantized_from = float_model  # the graph the quantizer was given (names kept by compact())
-    if method in _STATIC:
-        notes: list[str] = []
-        calib = _calib_arrays(data, handle, params["calibration_samples"], method, notes)
-        with _tmp() as tmp:
-            prepared = _prepared(float_model, Path(tmp))
-        float_model = prepared
-        quantized_from = prepared
-        exclude = _resolve_names(prepared, exclude_names, "quantize.exclude") if exclude_names else []
-        params, keep_float, plan = _static_plan(prepared, params)
-        if plan:
-            info["plan"] = plan
-        exclude = exclude + [n for n in keep_float if n not in exclude]
-        info["calibration_samples_used"] = len(calib[0])
-        if notes:
-            info["calibration_note"] = "; ".join(notes)
-            warn.extend(n for n in notes if "the data has" in n)
-        if params.get("max_accuracy_drop", 0.0) > 0:
-            q, aware = _accuracy_aware(handle, prepared, calib, data, params, exclude,
-                                       progress.sub(0.05, 1.0))
-            info["accuracy_aware"] = {k: v for k, v in aware.items() if k != "sensitivity"}
-            info["sensitivity"] = aware["sensitivity"]
-            info["kept_float"] = [k["layer"] for k in aware["kept_float"]]
-            if aware["kept_float"]:
-                why = ", ".join(f"{k['layer']} (alone it costs {100 * k['accuracy_drop_alone']:.1f} "
-                                f"points, output error {k['rel_error_alone']:.3f})"
-                                for k in aware["kept_float"])
-                warn.append(f"kept in float to stay within max_accuracy_drop={params['max_accuracy_drop']:g}"
-                            f": {why}")
-            if not aware.get("within_tolerance", True):
-                warn.append("accuracy-aware quantization could not reach the tolerance even with "
-                            "every layer in float")
-        else:
-            q, info["calibration"] = _best_calibration(prepared, handle, calib, params, exclude, check,
+
+def _prepare_graphs(job: _Job) -> None:
+    """The float graph ready for the method (opset, ``auto`` decided), the quantizer's input graph,
+    and the layers kept in float resolved once on it."""
+    params = job.params
+    job.float_model = constants_to_initializers(job.float_model)
+    if job.method in (*_INT8,) and params["per_channel"]:
+        job.float_model, why_not = at_least_opset(job.float_model, 13)
+        if why_not:
+            job.params = params = {**params, "per_channel": False}
+            job.warn.append(f"per-tensor weight scales: per-channel needs opset 13, and {why_not}")
+    if job.method == "auto":
+        job.method, why = auto_method(job.float_model)
+        job.info["auto"] = {"method": job.method, "why": why}
+        if job.method == "dynamic-int8" and not params["op_types"]:
+            job.params = {**params, "op_types": list(_AUTO_DYNAMIC_OPS)}
+    job.check = _check_set(job.handle, job.data,
+                           job.float_model if job.method != "qat-int8" else job.handle.to_onnx())
+    if job.method in (*_STATIC, "dynamic-int8"):
+        with _tmp() as tmp:  # shape inference and constant folding: fewer, smaller nodes
+            job.float_model = _prepared(job.float_model, Path(tmp))
+    job.work = gemm_to_matmul(job.float_model) if job.method in ("dynamic-int8", *_WEIGHT_ONLY) \
+        else job.float_model
+    names = job.params["exclude"]
+    job.exclude = _resolve_names(job.work, names, "quantize.exclude") if names else []
+
+
+def _quantize_static(job: _Job) -> onnx.ModelProto:
+    params, handle, progress, prepared = job.params, job.handle, job.progress, job.work
+    notes: list[str] = []
+    calib = _calib_arrays(job.data, handle, params["calibration_samples"], job.method, notes)
+    params, keep_float, plan = _static_plan(prepared, params)
+    job.params = params
+    if plan:
+        job.info["plan"] = plan
+    exclude = job.exclude = job.exclude + [n for n in keep_float if n not in job.exclude]
+    job.info["calibration_samples_used"] = len(calib[0])
+    if notes:
+        job.info["calibration_note"] = "; ".join(notes)
+        job.warn.extend(n for n in notes if "the data has" in n)
+    if params["max_accuracy_drop"] > 0:
+        q = _quantize_accuracy_aware(job, calib)
+    else:
+        q, job.info["calibration"] = _best_calibration(prepared, handle, calib, params, exclude, job.check,
                                                        progress.sub(0.05, 0.95))
-            chosen = {**params, "calibration": info["calibration"]["method"]}
-            redo = (lambda extra: static_int8(prepared, handle.input_names, calib, chosen,  # cancellable
+        chosen = {**params, "calibration": job.info["calibration"]["method"]}
+        job.redo = (lambda extra: static_int8(prepared, handle.input_names, calib, chosen,  # cancellable
                                               progress.sub(0.95, 1.0, "trying layers in float: "),
                                               exclude=exclude + _nodes_for(prepared, extra)))
-        info["quantized_nodes"] = _count(q, ("QuantizeLinear",))
-    elif method == "dynamic-int8":
-        with _tmp() as tmp:  # shape inference and constant folding: fewer, smaller nodes
-            float_model = _prepared(float_model, Path(tmp))
-        work = quantized_from = gemm_to_matmul(float_model)
-        exclude = _resolve_names(work, exclude_names, "quantize.exclude") if exclude_names else []
-        progress.update(0.2, "quantizing weights")
-        if params.get("runtime") == "torch" and not params.get("op_types"):
-            # torch dynamic int8 covers Linear only: the ONNX equivalent quantizes MatMul only
-            params = {**params, "op_types": ["MatMul"]}
-        q = dynamic_int8(work, params, exclude)
-        redo = (lambda extra, p=params: dynamic_int8(work, p, exclude + _nodes_for(work, extra)))
-        if params.get("runtime") == "torch":
-            module_out = torch_dynamic_int8(handle.torch_module(), exclude_names)
-        if _count(q, ("ConvInteger",)):
-            # advice only: whether it is really slower is measured (measure.slower_than)
-            info["note"] = ("dynamic int8 quantized convolutions (ConvInteger), which ONNX Runtime often "
-                        "runs slower than float; static-int8 or op_types = [\"MatMul\", \"Gemm\"] "
-                        "avoid it")
-    elif method in _WEIGHT_ONLY:
-        bits = 8 if method == "weight-only-int8" else 4
-        work = quantized_from = gemm_to_matmul(float_model)
-        exclude = _resolve_names(work, exclude_names, "quantize.exclude") if exclude_names else []
-        progress.update(0.2, f"quantizing MatMul weights to {bits} bits")
-        q = weight_only(work, bits, params, exclude)
-        redo = lambda extra: weight_only(work, bits, params, exclude + _nodes_for(work, extra))
-        done = _count(q, ("MatMulNBits",))
-        left = [layer_of(n.name) for n in weight_nodes(q, ("Conv", "ConvTranspose"))]
-        info["quantized_layers"] = done
-        if left:
-            info["float_layers"] = left
-            warn.append(f"weight-only quantization covers MatMul/Linear only; {len(left)} "
+    job.info["quantized_nodes"] = _count(q, ("QuantizeLinear",))
+    return q
+
+
+def _quantize_accuracy_aware(job: _Job, calib) -> onnx.ModelProto:
+    params, info = job.params, job.info
+    q, aware = _accuracy_aware(job.handle, job.work, calib, job.data, params, job.exclude,
+                               job.progress.sub(0.05, 1.0))
+    info["accuracy_aware"] = {k: v for k, v in aware.items() if k != "sensitivity"}
+    info["sensitivity"] = aware["sensitivity"]
+    info["kept_float"] = [k["layer"] for k in aware["kept_float"]]
+    if aware["kept_float"]:
+        why = ", ".join(f"{k['layer']} (alone it costs {100 * k['accuracy_drop_alone']:.1f} "
+                        f"points, output error {k['rel_error_alone']:.3f})"
+                        for k in aware["kept_float"])
+        job.warn.append(f"kept in float to stay within max_accuracy_drop={params['max_accuracy_drop']:g}"
+                        f": {why}")
+    if not aware.get("within_tolerance", True):
+        job.warn.append("accuracy-aware quantization could not reach the tolerance even with "
+                        "every layer in float")
+    return q
+
+
+def _quantize_dynamic(job: _Job) -> onnx.ModelProto:
+    work, exclude = job.work, job.exclude
+    job.progress.update(0.2, "quantizing weights")
+    if job.params["runtime"] == "torch" and not job.params["op_types"]:
+        # torch dynamic int8 covers Linear only: the ONNX equivalent quantizes MatMul only
+        job.params = {**job.params, "op_types": ["MatMul"]}
+    params = job.params
+    q = dynamic_int8(work, params, exclude)
+    job.redo = (lambda extra: dynamic_int8(work, params, exclude + _nodes_for(work, extra)))
+    if params["runtime"] == "torch":
+        job.module_out = torch_dynamic_int8(job.handle.torch_module(), params["exclude"])
+    if _count(q, ("ConvInteger",)):
+        # advice only: whether it is really slower is measured (measure.slower_than)
+        job.info["note"] = ("dynamic int8 quantized convolutions (ConvInteger), which ONNX Runtime often "
+                            "runs slower than float; static-int8 or op_types = [\"MatMul\", \"Gemm\"] "
+                            "avoid it")
+    return q
+
+
+def _quantize_weight_only(job: _Job) -> onnx.ModelProto:
+    work, exclude, params = job.work, job.exclude, job.params
+    bits = 8 if job.method == "weight-only-int8" else 4
+    job.progress.update(0.2, f"quantizing MatMul weights to {bits} bits")
+    q = weight_only(work, bits, params, exclude)
+    job.redo = lambda extra: weight_only(work, bits, params, exclude + _nodes_for(work, extra))
+    done = _count(q, ("MatMulNBits",))
+    left = [layer_of(n.name) for n in weight_nodes(q, ("Conv", "ConvTranspose"))]
+    job.info["quantized_layers"] = done
+    if left:
+        job.info["float_layers"] = left
+        job.warn.append(f"weight-only quantization covers MatMul/Linear only; {len(left)} "
                         f"convolution layer(s) stay float")
-        if not done:
-            raise TugboatError(f"{method} found no MatMul/Linear weights of a size it can quantize",
-                               path=handle.source)
-    elif method == "fp16":
-        progress.update(0.2, "converting to float16")
-        q = fp16(float_model, params, exclude)
-        redo = lambda extra: fp16(float_model, params, exclude + _nodes_for(float_model, extra))
-    else:  # pragma: no cover - validated by the registry
-        raise TugboatError(f"unknown quantize method {method!r}")
+    if not done:
+        raise TugboatError(f"{job.method} found no MatMul/Linear weights of a size it can quantize",
+                           path=job.handle.source)
+    return q
+
+
+def _quantize_fp16(job: _Job) -> onnx.ModelProto:
+    work, exclude, params = job.work, job.exclude, job.params
+    job.progress.update(0.2, "converting to float16")
+    job.redo = lambda extra: fp16(work, params, exclude + _nodes_for(work, extra))
+    return fp16(work, params, exclude)
+
+
+def _finish(job: _Job, q: onnx.ModelProto, source: ModelHandle, step: dict[str, Any]) -> ModelHandle:
+    """Compact, check fidelity and the graph, and wrap the quantized graph in a new handle."""
+    handle, method, float_model, info, progress = job.handle, job.method, job.float_model, job.info, job.progress
     progress.check()
-    q = compact(q, quantized_from)
-    if check is not None and not info.get("accuracy_aware"):
+    q = compact(q, job.work)
+    if job.check is not None and not info.get("accuracy_aware"):
         progress.update(0.97, "checking fidelity to the float model")
-        _fidelity_check(q, float_model, check, method, info, warn, redo)
+        _fidelity_check(q, float_model, job.check, method, info, job.warn, job.redo)
     q = _with_meta(q, float_model)
     try:
         onnx.checker.check_model(q)
@@ -1250,27 +1300,73 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
         raise TugboatError(f"quantized graph fails onnx.checker: {str(exc)[:300]}",
                            path=handle.source) from None
     progress.update(1.0, "quantized")
-    if module_out is not None:
-        out = handle.derive(module=module_out, onnx_model=None, step=step)
+    if job.module_out is not None:
+        out = handle.derive(module=job.module_out, onnx_model=None, step=step)
         out.deploy_onnx = q  # the torch module cannot be exported; this is its ONNX equivalent
     else:
         out = handle.derive(module=None, onnx_model=q, step=step)
         out.conversion_error = f"quantized with {method} for ONNX Runtime (no torch module)"
-        out.float_module = (source if method == "qat-int8" else handle).module
-    out.info.setdefault("quantize", {})
+        out.float_module = source.module
     out.info["quantize"] = info
     for key in ("kept_float", "sensitivity"):
         if key in info:
             out.info[key] = info[key]
-    out.warnings += warn
+    out.warnings += job.warn
     if method != "fp16" and not _count(q, QUANTIZED_OPS) and _count(float_model, QUANTIZED_OPS) == 0:
-        ops = params.get("op_types") or ["every supported type"]
+        ops = job.params["op_types"] or ["every supported type"]
         out.info[NO_CHANGE] = (f"no operator was quantized (op_types: {', '.join(ops)}; the model's "
                                f"operators: {', '.join(sorted({n.op_type for n in float_model.graph.node}))})")
     return out
 
 
-TECHNIQUE = register(Technique(
+# --- the technique: its hooks and its one schema -----------------------------------------------------
+
+# how the instant estimate stores a layer each method quantizes (tugboat.engine.estimate)
+_SCHEMES = {"static-int8": "static", "qat-int8": "static", "dynamic-int8": "dynamic",
+            "weight-only-int8": "wo8", "weight-only-int4": "wo4", "fp16": "fp16"}
+
+
+def _layer_scheme(method: str, op: str, ops: list[str], linear_only: bool) -> str | None:
+    """The estimate's storage scheme of a layer (``op``: "conv" | "linear") under ``method``, or
+    None where the method leaves it float (op_types; Linear-only methods)."""
+    onnx_op = "Conv" if op == "conv" else ("Gemm" if method in _STATIC else "MatMul")
+    if ops and onnx_op not in ops and not (onnx_op == "Gemm" and "MatMul" in ops):
+        return None
+    if op != "linear" and linear_only:
+        return None
+    return _SCHEMES[method]
+
+
+def _estimate(step: dict[str, Any], est) -> bool:
+    """The instant estimate (:class:`tugboat.engine.estimate.EstimateState`): which layers are
+    stored how, as each method (and ``auto``, like :func:`auto_method`) quantizes them."""
+    method = step["method"]
+    if method == "qat-int8" and not est.profile.torch:
+        return False
+    ops = [str(o) for o in step["op_types"]] if "op_types" in step else []
+    if method == "auto":  # where most weights sit
+        method = "static-int8" if est.weights("conv") >= est.weights("linear") else "dynamic-int8"
+        if method == "dynamic-int8" and not ops:
+            ops = ["MatMul"]
+    torch_model = "runtime" in step and step["runtime"] == "torch"  # dynamic int8 in torch: Linear only
+    linear_only = method in _WEIGHT_ONLY or torch_model
+    est.quantize(method, step, lambda op: _layer_scheme(method, op, ops, linear_only), step["exclude"],
+                 runs_in_torch=torch_model)
+    return True
+
+
+def _memory(step: dict[str, Any], mem) -> None:
+    """Memory phases (:class:`tugboat.engine.memory.StepMemory`): QAT trains, static int8 calibrates
+    (``auto`` may pick it), the others run ONNX Runtime's quantizer over the weights."""
+    if step["method"] == "qat-int8":
+        mem.training("QAT")
+    elif step["method"] in ("static-int8", "auto"):
+        mem.calibration("calibration_samples")
+    else:
+        mem.onnx_pass()
+
+
+TECHNIQUE = Technique(
     name="quantize",
     title="Quantization",
     summary="Store weights (and activations) in fewer bits: int8, int4 or float16, measured in "
@@ -1280,5 +1376,8 @@ TECHNIQUE = register(Technique(
     apply=apply,
     needs_torch=False,  # ONNX Runtime quantizes the graph; only qat-int8 asks for the module
     final=True,
+    once=True,  # a quantized graph (QDQ pairs, integer kernels) is no input for another quantizer
     default_method="auto",  # static int8 for CNNs, dynamic int8 for transformers (auto_method)
-))
+    estimate=_estimate,
+    memory=_memory,
+)

@@ -223,14 +223,15 @@ def validate_steps(raw_steps: list[dict[str, Any]], where: str = "recipe",
             steps.append(tech.validate(raw, loc))
         except RecipeError as exc:
             raise RecipeError(exc.message, path=where) from None
-    # one quantize step: a quantized graph (QDQ pairs, integer kernels) is no input for another
-    # quantizer (ONNX Runtime fails deep inside: "DequantizeLinear_Output to be an initializer")
-    quantized = [i for i, s in enumerate(steps) if s["technique"] == "quantize"]
-    if len(quantized) > 1:
-        i, j = quantized[0], quantized[1]
-        raise RecipeError(f"'steps.{j}': a second quantize step ({steps[j]['method']}) after steps.{i} "
-                          f"({steps[i]['method']}) would quantize an already quantized model; "
-                          f"use one quantize step", path=where)
+    # a technique allowed once (quantize: a quantized graph, QDQ pairs and integer kernels, is no
+    # input for another quantizer; ONNX Runtime fails deep inside)
+    for name in {s["technique"] for s in steps if step_registry.get(s["technique"]).once}:
+        same = [i for i, s in enumerate(steps) if s["technique"] == name]
+        if len(same) > 1:
+            i, j = same[0], same[1]
+            raise RecipeError(f"'steps.{j}': a second {name} step ({steps[j]['method']}) after steps.{i} "
+                              f"({steps[i]['method']}) would {name} its output again; "
+                              f"use one {name} step", path=where)
     # a step whose output is ONNX-only (e.g. ONNX Runtime int8) cannot feed a torch step
     for i, s in enumerate(steps[:-1]):
         tech = step_registry.get(s["technique"])
@@ -309,14 +310,12 @@ def recipe_to_toml(recipe: Recipe | dict[str, Any]) -> str:
 # --- running -------------------------------------------------------------------------------------
 
 def step_label(step: dict[str, Any]) -> str:
-    """A short, readable name for a step: ``prune-structured-r0.5``."""
-    parts = [step["technique"], step["method"]]
-    for key, short in (("ratio", "r"), ("width", "w"), ("temperature", "T"), ("alpha", "a"),
-                       ("block_size", "bs")):
-        value = step.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            parts.append(f"{short}{value:g}")
-    return "-".join(p for p in parts if p)
+    """A short, readable name for a step: ``prune-structured-r0.5`` (its technique's label hook;
+    a technique this build lacks, named in a stored report, gets technique and method)."""
+    tech = step_registry.find(step.get("technique"))
+    if tech is None:
+        return "-".join(str(p) for p in (step.get("technique"), step.get("method")) if p)
+    return tech.step_label(step)
 
 
 def variant_name(steps: list[dict[str, Any]]) -> str:
