@@ -378,9 +378,9 @@ def _verify_fixes(rows: list[dict[str, Any]], float_model: onnx.ModelProto, refe
     Needed because a fix can fail where isolation blames a layer: ONNX Runtime still quantizes a
     tensor that another quantized node reads, so keeping one layer of a shared activation in
     float may change nothing."""
-    from .quantize import PARAMS, _calib_arrays, _resolve_names, static_int8
+    from .quantize import TECHNIQUE, _calib_arrays, _resolve_names, static_int8
 
-    params = {p.name: p.default for p in PARAMS if p.applies_to("static-int8")}
+    params = TECHNIQUE.defaults("static-int8")
     params.update({k: v for k, v in step.items() if k not in ("technique", "method")})
     calib = _calib_arrays(data, reference, params["calibration_samples"], "static-int8")
     exclude = _resolve_names(float_model, list(step.get("exclude") or []), "quantize.exclude") \

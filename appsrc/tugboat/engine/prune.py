@@ -218,12 +218,7 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
     for p in model.parameters():
         p.requires_grad_(True)
     ignored_layers = _resolve_names(model, _with_head(model, example, ignored), "ignored")
-    attn = attention_modules(model)
-    num_heads = {m.qkv: m.num_heads for _, m in attn}
-    hf_attn = hf_attention_modules(model)
-    for _, m in hf_attn:
-        num_heads.update({m.query: m.num_attention_heads, m.key: m.num_attention_heads,
-                          m.value: m.num_attention_heads})
+    num_heads = _head_counts(model)
     ratio_dict = None
     if per_layer:
         ratio_dict = {m: float(r) for m, r in zip(_resolve_names(model, per_layer, "per_layer"),
@@ -243,26 +238,46 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         )
         for step in range(steps):
             progress.update(step / steps, f"pruning step {step + 1}/{steps}")
-            if importance == "taylor":
-                _accumulate_gradients(model, data_batches)
-            means = _input_means(model, compensate) if compensate else {}
-            kept: dict[nn.Module, list[int]] = {}
-            for group in pruner.step(interactive=True):
-                if means:
-                    _compensate_removed_inputs(pruner.DG, group, means, kept)
-                group.prune()
-            model.zero_grad(set_to_none=True)
-    for _, m in attn:
-        m.num_heads = pruner.num_heads[m.qkv]
-        if hasattr(m, "head_dim"):
-            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-    for _, m in hf_attn:  # the forward views q/k/v as [.., heads, attention_head_size]
-        m.attention_head_size = m.query.out_features // m.num_attention_heads
-        m.all_head_size = m.query.out_features
+            _prune_step(pruner, model, data_batches if importance == "taylor" else None, compensate)
+    _update_head_sizes(model, pruner.num_heads)
     for p in model.parameters():
         p.requires_grad_(True)
     progress.update(1.0, "pruned")
     return model.eval()
+
+
+def _prune_step(pruner, model: nn.Module, gradient_batches, compensate) -> None:
+    """One of torch-pruning's iterative steps: gradients first for Taylor importance, each removed
+    input channel's mean moved into its consumer's bias when ``compensate`` batches are given."""
+    if gradient_batches is not None:
+        _accumulate_gradients(model, gradient_batches)
+    means = _input_means(model, compensate) if compensate else {}
+    kept: dict[nn.Module, list[int]] = {}
+    for group in pruner.step(interactive=True):
+        if means:
+            _compensate_removed_inputs(pruner.DG, group, means, kept)
+        group.prune()
+    model.zero_grad(set_to_none=True)
+
+
+def _head_counts(model: nn.Module) -> dict[nn.Module, int]:
+    """Attention heads per projection (ours and Hugging Face's): torch-pruning prunes head dimensions."""
+    num_heads = {m.qkv: m.num_heads for _, m in attention_modules(model)}
+    for _, m in hf_attention_modules(model):
+        num_heads.update({m.query: m.num_attention_heads, m.key: m.num_attention_heads,
+                          m.value: m.num_attention_heads})
+    return num_heads
+
+
+def _update_head_sizes(model: nn.Module, num_heads: dict[nn.Module, int]) -> None:
+    """The attention modules' head counts and sizes after their projections were pruned."""
+    for _, m in attention_modules(model):
+        m.num_heads = num_heads[m.qkv]
+        if hasattr(m, "head_dim"):
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    for _, m in hf_attention_modules(model):  # the forward views q/k/v as [.., heads, attention_head_size]
+        m.attention_head_size = m.query.out_features // m.num_attention_heads
+        m.all_head_size = m.query.out_features
 
 
 def _consumers(model: nn.Module) -> list[nn.Module]:

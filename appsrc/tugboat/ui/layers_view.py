@@ -58,16 +58,11 @@ SERIES = {  # key: (legend, colour)
 
 
 def parse_pairs(items: list[str]) -> dict[str, float]:
-    """Tolerant reading of the panel's ``layer=ratio`` entries (a half-typed one is skipped)."""
-    out: dict[str, float] = {}
-    for item in items or []:
-        name, sep, value = str(item).rpartition("=")
-        try:
-            if sep and name.strip():
-                out[name.strip()] = float(value)
-        except ValueError:
-            continue
-    return out
+    """Tolerant reading of the panel's ``layer=ratio`` entries (a half-typed one is skipped), by the
+    engine's one parser of them."""
+    from ..engine.prune import parse_layer_ratios
+
+    return parse_layer_ratios(items, skip_bad=True)
 
 
 class LayersView(QWidget):
@@ -495,9 +490,11 @@ class LayersView(QWidget):
         for old in (spin, holder):
             if old is not None:
                 old.hide()
+        from ..engine.prune import MAX_RATIO
+
         spin = QDoubleSpinBox()
         spin.setProperty("layer", layer)
-        spin.setRange(NO_OVERRIDE, 0.95)
+        spin.setRange(NO_OVERRIDE, MAX_RATIO)
         spin.setSingleStep(0.05)
         spin.setDecimals(2)
         spin.setSpecialValueText("default")
