@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 from sweep_support import FAST_MEASURE
 from tugboat.cli import main
 from tugboat.engine import distill, estimate, memory, prune, quantize, steps
+from tugboat.engine.capabilities import capabilities
 from tugboat.engine.errors import RecipeError
 from tugboat.engine.recipe import parse_recipe, step_label, variant_name
 from tugboat.engine.technique import Param, Technique
@@ -51,7 +53,8 @@ TOY = Technique(
     params=[Param("ratio", "float", 0.3, "share of each layer's weights zeroed", 0.0, 0.9, short="z"),
             Param("epochs", "int", 0, "pretend training epochs (memory phases only)", 0, 10),
             Param("batch_size", "int", 64, "pretend training batch", 1, 65536)],
-    apply=_zero_smallest, estimate=_estimate_zeroing, memory=_memory_of_zeroing)
+    apply=_zero_smallest, estimate=_estimate_zeroing, memory=_memory_of_zeroing,
+    unavailable=lambda method, handle, data: None if data is None or len(data) >= 100 else "needs 100 samples")
 
 
 @pytest.fixture
@@ -89,6 +92,15 @@ def test_the_toy_runs_headless_and_its_estimate_matches_what_ran(toy, tmp_path, 
     assert est is not None and est["estimated"]
     assert abs(est["nonzero_params"] / got["nonzero_params"] - 1) < 0.05
     assert est["size_bytes"] == pytest.approx(base["size_bytes"], rel=0.05)  # zeros keep their bytes
+
+
+def test_the_toy_says_when_it_cannot_run(toy, demo_models, demo_data):
+    handle = demo_models("digits-mlp")
+    assert capabilities(handle, demo_data)["toyzero"] == {"magnitude": None}
+    few = dataclasses.replace(demo_data, inputs={k: v[:10] for k, v in demo_data.inputs.items()})
+    assert capabilities(handle, few)["toyzero"] == {"magnitude": "needs 100 samples"}
+    onnx_only = handle.derive(module=None, onnx_model=handle.to_onnx())
+    assert capabilities(onnx_only)["toyzero"]["magnitude"].startswith("needs a torch model")
 
 
 def test_the_toy_declares_its_memory_phases(toy, demo_models, demo_data):

@@ -1355,6 +1355,33 @@ def _estimate(step: dict[str, Any], est) -> bool:
     return True
 
 
+def _unavailable(method: str, handle: ModelHandle, data: Dataset | None) -> str | None:
+    """Why ``method`` cannot run on this model (capabilities; qat-int8's torch module is checked there)."""
+    if method in _WEIGHT_ONLY and not _has_matmul_weights(handle):
+        return "the model has no MatMul/Linear weights (weight-only quantization skips convolutions)"
+    if method in _STATIC and data is not None and len(data) < 2:
+        return "needs data to calibrate activation ranges"
+    return None
+
+
+def _has_matmul_weights(handle: ModelHandle) -> bool:
+    graph = handle.onnx_model or handle.deploy_onnx
+    if graph is None and handle.module is not None:
+        import torch
+
+        return any(isinstance(m, torch.nn.Linear) for m in handle.module.modules())
+    if graph is None:
+        return False
+    inits = {i.name: i for i in graph.graph.initializer}
+    for node in graph.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            w = inits.get(node.input[1])
+            if w is not None and len(w.dims) == 2 and w.data_type in (onnx.TensorProto.FLOAT,
+                                                                      onnx.TensorProto.FLOAT16):
+                return True
+    return False
+
+
 def _memory(step: dict[str, Any], mem) -> None:
     """Memory phases (:class:`tugboat.engine.memory.StepMemory`): QAT trains, static int8 calibrates
     (``auto`` may pick it), the others run ONNX Runtime's quantizer over the weights."""
@@ -1380,4 +1407,6 @@ TECHNIQUE = Technique(
     default_method="auto",  # static int8 for CNNs, dynamic int8 for transformers (auto_method)
     estimate=_estimate,
     memory=_memory,
+    torch_methods=("qat-int8",),  # trains the torch module with simulated int8
+    unavailable=_unavailable,
 )

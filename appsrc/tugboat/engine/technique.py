@@ -9,7 +9,9 @@ params, data, progress) -> handle``, and the hooks the rest of the engine asks i
 * ``memory(step, mem)``: add the memory phases the step runs through
   (:class:`tugboat.engine.memory.StepMemory`), beyond holding the new model;
 * ``label(step) -> str``: the step's part of a variant name (default: technique, method and every
-  parameter that has a ``short`` name).
+  parameter that has a ``short`` name);
+* ``unavailable(method, handle, data) -> str | None``: why a method cannot run on a loaded model
+  (:mod:`tugboat.engine.capabilities`; ``needs_torch`` and ``torch_methods`` are checked for it).
 
 The hooks get the engine's objects passed in, so a technique module imports none of them, and the
 registry (:mod:`tugboat.engine.steps`) sits above every technique. Defaults are merged once, where
@@ -129,6 +131,9 @@ class Technique:
     estimate: EstimateFn | None = None  # None: its variants cannot be estimated before they run
     memory: MemoryFn | None = None  # None: it only holds the new model
     label: Callable[[dict[str, Any]], str] | None = None  # None: :meth:`default_label`
+    torch_methods: tuple[str, ...] = ()  # methods that need a torch module when the technique does not
+    # why a method cannot run on a loaded model and its data (None: it can); the GUI and `tugboat info`
+    unavailable: Callable[[str, ModelHandle, Dataset | None], str | None] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
