@@ -25,7 +25,7 @@ How each number is estimated:
 * **latency** scales the measured baseline: a fixed share (``LATENCY_FIXED_SHARE``) plus the rest
   in proportion to FLOPs, times a per-method factor for quantized layers (int8 convolutions via
   ConvInteger are *slower* in ONNX Runtime; static int8 faster), in the runtime the variant will be
-  measured in;
+  measured in (the factors are the quantizing technique's: ``quantize.LATENCY``);
 * **quality** (accuracy, fidelity) cannot be computed without running: it is interpolated between
   measured variants of the same chain when there are some (e.g. ratio 0.4 between measured 0.3 and
   0.5), else the original's is shown and flagged (``quality_estimated = False``).
@@ -44,16 +44,6 @@ from typing import Any
 
 # a fixed share of latency that does not scale with FLOPs (session overhead, memory-bound ops)
 LATENCY_FIXED_SHARE = 0.1
-# ONNX Runtime compute time of a quantized layer relative to float (>1: slower), by method and op,
-# for small (< 8) and large batches; from benchmarks/results/quantization.json on the demo zoo
-QUANT_LATENCY = {
-    "static-int8": {"conv": (0.6, 0.35), "linear": (1.0, 0.45)},
-    "qat-int8": {"conv": (0.6, 0.35), "linear": (1.0, 0.45)},
-    "dynamic-int8": {"conv": (5.0, 7.0), "linear": (1.3, 0.55)},
-    "weight-only-int8": {"conv": (1.0, 1.0), "linear": (2.0, 2.0)},
-    "weight-only-int4": {"conv": (1.0, 1.0), "linear": (1.3, 1.3)},
-    "fp16": {"conv": (1.0, 1.0), "linear": (1.0, 1.0)},
-}
 # deflate-compressed size of a tensor with a share of zeros at random places, relative to the same
 # tensor without zeros, by element size (measured with zlib level 6 on normal-distributed values)
 _SPARSITY = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
@@ -258,6 +248,9 @@ class EstimateState:
         self.other_sparsity = 0.0
         self.quant: str | None = None  # the quantize method, once applied
         self.quant_params: dict[str, Any] = {}
+        # compute time of a quantized layer relative to float (>1: slower) by op, at small (< 8) and
+        # large batches, as the quantizing technique measured it
+        self.quant_latency: dict[str, tuple[float, float]] = {}
         self.torch_model = True  # the variant is measured as a torch module (else in ONNX Runtime)
         self.approximate: list[str] = []
         self.closed = False  # a final step (an ONNX-only artifact) was applied: nothing follows
@@ -298,12 +291,14 @@ class EstimateState:
                 st.sparsity = 1.0 - (1.0 - st.sparsity) * (1.0 - r)
 
     def quantize(self, method: str, params: dict[str, Any], scheme_of: Callable[[str], str | None],
-                 exclude: Sequence[str] = (), runs_in_torch: bool = False) -> None:
+                 exclude: Sequence[str] = (), runs_in_torch: bool = False,
+                 latency: dict[str, tuple[float, float]] | None = None) -> None:
         """Store layers in another format: ``scheme_of(op)`` names a layer's scheme (``static``,
-        ``dynamic``, ``wo8``, ``wo4``, ``fp16``) or None to keep it float. ``method`` keys the
-        latency factors (:data:`QUANT_LATENCY`); ``params`` the scales' layout (per_channel,
-        block_size, symmetric)."""
+        ``dynamic``, ``wo8``, ``wo4``, ``fp16``) or None to keep it float. ``params`` give the
+        scales' layout (per_channel, block_size, symmetric); ``latency`` a quantized layer's compute
+        time relative to float by op ("conv", "linear") at small and large batches."""
         self.quant, self.quant_params, self.torch_model = method, dict(params), runs_in_torch
+        self.quant_latency = dict(latency or {})
         for lay, st in zip(self.profile.layers, self.layers):
             scheme = None if _matches(lay.name, list(exclude)) else scheme_of(lay.op)
             if scheme:
@@ -470,8 +465,8 @@ def _totals(est: EstimateState, big: int) -> _Totals:
         layer_flops = lay.flops * keep
         t.flops += layer_flops
         factor = 1.0
-        if st.scheme != "float32" and est.quant in QUANT_LATENCY:
-            factor = QUANT_LATENCY[est.quant]["conv" if lay.op == "conv" else "linear"][big]
+        if st.scheme != "float32" and lay.op in est.quant_latency:
+            factor = est.quant_latency[lay.op][big]
         t.lat_work += layer_flops * factor
     other_bytes = (2 if est.quant == "fp16" else 4) * profile.other_floats
     t.size_bytes += other_bytes + t.per_layer

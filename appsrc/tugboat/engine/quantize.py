@@ -1324,6 +1324,16 @@ def _finish(job: _Job, q: onnx.ModelProto, source: ModelHandle, step: dict[str, 
 # how the instant estimate stores a layer each method quantizes (tugboat.engine.estimate)
 _SCHEMES = {"static-int8": "static", "qat-int8": "static", "dynamic-int8": "dynamic",
             "weight-only-int8": "wo8", "weight-only-int4": "wo4", "fp16": "fp16"}
+# ONNX Runtime compute time of a quantized layer relative to float (>1: slower), by method and op,
+# for small (< 8) and large batches; from benchmarks/results/quantization.json on the demo zoo
+LATENCY = {
+    "static-int8": {"conv": (0.6, 0.35), "linear": (1.0, 0.45)},
+    "qat-int8": {"conv": (0.6, 0.35), "linear": (1.0, 0.45)},
+    "dynamic-int8": {"conv": (5.0, 7.0), "linear": (1.3, 0.55)},
+    "weight-only-int8": {"conv": (1.0, 1.0), "linear": (2.0, 2.0)},
+    "weight-only-int4": {"conv": (1.0, 1.0), "linear": (1.3, 1.3)},
+    "fp16": {"conv": (1.0, 1.0), "linear": (1.0, 1.0)},
+}
 
 
 def _layer_scheme(method: str, op: str, ops: list[str], linear_only: bool) -> str | None:
@@ -1351,7 +1361,7 @@ def _estimate(step: dict[str, Any], est) -> bool:
     torch_model = "runtime" in step and step["runtime"] == "torch"  # dynamic int8 in torch: Linear only
     linear_only = method in _WEIGHT_ONLY or torch_model
     est.quantize(method, step, lambda op: _layer_scheme(method, op, ops, linear_only), step["exclude"],
-                 runs_in_torch=torch_model)
+                 runs_in_torch=torch_model, latency=LATENCY[method])
     return True
 
 
