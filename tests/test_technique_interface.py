@@ -187,6 +187,10 @@ def test_quantize_resolves_the_kept_layers_once(demo_models, monkeypatch):
     out = quantize.apply(handle, {"method": "dynamic-int8", "exclude": [layer]}, None, _null())
     assert calls == [[layer]]
     assert out.info["quantize"]["method"] == "dynamic-int8"
+    # auto picks dynamic int8 for a Linear-only model and runs it with that method's own defaults
+    auto = quantize.apply(handle, {"exclude": [layer]}, None, _null())
+    assert auto.info["quantize"]["auto"]["method"] == "dynamic-int8" and calls == [[layer], [layer]]
+    assert sum(n.op_type == "MatMulInteger" for n in auto.onnx_model.graph.node) >= 1
 
 
 def _null():

@@ -1182,6 +1182,7 @@ def _prepare_graphs(job: _Job) -> None:
     if job.method == "auto":
         job.method, why = auto_method(job.float_model)
         job.info["auto"] = {"method": job.method, "why": why}
+        job.params = params = TECHNIQUE.defaults(job.method) | params  # the chosen method's own settings
         if job.method == "dynamic-int8" and not params["op_types"]:
             job.params = {**params, "op_types": list(_AUTO_DYNAMIC_OPS)}
     job.check = _check_set(job.handle, job.data,
@@ -1313,7 +1314,7 @@ def _finish(job: _Job, q: onnx.ModelProto, source: ModelHandle, step: dict[str, 
             out.info[key] = info[key]
     out.warnings += job.warn
     if method != "fp16" and not _count(q, QUANTIZED_OPS) and _count(float_model, QUANTIZED_OPS) == 0:
-        ops = job.params["op_types"] or ["every supported type"]
+        ops = job.params.get("op_types") or ["every supported type"]  # fp16 and weight-only have none
         out.info[NO_CHANGE] = (f"no operator was quantized (op_types: {', '.join(ops)}; the model's "
                                f"operators: {', '.join(sorted({n.op_type for n in float_model.graph.node}))})")
     return out
