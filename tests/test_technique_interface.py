@@ -72,7 +72,7 @@ def test_the_toy_is_validated_like_any_technique(toy):
         parse_recipe({"model": "demo:digits-mlp", "steps": [{"technique": "toyzero", "ratio": 0.95}]})
     with pytest.raises(RecipeError, match=r"unknown toyzero parameter 'ratoi'.*did you mean 'ratio'"):
         parse_recipe({"model": "demo:digits-mlp", "steps": [{"technique": "toyzero", "ratoi": 0.5}]})
-    assert "toyzero" in steps.techniques() and list(steps.techniques())[:3] == ["prune", "quantize", "distill"]
+    assert "toyzero" in steps.techniques() and list(steps.techniques())[:3] == ["distill", "prune", "quantize"]
     assert step_label(recipe.steps[0]) == "toyzero-magnitude-z0.5"
     assert variant_name([*recipe.steps, recipe.steps[0]]) == "toyzero-magnitude-z0.5+toyzero-magnitude-z0.5"
 
@@ -134,7 +134,7 @@ def test_the_toy_gets_a_panel_in_the_window_list(qtbot, toy):
     panels = build_panels()
     for panel in panels.values():
         qtbot.addWidget(panel)
-    assert list(panels)[:3] == ["prune", "quantize", "distill"] and "toyzero" in panels
+    assert list(panels)[:3] == ["distill", "prune", "quantize"] and "toyzero" in panels
     assert set(panels["toyzero"].controls) == {"ratio", "epochs", "batch_size"}
     assert panels["toyzero"].step() == TOY.validate({"technique": "toyzero"}, "t")
 

@@ -1,7 +1,7 @@
 """The technique registry: what a recipe step's ``technique`` may name.
 
-The built-in techniques are the modules :mod:`~tugboat.engine.prune`, :mod:`~tugboat.engine.quantize`
-and :mod:`~tugboat.engine.distill`, each exposing one :class:`~tugboat.engine.technique.Technique`
+The built-in techniques are the modules :mod:`~tugboat.engine.distill`, :mod:`~tugboat.engine.prune`
+and :mod:`~tugboat.engine.quantize`, each exposing one :class:`~tugboat.engine.technique.Technique`
 as ``TECHNIQUE``; :func:`register` adds another (a plug-in, or a toy in a test). The recipe
 validator, the runner, the estimators, the sweep, the CLI and the GUI panels all ask this registry,
 so a new technique is one new module.
@@ -26,8 +26,8 @@ def _load_built_in() -> None:
         return
     from . import distill, prune, quantize
 
-    built_in = {t.name: t for t in (prune.TECHNIQUE, quantize.TECHNIQUE, distill.TECHNIQUE)}
-    # built-ins first, in this order (the GUI's panels follow it); registered ones keep their place after
+    # built-ins first, in this order (the window's technique tabs follow it); registered ones after
+    built_in = {t.name: t for t in (distill.TECHNIQUE, prune.TECHNIQUE, quantize.TECHNIQUE)}
     others = {k: v for k, v in _REGISTRY.items() if k not in built_in}
     _REGISTRY.clear()
     _REGISTRY.update({**built_in, **others})
