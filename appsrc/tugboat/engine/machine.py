@@ -14,6 +14,8 @@ import platform
 from importlib import metadata
 from typing import Any
 
+from .ram import meminfo
+
 # flags of /proc/cpuinfo relevant to int8 inference, shown in this order
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 RUNTIME_PACKAGES = ("onnxruntime", "torch", "onnx")
@@ -38,13 +40,9 @@ def _cpuinfo(text: str | None = None) -> tuple[str, set[str]]:
 
 
 def _memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    total = meminfo("MemTotal")
+    if total is not None:
+        return total
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

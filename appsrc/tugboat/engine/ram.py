@@ -35,15 +35,20 @@ def available_memory() -> int | None:
     return min(avail, limit) if limit is not None else avail
 
 
-def _proc_meminfo() -> int | None:
+def meminfo(key: str) -> int | None:
+    """Bytes of one ``/proc/meminfo`` line (``MemAvailable``, ``MemTotal``), or None off Linux."""
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _proc_meminfo() -> int | None:
+    return meminfo("MemAvailable")
 
 
 def _cgroup_headroom() -> int | None:
