@@ -225,7 +225,7 @@ def validate_steps(raw_steps: list[dict[str, Any]], where: str = "recipe",
             raise RecipeError(exc.message, path=where) from None
     # a technique allowed once (quantize: a quantized graph, QDQ pairs and integer kernels, is no
     # input for another quantizer; ONNX Runtime fails deep inside)
-    for name in {s["technique"] for s in steps if step_registry.get(s["technique"]).once}:
+    for name in dict.fromkeys(s["technique"] for s in steps if step_registry.get(s["technique"]).once):
         same = [i for i, s in enumerate(steps) if s["technique"] == name]
         if len(same) > 1:
             i, j = same[0], same[1]
