@@ -124,7 +124,7 @@ def test_forced_bad_static_int8_warns_and_offers_an_exclude_that_works():
 
 def test_transformer_with_everything_quantized_is_worse_than_the_default():
     base = _bert()
-    ops = ["MatMul", "Gemm", "Gather", "Add", "Softmax", "LayerNormalization", "Mul", "Div"]
+    ops = ["MatMul", "Gemm", "Gather", "Add", "Softmax", "LayerNormalization", "Mul"]  # (no quantizer knows Div)
     every = _quantize(base[0], base[1], method="static-int8", calibration="minmax", op_types=ops)
     default = _quantize(base[0], base[1], method="static-int8", calibration="minmax")
     f_every = every.info["quantize"]["fidelity_check"]["cosine"]
