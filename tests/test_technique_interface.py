@@ -17,7 +17,7 @@ from torch import nn
 
 from sweep_support import FAST_MEASURE
 from tugboat.cli import main
-from tugboat.engine import distill, estimate, memory, prune, quantize, steps
+from tugboat.engine import distill, estimate, memory, prune, qat, quantize, steps
 from tugboat.engine.capabilities import capabilities
 from tugboat.engine.errors import RecipeError
 from tugboat.engine.recipe import parse_recipe, step_label, variant_name
@@ -147,7 +147,7 @@ def test_no_default_is_restated_outside_its_param():
     and the modules that read their steps."""
     names = {p.name for tech in steps.techniques().values() for p in tech.params}
     offenders = []
-    for module in (prune, quantize, distill, estimate, memory):
+    for module in (prune, quantize, qat, distill, estimate, memory):
         tree = ast.parse(inspect.getsource(module))
         for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
