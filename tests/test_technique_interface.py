@@ -113,6 +113,17 @@ def test_the_toy_declares_its_memory_phases(toy, demo_models, demo_data):
     assert not any("toy training" in p.name for p in idle.phases) and idle.peak < big.peak
 
 
+def test_after_a_final_step_only_a_fresh_student_is_estimated(demo_models, demo_data):
+    handle = demo_models("digits-cnn")
+    profile = estimate.build_profile(handle, {"size_bytes": 400_000, "flops": 1_000_000})
+    quant = steps.get("quantize").validate({"method": "static-int8"}, "s")
+    family = steps.get("distill").validate({"width": 0.25}, "s")
+    prune_step = steps.get("prune").validate({"ratio": 0.5}, "s")
+    assert estimate.estimate(profile, [quant, prune_step]) is None  # nothing edits an int8 graph
+    after = estimate.estimate(profile, [quant, family])
+    assert after is not None and after == estimate.estimate(profile, [family])
+
+
 def test_a_technique_without_hooks_is_not_estimated_and_only_holds_its_model(toy, demo_models):
     bare = Technique(name="bare", title="Bare", summary="no hooks", methods={"only": "the one"},
                      params=[], apply=lambda handle, params, data, progress: handle)

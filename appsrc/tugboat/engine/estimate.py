@@ -262,14 +262,15 @@ class EstimateState:
         from .steps import find
 
         tech = find(step.get("technique"))
-        if tech is None or tech.estimate is None or self.closed:
+        if tech is None or tech.estimate is None:
             return False
         try:
             params = tech.complete(step)
         except RecipeError:  # a half-typed GUI value: no estimate rather than a wrong one
             return False
-        if not tech.estimate(params, self):
-            return False
+        closed = self.closed
+        if not tech.estimate(params, self) or (closed and self.closed):
+            return False  # only a fresh model (use_student) may follow an ONNX-only artifact
         self.closed = tech.final
         return True
 
