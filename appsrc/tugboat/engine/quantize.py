@@ -1100,6 +1100,7 @@ def _qat_train(handle: ModelHandle, data: Dataset, params: dict, progress: Progr
         raise DataError("quantize qat-int8 fine-tunes on data; give a dataset (recipe 'data = ...')")
     from .qat import train_qat  # lazy: torch (and torchao's observers) only when QAT runs
 
+    params = TECHNIQUE.complete({**params, "method": "qat-int8"})  # direct callers may give only some
     return train_qat(handle, data, params, progress, split=_eval_split(data))
 
 
