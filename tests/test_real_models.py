@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from realmodels import NAMES, corpus, real_model
-from tugboat.engine.errors import TugboatError
 
 REQUIRED = {"depthwise-se", "bert", "int64-ids", "dynamic-seq", "recurrent", "control-flow", "non-classification",
             "constant-weights", "onnx", "torchscript", "pt2", "state_dict", "hf"}
@@ -63,18 +62,12 @@ def test_missing_package_names_the_install_command(monkeypatch):
         corpus.materialise("silero-vad-onnx")
 
 
-# strict: the day they load, these tests pass and the marks must go. Silero's scripted forward(x, sr: int)
-# takes a Python int besides the tensor, which no ONNX export can feed (docs/formats.md)
-_LOADING_GAPS = {"silero-vad-jit": "a forward argument that is an int, not a tensor"}
 _BIG = {"minilm-hf", "minilm-onnx"}  # 90 MB each: deflating them for the size metric takes seconds
 
 
 def _cases():
     for name in NAMES:
         marks = []
-        if name in _LOADING_GAPS:
-            marks.append(pytest.mark.xfail(reason=f"loading: {_LOADING_GAPS[name]} (h14-formats)", strict=True,
-                                           raises=TugboatError))
         if name in _BIG:
             marks.append(pytest.mark.slow)
         yield pytest.param(name, marks=marks, id=name)

@@ -287,3 +287,69 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
         gm.recompile()
         gm.delete_all_unused_submodules()
     return counts
+
+
+# --- If nodes that only test shapes -----------------------------------------------------------------
+
+def fold_static_ifs(model, feeds: list[dict[str, Any]]):
+    """A copy of ONNX ``model`` whose top-level ``If`` nodes that take the same branch for every feed
+    (at several batch sizes: tests on ranks and on fixed sizes, such as the exporter's
+    ``If(size == 1, Squeeze, Identity)``) are replaced by that branch; None when none folds.
+    onnx2torch cannot convert ``If``; the folded graph computes the same for inputs of these shapes."""
+    import onnx
+
+    work = model
+    folded_any = False
+    for _ in range(8):  # a folded branch can bring nested Ifs to the top level
+        conditions = _if_conditions(work, feeds)
+        if not conditions:
+            break
+        work = _inline_branches(onnx, work, conditions)
+        folded_any = True
+    return work if folded_any else None
+
+
+def _if_conditions(model, feeds: list[dict[str, Any]]) -> dict[str, bool]:
+    """The condition of each top-level If that is the same for every feed."""
+    import onnx
+    import onnxruntime as ort
+
+    names = sorted({n.input[0] for n in model.graph.node if n.op_type == "If"})
+    if not names:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in have:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        runs = [dict(zip([o.name for o in session.get_outputs()], session.run(None, feed))) for feed in feeds]
+    except Exception:
+        return {}
+    out = {}
+    for name in names:
+        values = {bool(run[name]) for run in runs}
+        if len(values) == 1:
+            out[name] = values.pop()
+    return out
+
+
+def _inline_branches(onnx, model, conditions: dict[str, bool]):
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    nodes = []
+    for node in work.graph.node:
+        if node.op_type != "If" or node.input[0] not in conditions:
+            nodes.append(node)
+            continue
+        wanted = "then_branch" if conditions[node.input[0]] else "else_branch"
+        branch = next(a.g for a in node.attribute if a.name == wanted)
+        work.graph.initializer.extend(branch.initializer)
+        nodes.extend(branch.node)
+        for inner, outer in zip(branch.output, node.output):
+            nodes.append(onnx.helper.make_node("Identity", [inner.name], [outer], name=f"{outer}_from_branch"))
+    del work.graph.node[:]
+    work.graph.node.extend(nodes)
+    return work

@@ -56,24 +56,70 @@ def shapes_known(handle: ModelHandle) -> bool:
 
 
 def script_input_specs(module: torch.jit.ScriptModule, path: Path) -> list[TensorSpec]:
-    """Input names from ``forward``'s signature (shapes are not recorded in TorchScript files)."""
+    """Input names from ``forward``'s signature (shapes are not recorded in TorchScript files).
+    Arguments that are not tensors (``sr: int``) are no inputs: they are bound to a value before
+    the export (see :func:`constant_values`)."""
     try:
         args = module.forward.schema.arguments[1:]
     except Exception as exc:  # a module without a scripted forward
         raise ModelLoadError(f"the TorchScript module has no usable forward ({_short(exc)})", path=path) from None
-    specs = []
-    for arg in args:
-        kind = str(arg.type)
-        if kind in ("Tensor", "Optional[Tensor]"):
-            specs.append(TensorSpec(arg.name, ("batch", UNKNOWN)))
-        elif arg.has_default_value():
-            continue
-        else:
-            raise ModelLoadError(f"forward argument '{arg.name}' is a {kind}, not a tensor; only models "
-                                 "whose inputs are tensors can be measured", path=path)
+    specs = [TensorSpec(arg.name, ("batch", UNKNOWN)) for arg in args
+             if str(arg.type) in ("Tensor", "Optional[Tensor]")]
     if not specs:
         raise ModelLoadError("the TorchScript module's forward takes no tensor input", path=path)
     return specs
+
+
+def constant_values(handle: ModelHandle, module: torch.jit.ScriptModule) -> dict[str, Any]:
+    """Values of ``forward``'s non-tensor arguments: given by the user (``constants`` in a recipe,
+    ``--constant NAME=VALUE``), else by the data (an array of that name holding one value), else
+    the default in the signature. One line naming the argument when none of them says."""
+    from .scripted import coerce, constant_arguments
+
+    given = {**handle.info.get("data_constants", {}), **handle.info.get("constants", {})}
+    args = constant_arguments(module)
+    unknown = sorted(set(handle.info.get("constants", {})) - set(args))
+    if unknown:
+        raise ModelLoadError(f"constants {', '.join(unknown)} name no non-tensor argument of forward "
+                             f"(those are: {', '.join(args) or 'none'})", path=handle.source)
+    values = {}
+    for name, arg in args.items():
+        if name in given:
+            try:
+                values[name] = coerce(name, arg["type"], given[name])
+            except ModelLoadError as exc:
+                raise ModelLoadError(exc.message, path=handle.source) from None
+        elif "default" in arg:
+            values[name] = arg["default"]
+        else:
+            raise ModelLoadError(
+                f"forward argument '{name}' is a {arg['type']} with no default, and nothing gives its value",
+                path=handle.source, hint=f"give it with --constant {name}=VALUE (constants = {{{name} = ...}} in "
+                "a recipe), or as an array of that name in the data")
+    return values
+
+
+def _needs_specialising(module: Any) -> bool:
+    """A scripted module with non-tensor arguments or a state it rewrites on every call."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return False
+    from .scripted import constant_arguments
+
+    try:
+        return bool(constant_arguments(module)) or "prim::SetAttr" in str(module.inlined_graph)
+    except Exception:
+        return False
+
+
+class _FunctionModule(nn.Module):
+    """A specialised scripted function as a module (for running in torch when ONNX cannot take it)."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, *args):
+        return self.function(*args)
 
 
 def module_input_specs(module: nn.Module, path: Path | str) -> list[TensorSpec]:
@@ -193,29 +239,29 @@ def _keep_sizes_dynamic(gm: nn.Module) -> None:
 
 def make_editable(handle: ModelHandle) -> ModelHandle:
     """Convert the pending original (ScriptModule / ExportedProgram) once input shapes are known:
-    ONNX export (the deployable artifact) then onnx2torch (the editable module)."""
+    ONNX export (the deployable artifact) then onnx2torch (the editable module). A scripted module
+    with non-tensor arguments or an internal state is specialised first (engine/scripted.py)."""
     original = handle.pending
     if original is None:
         return handle
     if isinstance(original, nn.Module) and not isinstance(original, torch.jit.ScriptModule):
         return _plain_ready(handle, original)
     module = original if isinstance(original, nn.Module) else _ProgramModule(original.module())
+    specialised = _needs_specialising(original)
+    if specialised:
+        module = _specialised(handle, original)
     args, probe = _probe(handle, module, _export_batch(original))
-    out_names = handle.output_names or None
     outs = probe if isinstance(probe, (tuple, list)) else [probe]
     if not all(isinstance(o, torch.Tensor) for o in outs):
         raise ModelLoadError("the model returns something other than tensors; only tensor outputs "
                              "can be measured", path=handle.source)
+    out_names = handle.output_names or None
     if not out_names or len(out_names) != len(outs):
         out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
-    dynamic = {n: {0: "batch"} for n in [*handle.input_names, *out_names]}
-    buf = io.BytesIO()
+    handle.outputs = [TensorSpec(n, ("batch", *o.shape[1:]), str(o.dtype).replace("torch.", ""))
+                      for n, o in zip(out_names, outs)]
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, buf, dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=handle.input_names, output_names=out_names,
-                              dynamic_axes=dynamic, do_constant_folding=True)
+        model = _export_onnx(handle, module, args, out_names)
     except Exception as exc:
         why = f"could not convert the {handle.format} model to ONNX, the path that makes it editable " \
               f"({_short(exc, 300)})"
@@ -223,26 +269,71 @@ def make_editable(handle: ModelHandle) -> ModelHandle:
             raise ModelLoadError(why, path=handle.source) from None
         # e.g. a torch dynamic-int8 module (quantized::linear_dynamic has no ONNX export): it still runs
         # and measures in torch as it is; techniques that edit it or need its ONNX say why
-        handle.module, handle.pending, handle.conversion_error = original, None, why
-        handle.outputs = [TensorSpec(n, ("batch", *o.shape[1:]), str(o.dtype).replace("torch.", ""))
-                          for n, o in zip(out_names, outs)]
+        handle.module = _FunctionModule(module) if specialised else original
+        handle.pending, handle.conversion_error = None, why
         handle.warnings.append(f"runs in torch only: {why}")
         return handle
-    model = onnx.load_from_string(buf.getvalue())
+    if specialised:
+        from .models import lift_constant_weights
+
+        lift_constant_weights(model)  # the frozen weights are Constant nodes: onnx2torch needs initializers
     _check_other_batch(handle, model)
-    handle.onnx_model = model
-    handle.pending = None
-    handle.outputs = [TensorSpec(n, ("batch", *o.shape[1:]), str(o.dtype).replace("torch.", ""))
-                      for n, o in zip(out_names, outs)]
+    handle.onnx_model, handle.pending = model, None
+    _convert_to_torch(handle, model)
+    return handle
+
+
+def _convert_folded(handle: ModelHandle, model: onnx.ModelProto) -> bool:
+    """onnx2torch cannot convert If: fold those that only test shapes (fixed here but the batch)."""
+    from .converted_graphs import fold_static_ifs
+
+    feeds = [dict(zip(handle.input_names, (x.numpy() for x in handle.example_inputs(b, seed=b))))
+             for b in (1, 2, 3)]
+    folded = fold_static_ifs(model, feeds)
+    if folded is None or any(n.op_type == "If" for n in folded.graph.node):
+        return False
+    try:
+        handle.module = onnx_to_torch(folded)
+    except ModelLoadError:
+        return False
+    handle.onnx_model, handle.conversion_error = folded, None
+    return True
+
+
+def _specialised(handle: ModelHandle, original: torch.jit.ScriptModule):
+    from .scripted import specialise
+
+    values = constant_values(handle, original)
+    try:
+        function = specialise(original, values, tuple(handle.example_inputs(2)))
+    except ModelLoadError as exc:
+        raise ModelLoadError(exc.message, path=handle.source, hint=exc.hint) from None
+    handle.info["constants_used"] = values
+    return function
+
+
+def _export_onnx(handle: ModelHandle, module, args, out_names: list[str]) -> onnx.ModelProto:
+    dynamic = {n: {0: "batch"} for n in [*handle.input_names, *out_names]}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=handle.input_names, output_names=out_names,
+                          dynamic_axes=dynamic, do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _convert_to_torch(handle: ModelHandle, model: onnx.ModelProto) -> None:
     try:
         handle.module = onnx_to_torch(model)
         handle.conversion_error = None
     except ModelLoadError as exc:
+        if "'If'" in exc.message and _convert_folded(handle, model):
+            return
         handle.module = None
         handle.conversion_error = exc.message
         handle.warnings.append(f"runs in ONNX Runtime only (quantization and measuring work; pruning and "
                                f"fine-tuning do not): {exc.message}")
-    return handle
 
 
 def _probe(handle: ModelHandle, module: nn.Module, batch: int):
@@ -318,7 +409,7 @@ def complete_from_data(handle: ModelHandle, ds) -> ModelHandle:
 
     Inputs match arrays by name; a single-input model takes a single array whatever its name;
     otherwise inputs and arrays are matched by position (with a warning)."""
-    arrays = dict(ds.inputs)
+    arrays = _take_constants(handle, dict(ds.inputs), ds.ref)
     optional = set(handle.info.get("optional_inputs", ()))  # e.g. token_type_ids: used when the data has it
     if optional:
         handle.inputs = [s for s in handle.inputs if s.name not in optional or s.name in arrays]
@@ -350,6 +441,26 @@ def complete_from_data(handle: ModelHandle, ds) -> ModelHandle:
     handle.inputs = specs
     ds.inputs = chosen
     return make_editable(handle)
+
+
+def _take_constants(handle: ModelHandle, arrays: dict[str, np.ndarray], ref) -> dict[str, np.ndarray]:
+    """Arrays named after a scripted forward's non-tensor arguments (``sr``) give their value (one
+    value for every sample) and are no input."""
+    if not isinstance(handle.pending, torch.jit.ScriptModule):
+        return arrays
+    from .scripted import constant_arguments
+
+    found = {}
+    for name in constant_arguments(handle.pending):
+        if name not in arrays:
+            continue
+        values = np.unique(np.asarray(arrays.pop(name)))
+        if values.size != 1:
+            raise DataError(f"array '{name}' must hold one value for all samples: the model takes it as a "
+                            f"plain number, not a tensor (it holds {values.size} different values)", path=ref)
+        found[name] = values.item()
+    handle.info["data_constants"] = found
+    return arrays
 
 
 def require_shapes(handle: ModelHandle) -> None:
