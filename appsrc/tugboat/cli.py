@@ -173,6 +173,9 @@ def _add_arch_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
                    "(runs that code: needs --trust)" + over)
     p.add_argument("--arch-kwargs", type=_parse_kwargs, metavar="JSON",
                    help="keyword arguments for --arch as a JSON object, e.g. '{\"width\": 32}'" + over)
+    p.add_argument("--constant", type=_parse_constant, action="append", metavar="NAME=VALUE",
+                   help="value of a non-tensor argument of a TorchScript model's forward, e.g. sr=16000 "
+                   "(repeatable)" + over)
 
 
 def _parse_kwargs(text: str) -> dict[str, Any]:
@@ -186,6 +189,17 @@ def _parse_kwargs(text: str) -> dict[str, Any]:
     return value
 
 
+def _parse_constant(text: str) -> tuple[str, Any]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"--constant must be NAME=VALUE like sr=16000, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw  # a plain string
+    return name.strip(), value
+
+
 def apply_arch_args(recipe, args) -> None:
     """--arch / --arch-kwargs / --device from the command line onto a loaded recipe (trust is set per run)."""
     if getattr(args, "device", None):
@@ -196,6 +210,8 @@ def apply_arch_args(recipe, args) -> None:
         recipe.arch = args.arch
     if getattr(args, "arch_kwargs", None) is not None:
         recipe.arch_kwargs = dict(args.arch_kwargs)
+    if getattr(args, "constant", None):
+        recipe.constants = {**recipe.constants, **dict(args.constant)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +322,8 @@ def cmd_info(args) -> int:
         print("tugboat info: error: give a model (file or demo:NAME), or --runtimes", file=sys.stderr)
         return EXIT_USAGE
     info = model_info(args.model, trust=args.trust, arch=args.arch, input_shape=args.input_shape,
-                      data=args.data, task=args.task, arch_kwargs=args.arch_kwargs)
+                      data=args.data, task=args.task, arch_kwargs=args.arch_kwargs,
+                      constants=dict(args.constant or ()))
     if args.json:
         from .engine.stored import finite
 

@@ -12,13 +12,14 @@ from .tasks import set_task
 
 def model_info(ref: str, *, trust: bool = False, arch: str | None = None,
                input_shape: tuple[int, ...] | None = None, handle=None, data: str | None = None,
-               task: str | None = None, arch_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+               task: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+               constants: dict[str, Any] | None = None) -> dict[str, Any]:
     """``data`` (a data reference) gives concrete sizes for inputs the file leaves open (FLOPs then
     count at the data's sizes) and labels that tell classification from other tasks; ``task``
     overrides the inferred task. A file that records no input shapes (TorchScript) takes them from
     the data too."""
     handle = handle or load_model(ref, trust=trust, arch=arch, input_shape=input_shape,
-                                  arch_kwargs=arch_kwargs)
+                                  arch_kwargs=arch_kwargs, constants=constants)
     set_task(handle, task)
     samples = None
     if data is not None:

@@ -407,14 +407,16 @@ def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
 
 def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None = None,
                input_shape: tuple[int, ...] | None = None,
-               arch_kwargs: dict[str, Any] | None = None) -> ModelHandle:
+               arch_kwargs: dict[str, Any] | None = None,
+               constants: dict[str, Any] | None = None) -> ModelHandle:
     """Load a model reference: ``demo:NAME``, a file path, or a Hugging Face model folder.
 
     ``trust`` allows unpickling a whole ``nn.Module`` and running the user's architecture code
     (arbitrary code can run: only for files the user vouches for). ``arch`` names the architecture
     for a bare ``state_dict`` / ``.safetensors``: a built-in name, ``"path/to/models.py:Class"`` or
     ``"package.module:factory"`` (called with ``arch_kwargs``). ``input_shape`` (without batch)
-    fills in the input spec when the file does not record it.
+    fills in the input spec when the file does not record it. ``constants`` gives values to a scripted
+    ``forward``'s non-tensor arguments (``{"sr": 16000}``; see engine/scripted.py).
     """
     ref = str(ref)
     if ref.startswith("demo:"):
@@ -426,7 +428,7 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
         if (path / "config.json").is_file():
             from .hf import load_hf_folder
 
-            return _with_shape(load_hf_folder(path, trust=trust), input_shape, path)
+            return _with_shape(load_hf_folder(path, trust=trust), input_shape, path, constants)
         raise ModelLoadError("is a folder, not a model file (a Hugging Face model folder has a config.json)",
                              path=ref)
     from .data import check_regular_file, refuse_if_too_big
@@ -437,21 +439,21 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
         raise ModelLoadError("the file is empty", path=ref)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return _with_shape(load_onnx(path), input_shape, path)
+        return _with_shape(load_onnx(path), input_shape, path, constants)
     if suffix == ".safetensors":
         from .formats import load_safetensors
 
         state = load_safetensors(path)
         return _with_shape(_from_state_dict(path, state, arch, {}, trust=trust, arch_kwargs=arch_kwargs),
-                           input_shape, path)
+                           input_shape, path, constants)
     if suffix in (".pt2", ".pt", ".pth", ".bin", ".ckpt", ".torchscript", ".jit", ".ts"):
         names = _zip_names(path)
         if suffix == ".pt2" and not _is_torchscript(names):  # export's TorchScript fallback: by content
-            return _with_shape(_load_exported(path), input_shape, path)
+            return _with_shape(_load_exported(path), input_shape, path, constants)
         if _is_exported_program(names):
-            return _with_shape(_load_exported(path), input_shape, path)
+            return _with_shape(_load_exported(path), input_shape, path, constants)
         return _with_shape(_load_torch_file(path, trust=trust, arch=arch, arch_kwargs=arch_kwargs),
-                           input_shape, path)
+                           input_shape, path, constants)
     raise ModelLoadError(
         f"unknown model format '{suffix or '(no extension)'}'",
         path=ref, hint="supported: .onnx, .pt/.pth (TorchScript, state_dict or trusted pickle), .pt2, "
@@ -479,7 +481,9 @@ def load_demo(name: str, progress=None) -> ModelHandle:
                        source=f"demo:{name}", format="demo", arch=name)
 
 
-def _with_shape(handle: ModelHandle, input_shape, path) -> ModelHandle:
+def _with_shape(handle: ModelHandle, input_shape, path, constants=None) -> ModelHandle:
+    if constants:
+        handle.info["constants"] = dict(constants)
     try:
         return _with_shape_inner(handle, input_shape, path)
     finally:

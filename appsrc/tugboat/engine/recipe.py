@@ -54,7 +54,7 @@ from .stored import TRUST_KEYS, recipe_dict_to_toml, without_trust  # noqa: F401
 from .tasks import set_task
 
 TOP_LEVEL_KEYS = {"model", "data", "steps", "sweep", "measure", "target", "name", "trust", "arch",
-                  "input_shape", "search", "arch_kwargs", "task", "seed"}
+                  "input_shape", "search", "arch_kwargs", "task", "seed", "constants"}
 MEASURE_KEYS = {"batch": (1, 65536), "threads": (1, 256), "runtime": RUNTIME_NAMES, "warmup": (0, 1000),
                 "min_runs": (1, 100000), "min_seconds": (0.0, 600.0), "max_seconds": (0.01, 3600.0),
                 "also_batch1": bool, "both_runtimes": bool, "min_blocks": (2, 10000),
@@ -80,6 +80,7 @@ class Recipe:
     arch: str | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # for a user architecture ("file.py:Name")
     input_shape: list[int] | None = None
+    constants: dict[str, Any] = field(default_factory=dict)  # a scripted forward's non-tensor arguments
     task: str | None = None  # overrides the task inferred from the model's outputs (tasks.TASKS)
     source: str | None = None  # the recipe file, for messages and relative paths
     notes: list[str] = field(default_factory=list)  # warnings found while reading (printed by the CLI)
@@ -97,6 +98,8 @@ class Recipe:
             d["arch_kwargs"] = dict(self.arch_kwargs)
         if self.input_shape:
             d["input_shape"] = list(self.input_shape)
+        if self.constants:
+            d["constants"] = dict(self.constants)
         if self.task:
             d["task"] = self.task
         d["seed"] = self.seed
@@ -158,6 +161,8 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
     if raw.get("arch_kwargs") is not None and not isinstance(raw["arch_kwargs"], dict):
         raise RecipeError(f"'arch_kwargs' must be a table of keyword arguments, got {raw['arch_kwargs']!r}",
                           path=where)
+    if raw.get("constants") is not None and not isinstance(raw["constants"], dict):
+        raise RecipeError(f"'constants' must be a table like {{sr = 16000}}, got {raw['constants']!r}", path=where)
     if not isinstance(raw.get("trust", False), bool):
         raise RecipeError(f"'trust' must be true or false, got {raw['trust']!r}", path=where)
     if raw.get("trust"):
@@ -180,6 +185,7 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
                     target=dict(raw.get("target", {}) or {}), search=dict(raw.get("search", {}) or {}),
                     name=raw.get("name"), trust=False, arch=_resolve_arch(raw.get("arch"), base),
                     arch_kwargs=dict(raw.get("arch_kwargs") or {}), input_shape=shape, task=task, source=source,
+                    constants=dict(raw.get("constants") or {}),
                     notes=notes, seed=seed)
     return recipe
 
@@ -465,7 +471,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     def load():
         handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
                             input_shape=tuple(recipe.input_shape) if recipe.input_shape else None,
-                            arch_kwargs=recipe.arch_kwargs or None)
+                            arch_kwargs=recipe.arch_kwargs or None, constants=recipe.constants or None)
         set_task(handle, recipe.task)
         if handle.pending is not None and not recipe.data:  # no input shapes in the file, no data
             from .formats import require_shapes

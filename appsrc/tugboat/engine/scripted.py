@@ -132,7 +132,6 @@ def _thread_state(graph: torch._C.Graph, frozen: torch.jit.ScriptModule) -> None
     self_value = next(iter(graph.inputs()))
     paths: dict[str, tuple[str, ...]] = {self_value.debugName(): ()}
     current: dict[tuple[str, ...], torch._C.Value] = {}
-    first = next(iter(graph.nodes()))
     for _ in range(1000):
         torch._C._jit_pass_constant_propagation(graph)
         changed = False
@@ -147,7 +146,7 @@ def _thread_state(graph: torch._C.Graph, frozen: torch.jit.ScriptModule) -> None
                     paths[node.output().debugName()] = path
                     continue
                 if path not in current:
-                    with graph.insert_point_guard(first):
+                    with graph.insert_point_guard(next(iter(graph.nodes()))):  # before every use
                         current[path] = _constant(graph, path, _read_attr(frozen, path))
                 node.output().replaceAllUsesWith(current[path])
                 node.destroy()
