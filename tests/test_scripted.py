@@ -102,3 +102,44 @@ def test_cli_constant_option_and_recipe_constants(scripted, tmp_path, capsys):
     (tmp_path / "r.toml").write_text(f'model = "{scripted}"\ninput_shape = [8]\nconstants = {{rate = 8000}}\n')
     recipe = load_recipe(tmp_path / "r.toml")
     assert recipe.constants == {"rate": 8000} and recipe.to_dict()["constants"] == {"rate": 8000}
+
+
+class Encoder(nn.Module):
+    def __init__(self, norm_first: bool, activation: str):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, norm_first=norm_first,
+                                                activation=activation)
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x, padding):
+        h = self.layer(self.embed(x), src_key_padding_mask=padding)
+        h = self.attention(h, h, h, need_weights=False)[0] + h
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_traced_transformer_layers_with_fused_kernels_become_editable(tmp_path, norm_first, activation):
+    """In eval mode these layers run fused kernels (no ONNX export); a trace records them."""
+    from tugboat.engine.data import load_data
+    from tugboat.engine.runtime import run_onnx
+
+    torch.manual_seed(0)
+    model = Encoder(norm_first, activation).eval()
+    x = torch.rand(4, 6, 8)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[0, 4:] = padding[2, 5:] = True
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x[:2], padding[:2]))
+    assert "aten::_transformer_encoder_layer_fwd" in str(traced.inlined_graph)
+    traced.save(str(tmp_path / "enc.pt"))
+    np.savez(tmp_path / "d.npz", x=x.numpy(), padding=padding.numpy())
+    handle = load_model(tmp_path / "enc.pt")
+    load_data(tmp_path / "d.npz", handle)
+    assert handle.conversion_error is None and handle.module is not None
+    with torch.no_grad():
+        ref = model(x, padding).numpy()
+        np.testing.assert_allclose(handle.module(x, padding).numpy(), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_onnx(handle.onnx_model, [x.numpy(), padding.numpy()])[0], ref,
+                               rtol=1e-4, atol=1e-5)

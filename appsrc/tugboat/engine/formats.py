@@ -100,13 +100,15 @@ def constant_values(handle: ModelHandle, module: torch.jit.ScriptModule) -> dict
 
 
 def _needs_specialising(module: Any) -> bool:
-    """A scripted module with non-tensor arguments or a state it rewrites on every call."""
+    """A scripted module with non-tensor arguments, a state it rewrites on every call, or fused
+    inference kernels (a traced nn.TransformerEncoderLayer)."""
     if not isinstance(module, torch.jit.ScriptModule):
         return False
-    from .scripted import constant_arguments
+    from .scripted import constant_arguments, has_fused_kernels
 
     try:
-        return bool(constant_arguments(module)) or "prim::SetAttr" in str(module.inlined_graph)
+        return (bool(constant_arguments(module)) or "prim::SetAttr" in str(module.inlined_graph)
+                or has_fused_kernels(module))
     except Exception:
         return False
 

@@ -84,6 +84,7 @@ def specialise(module: torch.jit.ScriptModule, constants: dict[str, Any],
     names = [a.name for a in module.forward.schema.arguments[1:]]
     _bind_arguments(graph, names, constants)
     _thread_state(graph, frozen)
+    _decompose_fused(graph)
     graph.eraseInput(0)  # self: nothing reads it any more
     _fold_shapes(graph, example)
     torch._C._jit_pass_dce(graph)
@@ -241,3 +242,93 @@ def _replace(graph: torch._C.Graph, node: torch._C.Node, value: Any) -> int:
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- fused inference kernels: the same math in plain ops --------------------------------------------
+# In eval mode nn.TransformerEncoderLayer and nn.MultiheadAttention run fused "fast path" kernels, and a
+# trace records those; they have no ONNX export. Each is replaced by a call of the plain-op version.
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, embed_dim: int, num_heads: int,
+               qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, proj_weight: torch.Tensor,
+               proj_bias: torch.Tensor, mask: torch.Tensor | None, mask_type: int | None):
+    """Batch-first multi-head attention: (output, per-head weights [B, H, L, S])."""
+    head = embed_dim // num_heads
+    wq, wk, wv = qkv_weight.chunk(3, 0)
+    bq, bk, bv = qkv_bias.chunk(3, 0)
+    batch, length, source = q.shape[0], q.shape[1], k.shape[1]
+    q = torch.nn.functional.linear(q, wq, bq).reshape(batch, length, num_heads, head).transpose(1, 2)
+    k = torch.nn.functional.linear(k, wk, bk).reshape(batch, source, num_heads, head).transpose(1, 2)
+    v = torch.nn.functional.linear(v, wv, bv).reshape(batch, source, num_heads, head).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-2, -1)) / (float(head) ** 0.5)
+    if mask is not None:
+        m = mask
+        if mask_type is not None and mask_type == 1:  # key padding [B, S]
+            m = m.reshape(batch, 1, 1, source)
+        elif m.dim() == 2:  # [L, S]
+            m = m.reshape(1, 1, length, source)
+        scores = scores.masked_fill(m, float("-inf")) if m.dtype == torch.bool else scores + m
+    weights = torch.softmax(scores, -1)
+    out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, embed_dim)
+    return torch.nn.functional.linear(out, proj_weight, proj_bias), weights
+
+
+def _multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, embed_dim: int,
+                          num_head: int, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
+                          proj_weight: torch.Tensor, proj_bias: torch.Tensor, mask: torch.Tensor | None,
+                          need_weights: bool, average_attn_weights: bool, mask_type: int | None):
+    out, weights = _attention(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight,
+                              proj_bias, mask, mask_type)
+    if not need_weights:
+        return out, torch.empty(0)
+    return out, weights.mean(1) if average_attn_weights else weights
+
+
+def _encoder_layer(src: torch.Tensor, embed_dim: int, num_heads: int, qkv_weight: torch.Tensor,
+                   qkv_bias: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor, use_gelu: bool,
+                   norm_first: bool, eps: float, norm_weight_1: torch.Tensor, norm_bias_1: torch.Tensor,
+                   norm_weight_2: torch.Tensor, norm_bias_2: torch.Tensor, ffn_weight_1: torch.Tensor,
+                   ffn_bias_1: torch.Tensor, ffn_weight_2: torch.Tensor, ffn_bias_2: torch.Tensor,
+                   mask: torch.Tensor | None, mask_type: int | None):
+    x = src
+    h = torch.nn.functional.layer_norm(x, [embed_dim], norm_weight_1, norm_bias_1, eps) if norm_first else x
+    x = x + _attention(h, h, h, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask,
+                       mask_type)[0]
+    if not norm_first:
+        x = torch.nn.functional.layer_norm(x, [embed_dim], norm_weight_1, norm_bias_1, eps)
+    h = torch.nn.functional.layer_norm(x, [embed_dim], norm_weight_2, norm_bias_2, eps) if norm_first else x
+    h = torch.nn.functional.linear(h, ffn_weight_1, ffn_bias_1)
+    h = torch.nn.functional.gelu(h) if use_gelu else torch.relu(h)
+    x = x + torch.nn.functional.linear(h, ffn_weight_2, ffn_bias_2)
+    if not norm_first:
+        x = torch.nn.functional.layer_norm(x, [embed_dim], norm_weight_2, norm_bias_2, eps)
+    return x
+
+
+FUSED_KERNELS = {"aten::_transformer_encoder_layer_fwd": _encoder_layer,
+                 "aten::_native_multi_head_attention": _multi_head_attention}
+
+
+def has_fused_kernels(module: torch.jit.ScriptModule) -> bool:
+    text = str(module.inlined_graph)
+    return any(kind in text for kind in FUSED_KERNELS)
+
+
+def _decompose_fused(graph: torch._C.Graph) -> None:
+    for kind, python in FUSED_KERNELS.items():
+        nodes = graph.findAllNodes(kind)
+        if not nodes:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plain = torch.jit.script(python).graph.copy()
+        torch._C._jit_pass_inline(plain)
+        for node in nodes:
+            with graph.insert_point_guard(node):
+                outs = graph.insertGraph(plain, list(node.inputs()))
+            if len(outs) == 1 and node.outputsSize() > 1:  # a tuple: unpack it
+                with graph.insert_point_guard(node):
+                    outs = graph.insertNode(graph.create("prim::TupleUnpack", outs, node.outputsSize())).outputs()
+            for old, new in zip(node.outputs(), outs):
+                new.setType(old.type())
+                old.replaceAllUsesWith(new)
+            node.destroy()
