@@ -286,6 +286,7 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
         graph.lint()
         gm.recompile()
         gm.delete_all_unused_submodules()
+    counts["fixed_channels"] = _fix_split_channels(gm, known)
     return counts
 
 
@@ -311,10 +312,17 @@ def fold_static_ifs(model, feeds: list[dict[str, Any]]):
 
 def _if_conditions(model, feeds: list[dict[str, Any]]) -> dict[str, bool]:
     """The condition of each top-level If that is the same for every feed."""
+    names = sorted({n.input[0] for n in model.graph.node if n.op_type == "If"})
+    return {k: bool(v) for k, v in _steady_values(model, names, feeds).items()}
+
+
+def _steady_values(model, names: list[str], feeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The values of ``names`` that are the same at every feed (ONNX Runtime runs the graph with them
+    as extra outputs); none when the graph does not run."""
+    import numpy as np
     import onnx
     import onnxruntime as ort
 
-    names = sorted({n.input[0] for n in model.graph.node if n.op_type == "If"})
     if not names:
         return {}
     probe = onnx.ModelProto()
@@ -322,18 +330,14 @@ def _if_conditions(model, feeds: list[dict[str, Any]]) -> dict[str, bool]:
     have = {o.name for o in probe.graph.output}
     for name in names:
         if name not in have:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
         session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
         runs = [dict(zip([o.name for o in session.get_outputs()], session.run(None, feed))) for feed in feeds]
     except Exception:
         return {}
-    out = {}
-    for name in names:
-        values = {bool(run[name]) for run in runs}
-        if len(values) == 1:
-            out[name] = values.pop()
-    return out
+    return {name: runs[0][name] for name in names
+            if all(np.array_equal(run[name], runs[0][name]) for run in runs)}
 
 
 def _inline_branches(onnx, model, conditions: dict[str, bool]):
@@ -353,3 +357,118 @@ def _inline_branches(onnx, model, conditions: dict[str, bool]):
     del work.graph.node[:]
     work.graph.node.extend(nodes)
     return work
+
+
+_LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "BatchNormalization", "LayerNormalization", "LSTM", "GRU",
+              "InstanceNormalization"}
+
+
+def lift_layer_constants(model) -> int:
+    """Turn ``Constant`` nodes that feed a layer's weights (a one-channel convolution's one-element
+    bias, which ``models.lift_constant_weights`` leaves as a scalar) into initializers, in place:
+    onnx2torch looks for a layer's weights only among initializers. Returns how many."""
+    import onnx
+
+    wanted = {i for n in model.graph.node if n.op_type in _LAYER_OPS for i in list(n.input)[1:] if i}
+    keep, count = [], 0
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
+                     None)
+        if node.op_type == "Constant" and value is not None and len(node.output) == 1 and node.output[0] in wanted:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            count += 1
+        else:
+            keep.append(node)
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return count
+
+
+def widen_edge_pads(model, feeds: list[dict[str, Any]]) -> int:
+    """torch pads in ``reflect`` / ``replicate`` mode only from rank 3 on; ONNX also pads a rank-2
+    ``[batch, samples]`` signal that way (Silero VAD's STFT front end). Such a Pad becomes
+    Unsqueeze -> Pad -> Squeeze over a middle axis of size 1, in place; returns how many."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return 0
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+             [*inferred.graph.value_info, *inferred.graph.input] if v.type.tensor_type.HasField("shape")}
+    candidates = [n.input[1] for n in model.graph.node if n.op_type == "Pad" and len(n.input) > 1
+                  and ranks.get(n.input[0]) == 2 and any(a.name == "mode" and a.s != b"constant" for a in n.attribute)]
+    if not candidates:
+        return 0
+    values = _steady_values(model, candidates, feeds)  # pads are often computed from constants
+    nodes, count = [], 0
+    for node in model.graph.node:
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        pads = values.get(node.input[1]) if node.op_type == "Pad" and len(node.input) > 1 else None
+        if (mode == "constant" or pads is None or ranks.get(node.input[0]) != 2 or len(node.input) > 3
+                or np.shape(pads) != (4,) or pads[0] or pads[2]):
+            nodes.append(node)
+            continue
+        name = f"{node.output[0]}_widened"
+        axes = helper.make_tensor(f"{name}_axes", onnx.TensorProto.INT64, [1], [1])
+        wide = helper.make_tensor(f"{name}_pads", onnx.TensorProto.INT64, [6],
+                                  np.array([0, 0, pads[1], 0, 0, pads[3]], dtype=np.int64).tolist())
+        model.graph.initializer.extend([axes, wide])
+        nodes += [helper.make_node("Unsqueeze", [node.input[0], axes.name], [f"{name}_in"]),
+                  helper.make_node("Pad", [f"{name}_in", wide.name, *node.input[2:]], [f"{name}_out"], mode=mode),
+                  helper.make_node("Squeeze", [f"{name}_out", axes.name], [node.output[0]])]
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return count
+
+
+class FixedChannels(nn.Module):
+    """A convolution whose output channels are split by position further on (the real and imaginary
+    halves of an STFT basis): its weights are buffers, so torch-pruning keeps it whole instead of
+    removing channels the slices then miss."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.register_buffer("weight", conv.weight.detach().clone())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        self.options = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.function = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}[
+            conv.weight.dim() - 2]
+
+    def forward(self, x):
+        return self.function(x, self.weight, self.bias, *self.options)
+
+
+def _slices_channels(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Any], rank: int) -> bool:
+    """Whether a chain of Slice nodes after ``node`` cuts its channel axis (1)."""
+    todo, seen = list(node.users), set()
+    while todo:
+        user = todo.pop()
+        if user in seen or user.op != "call_module" or \
+                not type(gm.get_submodule(user.target)).__name__.startswith("OnnxSlice"):
+            continue
+        seen.add(user)
+        axes = known.get(user.args[3]) if len(user.args) > 3 else None
+        if axes is not None and any(int(a) % rank == 1 for a in torch.as_tensor(axes).flatten()):
+            return True
+        todo.extend(user.users)
+    return False
+
+
+def _fix_split_channels(gm: fx.GraphModule, known: dict[fx.Node, Any]) -> int:
+    count = 0
+    for n in list(gm.graph.nodes):
+        conv = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and conv.padding_mode == "zeros" and \
+                _slices_channels(gm, n, known, conv.weight.dim()):
+            gm.add_submodule(n.target, FixedChannels(conv))
+            count += 1
+    return count

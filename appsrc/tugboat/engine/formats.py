@@ -285,19 +285,23 @@ def make_editable(handle: ModelHandle) -> ModelHandle:
     return handle
 
 
+def _feeds(handle: ModelHandle) -> list[dict[str, np.ndarray]]:
+    """Example inputs at three batch sizes: what is the same at all of them depends on shapes only."""
+    return [dict(zip(handle.input_names, (x.numpy() for x in handle.example_inputs(b, seed=b))))
+            for b in (1, 2, 3)]
+
+
 def _convert_folded(handle: ModelHandle, model: onnx.ModelProto) -> bool:
     """onnx2torch cannot convert If: fold those that only test shapes (fixed here but the batch)."""
-    from .converted_graphs import fold_static_ifs
+    from .converted_graphs import fold_static_ifs, lift_layer_constants, widen_edge_pads
 
-    feeds = [dict(zip(handle.input_names, (x.numpy() for x in handle.example_inputs(b, seed=b))))
-             for b in (1, 2, 3)]
+    feeds = _feeds(handle)
     folded = fold_static_ifs(model, feeds)
     if folded is None or any(n.op_type == "If" for n in folded.graph.node):
         return False
-    try:
-        handle.module = onnx_to_torch(folded)
-    except ModelLoadError:
-        return False
+    lift_layer_constants(folded)
+    widen_edge_pads(folded, feeds)
+    handle.module = _checked_torch(handle, folded)  # its error says more than "cannot convert If"
     handle.onnx_model, handle.conversion_error = folded, None
     return True
 
@@ -326,16 +330,43 @@ def _export_onnx(handle: ModelHandle, module, args, out_names: list[str]) -> onn
 
 
 def _convert_to_torch(handle: ModelHandle, model: onnx.ModelProto) -> None:
+    from .converted_graphs import lift_layer_constants, widen_edge_pads
+
+    lift_layer_constants(model)
+    widen_edge_pads(model, _feeds(handle))
     try:
-        handle.module = onnx_to_torch(model)
+        handle.module = _checked_torch(handle, model)
         handle.conversion_error = None
     except ModelLoadError as exc:
-        if "'If'" in exc.message and _convert_folded(handle, model):
-            return
+        try:
+            if "'If'" in exc.message and _convert_folded(handle, model):
+                return
+        except ModelLoadError as folded_exc:
+            exc = folded_exc
         handle.module = None
         handle.conversion_error = exc.message
         handle.warnings.append(f"runs in ONNX Runtime only (quantization and measuring work; pruning and "
                                f"fine-tuning do not): {exc.message}")
+
+
+def _checked_torch(handle: ModelHandle, model: onnx.ModelProto) -> nn.Module:
+    """onnx2torch's module, run once beside the graph: a converter that builds a module which then
+    fails or computes something else (a padding mode torch lacks) is caught here, not in a technique."""
+    from .runtime import run_onnx
+
+    module = onnx_to_torch(model)
+    args = handle.example_inputs(2, seed=3)
+    try:
+        with torch.no_grad():
+            out = module(*args)
+        mine = [o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
+        ref = run_onnx(model, [x.numpy() for x in args])
+    except Exception as exc:
+        raise ModelLoadError(f"the graph converted to torch fails to run ({_short(exc, 200)})") from None
+    for a, b in zip(mine, ref):
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(b).max()))):
+            raise ModelLoadError("the graph converted to torch computes something else than the ONNX graph")
+    return module
 
 
 def _probe(handle: ModelHandle, module: nn.Module, batch: int):

@@ -110,6 +110,9 @@ def default_ignored(module: nn.Module, example_inputs) -> list[str]:
 def _with_head(module: nn.Module, example, ignored: Iterable[str] | None) -> list[str]:
     """The user's ignored layers plus the classifier head (pruning it would change the output)."""
     names = list(ignored or [])
+    # recurrent layers keep their hidden size: torch-pruning 1.6's LSTM pruner slices the wrong rows
+    # (IndexError); their inputs are still pruned with the layer that feeds them
+    names += [n for n, m in module.named_modules() if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)) and n not in names]
     return names + [n for n in default_ignored(module, example) if n not in names]
 
 

@@ -1,0 +1,129 @@
+"""onnx2torch converters for the recurrent ONNX operators it lacks: ``LSTM`` and ``GRU``.
+
+Without them every recurrent graph (Silero VAD's LSTM cell, speech and text RNNs) stays ONNX-only:
+measured and quantized in ONNX Runtime, but not prunable or trainable. Each node becomes a real
+``nn.LSTM`` / ``nn.GRU`` whose weights are the node's, re-ordered from ONNX's gate order
+(LSTM ``i o f c``, GRU ``z r h``) to torch's (``i f g o``, ``r z n``). What torch's layers cannot do
+is refused, so onnx2torch reports the operator: other activations, ``clip``, peepholes, per-sample
+``sequence_lens``, LSTM ``input_forget``, GRU ``linear_before_reset = 0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+_REGISTERED = False
+
+
+class OnnxRecurrent(nn.Module):
+    """An ``nn.LSTM`` / ``nn.GRU`` with ONNX's inputs and outputs: (X, initial_h[, initial_c]) ->
+    (Y [seq, dirs, batch, hidden], Y_h[, Y_c])."""
+
+    def __init__(self, rnn: nn.Module, batch_first: bool, has_h: bool, has_c: bool):
+        super().__init__()
+        self.rnn, self.batch_first, self.has_h, self.has_c = rnn, batch_first, has_h, has_c
+
+    def forward(self, x: torch.Tensor, *state: torch.Tensor):
+        lstm = isinstance(self.rnn, nn.LSTM)
+        h0 = state[0] if self.has_h else None
+        c0 = state[1 if self.has_h else 0] if self.has_c else None
+        dirs = 2 if self.rnn.bidirectional else 1
+        batch = x.shape[0] if self.batch_first else x.shape[1]
+        # zeros made from x itself, so that a trace (the ONNX export of an edited model) keeps the batch open
+        first = x[:, :1, :1] if self.batch_first else x[:1, :, :1]
+        zeros = ((first.transpose(0, 1) if self.batch_first else first) * 0).expand(  # not zeros_like:
+            dirs, -1, self.rnn.hidden_size)                                         # the export folds it
+        if lstm:
+            y, state = self.rnn(x, (zeros if h0 is None else h0, zeros if c0 is None else c0))
+        elif h0 is None:
+            y, state = self.rnn(x, zeros)
+        else:
+            y, state = self.rnn(x, h0)
+        h, c = state if lstm else (state, None)
+        steps = y.shape[1] if self.batch_first else y.shape[0]
+        if self.batch_first:  # ONNX layout 1: Y [batch, seq, dirs, hidden]
+            y = y.reshape(batch, steps, dirs, self.rnn.hidden_size)
+            h = h.transpose(0, 1)
+            c = c.transpose(0, 1) if c is not None else None
+        else:
+            y = y.reshape(steps, batch, dirs, self.rnn.hidden_size).transpose(1, 2)
+        return (y, h, c) if lstm else (y, h)
+
+
+def _reorder(w: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat([w.chunk(len(order), 0)[i] for i in order], 0)
+
+
+def _convert(node, graph, kind: str):
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    attrs = node.attributes
+    names = list(node.input_values) + [""] * (8 - len(node.input_values))
+    x, w, r, b, lens, h0, c0, peep = names[:8]
+    acts = [a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations", [])]
+    default = ["Sigmoid", "Tanh", "Tanh"] if kind == "LSTM" else ["Sigmoid", "Tanh"]
+    direction = attrs.get("direction", "forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    if (any(n and n not in graph.initializers for n in (w, r, b)) or lens or peep or attrs.get("clip")
+            or attrs.get("input_forget", 0) or direction == "reverse"
+            or (acts and acts != default * (2 if direction == "bidirectional" else 1))
+            or (kind == "GRU" and not attrs.get("linear_before_reset", 0))):
+        raise NotImplementedError(f"Converter is not implemented ({kind} with options torch has no layer for)")
+    weights = {n: graph.initializers[n].to_torch() for n in (w, r, b) if n}
+    hidden = int(attrs["hidden_size"])
+    dirs = 2 if direction == "bidirectional" else 1
+    size_in = weights[w].shape[-1]
+    order = (0, 2, 3, 1) if kind == "LSTM" else (1, 0, 2)
+    layer = (nn.LSTM if kind == "LSTM" else nn.GRU)(size_in, hidden, bidirectional=dirs == 2,
+                                                    batch_first=bool(attrs.get("layout", 0)))
+    gates = 4 if kind == "LSTM" else 3
+    bias = weights[b] if b else torch.zeros(dirs, 2 * gates * hidden)
+    with torch.no_grad():
+        for d in range(dirs):
+            suffix = "_reverse" if d else ""
+            getattr(layer, f"weight_ih_l0{suffix}").copy_(_reorder(weights[w][d], order))
+            getattr(layer, f"weight_hh_l0{suffix}").copy_(_reorder(weights[r][d], order))
+            getattr(layer, f"bias_ih_l0{suffix}").copy_(_reorder(bias[d][: gates * hidden], order))
+            getattr(layer, f"bias_hh_l0{suffix}").copy_(_reorder(bias[d][gates * hidden:], order))
+    h0 = "" if h0 and _zero_state(graph, h0) else h0
+    c0 = "" if c0 and _zero_state(graph, c0) else c0
+    module = OnnxRecurrent(layer, layer.batch_first, bool(h0), bool(c0) and kind == "LSTM")
+    inputs = tuple(n for n in (x, h0, c0 if kind == "LSTM" else "") if n)
+    return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(inputs=inputs,
+                                                                                 outputs=node.output_values))
+
+
+def _zero_state(graph, name: str) -> bool:
+    """Whether an initial state is all zeros made from a shape (``ConstantOfShape`` of 0, perhaps
+    reshaped): the layer then starts from zeros itself, and an export keeps the batch open."""
+    for _ in range(8):
+        try:
+            node, _index = graph.value_as_node_output(name)
+        except KeyError:
+            return False
+        if node.operation_type == "ConstantOfShape":
+            value = node.attributes.get("value")
+            return value is None or not bool(value.to_torch().any())
+        if node.operation_type not in ("Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast", "Expand"):
+            return False
+        name = node.input_values[0]
+    return False
+
+
+def register() -> None:
+    """Add the converters to onnx2torch's registry (once; onnx2torch must be importable)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from onnx2torch.node_converters.registry import add_converter
+
+
+    for kind, versions in (("LSTM", (7, 14)), ("GRU", (7, 14))):
+        for version in versions:
+            with contextlib.suppress(ValueError):  # a later onnx2torch that has its own
+                add_converter(operation_type=kind, version=version)(
+                    lambda node, graph, kind=kind: _convert(node, graph, kind))
+    _REGISTERED = True
