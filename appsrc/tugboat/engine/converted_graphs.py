@@ -173,6 +173,8 @@ def _per_channel(c: torch.Tensor, shape: torch.Size) -> int | None:
         return None
     axis = _channel_axis(len(shape))
     offset = len(shape) - c.dim()
+    if len(shape) == 3 and c.shape[-1] == shape[-1] and c.numel() == shape[-1] != shape[axis]:
+        axis = 2  # [batch, steps, features] (a transformer's LayerNorm scale): one value per feature
     for i, size in enumerate(c.shape):
         if i + offset == axis:
             if size != shape[axis]:
@@ -194,7 +196,8 @@ def _out_channels(m: nn.Module) -> int:
 def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Rewrite an onnx2torch ``GraphModule`` in place (same outputs) so torch-pruning can prune it.
 
-    Returns counts of what changed: ``{"flatten", "matmul_to_linear", "bias_folded", "channel_constants"}``.
+    Returns counts of what changed: ``{"flatten", "matmul_to_linear", "bias_folded", "channel_constants",
+    "fixed_channels"}`` (the last: layers whose output channels pruning must keep, see _fix_split_channels).
     Any other module is left untouched (an empty dict)."""
     counts = {"flatten": 0, "matmul_to_linear": 0, "bias_folded": 0, "channel_constants": 0}
     if not isinstance(gm, fx.GraphModule):
@@ -202,7 +205,20 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
     known = _constants(gm)
     graph = gm.graph
     shapes = _shapes(gm, example)
+    _rewrite_flattens(gm, known, shapes, counts)
+    _matmuls_to_linear(gm, known, shapes, counts)
+    _channel_constants(gm, known, shapes, counts)
 
+    if any(counts.values()):
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+    counts["fixed_channels"] = _fix_split_channels(gm, known)
+    return counts
+
+def _rewrite_flattens(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes: dict, counts: dict[str, int]) -> None:
+    graph = gm.graph
     # 0. a Reshape to [N, C*H*W] (a flatten whose target size is partly written down as a constant,
     #    which goes stale once channels are removed): torch.flatten(x, 1)
     for n in list(graph.nodes):
@@ -221,6 +237,9 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
             shapes[new] = so
             counts["flatten"] += 1
 
+
+def _matmuls_to_linear(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes: dict, counts: dict[str, int]) -> None:
+    graph = gm.graph
     # 1. MatMul(x, W) with a constant 2-D W: a Linear layer (the classifier of many converted graphs)
     for n in list(graph.nodes):
         if not _is(gm, n, "OnnxMatMul", (torch.matmul, operator.matmul), ()) or len(n.args) != 2 or n.kwargs:
@@ -245,6 +264,9 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
                 shapes[new] = shapes[n]
         counts["matmul_to_linear"] += 1
 
+
+def _channel_constants(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes: dict, counts: dict[str, int]) -> None:
+    graph = gm.graph
     # 2. producer + constant bias -> the producer's bias; 3. other per-channel constants -> ChannelConstant
     for n in list(graph.nodes):
         fn = _op_of(gm, n)
@@ -279,15 +301,9 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
             new = graph.call_module(name, (x,))
         n.replace_all_uses_with(new)
         graph.erase_node(n)
+        shapes[new] = shapes[n]  # a constant right after it (LayerNorm's shift after its scale) follows
         counts["channel_constants"] += 1
 
-    if any(counts.values()):
-        graph.eliminate_dead_code()
-        graph.lint()
-        gm.recompile()
-        gm.delete_all_unused_submodules()
-    counts["fixed_channels"] = _fix_split_channels(gm, known)
-    return counts
 
 
 # --- If nodes that only test shapes -----------------------------------------------------------------
@@ -360,15 +376,18 @@ def _inline_branches(onnx, model, conditions: dict[str, bool]):
 
 
 _LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "BatchNormalization", "LayerNormalization", "LSTM", "GRU",
-              "InstanceNormalization"}
+              "InstanceNormalization", "Clip"}  # Clip: onnx2torch takes its min / max only from initializers
 
 
 def lift_layer_constants(model) -> int:
     """Turn ``Constant`` nodes that feed a layer's weights (a one-channel convolution's one-element
-    bias, which ``models.lift_constant_weights`` leaves as a scalar) into initializers, in place:
-    onnx2torch looks for a layer's weights only among initializers. Returns how many."""
+    bias, which ``models.lift_constant_weights`` leaves as a scalar; a Clip's bounds) into initializers,
+    in place: onnx2torch looks for them only among initializers. Returns how many."""
     import onnx
 
+    for node in model.graph.node:  # an omitted optional input written as "" (Clip's max): onnx2torch
+        while node.input and not node.input[-1]:  # looks the empty name up as a value
+            del node.input[-1]
     wanted = {i for n in model.graph.node if n.op_type in _LAYER_OPS for i in list(n.input)[1:] if i}
     keep, count = [], 0
     for node in model.graph.node:
@@ -430,21 +449,7 @@ def widen_edge_pads(model, feeds: list[dict[str, Any]]) -> int:
     return count
 
 
-class FixedChannels(nn.Module):
-    """A convolution whose output channels are split by position further on (the real and imaginary
-    halves of an STFT basis): its weights are buffers, so torch-pruning keeps it whole instead of
-    removing channels the slices then miss."""
-
-    def __init__(self, conv: nn.Module):
-        super().__init__()
-        self.register_buffer("weight", conv.weight.detach().clone())
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-        self.options = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        self.function = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}[
-            conv.weight.dim() - 2]
-
-    def forward(self, x):
-        return self.function(x, self.weight, self.bias, *self.options)
+KEEP_OUT_CHANNELS = "tugboat_keep_out_channels"  # set on a layer whose output channels pruning must keep
 
 
 def _slices_channels(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Any], rank: int) -> bool:
@@ -463,12 +468,68 @@ def _slices_channels(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Any
     return False
 
 
+def _feeding_reshapes(gm: fx.GraphModule, known: dict[fx.Node, Any]) -> set[str]:
+    """The layers whose output channels reach a Reshape (an attention's split into heads, a sequence
+    turned back into a map: their shapes hold the channel count, written down or computed), walking
+    back through everything but other layers and reshapes. Flattens were already rewritten as
+    torch.flatten, which follows pruning."""
+    found: set[str] = set()
+    todo = [n.args[0] for n in gm.graph.nodes
+            if _is(gm, n, "OnnxReshape", (torch.reshape,), ("reshape", "view")) and n.args]
+    seen: set[fx.Node] = set()
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, fx.Node) or node in seen or node in known or node.op == "placeholder":
+            continue
+        seen.add(node)
+        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(layer, _PRODUCERS):
+            found.add(node.target)
+        elif not _is(gm, node, "OnnxReshape", (torch.reshape,), ("reshape", "view")):
+            todo.extend(node.all_input_nodes)
+    return found
+
+
 def _fix_split_channels(gm: fx.GraphModule, known: dict[fx.Node, Any]) -> int:
+    """Mark the layers whose output channels are laid out by position further on (the real and
+    imaginary halves of an STFT basis cut by Slices; an attention's fused q/k/v split into heads by a
+    Reshape): removing some of their channels would leave the slices or the reshape wrong."""
     count = 0
+    reshaped = _feeding_reshapes(gm, known)
     for n in list(gm.graph.nodes):
         conv = gm.get_submodule(n.target) if n.op == "call_module" else None
-        if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and conv.padding_mode == "zeros" and \
-                _slices_channels(gm, n, known, conv.weight.dim()):
-            gm.add_submodule(n.target, FixedChannels(conv))
+        if (n.op == "call_module" and n.target in reshaped) or (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) \
+                and _slices_channels(gm, n, known, conv.weight.dim())):
+            setattr(conv, KEEP_OUT_CHANNELS, True)  # pruning keeps its outputs; its inputs still follow
             count += 1
     return count
+
+
+def annotate_shapes(model, feed: dict[str, Any]):
+    """A copy of ONNX ``model`` whose value_info holds the shape of every value seen in one run on
+    ``feed`` (the first dimension, the batch, left symbolic); None when the graph does not run."""
+    import onnx
+    import onnxruntime as ort
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    outputs = {o.name for o in work.graph.output}
+    names = [o for n in work.graph.node for o in n.output if o and o not in outputs]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(work)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    except Exception:
+        return None
+    batch = len(next(iter(feed.values())))
+    del work.graph.value_info[:]
+    for name in names:
+        value = values.get(name)
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(value.dtype) if hasattr(value, "dtype") else None
+        if dtype is None:
+            continue
+        dims = ["batch" if i == 0 and d == batch and value.ndim > 1 else int(d) for i, d in enumerate(value.shape)]
+        work.graph.value_info.append(onnx.helper.make_tensor_value_info(name, dtype, dims))
+    return work

@@ -134,6 +134,10 @@ def load_data(ref: str | os.PathLike, model: ModelHandle | None = None, *,
                             hint="use demo:digits, a .npz, a .csv or a folder of class sub-folders")
     if model is not None:
         check_against(ds, model)
+        if model.module is None and model.format == "onnx" and model.conversion_error:
+            from .formats import convert_with_data_shapes
+
+            convert_with_data_shapes(model)  # a converter that needed the shapes the data now gives
     return ds
 
 

@@ -306,6 +306,30 @@ def _convert_folded(handle: ModelHandle, model: onnx.ModelProto) -> bool:
     return True
 
 
+def convert_with_data_shapes(handle: ModelHandle) -> None:
+    """Retry onnx2torch on an ONNX file it refused at load, with the shape of every value recorded from
+    one run at the data's sizes (a BatchNormalization or LayerNormalization converter needs its input's
+    rank, which shape inference loses after a Reshape to a computed shape) and a Clip's bounds as
+    initializers. Quietly leaves the model ONNX-only when that does not help."""
+    from .converted_graphs import annotate_shapes, lift_layer_constants
+
+    try:
+        feeds = _feeds(handle)
+    except ModelLoadError:
+        return
+    work = annotate_shapes(handle.onnx_model, feeds[-1])
+    if work is None:
+        return
+    lift_layer_constants(work)
+    try:
+        handle.module = _checked_torch(handle, work, reference=handle.onnx_model)
+    except ModelLoadError:
+        return
+    old = handle.conversion_error
+    handle.conversion_error = None
+    handle.warnings = [w for w in handle.warnings if old not in w]
+
+
 def _specialised(handle: ModelHandle, original: torch.jit.ScriptModule):
     from .scripted import specialise
 
@@ -349,7 +373,8 @@ def _convert_to_torch(handle: ModelHandle, model: onnx.ModelProto) -> None:
                                f"fine-tuning do not): {exc.message}")
 
 
-def _checked_torch(handle: ModelHandle, model: onnx.ModelProto) -> nn.Module:
+def _checked_torch(handle: ModelHandle, model: onnx.ModelProto,
+                   reference: onnx.ModelProto | None = None) -> nn.Module:
     """onnx2torch's module, run once beside the graph: a converter that builds a module which then
     fails or computes something else (a padding mode torch lacks) is caught here, not in a technique."""
     from .runtime import run_onnx
@@ -360,7 +385,7 @@ def _checked_torch(handle: ModelHandle, model: onnx.ModelProto) -> nn.Module:
         with torch.no_grad():
             out = module(*args)
         mine = [o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
-        ref = run_onnx(model, [x.numpy() for x in args])
+        ref = run_onnx(model if reference is None else reference, [x.numpy() for x in args])
     except Exception as exc:
         raise ModelLoadError(f"the graph converted to torch fails to run ({_short(exc, 200)})") from None
     for a, b in zip(mine, ref):

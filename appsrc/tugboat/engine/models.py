@@ -1107,9 +1107,9 @@ def onnx_to_torch(model: onnx.ModelProto) -> nn.Module:
         onnx2torch = _import_onnx2torch()
     except Exception as exc:  # pragma: no cover - environment problem
         raise ModelLoadError(f"onnx2torch is not available ({exc})") from None
-    from .onnx_recurrent import register
+    from .onnx_converters import register
 
-    register()  # LSTM / GRU converters onnx2torch lacks
+    register()  # converters onnx2torch lacks (LSTM, GRU, comparisons of opset 16)
     work = _fold_initializer_identities(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > 18:

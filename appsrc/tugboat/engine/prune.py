@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .converted_graphs import ChannelConstant, channel_constant_pruner, normalise_for_pruning
+from .converted_graphs import KEEP_OUT_CHANNELS, ChannelConstant, channel_constant_pruner, normalise_for_pruning
 from .devices import DEFAULT_TRAINING, DEVICE_CHOICES
 from .devices import HELP as DEVICE_HELP
 from .devices import resolve as resolve_device
@@ -111,8 +111,10 @@ def _with_head(module: nn.Module, example, ignored: Iterable[str] | None) -> lis
     """The user's ignored layers plus the classifier head (pruning it would change the output)."""
     names = list(ignored or [])
     # recurrent layers keep their hidden size: torch-pruning 1.6's LSTM pruner slices the wrong rows
-    # (IndexError); their inputs are still pruned with the layer that feeds them
-    names += [n for n, m in module.named_modules() if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)) and n not in names]
+    # (IndexError); so do layers whose channels are laid out by position further on (converted_graphs).
+    # Their inputs are still pruned with the layer that feeds them
+    names += [n for n, m in module.named_modules() if n not in names and (
+        isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)) or getattr(m, KEEP_OUT_CHANNELS, False))]
     return names + [n for n in default_ignored(module, example) if n not in names]
 
 

@@ -1,4 +1,6 @@
-"""onnx2torch converters for the recurrent ONNX operators it lacks: ``LSTM`` and ``GRU``.
+"""onnx2torch converters for ONNX operators it lacks: ``LSTM`` and ``GRU``, and the opset-16 versions
+of ``GreaterOrEqual`` / ``LessOrEqual`` (which only added types; the legacy exporter writes them for
+an attention mask).
 
 Without them every recurrent graph (Silero VAD's LSTM cell, speech and text RNNs) stays ONNX-only:
 measured and quantized in ONNX Runtime, but not prunable or trainable. Each node becomes a real
@@ -126,4 +128,14 @@ def register() -> None:
             with contextlib.suppress(ValueError):  # a later onnx2torch that has its own
                 add_converter(operation_type=kind, version=version)(
                     lambda node, graph, kind=kind: _convert(node, graph, kind))
+    from onnx2torch.node_converters.comparisons import OnnxCompare
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    def compare(node, graph):
+        return OperationConverterResult(torch_module=OnnxCompare(operation_type=node.operation_type),
+                                        onnx_mapping=onnx_mapping_from_node(node=node))
+
+    for kind in ("GreaterOrEqual", "LessOrEqual"):
+        with contextlib.suppress(ValueError):
+            add_converter(operation_type=kind, version=16)(compare)
     _REGISTERED = True
