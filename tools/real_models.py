@@ -402,7 +402,8 @@ def _silero_onnx_data(_src: Path, out: Path) -> Path:
 
 
 def _silero_jit_data(_src: Path, out: Path) -> Path:
-    # forward(x, sr: int): 512 samples per chunk at 16 kHz; the state lives inside the module
+    # forward(x, sr: int): 512 samples per chunk at 16 kHz; the state lives inside the module. The sr
+    # array (one value for every sample) is what binds the int argument when Tugboat loads the model
     n = 48
     return _save_npz(out, x=vad_audio(n, 512, seed=5), sr=np.full(n, 16000, np.int64))
 
@@ -574,7 +575,8 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
                       "its recurrent state kept inside the module",
           covers=("recurrent", "control-flow", "non-classification", "torchscript"),
           make=_copy("data/silero_vad.jit"), data=_silero_jit_data,
-          notes="x [N, 512] at 16 kHz; sr is a Python int argument (stored as [N] int64 for completeness)"),
+          notes="x [N, 512] at 16 kHz; sr is a Python int argument: the data's sr array (16000 for every "
+                "sample) gives its value (engine/scripted.py)"),
     Entry("minilm-hf", **_MINILM, format="hf", task="embedding",
           description="sentence-transformers all-MiniLM-L6-v2 as a Hugging Face folder (BertModel, 6 layers, "
                       "384 wide): int64 ids + attention mask, dynamic sequence length",
