@@ -313,6 +313,9 @@ def convert_with_data_shapes(handle: ModelHandle) -> None:
     initializers. Quietly leaves the model ONNX-only when that does not help."""
     from .converted_graphs import annotate_shapes, lift_layer_constants
 
+    if handle.info.get("conversion_retried"):  # once per model, not at every data load
+        return
+    handle.info["conversion_retried"] = True
     try:
         feeds = _feeds(handle)
     except ModelLoadError:
