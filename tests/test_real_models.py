@@ -117,3 +117,63 @@ def test_quantizing_leaves_no_files_in_the_working_folder(tmp_path, monkeypatch)
     (tmp_path / "work").mkdir()
     quantize._prepared(model, tmp_path / "work")
     assert list(cwd.iterdir()) == []
+
+
+# --- issue 14's Done-when for quantization: every quantizable corpus model, method "auto" (the default)
+
+# what each model must keep: top-1 agreement for classifiers, mean cosine similarity of the outputs
+# otherwise; issue 14 asks at least 3.5x smaller for all of them
+QUANT_FIDELITY = {"effnet-lite0-onnx": ("top1_agreement", 0.95), "ocr-cls": ("top1_agreement", 0.95),
+                  "minilm-onnx": ("cosine", 0.99)}
+MIN_RATIO = 3.5
+# strict: the day they pass, the marks must go (docs/techniques/quantization.md, "Real models")
+_QUANT_GAPS = {
+    "ocr-cls": "3.1x, not 3.5x: 145k weights in 3146 output channels, so int32 biases (13 KB) and the "
+               "QDQ graph's Q/DQ nodes (33 KB) weigh a fifth of the int8 weights",
+    "effnet-lite0-onnx": "top-1 agreement ~0.9 on photo crops where the float model is unsure (a third "
+                         "within 0.1 probability of the runner-up); 0.99+ where it is not",
+}
+
+
+def _held_out(name: str, rm, handle, data):
+    """The test split (calibration and the auto choices never see it) and fresh rows made like the
+    data file's with another seed, so that top-1 agreement counts more than a dozen images."""
+    xs, _ = data.split("test")
+    rows = [xs[n] for n in handle.input_names]
+    if name.startswith("effnet"):
+        rows = [np.concatenate([rows[0], corpus.imagenet_images(96, 224, seed=1414)])]
+    elif name == "ocr-cls":
+        rows = [np.concatenate([rows[0], corpus.text_lines(128, 48, 192, seed=1414, flip_every=2)[0]])]
+    return rows
+
+
+def _quant_cases():
+    for name, (metric, low) in QUANT_FIDELITY.items():
+        marks = [pytest.mark.slow]
+        if name in _QUANT_GAPS:
+            marks.append(pytest.mark.xfail(reason=_QUANT_GAPS[name], strict=True, raises=AssertionError))
+        yield pytest.param(name, metric, low, marks=marks, id=name)
+
+
+@pytest.mark.parametrize(("name", "metric", "low"), list(_quant_cases()))
+def test_default_int8_is_3_5x_smaller_and_keeps_fidelity(name, metric, low):
+    from tugboat.engine import quantize
+    from tugboat.engine.data import load_data
+    from tugboat.engine.models import load_model
+    from tugboat.engine.progress import null_progress
+
+    rm = real_model(name)
+    handle = load_model(str(rm.model))
+    data = load_data(str(rm.data), handle)
+    out = quantize.apply(handle, quantize.TECHNIQUE.defaults("auto") | {"method": "auto"}, data,
+                         null_progress())
+    float_model, q = handle.to_onnx(), out.onnx_model
+    xs = _held_out(name, rm, handle, data)
+    fid = quantize.fidelity_of(quantize._run(q, xs), quantize._run(float_model, xs))
+    ratio = len(float_model.SerializeToString()) / len(q.SerializeToString())
+    chosen = out.info["quantize"]["auto"]["method"]
+    assert chosen == ("dynamic-int8" if metric == "cosine" else "static-int8"), out.info["quantize"]["auto"]
+    assert fid[metric] >= low, (fid, ratio, out.warnings)
+    assert ratio >= MIN_RATIO, (ratio, fid)
+    # what the variant says about itself agrees with what was measured here
+    assert out.info["quantize"]["fidelity_check"]["metric"] == metric

@@ -305,13 +305,16 @@ def rank_layers(float_model: onnx.ModelProto, q_model: onnx.ModelProto, xs: list
                 progress: Progress | None = None) -> list[dict[str, Any]]:
     """The quantized layers of a QDQ graph, worst first by :func:`severity` (the impact of each
     layer quantized alone on ``xs``): ``{"node", "layer", "op_type", "name", "impact", "rank"}``,
-    where ``name`` is what ``exclude`` takes (the node: exact in a QDQ graph). Empty for graphs
+    where ``name`` is what ``exclude`` takes (the torch layer for nodes with weights, else the
+    node). Empty for graphs
     without Q/DQ pairs or ones ONNX Runtime will not run rewired."""
     progress = progress or null_progress()
     layers = quantized_layers(float_model, q_model)
     if not layers:
         return []
     float_out = run(float_model, xs)[0]
+    inits = {i.name: len(i.dims) for i in float_model.graph.initializer}
+    weighted = {n.name for n in float_model.graph.node if any(inits.get(i, 0) >= 2 for i in n.input)}
     rows = []
     for k, node in enumerate(layers):
         progress.update(k / len(layers), f"layer {k + 1}/{len(layers)}: {layer_of(node.name)} alone")
@@ -321,7 +324,7 @@ def rank_layers(float_model: onnx.ModelProto, q_model: onnx.ModelProto, xs: list
             _LOG.debug("isolated run of %s failed: %s", node.name, exc)
             continue
         rows.append({"node": node.name, "layer": layer_of(node.name), "op_type": node.op_type,
-                     "name": node.name, "impact": impact})
+                     "name": layer_of(node.name) if node.name in weighted else node.name, "impact": impact})
     rows.sort(key=severity)
     for i, r in enumerate(rows):
         r["rank"] = i + 1
