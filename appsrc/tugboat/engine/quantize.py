@@ -1071,6 +1071,9 @@ def _neighbourhood(model: onnx.ModelProto, ranking: list[dict[str, Any]], count:
     return list(dict.fromkeys(name_of[r["node"]] for r in ranking if r["node"] in around))
 
 
+# wider trials stop once the advice has taken this long (a large model's quantization takes a
+# minute on a small machine; the advice quotes the best trial so far)
+_ADVICE_SECONDS = 60.0
 _RANK_ROWS = 32  # samples for the per-layer ranking (one ONNX Runtime session per layer)
 
 
@@ -1110,9 +1113,11 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
     ranking = _ranking(float_model, q, check)
     advice = []
     best = None  # (fidelity, names kept float)
+    started = time.perf_counter()
     for count in (3, 6, 12):  # widen until fidelity is back (each try is one quantization)
         names = _neighbourhood(float_model, ranking, count)
-        if not names or redo is None or (best and names == best[1]):
+        if not names or redo is None or (best and names == best[1]) \
+                or time.perf_counter() - started > _ADVICE_SECONDS:
             break
         try:
             trial = _score(redo(names), check)
