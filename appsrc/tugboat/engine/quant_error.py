@@ -302,13 +302,17 @@ def isolated_impact(float_model: onnx.ModelProto, q_model: onnx.ModelProto, node
 
 
 def rank_layers(float_model: onnx.ModelProto, q_model: onnx.ModelProto, xs: list[np.ndarray],
-                progress: Progress | None = None) -> list[dict[str, Any]]:
+                progress: Progress | None = None, budget_s: float | None = None) -> list[dict[str, Any]]:
     """The quantized layers of a QDQ graph, worst first by :func:`severity` (the impact of each
     layer quantized alone on ``xs``): ``{"node", "layer", "op_type", "name", "impact", "rank"}``,
     where ``name`` is what ``exclude`` takes (the torch layer for nodes with weights, else the
     node). Empty for graphs
-    without Q/DQ pairs or ones ONNX Runtime will not run rewired."""
+    without Q/DQ pairs or ones ONNX Runtime will not run rewired. With ``budget_s``, layers are
+    measured in graph order until that many seconds have passed (the rest are not ranked)."""
+    import time
+
     progress = progress or null_progress()
+    started = time.perf_counter()
     layers = quantized_layers(float_model, q_model)
     if not layers:
         return []
@@ -317,6 +321,8 @@ def rank_layers(float_model: onnx.ModelProto, q_model: onnx.ModelProto, xs: list
     weighted = {n.name for n in float_model.graph.node if any(inits.get(i, 0) >= 2 for i in n.input)}
     rows = []
     for k, node in enumerate(layers):
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            break
         progress.update(k / len(layers), f"layer {k + 1}/{len(layers)}: {layer_of(node.name)} alone")
         try:
             impact, _ = isolated_impact(float_model, q_model, node.name, xs, float_out)

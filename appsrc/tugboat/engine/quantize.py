@@ -1071,8 +1071,9 @@ def _neighbourhood(model: onnx.ModelProto, ranking: list[dict[str, Any]], count:
     return list(dict.fromkeys(name_of[r["node"]] for r in ranking if r["node"] in around))
 
 
-# wider trials stop once the advice has taken this long (a large model's quantization takes a
-# minute on a small machine; the advice quotes the best trial so far)
+# the per-layer ranking, and then wider trials, stop once each has taken this long (a large model
+# has a hundred layers to run alone and its quantization takes a minute on a small machine; the
+# advice quotes the best trial so far)
 _ADVICE_SECONDS = 60.0
 _RANK_ROWS = 32  # samples for the per-layer ranking (one ONNX Runtime session per layer)
 
@@ -1087,7 +1088,7 @@ def _ranking(float_model: onnx.ModelProto, q: onnx.ModelProto, check: _CheckSet)
     if not any(isinstance(x, _ModelLayout) for x in check.xs) and "DequantizeLinear" in ops \
             and not ops & {"MatMulInteger", "ConvInteger", "MatMulNBits"}:
         try:
-            ranked = rank_layers(float_model, q, xs)
+            ranked = rank_layers(float_model, q, xs, budget_s=_ADVICE_SECONDS)
         except Cancelled:
             raise
         except Exception as exc:  # the advice is best effort
