@@ -11,7 +11,12 @@ quantization took.
   ``tugboat:weight-only-int8``: ``quantize.apply`` with its defaults.
 * ``ort:static-minmax`` (``quantize_static`` with ONNX Runtime's defaults: per-tensor, MinMax, QDQ),
   ``ort:static-minmax-pc``, ``ort:static-percentile-pc``, ``ort:static-entropy-pc`` (per-channel),
+  ``ort:static-minmax-pc-qop`` (QOperator format: QLinearConv etc. instead of Q/DQ pairs),
   ``ort:dynamic`` (``quantize_dynamic`` defaults): ONNX Runtime alone, calibrated on the same rows.
+
+Classifiers also get the top-1 agreement on the *decisive* rows, where the float model's softmax
+top-1 leads the runner-up by at least 0.1, and the share of such rows: on images far from a
+classifier's training data most disagreements are flips between near-tied classes.
 
     python benchmarks/quantization_real.py [--models effnet-lite0-onnx,minilm-onnx,standin-senet]
                                            [--no-corpus] [--out FILE]
@@ -43,7 +48,8 @@ from tugboat.engine.runtime import ort_session
 
 ROOT = Path(__file__).resolve().parent.parent
 TUGBOAT = ("auto", "static-int8", "dynamic-int8", "weight-only-int8")
-ORT = ("static-minmax", "static-minmax-pc", "static-percentile-pc", "static-entropy-pc", "dynamic")
+ORT = ("static-minmax", "static-minmax-pc", "static-percentile-pc", "static-entropy-pc", "static-minmax-pc-qop",
+       "dynamic")
 
 
 def _module(name: str, path: Path):
@@ -92,7 +98,7 @@ def corpus(images: int = 0):
     return out
 
 
-def _ort_static(model, names, calib, calibration: str, per_channel: bool):
+def _ort_static(model, names, calib, calibration: str, per_channel: bool, qoperator: bool = False):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -101,7 +107,8 @@ def _ort_static(model, names, calib, calibration: str, per_channel: bool):
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         onnx.save(model, str(src))
         quantize_static(str(src), str(dst), quantize._Reader(names, calib, null_progress()),
-                        quant_format=QuantFormat.QDQ, per_channel=per_channel, calibrate_method=method,
+                        quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+                        per_channel=per_channel, calibrate_method=method,
                         extra_options={"CalibMaxIntermediateOutputs": 64})
         return onnx.load(str(dst))
 
@@ -114,6 +121,19 @@ def _ort_dynamic(model):
         onnx.save(model, str(src))
         quantize_dynamic(str(src), str(dst))
         return onnx.load(str(dst))
+
+
+def _decisive_agreement(y: np.ndarray, ref: np.ndarray, margin: float = 0.1) -> dict:
+    """Top-1 agreement on the rows where the float model's softmax top-1 leads its runner-up by at
+    least ``margin`` (where it has an opinion), and the share of such rows: on out-of-domain images
+    most disagreements are flips between near-tied classes."""
+    p = np.exp(ref - ref.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top2 = np.sort(p, 1)[:, -2:]
+    keep = top2[:, 1] - top2[:, 0] >= margin
+    agree = y.argmax(1) == ref.argmax(1)
+    return {"top1": round(float(agree[keep].mean()), 4) if keep.any() else None,
+            "rows": round(float(keep.mean()), 3)}
 
 
 def _latency(model, xs, batch: int, budget: float = 1.0) -> float:
@@ -163,14 +183,16 @@ def bench(name: str, load, batch: int = 8, only: list[str] | None = None) -> lis
             elif config == "ort:dynamic":
                 q = _ort_dynamic(float_model)
             else:
-                _, cal, *pc = config.split(":", 1)[1].split("-")
-                q = _ort_static(float_model, handle.input_names, calib, cal, bool(pc))
+                _, cal, *rest = config.split(":", 1)[1].split("-")
+                q = _ort_static(float_model, handle.input_names, calib, cal, "pc" in rest, "qop" in rest)
             seconds = time.perf_counter() - t0
             y = quantize._run(q, xs)
             fid = quantize.fidelity_of(y, ref)[metric]
+            decisive = _decisive_agreement(y, ref) if classification else None
             size = len(q.SerializeToString())
             lat = _latency(q, xs, batch)
             row = {"size_bytes": size, "size_ratio": round(f_size / size, 2), "fidelity": round(fid, 4),
+                   "decisive_top1": decisive,
                    "latency_ms": round(lat, 3), "speedup": round(f_lat / lat, 2),
                    "seconds": round(seconds, 1), "status": "ok"}
         except Exception as exc:  # a configuration ONNX Runtime refuses is a result too
@@ -186,9 +208,11 @@ def _line(r: dict) -> str:
         return f"{r['model']:<22} {r['config']:<26} {r['status']}"
     low = " LOW" if any(w.startswith("low fidelity") for w in r.get("warnings", [])) else ""
     chosen = f" -> {r['chosen']}" if r.get("chosen") else ""
+    dec = r.get("decisive_top1") or {}
+    decisive = f" decisive {dec['top1']} ({dec['rows']:.0%} of rows)" if dec.get("top1") is not None else ""
     return (f"{r['model']:<22} {r['config']:<26} {r['size_ratio']:>5.2f}x {r['metric'][:6]:>6} "
             f"{r['fidelity']:.4f} {r['latency_ms']:>8.2f} ms {r['speedup']:>5.2f}x "
-            f"{r['seconds']:>6.1f} s{low}{chosen}")
+            f"{r['seconds']:>6.1f} s{low}{chosen}{decisive}")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -202,6 +226,9 @@ def markdown(rows: list[dict]) -> str:
             out.append(f"| {r['model']} | {r['config']} | | {r['status'][:60]} | | | | |")
             continue
         what = "top-1" if r["metric"] == "top1_agreement" else "cos"
+        dec = r.get("decisive_top1") or {}
+        if dec.get("top1") is not None:
+            what = f"(decisive {dec['top1']:.3f} on {dec['rows']:.0%}) {what}"
         low = "low fidelity" if any(w.startswith("low fidelity") for w in r.get("warnings", [])) else ""
         out.append(f"| {r['model']} | {r['config']} | {r.get('chosen') or ''} | {r['size_ratio']:.2f} | "
                    f"{what} {r['fidelity']:.3f} | {r['speedup']:.2f} | {r['seconds']:.0f} | {low} |")

@@ -86,6 +86,40 @@ def test_quantized_variant_ranks_the_bad_layer_first_and_float_recovers(broken, 
     assert accuracy(recovered.onnx_model, demo_data) >= float_acc - 0.02
 
 
+def test_quantize_advice_names_the_layer_diagnose_ranks_first(broken, demo_data):
+    """One ranking for the app (engine/quant_error.py): the low-fidelity warning of the quantize
+    step and the Diagnose view blame the same layer, the culprit, not a ReLU after it."""
+    bad, q = broken
+    check = q.info["quantize"]["fidelity_check"]
+    ranking = check["ranking"]
+    assert ranking[0]["layer"] == CULPRIT, [(r["layer"], r["impact"]["sqnr_db"]) for r in ranking]
+    assert ranking[0]["name"] == CULPRIT and CULPRIT in check["suggested_exclude"]
+    result = dg.diagnose(bad, q, demo_data, samples=32, verify=0)
+    assert result["rows"][0]["node"] == ranking[0]["node"]
+    assert [r["node"] for r in result["rows"][:3]] == [r["node"] for r in ranking[:3]]
+
+
+def test_fixed_batch_variant_is_diagnosed_on_padded_batches(demo_models, demo_data, tmp_path):
+    """A graph whose batch is fixed (4 here) takes exactly 4 rows per call: diagnose pads the last
+    batch of its sample (10 rows) through quantize's reader and cuts the padding off again."""
+    import onnx
+
+    from tugboat.engine.models import load_model
+
+    h = demo_models("digits-cnn")
+    fixed = h.to_onnx()
+    for value in [*fixed.graph.input, *fixed.graph.output]:
+        value.type.tensor_type.shape.dim[0].ClearField("dim_param")
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(fixed, str(tmp_path / "fixed.onnx"))
+    handle = load_model(str(tmp_path / "fixed.onnx"))
+    q = static_int8(handle, demo_data)
+    result = dg.diagnose(handle, q, demo_data, samples=10, verify=0)
+    assert result["samples"] == 10 and result["rows"]
+    assert all(r["isolated"] is not None for r in result["rows"])
+    assert result["output"]["top1_agreement"] > 0.9
+
+
 def test_accumulated_only_for_a_graph_without_qdq_pairs(demo_models, demo_data):
     h = demo_models("digits-mlp")
     params = {p.name: p.default for p in quantize.PARAMS if p.applies_to("dynamic-int8")}

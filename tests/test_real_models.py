@@ -3,6 +3,7 @@ info says about each model (parameters, FLOPs, task kind)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -110,3 +111,100 @@ def test_quantizing_leaves_no_files_in_the_working_folder(tmp_path, monkeypatch)
     (tmp_path / "work").mkdir()
     quantize._prepared(model, tmp_path / "work")
     assert list(cwd.iterdir()) == []
+
+
+# --- issue 14's Done-when for quantization: every quantizable corpus model, method "auto" (the default)
+
+# what each model must keep: top-1 agreement for classifiers, mean cosine similarity of the outputs
+# otherwise; issue 14 asks at least 3.5x smaller for all of them
+QUANT_FIDELITY = {"effnet-lite0-onnx": ("top1_agreement", 0.95), "ocr-cls": ("top1_agreement", 0.95),
+                  "minilm-onnx": ("cosine", 0.99)}
+MIN_RATIO = 3.5
+# strict: the day they pass, the marks must go (docs/techniques/quantization.md, "Real models")
+_QUANT_GAPS = {
+    "ocr-cls": "3.1x, not 3.5x: 145k weights in 3146 output channels, so int32 biases (13 KB) and the "
+               "QDQ graph's Q/DQ nodes (33 KB) weigh a fifth of the int8 weights",
+    "effnet-lite0-onnx": "top-1 agreement ~0.9 on photo crops where the float model is unsure (a third "
+                         "within 0.1 probability of the runner-up); 0.99+ where it is not",
+}
+
+
+def _held_out(name: str, rm, handle, data):
+    """The test split (calibration and the auto choices never see it) and fresh rows made like the
+    data file's with another seed, so that top-1 agreement counts more than a dozen images."""
+    xs, _ = data.split("test")
+    rows = [xs[n] for n in handle.input_names]
+    if name.startswith("effnet"):
+        rows = [np.concatenate([rows[0], corpus.imagenet_images(96, 224, seed=1414)])]
+    elif name == "ocr-cls":
+        rows = [np.concatenate([rows[0], corpus.text_lines(128, 48, 192, seed=1414, flip_every=2)[0]])]
+    return rows
+
+
+def _quant_cases():
+    for name, (metric, low) in QUANT_FIDELITY.items():
+        marks = [pytest.mark.slow]
+        if name in _QUANT_GAPS:
+            marks.append(pytest.mark.xfail(reason=_QUANT_GAPS[name], strict=True, raises=AssertionError))
+        yield pytest.param(name, metric, low, marks=marks, id=name)
+
+
+@functools.cache
+def _default_int8(name: str):
+    """(size ratio, fidelity on held-out rows, decisive-row agreement, the variant's info) of the
+    corpus model ``name`` quantized with the defaults (method "auto"); one quantization per model
+    for all the tests below."""
+    from tugboat.engine import quantize
+    from tugboat.engine.data import load_data
+    from tugboat.engine.models import load_model
+    from tugboat.engine.progress import null_progress
+
+    rm = real_model(name)
+    handle = load_model(str(rm.model))
+    data = load_data(str(rm.data), handle)
+    out = quantize.apply(handle, quantize.TECHNIQUE.defaults("auto") | {"method": "auto"}, data,
+                         null_progress())
+    float_model, q = handle.to_onnx(), out.onnx_model
+    xs = _held_out(name, rm, handle, data)
+    y, ref = quantize._run(q, xs), quantize._run(float_model, xs)
+    ratio = len(float_model.SerializeToString()) / len(q.SerializeToString())
+    return ratio, quantize.fidelity_of(y, ref), _decisive(y, ref), out.info["quantize"], out.warnings
+
+
+def _decisive(y: np.ndarray, ref: np.ndarray, margin: float = 0.1) -> tuple[float | None, float]:
+    """(top-1 agreement on the rows where the float model's softmax top-1 leads by ``margin``, the
+    share of such rows)."""
+    if ref.ndim != 2 or ref.shape[1] < 2:
+        return None, 0.0
+    p = np.exp(ref - ref.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top2 = np.sort(p, 1)[:, -2:]
+    keep = top2[:, 1] - top2[:, 0] >= margin
+    return (float(np.mean(y.argmax(1)[keep] == ref.argmax(1)[keep])) if keep.any() else None), float(keep.mean())
+
+
+@pytest.mark.parametrize(("name", "metric", "low"), list(_quant_cases()))
+def test_default_int8_is_3_5x_smaller_and_keeps_fidelity(name, metric, low):
+    ratio, fid, _, info, warnings = _default_int8(name)
+    assert info["auto"]["method"] == ("dynamic-int8" if metric == "cosine" else "static-int8"), info["auto"]
+    # what the variant says about itself is measured with the same metric
+    assert info["fidelity_check"]["metric"] == metric
+    assert fid[metric] >= low, (fid, ratio, warnings)
+    assert ratio >= MIN_RATIO, (ratio, fid)
+
+
+# what holds today where the Done-when above does not (so that these models cannot get worse unseen)
+
+@pytest.mark.slow
+def test_efficientnet_default_int8_changes_no_decision_the_float_model_is_sure_of():
+    ratio, fid, (decisive, share), _, _ = _default_int8("effnet-lite0-onnx")
+    assert ratio >= MIN_RATIO
+    assert share >= 0.4 and decisive >= 0.98, (decisive, share, fid)
+    assert fid["top1_agreement"] >= 0.85 and fid["cosine"] >= 0.98, fid  # measured 0.896 and 0.989
+
+
+@pytest.mark.slow
+def test_ocr_classifier_default_int8_agrees_and_is_over_3x_smaller():
+    ratio, fid, _, _, _ = _default_int8("ocr-cls")
+    assert fid["top1_agreement"] >= 0.98, fid
+    assert ratio >= 3.0, ratio  # 2.7x before its per-channel bookkeeping was cut (docs/techniques/quantization.md)

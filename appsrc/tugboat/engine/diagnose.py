@@ -45,6 +45,7 @@ import copy
 import logging
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,60 +55,36 @@ import onnx
 from .data import Dataset
 from .errors import TugboatError
 from .models import ModelHandle
+from .names import layer_of
 from .progress import Progress, null_progress
+from .quant_error import (
+    DQ_SUFFIX,
+    PASS_THROUGH,
+    QDQ,
+    Graphs,
+    cosine,
+    errors,
+    fixed_batch,
+    isolated_impact,
+    layer_output,
+    quantized_layers,
+    severity,
+    sqnr_db,
+    top1,
+)
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 128
 MAX_SAMPLES = 256
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
-# nodes that only move or select values: not "layers" a user would keep in float
-_PASS_THROUGH = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Relu", "Clip",
-                 "Concat", "Gather", "Slice", "Split", "Identity", "Cast", "Shape", "Resize", "Pad",
-                 "GlobalMaxPool", "Expand", "Tile"}
-_DQ_SUFFIX = "_DequantizeLinear_Output"
+__all__ = ["compare", "cosine", "diagnose", "errors", "fixed_steps", "sample_inputs", "sqnr_db"]
 _COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "MatMulNBits",
             "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "FusedMatMul", "Attention"}
 
 
-# --- numbers --------------------------------------------------------------------------------------
+# --- numbers (one ranking for the app: engine/quant_error.py) -----------------------------------
 
-def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    """Signal to quantization noise ratio in dB (ONNX Runtime's definition); capped at 100."""
-    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
-
-    return min(100.0, float(compute_signal_to_quantization_noice_ratio(
-        np.asarray(reference, np.float64).ravel(), np.asarray(other, np.float64).ravel())))
-
-
-def cosine(reference: np.ndarray, other: np.ndarray) -> float:
-    """Mean per-sample cosine similarity (1 = same direction)."""
-    a = np.asarray(reference, np.float64).reshape(len(reference), -1)
-    b = np.asarray(other, np.float64).reshape(len(other), -1)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    both_zero = (na < 1e-12) & (nb < 1e-12)
-    cos = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-12)
-    cos[both_zero] = 1.0
-    return float(np.clip(cos.mean(), -1.0, 1.0))
-
-
-def errors(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """SQNR (dB), mean per-sample cosine, max-abs and relative error of ``other`` against
-    ``reference`` (same number of samples; each sample's values compared flat)."""
-    n = len(reference)
-    ref = np.asarray(reference, np.float64).reshape(n, -1)
-    other = np.asarray(other, np.float64).reshape(n, -1)
-    diff = ref - other
-    return {"sqnr_db": sqnr_db(ref, other), "cosine": cosine(reference, other),
-            "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
-            "rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-12))}
-
-
-def _top1(reference: np.ndarray, other: np.ndarray) -> float | None:
-    a = np.asarray(reference).reshape(len(reference), -1)
-    b = np.asarray(other).reshape(len(other), -1)
-    if a.shape[1] < 2:
-        return None
-    return float(np.mean(a.argmax(1) == b.argmax(1)))
+_top1 = top1
+_QDQ, _PASS_THROUGH, _DQ_SUFFIX = QDQ, PASS_THROUGH, DQ_SUFFIX
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -178,30 +155,6 @@ def _prepared_float(reference: ModelHandle) -> onnx.ModelProto:
         return _prepared(reference.to_onnx(), Path(tmp))
 
 
-class _Reader:
-    """A calibration-style reader over the sample in batches (``collect_activations`` input)."""
-
-    def __init__(self, names: list[str], arrays: list[np.ndarray], batch: int = 64):
-        self.feeds = [{n: a[i:i + batch] for n, a in zip(names, arrays)}
-                      for i in range(0, len(arrays[0]), batch)]
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.feeds):
-            return None
-        self.i += 1
-        return self.feeds[self.i - 1]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
-
-
 def _activations(model: onnx.ModelProto, names: list[str], xs: list[np.ndarray], tmp: Path,
                  tag: str) -> dict[str, np.ndarray]:
     """Every float intermediate tensor of ``model`` on ``xs`` (qdq_loss_debug's augmentation)."""
@@ -210,162 +163,33 @@ def _activations(model: onnx.ModelProto, names: list[str], xs: list[np.ndarray],
         modify_model_output_intermediate_tensors,
     )
 
-    from .quantize import _quiet
+    from .quantize import _calibration_reader, _quiet
 
     src, aug = tmp / f"{tag}.onnx", tmp / f"{tag}_aug.onnx"
     onnx.save(model, str(src))
+    fixed = fixed_batch(model)  # a fixed-batch model gets whole batches: the last one padded
+    reader = _calibration_reader(names, xs, null_progress(), fixed)
     with _quiet():
         modify_model_output_intermediate_tensors(str(src), str(aug))
-        acts = collect_activations(str(aug), _Reader(names, xs))
-    # the augmentation flattens each batch's tensor: back to one row per sample
-    sizes = [len(f[names[0]]) for f in _Reader(names, xs).feeds]
+        acts = collect_activations(str(aug), reader)
+    # the augmentation flattens each batch's tensor: back to one row per sample (padding cut)
+    n, batch = len(xs[0]), reader.batch
+    real = [min(batch, n - i) for i in range(0, n, batch)]
+    fed = [batch if fixed else r for r in real]
     out = {}
     for k, batches in acts.items():
-        widths = {b.size // n for b, n in zip(batches, sizes) if b.size % n == 0}
-        if len(batches) == len(sizes) and len(widths) == 1 and all(b.size % n == 0 for b, n in
-                                                                   zip(batches, sizes)):
-            out[k] = np.concatenate([b.reshape(n, -1) for b, n in zip(batches, sizes)])
+        if len(batches) != len(fed) or any(b.size % f for b, f in zip(batches, fed)):
+            continue
+        if len({b.size // f for b, f in zip(batches, fed)}) == 1:
+            out[k] = np.concatenate([b.reshape(f, -1)[:r] for b, f, r in zip(batches, fed, real)])
     return out
 
 
 def _run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None = None
          ) -> list[np.ndarray]:
-    from .runtime import ort_session
+    from .quant_error import run
 
-    sess = ort_session(model, 1)
-    feeds = {i.name: x for i, x in zip(sess.get_inputs(), xs)}
-    return [np.asarray(o) for o in sess.run(outputs, feeds)]
-
-
-def _isolated_model(float_model: onnx.ModelProto, q_model: onnx.ModelProto, node_name: str,
-                    outputs: list[str]) -> onnx.ModelProto:
-    """The float graph with only ``node_name`` quantized: the variant's own Q/DQ pairs in front of
-    that node's inputs (activations and weights, with the scales and zero points it was calibrated
-    with) and after its output when the variant quantizes it. ``outputs`` become graph outputs.
-
-    Built from the float graph rather than by un-quantizing the variant, because ONNX Runtime folds
-    a Relu after a Conv into the Conv's output Q/DQ pair (the Relu node is gone from the variant)."""
-    from onnx import helper
-
-    q_nodes = {n.name: n for n in q_model.graph.node}
-    q_prod = {o: n for n in q_model.graph.node for o in n.output}
-    q_inits = {i.name: i for i in q_model.graph.initializer}
-    q_consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in q_model.graph.node:
-        for i in n.input:
-            q_consumers.setdefault(i, []).append(n)
-    m = onnx.ModelProto()
-    m.CopyFrom(float_model)
-    g = m.graph
-    target = next((n for n in g.node if n.name == node_name), None)
-    qnode = q_nodes.get(node_name)
-    if target is None or qnode is None or len(target.input) != len(qnode.input):
-        raise TugboatError(f"{node_name}: not in both graphs")
-    have = {i.name for i in g.initializer}
-    added: list[onnx.NodeProto] = []
-
-    def need(names):
-        for name in names:
-            if name and name not in have and name in q_inits:
-                g.initializer.append(q_inits[name])
-                have.add(name)
-
-    for k, t in enumerate(qnode.input):
-        dq = q_prod.get(t)
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        q = q_prod.get(dq.input[0])
-        dq_in = dq.input[0]
-        if q is not None and q.op_type == "QuantizeLinear":
-            dq_in = f"{q.output[0]}__iso{k}"
-            added.append(helper.make_node("QuantizeLinear", [target.input[k], *q.input[1:]], [dq_in],
-                                          name=f"{node_name}__iso_q{k}", domain=q.domain))
-            added[-1].attribute.extend(q.attribute)
-            need(q.input[1:])
-        else:
-            need([dq_in])
-        out = f"{dq.output[0]}__iso{k}"
-        added.append(helper.make_node("DequantizeLinear", [dq_in, *dq.input[1:]], [out],
-                                      name=f"{node_name}__iso_dq{k}", domain=dq.domain))
-        added[-1].attribute.extend(dq.attribute)
-        need(dq.input[1:])
-        target.input[k] = out
-    # the node's output Q/DQ pair (a folded Relu included: the uint8 zero point clips)
-    q_out = next((c for c in q_consumers.get(qnode.output[0], []) if c.op_type == "QuantizeLinear"), None)
-    if q_out is not None:
-        dq_out = next((c for c in q_consumers.get(q_out.output[0], []) if c.op_type == "DequantizeLinear"),
-                      None)
-        if dq_out is not None:
-            raw, qt = f"{target.output[0]}__iso_raw", f"{target.output[0]}__iso_q"
-            final = target.output[0]
-            target.output[0] = raw
-            added.append(helper.make_node("QuantizeLinear", [raw, *q_out.input[1:]], [qt],
-                                          name=f"{node_name}__iso_q_out", domain=q_out.domain))
-            added[-1].attribute.extend(q_out.attribute)
-            added.append(helper.make_node("DequantizeLinear", [qt, *dq_out.input[1:]], [final],
-                                          name=f"{node_name}__iso_dq_out", domain=dq_out.domain))
-            added[-1].attribute.extend(dq_out.attribute)
-            need([*q_out.input[1:], *dq_out.input[1:]])
-    g.node.extend(added)
-    names = {o.name for o in g.output}
-    for name in outputs:
-        if name not in names:
-            g.output.append(helper.make_empty_tensor_value_info(name))
-    for opset in q_model.opset_import:  # Q/DQ with per-channel axes need the variant's opset
-        for own in m.opset_import:
-            if own.domain == opset.domain:
-                own.version = max(own.version, opset.version)
-    from .quantize import toposort
-
-    return toposort(m)
-
-
-class _Graphs:
-    """Lookups that line a quantized graph's nodes up with the float graph's, by node name (QDQ
-    quantizers keep node names; the tensor names may be shortened when the variant is compacted)."""
-
-    def __init__(self, float_model: onnx.ModelProto, q_model: onnx.ModelProto) -> None:
-        self.float_nodes = {n.name: n for n in float_model.graph.node if n.name}
-        self.q_names = {n.name for n in q_model.graph.node}
-        self.f_consumers = _consumers(float_model)
-        self.q_consumers = _consumers(q_model)
-
-
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
-
-
-def _layer_output(node: onnx.NodeProto, q_acts: dict[str, np.ndarray], graphs: _Graphs) -> tuple[str, str]:
-    """(float tensor name, quantized graph tensor to compare with it) for a node's output.
-
-    What the next layer reads is compared: the DequantizeLinear output when the output is
-    quantized. ONNX Runtime fuses a following Relu into the Q/DQ pair (the Relu node is gone and the
-    uint8 zero point clips), so then the float graph's Relu output is the matching tensor."""
-    out = node.output[0]
-    seen = out + _DQ_SUFFIX if out + _DQ_SUFFIX in q_acts else out
-    q = next((c for c in graphs.q_consumers.get(out, []) if c.op_type == "QuantizeLinear"), None)
-    if q is not None:
-        dq = next((c for c in graphs.q_consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"), None)
-        if dq is not None and dq.output[0] in q_acts:
-            seen = dq.output[0]
-    twin = graphs.float_nodes.get(node.name)
-    if twin is None:
-        return _float_name(out), seen
-    fname = twin.output[0]
-    after = graphs.f_consumers.get(fname, [])
-    if len(after) == 1 and after[0].op_type == "Relu" and after[0].name not in graphs.q_names:
-        fname = after[0].output[0]  # the Relu folded into the variant's Q/DQ pair
-    return fname, seen
-
-
-def _float_name(name: str) -> str:
-    from onnxruntime.quantization.quant_utils import QUANT_INPUT_SUFFIX
-
-    return name[:-len(QUANT_INPUT_SUFFIX)] if name.endswith(QUANT_INPUT_SUFFIX) else name
+    return run(model, xs, outputs)
 
 
 # --- quantized variants ---------------------------------------------------------------------------
@@ -393,19 +217,80 @@ def _verify_fixes(rows: list[dict[str, Any]], float_model: onnx.ModelProto, refe
         row["if_float"] = {**errors(float_out, y), "top1_agreement": _top1(float_out, y)}
 
 
-def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: list[dict[str, Any]],
-                        xs: list[np.ndarray], progress: Progress, data: Dataset | None = None,
-                        verify: int = 0) -> dict[str, Any]:
-    from onnxruntime.quantization.qdq_loss_debug import create_activation_matching
+@dataclass
+class _Compared:
+    """The float graph and the variant's, run on the same sample, every tensor kept."""
 
-    from .quantize import layer_of
+    float_model: onnx.ModelProto
+    q_model: onnx.ModelProto
+    xs: list[np.ndarray]
+    f_acts: dict[str, np.ndarray]
+    q_acts: dict[str, np.ndarray]
+    float_out: np.ndarray
+    q_out: np.ndarray
 
-    q_step = max(i for i, s in enumerate(steps) if s.get("technique") == "quantize")
-    method = steps[q_step].get("method", "")
-    q_model = variant.to_onnx()
-    notes: list[str] = []
+    def __post_init__(self) -> None:
+        from onnxruntime.quantization.qdq_loss_debug import create_activation_matching
+
+        self.graphs = Graphs(self.float_model, self.q_model)
+        self.has_qdq = any(n.op_type == "DequantizeLinear" for n in self.q_model.graph.node)
+        self.float_nodes = {n.name for n in self.float_model.graph.node}
+        # per Q/DQ pair: the activation before and after its quantization (its own rounding error)
+        matching = create_activation_matching({k: [v] for k, v in self.q_acts.items()})
+        self.qdq_err = {k: sqnr_db(m["pre_qdq"][0], m["post_qdq"][0]) for k, m in matching.items()}
+        self.shapes = {}  # the per-sample shape of each tensor (the activations come back flattened)
+        for vi in [*self.float_model.graph.value_info, *self.float_model.graph.output]:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            if len(dims) > 1 and all(dims[1:]):
+                self.shapes[vi.name] = dims[1:]
+
+    def candidates(self) -> list[onnx.NodeProto]:
+        """QDQ graphs keep the float graph's node names: the variant's quantized layers (ranked by
+        engine/quant_error.py, as the quantize step's advice is). Other methods rewrite nodes
+        (MatMulInteger, MatMulNBits, Gemm as MatMul + Add): the float graph's weight layers whose
+        output tensor the variant still has."""
+        pool = quantized_layers(self.float_model, self.q_model) if self.has_qdq else [
+            n for n in self.float_model.graph.node if n.name and n.op_type in _COMPUTE]
+        out = []
+        for node in pool:
+            fname, seen = layer_output(node, self.q_acts, self.graphs)
+            if fname in self.f_acts and seen in self.q_acts and self.f_acts[fname].shape == self.q_acts[seen].shape:
+                out.append(node)
+        return out
+
+
+def _layer_row(c: _Compared, node: onnx.NodeProto, q_step: int) -> tuple[dict[str, Any], bool]:
+    """One diagnose row for ``node``; and whether its isolated run failed."""
+    fname, seen = layer_output(node, c.q_acts, c.graphs)
+    input_sqnr = [c.qdq_err[i[: -len(_DQ_SUFFIX)]] for i in node.input
+                  if i.endswith(_DQ_SUFFIX) and i[: -len(_DQ_SUFFIX)] in c.qdq_err]
+    row: dict[str, Any] = {
+        "node": node.name, "layer": layer_of(node.name), "op_type": node.op_type,
+        "output": fname, "shape": c.shapes.get(fname) or list(c.f_acts[fname].shape[1:]),
+        "accumulated": errors(c.f_acts[fname], c.q_acts[seen]), "isolated": None, "impact": None,
+        "input_qdq_sqnr_db": min(input_sqnr) if input_sqnr else None,
+    }
+    failed = False
+    if c.has_qdq:
+        try:
+            row["impact"], layer_iso = isolated_impact(c.float_model, c.q_model, node.name, c.xs, c.float_out,
+                                                       fname)
+            row["isolated"] = errors(c.f_acts[fname], layer_iso)
+        except Exception as exc:  # an exotic graph ORT refuses once rewired: accumulated only
+            _LOG.debug("isolated run of %s failed: %s", node.name, exc)
+            failed = True
+    # a node name is exact for QDQ graphs; the layer name resolves for the rewriting methods
+    exclude = node.name if c.has_qdq and node.name in c.float_nodes else layer_of(node.name)
+    row["action"] = {"kind": "keep_float", "label": "Keep this layer in float", "step": q_step,
+                     "exclude": exclude}
+    return row, failed
+
+
+def _compared(reference: ModelHandle, variant: ModelHandle, xs: list[np.ndarray], notes: list[str],
+              progress: Progress) -> _Compared:
     progress.update(0.0, "preparing the float graph")
     float_model = _prepared_float(reference)
+    q_model = variant.to_onnx()
     names = variant.input_names
     xs = _within_budget(xs, _onnx_bytes_per_sample(float_model), notes)
     with _tmpdir() as tmp:
@@ -413,94 +298,45 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
         f_acts = _activations(float_model, names, xs, Path(tmp), "float")
         progress.update(0.15, "running the quantized graph")
         q_acts = _activations(q_model, names, xs, Path(tmp), "quant")
-    # per Q/DQ pair: the activation before and after its quantization (its own rounding error)
-    matching = create_activation_matching({k: [v] for k, v in q_acts.items()})
-    qdq_err = {k: sqnr_db(m["pre_qdq"][0], m["post_qdq"][0]) for k, m in matching.items()}
-    float_out = _run(float_model, xs)[0]
-    q_out = _run(q_model, xs)[0]
-    float_nodes = {n.name for n in float_model.graph.node}
-    graphs = _Graphs(float_model, q_model)
-    has_qdq = any(n.op_type == "DequantizeLinear" for n in q_model.graph.node)
-    dq_outputs = {n.output[0] for n in q_model.graph.node if n.op_type == "DequantizeLinear"}
-    if not has_qdq:
+    return _Compared(float_model, q_model, xs, f_acts, q_acts, _run(float_model, xs)[0], _run(q_model, xs)[0])
+
+
+def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: list[dict[str, Any]],
+                        xs: list[np.ndarray], progress: Progress, data: Dataset | None = None,
+                        verify: int = 0) -> dict[str, Any]:
+    q_step = max(i for i, s in enumerate(steps) if s.get("technique") == "quantize")
+    method = steps[q_step].get("method", "")
+    notes: list[str] = []
+    c = _compared(reference, variant, xs, notes, progress)
+    if not c.has_qdq:
         notes.append(f"{method}: isolated errors need a QDQ graph (static-int8, qat-int8); this "
                      f"variant shows accumulated errors only")
-
-    candidates = []
-    # QDQ graphs keep the float graph's node names: rows are the variant's quantized nodes. Other
-    # methods rewrite nodes (MatMulInteger, MatMulNBits, Gemm as MatMul + Add): rows are the float
-    # graph's weight layers whose output tensor the variant still has
-    pool = q_model.graph.node if has_qdq else float_model.graph.node
-    for node in pool:
-        if node.op_type in _QDQ or node.op_type in _PASS_THROUGH or not node.name:
-            continue
-        if has_qdq and not any(i in dq_outputs for i in node.input):
-            continue
-        if not has_qdq and node.op_type not in _COMPUTE:
-            continue
-        fname, seen = _layer_output(node, q_acts, graphs)
-        if fname not in f_acts or seen not in q_acts or f_acts[fname].shape != q_acts[seen].shape:
-            continue
-        candidates.append(node)
+    candidates = c.candidates()
     if not candidates:
         raise TugboatError(f"no quantized layer of {variant.source} lines up with the float graph "
                            f"(method {method}); nothing to diagnose")
-    # the per-sample shape of each tensor (the activations come back flattened)
-    shapes = {}
-    for vi in [*float_model.graph.value_info, *float_model.graph.output]:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        if len(dims) > 1 and all(dims[1:]):
-            shapes[vi.name] = dims[1:]
-    skipped = 0
-    rows = []
+    rows, skipped = [], 0
     for k, node in enumerate(candidates):
         progress.update(0.25 + 0.55 * k / len(candidates),
                         f"layer {k + 1}/{len(candidates)}: {layer_of(node.name)}")
-        fname, seen = _layer_output(node, q_acts, graphs)
-        acc = errors(f_acts[fname], q_acts[seen])
-        input_sqnr = [qdq_err[i[: -len(_DQ_SUFFIX)]] for i in node.input
-                      if i.endswith(_DQ_SUFFIX) and i[: -len(_DQ_SUFFIX)] in qdq_err]
-        row: dict[str, Any] = {
-            "node": node.name, "layer": layer_of(node.name), "op_type": node.op_type,
-            "output": fname, "shape": shapes.get(fname) or list(f_acts[fname].shape[1:]),
-            "accumulated": acc, "isolated": None, "impact": None,
-            "input_qdq_sqnr_db": min(input_sqnr) if input_sqnr else None,
-        }
-        if has_qdq:
-            try:
-                iso = _isolated_model(float_model, q_model, node.name, [fname])
-                y_iso, layer_iso = _run(iso, xs, [float_model.graph.output[0].name, fname])
-                row["isolated"] = errors(f_acts[fname], layer_iso)
-                row["impact"] = {**errors(float_out, y_iso), "top1_agreement": _top1(float_out, y_iso)}
-            except Exception as exc:  # an exotic graph ORT refuses once rewired: accumulated only
-                _LOG.debug("isolated run of %s failed: %s", node.name, exc)
-                skipped += 1
-        # a node name is exact for QDQ graphs; the layer name resolves for the rewriting methods
-        exclude = node.name if has_qdq and node.name in float_nodes else layer_of(node.name)
-        row["action"] = {"kind": "keep_float", "label": "Keep this layer in float", "step": q_step,
-                         "exclude": exclude}
+        row, failed = _layer_row(c, node, q_step)
         rows.append(row)
+        skipped += failed
     if skipped:
         notes.append(f"{skipped} layer(s) could not be run in isolation; accumulated errors only")
-
-    def severity(r: dict[str, Any]) -> float:
-        return (r["impact"] or r["accumulated"])["sqnr_db"]
-
-    rows.sort(key=severity)
+    rows.sort(key=severity)  # the same key as the quantize step's advice (engine/quant_error.py)
     for i, r in enumerate(rows):
-        r["rank"] = i + 1
-        r["score_db"] = severity(r)
-        r["if_float"] = None
+        r.update(rank=i + 1, score_db=severity(r), if_float=None)
     step = steps[q_step]
     if method == "static-int8" and data is not None and verify > 0:
         if step.get("max_accuracy_drop", 0.0) > 0:
             notes.append("fixes not verified: the variant kept layers in float by itself "
                          "(max_accuracy_drop)")
         else:
-            _verify_fixes(rows[:verify], float_model, reference, step, data, xs, float_out,
+            _verify_fixes(rows[:verify], c.float_model, reference, step, data, c.xs, c.float_out,
                           progress.sub(0.8, 1.0, "verifying fixes: "))
-    return {"kind": "quantize", "method": method, "rows": rows, "notes": notes, "samples": len(xs[0]),
-            "output": {**errors(float_out, q_out), "top1_agreement": _top1(float_out, q_out)}}
+    return {"kind": "quantize", "method": method, "rows": rows, "notes": notes, "samples": len(c.xs[0]),
+            "output": {**errors(c.float_out, c.q_out), "top1_agreement": _top1(c.float_out, c.q_out)}}
 
 
 # --- pruned / distilled variants ------------------------------------------------------------------
@@ -741,8 +577,6 @@ def layer_channels(handle: ModelHandle | None) -> dict[str, int]:
     if handle.module is not None:
         return _channels(handle.module)
     from onnx import numpy_helper
-
-    from .quantize import layer_of
 
     model = handle.to_onnx()
     inits = {i.name: i for i in model.graph.initializer}

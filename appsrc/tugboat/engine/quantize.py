@@ -47,6 +47,7 @@ from .errors import Cancelled, DataError, TugboatError
 from .models import ModelHandle
 from .names import layer_of
 from .progress import Progress, null_progress
+from .quant_error import fixed_batch, rank_layers, severity, toposort
 from .runtime import _cast, ort_session, run_onnx
 from .technique import NO_CHANGE, Param, Technique
 
@@ -239,10 +240,10 @@ def compact(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
     ``_zero_point``): on a small or depthwise-heavy network those names weigh as much as the int8
     weights. They become short ids; the names of the graph's inputs and outputs, of the source
     model's tensors and of every node that existed in the source (the layers, mapped back to torch
-    modules by :func:`layer_of`) stay. All-zero zero points of int32 bias dequantization are
-    dropped (0 is the default), and the shape annotations the pre-pass added go (the runtime
-    infers them again). Graphs with subgraphs (If/Loop) keep their names: subgraphs may refer to
-    outer tensors by name."""
+    modules by :func:`layer_of`) stay. All-zero zero points of weight and bias dequantization are
+    dropped (0 is the default), equal small constants (scales, zero points) are stored once, and
+    the shape annotations the pre-pass added go (the runtime infers them again). Graphs with
+    subgraphs (If/Loop) keep their names: subgraphs may refer to outer tensors by name."""
     g = q.graph
     del g.value_info[:]
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -252,13 +253,8 @@ def compact(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
     keep |= {i.name for i in source.graph.initializer} | {i.name for i in source.graph.input}
     keep |= {o for n in source.graph.node for o in n.output}
     source_nodes = {n.name for n in source.graph.node}
-    inits = {i.name: i for i in g.initializer}
-    # DequantizeLinear of int32 biases: a zero point of zeros is the default
-    for node in g.node:
-        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[2] in inits:
-            zp = inits[node.input[2]]
-            if zp.data_type == onnx.TensorProto.INT32 and not numpy_helper.to_array(zp).any():
-                del node.input[2]
+    _drop_zero_weight_zero_points(g)
+    _share_equal_constants(g, keep)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     kept_inits = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
@@ -280,6 +276,40 @@ def compact(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
         if node.name not in source_nodes:
             node.name = ""
     return q
+
+
+def _drop_zero_weight_zero_points(g: onnx.GraphProto) -> None:
+    """Drop all-zero zero points of DequantizeLinear on signed integer initializers (symmetric
+    int8 weights, int32 biases): 0 is the default, and per-channel weights carry one per channel.
+    Only DequantizeLinear, and only of initializers: a QuantizeLinear's zero point also sets its
+    output type, and activations keep theirs."""
+    inits = {i.name: i for i in g.initializer}
+    signed = (onnx.TensorProto.INT8, onnx.TensorProto.INT32)
+    for node in g.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) != 3 or node.input[0] not in inits:
+            continue
+        zp = inits.get(node.input[2])
+        if zp is not None and zp.data_type in signed and inits[node.input[0]].data_type == zp.data_type \
+                and not numpy_helper.to_array(zp).any():
+            del node.input[2]
+
+
+def _share_equal_constants(g: onnx.GraphProto, keep: set[str], max_elements: int = 64) -> None:
+    """Let nodes share one copy of equal small initializers (the quantizers write a scale and a
+    zero point per quantized tensor; after ReLUs many are the same)."""
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for init in g.initializer:
+        if init.name in keep or int(np.prod(init.dims)) > max_elements:
+            continue
+        key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+        if key in first:
+            alias[init.name] = first[key]
+        else:
+            first[key] = init.name
+    if alias:
+        for node in g.node:
+            node.input[:] = [alias.get(i, i) for i in node.input]
 
 
 def _with_meta(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
@@ -538,19 +568,6 @@ def _calibration_reader(names, arrays, progress, fixed: int | None = None):
     return Reader(names, arrays, progress, fixed, fixed=fixed is not None)
 
 
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The constant first dimension of every graph input, if the graph has one (else None)."""
-    inits = {i.name for i in model.graph.initializer}
-    sizes = set()
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        sizes.add(int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0
-                  else None)
-    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
-
-
 # --- ONNX Runtime quantizers ----------------------------------------------------------------------
 
 def _quant_type(name: str):
@@ -655,7 +672,9 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[
         "percentile" if calibration == "auto" else calibration]
-    extra = {"CalibMaxIntermediateOutputs": 64}
+    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": 64}
+    if params["per_channel"] and params["weight_type"] == "int8":
+        extra["TensorQuantOverrides"] = one_scale_layers(model)
     if method == CalibrationMethod.Percentile:
         extra["CalibPercentile"] = 99.999  # ONNX Runtime's own default
     with _tmp() as tmp:
@@ -663,7 +682,7 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
         with _quiet(), _histogram_errors(calibration):
             quantize_static(
                 # a copy: ORT may move the tensors of the model it is given to external data
-                _copy(model), str(out), _calibration_reader(names, calib, progress, _fixed_batch(model)),
+                _copy(model), str(out), _calibration_reader(names, calib, progress, fixed_batch(model)),
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=params["op_types"] or None,
                 per_channel=params["per_channel"],
                 activation_type=_quant_type(params["activation_type"]),
@@ -674,6 +693,41 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
                 calibration_cache_path=None,
             )
         return onnx.load(str(out))
+
+
+# A per-channel weight costs 13 bytes a channel in a QDQ graph besides its int8 weights (a float
+# scale, an int8 zero point, and its bias as int32 with a float scale of its own): on a convolution
+# with few weights per output channel (a depthwise 3x3 has 9) that is more than the weights. Where
+# one scale for the whole tensor loses little, it gets one scale.
+ONE_SCALE_MAX_WEIGHTS = 128  # weights per output channel: below it the bookkeeping is >= 10 %
+ONE_SCALE_MAX_ERROR = 0.1  # worst channel's relative rounding error with one scale for all
+
+
+def one_scale_layers(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """ONNX Runtime ``TensorQuantOverrides`` giving one (symmetric) scale to the weights of
+    convolutions with few weights per output channel whose channels all keep their precision with
+    it: every channel's relative rounding error at most ``ONE_SCALE_MAX_ERROR``. The others stay
+    per-channel (depthwise convolutions with batch-norm folded in usually do: their channels'
+    ranges differ by 10x and more)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            users.setdefault(i, set()).add(node.op_type)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits \
+                or users[node.input[1]] != {"Conv"}:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        rows = w.reshape(w.shape[0], -1)
+        if rows.shape[1] > ONE_SCALE_MAX_WEIGHTS or not np.abs(rows).max() > 0:
+            continue
+        scale = np.abs(rows).max() / 127.0
+        err = np.linalg.norm(np.clip(np.round(rows / scale), -127, 127) * scale - rows, axis=1)
+        if np.all(err <= ONE_SCALE_MAX_ERROR * np.linalg.norm(rows, axis=1)):
+            out[node.input[1]] = [{"symmetric": True}]
+    return out
 
 
 @contextlib.contextmanager
@@ -732,28 +786,6 @@ def fp16(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.Model
         half = convert_float_to_float16(_copy(model), keep_io_types=params["keep_io_float32"],
                                         node_block_list=exclude or None)
     return toposort(half)
-
-
-def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Order the graph's nodes so every input is produced before use (the fp16 converter
-    appends its input casts at the end, which onnx.checker rejects)."""
-    graph = model.graph
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in ready for i in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):  # a cycle or a subgraph reference: leave the order alone
-            return model
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
-    return model
 
 
 # --- evaluation and sensitivity ------------------------------------------------------------------
@@ -889,7 +921,7 @@ def _run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None
     from .runtime import fill_batch
 
     sess = ort_session(model, 1)
-    fixed = _fixed_batch(model)  # a fixed-batch model takes exactly that many rows: pad, then cut
+    fixed = fixed_batch(model)  # a fixed-batch model takes exactly that many rows: pad, then cut
     rows = fixed or rows
     chunks: list[list[np.ndarray]] = []
     for i in range(0, len(xs[0]), rows):
@@ -1025,7 +1057,8 @@ def error_by_layer(float_model: onnx.ModelProto, q: onnx.ModelProto, xs: list[np
 def _neighbourhood(model: onnx.ModelProto, ranking: list[dict[str, Any]], count: int) -> list[str]:
     """``exclude`` names for the ``count`` nodes that add the most error, with the nodes on both
     sides of their input tensors: a tensor stays quantized while any node next to it is."""
-    worst = {r["node"] for r in ranking[:count] if r["added_error"] > 0}
+    worst = {r["node"] for r in ranking[:count]
+             if (severity(r) < 100.0 if "impact" in r else r["added_error"] > 0)}
     if not worst:
         return []
     producers = {o: n.name for n in model.graph.node for o in n.output}
@@ -1042,6 +1075,34 @@ def _neighbourhood(model: onnx.ModelProto, ranking: list[dict[str, Any]], count:
     return list(dict.fromkeys(name_of[r["node"]] for r in ranking if r["node"] in around))
 
 
+# the per-layer ranking, and then wider trials, stop once each has taken this long (a large model
+# has a hundred layers to run alone and its quantization takes a minute on a small machine; the
+# advice quotes the best trial so far)
+_ADVICE_SECONDS = 60.0
+_RANK_ROWS = 32  # samples for the per-layer ranking (one ONNX Runtime session per layer)
+
+
+def _ranking(float_model: onnx.ModelProto, q: onnx.ModelProto, check: _CheckSet) -> list[dict[str, Any]]:
+    """Layers worst first. A QDQ graph (static int8): the Diagnose view's ranking
+    (:func:`tugboat.engine.quant_error.rank_layers`: the output error with only that layer
+    quantized), so the advice names the layer the Diagnose view puts first. Graphs the quantizer
+    rewrote (dynamic int8, weight-only, fp16): the error each node adds (:func:`error_by_layer`)."""
+    xs = [x[:_RANK_ROWS] for x in check.xs]
+    ops = {n.op_type for n in q.graph.node}
+    if not any(isinstance(x, _ModelLayout) for x in check.xs) and "DequantizeLinear" in ops \
+            and not ops & {"MatMulInteger", "ConvInteger", "MatMulNBits"}:
+        try:
+            ranked = rank_layers(float_model, q, xs, budget_s=_ADVICE_SECONDS)
+        except Cancelled:
+            raise
+        except Exception as exc:  # the advice is best effort
+            _LOG.debug("per-layer ranking failed: %s", exc)
+            ranked = []
+        if ranked:
+            return ranked
+    return error_by_layer(float_model, q, check.xs)
+
+
 def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _CheckSet, method: str,
                     info: dict[str, Any], warn: list[str], redo) -> None:
     """Measure fidelity on the val split; when it is low, say so, find the layers that add the
@@ -1054,12 +1115,14 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
     what = "top-1 agreement" if score["metric"] == "top1_agreement" else "cosine similarity"
     msg = (f"low fidelity: {what} with the float model is {score['value']:.3f} on the "
            f"{check.split} split (below {score['threshold']:g})")
-    ranking = error_by_layer(float_model, q, check.xs)
+    ranking = _ranking(float_model, q, check)
     advice = []
     best = None  # (fidelity, names kept float)
+    started = time.perf_counter()
     for count in (3, 6, 12):  # widen until fidelity is back (each try is one quantization)
         names = _neighbourhood(float_model, ranking, count)
-        if not names or redo is None or (best and names == best[1]):
+        if not names or redo is None or (best and names == best[1]) \
+                or time.perf_counter() - started > _ADVICE_SECONDS:
             break
         try:
             trial = _score(redo(names), check)
