@@ -407,7 +407,7 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
 
     Parameters are those of the deployed artifact (:meth:`ModelHandle.param_count`), each weight
     tensor attributed to the layer that uses it, so the rows add up to the model's ``params``. For a
-    torch model the rows are its modules (FLOPs from FlopCounterMode per module): a BatchNorm the
+    torch model the rows are its modules (FLOPs of their exported nodes, see _module_flops): a BatchNorm the
     export folds into its convolution keeps a row with 0 parameters (``folded``), and weights the
     export puts outside any module row (e.g. a positional embedding) get rows of their ONNX nodes."""
     from .names import layer_key
@@ -416,16 +416,8 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
     onnx_rows = _onnx_layer_rows(handle, model)
     if handle.module is None or handle.onnx_model is not None:
         return onnx_rows
-    from torch.utils.flop_counter import FlopCounterMode
-
     module = handle.module
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter, torch.inference_mode():
-            module(*handle.example_inputs(1))
-        counts = counter.get_flop_counts()
-    except Exception:
-        counts = {}
+    counts = _module_flops(handle, onnx_rows)
     deployed: dict[str, int] = {}
     for r in onnx_rows:
         key = layer_key(r["name"])
@@ -436,7 +428,7 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
         if not name or not own:
             continue
         key = next((k for k in counts if k.endswith("." + name) or k == name), None)
-        flops = int(sum(counts[key].values())) if key else 0
+        flops = int(counts[key]) if key else 0
         row = {"name": name, "type": type(sub).__name__, "params": deployed.get(name, 0), "flops": flops}
         used.add(name)
         if name not in deployed:
@@ -446,6 +438,32 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
         rows.append(row)
     rows += [r for r in onnx_rows if layer_key(r["name"]) not in used and r["params"]]
     return rows
+
+
+def _module_flops(handle: ModelHandle, onnx_rows: list[dict[str, Any]]) -> dict[str, int]:
+    """FLOPs at batch 1 per torch module name: those of the exported graph's nodes of that module
+    (the same formula), or from FlopCounterMode when no node maps onto a module. The counting mode
+    imports torch._dynamo, sympy and scikit-learn (about 1 s), so it is only the fallback."""
+    from .names import layer_key
+
+    names = {name for name, _ in handle.module.named_modules() if name}
+    counts: dict[str, int] = {}
+    for r in onnx_rows:
+        key = layer_key(r["name"])
+        if key in names and r["flops"]:
+            counts[key] = counts.get(key, 0) + int(r["flops"])
+    if counts:
+        return counts
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        inputs = handle.example_inputs(1)
+        with counter, torch.inference_mode():
+            handle.module(*inputs)
+        return {k: int(sum(v.values())) for k, v in counter.get_flop_counts().items()}
+    except Exception:
+        return {}
 
 
 def _onnx_layer_rows(handle: ModelHandle, model: onnx.ModelProto) -> list[dict[str, Any]]:

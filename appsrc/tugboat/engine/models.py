@@ -178,7 +178,9 @@ class ModelHandle:
         return new
 
     def example_inputs(self, batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed)
+        # numpy's generator, not torch.Generator: torch.rand(generator=...) imports torch._dynamo
+        # (and sympy, scikit-learn: about 1 s) the first time it runs
+        gen = np.random.default_rng(seed)
         out = []
         for spec in self.inputs:
             try:
@@ -187,11 +189,11 @@ class ModelHandle:
                 raise ModelLoadError(exc.message, path=self.source, hint=exc.hint) from None
             if spec.dtype.startswith("int"):
                 high = int(self.info.get("vocab_size", {}).get(spec.name, 2))
-                out.append(torch.randint(0, high, shape, generator=gen, dtype=getattr(torch, spec.dtype)))
+                out.append(torch.from_numpy(gen.integers(0, high, shape)).to(getattr(torch, spec.dtype)))
             elif spec.dtype == "bool":
                 out.append(torch.ones(shape, dtype=torch.bool))
             else:
-                out.append(torch.rand(shape, generator=gen, dtype=getattr(torch, spec.dtype)))
+                out.append(torch.from_numpy(gen.random(shape, dtype=np.float32)).to(getattr(torch, spec.dtype)))
         return out
 
     def torch_module(self) -> nn.Module:
