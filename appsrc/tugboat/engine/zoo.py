@@ -8,6 +8,7 @@ the user cache directory. The architectures double as the "named built-in archit
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -180,11 +181,27 @@ def build(arch: str, **kwargs) -> nn.Module:
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 1, 8, 8) float32 in [0, 1] and labels (N,) int64."""
-    from sklearn.datasets import load_digits
+    x, y = _digits_file()
+    return x.copy(), y.copy()
 
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
-    return x, d.target.astype(np.int64)
+
+@functools.lru_cache(maxsize=1)
+def _digits_file() -> tuple[np.ndarray, np.ndarray]:
+    # the CSV that ``sklearn.datasets.load_digits`` reads, read here without importing scikit-learn
+    # (its import costs 0.7-1.2 s at every demo start); load_digits itself where the file moved
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is not None and path.is_file():
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        images, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images, target = d.images, d.target
+    return (images.astype(np.float32) / 16.0)[:, None, :, :], target.astype(np.int64)
 
 
 def digits_splits(n: int) -> dict[str, np.ndarray]:
