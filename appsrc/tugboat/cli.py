@@ -103,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished variants are kept")
     p.add_argument("--max-variants", type=_positive_int, metavar="N",
                    help="allow a [sweep] grid of up to N combinations (default 1000)")
-    p.add_argument("--executor", choices=("local", "processes", "ray"), default="local",
-                   help="where variants are made: in this process (default), in worker processes, or as Ray "
-                   "tasks (pip install 'tugboat-ml[ray]'); timing always runs here, one variant at a time")
+    p.add_argument("--executor", choices=("auto", "local", "processes", "ray"), default="auto",
+                   help="where variants are made: auto (default: worker processes for a grid of 6 or more "
+                   "independent variants on a multi-core machine, else this process), in this process, in "
+                   "worker processes, or as Ray tasks (pip install 'tugboat-ml[ray]'); timing always runs "
+                   "here, one variant at a time")
     p.add_argument("--workers", type=_positive_int, metavar="N",
                    help="worker processes (processes) or CPUs of a local Ray instance (default: all cores)")
     p.add_argument("--address", metavar="ADDR",
@@ -392,7 +394,7 @@ def cmd_sweep(args) -> int:
     from .engine.recipe import load_recipe
     from .engine.sweep import run_sweep
 
-    executor = make_executor(getattr(args, "executor", "local") or "local", workers=getattr(args, "workers", None),
+    executor = make_executor(getattr(args, "executor", "auto") or "auto", workers=getattr(args, "workers", None),
                              address=getattr(args, "address", None))  # a missing Ray: one line, before any work
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
@@ -402,6 +404,8 @@ def cmd_sweep(args) -> int:
 
     if getattr(executor, "name", "") == "ray" and wants_gpu(recipe):
         executor.num_gpus = 1  # each variant's task declares the GPU its steps train on
+    if hasattr(executor, "plan_for"):  # auto: choose now (a GPU recipe: this process), start workers now
+        executor.plan_for(recipe, getattr(args, "max_variants", None), local=wants_gpu(recipe))
     quiet = getattr(args, "quiet", False)
     bar = TerminalProgress(enabled=not quiet)
 
@@ -413,6 +417,7 @@ def cmd_sweep(args) -> int:
         result = run_sweep(recipe, args.out, resume=args.resume, progress=Progress(bar), log=log,
                            max_variants=getattr(args, "max_variants", None), executor=executor)
     finally:
+        executor.close()  # workers started early are ended even when the sweep stopped before its loop
         bar.close()
     report = result.workspace.report()
     print(format_summary(report))

@@ -10,8 +10,13 @@ the workspace, whose folder lock it holds.
 order). A task that cannot be made (a :class:`TugboatError`, a worker that died more than
 ``max_retries`` times) comes back as an outcome with ``error`` set, and the sweep goes on.
 
-* :class:`LocalExecutor` (``local``, the default): in this process, one task at a time, with the
-  sweep's prefix cache: today's behaviour.
+* :class:`AutoExecutor` (``auto``, the default of ``tugboat sweep``): worker processes when the plan
+  has at least ``MIN_PARALLEL`` variants in two or more independent groups and the machine has more
+  than one core, this process otherwise. One worker per core, each with this process's torch thread
+  count (so a variant's weights are those a local run gives); workers wait while the driver times a
+  variant (a shared gate checked at every progress check), so parallel work never disturbs a timing.
+* :class:`LocalExecutor` (``local``, the default of :func:`~tugboat.engine.sweep.run_sweep`): in this
+  process, one task at a time, with the sweep's prefix cache.
 * :class:`ProcessExecutor` (``processes``): a pool of ``spawn`` worker processes, ``torch`` threads
   per worker = cores / workers. Model and data are sent once per worker.
 * ``RayExecutor`` (``ray``, in :mod:`.ray_executor`, the optional ``tugboat-ml[ray]`` extra,
@@ -31,7 +36,8 @@ from ..errors import Cancelled, TugboatError
 from ..models import ModelHandle
 from ..progress import Progress, null_progress
 
-EXECUTORS = ("local", "processes", "ray")
+EXECUTORS = ("auto", "local", "processes", "ray")
+MIN_PARALLEL = 6  # fewer variants than this are made in this process (a worker costs ~2 s to start)
 DEFAULT_RETRIES = 2
 CRASH_ENV = "TUGBOAT_TEST_CRASH_ONCE"  # tests only: a marker file; the first task to see it absent dies
 
@@ -124,6 +130,9 @@ class Executor:
     name = "local"
     width = 1  # how many tasks the driver hands over at once
 
+    def warm(self) -> None:
+        """Get ready before the context exists (start workers while the driver measures the original)."""
+
     def start(self, ctx: Context, cache=None) -> None:
         self.ctx, self.cache = ctx, cache
 
@@ -151,6 +160,81 @@ class LocalExecutor(Executor):
             yield out
 
 
+class AutoExecutor(Executor):
+    """Worker processes when they pay off (see the module doc), this process otherwise; decided from
+    the recipe's plan at :meth:`plan_for` (then the workers start at once) or from the first tasks."""
+
+    name = "auto"
+
+    def __init__(self, workers: int | None = None, max_retries: int = DEFAULT_RETRIES) -> None:
+        self.cores = cpu_count()
+        self.workers = workers or self.cores
+        self.max_retries = max_retries
+        self.width = max(2, self.workers) if self.cores > 1 else 1  # a grid is handed over whole
+        self.inner: Executor | None = None
+        self._described: dict[str, Any] = {"name": "auto", "chose": "local", "workers": 1}
+
+    def parallel(self, steps: list[list[dict[str, Any]]]) -> bool:
+        from ..sweep import steps_key
+
+        firsts = {steps_key(s[:1]) if len(s) > 1 else steps_key(s) for s in steps}
+        return self.cores > 1 and len(steps) >= MIN_PARALLEL and len(firsts) >= 2
+
+    def choose(self, steps: list[list[dict[str, Any]]] | None) -> Executor:
+        if self.inner is None:
+            if steps is not None and self.parallel(steps):
+                from .processes import ProcessExecutor
+
+                import torch
+
+                # the thread count this process trains with: a variant made in a worker has the
+                # weights a local run gives (training sums change in the last bits with it)
+                self.inner = ProcessExecutor(self.workers, max_retries=self.max_retries,
+                                             threads=torch.get_num_threads())
+            else:
+                self.inner = LocalExecutor()
+        return self.inner
+
+    def plan_for(self, recipe, max_variants: int | None = None, local: bool = False) -> None:
+        """Choose from the recipe's sweep plan and start the workers now, if any (``local``: this
+        process, e.g. for a recipe that trains on the GPU)."""
+        from ..sweep import plan
+
+        if local:
+            self.choose(None)
+            return
+
+        try:
+            cands = plan(recipe, max_variants).candidates
+        except Exception:  # the sweep itself reports a bad plan, with its file and reason
+            return
+        self.choose([c.steps for c in cands] if isinstance(cands, list) else None).warm()
+
+    def start(self, ctx: Context, cache=None) -> None:
+        super().start(ctx, cache)
+        if self.inner is not None:
+            self.inner.start(ctx, cache)
+
+    def map(self, tasks: Iterable[Task], progress: Progress | None = None) -> Iterator[Outcome]:
+        tasks = list(tasks)
+        if self.inner is None:
+            self.choose([t.steps for t in tasks]).start(self.ctx, self.cache)
+            self.describe()
+        assert self.inner is not None
+        yield from self.inner.map(tasks, progress)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+    def describe(self) -> dict[str, Any]:
+        # the same dict stays on record and is updated when the choice is made later, at map
+        if self.inner is not None:
+            inner = self.inner.describe()
+            self._described.update(chose=inner["name"], workers=inner["workers"])
+        return self._described
+
+
 def cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -167,7 +251,11 @@ def check_workers(workers: int | None) -> int:
 
 def make_executor(name: str = "local", *, workers: int | None = None, address: str | None = None,
                   max_retries: int = DEFAULT_RETRIES) -> Executor:
-    """The executor called ``name`` (``local``, ``processes``, ``ray``)."""
+    """The executor called ``name`` (``auto``, ``local``, ``processes``, ``ray``)."""
+    if name == "auto":
+        if address:
+            raise ExecutorError("--address is for --executor ray")
+        return AutoExecutor(None if workers is None else check_workers(workers), max_retries=max_retries)
     if name == "local":
         if address:
             raise ExecutorError("--address is for --executor ray")
