@@ -183,9 +183,9 @@ class AutoExecutor(Executor):
     def choose(self, steps: list[list[dict[str, Any]]] | None) -> Executor:
         if self.inner is None:
             if steps is not None and self.parallel(steps):
-                from .processes import ProcessExecutor
-
                 import torch
+
+                from .processes import ProcessExecutor
 
                 # the thread count this process trains with: a variant made in a worker has the
                 # weights a local run gives (training sums change in the last bits with it)

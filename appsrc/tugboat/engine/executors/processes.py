@@ -16,6 +16,7 @@ cannot travel back (it does not pickle) is made again in the driver, so no varia
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -65,10 +66,8 @@ def _init(ctx_path: str, threads: int, gate=None) -> None:
 
     torch.set_num_threads(threads)
     for name in PRELOAD:  # what every task needs, imported while the driver measures the original
-        try:
+        with contextlib.suppress(ImportError):
             importlib.import_module(name)
-        except ImportError:
-            pass
     _CTX_PATH = ctx_path
 
 
