@@ -203,3 +203,55 @@ def test_cancel_stops_the_workers_and_keeps_only_finished_variants(tmp_path):
     assert 1 <= len(ws) < 6 and all(v.status == "ok" for v in ws.variants())
     again = run_sweep(recipe, tmp_path / "ws", resume=True)  # and it resumes (here, locally)
     assert len(again.variants) == 6 and len(again.skipped) == len(ws)
+
+
+# --- auto (the default of `tugboat sweep`) ---------------------------------------------------------
+
+def _steps(ratio, method):
+    return [{"technique": "prune", "method": "structured", "ratio": ratio},
+            {"technique": "quantize", "method": method}]
+
+
+def test_auto_uses_workers_only_for_enough_independent_variants(monkeypatch):
+    from tugboat.engine import executors
+    from tugboat.engine.executors.processes import ProcessExecutor, group_tasks
+
+    monkeypatch.setattr(executors, "cpu_count", lambda: 2)
+    grid = [_steps(r, m) for r in (0.2, 0.4, 0.6) for m in ("fp16", "static-int8")]
+    auto = make_executor("auto")
+    assert auto.width >= 2  # a grid is handed over whole
+    assert auto.parallel(grid)
+    assert not auto.parallel(grid[:4])  # too few to pay for a worker's start
+    assert not auto.parallel([_steps(0.5, m) for m in ("fp16", "static-int8", "dynamic-int8") * 2])  # one prefix
+    monkeypatch.setattr(executors, "cpu_count", lambda: 1)
+    assert not make_executor("auto").parallel(grid)  # one core: this process
+    chosen = make_executor("auto", workers=2)
+    chosen.cores = 2
+    assert isinstance(chosen.choose(grid), ProcessExecutor)
+    chosen.close()
+    # a shared prefix goes to one worker whole; with fewer groups than workers the largest splits
+    tasks = [executors.Task(f"t{i}", s) for i, s in enumerate(grid)]
+    groups = group_tasks(tasks, 2)
+    assert sorted(len(g) for g in groups) == [2, 2, 2]
+    assert all(len({str(t.steps[0]) for t in g}) == 1 for g in groups)
+    assert sorted(len(g) for g in group_tasks(tasks[:2], 2)) == [1, 1]
+
+
+@pytest.mark.slow
+def test_tugboat_sweep_defaults_to_auto_and_gives_the_local_variants(tmp_path, capsys, local_table):
+    from tugboat.engine.executors import cpu_count
+    from tugboat.engine.workspace import Workspace
+
+    text = SIX.replace("finetune_epochs = 0", "finetune_epochs = 1")  # training in the workers too
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "auto"), "--quiet"]) == 0
+    assert main(["sweep", str(path), "--out", str(tmp_path / "local"), "--quiet", "--executor", "local"]) == 0
+    auto, local = Workspace.open(tmp_path / "auto"), Workspace.open(tmp_path / "local")
+    assert auto.meta["sweep"]["executor"]["chose"] == ("processes" if cpu_count() > 1 else "local")
+
+    def table(ws):
+        return {v.name: (v.status, {k: v.metrics.get(k) for k in (*NON_TIMING, "accuracy", "fidelity")})
+                for v in ws.variants()}
+
+    assert table(auto) == table(local) and len(table(auto)) == 6  # fine-tuned weights identical too
