@@ -255,3 +255,4 @@ def test_tugboat_sweep_defaults_to_auto_and_gives_the_local_variants(tmp_path, c
                 for v in ws.variants()}
 
     assert table(auto) == table(local) and len(table(auto)) == 6  # fine-tuned weights identical too
+

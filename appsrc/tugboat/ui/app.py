@@ -42,11 +42,13 @@ def make_app(argv: list[str] | None = None) -> QApplication:
 def main(args) -> int:
     """Open the window (args from ``cli.build_parser``: demo, workspace, quit_after)."""
     app = make_app()
-    warm_up_torch()  # torch._dynamo's import (first optimizer) happens now, not mid-job
     from .main_window import MainWindow
 
     window = MainWindow()
     window.show()
+    # torch._dynamo's import (the first optimizer's, ~1 s) in the background once the window is up:
+    # before any job can be clicked, but not competing with the window's own imports for the GIL
+    QTimer.singleShot(0, warm_up_torch)
     start(window, args)
     quit_after = getattr(args, "quit_after", None)
     if quit_after:

@@ -51,9 +51,23 @@ def module(name: str):
     return adapter
 
 
-def availability(name: str) -> dict[str, Any]:
-    """``{"name", "available", "version"}`` or ``{"name", "available": False, "reason", "install"}``."""
+def _installed_version(name: str) -> str:
+    """The installed version of a runtime's package without importing it (ImportError if absent)."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise ImportError(name, name=name)
+    return importlib.metadata.version(name)
+
+
+def availability(name: str, load: bool = True) -> dict[str, Any]:
+    """``{"name", "available", "version"}`` or ``{"name", "available": False, "reason", "install"}``.
+    ``load=False``: an optional runtime is only looked up, not imported (OpenVINO's import takes
+    about 1 s: a window listing runtimes at start does not pay it; a broken install shows when used)."""
     try:
+        if not load and name in EXTRAS:
+            return {"name": name, "available": True, "version": _installed_version(name)}
         return {"name": name, "available": True, "version": module(name).version()}
     except ImportError as exc:
         return {"name": name, "available": False, "install": install_command(name),
@@ -64,9 +78,9 @@ def availability(name: str) -> dict[str, Any]:
                           f"{install_command(name)}"}
 
 
-def list_runtimes() -> list[dict[str, Any]]:
+def list_runtimes(load: bool = True) -> list[dict[str, Any]]:
     """Every runtime Tugboat knows, with its availability (``tugboat info --runtimes``)."""
-    return [availability(name) for name in RUNTIME_NAMES]
+    return [availability(name, load) for name in RUNTIME_NAMES]
 
 
 def as_list(runtime: str | list[str] | tuple[str, ...]) -> list[str]:
