@@ -45,7 +45,7 @@ def test_ten_times_the_flops_measures_slower():
     small, big = _handle(Wide(64)), _handle(Wide(232))
     f_small, f_big = onnx_flops(small.to_onnx())[0], onnx_flops(big.to_onnx())[0]
     assert 9 <= f_big / f_small <= 12
-    cfg = MeasureConfig(batch=64, threads=1, min_runs=30, min_seconds=0.2, also_batch1=False)
+    cfg = MeasureConfig(batch=64, threads=1, min_runs=30, min_seconds=0.2, also_batch1=False, both_runtimes=True)
     m_small, _ = measure(small, None, cfg)
     m_big, _ = measure(big, None, cfg)
     for runtime in ("onnxruntime", "torch"):
@@ -55,7 +55,7 @@ def test_ten_times_the_flops_measures_slower():
 
 
 def test_latency_records_how_it_was_measured(demo_models, demo_data):
-    cfg = MeasureConfig(batch=16, threads=1, min_runs=5, min_seconds=0.0, also_batch1=True)
+    cfg = MeasureConfig(batch=16, threads=1, min_runs=5, min_seconds=0.0, also_batch1=True, both_runtimes=True)
     metrics, _ = measure(demo_models("digits-mlp"), demo_data, cfg)
     lat = metrics["latency_ms"]
     assert lat["batch"] == 16 and lat["threads"] == 1 and lat["runtime"] == "onnxruntime"

@@ -42,6 +42,26 @@ def capabilities(handle: ModelHandle, data: Dataset | None = None) -> dict[str, 
     return out
 
 
+def needs_torch_module(recipe) -> bool:
+    """Whether anything a recipe will do needs the model as a torch module: a technique or method
+    that edits or trains it, torch or ExecuTorch as a runtime, a step with ``runtime = "torch"``.
+    A sweep or target search may change methods, so it always does (conservative)."""
+    cfg = recipe.measure
+    runtimes = {cfg.runtime, *(cfg.runtimes or [])}
+    if recipe.sweep or recipe.target or runtimes & {"torch", "executorch"}:
+        return True
+    for step in recipe.steps:
+        name, method = step.get("technique"), step.get("method")
+        try:
+            tech = step_registry.get(name)
+        except Exception:
+            return True
+        if tech.needs_torch or (name, method) in _TORCH_METHODS or name == "distill" or \
+                step.get("runtime") == "torch":
+            return True
+    return False
+
+
 def summary(caps: dict[str, dict[str, str | None]]) -> list[str]:
     """One line per technique with methods that cannot run: ``prune: needs a torch model; ...``."""
     lines = []

@@ -410,8 +410,11 @@ def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
 def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None = None,
                input_shape: tuple[int, ...] | None = None,
                arch_kwargs: dict[str, Any] | None = None,
-               constants: dict[str, Any] | None = None) -> ModelHandle:
+               constants: dict[str, Any] | None = None, torch_module: bool = True) -> ModelHandle:
     """Load a model reference: ``demo:NAME``, a file path, or a Hugging Face model folder.
+
+    ``torch_module=False``: an ONNX file is not converted to torch (onnx2torch takes seconds on a
+    large model) when nothing will need the module (:func:`capabilities.needs_torch_module`).
 
     ``trust`` allows unpickling a whole ``nn.Module`` and running the user's architecture code
     (arbitrary code can run: only for files the user vouches for). ``arch`` names the architecture
@@ -441,7 +444,7 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
         raise ModelLoadError("the file is empty", path=ref)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return _with_shape(load_onnx(path), input_shape, path, constants)
+        return _with_shape(load_onnx(path, convert=torch_module), input_shape, path, constants)
     if suffix == ".safetensors":
         from .formats import load_safetensors
 
@@ -944,7 +947,7 @@ def _all_tensors(model: onnx.ModelProto):
                 yield attr.t
 
 
-def load_onnx(path: Path) -> ModelHandle:
+def load_onnx(path: Path, convert: bool = True) -> ModelHandle:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
@@ -983,6 +986,8 @@ def load_onnx(path: Path) -> ModelHandle:
             if meta.get("task"):
                 handle.task, handle.task_source = meta["task"], "file"
             handle.arch = meta.get("arch")
+    if not convert:  # no step needs a module (no conversion_error either: nothing to retry with the data)
+        return handle
     try:
         handle.module = onnx_to_torch(model)
     except ModelLoadError as exc:

@@ -469,9 +469,12 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     progress = progress or null_progress()
     progress.update(0.0, f"loading {recipe.model}")
     def load():
+        from .capabilities import needs_torch_module
+
         handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
                             input_shape=tuple(recipe.input_shape) if recipe.input_shape else None,
-                            arch_kwargs=recipe.arch_kwargs or None, constants=recipe.constants or None)
+                            arch_kwargs=recipe.arch_kwargs or None, constants=recipe.constants or None,
+                            torch_module=needs_torch_module(recipe))
         set_task(handle, recipe.task)
         if handle.pending is not None and not recipe.data:  # no input shapes in the file, no data
             from .formats import require_shapes
