@@ -59,3 +59,27 @@ def test_layer_flops_from_the_graph_match_the_flop_counter(demo_models):
     counted = {k.split(".", 1)[-1]: int(sum(v.values())) for k, v in counter.get_flop_counts().items()}
     rows = {r["name"]: r["flops"] for r in layer_table(handle) if r["flops"]}
     assert rows and all(rows[name] == counted.get(name) for name in rows), (rows, counted)
+
+
+def test_an_onnx_model_is_converted_to_torch_only_when_a_step_needs_it(tmp_path, demo_models):
+    from tugboat.engine.capabilities import needs_torch_module
+    from tugboat.engine.export import write_onnx
+    from tugboat.engine.recipe import parse_recipe
+
+    path = write_onnx(demo_models("digits-mlp"), tmp_path / "mlp.onnx")
+
+    def recipe(*steps, **extra):
+        return parse_recipe({"model": str(path), "data": "demo:digits", "steps": list(steps), **extra})
+
+    quant = {"technique": "quantize", "method": "dynamic-int8"}
+    assert not needs_torch_module(recipe(quant))
+    assert needs_torch_module(recipe())  # the window's load: any step may follow
+    assert needs_torch_module(recipe({"technique": "prune", "method": "structured", "ratio": 0.5}, quant))
+    assert needs_torch_module(recipe({**quant, "method": "qat-int8"}))
+    assert needs_torch_module(recipe(quant, measure={"runtime": "torch"}))
+    code = (f"from tugboat.engine.recipe import parse_recipe, prepare, run_variant\n"
+            f"r = parse_recipe({{'model': {str(path)!r}, 'data': 'demo:digits', 'steps': [{quant!r}],"
+            f" 'measure': {{'batch': 16, 'threads': 1, 'min_runs': 3, 'min_seconds': 0.0, 'max_seconds': 0.2}}}})\n"
+            f"base = prepare(r)\nv = run_variant(base, r)\nassert v.status == 'ok', v.error\n"
+            f"assert v.metrics['size_bytes'] < base.metrics['size_bytes']")
+    assert "onnx2torch" not in _modules_after(code)

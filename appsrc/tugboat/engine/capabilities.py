@@ -45,10 +45,11 @@ def capabilities(handle: ModelHandle, data: Dataset | None = None) -> dict[str, 
 def needs_torch_module(recipe) -> bool:
     """Whether anything a recipe will do needs the model as a torch module: a technique or method
     that edits or trains it, torch or ExecuTorch as a runtime, a step with ``runtime = "torch"``.
-    A sweep or target search may change methods, so it always does (conservative)."""
+    A recipe without steps (the window's load: any step may follow) or with a sweep or target
+    search (which may change methods) always does."""
     cfg = recipe.measure
     runtimes = {cfg.runtime, *(cfg.runtimes or [])}
-    if recipe.sweep or recipe.target or runtimes & {"torch", "executorch"}:
+    if not recipe.steps or recipe.sweep or recipe.target or runtimes & {"torch", "executorch"}:
         return True
     for step in recipe.steps:
         name, method = step.get("technique"), step.get("method")
