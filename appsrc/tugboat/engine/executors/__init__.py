@@ -12,9 +12,10 @@ order). A task that cannot be made (a :class:`TugboatError`, a worker that died 
 
 * :class:`AutoExecutor` (``auto``, the default of ``tugboat sweep``): worker processes when the plan
   has at least ``MIN_PARALLEL`` variants in two or more independent groups and the machine has more
-  than one core, this process otherwise. One worker per core, each with this process's torch thread
-  count (so a variant's weights are those a local run gives); workers wait while the driver times a
-  variant (a shared gate checked at every progress check), so parallel work never disturbs a timing.
+  than one core, this process otherwise. One worker per core (at most one per group), each with
+  this process's torch thread count where that oversubscribes the cores at most twice (so a
+  variant's weights are those a local run gives); workers wait while the driver times a variant (a
+  shared gate checked at every progress check), so parallel work never disturbs a timing.
 * :class:`LocalExecutor` (``local``, the default of :func:`~tugboat.engine.sweep.run_sweep`): in this
   process, one task at a time, with the sweep's prefix cache.
 * :class:`ProcessExecutor` (``processes``): a pool of ``spawn`` worker processes, ``torch`` threads
@@ -174,11 +175,15 @@ class AutoExecutor(Executor):
         self.inner: Executor | None = None
         self._described: dict[str, Any] = {"name": "auto", "chose": "local", "workers": 1}
 
-    def parallel(self, steps: list[list[dict[str, Any]]]) -> bool:
+    @staticmethod
+    def groups(steps: list[list[dict[str, Any]]]) -> int:
+        """How many independent groups (distinct first steps of multi-step variants) a plan has."""
         from ..sweep import steps_key
 
-        firsts = {steps_key(s[:1]) if len(s) > 1 else steps_key(s) for s in steps}
-        return self.cores > 1 and len(steps) >= MIN_PARALLEL and len(firsts) >= 2
+        return len({steps_key(s[:1]) if len(s) > 1 else steps_key(s) for s in steps})
+
+    def parallel(self, steps: list[list[dict[str, Any]]]) -> bool:
+        return self.cores > 1 and len(steps) >= MIN_PARALLEL and self.groups(steps) >= 2
 
     def choose(self, steps: list[list[dict[str, Any]]] | None) -> Executor:
         if self.inner is None:
@@ -187,10 +192,14 @@ class AutoExecutor(Executor):
 
                 from .processes import ProcessExecutor
 
-                # the thread count this process trains with: a variant made in a worker has the
-                # weights a local run gives (training sums change in the last bits with it)
-                self.inner = ProcessExecutor(self.workers, max_retries=self.max_retries,
-                                             threads=torch.get_num_threads())
+                workers = min(self.workers, self.groups(steps))  # no idle worker holding a model copy
+                # the thread count this process trains with, so a variant made in a worker has the
+                # weights a local run gives (training sums change in the last bits with it), unless
+                # that oversubscribes the cores more than twice (many-core machines): then cores/workers
+                threads = torch.get_num_threads()
+                if workers * threads > 2 * self.cores:
+                    threads = max(1, self.cores // workers)
+                self.inner = ProcessExecutor(workers, max_retries=self.max_retries, threads=threads)
             else:
                 self.inner = LocalExecutor()
         return self.inner
