@@ -104,10 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-variants", type=_positive_int, metavar="N",
                    help="allow a [sweep] grid of up to N combinations (default 1000)")
     p.add_argument("--executor", choices=("auto", "local", "processes", "ray"), default="auto",
-                   help="where variants are made: auto (default: worker processes for a grid of 6 or more "
-                   "independent variants on a multi-core machine, else this process), in this process, in "
-                   "worker processes, or as Ray tasks (pip install 'tugboat-ml[ray]'); timing always runs "
-                   "here, one variant at a time")
+                   help="where variants are made: auto (default: worker processes for a grid of 6+ variants "
+                   "on 2+ cores), this process, worker processes, or Ray tasks (pip install 'tugboat-ml[ray]')"
+                   "; timing always runs here, one variant at a time")
     p.add_argument("--workers", type=_positive_int, metavar="N",
                    help="worker processes (processes) or CPUs of a local Ray instance (default: all cores)")
     p.add_argument("--address", metavar="ADDR",

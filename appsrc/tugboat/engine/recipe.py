@@ -22,6 +22,7 @@ import numpy as np
 
 from . import cancellable, memory
 from . import steps as step_registry
+from .capabilities import needs_torch_module
 from .data import Dataset, check_labels_fit, check_regular_file, load_data
 from .devices import check as check_device
 from .errors import TRUST_OPTION, Cancelled, DeviceError, NumericalError, RecipeError, ResourceError, TugboatError
@@ -469,8 +470,6 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     progress = progress or null_progress()
     progress.update(0.0, f"loading {recipe.model}")
     def load():
-        from .capabilities import needs_torch_module
-
         handle = load_model(recipe.model, trust=recipe.trust, arch=recipe.arch,
                             input_shape=tuple(recipe.input_shape) if recipe.input_shape else None,
                             arch_kwargs=recipe.arch_kwargs or None, constants=recipe.constants or None,
