@@ -86,12 +86,14 @@ test, train = np.sort(order[:n_test]), order[n_test + n_val:]
 calib = np.sort(train[:256])
 out = Path(tempfile.mkdtemp()) / "q.onnx"
 
+STEP = next(b for b in range(8, 0, -1) if len(calib) % b == 0)  # equal batches (histograms need them)
+
 class Reader(CalibrationDataReader):
     def __init__(self):
-        self.rows = iter(range(0, len(calib), 8))
+        self.rows = iter(range(0, len(calib), STEP))
     def get_next(self):
         i = next(self.rows, None)
-        return None if i is None else {k: v[calib[i:i + 8]] for k, v in arrays.items()}
+        return None if i is None else {k: v[calib[i:i + STEP]] for k, v in arrays.items()}
 
 if cfg["method"] == "static-int8":
     quantize_static(model_path, str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
