@@ -293,6 +293,10 @@ QT_PACKAGES = ("PySide6", "pyqtgraph", "superqt")
 
 
 def _start_gui(args) -> int:
+    # the engine (torch, onnx) before Qt: once PySide6 is imported, its import hook reads the source
+    # of every module imported after it (inspect.getsource: ~1 s for torch's thousand modules)
+    from .engine import recipe  # noqa: F401
+
     try:
         from .ui.app import main as gui_main
     except ModuleNotFoundError as exc:  # Qt itself missing (a broken install); any other error is a bug

@@ -111,6 +111,7 @@ def _exit_cleanly(code: int) -> int:
 
     deadline = time.monotonic() + 3.0
     busy = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+            and t.name != "tugboat-warm-up"  # only imports torch._dynamo: not worth a wait at quit
             and (t.name.startswith("tugboat-") or t in cancellable.abandoned())]
     while busy and time.monotonic() < deadline:
         busy[0].join(timeout=0.1)
