@@ -118,9 +118,11 @@ print(json.dumps({"agreement": agree, "size": out.stat().st_size}))
 '''
 
 
-def timed(cmd: list[str], **kw) -> float:
+def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=ENV, check=True, stdout=subprocess.DEVNULL, **kw)
+    out = subprocess.run(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return time.perf_counter() - t0
 
 
