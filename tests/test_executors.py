@@ -223,6 +223,8 @@ def test_auto_uses_workers_only_for_enough_independent_variants(monkeypatch):
     assert auto.parallel(grid)
     assert not auto.parallel(grid[:4])  # too few to pay for a worker's start
     assert not auto.parallel([_steps(0.5, m) for m in ("fp16", "static-int8", "dynamic-int8") * 2])  # one prefix
+    # a technique registered at run time (a script's, a test's) does not exist in a fresh worker
+    assert not auto.parallel([[{"technique": "scale", "method": "weights"}, *s[1:]] for s in grid])
     monkeypatch.setattr(executors, "cpu_count", lambda: 1)
     assert not make_executor("auto").parallel(grid)  # one core: this process
     chosen = make_executor("auto", workers=2)

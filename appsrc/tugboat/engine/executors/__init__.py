@@ -183,7 +183,8 @@ class AutoExecutor(Executor):
         return len({steps_key(s[:1]) if len(s) > 1 else steps_key(s) for s in steps})
 
     def parallel(self, steps: list[list[dict[str, Any]]]) -> bool:
-        return self.cores > 1 and len(steps) >= MIN_PARALLEL and self.groups(steps) >= 2
+        return (self.cores > 1 and len(steps) >= MIN_PARALLEL and self.groups(steps) >= 2
+                and all(_builtin(step.get("technique")) for s in steps for step in s))
 
     def choose(self, steps: list[list[dict[str, Any]]] | None) -> Executor:
         if self.inner is None:
@@ -242,6 +243,15 @@ class AutoExecutor(Executor):
             inner = self.inner.describe()
             self._described.update(chose=inner["name"], workers=inner["workers"])
         return self._described
+
+
+def _builtin(name: Any) -> bool:
+    """A technique a fresh worker process knows: one of Tugboat's own (a technique registered at run
+    time by a script or a test exists only in this process)."""
+    from .. import steps as step_registry
+
+    tech = step_registry.techniques().get(name) if isinstance(name, str) else None
+    return tech is not None and getattr(tech.apply, "__module__", "").startswith("tugboat.")
 
 
 def cpu_count() -> int:
