@@ -207,8 +207,8 @@ def test_cancel_stops_the_workers_and_keeps_only_finished_variants(tmp_path):
 
 # --- auto (the default of `tugboat sweep`) ---------------------------------------------------------
 
-def _steps(ratio, method):
-    return [{"technique": "prune", "method": "structured", "ratio": ratio},
+def _steps(ratio, method, epochs=1):
+    return [{"technique": "prune", "method": "structured", "ratio": ratio, "finetune_epochs": epochs},
             {"technique": "quantize", "method": method}]
 
 
@@ -217,11 +217,16 @@ def test_auto_uses_workers_only_for_enough_independent_variants(monkeypatch):
     from tugboat.engine.executors.processes import ProcessExecutor, group_tasks
 
     monkeypatch.setattr(executors, "cpu_count", lambda: 2)
+    monkeypatch.setattr(executors, "idle_cores", lambda: 2.0)
     grid = [_steps(r, m) for r in (0.2, 0.4, 0.6) for m in ("fp16", "static-int8")]
     auto = make_executor("auto")
     assert auto.width >= 2  # a grid is handed over whole
     assert auto.parallel(grid)
     assert not auto.parallel(grid[:4])  # too few to pay for a worker's start
+    assert not auto.parallel([_steps(r, m, 0) for r in (0.2, 0.4, 0.6) for m in ("fp16", "static-int8")])
+    monkeypatch.setattr(executors, "idle_cores", lambda: 0.3)
+    assert not auto.parallel(grid)  # a busy machine: no core for a worker
+    monkeypatch.setattr(executors, "idle_cores", lambda: 2.0)
     assert not auto.parallel([_steps(0.5, m) for m in ("fp16", "static-int8", "dynamic-int8") * 2])  # one prefix
     # a technique registered at run time (a script's, a test's) does not exist in a fresh worker
     assert not auto.parallel([[{"technique": "scale", "method": "weights"}, *s[1:]] for s in grid])
@@ -240,9 +245,12 @@ def test_auto_uses_workers_only_for_enough_independent_variants(monkeypatch):
 
 
 @pytest.mark.slow
-def test_tugboat_sweep_defaults_to_auto_and_gives_the_local_variants(tmp_path, capsys, local_table):
+def test_tugboat_sweep_defaults_to_auto_and_gives_the_local_variants(tmp_path, capsys, local_table, monkeypatch):
+    from tugboat.engine import executors
     from tugboat.engine.executors import cpu_count
     from tugboat.engine.workspace import Workspace
+
+    monkeypatch.setattr(executors, "idle_cores", lambda: float(cpu_count()))  # as on an idle machine
 
     text = SIX.replace("finetune_epochs = 0", "finetune_epochs = 1")  # training in the workers too
     path = tmp_path / "r.toml"

@@ -11,11 +11,12 @@ order). A task that cannot be made (a :class:`TugboatError`, a worker that died 
 ``max_retries`` times) comes back as an outcome with ``error`` set, and the sweep goes on.
 
 * :class:`AutoExecutor` (``auto``, the default of ``tugboat sweep``): worker processes when the plan
-  has at least ``MIN_PARALLEL`` variants in two or more independent groups and the machine has more
-  than one core, this process otherwise. One worker per core (at most one per group), each with
-  this process's torch thread count where that oversubscribes the cores at most twice (so a
-  variant's weights are those a local run gives); workers wait while the driver times a variant (a
-  shared gate checked at every progress check), so parallel work never disturbs a timing.
+  has at least ``MIN_PARALLEL`` variants in two or more independent groups, some of its steps train,
+  and the machine has more than one core and a core to spare, this process otherwise. One worker
+  per core (at most one per group), each with this process's torch thread count where that
+  oversubscribes the cores at most twice (so a variant's weights are those a local run gives);
+  workers wait while the driver times a variant (a shared gate checked at every progress check),
+  so parallel work never disturbs a timing.
 * :class:`LocalExecutor` (``local``, the default of :func:`~tugboat.engine.sweep.run_sweep`): in this
   process, one task at a time, with the sweep's prefix cache.
 * :class:`ProcessExecutor` (``processes``): a pool of ``spawn`` worker processes, ``torch`` threads
@@ -183,8 +184,12 @@ class AutoExecutor(Executor):
         return len({steps_key(s[:1]) if len(s) > 1 else steps_key(s) for s in steps})
 
     def parallel(self, steps: list[list[dict[str, Any]]]) -> bool:
+        """Worker processes pay off for a big enough grid of independent groups that trains (fine-
+        tuning, distillation, QAT: seconds per group, where quantizing alone takes a fraction of a
+        worker's start) on a machine with a core to spare (a busy machine gains nothing from them)."""
         return (self.cores > 1 and len(steps) >= MIN_PARALLEL and self.groups(steps) >= 2
-                and all(_builtin(step.get("technique")) for s in steps for step in s))
+                and all(_builtin(step.get("technique")) for s in steps for step in s)
+                and any(_trains(step) for s in steps for step in s) and idle_cores() >= 1)
 
     def choose(self, steps: list[list[dict[str, Any]]] | None) -> Executor:
         if self.inner is None:
@@ -243,6 +248,20 @@ class AutoExecutor(Executor):
             inner = self.inner.describe()
             self._described.update(chose=inner["name"], workers=inner["workers"])
         return self._described
+
+
+def _trains(step: dict[str, Any]) -> bool:
+    return bool(step.get("finetune_epochs") or step.get("technique") == "distill"
+                or step.get("method") == "qat-int8")
+
+
+def idle_cores() -> float:
+    """Cores not busy right now (cores minus the 1-minute load average; all of them where the OS
+    has no load average)."""
+    try:
+        return cpu_count() - os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float(cpu_count())
 
 
 def _builtin(name: Any) -> bool:
