@@ -57,7 +57,7 @@ def needs_torch_module(recipe) -> bool:
             tech = step_registry.get(name)
         except Exception:
             return True
-        if tech.needs_torch or (name, method) in _TORCH_METHODS or name == "distill" or \
+        if tech.needs_torch or method in getattr(tech, "torch_methods", ()) or name == "distill" or \
                 step.get("runtime") == "torch":
             return True
     return False
