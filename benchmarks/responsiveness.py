@@ -7,8 +7,8 @@ Opens the real window offscreen and, with a 10 ms QTimer heartbeating, runs jobs
 
 * ``prune-finetune``: structured pruning 0.5 of the demo CNN with fine-tuning epochs to fill the time;
 * ``distill``: knowledge distillation into a smaller student, epochs to fill the time;
-* ``sweep``: a sweep of structured-pruning ratios with fine-tuning (the window's sweep: one job
-  per variant, queued);
+* ``sweep``: the window's sweep (one job, ``engine.sweep``) of structured-pruning ratios with
+  fine-tuning, into the open workspace;
 * ``load`` and ``static-int8``: EfficientNet-Lite0 (ONNX, the real-model corpus) loaded and measured,
   then static int8 with calibration, repeated until the time is filled (skipped when the corpus
   entry is not installed).
@@ -136,7 +136,7 @@ def training_rows(hb: Heartbeat, window, seconds: float, skip: set[str]) -> list
         session.clear_sweep()
         for ratio in (0.25, 0.4, 0.55, 0.7):
             session.add_to_sweep({**prune(e), "ratio": ratio})
-        rows.append({**hb.run("sweep (4 variants)", session.run_sweep, seconds), "epochs": e})
+        rows.append({**hb.run("sweep (4 variants)", window.run_sweep, seconds), "epochs": e})
         session.clear_sweep()
     return rows
 
