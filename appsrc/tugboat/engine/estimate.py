@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .channels import kept_unrounded, rounded_keep
+
 # a fixed share of latency that does not scale with FLOPs (session overhead, memory-bound ops)
 LATENCY_FIXED_SHARE = 0.1
 # deflate-compressed size of a tensor with a share of zeros at random places, relative to the same
@@ -253,6 +255,7 @@ class EstimateState:
         self.quant_latency: dict[str, tuple[float, float]] = {}
         self.torch_model = True  # the variant is measured as a torch module (else in ONNX Runtime)
         self.approximate: list[str] = []
+        self.channel_multiple = 0  # the channel multiple structured pruning rounded to ("auto" resolved)
         self.closed = False  # a final step (an ONNX-only artifact) was applied: nothing follows
 
     def apply(self, step: dict[str, Any]) -> bool:
@@ -280,8 +283,10 @@ class EstimateState:
 
     def prune_channels(self, ratio: float, ignored: Sequence[str] = (), round_to: int = 0,
                        per_layer: dict[str, float] | None = None) -> None:
-        """Structured pruning: ``int(channels * (1 - ratio))`` outputs kept per layer (head kept)."""
-        _prune_structured(self.profile, self, ratio, list(ignored), int(round_to or 0), per_layer)
+        """Structured pruning: ``int(channels * (1 - ratio))`` outputs kept per layer (head kept),
+        rounded to the nearest multiple of ``round_to`` (an int: the caller resolves "auto")."""
+        self.channel_multiple = int(round_to or 0)
+        _prune_structured(self.profile, self, ratio, list(ignored), self.channel_multiple, per_layer)
 
     def sparsify(self, ratio: float, ignored: Sequence[str] = (), per_layer: dict[str, float] | None = None) -> None:
         """Unstructured pruning: ``ratio`` of each layer's weights zeroed (``per_layer`` overrides)."""
@@ -320,10 +325,9 @@ def _matches(name: str, names: list[str]) -> bool:
 
 
 def _keep(channels: int, ratio: float, round_to: int) -> int:
-    keep = int(channels * (1.0 - ratio))  # ratios are validated against the technique's one bound
-    if round_to and round_to > 1:
-        keep -= keep % round_to
-    return max(1, keep)
+    """Channels structured pruning keeps, rounded as :mod:`tugboat.engine.channels` rounds them
+    (ratios are validated against the technique's one bound)."""
+    return max(1, rounded_keep(channels, kept_unrounded(channels, ratio), round_to))
 
 
 def _prune_structured(profile: ModelProfile, state: EstimateState, ratio: float, ignored: list[str],
@@ -503,6 +507,8 @@ def _metrics(est: EstimateState) -> dict[str, Any]:
         "latency_ms": latency, "accuracy": base.get("accuracy"),
         "fidelity": copy.deepcopy(base.get("fidelity")),
         "estimated": True, "quality_estimated": False, "approximate": list(est.approximate),
+        "channels": {lay.name: st.out_ch for lay, st in zip(est.profile.layers, est.layers)},
+        "channel_multiple": est.channel_multiple,
     }
 
 

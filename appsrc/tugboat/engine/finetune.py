@@ -189,7 +189,8 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
              split: str = "train", seed: int = 0, reference: nn.Module | None = None,
              classification: bool = True, temperature: float = 1.0,
              trainable: list[nn.Parameter] | None = None,
-             teacher_weight: float = 0.0, augment: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
+             teacher_weight: float = 0.0, augment: bool = False, device: str = "cpu",
+             max_grad_norm: float = 0.0) -> list[dict[str, Any]]:
     """Train ``module`` in place for ``epochs`` epochs; returns one history row per epoch.
 
     ``teacher_outputs`` are the original model's outputs for the rows of ``split`` (in split
@@ -200,6 +201,8 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
     ``augment`` shifts image inputs (4-D float) by up to one pixel per batch; the ``reference``
     module then labels the shifted images itself, so the teacher covers more than the rows seen.
     ``device`` is a resolved device (:func:`tugboat.engine.devices.resolve`); the module ends on the CPU.
+    ``max_grad_norm`` > 0 clips the gradients' total norm before each step (a pruned network without
+    BatchNorm, as ONNX exports are, can take gradients large enough to undo its weights).
     """
     if epochs <= 0:
         return []
@@ -227,7 +230,8 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
                                                   classification)))
     spec = TrainSpec(epochs=epochs, lr=lr, steps_per_epoch=max(1, -(-n_rows // max(2, batch_size))),
                      optimizer=optimizer, seed=seed, name="fine-tuning",
-                     message="fine-tuning epoch {epoch}/{epochs}", device=device)
+                     message="fine-tuning epoch {epoch}/{epochs}", device=device,
+                     max_grad_norm=max_grad_norm)
     return train(module, params, spec, task, progress).history
 
 

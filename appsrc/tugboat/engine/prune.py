@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .channels import kept_unrounded, ratio_for_keep, resolve_round_to, rounded_keep
 from .converted_graphs import KEEP_OUT_CHANNELS, ChannelConstant, channel_constant_pruner, normalise_for_pruning
 from .devices import DEFAULT_TRAINING, DEVICE_CHOICES
 from .devices import HELP as DEVICE_HELP
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import ModelHandle
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
+CLIP_DEFAULT = 2.5  # fine-tuning gradient norm: see docs/techniques/pruning.md (measured)
 # the one bound of a pruning ratio (the whole step's and each layer's): torch-pruning removes at most
 # this share of any layer, so a larger ratio would only be this one under another name
 MAX_RATIO = 0.95
@@ -196,7 +198,7 @@ def _channels(module: nn.Module) -> dict[str, int]:
 
 def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, importance: str = "l1",
                             scope: str = "uniform", ignored: Iterable[str] | None = None,
-                            iterative_steps: int = 1, round_to: int | None = None,
+                            iterative_steps: int = 1, round_to: int | str | None = None,
                             per_layer: dict[str, float] | None = None,
                             data_batches: Callable[[], Iterable] | Iterable | None = None,
                             compensate: Sequence[Sequence[torch.Tensor]] | None = None,
@@ -206,7 +208,9 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
     ``ratio`` is the share of channels removed from each group (``scope = "uniform"``) or across
     the whole model ranked together (``"global"``). ``ignored`` names layers whose outputs are kept;
     the classifier head (the last Linear the forward pass runs) is always kept. ``per_layer``
-    maps layer names to their own ratios (used by sensitivity allocation). ``data_batches`` (an
+    maps layer names to their own ratios (used by sensitivity allocation). ``round_to`` (a multiple,
+    or ``"auto"``: the one measured on this CPU) rounds every pruned group's kept channels to the
+    nearest multiple (:mod:`tugboat.engine.channels`). ``data_batches`` (an
     iterable, or a callable returning one) yields ``(inputs, targets)`` pairs for Taylor
     importance's gradients: targets are labels (LongTensor, cross-entropy) or the original
     model's outputs (float, soft targets). ``compensate`` (batches of inputs) turns on bias
@@ -224,6 +228,11 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         p.requires_grad_(True)
     ignored_layers = _resolve_names(model, _with_head(model, example, ignored), "ignored")
     num_heads = _head_counts(model)
+    multiple = resolve_round_to(round_to)
+    if multiple > 1:  # every group's ratio set to keep its rounded count; ranked per group
+        per_layer = _rounded_ratios(model, example, ratio, scope=scope, ignored=ignored, per_layer=per_layer,
+                                    multiple=multiple, importance=importance, skip=set(num_heads))
+        scope = "uniform"
     ratio_dict = None
     if per_layer:
         ratio_dict = {m: float(r) for m, r in zip(_resolve_names(model, per_layer, "per_layer"),
@@ -237,7 +246,7 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
             model, example, importance=_importance(importance),
             global_pruning=(scope == "global"), pruning_ratio=float(ratio),
             pruning_ratio_dict=ratio_dict, iterative_steps=steps,
-            ignored_layers=ignored_layers, round_to=round_to,
+            ignored_layers=ignored_layers,
             num_heads=num_heads, prune_num_heads=False, prune_head_dims=True,
             max_pruning_ratio=MAX_RATIO, customized_pruners=_customized_pruners(),
         )
@@ -249,6 +258,70 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         p.requires_grad_(True)
     progress.update(1.0, "pruned")
     return model.eval()
+
+
+def _groups(model: nn.Module, example: tuple[torch.Tensor, ...], ignored: Iterable[str] | None):
+    """(dependency graph, its pruning groups) with the ignored layers and the head left out."""
+    tp = _tp()
+    ignored_layers: list[nn.Module] = []
+    for m in _resolve_names(model, _with_head(model, example, ignored), "ignored"):
+        ignored_layers.extend(m.modules())
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                               customized_pruners=_customized_pruners())
+    return dg, dg.get_all_groups(ignored_layers=ignored_layers,
+                                 root_module_types=[nn.modules.conv._ConvNd, nn.Linear])
+
+
+def _rounded_ratios(model: nn.Module, example: tuple[torch.Tensor, ...], ratio: float, *, scope: str,
+                    ignored: Iterable[str] | None, per_layer: dict[str, float] | None, multiple: int,
+                    importance: str, skip: set[nn.Module]) -> dict[str, float]:
+    """Per-layer ratios (by group root) that keep each group's channels at the nearest multiple of
+    ``multiple`` to what ``ratio`` / ``per_layer`` would keep. A global ranking is run first without
+    pruning to learn how many channels it keeps per group. Attention and grouped layers, whose
+    channels are pruned per head or group, keep their unrounded ratio."""
+    keeps = _global_keeps(model, example, ratio, ignored, importance) \
+        if scope == "global" and not per_layer else None
+    names = {m: n for n, m in model.named_modules()}
+    dg, groups = _groups(model, example, ignored)
+    out: dict[str, float] = {}
+    for group in groups:
+        root = group[0].dep.target.module
+        members = [dep.target.module for dep, _ in group]
+        channels = dg.get_out_channels(root)
+        if root not in names or not channels:
+            continue
+        own = [per_layer[names[m]] for m in members if per_layer and names.get(m) in per_layer]
+        r = min(own[0] if own else ratio, MAX_RATIO)
+        keep = keeps.get(names[root], channels) if keeps is not None else kept_unrounded(channels, r)
+        if any(m in skip or (isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.out_channels)
+               for m in members):
+            out[names[root]] = ratio_for_keep(channels, keep)
+            continue
+        out[names[root]] = ratio_for_keep(channels, rounded_keep(channels, keep, multiple))
+    return out
+
+
+def _global_keeps(model: nn.Module, example: tuple[torch.Tensor, ...], ratio: float,
+                  ignored: Iterable[str] | None, importance: str) -> dict[str, int]:
+    """Channels a global ranking at ``ratio`` keeps per group root (a dry run on a copy: nothing is
+    pruned; Taylor importance, which needs gradients, is approximated by l1 here)."""
+    tp = _tp()
+    probe = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            probe, example, importance=_importance("l1" if importance == "taylor" else importance),
+            global_pruning=True, pruning_ratio=float(ratio),
+            ignored_layers=_resolve_names(probe, _with_head(probe, example, ignored), "ignored"),
+            num_heads=_head_counts(probe), prune_num_heads=False, prune_head_dims=True,
+            max_pruning_ratio=MAX_RATIO, customized_pruners=_customized_pruners())
+        names = {m: n for n, m in probe.named_modules()}
+        keeps: dict[str, int] = {}
+        for group in pruner.step(interactive=True):
+            root = group[0].dep.target.module
+            if root in names:
+                keeps[names[root]] = pruner.DG.get_out_channels(root) - len(group[0].idxs)
+    return keeps
 
 
 def _prune_step(pruner, model: nn.Module, gradient_batches, compensate) -> None:
@@ -638,13 +711,18 @@ def _compensation_batches(handle: ModelHandle, data: Dataset | None, n_batches: 
 
 
 def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, Any], data: Dataset | None,
-                    progress: Progress, reference: nn.Module) -> list[dict[str, Any]]:
+                    progress: Progress, reference: nn.Module, notes: list[str]) -> list[dict[str, Any]]:
+    """Fine-tune ``module`` in place as ``params`` say; warnings go to ``notes`` (for the variant,
+    never the original handle)."""
     epochs = params["finetune_epochs"]
     if epochs <= 0:
         return []
     if data is None:
-        handle.warnings.append("fine-tuning skipped: it needs data (give a dataset)")
+        notes.append("fine-tuning skipped: it needs data (give a dataset)")
         return []
+    if params["optimizer"] in ("adam", "adamw") and params["lr"] > 0.01:
+        notes.append(f"fine-tuning with {params['optimizer']} at lr {params['lr']:g} (a rate for sgd) may "
+                     f"undo the pruned model's weights: with {params['optimizer']} use about 3e-3")
     # the original model is the teacher: its soft outputs recover a pruned model faster than
     # labels alone (teacher_weight = 0: labels only)
     return finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=params["lr"],
@@ -652,7 +730,8 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
                     progress=progress, reference=reference, seed=params["seed"],
                     classification=handle.task == "classification",
                     teacher_weight=params["teacher_weight"], temperature=params["teacher_temperature"],
-                    augment=params["augment"], device=resolve_device(params["device"], "prune.device"))
+                    augment=params["augment"], device=resolve_device(params["device"], "prune.device"),
+                    max_grad_norm=params["max_grad_norm"])
 
 
 def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ratios", *,
@@ -709,7 +788,9 @@ def _apply_unstructured(handle: ModelHandle, params: dict[str, Any], data: Datas
     model = prune_unstructured_module(original, params["ratio"], scope=params["scope"],
                                       ignored=list(params["ignored"]), permanent=False, per_layer=overrides)
     progress.update(0.5, "pruned")
-    history = _finetune_after(handle, model, params, data, progress.sub(0.5, 1.0, "fine-tuning: "), reference)
+    notes: list[str] = []
+    history = _finetune_after(handle, model, params, data, progress.sub(0.5, 1.0, "fine-tuning: "), reference,
+                              notes)
     make_permanent(model)
     zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, _prunable_types()))
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _prunable_types()))
@@ -718,8 +799,7 @@ def _apply_unstructured(handle: ModelHandle, params: dict[str, Any], data: Datas
         "method": "unstructured", "ratio": params["ratio"], "scope": params["scope"],
         "weights_zeroed": zeros, "weights": weights, "achieved_weight_sparsity": zeros / max(1, weights),
         "layer_ratios": overrides, "finetune": history}})
-    if DENSE_RUNTIME_NOTE not in new.warnings:
-        new.warnings.append(DENSE_RUNTIME_NOTE)
+    new.warnings.extend(n for n in [*notes, DENSE_RUNTIME_NOTE] if n not in new.warnings)
     return new
 
 
@@ -734,7 +814,7 @@ def _allocate(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
                                  ignored=ign)
         per_layer = sensitivity_allocation(handle.torch_module(), example, params["ratio"], rows, ignored=ign,
                                            importance="l1" if importance == "taylor" else importance,
-                                           round_to=params["round_to"] or None)
+                                           round_to=resolve_round_to(params["round_to"]))
     overrides = parse_layer_ratios(params["layer_ratios"])
     if overrides:  # the user's per-layer ratios win over the allocation's
         per_layer = {**(per_layer or {}), **overrides}
@@ -748,10 +828,10 @@ def _apply_structured(handle: ModelHandle, params: dict[str, Any], data: Dataset
     before_params = _deployed_params(handle)  # the deployed ONNX: buffer weights of converted graphs count
     ratio, importance, ign = params["ratio"], params["importance"], list(params["ignored"]) or None
     per_layer, rows = _allocate(handle, params, data, progress, example)
+    multiple = resolve_round_to(params["round_to"])
     model = prune_structured_module(
         original, example, ratio, importance=importance, scope=params["scope"],
-        ignored=ign, iterative_steps=params["iterative_steps"],
-        round_to=params["round_to"] or None, per_layer=per_layer,
+        ignored=ign, iterative_steps=params["iterative_steps"], round_to=multiple, per_layer=per_layer,
         data_batches=_data_batches(handle, data, reference) if importance == "taylor" else None,
         compensate=_compensation_batches(handle, data) if params["bias_compensation"] else None,
         progress=progress.sub(0.35, 0.5, "pruning: "))
@@ -761,14 +841,17 @@ def _apply_structured(handle: ModelHandle, params: dict[str, Any], data: Dataset
     if not unchanged and params["recalibrate_bn"] and data is not None:
         recalibrated = recalibrate_batchnorm(model, data, handle.input_names)
     # fine-tuning a model that was not pruned would change it under a name that says "pruned"
+    notes: list[str] = []
     history = [] if unchanged else _finetune_after(handle, model, params, data,
-                                                   progress.sub(0.5, 1.0, "fine-tuning: "), reference)
+                                                   progress.sub(0.5, 1.0, "fine-tuning: "), reference, notes)
     before_ch, after_ch = _channels(original), _channels(model)
     new = handle.derive(module=model, step={"technique": "prune", **params})
+    new.warnings.extend(n for n in notes if n not in new.warnings)
     after_params = _deployed_params(new)
     new.info.update({"method": "structured", "pruning": {
         "method": "structured", "ratio": ratio, "importance": importance, "scope": params["scope"],
         "allocation": params["allocation"], "ignored": _with_head(original, example, ign),
+        "round_to": params["round_to"], "channel_multiple": multiple,
         "params_before": before_params, "params_after": after_params,
         "achieved_param_ratio": after_params / max(1, before_params),
         "kept_channels": {n: {"before": before_ch[n], "after": after_ch.get(n, before_ch[n])} for n in before_ch},
@@ -778,17 +861,19 @@ def _apply_structured(handle: ModelHandle, params: dict[str, Any], data: Dataset
     if rows is not None:
         new.info["sensitivity"] = rows
     if unchanged:
-        new.info[NO_CHANGE] = _why_unchanged(original, example, ign, params["round_to"], ratio, before_ch)
+        new.info[NO_CHANGE] = _why_unchanged(original, example, ign, params["round_to"], multiple, ratio,
+                                             before_ch)
     return new
 
 
-def _why_unchanged(original: nn.Module, example, ignored: list[str] | None, round_to: int, ratio: float,
-                   channels: dict[str, int]) -> str:
+def _why_unchanged(original: nn.Module, example, ignored: list[str] | None, round_to: int | str, multiple: int,
+                   ratio: float, channels: dict[str, int]) -> str:
     if not prunable_layers(original, example, ignored):
         return "its only Conv/Linear layers are the output layer and 'ignored' ones, which are kept"
-    if round_to:
+    if multiple > 1:
         widest = max(channels.values(), default=0)
-        return f"with round_to = {round_to} no layer could lose channels (the widest has {widest})"
+        shown = f"auto ({multiple}, measured on this CPU)" if round_to == "auto" else str(multiple)
+        return f"with round_to = {shown} no layer could lose channels (the widest has {widest})"
     return f"ratio {ratio:g} removes less than one channel in every prunable layer"
 
 
@@ -818,7 +903,7 @@ def _estimate(step: dict[str, Any], est) -> bool:
     if step["method"] == "structured":
         if step["scope"] == "global" or step["allocation"] == "sensitivity":
             est.approximate.append("per-layer ratios vary; estimated as uniform")
-        est.prune_channels(step["ratio"], step["ignored"], step["round_to"], per_layer)
+        est.prune_channels(step["ratio"], step["ignored"], resolve_round_to(step["round_to"]), per_layer)
     else:
         est.sparsify(step["ratio"], step["ignored"], per_layer)
     return True
@@ -855,8 +940,10 @@ TECHNIQUE = Technique(
               "Layers view", check=parse_layer_ratios),
         Param("iterative_steps", "int", 1, "prune in this many smaller steps", minimum=1, maximum=20,
               methods=("structured",)),
-        Param("round_to", "int", 0, "keep channel counts a multiple of this (0: any); 8 or 16 suit "
-              "vectorised runtimes", minimum=0, maximum=256, methods=("structured",)),
+        Param("round_to", "int", "auto", "keep channel counts a multiple of this (0: any); auto: the "
+              "multiple this CPU's kernels run fast (8 or 16, measured once and cached); each pruned "
+              "layer keeps the nearest multiple to what the ratio asks", minimum=0, maximum=256,
+              methods=("structured",), auto=True),
         Param("allocation", "choice", "uniform", "uniform: the ratio everywhere; sensitivity: less "
               "where pruning hurts, more where it does not (measured per layer first)",
               choices=("uniform", "sensitivity"), methods=("structured",)),
@@ -865,9 +952,12 @@ TECHNIQUE = Technique(
               "into the convolutions, as in every ONNX export, from drifting)", methods=("structured",)),
         Param("finetune_epochs", "int", 2, "epochs of fine-tuning after pruning (0: none)",
               minimum=0, maximum=200, methods=_FT),
-        Param("lr", "float", 3e-3, "fine-tuning learning rate (cosine decay to 0 over the epochs)",
-              minimum=1e-7, maximum=1.0, log_scale=True, methods=_FT),
-        Param("optimizer", "choice", "adamw", "fine-tuning optimizer", choices=OPTIMIZERS, methods=_FT),
+        Param("lr", "float", 0.03, "fine-tuning learning rate (cosine decay to 0 over the epochs); "
+              "suits sgd: with adam or adamw use about 3e-3", minimum=1e-7, maximum=1.0, log_scale=True,
+              methods=_FT),
+        Param("optimizer", "choice", "sgd", "fine-tuning optimizer (sgd: momentum 0.9, Nesterov; it "
+              "moves a pruned model less far from the original than adamw and recovered more in "
+              "2 epochs)", choices=OPTIMIZERS, methods=_FT),
         Param("teacher_weight", "float", 0.5, "share of the fine-tuning loss that copies the original "
               "(unpruned) model's outputs (distillation: KL on softened scores, MSE for other outputs); "
               "the rest fits the labels. 0: labels only. Without labels it is always 1",
@@ -880,7 +970,12 @@ TECHNIQUE = Technique(
               methods=_FT),
         Param("recalibrate_bn", "bool", True, "re-estimate BatchNorm statistics on training data "
               "right after pruning (the removed channels leave them stale)", methods=("structured",)),
-        Param("batch_size", "int", 64, "fine-tuning batch size", minimum=1, maximum=8192, methods=_FT),
+        Param("batch_size", "int", 32, "fine-tuning batch size (smaller: more steps per epoch)",
+              minimum=1, maximum=8192, methods=_FT),
+        Param("max_grad_norm", "float", CLIP_DEFAULT, "clip the fine-tuning gradients to this total norm "
+              "before each step (0: no clipping); keeps networks without BatchNorm (ONNX exports, "
+              "where it is folded away) from being thrown off by their first large gradients",
+              minimum=0.0, maximum=1000.0, methods=_FT),
         Param("device", "choice", DEFAULT_TRAINING, "fine-tuning " + DEVICE_HELP, choices=DEVICE_CHOICES,
               methods=_FT),
     ],

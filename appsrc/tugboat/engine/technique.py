@@ -51,6 +51,7 @@ class Param:
     log_scale: bool = False  # GUI hint for sliders (learning rates)
     short: str = ""  # shown in variant names as ``<short><value>`` (a number): "r" -> "r0.5"
     check: Callable[[Any, str], Any] | None = None  # further checks of a valid value (raises RecipeError)
+    auto: bool = False  # a number that also takes the string "auto" (the engine decides, e.g. by measuring)
 
     def applies_to(self, method: str) -> bool:
         return not self.methods or method in self.methods
@@ -58,6 +59,10 @@ class Param:
     def coerce(self, value: Any, where: str) -> Any:
         """Check ``value`` against type and range; return it normalised or raise RecipeError."""
         name = f"{where}.{self.name}"
+        if self.auto and isinstance(value, str):
+            if value.strip().lower() == "auto":
+                return "auto"
+            raise RecipeError(f"'{name}' must be a whole number or \"auto\", got {value!r}")
         value = self._typed(value, name)
         if self.kind in ("float", "int"):
             # NaN passes every comparison below, and Infinity is no setting

@@ -52,6 +52,7 @@ class TrainSpec:
     name: str = "training"  # the job in messages ("fine-tuning diverged ...")
     message: str = "epoch {epoch}/{epochs}"  # progress text per batch ({batch}, {batches} too)
     device: str = "cpu"  # a resolved device (devices.resolve): the module trains there
+    max_grad_norm: float = 0.0  # > 0: clip the gradients' total norm to this before each step
 
 
 @dataclass
@@ -192,6 +193,9 @@ def _epoch(module: nn.Module, opt, sched, spec: TrainSpec, task: TrainTask, epoc
                                  f"try a lower learning rate than {spec.lr:g}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if spec.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                           spec.max_grad_norm)
         opt.step()
         sched.step()
         for key, value in {"train_loss": float(loss.detach()), **extra}.items():

@@ -141,11 +141,15 @@ class NumberField(QWidget):
         self.log = p.kind == "float" and p.log_scale and bounded and float(p.minimum) > 0
         lo = float(p.minimum) if p.minimum is not None else (0.0 if p.kind == "int" else -1e12)
         hi = float(p.maximum) if p.maximum is not None else (INT_MAX if p.kind == "int" else 1e12)
+        self.auto = p.auto and p.kind == "int"  # one step below the minimum reads "auto"
+        lo = lo - 1 if self.auto else lo
         self.lo, self.hi = lo, hi
 
         if p.kind == "int":
             self.spin: QAbstractSpinBox = QSpinBox()
             self.spin.setRange(int(lo), int(min(hi, INT_MAX)))
+            if self.auto:
+                self.spin.setSpecialValueText("auto")
         elif self.log:
             self.spin = _LogSpinBox()
             self.spin.setRange(lo, hi)
@@ -192,11 +196,13 @@ class NumberField(QWidget):
     # --- value ------------------------------------------------------------------------------------
     def value(self) -> Any:
         v = self.spin.value()
+        if self.auto and v == self.lo:
+            return "auto"
         return int(v) if self.param.kind == "int" else float(v)
 
     def setValue(self, value: Any) -> None:  # noqa: N802 - like the widgets it replaces
         """Set exactly ``value`` (clamped to the range), moving the slider to its nearest position."""
-        v = min(max(float(value), self.lo), self.hi)
+        v = self.lo if self.auto and value == "auto" else min(max(float(value), self.lo), self.hi)
         if self.param.kind == "int":
             self.spin.setValue(round(v))
         else:
