@@ -952,12 +952,12 @@ TECHNIQUE = Technique(
               "into the convolutions, as in every ONNX export, from drifting)", methods=("structured",)),
         Param("finetune_epochs", "int", 2, "epochs of fine-tuning after pruning (0: none)",
               minimum=0, maximum=200, methods=_FT),
-        Param("lr", "float", 0.03, "fine-tuning learning rate (cosine decay to 0 over the epochs); "
-              "suits sgd: with adam or adamw use about 3e-3", minimum=1e-7, maximum=1.0, log_scale=True,
+        Param("lr", "float", 3e-3, "fine-tuning learning rate (cosine decay to 0 over the epochs); "
+              "about 3e-3 suits adam and adamw, about 0.03 sgd", minimum=1e-7, maximum=1.0, log_scale=True,
               methods=_FT),
-        Param("optimizer", "choice", "sgd", "fine-tuning optimizer (sgd: momentum 0.9, Nesterov; it "
-              "moves a pruned model less far from the original than adamw and recovered more in "
-              "2 epochs)", choices=OPTIMIZERS, methods=_FT),
+        Param("optimizer", "choice", "adamw", "fine-tuning optimizer (sgd: momentum 0.9, Nesterov: "
+              "recovered a pruned CNN with labels best, but collapsed a text detector's probability "
+              "map; see docs/techniques/pruning.md)", choices=OPTIMIZERS, methods=_FT),
         Param("teacher_weight", "float", 0.5, "share of the fine-tuning loss that copies the original "
               "(unpruned) model's outputs (distillation: KL on softened scores, MSE for other outputs); "
               "the rest fits the labels. 0: labels only. Without labels it is always 1",
