@@ -208,10 +208,9 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
     ``ratio`` is the share of channels removed from each group (``scope = "uniform"``) or across
     the whole model ranked together (``"global"``). ``ignored`` names layers whose outputs are kept;
     the classifier head (the last Linear the forward pass runs) is always kept. ``per_layer``
-    maps layer names to their own ratios (used by sensitivity allocation). ``round_to`` (a multiple,
-    or ``"auto"``: the one measured on this CPU) rounds every pruned group's kept channels to the
-    nearest multiple (:mod:`tugboat.engine.channels`). ``data_batches`` (an
-    iterable, or a callable returning one) yields ``(inputs, targets)`` pairs for Taylor
+    maps layer names to their own ratios (used by sensitivity allocation). ``round_to`` (a multiple, or
+    ``"auto"``) rounds kept channels to the nearest multiple (:mod:`tugboat.engine.channels`).
+    ``data_batches`` (an iterable, or a callable returning one) yields ``(inputs, targets)`` pairs for Taylor
     importance's gradients: targets are labels (LongTensor, cross-entropy) or the original
     model's outputs (float, soft targets). ``compensate`` (batches of inputs) turns on bias
     compensation: each removed input channel's mean activation on these batches, times the weights
@@ -228,11 +227,10 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         p.requires_grad_(True)
     ignored_layers = _resolve_names(model, _with_head(model, example, ignored), "ignored")
     num_heads = _head_counts(model)
-    multiple = resolve_round_to(round_to)
-    if multiple > 1:  # every group's ratio set to keep its rounded count; ranked per group
-        per_layer = _rounded_ratios(model, example, ratio, scope=scope, ignored=ignored, per_layer=per_layer,
-                                    multiple=multiple, importance=importance, skip=set(num_heads))
-        scope = "uniform"
+    if resolve_round_to(round_to) > 1:  # every group's ratio keeps its rounded count; ranked per group
+        per_layer, scope = _rounded_ratios(model, example, ratio, scope=scope, ignored=ignored, per_layer=per_layer,
+                                           multiple=resolve_round_to(round_to), importance=importance,
+                                           skip=set(num_heads)), "uniform"
     ratio_dict = None
     if per_layer:
         ratio_dict = {m: float(r) for m, r in zip(_resolve_names(model, per_layer, "per_layer"),
