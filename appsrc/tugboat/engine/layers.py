@@ -27,13 +27,13 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .layer_timing import hooked_times
 from .names import layer_key
 from .progress import Progress, null_progress
 
@@ -51,33 +51,9 @@ def _torch_latency(module: torch.nn.Module, inputs: list[torch.Tensor], names: l
     from .runtime import eval_mode
 
     eval_mode(module)
-    subs = {}
-    for n in names:  # rows of ONNX nodes outside any module (a positional embedding) have no hooks
-        try:
-            subs[n] = module.get_submodule(n)
-        except AttributeError:
-            continue
-    times: dict[str, list[float]] = {n: [] for n in subs}
-    starts: dict[str, float] = {}
-    hooks = []
-    for n, m in subs.items():
-        hooks.append(m.register_forward_pre_hook(lambda _m, _i, n=n: starts.__setitem__(n, time.perf_counter())))
-        hooks.append(m.register_forward_hook(
-            lambda _m, _i, _o, n=n: times[n].append((time.perf_counter() - starts[n]) * 1000.0)))
-    totals: list[float] = []
-    try:
-        with torch.inference_mode():
-            module(*inputs)  # warm-up
-            for t in times.values():
-                t.clear()
-            for i in range(repeats):
-                t0 = time.perf_counter()
-                module(*inputs)
-                totals.append((time.perf_counter() - t0) * 1000.0)
-                progress.update(0.2 + 0.8 * (i + 1) / repeats, "timing layers (torch)")
-    finally:
-        for h in hooks:
-            h.remove()
+    # rows of ONNX nodes outside any module (a positional embedding) have no hooks
+    times, totals = hooked_times(module, inputs, names, repeats, lambda i: progress.update(
+        0.2 + 0.8 * (i + 1) / repeats, "timing layers (torch)"))
     return _summarise([{n: t[i] for n, t in times.items() if i < len(t)} for i in range(len(totals))],
                       totals)
 

@@ -18,7 +18,6 @@ charts and ``allocation = "sensitivity"`` uses to prune less where it hurts.
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,7 @@ from .finetune import (
     soft_target_loss,
 )
 from .formatting import did_you_mean
+from .layer_timing import hooked_times
 from .progress import Progress, null_progress
 from .technique import NO_CHANGE, Param, Technique
 
@@ -558,24 +558,7 @@ def _quality_fn(handle: ModelHandle, data: Dataset | None, split: str = "val"):
 def _layer_latency(module: nn.Module, inputs: Sequence[torch.Tensor], names: list[str],
                    repeats: int = 5) -> dict[str, float]:
     """Measured torch time (ms) spent inside each named layer at the given batch (median)."""
-    subs = {n: module.get_submodule(n) for n in names}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    starts: dict[str, float] = {}
-    hooks = []
-    for n, m in subs.items():
-        hooks.append(m.register_forward_pre_hook(lambda _m, _i, n=n: starts.__setitem__(n, time.perf_counter())))
-        hooks.append(m.register_forward_hook(
-            lambda _m, _i, _o, n=n: times[n].append((time.perf_counter() - starts[n]) * 1000.0)))
-    try:
-        with torch.inference_mode():
-            module(*inputs)  # warm-up
-            for t in times.values():
-                t.clear()
-            for _ in range(repeats):
-                module(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    times, _ = hooked_times(module, inputs, names, repeats)
     return {n: float(np.median(t)) if t else 0.0 for n, t in times.items()}
 
 

@@ -48,7 +48,8 @@ from .models import ModelHandle
 from .names import layer_of
 from .progress import Progress, null_progress
 from .quant_error import fixed_batch, rank_layers, severity, toposort
-from .runtime import _cast, ort_session, run_onnx
+from .quant_error import run as run_graph
+from .runtime import ort_session, run_onnx
 from .technique import NO_CHANGE, Param, Technique
 
 METHODS = {
@@ -918,20 +919,7 @@ def _check_set(handle: ModelHandle, data: Dataset | None, float_model: onnx.Mode
 
 def _run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None = None,
          rows: int = _CHECK_ROWS) -> Any:
-    from .runtime import fill_batch
-
-    sess = ort_session(model, 1)
-    fixed = fixed_batch(model)  # a fixed-batch model takes exactly that many rows: pad, then cut
-    rows = fixed or rows
-    chunks: list[list[np.ndarray]] = []
-    for i in range(0, len(xs[0]), rows):
-        part = [x[i : i + rows] for x in xs]
-        n = len(part[0])
-        if fixed:
-            part = fill_batch(part, fixed)
-        feed = {s.name: _cast(x, s.type) for s, x in zip(sess.get_inputs(), part)}
-        chunks.append([np.asarray(o)[:n] for o in sess.run(outputs, feed)])
-    cols = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+    cols = run_graph(model, xs, outputs, rows)
     return cols if outputs is not None else cols[0]
 
 
