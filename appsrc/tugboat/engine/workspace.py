@@ -100,11 +100,20 @@ class Workspace:
         self._variants: dict[str, Variant] = {}
         self._folders: dict[str, str] = {}
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.persist = True  # False: held in memory only (:meth:`unsaved`), nothing is written
 
     # --- opening --------------------------------------------------------------------------------
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
         return (Path(path) / FILE).is_file()
+
+    @classmethod
+    def unsaved(cls) -> Workspace:
+        """A workspace held in memory only: the window's results before it has a folder (the GUI
+        moves them into the first folder it makes). It writes nothing and deletes nothing."""
+        ws = cls("")
+        ws.persist = False
+        return ws
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, model: str = "", data: str = "",
@@ -300,6 +309,8 @@ class Workspace:
 
         Safe to call from a worker thread for a variant not yet added (after ``reserve_folder``
         when other threads may use the workspace at the same time)."""
+        if not self.persist:
+            raise WorkspaceError("is not saved in a folder yet", path="(unsaved workspace)")
         folder_name = self.reserve_folder(variant.name)
         folder = self.folder(variant.name)
         try:
@@ -347,6 +358,8 @@ class Workspace:
         if v is None:
             return
         folder = self._folders.pop(name, None)
+        if not self.persist:
+            return
         self.save()  # the index first: a crash now leaves an orphan folder, not a dangling entry
         if folder:
             target = (self.path / folder).resolve()
@@ -368,6 +381,8 @@ class Workspace:
                 "variants": [entry(v) for v in self._variants.values()]}
 
     def save(self) -> Path:
+        if not self.persist:
+            return self.path / FILE
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
