@@ -136,3 +136,28 @@ def test_results_made_before_a_folder_move_into_the_first_one(qtbot, tmp_path, m
     reopened = Workspace.open(tmp_path / "auto")
     assert reopened.names() == ["early"] and reopened.baseline.metrics["size_bytes"] == 4000
     queue.shutdown(5)
+
+
+def test_a_reload_shows_the_workspace_only_when_its_results_compare(qtbot, tmp_path):
+    queue, store = JobQueue(), VariantStore()
+    session = Session(store, queue)
+    keeper = WorkspaceKeeper(store, session, queue)
+    ws = keeper.new(str(tmp_path / "ws"))
+    session.model_ref, session.data_ref = "demo:digits-cnn", "demo:digits"  # as if it were loaded
+    keeper.place_baseline(Variant("baseline", {"steps": []}, _metrics(4000, 2.0, 0.97)))
+    store.add(Variant("prune-a", {"steps": PRUNE}, _metrics(1000, 1.0, 0.9)))
+    qtbot.waitUntil(lambda: not queue.active(), timeout=10000)
+    # the same model measured the same way again: its results on record stay in view
+    keeper.place_baseline(Variant("baseline", {"steps": []}, _metrics(4000, 2.1, 0.97)))
+    assert keeper.ws is ws and store.names() == ["baseline", "prune-a"]
+    assert ws.baseline.metrics["latency_ms"]["median"] == 2.1
+    qtbot.waitUntil(lambda: not queue.active(), timeout=10000)
+    # other measure settings: those latencies would not compare, so a new workspace takes the results
+    problems = []
+    keeper.problem.connect(lambda msg, _level: problems.append(msg))
+    session.measure.batch = 1
+    keeper.place_baseline(Variant("baseline", {"steps": []}, _metrics(4000, 0.1, 0.97)))
+    assert keeper.ws is None and store.names() == ["baseline"] and not store.workspace.persist
+    assert problems and "measure settings (batch)" in problems[0] and str(ws.path) in problems[0]
+    assert Workspace.open(tmp_path / "ws").names() == ["prune-a"]  # left as it was
+    queue.shutdown(5)

@@ -177,12 +177,11 @@ class WorkspaceKeeper(QObject):
             self._restore_baseline(ws, new)
             return
         s = self.session
-        holds_results = ws is not None and (len(ws) > 0 or (ws.baseline is not None and bool(ws.baseline.metrics)))
-        if holds_results and (ws.model != s.model_ref or (ws.data or "") != (s.data_ref or "")):
-            # results of another model stay where they are; new ones go to a new workspace
-            self.problem.emit(f"{ws.path} holds results for {ws.model or 'another model'}; new results "
-                              "are saved to a new workspace (File > Save workspace as... to choose it).",
-                              "info")
+        other = self._other_results(ws) if ws is not None else None
+        if other:
+            # those results stay where they are (and off the table); new ones go to a new workspace
+            self.problem.emit(f"{ws.path} holds results for {other}; new results are saved to a new "
+                              "workspace (File > Save workspace as... to choose it).", "info")
             self._set(None, show="keep")
             ws = None
         if ws is None:
@@ -190,6 +189,18 @@ class WorkspaceKeeper(QObject):
             return
         ws.model, ws.data, ws.measure = s.model_ref, s.data_ref, _measure_dict(s.measure)
         self._add(ws, new)
+
+    def _other_results(self, ws: Workspace) -> str:
+        """What makes ``ws``'s results unlike the session's ("" when they are alike or there are
+        none): another model or data, or other measure settings (latencies would not compare)."""
+        s = self.session
+        if not (len(ws) > 0 or (ws.baseline is not None and bool(ws.baseline.metrics))):
+            return ""
+        if ws.model != s.model_ref or (ws.data or "") != (s.data_ref or ""):
+            return ws.model or "another model"
+        now = _measure_dict(s.measure)
+        changed = sorted(k for k, v in ws.measure.items() if k in now and now[k] != v)
+        return f"other measure settings ({', '.join(changed)})" if changed else ""
 
     def _restore_baseline(self, ws: Workspace, new: Variant) -> None:
         """A reopened workspace's model is loaded again: every variant on record was compared with
