@@ -51,7 +51,7 @@ def test_a_variant_deleted_while_a_sweep_writes_the_workspace_leaves_it_when_the
     ws = keeper.new(str(tmp_path / "ws"))
     v = Variant("prune-a", {"steps": []}, {"size_bytes": 1}, status="failed", error="x")
     ws.add_variant(v, write=False)
-    store.add(v)
+    store.announce(v)  # as a sweep does: the worker added it, the store shows it
     release = threading.Event()
     writer = queue.submit(lambda p: release.wait(10), name="sweep", kind="sweep")
     keeper.written_by(writer)
@@ -113,8 +113,10 @@ def test_window_sweep_streams_into_the_table_and_its_recipe_reproduces_it(qtbot,
     gui = {n: ws.get(n) for n in ws.names()}
     assert len(gui) == 3 and set(gui) <= set(w.store.names())
     assert [s["ratio"] for s in gui[next(iter(gui))].recipe["steps"]] == [0.3]
-    # the window keeps each model in memory (Diagnose, Layers); the workspace has it on disk
-    assert all(w.store.get(n).handle is not None and ws.get(n).handle is None for n in gui)
+    # one store: the table's entries are the workspace's; the window keeps each model in memory
+    # (Diagnose, Layers) beside the record, which has it on disk
+    assert all(w.store.get(n) is ws.get(n) and w.store.get(n).handle is not None for n in gui)
+    assert all(ws.artifact_path(n).is_file() for n in gui)
     qtbot.waitUntil(lambda: all(w.chart.point_of(n) is not None for n in gui), timeout=5000)
 
     recipe_path = tmp_path / "sweep.toml"

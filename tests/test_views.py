@@ -56,12 +56,13 @@ def run_panel(qtbot, window, name: str, method: str | None = None, **values):
         panel.method_combo.setCurrentIndex(panel.method_combo.findData(method))
     for key, value in values.items():
         panel.set_value(key, value)
-    before = len(window.store)
     job = window.run_current()
     qtbot.waitUntil(lambda: job.is_ended, timeout=120000)
     assert job.state == DONE, job.error
-    qtbot.waitUntil(lambda: len(window.store) == before + 1, timeout=10000)
-    return job, window.store.variants()[-1]
+    # this run's variant (the live preview may measure a setting an earlier test committed, too)
+    qtbot.waitUntil(lambda: job.result is not None and window.store.get(job.result.name) is job.result,
+                    timeout=10000)
+    return job, job.result
 
 
 def test_layers_view_has_one_bar_per_layer_matching_the_layer_table(qtbot, window):

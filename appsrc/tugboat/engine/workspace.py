@@ -37,7 +37,10 @@ API (used by ``tugboat sweep`` and by the GUI)::
 
 ``add_variant`` exports ONNX when the variant has a handle (tens of milliseconds for small models):
 the GUI calls it from a job, or calls ``write_variant_files`` in the job and ``add_variant(...,
-write=False)`` on the GUI thread. A ``Workspace`` is not thread-safe; use it from one thread.
+write=False)`` on the GUI thread. A ``Workspace`` is meant for one thread; where the window's sweep
+adds variants from its worker while the GUI thread adds a single run, every walk over the variants
+works on a snapshot (``list(...)`` of a dict is one step under the GIL), so neither side trips on
+the other's insertion.
 """
 
 from __future__ import annotations
@@ -100,11 +103,20 @@ class Workspace:
         self._variants: dict[str, Variant] = {}
         self._folders: dict[str, str] = {}
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.persist = True  # False: held in memory only (:meth:`unsaved`), nothing is written
 
     # --- opening --------------------------------------------------------------------------------
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
         return (Path(path) / FILE).is_file()
+
+    @classmethod
+    def unsaved(cls) -> Workspace:
+        """A workspace held in memory only: the window's results before it has a folder (the GUI
+        moves them into the first folder it makes). It writes nothing and deletes nothing."""
+        ws = cls("")
+        ws.persist = False
+        return ws
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, model: str = "", data: str = "",
@@ -281,7 +293,7 @@ class Workspace:
         base = BASELINE if name == BASELINE else _safe_name(name)
         if base == BASELINE and name != BASELINE:
             base = f"{base}_"
-        used = {f for n, f in self._folders.items() if n != name}
+        used = {f for n, f in list(self._folders.items()) if n != name}
         folder, i = base, 2
         while folder in used or folder == FILE:
             folder, i = f"{base}_{i}", i + 1
@@ -300,6 +312,8 @@ class Workspace:
 
         Safe to call from a worker thread for a variant not yet added (after ``reserve_folder``
         when other threads may use the workspace at the same time)."""
+        if not self.persist:
+            raise WorkspaceError("is not saved in a folder yet", path="(unsaved workspace)")
         folder_name = self.reserve_folder(variant.name)
         folder = self.folder(variant.name)
         try:
@@ -347,6 +361,8 @@ class Workspace:
         if v is None:
             return
         folder = self._folders.pop(name, None)
+        if not self.persist:
+            return
         self.save()  # the index first: a crash now leaves an orphan folder, not a dangling entry
         if folder:
             target = (self.path / folder).resolve()
@@ -365,9 +381,11 @@ class Workspace:
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": self.model, "data": self.data,
                 "measure": self.measure, "recipe": self.recipe, "meta": self.meta,
                 "baseline": entry(self.baseline) if self.baseline else None,
-                "variants": [entry(v) for v in self._variants.values()]}
+                "variants": [entry(v) for v in self.variants()]}
 
     def save(self) -> Path:
+        if not self.persist:
+            return self.path / FILE
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -380,13 +398,14 @@ class Workspace:
     # --- reports --------------------------------------------------------------------------------
     def pareto(self) -> list[str]:
         named = [(BASELINE, self.baseline.metrics)] if self.baseline and self.baseline.metrics else []
-        named += [(v.name, v.metrics) for v in self._variants.values() if v.status == "ok" and v.metrics]
+        named += [(v.name, v.metrics) for v in self.variants() if v.status == "ok" and v.metrics]
         return pareto_front(named)
 
     def report(self) -> dict[str, Any]:
         """``report.json`` per DESIGN.md. Failed variants (no metrics) go to ``failed``."""
-        ok = [v for v in self._variants.values() if v.status == "ok" and v.metrics]
-        failed = [v for v in self._variants.values() if not (v.status == "ok" and v.metrics)]
+        every = self.variants()
+        ok = [v for v in every if v.status == "ok" and v.metrics]
+        failed = [v for v in every if not (v.status == "ok" and v.metrics)]
         base = self.baseline
         report = {
             "version": REPORT_VERSION, "model": self.model, "data": self.data,

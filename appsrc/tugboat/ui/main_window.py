@@ -635,7 +635,6 @@ class MainWindow(QMainWindow):
     def _on_baseline_ready(self, base) -> None:
         self._remember_loaded()
         self._set_ready(True)
-        self.keeper.on_baseline_ready(base)
         save_settings(self.settings)
 
     def _on_measure_changed(self, batch: int, threads: int, runtime: str) -> None:
@@ -666,8 +665,8 @@ class MainWindow(QMainWindow):
         self.session.run_step(dict(step))
 
     def _on_variant_finished(self, variant: Variant) -> None:
+        # the keeper has placed it in the workspace (the table shows it; its files are being written)
         self._on_sweep_variant(variant)
-        self.autosave(variant)
 
     def _on_sweep_variant(self, variant: Variant) -> None:
         if variant.status != "ok":
@@ -696,11 +695,6 @@ class MainWindow(QMainWindow):
     @property
     def workspace(self) -> Workspace | None:
         return self.keeper.ws
-
-    def autosave(self, variant: Variant) -> Job | None:
-        """Write the variant's folder (in a job) and the workspace index, creating a workspace in
-        the data folder if none is open, so nothing measured is lost."""
-        return self.keeper.autosave(variant)
 
     def _on_workspace_changed(self, ws: Workspace | None) -> None:
         if ws is not None:

@@ -1,8 +1,12 @@
 """The window's working state: model and data references, the measured baseline, the step chain.
 
 A :class:`Session` turns user intent into jobs (load + measure the baseline, run one variant,
-export) and puts results into the :class:`VariantStore` on the GUI thread. No widget code here and
-no torch math on the GUI thread: every engine call runs inside a job.
+export). Results go workspace-first: a measured baseline or variant is handed on the GUI thread to
+whoever places it (``baseline_measured`` / ``variant_measured``: the window's
+:class:`~tugboat.ui.workspace_io.WorkspaceKeeper` adds it to the open workspace, which the
+:class:`VariantStore` shows); a sweep's worker adds its variants to the workspace itself and the
+store announces them. No widget code here and no torch math on the GUI thread: every engine call
+runs inside a job.
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ class Session(QObject):
     chain_changed = Signal(list)
     sweep_changed = Signal(list)
     error = Signal(str, str)  # message, details (non-job errors, e.g. invalid chain)
-    variant_finished = Signal(object)  # Variant added to the store (a single run: not saved yet)
-    sweep_variant = Signal(object)  # Variant a sweep wrote into the workspace, then added to the store
+    baseline_measured = Signal(object)  # the baseline Variant, to be placed (before baseline_ready)
+    variant_measured = Signal(object)  # a single run's Variant, to be placed (before variant_finished)
+    variant_finished = Signal(object)  # Variant placed in the workspace and shown (files still written)
+    sweep_variant = Signal(object)  # Variant a sweep wrote into the workspace, then shown by the store
     sweep_ended = Signal(object)  # engine SweepResult, or None when the sweep failed or was cancelled
     message = Signal(str)  # information for the user (e.g. a re-measure in another runtime)
     remeasured = Signal(list)  # names (baseline included) whose timings were taken again
@@ -150,10 +156,9 @@ class Session(QObject):
         self.model_jobs.cancel()  # runs of the previous model: their results would be stale
         self.baseline, self.info = base, info
         self.chain, self.chain_from, self.sweep = [], None, []
-        self.store.clear()
-        self.store.set_baseline(Variant(BASELINE, self.base_recipe().with_steps([]).to_dict(),
-                                        base.metrics, handle=base.handle,
-                                        warnings=list(base.handle.warnings)))
+        self.baseline_measured.emit(Variant(BASELINE, self.base_recipe().with_steps([]).to_dict(),
+                                            base.metrics, handle=base.handle,
+                                            warnings=list(base.handle.warnings)))
         self.chain_changed.emit([])
         self.sweep_changed.emit([])
         self.model_info_ready.emit(info)
@@ -179,7 +184,7 @@ class Session(QObject):
 
     # --- running --------------------------------------------------------------------------------
     def run_step(self, step: dict[str, Any] | None, *, name: str | None = None) -> Job | None:
-        """Run chain + ``step`` as one variant in a job; the result goes into the store."""
+        """Run chain + ``step`` as one variant in a job; the result is placed (``variant_measured``)."""
         if self.baseline is None:
             self.error.emit("Load a model first (File > Open model..., or Try the demo).", "")
             return None
@@ -211,12 +216,12 @@ class Session(QObject):
 
     def _on_variant_finished(self, variant: Variant) -> None:
         variant.name = self._distinct_name(variant)
-        self.store.add(variant)
+        self.variant_measured.emit(variant)  # into the workspace, then the store's views
         self.variant_finished.emit(variant)
 
     def _distinct_name(self, variant: Variant) -> str:
         """A name taken by a variant with other settings gets what differs (``~alpha=0.5``); only a
-        re-run of the very same settings is numbered "(2)" by the store."""
+        re-run of the very same settings is numbered "(2)" by the workspace."""
         taken = self.store.get(variant.name)
         steps = list((variant.recipe or {}).get("steps") or [])
         if taken is None or taken.name == BASELINE:
@@ -327,7 +332,7 @@ class Session(QObject):
             old = self.store.get(new.name)
             if old is None:
                 continue
-            # the store's own objects change (the open workspace holds the same ones)
+            # the workspace's own entries change (the store shows them; no copies)
             old.metrics, old.warnings, old.info = new.metrics, new.warnings, new.info
             self.store.update(old)
             names.append(new.name)
@@ -396,11 +401,10 @@ class Session(QObject):
 
     def _on_sweep_record(self, kind: str, data: dict) -> None:
         variant = data.get("variant") if kind == "variant" else None
-        if isinstance(variant, Variant):
-            # a copy of the workspace's entry that keeps the model in memory (Diagnose, Layers,
-            # Continue from); the workspace named it, and the store adds it under that name
-            self.store.add(variant)
-            self.sweep_variant.emit(variant)
+        # a copy of the workspace's entry with the model still in memory (Diagnose, Layers,
+        # Continue from): the store keeps the model and announces the workspace's entry
+        if isinstance(variant, Variant) and self.store.announce(variant):
+            self.sweep_variant.emit(self.store.get(variant.name))
 
     # --- export ---------------------------------------------------------------------------------
     def export(self, name: str, kind: str, path: str, artifact_dir: str | None = None) -> Job | None:

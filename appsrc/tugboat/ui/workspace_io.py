@@ -1,5 +1,5 @@
-"""The window's workspace: the engine's :class:`~tugboat.engine.workspace.Workspace`, kept in step
-with the :class:`VariantStore`.
+"""The window's workspace: the engine's :class:`~tugboat.engine.workspace.Workspace`, the one
+collection of record, shown through the :class:`VariantStore` attached to it.
 
 There is one workspace format. A folder made by ``tugboat sweep recipe.toml --out DIR`` opens in the
 window with all its variants, and a folder the window saved is read by ``tugboat report DIR`` and
@@ -13,14 +13,15 @@ are read by the same engine reader; the next save writes the current layout for 
 :class:`WorkspaceKeeper` owns the open workspace and holds its folder lock
 (:mod:`tugboat.engine.lock`) for as long as it is open, so a ``tugboat sweep`` on the same folder, or
 a second window, is refused with the PID of this one instead of both writing ``workspace.json``.
-Writing a variant's files (an ONNX export) runs in a job; the folder is reserved and the index
-(``workspace.json``) is updated on the GUI thread, so the ``Workspace`` object is only changed from
-one thread at a time.
+Results go workspace-first: a measured baseline or single run is added to the open workspace (its
+index written on the GUI thread, then the store announces it to the views), and its folder (an ONNX
+export) is written in a job, after which the index is saved again with the artifact. Before a
+folder is open the store holds an unsaved workspace; the first folder the keeper makes takes over
+its contents (:meth:`VariantStore.adopt`).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,12 @@ def _measure_dict(measure: Any) -> dict[str, Any]:
 
 
 class WorkspaceKeeper(QObject):
-    """Opens, creates and saves workspaces and mirrors the store into the open one.
+    """Opens, creates and saves workspaces, attaches the store to the open one, and places the
+    session's results in it.
 
     ``session`` is the window's :class:`~tugboat.ui.session.Session` (model/data refs, measure
-    settings, ``load``); its ``baseline_ready`` must be forwarded to :meth:`on_baseline_ready`.
+    settings, ``load``); the keeper places what it measures (``baseline_measured``,
+    ``variant_measured``).
     """
 
     changed = Signal(object)  # the open Workspace, or None
@@ -77,15 +80,22 @@ class WorkspaceKeeper(QObject):
         self._lock: FolderLock | None = None  # the open workspace's folder lock
         self._restoring: Workspace | None = None  # reopened, waiting for the baseline to be measured
         self._writer: Job | None = None  # a sweep writing the open workspace from its worker thread
-        self._deferred: list[tuple[Workspace, str]] = []  # deletions waiting for that sweep to end
+        session.baseline_measured.connect(self.place_baseline)
+        session.variant_measured.connect(self.place_variant)
 
     # --- opening and creating ---------------------------------------------------------------------
-    def _set(self, ws: Workspace | None, lock: FolderLock | None = None) -> None:
+    def _set(self, ws: Workspace | None, lock: FolderLock | None = None, *, show: str = "attach") -> None:
+        """Make ``ws`` the open workspace. ``show``: "attach" (the store shows ``ws``), "adopt" (``ws``
+        takes over what the store shows) or "keep" (the store is left as it is: the window closes)."""
         if lock is not self._lock:
             old, self._lock = self._lock, lock
             if old is not None:
                 old.release()
         self.ws = ws
+        if show == "adopt" and ws is not None:
+            self.store.adopt(ws)
+        elif show == "attach":
+            self.store.attach(ws)
         self.changed.emit(ws)
 
     def _locked(self, path: str | Path, make) -> tuple[Workspace, FolderLock]:
@@ -102,7 +112,7 @@ class WorkspaceKeeper(QObject):
 
     def close(self) -> None:
         """The window closes: let go of the workspace's folder lock."""
-        self._set(None)
+        self._set(None, show="keep")
 
     def _create(self, path: str | Path) -> tuple[Workspace, FolderLock]:
         s = self.session
@@ -123,7 +133,6 @@ class WorkspaceKeeper(QObject):
         """An empty workspace in ``path``; the current model (if any) is measured again into it."""
         self._check_no_writer()
         ws, lock = self._create(path)
-        self.store.clear()
         self.session.forget_baseline()
         self._restoring = None
         self._set(ws, lock)
@@ -136,13 +145,8 @@ class WorkspaceKeeper(QObject):
         can run (the variants come back after the baseline; their recorded metrics are kept)."""
         self._check_no_writer()
         ws, lock = self._locked(path, lambda lock: Workspace.open(path, lock=lock))
-        self._set(ws, lock)
-        self.store.clear()
+        self._set(ws, lock)  # the store shows its baseline and variants at once
         self.session.forget_baseline()
-        if ws.baseline is not None:
-            self.store.set_baseline(ws.baseline)
-        for v in ws.variants():
-            self.store.add(v)
         m = self.session.measure
         for key, value in ws.measure.items():
             current = getattr(m, key, None)
@@ -162,49 +166,79 @@ class WorkspaceKeeper(QObject):
                               arch_kwargs=base_recipe.get("arch_kwargs"))
         return ws
 
-    def on_baseline_ready(self, base: Any) -> None:
-        """The session measured its baseline: restore a reopened workspace, or record it."""
+    # --- placing results --------------------------------------------------------------------------
+    def place_baseline(self, new: Variant) -> None:
+        """The session measured its baseline: it goes into the open workspace (a reopened one keeps
+        the baseline on record), or into a fresh unsaved one when none is open (or the open one holds
+        another model's results)."""
         ws = self.ws
-        if ws is None:
+        if ws is not None and self._restoring is ws:
+            self._restoring = None
+            self._restore_baseline(ws, new)
             return
         s = self.session
-        if self._restoring is ws:
-            self._restoring = None
-            recorded = ws.baseline.metrics if ws.baseline is not None else None
-            current = self.store.baseline
-            if recorded and current is not None:
-                # every variant on record was compared with this baseline: keep its numbers
-                current.metrics = copy.deepcopy(recorded)
-                base.metrics = current.metrics
-                self.store.update(current)
-            for v in ws.variants():
-                if v.name not in self.store:
-                    self.store.add(v)
-            if not recorded:
-                self._write_baseline(ws)
-            return
-        holds_results = len(ws) > 0 or (ws.baseline is not None and bool(ws.baseline.metrics))
-        if holds_results and (ws.model != s.model_ref or (ws.data or "") != (s.data_ref or "")):
-            # results of another model stay where they are; new ones go to a new workspace
-            self.problem.emit(f"{ws.path} holds results for {ws.model or 'another model'}; new results "
-                              "are saved to a new workspace (File > Save workspace as... to choose it).",
-                              "info")
-            self._set(None)
+        other = self._other_results(ws) if ws is not None else None
+        if other:
+            # those results stay where they are (and off the table); new ones go to a new workspace
+            self.problem.emit(f"{ws.path} holds results for {other}; new results are saved to a new "
+                              "workspace (File > Save workspace as... to choose it).", "info")
+            self._set(None, show="keep")
+            ws = None
+        if ws is None:
+            self.store.start(new)
             return
         ws.model, ws.data, ws.measure = s.model_ref, s.data_ref, _measure_dict(s.measure)
-        self._write_baseline(ws)
+        self._add(ws, new)
+
+    def _other_results(self, ws: Workspace) -> str:
+        """What makes ``ws``'s results unlike the session's ("" when they are alike or there are
+        none): another model or data, or other measure settings (latencies would not compare)."""
+        s = self.session
+        if not (len(ws) > 0 or (ws.baseline is not None and bool(ws.baseline.metrics))):
+            return ""
+        if ws.model != s.model_ref or (ws.data or "") != (s.data_ref or ""):
+            return ws.model or "another model"
+        now = _measure_dict(s.measure)
+        changed = sorted(k for k, v in ws.measure.items() if k in now and now[k] != v)
+        return f"other measure settings ({', '.join(changed)})" if changed else ""
+
+    def _restore_baseline(self, ws: Workspace, new: Variant) -> None:
+        """A reopened workspace's model is loaded again: every variant on record was compared with
+        the baseline on record, so its numbers stay; the window keeps the model it just loaded."""
+        recorded = ws.baseline
+        if recorded is None or not recorded.metrics:
+            self._add(ws, new)
+            return
+        self.store.keep_model(BASELINE, new.handle)
+        if self.session.baseline is not None:
+            self.session.baseline.metrics = recorded.metrics
+        self.store.update(recorded)
+
+    def place_variant(self, variant: Variant) -> None:
+        """A single run finished: into the open workspace (made in the data folder if none is open,
+        so nothing measured is lost), then the views; its files are written in a job."""
+        ws = self.ensure()
+        if ws is not None and self.store.workspace is ws:
+            self._add(ws, variant)
+        else:  # autosave is off: shown from the unsaved workspace
+            self.store.add(variant)
+
+    def _add(self, ws: Workspace, variant: Variant) -> Job | None:
+        """Add ``variant`` to ``ws`` through the store (index written, views told), then write its
+        folder in a job."""
+        try:
+            if variant.name == BASELINE:
+                self.store.set_baseline(variant)
+            else:
+                self.store.add(variant)
+        except (OSError, TugboatError) as exc:
+            self.problem.emit(f"Could not save the workspace: {exc}", "warning")
+        return self._write(ws, variant)
 
     # --- writing ----------------------------------------------------------------------------------
-    def _write_baseline(self, ws: Workspace) -> Job | None:
-        base = self.store.baseline
-        if base is None:
-            ws.save()
-            return None
-        return self._write(ws, base)
-
     def _write(self, ws: Workspace, variant: Variant, source: Workspace | None = None) -> Job:
-        """Write ``variant``'s folder in a job (ONNX export, or a copy of ``source``'s artifact),
-        then add it to the index on the GUI thread."""
+        """Write the folder of ``variant`` (an entry of ``ws``) in a job: an ONNX export, or a copy
+        of ``source``'s artifact; then save the index with it on the GUI thread."""
         name = variant.name
         ws.reserve_folder(name)
         src = source.artifact_path(name) if source is not None and variant.handle is None else None
@@ -213,6 +247,7 @@ class WorkspaceKeeper(QObject):
             if source is not None and variant.handle is None:
                 if src is not None and src.is_file():
                     folder = ws.folder(name)
+                    folder.mkdir(parents=True, exist_ok=True)
                     atomic_write_bytes(folder / ARTIFACT, src.read_bytes())
                     variant.artifacts["onnx"] = f"{folder.name}/{ARTIFACT}"
                 else:  # nothing to copy: do not point at the old folder
@@ -227,36 +262,36 @@ class WorkspaceKeeper(QObject):
 
     def _on_written(self, ws: Workspace, variant: Variant) -> None:
         try:
-            if variant.name == BASELINE:
-                ws.set_baseline(variant, write=False)
-            elif self.store.get(variant.name) is variant or ws is not self.ws:
-                ws.add_variant(variant, write=False)
-            else:  # deleted while its files were written: leave no folder behind for recovery
-                ws.add_variant(variant, write=False)
-                ws.remove_variant(variant.name)
+            if ws.get(variant.name) is not variant:
+                # deleted while its files were written: leave no folder behind for recovery
+                if variant.name != BASELINE:
+                    ws.add_variant(variant, write=False)
+                    ws.remove_variant(variant.name)
                 return
+            ws.save()  # the index now names its artifact
         except (OSError, TugboatError) as exc:
             self.problem.emit(f"Could not save the workspace: {exc}", "warning")
             return
         self.saved.emit(variant.name)
 
     def ensure(self) -> Workspace | None:
-        """The open workspace, or a new one in the data folder (None if it cannot be made)."""
+        """The open workspace, or a new one in the data folder that takes over what the window shows
+        (None if it cannot be made)."""
         if self.ws is None:
             try:
                 ws, lock = self._create(default_workspace_dir())
             except (OSError, TugboatError) as exc:
                 self.problem.emit(f"Autosave is off: {exc}", "warning")
                 return None
-            self._set(ws, lock)
-            self._write_baseline(ws)
+            self._set(ws, lock, show="adopt")
+            try:
+                ws.save()
+            except (OSError, TugboatError) as exc:
+                self.problem.emit(f"Could not save the workspace: {exc}", "warning")
+            for v in [ws.baseline, *ws.variants()]:
+                if v is not None:
+                    self._write(ws, v)
         return self.ws
-
-    def autosave(self, variant: Variant) -> Job | None:
-        """Write a finished variant into the open workspace, creating one in the data folder if none
-        is open, so nothing measured is lost."""
-        ws = self.ensure()
-        return self._write(ws, variant) if ws is not None else None
 
     def written_by(self, job: Job) -> None:
         """``job`` (a sweep) writes the open workspace from its worker: until it ends, the GUI
@@ -264,18 +299,20 @@ class WorkspaceKeeper(QObject):
         self._writer = job
         job.state_changed.connect(lambda _s, j=job: self._on_writer_state(j))
 
+    def _writing(self) -> bool:
+        return self._writer is not None and not self._writer.is_ended and self.ws is not None
+
     def _on_writer_state(self, job: Job) -> None:
         if not job.is_ended or job is not self._writer:
             return
-        self._writer, deferred, self._deferred = None, self._deferred, []
-        for ws, name in deferred:
-            if name in ws and name not in self.store:
-                ws.remove_variant(name)
+        self._writer = None
+        for name in self.store.hidden():  # deletions that waited for the sweep
+            self.store.remove(name)
 
     def save(self) -> Path | None:
         if self.ws is None:
             return None
-        if self._writer is not None and not self._writer.is_ended:
+        if self._writing():
             return self.ws.path / FILE  # the sweep writing it saves the index after every variant
         return self.ws.save()
 
@@ -289,12 +326,9 @@ class WorkspaceKeeper(QObject):
 
         try:
             for name in names:
-                v, shown = ws.get(name), self.store.get(name)
-                if v is None or shown is None:
+                v = ws.get(name)
+                if v is None or name not in self.store:
                     continue
-                if v is not shown:  # e.g. a reopened workspace's baseline: the window measured its own
-                    v.metrics, v.warnings = copy.deepcopy(shown.metrics), list(shown.warnings)
-                    v.info = copy.deepcopy(shown.info)
                 handle, v.handle = v.handle, None  # metrics and recipe only
                 try:
                     ws.write_variant_files(v)
@@ -307,22 +341,21 @@ class WorkspaceKeeper(QObject):
             self.problem.emit(f"Could not save the new timings: {exc}", "warning")
 
     def save_as(self, path: str | Path) -> Workspace:
-        """Copy what the window shows into a new workspace folder (files written in jobs)."""
+        """Move what the window shows into a new workspace folder (files written, or copied from
+        the old folder, in jobs)."""
         self._check_no_writer()
         old = self.ws
         ws, lock = self._create(path)
         ws.recipe = old.recipe if old is not None else None
         ws.meta = dict(old.meta) if old is not None else {}
-        self._set(ws, lock)
-        for v in self.store.variants():
+        shown = self.store.variants()
+        self._set(ws, lock, show="adopt")
+        for v in shown:
             self._write(ws, v, source=old)
         return ws
 
     def delete(self, name: str) -> None:
-        if name == BASELINE:
-            return
-        self.store.remove(name)
-        if self._writer is not None and not self._writer.is_ended and self.ws is not None:
-            self._deferred.append((self.ws, name))  # the sweep's worker writes this workspace now
-        elif self.ws is not None and name in self.ws:
-            self.ws.remove_variant(name)
+        """Remove a variant from the workspace and the views; while a sweep writes the workspace
+        from its worker, it is hidden now and removed when the sweep ends."""
+        if name != BASELINE:
+            self.store.remove(name, later=self._writing())
