@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 import tomllib
 
 import pytest
@@ -184,6 +185,35 @@ def test_ray_without_retries_records_the_lost_task_as_failed(tmp_path, monkeypat
     result = _sweep(tmp_path, "ws", RayExecutor(max_retries=0), text=text)
     (v,) = result.variants
     assert v.status == "failed" and "lost on Ray" in v.error
+
+
+@pytest.mark.slow
+def test_cancel_on_ray_cancels_the_tasks_and_keeps_only_finished_variants(tmp_path, monkeypatch, ray_local):
+    from tugboat.engine.errors import Cancelled
+    from tugboat.engine.executors.ray_executor import RayExecutor
+    from tugboat.engine.progress import CancelToken, Progress
+    from tugboat.engine.workspace import Workspace
+
+    cancelled = []
+    real_cancel = ray_local.cancel
+    monkeypatch.setattr(ray_local, "cancel", lambda ref, **kw: (cancelled.append(ref), real_cancel(ref, **kw)))
+    token = CancelToken()
+    recipe = parse_recipe(tomllib.loads(SIX), str(tmp_path / "r.toml"))
+    with pytest.raises(Cancelled):
+        run_sweep(recipe, tmp_path / "ws", progress=Progress(token=token), on_variant=lambda v: token.cancel(),
+                  executor=RayExecutor())
+    assert cancelled  # the tasks still in flight were cancelled on Ray, not left to finish
+    ws = Workspace.open(tmp_path / "ws")
+    assert 1 <= len(ws) < 6 and all(v.status == "ok" for v in ws.variants())
+    assert not list((tmp_path / "ws").rglob("*.tmp"))  # nothing half-written
+    deadline = time.monotonic() + 30  # the cancelled tasks give their CPUs back (force-cancelled workers)
+    while time.monotonic() < deadline and _busy_cpus(ray_local):
+        time.sleep(0.2)
+    assert _busy_cpus(ray_local) == 0
+
+
+def _busy_cpus(ray) -> float:
+    return ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
 
 
 def test_cancel_stops_the_workers_and_keeps_only_finished_variants(tmp_path):
