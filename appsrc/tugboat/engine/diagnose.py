@@ -402,8 +402,6 @@ def _prune_one(original, example, step: dict[str, Any], layer: str, ratio: float
 
 def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dict[str, Any]],
                     xs: list[np.ndarray], progress: Progress, kind: str) -> dict[str, Any]:
-    import torch
-
     if variant.module is None:
         raise TugboatError("this variant exists only as ONNX; per-block agreement needs its torch "
                            "module", path=variant.source)
@@ -415,11 +413,32 @@ def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dic
     a_out, order, a_y = _module_outputs(a_mod, xs)
     progress.update(0.15, "running the variant")
     b_out, _order, b_y = _module_outputs(b_mod, xs)
-    a_ch, b_ch = _channels(a_mod), _channels(b_mod)
     prune_steps = [i for i, s in enumerate(steps) if s.get("technique") == "prune"]
     p_step = prune_steps[-1] if prune_steps else None
+    rows = _block_rows(a_mod, b_mod, order, a_out, b_out, steps, p_step)
+    _isolated_impacts(original, a_mod, a_y, xs, steps, p_step, [r for r in rows if r["action"] is not None],
+                      progress)
+    if not rows:
+        raise TugboatError("no layer of the variant lines up with the original", path=variant.source)
+    _rank_blocks(rows)
+    if kind == "distill":
+        notes.insert(0, "a distilled student: blocks are compared where their names and shapes match "
+                        "the teacher's; the others show the channels kept")
+    else:
+        notes.insert(0, "pruned layers are ranked by the output error with only that layer pruned at "
+                        "its ratio (no fine-tuning); rows whose shapes changed show the channels kept")
+    return {"kind": kind, "method": steps[-1].get("method", "") if steps else "", "rows": rows,
+            "notes": notes, "samples": len(xs[0]), "output": {**errors(a_y, b_y), "top1_agreement": _top1(a_y, b_y)}}
+
+
+def _block_rows(a_mod, b_mod, order: list[str], a_out: dict, b_out: dict, steps: list[dict[str, Any]],
+                p_step: int | None) -> list[dict[str, Any]]:
+    """One row per block or layer both models have: the accumulated error, the channels kept and,
+    for a pruned layer, the "prune this layer less" action."""
+    a_ch, b_ch = _channels(a_mod), _channels(b_mod)
     overrides = _layer_ratios(steps, p_step) if p_step is not None else {}
     unstructured = p_step is not None and steps[p_step].get("method") == "unstructured"
+    modules = dict(b_mod.named_modules())
     rows: list[dict[str, Any]] = []
     for name in order:
         if name not in b_out:
@@ -433,22 +452,35 @@ def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dic
                                "accumulated": errors(a, b) if a.shape == b.shape else None,
                                "isolated": None, "impact": None, "action": None}
         if is_layer:
-            before, after = a_ch[name], b_ch.get(name)  # None: the variant has no such layer
-            row["channels"] = {"before": before, "after": after}
-            if after is None:
-                rows.append(row)
-                continue
-            ratio = 1.0 - after / max(1, before)
-            w = getattr(dict(b_mod.named_modules()).get(name), "weight", None)
-            if unstructured and isinstance(w, torch.Tensor) and w.numel():
-                ratio = float((w == 0).sum()) / w.numel()
-            row["ratio"] = round(overrides.get(name, ratio), 4)
-            if p_step is not None and row["ratio"] > 0.005:
-                row["action"] = {"kind": "prune_less", "label": "Prune this layer less", "step": p_step,
-                                 "layer": name, "ratio": math.floor(row["ratio"] * 50) / 100}
+            _layer_fields(row, a_ch[name], b_ch.get(name), modules.get(name), unstructured,
+                          overrides, p_step)
         rows.append(row)
-    # isolated: only this layer pruned at its ratio (no fine-tuning), the model output compared
-    todo = [r for r in rows if r["action"] is not None]
+    return rows
+
+
+def _layer_fields(row: dict[str, Any], before: int, after: int | None, module, unstructured: bool,
+                  overrides: dict[str, float], p_step: int | None) -> None:
+    import torch
+
+    row["channels"] = {"before": before, "after": after}
+    if after is None:  # the variant has no such layer
+        return
+    ratio = 1.0 - after / max(1, before)
+    w = getattr(module, "weight", None)
+    if unstructured and isinstance(w, torch.Tensor) and w.numel():
+        ratio = float((w == 0).sum()) / w.numel()
+    row["ratio"] = round(overrides.get(row["layer"], ratio), 4)
+    if p_step is not None and row["ratio"] > 0.005:
+        row["action"] = {"kind": "prune_less", "label": "Prune this layer less", "step": p_step,
+                         "layer": row["layer"], "ratio": math.floor(row["ratio"] * 50) / 100}
+
+
+def _isolated_impacts(original: ModelHandle, a_mod, a_y: np.ndarray, xs: list[np.ndarray],
+                      steps: list[dict[str, Any]], p_step: int | None, todo: list[dict[str, Any]],
+                      progress: Progress) -> None:
+    """Isolated: only this layer pruned at its ratio (no fine-tuning), the model output compared."""
+    import torch
+
     example = tuple(original.example_inputs(2))
     inputs = [torch.from_numpy(x) for x in xs]
     for k, row in enumerate(todo):
@@ -461,9 +493,9 @@ def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dic
             row["impact"] = {**errors(a_y, y), "top1_agreement": _top1(a_y, y)}
         except Exception as exc:  # e.g. a layer torch-pruning will not prune alone
             _LOG.debug("pruning %s alone failed: %s", row["layer"], exc)
-    if not rows:
-        raise TugboatError("no layer of the variant lines up with the original", path=variant.source)
 
+
+def _rank_blocks(rows: list[dict[str, Any]]) -> None:
     def severity(r: dict[str, Any]) -> tuple:
         impact = (r["impact"] or {}).get("sqnr_db")
         acc = (r["accumulated"] or {}).get("sqnr_db")
@@ -473,14 +505,6 @@ def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dic
     for i, r in enumerate(rows):
         r["rank"] = i + 1
         r["score_db"] = (r["impact"] or r["accumulated"] or {}).get("sqnr_db")
-    if kind == "distill":
-        notes.insert(0, "a distilled student: blocks are compared where their names and shapes match "
-                        "the teacher's; the others show the channels kept")
-    else:
-        notes.insert(0, "pruned layers are ranked by the output error with only that layer pruned at "
-                        "its ratio (no fine-tuning); rows whose shapes changed show the channels kept")
-    return {"kind": kind, "method": steps[-1].get("method", "") if steps else "", "rows": rows,
-            "notes": notes, "samples": len(xs[0]), "output": {**errors(a_y, b_y), "top1_agreement": _top1(a_y, b_y)}}
 
 
 # --- the entry point ------------------------------------------------------------------------------

@@ -145,40 +145,8 @@ class NumberField(QWidget):
         lo = lo - 1 if self.auto else lo
         self.lo, self.hi = lo, hi
 
-        if p.kind == "int":
-            self.spin: QAbstractSpinBox = QSpinBox()
-            self.spin.setRange(int(lo), int(min(hi, INT_MAX)))
-            if self.auto:
-                self.spin.setSpecialValueText("auto")
-        elif self.log:
-            self.spin = _LogSpinBox()
-            self.spin.setRange(lo, hi)
-        else:
-            self.spin = _ExactSpinBox(self.decimals)
-            self.spin.setRange(lo, hi)
-            self.spin.setSingleStep(self.step)
-        self.spin.setKeyboardTracking(False)  # valueChanged when a typed value is entered, not per key
-        self.spin.setAccelerated(True)
-        self.spin.setObjectName("spin")
-        self.spin.setToolTip(p.help)
-
-        self.slider: QSlider | None = None
-        if bounded:
-            self.slider = QSlider(Qt.Orientation.Horizontal)
-            self.slider.setObjectName("slider")
-            if self.log:
-                self.slider.setRange(round(math.log10(lo) * LOG_STEPS_PER_DECADE),
-                                     round(math.log10(hi) * LOG_STEPS_PER_DECADE))
-            else:
-                self.slider.setRange(0, max(1, round((hi - lo) / self.step)))
-            positions = self.slider.maximum() - self.slider.minimum()
-            self.slider.setSingleStep(1)
-            self.slider.setPageStep(max(1, round(positions / 10)))
-            self.slider.setToolTip(p.help)
-            self.slider.installEventFilter(self)
-            self.slider.valueChanged.connect(self._on_slider_value)
-            self.slider.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-            self.slider.setMinimumWidth(40)
+        self.spin = self._make_spin(p, lo, hi)
+        self.slider: QSlider | None = self._make_slider(p, lo, hi) if bounded else None
 
         lay = QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -192,6 +160,44 @@ class NumberField(QWidget):
         self.spin.valueChanged.connect(self._on_spin_value)
         self.spin.editingFinished.connect(self.committed)
         self.setValue(p.default)
+
+    def _make_spin(self, p: Param, lo: float, hi: float) -> QAbstractSpinBox:
+        spin: QAbstractSpinBox
+        if p.kind == "int":
+            spin = QSpinBox()
+            spin.setRange(int(lo), int(min(hi, INT_MAX)))
+            if self.auto:
+                spin.setSpecialValueText("auto")
+        elif self.log:
+            spin = _LogSpinBox()
+            spin.setRange(lo, hi)
+        else:
+            spin = _ExactSpinBox(self.decimals)
+            spin.setRange(lo, hi)
+            spin.setSingleStep(self.step)
+        spin.setKeyboardTracking(False)  # valueChanged when a typed value is entered, not per key
+        spin.setAccelerated(True)
+        spin.setObjectName("spin")
+        spin.setToolTip(p.help)
+        return spin
+
+    def _make_slider(self, p: Param, lo: float, hi: float) -> QSlider:
+        slider = QSlider(Qt.Orientation.Horizontal)
+        slider.setObjectName("slider")
+        if self.log:
+            slider.setRange(round(math.log10(lo) * LOG_STEPS_PER_DECADE),
+                            round(math.log10(hi) * LOG_STEPS_PER_DECADE))
+        else:
+            slider.setRange(0, max(1, round((hi - lo) / self.step)))
+        positions = slider.maximum() - slider.minimum()
+        slider.setSingleStep(1)
+        slider.setPageStep(max(1, round(positions / 10)))
+        slider.setToolTip(p.help)
+        slider.installEventFilter(self)
+        slider.valueChanged.connect(self._on_slider_value)
+        slider.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        slider.setMinimumWidth(40)
+        return slider
 
     # --- value ------------------------------------------------------------------------------------
     def value(self) -> Any:
