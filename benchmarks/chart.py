@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     import tugboat.jobs._qt_compat  # noqa: F401  (PySide6 6.12 reference fix)
-    from tugboat.engine.recipe import Variant
+    from tugboat.engine.variants import Variant
     from tugboat.ui.chart import TradeoffChart
     from tugboat.ui.store import VariantStore
 
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_estimate:
         from tugboat.engine.estimate import build_profile, estimate
         from tugboat.engine.measure import MeasureConfig, layer_table
-        from tugboat.engine.recipe import Recipe, prepare
+        from tugboat.engine.recipe import Recipe
+        from tugboat.engine.runner import prepare
 
         cfg = MeasureConfig(batch=64, threads=1, warmup=1, min_runs=3, min_seconds=0.0, max_seconds=0.2,
                             also_batch1=False, both_runtimes=False)

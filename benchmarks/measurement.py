@@ -28,7 +28,8 @@ os.environ.setdefault("TUGBOAT_CACHE_DIR", str(ROOT / ".test-home" / "cache"))
 from tugboat.engine.machine import describe, machine_info  # noqa: E402
 from tugboat.engine.measure import measure, slower_than  # noqa: E402
 from tugboat.engine.progress import null_progress  # noqa: E402
-from tugboat.engine.recipe import apply_steps, parse_recipe, prepare, validate_steps  # noqa: E402
+from tugboat.engine.recipe import parse_recipe, validate_steps  # noqa: E402
+from tugboat.engine.runner import apply_steps, prepare  # noqa: E402
 
 VARIANTS = {
     "unstructured 0.5 (same speed)": ({"technique": "prune", "method": "unstructured", "ratio": 0.5}, "same"),

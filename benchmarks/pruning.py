@@ -27,7 +27,9 @@ import torch  # noqa: E402
 from tugboat.engine import prune  # noqa: E402
 from tugboat.engine.finetune import evaluate  # noqa: E402
 from tugboat.engine.progress import null_progress  # noqa: E402
-from tugboat.engine.recipe import Variant, finish_variant, parse_recipe, prepare, variant_name  # noqa: E402
+from tugboat.engine.recipe import parse_recipe  # noqa: E402
+from tugboat.engine.runner import finish_variant, prepare  # noqa: E402
+from tugboat.engine.variants import Variant, variant_name  # noqa: E402
 
 MODELS = ("digits-cnn", "digits-mlp", "digits-resnet", "digits-vit")
 SETTINGS = (

@@ -76,7 +76,7 @@ def corpus(images: int = 0):
         return {}
     rm = _module("real_models", tool)
     from tugboat.engine.data import _make_dataset, load_data
-    from tugboat.engine.models import load_model
+    from tugboat.engine.loading import load_model
 
     out = {}
     for name, entry in rm.ENTRIES.items():

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import Recipe, prepare, run_variant, validate_steps
+from tugboat.engine.recipe import Recipe, validate_steps
+from tugboat.engine.runner import prepare, run_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = ("dynamic-int8", "static-int8", "weight-only-int8", "weight-only-int4", "fp16", "qat-int8")

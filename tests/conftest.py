@@ -58,7 +58,7 @@ def demo_data():
 @pytest.fixture(scope="session")
 def demo_models():
     """Loaded demo models by name, each loaded once per session."""
-    from tugboat.engine.models import load_model
+    from tugboat.engine.loading import load_model
 
     cache: dict[str, object] = {}
 

@@ -26,7 +26,8 @@ from tugboat.engine.export import export_variant
 from tugboat.engine.measure import MeasureConfig
 from tugboat.engine.models import ModelHandle, TensorSpec
 from tugboat.engine.progress import CancelToken, Progress
-from tugboat.engine.recipe import Recipe, load_recipe, prepare, run, run_variant
+from tugboat.engine.recipe import Recipe, load_recipe
+from tugboat.engine.runner import prepare, run, run_variant
 from tugboat.engine.sweep import run_sweep
 from tugboat.engine.workspace import Workspace
 

@@ -12,8 +12,8 @@ import pytest
 from PySide6.QtCore import QPointF, Qt
 
 from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import Variant
 from tugboat.engine.report_json import dominates, objectives
+from tugboat.engine.variants import Variant
 from tugboat.jobs import CANCELLED, DONE
 from tugboat.ui.chart import TradeoffChart
 from tugboat.ui.main_window import MainWindow
@@ -234,7 +234,7 @@ def gate(monkeypatch):
     import threading
     import time
 
-    from tugboat.engine import recipe as recipe_mod
+    from tugboat.engine import runner as recipe_mod
 
     real, opened, calls = recipe_mod.run_variant, threading.Event(), []
 

@@ -15,8 +15,9 @@ from tugboat import cli
 from tugboat.engine import errors
 from tugboat.engine.data import load_data
 from tugboat.engine.errors import TugboatError
-from tugboat.engine.models import load_model
-from tugboat.engine.recipe import Recipe, load_recipe, prepare, run
+from tugboat.engine.loading import load_model
+from tugboat.engine.recipe import Recipe, load_recipe
+from tugboat.engine.runner import prepare, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "corpus"

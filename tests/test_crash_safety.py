@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tugboat.engine.recipe import Variant
+from tugboat.engine.variants import Variant
 from tugboat.engine.workspace import Workspace
 from tugboat.settings import Settings, load_settings, save_settings
 

@@ -19,8 +19,8 @@ from tugboat.engine import diagnose as dg
 from tugboat.engine import prune, quantize
 from tugboat.engine.errors import Cancelled, TugboatError
 from tugboat.engine.progress import CancelToken, Progress, null_progress
-from tugboat.engine.recipe import Variant
 from tugboat.engine.runtime import run_onnx
+from tugboat.engine.variants import Variant
 
 CULPRIT = "features.7"
 

@@ -18,10 +18,11 @@ from tugboat.engine import distill, steps, zoo
 from tugboat.engine.data import Dataset, default_splits
 from tugboat.engine.errors import Cancelled, RecipeError, TugboatError
 from tugboat.engine.export import parity, write_onnx
+from tugboat.engine.loading import load_demo_spec, load_model, save_torchscript
 from tugboat.engine.measure import measure, quality
-from tugboat.engine.models import ModelHandle, TensorSpec, load_demo_spec, load_model, save_torchscript
+from tugboat.engine.models import ModelHandle, TensorSpec
 from tugboat.engine.progress import Progress
-from tugboat.engine.recipe import apply_steps
+from tugboat.engine.runner import apply_steps
 from tugboat.engine.students import build_student
 
 

@@ -11,7 +11,8 @@ import pytest
 from helpers import FAST
 from tugboat.engine.estimate import build_profile, estimate, estimate_errors, estimate_quality
 from tugboat.engine.measure import layer_table
-from tugboat.engine.recipe import Recipe, prepare, run_variant, validate_steps
+from tugboat.engine.recipe import Recipe, validate_steps
+from tugboat.engine.runner import prepare, run_variant
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tugboat import __version__
 from tugboat.engine.export import export_variant, provenance
 from tugboat.engine.info import model_info
-from tugboat.engine.models import load_model
+from tugboat.engine.loading import load_model
 from tugboat.engine.progress import null_progress
 from tugboat.ui.model_panel import provenance_text
 

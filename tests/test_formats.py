@@ -19,8 +19,9 @@ from helpers import FAST
 from tugboat.cli import main
 from tugboat.engine.errors import ModelLoadError, UntrustedFileError
 from tugboat.engine.info import model_info
-from tugboat.engine.models import load_model, save_exported, save_torchscript
-from tugboat.engine.recipe import parse_recipe, prepare, run_variant, validate_steps
+from tugboat.engine.loading import load_model, save_exported, save_torchscript
+from tugboat.engine.recipe import parse_recipe, validate_steps
+from tugboat.engine.runner import prepare, run_variant
 
 
 class SqueezeExcite(nn.Module):

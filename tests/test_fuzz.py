@@ -28,7 +28,7 @@ from torch import nn
 from tugboat.engine import steps as step_registry
 from tugboat.engine.data import load_data
 from tugboat.engine.errors import TugboatError
-from tugboat.engine.models import load_model
+from tugboat.engine.loading import load_model
 from tugboat.engine.recipe import load_recipe, parse_recipe
 
 CORPUS = Path(__file__).resolve().parent / "corpus"

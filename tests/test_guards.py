@@ -19,7 +19,8 @@ from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import NumericalError
 from tugboat.engine.guards import non_finite
 from tugboat.engine.progress import null_progress
-from tugboat.engine.recipe import Recipe, apply_steps, load_recipe, prepare, run_variant
+from tugboat.engine.recipe import Recipe, load_recipe
+from tugboat.engine.runner import apply_steps, prepare, run_variant
 from tugboat.engine.steps import Param, Technique
 from tugboat.engine.sweep import run_sweep
 

@@ -14,7 +14,8 @@ from PySide6.QtWidgets import QApplication, QPlainTextEdit
 
 from helpers import run_prune
 from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import Variant, load_recipe
+from tugboat.engine.recipe import load_recipe
+from tugboat.engine.variants import Variant
 from tugboat.engine.workspace import Workspace
 from tugboat.ui import theme
 from tugboat.ui.main_window import MainWindow
@@ -58,7 +59,7 @@ def onnx_run(path, x: np.ndarray) -> np.ndarray:
 def test_context_menu_export_rerun_show_recipe_delete(qtbot, window, tmp_path, demo_data):
     import torch
 
-    from tugboat.engine.models import load_model
+    from tugboat.engine.loading import load_model
 
     window.load_demo()
     wait_baseline(qtbot, window)

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tugboat.engine.recipe import Variant, settings_difference, validate_steps, variant_name
+from tugboat.engine.recipe import validate_steps
+from tugboat.engine.variants import Variant, settings_difference, variant_name
 from tugboat.jobs import JobQueue
 from tugboat.ui.jobs_view import JobsView
 from tugboat.ui.results_table import ResultsTable

@@ -12,8 +12,9 @@ import subprocess
 import pytest
 
 from tugboat.engine.lock import LOCK_FILE, FolderLock, FolderLockedError
-from tugboat.engine.recipe import Variant, parse_recipe
+from tugboat.engine.recipe import parse_recipe
 from tugboat.engine.sweep import run_sweep
+from tugboat.engine.variants import Variant
 from tugboat.engine.workspace import Workspace
 from tugboat.ui.main_window import MainWindow
 

@@ -138,7 +138,7 @@ def test_save_as_from_window_reopens_and_cli_reports_it(qtbot, tmp_path, capsys)
 def test_folder_saved_by_early_window_builds_still_opens(qtbot, tmp_path):
     """The first window builds wrote artifacts/<name>.onnx beside workspace.json (never released)."""
     from tugboat.engine.export import write_onnx
-    from tugboat.engine.models import load_model
+    from tugboat.engine.loading import load_model
 
     old = tmp_path / "old"
     (old / "artifacts").mkdir(parents=True)

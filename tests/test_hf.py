@@ -13,8 +13,9 @@ import torch
 from helpers import FAST
 from tugboat.engine.errors import ModelLoadError, UntrustedFileError
 from tugboat.engine.info import model_info
-from tugboat.engine.models import load_model
-from tugboat.engine.recipe import parse_recipe, prepare, run_variant, validate_steps
+from tugboat.engine.loading import load_model
+from tugboat.engine.recipe import parse_recipe, validate_steps
+from tugboat.engine.runner import prepare, run_variant
 from tugboat.engine.runtime import run_onnx
 
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper
 
 from tugboat.engine.errors import DataError, ModelLoadError
-from tugboat.engine.models import load_model, validate_meta
+from tugboat.engine.loading import load_model, validate_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "corpus"
@@ -53,7 +53,7 @@ def test_state_dict_with_arch_kwargs_in_its_metadata_loads():
 
 
 def test_torchscript_metadata_written_by_tugboat_still_loads(tmp_path, demo_models):
-    from tugboat.engine.models import save_torchscript
+    from tugboat.engine.loading import save_torchscript
 
     path = save_torchscript(demo_models("digits-mlp"), tmp_path / "m.pt")
     handle = load_model(path)
@@ -181,7 +181,8 @@ def test_non_utf8_file_names_give_one_clean_line(tmp_path):
 
 def test_a_fixed_batch_1_model_is_measured_at_batch_1_with_a_note(tmp_path):
     from helpers import FAST
-    from tugboat.engine.recipe import Recipe, prepare, run_variant, validate_steps
+    from tugboat.engine.recipe import Recipe, validate_steps
+    from tugboat.engine.runner import prepare, run_variant
 
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 8, 8])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])
@@ -281,7 +282,8 @@ def test_finetuning_with_batchnorm_never_trains_on_one_sample(batch_size):
 
 def test_a_prune_step_that_removes_nothing_is_named_and_warned(tmp_path):
     from helpers import FAST
-    from tugboat.engine.recipe import Recipe, prepare, run_variant, validate_steps
+    from tugboat.engine.recipe import Recipe, validate_steps
+    from tugboat.engine.runner import prepare, run_variant
 
     torch.save(_bn_mlp(), tmp_path / "bn.pt")
     rng = np.random.default_rng(0)
@@ -307,7 +309,8 @@ def test_unknown_quantize_op_types_are_refused_when_the_recipe_is_read():
 
 def test_a_quantize_step_that_quantizes_nothing_is_warned(tmp_path):
     from tugboat.engine.progress import null_progress
-    from tugboat.engine.recipe import apply_steps, validate_steps
+    from tugboat.engine.recipe import validate_steps
+    from tugboat.engine.runner import apply_steps
 
     steps = validate_steps([{"technique": "quantize", "method": "dynamic-int8", "op_types": ["LSTM"]}])
     out = apply_steps(_handle(_bn_mlp()), steps, None, null_progress())

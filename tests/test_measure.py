@@ -9,8 +9,10 @@ import torch
 
 from helpers import FAST, Wide
 from tugboat.engine.export import write_onnx
+from tugboat.engine.loading import load_model
 from tugboat.engine.measure import MeasureConfig, fidelity, measure, onnx_flops, slower_than
-from tugboat.engine.models import ModelHandle, TensorSpec, load_model, onnx_param_count
+from tugboat.engine.models import ModelHandle, TensorSpec
+from tugboat.engine.onnx_graph import onnx_param_count
 
 
 def _handle(module) -> ModelHandle:

@@ -15,8 +15,9 @@ from tugboat.cli import main
 from tugboat.engine import memory
 from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import ResourceError
-from tugboat.engine.models import load_model
-from tugboat.engine.recipe import load_recipe, prepare, run_variant
+from tugboat.engine.loading import load_model
+from tugboat.engine.recipe import load_recipe
+from tugboat.engine.runner import prepare, run_variant
 from tugboat.engine.steps import Param, Technique
 from tugboat.engine.sweep import run_sweep
 

@@ -13,14 +13,8 @@ from helpers import TokenClassifier, onnx_with_unsupported_op, outputs_of
 from tugboat.engine import zoo
 from tugboat.engine.errors import ModelLoadError, UntrustedFileError
 from tugboat.engine.export import parity, write_onnx
-from tugboat.engine.models import (
-    TensorSpec,
-    load_model,
-    save_exported,
-    save_pickle,
-    save_state_dict,
-    save_torchscript,
-)
+from tugboat.engine.loading import load_model, save_exported, save_pickle, save_state_dict, save_torchscript
+from tugboat.engine.models import TensorSpec
 from tugboat.engine.runtime import run_onnx
 
 X = torch.from_numpy(zoo.digits_arrays()[0][:16])

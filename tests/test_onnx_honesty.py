@@ -14,8 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 from tugboat.engine.data import load_data
 from tugboat.engine.errors import DataError, RecipeError
 from tugboat.engine.info import model_info
+from tugboat.engine.loading import load_model
 from tugboat.engine.measure import onnx_flops
-from tugboat.engine.models import TensorSpec, load_model, onnx_param_count
+from tugboat.engine.models import TensorSpec
+from tugboat.engine.onnx_graph import onnx_param_count
 from tugboat.engine.progress import null_progress
 from tugboat.engine.recipe import parse_recipe
 from tugboat.engine.tasks import infer_task
@@ -187,7 +189,7 @@ def test_multi_input_matched_by_name_then_position_with_a_warning(tmp_path):
 
 def test_dynamic_shapes_come_from_the_data_for_a_whole_run(tmp_path):
     """The issue's "has an unknown size in dimension 1 ... give the input shape" on a dynamic-H/W ONNX."""
-    from tugboat.engine.recipe import prepare
+    from tugboat.engine.runner import prepare
 
     _conv_net_with_constant_weights(tmp_path / "c.onnx")
     np.savez(tmp_path / "d.npz", pixels=RNG.normal(size=(10, 3, 12, 12)).astype(np.float32),
@@ -226,7 +228,8 @@ def test_constant_node_weights_become_initializers_so_tools_find_them(tmp_path):
     np.testing.assert_allclose(run_onnx(handle.to_onnx(), [x])[0], run_onnx(original, [x])[0], rtol=1e-5, atol=1e-5)
     np.savez(tmp_path / "d.npz", x=RNG.normal(size=(40, 3, 8, 8)).astype(np.float32))
     data = load_data(tmp_path / "d.npz", handle)
-    from tugboat.engine.recipe import apply_steps, validate_steps
+    from tugboat.engine.recipe import validate_steps
+    from tugboat.engine.runner import apply_steps
 
     q = apply_steps(handle, validate_steps([{"technique": "quantize", "method": "static-int8"}]), data,
                     null_progress())
@@ -278,7 +281,7 @@ def _recurrent_model(path):
 
 
 def test_recurrent_state_with_the_batch_on_axis_1_and_a_scalar_input_run(tmp_path):
-    from tugboat.engine.recipe import prepare
+    from tugboat.engine.runner import prepare
 
     _recurrent_model(tmp_path / "vad.onnx")
     handle = load_model(tmp_path / "vad.onnx")
@@ -297,7 +300,8 @@ def test_recurrent_state_with_the_batch_on_axis_1_and_a_scalar_input_run(tmp_pat
     assert base.metrics["flops"] == 8
     assert model_info(str(tmp_path / "vad.onnx"))["flops"] == 160  # without data: the larger branch
     # static int8 calibrates on batches in the model's layout too
-    from tugboat.engine.recipe import apply_steps, validate_steps
+    from tugboat.engine.recipe import validate_steps
+    from tugboat.engine.runner import apply_steps
 
     q = apply_steps(base.handle, validate_steps([{"technique": "quantize", "method": "static-int8"}]), base.data,
                     null_progress())

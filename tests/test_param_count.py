@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tugboat.engine.models import onnx_param_count
+from tugboat.engine.onnx_graph import onnx_param_count
 
 
 def _qdq_matmul(per_channel: int = 4) -> onnx.ModelProto:
@@ -48,8 +48,8 @@ def test_packed_int4_weights_count_as_weights():
 
 
 def test_layers_of_a_quantized_onnx_model_have_their_parameters(tmp_path):
+    from tugboat.engine.loading import load_model
     from tugboat.engine.measure import layer_table
-    from tugboat.engine.models import load_model
 
     path = tmp_path / "qdq.onnx"
     onnx.save(_qdq_matmul(), str(path))
@@ -62,7 +62,8 @@ def test_layers_of_a_quantized_onnx_model_have_their_parameters(tmp_path):
 
 def _variant(handle, data, **step):
     from tugboat.engine.progress import null_progress
-    from tugboat.engine.recipe import apply_steps, validate_steps
+    from tugboat.engine.recipe import validate_steps
+    from tugboat.engine.runner import apply_steps
 
     return apply_steps(handle, validate_steps([step]), data, null_progress())
 
@@ -92,13 +93,13 @@ def test_a_torch_model_is_exported_once_and_again_when_its_weights_change(demo_d
     import torch
 
     from helpers import FAST
-    from tugboat.engine import export
+    from tugboat.engine import models
+    from tugboat.engine.loading import load_model
     from tugboat.engine.measure import measure
-    from tugboat.engine.models import load_model
 
     calls = []
-    real = export.export_onnx_model
-    monkeypatch.setattr(export, "export_onnx_model", lambda h: calls.append(1) or real(h))
+    real = models.export_onnx_model
+    monkeypatch.setattr(models, "export_onnx_model", lambda h: calls.append(1) or real(h))
     handle = load_model("demo:digits-mlp")
     handle.module = copy.deepcopy(handle.module)  # edited below: never the zoo's own module
     metrics, _ = measure(handle, demo_data, FAST)  # counts, times and runs the one export

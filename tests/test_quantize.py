@@ -15,12 +15,14 @@ import torch
 
 from tugboat.engine import steps
 from tugboat.engine.errors import Cancelled, RecipeError, TugboatError
+from tugboat.engine.loading import load_demo_spec, load_model, save_torchscript
 from tugboat.engine.measure import MeasureConfig, measure
-from tugboat.engine.models import load_demo_spec, load_model, save_torchscript
 from tugboat.engine.progress import CancelToken, Progress
 from tugboat.engine.quantize import layer_of, layer_sensitivity
-from tugboat.engine.recipe import Baseline, Recipe, prepare, run_variant, validate_steps
+from tugboat.engine.recipe import Recipe, validate_steps
+from tugboat.engine.runner import prepare, run_variant
 from tugboat.engine.runtime import run_onnx, run_torch
+from tugboat.engine.variants import Baseline
 
 FAST = MeasureConfig(batch=64, min_runs=5, min_seconds=0.05, also_batch1=False, both_runtimes=False)
 BOTH = MeasureConfig(batch=64, min_runs=5, min_seconds=0.05, also_batch1=False, both_runtimes=True)

@@ -78,8 +78,8 @@ def _cases():
 def test_info_on_every_real_model_shows_params_flops_and_task(name):
     from tugboat.engine.data import load_data
     from tugboat.engine.info import model_info
+    from tugboat.engine.loading import load_model
     from tugboat.engine.measure import input_shapes, onnx_flops
-    from tugboat.engine.models import load_model
 
     rm = real_model(name)
     trusted = bool(rm.arch and ":" in rm.arch)  # the architecture file is the corpus tool's own code
@@ -101,7 +101,7 @@ def test_quantizing_leaves_no_files_in_the_working_folder(tmp_path, monkeypatch)
     """ONNX Runtime's symbolic shape inference dumps a model and its external data (uuid.data) into the
     current folder when it cannot infer every shape (it cannot on the OCR text detector)."""
     from tugboat.engine import quantize
-    from tugboat.engine.models import load_model
+    from tugboat.engine.loading import load_model
 
     rm = real_model("ocr-det")
     model = load_model(rm.model).onnx_model

@@ -13,8 +13,9 @@ from tugboat.cli import main
 from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import Cancelled, RecipeError
 from tugboat.engine.progress import Progress
-from tugboat.engine.recipe import load_recipe, parse_recipe, prepare, run_variant
+from tugboat.engine.recipe import load_recipe, parse_recipe
 from tugboat.engine.report_json import quality_of
+from tugboat.engine.runner import prepare, run_variant
 from tugboat.engine.sweep import PrefixCache, grid, plan, run_sweep
 from tugboat.engine.workspace import Workspace
 

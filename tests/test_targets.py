@@ -16,7 +16,8 @@ from tugboat.engine import runtimes
 from tugboat.engine.errors import Cancelled, RecipeError, TugboatError
 from tugboat.engine.measure import MeasureConfig
 from tugboat.engine.progress import CancelToken, Progress
-from tugboat.engine.recipe import Recipe, parse_recipe, prepare, run_variant, validate_steps
+from tugboat.engine.recipe import Recipe, parse_recipe, validate_steps
+from tugboat.engine.runner import prepare, run_variant
 from tugboat.engine.runtime import run_onnx
 from tugboat.engine.targets import TARGETS, export_target
 

@@ -17,7 +17,8 @@ from sweep_support import report_schema
 from tugboat.cli import main
 from tugboat.engine.machine import advice, describe, machine_info
 from tugboat.engine.measure import is_timing_warning, measure, speedup_interval
-from tugboat.engine.recipe import judge_timing, parse_recipe, prepare, run, run_variant, validate_steps
+from tugboat.engine.recipe import parse_recipe, validate_steps
+from tugboat.engine.runner import judge_timing, prepare, run, run_variant
 
 # small budgets: the demo CNN at batch 32 runs in about a millisecond
 MEASURE = {"batch": 32, "threads": 1, "warmup": 2, "min_runs": 5, "min_seconds": 0.1, "max_seconds": 0.4,
@@ -265,8 +266,8 @@ def test_fewer_flops_but_no_speed_up_is_a_warning_with_a_cause():
 
 def test_a_noisy_original_timing_is_flagged_and_cleared_by_remeasure():
     from tugboat.engine.measure import own_timing_warnings
-    from tugboat.engine.recipe import Variant
     from tugboat.engine.remeasure import remeasure
+    from tugboat.engine.variants import Variant
 
     noisy = {"latency_ms": {"median": 13.7, "p90": 14.2 * 7, "spread": 7.1, "load": 3.5, "noisy": True}}
     warning = own_timing_warnings(noisy)

@@ -16,8 +16,8 @@ import onnx
 import pytest
 
 from sweep_support import report_schema, write_recipe
-from tugboat.engine.recipe import Variant
 from tugboat.engine.runtime import run_onnx
+from tugboat.engine.variants import Variant
 from tugboat.engine.workspace import Workspace, WorkspaceError
 
 ROOT = Path(__file__).resolve().parents[1]

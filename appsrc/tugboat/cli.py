@@ -72,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quit-after", type=float, metavar="SECONDS",
                         help="quit the app after SECONDS (smoke tests)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_info(sub)
+    _add_run_and_sweep(sub)
+    _add_export_report_remeasure(sub)
+    return parser
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a model: format, inputs/outputs, params, size, FLOPs, layers",
                        description="Describe a model file or demo:NAME.")
     p.add_argument("model", nargs="?", help="model file (.onnx, .pt, .pth, .pt2, .safetensors), a Hugging Face model "
@@ -87,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data (.npz, folder, demo:NAME): sizes for dynamic inputs, labels for the task")
     p.add_argument("--task", choices=TASKS, help="override the task inferred from the model's outputs")
 
+
+def _add_run_and_sweep(sub) -> None:
     p = sub.add_parser("run", help="run a recipe: measure the baseline, apply the steps, write report.json",
                        description="Run a recipe file (TOML). Without steps it measures the baseline.")
     p.add_argument("recipe", help="recipe file (.toml)")
@@ -115,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_arch_args(p, recipe=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
+
+def _add_export_report_remeasure(sub) -> None:
     p = sub.add_parser("export", help="export a variant for a runtime: onnx, ort (ONNX Runtime Mobile), "
                        "pte (ExecuTorch, XNNPACK), openvino (IR)",
                        description="Export a variant of a workspace or tugboat run folder; the file is loaded "
@@ -139,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", help="workspace folder (written by tugboat sweep or the window)")
     p.add_argument("variants", nargs="*", metavar="VARIANT", help="variant names (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    return parser
 
 
 COMMANDS = ("info", "run", "sweep", "export", "report", "remeasure")
@@ -340,7 +349,8 @@ def cmd_info(args) -> int:
 
 def cmd_run(args) -> int:
     from .engine.progress import Progress
-    from .engine.recipe import load_recipe, run
+    from .engine.recipe import load_recipe
+    from .engine.runner import run
 
     recipe = load_recipe(args.recipe)
     print_notes(recipe)

@@ -536,7 +536,7 @@ def diagnose(original: ModelHandle, variant: ModelHandle, data: Dataset | None, 
         q_index = max(i for i, s in enumerate(steps) if s.get("technique") == "quantize")
         if reference is None and q_index > 0:
             # the float model the quantizer saw is not kept: rebuild it from the steps before
-            from .recipe import apply_steps
+            from .runner import apply_steps
 
             reference = apply_steps(original, steps[:q_index], data, progress.sub(0.0, 0.4, "rebuilding: "),
                                     guard=False)

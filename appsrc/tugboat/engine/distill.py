@@ -175,7 +175,7 @@ def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out
         if not ref:
             raise TugboatError("student = \"file\" needs student_file (the student model's path)")
         from .errors import TRUST_OPTION, UntrustedFileError
-        from .models import load_model
+        from .loading import load_model
 
         try:  # trust is this run's decision (tugboat run/sweep --trust), never a recipe value
             loaded = load_model(ref, trust=bool(params.get("trust", False)))

@@ -82,3 +82,9 @@ class DeviceError(TugboatError):
 
 class Cancelled(Exception):  # noqa: N818 - reads better at call sites than CancelledError
     """Raised inside a job when the user asked it to stop."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one line of at most ``limit`` characters (a Tugboat error by its message)."""
+    text = exc.message if isinstance(exc, TugboatError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(str(text).split())[:limit]

@@ -3,54 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
-import warnings
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 
 from .errors import ModelLoadError, TugboatError
-from .models import ONNX_OPSET, ModelHandle
-from .runtime import eval_mode
+from .models import ModelHandle
 from .stored import atomic_write_bytes, recipe_dict_to_toml, replace_with, temp_file_beside, without_trust
-
-
-def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
-    """Export the handle's torch module with a dynamic batch dimension.
-
-    The legacy TorchScript-based exporter is used on purpose: 0.05 s instead of 1-2.5 s for the
-    dynamo exporter, a single self-contained file, and graphs onnx2torch can read back.
-    """
-    module = handle.torch_module()
-    args = tuple(handle.example_inputs(2))
-    dynamic = {n: {0: "batch"} for n in handle.input_names + handle.output_names}
-    for name, dims in (handle.info.get("dynamic_dims") or {}).items():  # e.g. a text model's sequence
-        if name in dynamic:
-            dynamic[name].update({int(axis): label for axis, label in dims.items()})
-    buf = io.BytesIO()
-    was_training = module.training
-    eval_mode(module)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, args, buf, dynamo=False, opset_version=ONNX_OPSET,
-                input_names=handle.input_names, output_names=handle.output_names,
-                dynamic_axes=dynamic, do_constant_folding=True,
-            )
-    except Exception as exc:
-        raise TugboatError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}",
-                           path=handle.source) from None
-    finally:
-        eval_mode(module, was_training)
-    model = onnx.load_from_string(buf.getvalue())
-    meta = model.metadata_props.add()
-    meta.key, meta.value = "tugboat", json.dumps(handle.spec_dict())
-    return model
 
 
 def onnx_bytes(model: onnx.ModelProto) -> bytes:
@@ -180,32 +143,7 @@ def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: Mode
 
     def work() -> None:
         try:
-            if kind == "recipe":
-                tmp.write_bytes(recipe_dict_to_toml(recipe or {}).encode("utf-8"))
-            elif kind == "copy":
-                if source is None or not Path(source).is_file():
-                    raise TugboatError("the saved model file is missing", path=str(source))
-                import shutil
-
-                if path.suffix.lower() == ".onnx":  # a saved variant: cleaned and labelled on the way
-                    tmp.write_bytes(onnx_bytes(for_export(onnx.load(str(source)), recipe)))
-                else:
-                    shutil.copyfile(source, tmp)
-            elif handle is None:
-                raise TugboatError("this variant has no model in memory; re-run it first")
-            elif kind == "onnx":
-                model = for_export(handle.to_onnx(), recipe, handle)
-                check_onnx(model, handle.source)
-                tmp.write_bytes(onnx_bytes(model))
-            else:
-                from .models import save_exported, save_torchscript
-
-                if handle.module is None:
-                    raise TugboatError("this variant exists only as ONNX; export it as ONNX", path=handle.source)
-                try:
-                    save_exported(handle, tmp)
-                except Exception:  # torch.export cannot trace every model: TorchScript next
-                    save_torchscript(handle, tmp)
+            _write_export(kind, tmp, path, handle=handle, recipe=recipe, source=source)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             if progress.cancelled:  # abandoned by a cancel: leave nothing behind
@@ -226,3 +164,32 @@ def export_variant(path: str | os.PathLike, kind: str, progress, *, handle: Mode
         raise
     progress.update(1.0, f"exported {path.name}")
     return path
+
+
+def _write_export(kind: str, tmp: Path, path: Path, *, handle: ModelHandle | None, recipe: dict | None,
+                  source: str | os.PathLike | None) -> None:
+    """Write one :data:`EXPORT_KINDS` file to ``tmp`` (renamed to ``path`` by the caller)."""
+    if kind == "recipe":
+        tmp.write_bytes(recipe_dict_to_toml(recipe or {}).encode("utf-8"))
+    elif kind == "copy":
+        if source is None or not Path(source).is_file():
+            raise TugboatError("the saved model file is missing", path=str(source))
+        if path.suffix.lower() == ".onnx":  # a saved variant: cleaned and labelled on the way
+            tmp.write_bytes(onnx_bytes(for_export(onnx.load(str(source)), recipe)))
+        else:
+            shutil.copyfile(source, tmp)
+    elif handle is None:
+        raise TugboatError("this variant has no model in memory; re-run it first")
+    elif kind == "onnx":
+        model = for_export(handle.to_onnx(), recipe, handle)
+        check_onnx(model, handle.source)
+        tmp.write_bytes(onnx_bytes(model))
+    else:
+        from .loading import save_exported, save_torchscript
+
+        if handle.module is None:
+            raise TugboatError("this variant exists only as ONNX; export it as ONNX", path=handle.source)
+        try:
+            save_exported(handle, tmp)
+        except Exception:  # torch.export cannot trace every model: TorchScript next
+            save_torchscript(handle, tmp)

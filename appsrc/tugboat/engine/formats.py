@@ -276,7 +276,7 @@ def make_editable(handle: ModelHandle) -> ModelHandle:
         handle.warnings.append(f"runs in torch only: {why}")
         return handle
     if specialised:
-        from .models import lift_constant_weights
+        from .onnx_graph import lift_constant_weights
 
         lift_constant_weights(model)  # the frozen weights are Constant nodes: onnx2torch needs initializers
     _check_other_batch(handle, model)
@@ -531,15 +531,6 @@ def _take_constants(handle: ModelHandle, arrays: dict[str, np.ndarray], ref) -> 
         found[name] = values.item()
     handle.info["data_constants"] = found
     return arrays
-
-
-def require_shapes(handle: ModelHandle) -> None:
-    if handle.pending is not None:
-        raise ModelLoadError(
-            f"the input shape of {', '.join(handle.input_names)} is not recorded in this {handle.format} "
-            "file, so it cannot be run", path=handle.source,
-            hint="give data (a .npz with arrays for the inputs), or input_shape = [...] in the recipe "
-                 "(--input-shape for tugboat info)")
 
 
 # --- architecture from the user's code -------------------------------------------------------------

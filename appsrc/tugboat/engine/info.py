@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .capabilities import capabilities
+from .loading import load_model
 from .measure import input_shapes, layer_table, one_sample, onnx_flops, size_metrics, unknown_input_dims
-from .models import load_model
 from .tasks import set_task
 
 

@@ -23,10 +23,21 @@ import onnx
 import torch
 
 from .devices import resolve as resolve_device
-from .errors import ModelLoadError, NumericalError, TugboatError
+from .errors import ModelLoadError, TugboatError
 from .models import ModelHandle
 from .progress import Progress, null_progress
 from .runtime import _cast, eval_mode, fixed_batch, ort_device, ort_session, predict, shared_session, torch_threads
+from .timing import (
+    NOISY_SPREAD,
+    check_finite,
+    fidelity,
+    machine_load,
+    model_inputs,
+    p90,
+    spread,
+    summary,
+    time_loop,
+)
 
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -496,14 +507,14 @@ def _module_flops(handle: ModelHandle, onnx_rows: list[dict[str, Any]]) -> dict[
 
 def _onnx_layer_rows(handle: ModelHandle, model: onnx.ModelProto) -> list[dict[str, Any]]:
     """Rows of the graph's nodes with FLOPs or weights; every counted weight tensor
-    (:func:`~tugboat.engine.models.onnx_param_tensors`) goes to the first node that uses it, seen
+    (:func:`~tugboat.engine.onnx_graph.onnx_param_tensors`) goes to the first node that uses it, seen
     through DequantizeLinear / Cast (a quantized or fp16 variant's layers have their parameters),
     and to that node's layer row when the layer has one already (a Linear's MatMul and its bias Add)."""
-    from .models import onnx_param_tensors
     from .names import layer_key
+    from .onnx_graph import graph_nodes, onnx_param_tensors
 
     _, nodes = onnx_flops(model, input_shapes=input_shapes(handle))
-    all_nodes = list(_all_nodes(model.graph))
+    all_nodes = list(graph_nodes(model.graph))
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in all_nodes:
         for i in n.input:
@@ -537,17 +548,6 @@ def _onnx_layer_rows(handle: ModelHandle, model: onnx.ModelProto) -> list[dict[s
     return [r for r in rows if r["params"] or r["flops"]]
 
 
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_nodes(g)
-
-
 # --- latency -----------------------------------------------------------------------------------
 #
 # A variant is timed *paired* with the baseline: alternating blocks of runs (variant then baseline,
@@ -567,80 +567,6 @@ def is_timing_warning(text: str) -> bool:
     """Warnings :func:`slower_than` and :func:`flops_promise` write (replaced, not added to, when a
     variant is re-measured)."""
     return text.startswith((SLOWER_PREFIX, NOISY_PREFIX, FLOPS_PREFIX))
-
-
-def machine_load() -> float | None:
-    """The 1-minute load average (runnable processes), or None where the OS has none."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def _time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None) -> tuple[list[float], bool]:
-    """Times of ``fn`` after warm-up (itself capped by time); a noisy series (p90 over 1.5x the
-    median) is extended up to ``cfg.noisy_seconds``. Returns (times in ms, extended)."""
-    # a cancel is checked before every run (a token read costs nanoseconds; one run of a large
-    # model at batch 64 can take a second)
-    warm_until = time.perf_counter() + max(cfg.max_seconds / 2, 0.05)
-    for _ in range(cfg.warmup):
-        if progress is not None:
-            progress.check()
-        fn()
-        if time.perf_counter() > warm_until:
-            break
-    times: list[float] = []
-    extended = False
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000.0)
-        elapsed = time.perf_counter() - start
-        if (len(times) >= cfg.min_runs and elapsed >= cfg.min_seconds) or elapsed >= cfg.max_seconds:
-            if elapsed >= cfg.noisy_seconds or _spread(times) <= NOISY_SPREAD or len(times) < 3:
-                break
-            extended = True
-        if progress is not None:
-            progress.check()
-    return times, extended
-
-
-NOISY_SPREAD = 1.5  # p90 / median of one series above this: the machine was busy
-
-
-def _p90(times: list[float]) -> float:
-    ordered = sorted(times)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-
-
-def _spread(times: list[float]) -> float:
-    med = statistics.median(times)
-    return _p90(times) / med if med > 0 else 1.0
-
-
-def _summary(times: list[float], batch: int, threads: int, runtime: str) -> dict[str, Any]:
-    med = statistics.median(times)
-    return {"median": round(med, 4), "p90": round(_p90(times), 4), "batch": batch,
-            "threads": threads, "runtime": runtime, "device": "cpu", "runs": len(times),
-            "spread": round(_spread(times), 3)}
-
-
-def batch_inputs(handle: ModelHandle, batch: int, samples: dict[str, np.ndarray] | None) -> list[np.ndarray]:
-    """A batch of real samples when there are any (repeated to fill), random ones otherwise."""
-    if samples:
-        out = []
-        for name in handle.input_names:
-            arr = samples[name]
-            reps = int(np.ceil(batch / len(arr)))
-            out.append(np.ascontiguousarray(np.concatenate([arr] * reps)[:batch]))
-        return out
-    return [t.numpy() for t in handle.example_inputs(batch)]
-
-
-def model_inputs(handle: ModelHandle, batch: int, samples: dict[str, np.ndarray] | None) -> list[np.ndarray]:
-    """:func:`batch_inputs` in the model's own layout (a recurrent state's batch axis, a scalar)."""
-    return [spec.to_model(a) for spec, a in zip(handle.inputs, batch_inputs(handle, batch, samples))]
 
 
 def _onnx_runner(sess, inputs: list[np.ndarray]):
@@ -690,7 +616,7 @@ def _timing(runtime: str, threads: int):
 
 def _measured(times: list[float], inputs: list[np.ndarray], cfg: MeasureConfig, runtime: str,
               load: float | None, extended: bool) -> dict[str, Any]:
-    out = _summary(times, len(inputs[0]), cfg.threads, runtime)
+    out = summary(times, len(inputs[0]), cfg.threads, runtime)
     out["load"] = _max_load(load, machine_load())
     out["noisy"] = out["spread"] > NOISY_SPREAD
     if extended:
@@ -707,7 +633,7 @@ def latency_onnx(model: onnx.ModelProto | bytes, inputs: list[np.ndarray], cfg: 
                  progress: Progress | None = None, session=None) -> dict[str, Any]:
     sess = session or ort_session(model, cfg.threads)
     load = machine_load()
-    times, extended = _time_loop(_onnx_runner(sess, inputs), cfg, progress)
+    times, extended = time_loop(_onnx_runner(sess, inputs), cfg, progress)
     return _measured(times, inputs, cfg, "onnxruntime", load, extended)
 
 
@@ -716,7 +642,7 @@ def latency_torch(module: torch.nn.Module, inputs: list[np.ndarray], cfg: Measur
     load = machine_load()
     run = _torch_runner(module, inputs, cfg.device)
     with _timing("torch", cfg.threads):
-        times, extended = _time_loop(run, cfg, progress)
+        times, extended = time_loop(run, cfg, progress)
     return _measured(times, inputs, cfg, "torch", load, extended)
 
 
@@ -782,7 +708,27 @@ def latency_paired(variant_run, base_run, inputs: list[np.ndarray], cfg: Measure
     "baseline_p90", "width", "noisy", ...}`` (speed-up > 1: the variant is faster)."""
     load0 = machine_load()
     t0 = time.perf_counter()
-    warm_until = t0 + max(cfg.max_seconds / 2, 0.05)
+    k = _runs_per_block(variant_run, base_run, cfg, progress)
+    v_times, b_times, ratios, extended = _paired_blocks(variant_run, base_run, k, cfg, progress)
+    med, lo, hi = speedup_interval(ratios, cfg.confidence, cfg.systematic)
+    width = hi / lo - 1
+    out = _measured(v_times, inputs, cfg, runtime, load0, False)
+    out["speedup"] = {
+        "median": round(med, 4), "low": round(lo, 4), "high": round(hi, 4), "blocks": len(ratios),
+        "runs_per_block": k, "confidence": cfg.confidence,
+        "baseline_median": round(statistics.median(b_times), 4), "baseline_p90": round(p90(b_times), 4),
+        "baseline_spread": round(spread(b_times), 3), "width": round(width, 4),
+        "noisy": bool(width > cfg.max_width or len(ratios) < 3), "extended": extended,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    out["noisy"] = out["speedup"]["noisy"]
+    out["paired"] = True
+    return out
+
+
+def _runs_per_block(variant_run, base_run, cfg: MeasureConfig, progress: Progress | None) -> int:
+    """Warm both models up and size a block (runs of one model in a row) to ``cfg.block_seconds``."""
+    warm_until = time.perf_counter() + max(cfg.max_seconds / 2, 0.05)
     # each model's time per run: its fastest warm-up run after the cold first one (a run caught by
     # a time slice of another process would make the blocks too short to filter such runs out)
     fastest = {True: float("inf"), False: float("inf")}
@@ -797,14 +743,20 @@ def latency_paired(variant_run, base_run, inputs: list[np.ndarray], cfg: Measure
         if i and time.perf_counter() > warm_until:
             break
     per_run = max(fastest.values())
-    k = int(min(64, max(1, cfg.block_seconds / max(per_run, 1e-6))))
+    return int(min(64, max(1, cfg.block_seconds / max(per_run, 1e-6))))
+
+
+def _paired_blocks(variant_run, base_run, k: int, cfg: MeasureConfig, progress: Progress | None
+                   ) -> tuple[list[float], list[float], list[float], bool]:
+    """Alternating blocks of ``k`` runs until the speed-up interval is narrow enough (or the noisy
+    budget is spent): (variant times, baseline times, block ratios, extended)."""
     v_times: list[float] = []
     b_times: list[float] = []
     ratios: list[float] = []
     start = time.perf_counter()
     extended = False
+    pair = ((variant_run, True), (base_run, False))
     while True:
-        pair = ((variant_run, True), (base_run, False))
         block: dict[bool, list[float]] = {True: [], False: []}
         for fn, is_variant in (pair if len(ratios) % 2 == 0 else pair[::-1]):
             for _ in range(k):
@@ -821,24 +773,10 @@ def latency_paired(variant_run, base_run, inputs: list[np.ndarray], cfg: Measure
         if n >= cfg.min_blocks and elapsed >= cfg.min_seconds and n * k >= cfg.min_runs:
             interval = speedup_interval(ratios, cfg.confidence, cfg.systematic)
             if interval[2] / interval[1] - 1 <= cfg.max_width or elapsed >= cfg.noisy_seconds:
-                break
+                return v_times, b_times, ratios, extended
             extended = True  # too wide to decide yet: more blocks, up to the noisy budget
         elif elapsed >= cfg.noisy_seconds and n >= 3:
-            break
-    med, lo, hi = speedup_interval(ratios, cfg.confidence, cfg.systematic)
-    width = hi / lo - 1
-    out = _measured(v_times, inputs, cfg, runtime, load0, False)
-    out["speedup"] = {
-        "median": round(med, 4), "low": round(lo, 4), "high": round(hi, 4), "blocks": len(ratios),
-        "runs_per_block": k, "confidence": cfg.confidence,
-        "baseline_median": round(statistics.median(b_times), 4), "baseline_p90": round(_p90(b_times), 4),
-        "baseline_spread": round(_spread(b_times), 3), "width": round(width, 4),
-        "noisy": bool(width > cfg.max_width or len(ratios) < 3), "extended": extended,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    out["noisy"] = out["speedup"]["noisy"]
-    out["paired"] = True
-    return out
+            return v_times, b_times, ratios, extended
 
 
 def chosen_runtime(cfg: MeasureConfig, handle: ModelHandle) -> str:
@@ -901,28 +839,6 @@ def latency_all(handle: ModelHandle, cfg: MeasureConfig, samples=None,
 
 
 # --- quality -----------------------------------------------------------------------------------
-
-def check_finite(outputs: list[np.ndarray], where: str, context: str = "") -> None:
-    for i, o in enumerate(outputs):
-        if o.dtype.kind == "f" and not np.all(np.isfinite(o)):
-            bad = int(np.count_nonzero(~np.isfinite(o)))
-            nan = int(np.count_nonzero(np.isnan(o)))
-            kinds = "NaN" if nan == bad else "Inf" if nan == 0 else f"{nan} NaN, {bad - nan} Inf"
-            raise NumericalError(f"output {i} has {bad} NaN/Inf values out of {o.size} ({kinds})"
-                                 + (f" {context}" if context else ""), path=where)
-
-
-def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray] | None,
-             classification: bool = True) -> dict[str, float | None]:
-    if reference is None:
-        return {"top1_agreement": 1.0 if classification else None, "cosine": 1.0, "rel_error": 0.0}
-    y = outputs[0].astype(np.float64).reshape(len(outputs[0]), -1)
-    y0 = reference[0].astype(np.float64).reshape(len(reference[0]), -1)
-    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(y0, axis=1)
-    cos = np.sum(y * y0, axis=1) / np.maximum(norms, 1e-12)
-    rel = float(np.linalg.norm(y - y0) / max(np.linalg.norm(y0), 1e-12))
-    top1 = float(np.mean(y.argmax(1) == y0.argmax(1))) if classification else None
-    return {"top1_agreement": top1, "cosine": float(np.clip(cos.mean(), -1, 1)), "rel_error": rel}
 
 
 def quality(handle: ModelHandle, data, reference: list[np.ndarray] | None, runtime: str,

@@ -646,7 +646,7 @@ def _remove_symbolic_shape_dump(since: float) -> None:
     try:
         if not dump.is_file() or dump.stat().st_mtime < since - 1:
             return
-        from .models import _all_tensors
+        from .onnx_graph import all_tensors as _all_tensors
 
         dumped = onnx.load(str(dump), load_external_data=False)
         files = {e.value for t in _all_tensors(dumped) for e in t.external_data if e.key == "location"}

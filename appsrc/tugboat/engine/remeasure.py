@@ -25,7 +25,8 @@ from .measure import (
 )
 from .models import ModelHandle
 from .progress import Progress, null_progress
-from .recipe import Variant, judge_timing
+from .runner import judge_timing
+from .variants import Variant
 
 
 def measure_config(saved: dict[str, Any] | None) -> MeasureConfig:
@@ -85,7 +86,7 @@ def remeasure_workspace(path: str | os.PathLike, names: list[str] | None = None,
 
 def _remeasure_open(ws, path, names: list[str] | None, progress: Progress) -> dict[str, dict[str, Any]]:
     from .data import load_data
-    from .models import load_model
+    from .loading import load_model
 
     if ws.baseline is None or not ws.baseline.metrics:
         raise TugboatError("has no measured baseline to compare with", path=str(path))

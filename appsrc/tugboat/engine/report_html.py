@@ -17,7 +17,7 @@ from typing import Any
 
 from .formatting import fmt_bytes
 from .report_json import pareto_labels, quality_of
-from .stored import atomic_write_bytes
+from .stored import atomic_write_bytes, recipe_dict_to_toml
 
 COLUMNS = ["name", "pareto", "status", "size_bytes", "compressed_bytes", "params", "nonzero_params", "flops",
            "latency_median_ms", "latency_p90_ms", "latency_batch", "latency_runtime", "latency_device",
@@ -71,9 +71,7 @@ def _num(x, fmt: str) -> str:
 
 def _recipe_text(recipe: dict[str, Any]) -> str:
     try:
-        from .recipe import recipe_to_toml
-
-        return recipe_to_toml(recipe)
+        return recipe_dict_to_toml(recipe)
     except Exception:
         import json
 
@@ -97,10 +95,27 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
     """The whole report as one HTML string (chart embedded, no external files)."""
     esc = html.escape
     title = title or f"Tugboat report: {report.get('model', '')}"
-    base_q = quality_of((report.get("baseline") or {}).get("metrics") or {})
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-           f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
-           f"<p>Model <code>{esc(str(report.get('model', '')))}</code>, data "
+           f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>", *_html_intro(report),
+           "<h2>Trade-off</h2>"]
+    if chart_png:
+        b64 = base64.b64encode(chart_png).decode("ascii")
+        out.append(f"<img alt='quality against latency and size, one point per variant' "
+                   f"src='data:image/png;base64,{b64}'>")
+    else:
+        out.append(f"<p class='muted'>No chart: {esc(chart_note or 'the chart renderer is not available')}.</p>")
+    out += _html_table(report)
+    out.append("<h2>Recipes and warnings</h2>")
+    out += _html_details(report)
+    out.append("<p class='muted'>Written by Tugboat. Re-run any variant with "
+               "<code>tugboat run recipe.toml --out DIR</code> using its recipe above.</p></body></html>")
+    return "\n".join(out)
+
+
+def _html_intro(report: dict[str, Any]) -> list[str]:
+    """What was measured, how, on which machine, and the target search's outcome."""
+    esc = html.escape
+    out = [f"<p>Model <code>{esc(str(report.get('model', '')))}</code>, data "
            f"<code>{esc(str(report.get('data', '') or '(none: fidelity to the original)'))}</code>. "
            f"{len(report.get('variants') or [])} variant(s)"
            + (f", {len(report['failed'])} failed" if report.get("failed") else "") + ".</p>"]
@@ -124,38 +139,44 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
                    f"{len(target.get('tried') or [])} variant(s) tried, "
                    f"{len(target.get('within_tolerance') or [])} within tolerance; best: "
                    + (f"<b>{esc(best)}</b>" if best else "none") + ".</p>")
-    out.append("<h2>Trade-off</h2>")
-    if chart_png:
-        b64 = base64.b64encode(chart_png).decode("ascii")
-        out.append(f"<img alt='quality against latency and size, one point per variant' "
-                   f"src='data:image/png;base64,{b64}'>")
-    else:
-        out.append(f"<p class='muted'>No chart: {esc(chart_note or 'the chart renderer is not available')}.</p>")
-    out.append("<h2>Variants</h2><table><tr><th>variant</th><th>size</th><th>deflated</th><th>params</th>"
-               "<th>latency (ms)</th><th>p90 (ms)</th><th>speed-up [95%]</th><th>accuracy</th><th>agreement</th>"
-               "<th>&Delta; quality</th><th>job (s)</th></tr>")
+    return out
+
+
+def _html_table(report: dict[str, Any]) -> list[str]:
+    """The variants table: one row a variant, the Pareto front starred, failures with their reason."""
+    esc = html.escape
+    base_q = quality_of((report.get("baseline") or {}).get("metrics") or {})
+    out = ["<h2>Variants</h2><table><tr><th>variant</th><th>size</th><th>deflated</th><th>params</th>"
+           "<th>latency (ms)</th><th>p90 (ms)</th><th>speed-up [95%]</th><th>accuracy</th><th>agreement</th>"
+           "<th>&Delta; quality</th><th>job (s)</th></tr>"]
     labels = pareto_labels(report)
     for r in rows(report):
-        q = r["accuracy"] if r["accuracy"] is not None else r["top1_agreement"]
-        dq = "-" if q is None or base_q is None else f"{(q - base_q) * 100:+.2f} pt"
-        cls = "pareto" if r["pareto"] else ("failed" if r["status"] != "ok" else "")
-        star = (f" <span class='star'>&#9733;&nbsp;{esc(labels[r['name']])}</span>"
-                if r["pareto"] and r["name"] != "baseline" else
-                (" <span class='star'>&#9733;</span>" if r["pareto"] else ""))
         if r["status"] != "ok":
             out.append(f"<tr class='failed'><td>{esc(r['name'])}</td><td colspan='10' class='err'>"
                        f"{esc(r['status'])}: {esc(r['error'])}</td></tr>")
             continue
+        q = r["accuracy"] if r["accuracy"] is not None else r["top1_agreement"]
+        dq = "-" if q is None or base_q is None else f"{(q - base_q) * 100:+.2f} pt"
+        star = (f" <span class='star'>&#9733;&nbsp;{esc(labels[r['name']])}</span>"
+                if r["pareto"] and r["name"] != "baseline" else
+                (" <span class='star'>&#9733;</span>" if r["pareto"] else ""))
         out.append(
-            f"<tr class='{cls}'><td>{esc(r['name'])}{star}</td><td>{fmt_bytes(r['size_bytes'])}</td>"
+            f"<tr class='{'pareto' if r['pareto'] else ''}'><td>{esc(r['name'])}{star}</td>"
+            f"<td>{fmt_bytes(r['size_bytes'])}</td>"
             f"<td>{fmt_bytes(r['compressed_bytes'])}</td><td>{_num(r['params'], ',')}</td>"
             f"<td>{_num(r['latency_median_ms'], '.3f')}</td><td>{_num(r['latency_p90_ms'], '.3f')}</td>"
             f"<td>{_speedup_cell(r)}</td>"
             f"<td>{_num(r['accuracy'], '.2%')}</td><td>{_num(r['top1_agreement'], '.3f')}</td>"
             f"<td>{dq}</td><td>{_num(r['seconds'], '.1f')}</td></tr>")
-    out.append("</table><h2>Recipes and warnings</h2>")
-    entries = list(report.get("variants") or []) + list(report.get("failed") or [])
-    for e in entries:
+    out.append("</table>")
+    return out
+
+
+def _html_details(report: dict[str, Any]) -> list[str]:
+    """Each variant's warnings, error, artifact and recipe, folded unless there is something to see."""
+    esc = html.escape
+    out = []
+    for e in list(report.get("variants") or []) + list(report.get("failed") or []):
         warns = e.get("warnings") or []
         out.append(f"<details{' open' if warns or e.get('error') else ''}><summary><b>{esc(e.get('name', ''))}</b>"
                    + (f" &mdash; <span class='warn'>{len(warns)} warning(s)</span>" if warns else "")
@@ -168,9 +189,7 @@ def render_html(report: dict[str, Any], chart_png: bytes | None = None, *, title
         if art:
             out.append(f"<p class='muted'>artifact: <code>{esc(art)}</code></p>")
         out.append(f"<pre>{esc(_recipe_text(e.get('recipe') or {}), quote=False)}</pre></details>")
-    out.append("<p class='muted'>Written by Tugboat. Re-run any variant with "
-               "<code>tugboat run recipe.toml --out DIR</code> using its recipe above.</p></body></html>")
-    return "\n".join(out)
+    return out
 
 
 def _speedup_cell(r: dict[str, Any]) -> str:

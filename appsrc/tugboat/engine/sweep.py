@@ -37,9 +37,7 @@ with the settings that differ: its variants would not be comparable with those o
 
 from __future__ import annotations
 
-import copy
 import itertools
-import json
 import math
 import random
 import time
@@ -51,11 +49,13 @@ from typing import Any
 from . import memory
 from . import steps as step_registry
 from .errors import Cancelled, RecipeError, TugboatError
+from .executors.base import PrefixCache, steps_key
 from .formatting import did_you_mean
-from .models import ModelHandle
 from .progress import Progress, null_progress
-from .recipe import Baseline, Recipe, Variant, prepare, validate_steps, variant_name
+from .recipe import Recipe, validate_steps
 from .report_json import quality_of
+from .runner import finish_variant, prepare
+from .variants import Baseline, Variant, variant_name
 
 SEARCH_KEYS = {"budget_seconds": (0.0, 7 * 24 * 3600.0), "max_variants": (1, 100000), "seed": (0, 2**31)}
 TARGET_KEYS = {**SEARCH_KEYS, "max_accuracy_drop": (0.0, 1.0), "objective": ("latency", "size")}
@@ -108,11 +108,6 @@ class Candidate:
     @property
     def key(self) -> str:
         return steps_key(self.steps)
-
-
-def steps_key(steps: list[dict[str, Any]]) -> str:
-    """Canonical JSON of validated steps: equal keys mean equal computations."""
-    return json.dumps(steps, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def parse_axes(recipe: Recipe) -> list[Axis]:
@@ -407,75 +402,10 @@ def plan(recipe: Recipe, max_variants: int | None = None) -> Plan:
     return Plan("single", [Candidate(list(recipe.steps), {}, variant_name(recipe.steps))])
 
 
-# --- prefix reuse ---------------------------------------------------------------------------------
-
-class PrefixCache:
-    """Handles of step prefixes that a later candidate still needs, keyed by canonical JSON."""
-
-    def __init__(self, needed: dict[str, int] | None = None) -> None:
-        self._handles: dict[str, ModelHandle] = {}
-        self._seconds: dict[str, float] = {}
-        self.needed = needed  # prefix key -> candidates still to come that use it (None: keep all)
-
-    @staticmethod
-    def prefixes(steps: list[dict[str, Any]]) -> list[str]:
-        return [steps_key(steps[:k]) for k in range(1, len(steps))]
-
-    @classmethod
-    def for_candidates(cls, cands: list[Candidate]) -> PrefixCache:
-        counts: dict[str, int] = {}
-        for c in cands:
-            for p in cls.prefixes(c.steps):
-                counts[p] = counts.get(p, 0) + 1
-        return cls({k: n for k, n in counts.items() if n > 1})
-
-    def lookup(self, steps: list[dict[str, Any]]) -> tuple[int, ModelHandle | None, float]:
-        """The longest cached prefix: (steps done, a private copy of its handle, its seconds)."""
-        for k in range(len(steps) - 1, 0, -1):
-            key = steps_key(steps[:k])
-            if key in self._handles:
-                return k, _private_copy(self._handles[key]), self._seconds[key]
-        return 0, None, 0.0
-
-    def wants(self, steps: list[dict[str, Any]], k: int) -> bool:
-        key = steps_key(steps[:k])
-        return self.needed is None or self.needed.get(key, 0) > 0
-
-    def store(self, steps: list[dict[str, Any]], k: int, handle: ModelHandle, seconds: float) -> None:
-        key = steps_key(steps[:k])
-        self._handles[key] = _private_copy(handle)
-        self._seconds[key] = seconds
-
-    def release(self, steps: list[dict[str, Any]]) -> None:
-        """One candidate using these prefixes is done: drop prefixes nobody needs any more."""
-        if self.needed is None:
-            return
-        for p in self.prefixes(steps):
-            if p in self.needed:
-                self.needed[p] -= 1
-                if self.needed[p] <= 0:
-                    self._handles.pop(p, None)
-
-    def __len__(self) -> int:
-        return len(self._handles)
-
-
-def _private_copy(handle: ModelHandle) -> ModelHandle:
-    """A copy a technique may change without touching the cached prefix."""
-    new = copy.copy(handle)
-    new.module = copy.deepcopy(handle.module) if handle.module is not None else None
-    new.history = list(handle.history)
-    new.info = dict(handle.info)
-    new.warnings = list(handle.warnings)
-    return new
-
-
 def finish_outcome(base: Baseline, recipe: Recipe, cand: Candidate, outcome, progress: Progress) -> Variant:
     """The variant for an executor's outcome: measured here (quality and latency, serially, in the
     driver), or failed with the reason it could not be made or measured."""
     from .errors import NumericalError
-    from .recipe import finish_variant
-
     t0 = time.perf_counter()
     variant_recipe = recipe.with_steps(cand.steps)
     if outcome.error is not None:
@@ -584,29 +514,63 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
                       progress: Progress | None, on_variant: Callable[[Variant], None] | None,
                       log: Callable[[str], None] | None, executor=None, ws=None,
                       base: Baseline | None = None) -> SweepResult:
-    from .workspace import Workspace, WorkspaceError
-
     progress = progress or null_progress()
     log = log or (lambda _msg: None)
-    given = ws
-    existing = given is not None or Workspace.exists(out)
-    if existing:
-        ws = given if given is not None else Workspace.open(out, lock=lock)
-        holds = len(ws) > 0 or ws.baseline is not None
-        if holds and not resume:
-            raise WorkspaceError("already holds a workspace; add --resume to continue it, or choose "
-                                 "another --out folder", path=str(out))
-        diffs = resume_differences(ws, recipe) if holds else []
-        if diffs:
-            raise WorkspaceError(f"was made with other settings: {'; '.join(diffs)}. Resuming would mix "
-                                 "variants that cannot be compared; use the original settings or another "
-                                 "--out folder", path=str(out))
+    existing = _check_resumable(out, lock, recipe, resume, ws)
     progress.update(0.0, f"loading {recipe.model}")
     base = base if base is not None else prepare(recipe, progress.sub(0.0, 0.05, "baseline: "))
     if isinstance(the_plan.candidates, list):  # refuse a grid that cannot fit before any of it runs
         for cand in the_plan.candidates:
             memory.check(base.handle, cand.steps, base.data, base.cfg,
-                            where=f"{recipe.source or recipe.model} (variant {cand.name})")
+                         where=f"{recipe.source or recipe.model} (variant {cand.name})")
+    ws = _open_workspace(out, lock, existing, recipe, base, the_plan, ws)
+    driver = _Driver(recipe, the_plan, base, ws, SweepResult(ws, the_plan.kind), progress, log, on_variant)
+    cache, source, total = driver.todo()
+    if driver.result.skipped:
+        log(f"resuming: {len(driver.result.skipped)} finished variant(s) kept, not recomputed")
+    from .executors.base import Context, LocalExecutor
+
+    driver.executor = executor or LocalExecutor()
+    driver.executor.start(Context.of(base, recipe), cache)
+    ws.meta["sweep"]["executor"] = driver.executor.describe()
+    try:
+        while not driver.result.stopped_by_budget:
+            chunk = driver.next_chunk(source)
+            if not chunk:
+                break
+            driver.run_chunk(chunk, total)
+    finally:
+        driver.executor.close()
+    return driver.finish()
+
+
+def _check_resumable(out: Path, lock, recipe: Recipe, resume: bool, given=None) -> bool:
+    """Whether ``out`` holds a workspace already (``given``: one open already, the window's); refuses
+    one with variants unless resuming, and one made with settings whose variants this recipe's could
+    not be compared with."""
+    from .workspace import Workspace, WorkspaceError
+
+    if given is None and not Workspace.exists(out):
+        return False
+    ws = given if given is not None else Workspace.open(out, lock=lock)
+    holds = len(ws) > 0 or ws.baseline is not None
+    if holds and not resume:
+        raise WorkspaceError("already holds a workspace; add --resume to continue it, or choose "
+                             "another --out folder", path=str(out))
+    diffs = resume_differences(ws, recipe) if holds else []
+    if diffs:
+        raise WorkspaceError(f"was made with other settings: {'; '.join(diffs)}. Resuming would mix "
+                             "variants that cannot be compared; use the original settings or another "
+                             "--out folder", path=str(out))
+    return True
+
+
+def _open_workspace(out: Path, lock, existing: bool, recipe: Recipe, base: Baseline, the_plan: Plan, given=None):
+    """The workspace the sweep writes (``given``, or the one in ``out``), with its baseline (the one
+    on record when resuming), recipe and the machine the timings come from, saved."""
+    from .machine import machine_info
+    from .workspace import Workspace
+
     if existing:
         ws = given if given is not None else Workspace.open(out, lock=lock)
         if not (len(ws) or ws.baseline is not None):  # an empty one takes this sweep's settings
@@ -621,86 +585,98 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
                                 warnings=list(base.handle.warnings)))
     ws.recipe = recipe.to_dict()
     ws.meta["sweep"] = {"kind": the_plan.kind}
-    from .machine import machine_info
-
     ws.meta["machine"] = machine_info()  # the machine this sweep's timings come from
     ws.save()
+    return ws
 
-    result = SweepResult(ws, the_plan.kind)
-    t_start = time.monotonic()
-    budget = the_plan.budget_seconds
-    if isinstance(the_plan.candidates, list):
+
+@dataclass
+class _Driver:
+    """One sweep's run: hands chunks of candidates to the executor, measures what comes back (here,
+    one at a time) and writes it to the workspace."""
+
+    recipe: Recipe
+    plan: Plan
+    base: Baseline
+    ws: Any  # Workspace
+    result: SweepResult
+    progress: Progress
+    log: Callable[[str], None]
+    on_variant: Callable[[Variant], None] | None
+    executor: Any = None
+    count: int = 0
+    t_start: float = field(default_factory=time.monotonic)
+
+    def todo(self) -> tuple[PrefixCache, Iterator[Candidate], int | None]:
+        """(prefix cache, candidates to run, how many or None) after what the workspace holds."""
+        the_plan, ws, result = self.plan, self.ws, self.result
+        if not isinstance(the_plan.candidates, list):
+            return PrefixCache(None), the_plan.candidates, the_plan.max_variants
         todo = [c for c in the_plan.candidates if c.name not in ws]
         result.skipped = [c.name for c in the_plan.candidates if c.name in ws]
         if the_plan.max_variants is not None:
             todo = todo[:max(0, the_plan.max_variants - len(result.skipped))]
-        cache = PrefixCache.for_candidates(todo)
-        source: Iterator[Candidate] = iter(todo)
-        total: int | None = len(todo)
         ws.meta["sweep"]["planned"] = [c.name for c in the_plan.candidates]
-    else:
-        cache = PrefixCache(None)
-        source, total = the_plan.candidates, the_plan.max_variants
-    if result.skipped:
-        log(f"resuming: {len(result.skipped)} finished variant(s) kept, not recomputed")
-    from .executors import Context, LocalExecutor, Task
+        return PrefixCache.for_candidates(todo), iter(todo), len(todo)
 
-    executor = executor or LocalExecutor()
-    executor.start(Context.of(base, recipe), cache)
-    ws.meta["sweep"]["executor"] = executor.describe()
-    count = 0
-    try:
-        while True:
-            chunk: list[Candidate] = []
-            elapsed = time.monotonic() - t_start
-            for cand in source:
-                if cand.name in ws:
-                    if cand.name not in result.skipped:
-                        result.skipped.append(cand.name)
-                    continue
-                if budget is not None and elapsed >= budget:
-                    result.stopped_by_budget = True
-                    log(f"time budget of {budget:g} s used up after {count} new variant(s)")
-                    break
-                if the_plan.max_variants is not None and \
-                        count + len(chunk) + len(result.skipped) >= the_plan.max_variants:
-                    break
-                chunk.append(cand)
-                if len(chunk) >= max(1, executor.width) and (executor.width == 1 or budget is not None
-                                                             or not isinstance(the_plan.candidates, list)):
-                    break  # one round, then look at the budget again (a grid goes to workers whole)
-            if not chunk:
+    def next_chunk(self, source: Iterator[Candidate]) -> list[Candidate]:
+        """The next candidates to hand over: one round at a time (then the budget is looked at again),
+        a whole grid at once to several workers."""
+        chunk: list[Candidate] = []
+        budget, result, width = self.plan.budget_seconds, self.result, max(1, self.executor.width)
+        elapsed = time.monotonic() - self.t_start
+        for cand in source:
+            if cand.name in self.ws:
+                if cand.name not in result.skipped:
+                    result.skipped.append(cand.name)
+                continue
+            if budget is not None and elapsed >= budget:
+                result.stopped_by_budget = True
+                self.log(f"time budget of {budget:g} s used up after {self.count} new variant(s)")
                 break
-            by_name = {c.name: c for c in chunk}
-            lo, hi = _share(count, total, elapsed, budget)
-            _, hi2 = _share(count + len(chunk) - 1, total, elapsed, budget)
-            label = f"[{count + 1}/{total}] " if total else f"[{count + 1}] "
-            sub = progress.sub(lo, hi2 if len(chunk) > 1 else hi, label if len(chunk) > 1 else
-                               f"{label}{chunk[0].name}: ")
-            for outcome in executor.map([Task(c.name, c.steps) for c in chunk], sub.sub(0.0, 0.7)):
-                cand = by_name[outcome.name]
-                variant = finish_outcome(base, recipe, cand, outcome, sub.sub(0.7, 1.0, f"{cand.name}: "))
-                ws.add_variant(variant)
-                result.tried.append(variant.name)
-                count += 1
-                log(f"done {variant.name}: {describe(variant)}")
-                if on_variant is not None:
-                    on_variant(variant)  # with its model still in memory (the window keeps a copy)
-                variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
-            if result.stopped_by_budget:
+            if self.plan.max_variants is not None and \
+                    self.count + len(chunk) + len(result.skipped) >= self.plan.max_variants:
                 break
-    finally:
-        executor.close()
-    if the_plan.kind == "target":
-        result.within, result.best = rank_within(ws, base.metrics, the_plan.max_accuracy_drop or 0.0,
-                                                 the_plan.objective or "latency")
-        ws.meta["target"] = {"best": result.best, "within_tolerance": result.within,
-                             "max_accuracy_drop": the_plan.max_accuracy_drop, "objective": the_plan.objective,
-                             "tried": [v.name for v in ws.variants()]}
-    ws.meta["sweep"]["finished"] = not result.stopped_by_budget
-    ws.save()
-    progress.update(1.0, "done")
-    return result
+            chunk.append(cand)
+            if len(chunk) >= width and (width == 1 or budget is not None
+                                        or not isinstance(self.plan.candidates, list)):
+                break
+        return chunk
+
+    def run_chunk(self, chunk: list[Candidate], total: int | None) -> None:
+        from .executors.base import Task
+
+        budget, count = self.plan.budget_seconds, self.count
+        elapsed = time.monotonic() - self.t_start
+        by_name = {c.name: c for c in chunk}
+        lo, hi = _share(count, total, elapsed, budget)
+        _, hi2 = _share(count + len(chunk) - 1, total, elapsed, budget)
+        label = f"[{count + 1}/{total}] " if total else f"[{count + 1}] "
+        sub = self.progress.sub(lo, hi2 if len(chunk) > 1 else hi, label if len(chunk) > 1 else
+                                f"{label}{chunk[0].name}: ")
+        for outcome in self.executor.map([Task(c.name, c.steps) for c in chunk], sub.sub(0.0, 0.7)):
+            cand = by_name[outcome.name]
+            variant = finish_outcome(self.base, self.recipe, cand, outcome, sub.sub(0.7, 1.0, f"{cand.name}: "))
+            self.ws.add_variant(variant)
+            self.result.tried.append(variant.name)
+            self.count += 1
+            self.log(f"done {variant.name}: {describe(variant)}")
+            if self.on_variant is not None:
+                self.on_variant(variant)  # with its model still in memory (the window keeps a copy)
+            variant.handle = None  # the artifact is on disk; reload lazily with ws.load_handle
+
+    def finish(self) -> SweepResult:
+        the_plan, ws, result = self.plan, self.ws, self.result
+        if the_plan.kind == "target":
+            result.within, result.best = rank_within(ws, self.base.metrics, the_plan.max_accuracy_drop or 0.0,
+                                                     the_plan.objective or "latency")
+            ws.meta["target"] = {"best": result.best, "within_tolerance": result.within,
+                                 "max_accuracy_drop": the_plan.max_accuracy_drop,
+                                 "objective": the_plan.objective, "tried": [v.name for v in ws.variants()]}
+        ws.meta["sweep"]["finished"] = not result.stopped_by_budget
+        ws.save()
+        self.progress.update(1.0, "done")
+        return result
 
 
 def _share(count: int, total: int | None, elapsed: float, budget: float | None) -> tuple[float, float]:

@@ -68,77 +68,99 @@ def compare(outputs: list[np.ndarray], reference: list[np.ndarray], classificati
 def _build(handle: ModelHandle, kind: str, name: str, data, progress: Progress, batch: int,
            inputs: list[np.ndarray]) -> tuple[dict[str, bytes], list[np.ndarray], dict[str, Any]]:
     """(file name -> bytes, outputs of the reloaded file on ``inputs``, notes); runs on a helper."""
-    from .runtimes import availability, run_batched
+    from .runtimes import availability
 
+    builder = _BUILDERS.get(kind)
+    if builder is None:
+        raise TugboatError(f"unknown export target {kind!r}; valid: {', '.join(TARGETS)}")
     runtime = RUNTIME_OF[kind]
     avail = availability(runtime)
     if not avail["available"]:
         raise TugboatError(f"cannot export {kind}: {avail['reason']}")
     notes: dict[str, Any] = {"runtime": runtime, "version": avail["version"]}
-    if kind in ("onnx", "ort"):
-        from .export import check_onnx
-        from .runtime import ort_session, run_onnx
+    files, outputs = builder(handle, name, data, progress, batch, inputs, notes)
+    return files, outputs, notes
 
-        model = handle.to_onnx()
-        check_onnx(model, handle.source)
-        data_onnx = model.SerializeToString()
-        if kind == "onnx":
-            return {name: data_onnx}, run_onnx(None, inputs, session=ort_session(data_onnx)), notes
-        with tempfile.TemporaryDirectory(prefix="tugboat-ort-") as tmp:
-            src = Path(tmp) / "model.onnx"
-            src.write_bytes(data_onnx)
-            _convert_to_ort(src, Path(tmp) / "out")
-            made = Path(tmp) / "out" / "model.ort"
-            configs = sorted((Path(tmp) / "out").glob("*required_operators*.config"))
-            config = configs[0] if configs else Path(tmp) / "out" / "missing.config"
-            if not made.is_file():
-                raise TugboatError("ONNX Runtime's ORT converter wrote no .ort file", path=handle.source)
-            ort_bytes = made.read_bytes()
-            config_text = config.read_bytes() if config.is_file() else b""
-            # its header names the converted file: name the exported one, not a temporary path
-            config_text = config_text.replace(str(made).encode(), name.encode())
-            progress.check()
-            import onnxruntime as ort
 
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            sess = ort.InferenceSession(str(made), opts, providers=["CPUExecutionProvider"])
-            outputs = run_onnx(None, inputs, session=sess)
-        notes["operators"] = sum(1 for line in config_text.decode().splitlines()
-                                 if line.strip() and not line.startswith("#"))
+def _checked_onnx(handle: ModelHandle) -> bytes:
+    from .export import check_onnx
+
+    model = handle.to_onnx()
+    check_onnx(model, handle.source)
+    return model.SerializeToString()
+
+
+def _build_onnx(handle, name, data, progress, batch, inputs, notes):
+    from .runtime import ort_session, run_onnx
+
+    data_onnx = _checked_onnx(handle)
+    return {name: data_onnx}, run_onnx(None, inputs, session=ort_session(data_onnx))
+
+
+def _build_ort(handle, name, data, progress, batch, inputs, notes):
+    from .runtime import run_onnx
+
+    with tempfile.TemporaryDirectory(prefix="tugboat-ort-") as tmp:
+        src = Path(tmp) / "model.onnx"
+        src.write_bytes(_checked_onnx(handle))
+        _convert_to_ort(src, Path(tmp) / "out")
+        made = Path(tmp) / "out" / "model.ort"
+        configs = sorted((Path(tmp) / "out").glob("*required_operators*.config"))
+        config = configs[0] if configs else Path(tmp) / "out" / "missing.config"
+        if not made.is_file():
+            raise TugboatError("ONNX Runtime's ORT converter wrote no .ort file", path=handle.source)
+        ort_bytes = made.read_bytes()
+        config_text = config.read_bytes() if config.is_file() else b""
+        # its header names the converted file: name the exported one, not a temporary path
+        config_text = config_text.replace(str(made).encode(), name.encode())
+        progress.check()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(made), opts, providers=["CPUExecutionProvider"])
+        outputs = run_onnx(None, inputs, session=sess)
+    notes["operators"] = sum(1 for line in config_text.decode().splitlines()
+                             if line.strip() and not line.startswith("#"))
+    stem = Path(name).stem
+    return {name: ort_bytes, f"{stem}.required_operators.config": config_text}, outputs
+
+
+def _build_pte(handle, name, data, progress, batch, inputs, notes):
+    from .errors import one_line
+    from .runtimes import executorch_runtime as et
+    from .runtimes import run_batched
+
+    try:
+        buffer, lowered = et.lower(handle, batch, data, progress)
+    except TugboatError:
+        raise
+    except Exception as exc:
+        raise TugboatError(f"ExecuTorch export failed: {one_line(exc)}", path=handle.source) from None
+    notes.update(lowered)
+    runner = et.Runner(et.load(bytes(buffer)), batch, lowered, 1)
+    return {name: bytes(buffer)}, run_batched(runner, inputs, progress)
+
+
+def _build_openvino(handle, name, data, progress, batch, inputs, notes):
+    import openvino as ov
+
+    from .runtimes import openvino_runtime as ovr
+    from .runtimes import run_batched
+
+    with tempfile.TemporaryDirectory(prefix="tugboat-ov-") as tmp:
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(ovr.convert(handle), xml, compress_to_fp16=False)
+        progress.check()
+        runner = ovr.Runner(ovr.compile_model(ov.Core().read_model(xml), 1))
+        outputs = run_batched(runner, inputs, progress)
+        notes.update(runner.notes)
         stem = Path(name).stem
-        return {name: ort_bytes, f"{stem}.required_operators.config": config_text}, outputs, notes
-    if kind == "pte":
-        from .runtimes import executorch_runtime as et
+        # the .xml names its weights file: keep the pair's names together
+        return {f"{stem}.bin": xml.with_suffix(".bin").read_bytes(), name: xml.read_bytes()}, outputs
 
-        try:
-            buffer, lowered = et.lower(handle, batch, data, progress)
-        except TugboatError:
-            raise
-        except Exception as exc:
-            from .runtimes import one_line
 
-            raise TugboatError(f"ExecuTorch export failed: {one_line(exc)}", path=handle.source) from None
-        notes.update(lowered)
-        runner = et.Runner(et.load(bytes(buffer)), batch, lowered, 1)
-        return {name: bytes(buffer)}, run_batched(runner, inputs, progress), notes
-    if kind == "openvino":
-        import openvino as ov
-
-        from .runtimes import openvino_runtime as ovr
-
-        with tempfile.TemporaryDirectory(prefix="tugboat-ov-") as tmp:
-            xml = Path(tmp) / "model.xml"
-            ov.save_model(ovr.convert(handle), xml, compress_to_fp16=False)
-            progress.check()
-            runner = ovr.Runner(ovr.compile_model(ov.Core().read_model(xml), 1))
-            outputs = run_batched(runner, inputs, progress)
-            notes.update(runner.notes)
-            stem = Path(name).stem
-            # the .xml names its weights file: keep the pair's names together
-            xml_text = xml.read_bytes()
-            return {f"{stem}.bin": xml.with_suffix(".bin").read_bytes(), name: xml_text}, outputs, notes
-    raise TugboatError(f"unknown export target {kind!r}; valid: {', '.join(TARGETS)}")
+_BUILDERS = {"onnx": _build_onnx, "ort": _build_ort, "pte": _build_pte, "openvino": _build_openvino}
 
 
 def _convert_to_ort(src: Path, out_dir: Path) -> None:
@@ -223,7 +245,7 @@ def export_from_folder(folder: str | os.PathLike, variant: str, kind: str, out: 
     """``tugboat export``: a variant of a workspace or ``tugboat run`` folder (its ONNX artifact),
     exported for ``kind``; checked on the folder's data when it loads, else on random inputs."""
     from .errors import WorkspaceError
-    from .models import load_model
+    from .loading import load_model
     from .stored import inside
 
     folder = Path(folder)

@@ -54,7 +54,7 @@ from typing import Any
 
 from .errors import TugboatError, WorkspaceError
 from .lock import FolderLock, FolderLockedError
-from .recipe import Variant, _jsonable, _safe_name, recipe_to_toml
+from .recipe import recipe_to_toml
 from .report_json import REPORT_VERSION, pareto_front
 from .stored import (
     TMP_GLOB,
@@ -70,6 +70,7 @@ from .stored import (
     read_json,
     without_trust,
 )
+from .variants import Variant, jsonable, safe_name
 
 FILE = WORKSPACE_FILE
 FORMAT = "tugboat-workspace"
@@ -88,7 +89,7 @@ def variant_from_dict(d: dict[str, Any]) -> Variant:
 
 
 def _dumps(obj: Any) -> bytes:
-    return dumps(_jsonable(obj))
+    return dumps(jsonable(obj))
 
 
 class Workspace:
@@ -172,7 +173,7 @@ class Workspace:
         for d in raw.get("variants") or []:
             v = variant_from_dict(d)
             ws._variants[v.name] = v
-            ws._folders[v.name] = ws._checked_folder(d.get("folder") or _safe_name(v.name), file)
+            ws._folders[v.name] = ws._checked_folder(d.get("folder") or safe_name(v.name), file)
             ws._check_artifacts(v, file)
         ws._recover_if_free(lock)
         return ws
@@ -258,7 +259,7 @@ class Workspace:
 
     def folder(self, name: str) -> Path:
         """The variant's folder, always inside the workspace (:func:`stored.inside`)."""
-        return inside(self.path, self._folders.get(name, _safe_name(name)), what="folder",
+        return inside(self.path, self._folders.get(name, safe_name(name)), what="folder",
                       file=self.path / FILE, single=True)
 
     def artifact_path(self, name: str) -> Path | None:
@@ -268,7 +269,7 @@ class Workspace:
 
     def load_handle(self, name: str):
         """The variant's model handle, loaded from its ONNX artifact the first time it is asked for."""
-        from .models import load_model
+        from .loading import load_model
 
         v = self.get(name)
         if v is None:
@@ -290,7 +291,7 @@ class Workspace:
 
     # --- writing --------------------------------------------------------------------------------
     def _new_folder(self, name: str) -> str:
-        base = BASELINE if name == BASELINE else _safe_name(name)
+        base = BASELINE if name == BASELINE else safe_name(name)
         if base == BASELINE and name != BASELINE:
             base = f"{base}_"
         used = {f for n, f in list(self._folders.items()) if n != name}
@@ -375,7 +376,7 @@ class Workspace:
 
     def to_dict(self) -> dict[str, Any]:
         def entry(v: Variant) -> dict[str, Any]:
-            return {**v.to_dict(), "folder": self._folders.get(v.name, _safe_name(v.name))}
+            return {**v.to_dict(), "folder": self._folders.get(v.name, safe_name(v.name))}
 
         return {"format": FORMAT, "version": FORMAT_VERSION, "created": self.created,
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": self.model, "data": self.data,
@@ -425,7 +426,7 @@ class Workspace:
 
             self.meta["machine"] = machine_info()  # first written where it was measured
         report["machine"] = self.meta["machine"]
-        return _jsonable(report)
+        return jsonable(report)
 
     def export_report(self, path: str | os.PathLike | None = None) -> Path:
         """Write ``report.json`` (artifact paths relative to the workspace folder)."""

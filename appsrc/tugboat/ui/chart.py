@@ -44,8 +44,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..engine.recipe import step_label
 from ..engine.report_json import quality_of
+from ..engine.variants import step_label
 from .store import BASELINE, VariantStore
 
 

@@ -32,7 +32,8 @@ from PySide6.QtWidgets import (
 )
 
 from ..engine.errors import TugboatError
-from ..engine.recipe import Variant, recipe_to_toml, step_label
+from ..engine.recipe import recipe_to_toml
+from ..engine.variants import Variant, step_label
 from ..jobs import Job, JobQueue
 from ..settings import Settings, load_settings, save_settings
 from .chart import TradeoffChart

@@ -44,7 +44,7 @@ def provenance_text(made_by: dict[str, str]) -> str:
     if recipe.get("model"):
         text += f" from {recipe['model']}"
     if steps:
-        from ..engine.recipe import step_label
+        from ..engine.variants import step_label
 
         text += ": " + " → ".join(step_label(s) for s in steps if isinstance(s, dict) and "technique" in s
                                   and "method" in s)

@@ -22,7 +22,7 @@ from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QAbstractItemView, QApplication, QHeaderView, QMenu, QStyle, QTableView
 
 from ..engine.formatting import fmt_bytes, fmt_count
-from ..engine.recipe import step_label
+from ..engine.variants import step_label
 from . import theme
 from .store import BASELINE, VariantStore
 

@@ -21,8 +21,9 @@ from PySide6.QtCore import QObject, Signal
 
 from ..engine.errors import RecipeError, UntrustedFileError
 from ..engine.measure import MeasureConfig
-from ..engine.recipe import Baseline, Recipe, Variant, settings_difference, validate_steps, variant_name
+from ..engine.recipe import Recipe, validate_steps
 from ..engine.sweep import LISTED
+from ..engine.variants import Baseline, Variant, settings_difference, variant_name
 from ..jobs import Job, JobQueue, JobSlot
 from .store import BASELINE, VariantStore
 
@@ -117,7 +118,7 @@ class Session(QObject):
 
         def work(progress):
             from ..engine.info import model_info
-            from ..engine.recipe import prepare
+            from ..engine.runner import prepare
 
             try:
                 base = prepare(recipe, progress.sub(0.0, 0.9))
@@ -207,7 +208,7 @@ class Session(QObject):
         label = name or variant_name(recipe.steps)
 
         def work(progress):
-            from ..engine.recipe import run_variant
+            from ..engine.runner import run_variant
 
             return run_variant(base, recipe, progress, start=start, done_steps=done)
 
@@ -245,7 +246,7 @@ class Session(QObject):
         data, batch = (base.data if base is not None else None), int(self.measure.batch)
 
         def work(progress):
-            from ..engine.models import load_model
+            from ..engine.loading import load_model
             from ..engine.targets import describe, export_target
 
             model = handle if handle is not None else load_model(source)
@@ -314,7 +315,7 @@ class Session(QObject):
         base_copy = _timing_copy(self.store.baseline)
 
         def work(progress):
-            from ..engine.models import load_model
+            from ..engine.loading import load_model
             from ..engine.remeasure import remeasure
 
             pairs = [(copy_, handle if handle is not None else load_model(path)) for copy_, handle, path in chosen]

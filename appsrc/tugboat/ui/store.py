@@ -23,8 +23,8 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from ..engine.recipe import Variant
 from ..engine.report_json import pareto_front
+from ..engine.variants import Variant
 from ..engine.workspace import BASELINE, Workspace
 
 

@@ -30,8 +30,8 @@ from PySide6.QtCore import QObject, Signal
 
 from ..engine.errors import TugboatError
 from ..engine.lock import FolderLock
-from ..engine.recipe import Variant
 from ..engine.stored import atomic_write_bytes
+from ..engine.variants import Variant
 from ..engine.workspace import ARTIFACT, BASELINE, FILE, Workspace, WorkspaceError
 from ..jobs import Job, JobQueue
 from .store import VariantStore

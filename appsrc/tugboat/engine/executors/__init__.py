@@ -29,137 +29,31 @@ order). A task that cannot be made (a :class:`TugboatError`, a worker that died 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import Cancelled, TugboatError
-from ..models import ModelHandle
-from ..progress import Progress, null_progress
+from ..progress import Progress
+from .base import (
+    CRASH_ENV,
+    DEFAULT_RETRIES,
+    Context,
+    Executor,
+    ExecutorError,
+    LocalExecutor,
+    Outcome,
+    Task,
+    check_workers,
+    compress,
+    cpu_count,
+    steps_key,
+)
+
+__all__ = ["CRASH_ENV", "DEFAULT_RETRIES", "EXECUTORS", "MIN_PARALLEL", "AutoExecutor", "Context", "Executor",
+           "ExecutorError", "LocalExecutor", "Outcome", "Task", "check_workers", "compress", "cpu_count",
+           "idle_cores", "make_executor"]
 
 EXECUTORS = ("auto", "local", "processes", "ray")
 MIN_PARALLEL = 6  # fewer variants than this are made in this process (a worker costs ~2 s to start)
-DEFAULT_RETRIES = 2
-CRASH_ENV = "TUGBOAT_TEST_CRASH_ONCE"  # tests only: a marker file; the first task to see it absent dies
-
-
-class ExecutorError(TugboatError):
-    """An executor cannot be used (Ray not installed, no cluster at the address, bad --workers)."""
-
-
-@dataclass
-class Task:
-    """One variant to make: its name and its validated steps."""
-
-    name: str
-    steps: list[dict[str, Any]]
-
-
-@dataclass
-class Outcome:
-    """What came back for one task: the made model, or the reason it could not be made."""
-
-    name: str
-    handle: ModelHandle | None = None
-    error: str | None = None
-    reused_prefix_steps: int = 0
-    seconds: float = 0.0  # compression time, wherever it ran
-    attempts: int = 1
-    where: str = "local"
-
-
-@dataclass
-class Context:
-    """What every task needs, sent once per worker / once into the object store."""
-
-    handle: ModelHandle
-    data: Any
-    cfg: Any  # MeasureConfig (for memory.check)
-    trust_steps: bool = False
-    crash_once: str | None = None
-    seed: int = 0  # the recipe's seed: a variant made in a worker has the weights a local run gives
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, base, recipe) -> Context:
-        return cls(base.handle, base.data, base.cfg, bool(recipe.trust_steps), os.environ.get(CRASH_ENV) or None,
-                   seed=int(getattr(recipe, "seed", 0) or 0))
-
-
-def compress(ctx: Context, task: Task, cache=None, progress: Progress | None = None) -> Outcome:
-    """Apply a task's steps (from the longest prefix in ``cache``); a TugboatError becomes an
-    outcome with its message (one combination that cannot be made does not end the sweep)."""
-    from .. import memory
-    from ..recipe import apply_steps
-
-    progress = progress or null_progress()
-    _maybe_crash(ctx)
-    t0 = time.perf_counter()
-    done, handle, prefix_seconds = cache.lookup(task.steps) if cache is not None else (0, None, 0.0)
-    handle = handle or ctx.handle
-    n = len(task.steps)
-    try:
-        memory.check(handle, task.steps[done:], ctx.data, ctx.cfg, first_index=done, where=task.name)
-        for k in range(done, n):
-            step_t0 = time.perf_counter()
-            handle = apply_steps(handle, [task.steps[k]], ctx.data, progress.sub(k / n, (k + 1) / n),
-                                 first_index=k, trust=ctx.trust_steps, seed=ctx.seed)
-            prefix_seconds += time.perf_counter() - step_t0
-            if cache is not None and k + 1 < n and cache.wants(task.steps, k + 1):
-                cache.store(task.steps, k + 1, handle, prefix_seconds)
-    except Cancelled:
-        raise
-    except TugboatError as exc:
-        return Outcome(task.name, error=exc.message, reused_prefix_steps=done,
-                       seconds=time.perf_counter() - t0)
-    return Outcome(task.name, handle, reused_prefix_steps=done, seconds=time.perf_counter() - t0)
-
-
-def _maybe_crash(ctx: Context) -> None:
-    if ctx.crash_once:
-        try:
-            fd = os.open(ctx.crash_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(3)  # a worker lost mid-task (tests: the sweep must still complete)
-
-
-class Executor:
-    """The interface: ``start`` once with the context, ``map`` chunks of tasks, ``close``."""
-
-    name = "local"
-    width = 1  # how many tasks the driver hands over at once
-
-    def warm(self) -> None:
-        """Get ready before the context exists (start workers while the driver measures the original)."""
-
-    def start(self, ctx: Context, cache=None) -> None:
-        self.ctx, self.cache = ctx, cache
-
-    def map(self, tasks: Iterable[Task], progress: Progress | None = None) -> Iterator[Outcome]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "workers": self.width}
-
-
-class LocalExecutor(Executor):
-    """In this process, one task after another, with the sweep's prefix cache (the default)."""
-
-    def map(self, tasks: Iterable[Task], progress: Progress | None = None) -> Iterator[Outcome]:
-        progress = progress or null_progress()
-        tasks = list(tasks)
-        for i, task in enumerate(tasks):
-            progress.check()
-            out = compress(self.ctx, task, self.cache, progress.sub(i / len(tasks), (i + 1) / len(tasks)))
-            if self.cache is not None:
-                self.cache.release(task.steps)
-            yield out
 
 
 class AutoExecutor(Executor):
@@ -179,8 +73,6 @@ class AutoExecutor(Executor):
     @staticmethod
     def groups(steps: list[list[dict[str, Any]]]) -> int:
         """How many independent groups (distinct first steps of multi-step variants) a plan has."""
-        from ..sweep import steps_key
-
         return len({steps_key(s[:1]) if len(s) > 1 else steps_key(s) for s in steps})
 
     def parallel(self, steps: list[list[dict[str, Any]]]) -> bool:
@@ -273,19 +165,6 @@ def _builtin(name: Any) -> bool:
     return tech is not None and getattr(tech.apply, "__module__", "").startswith("tugboat.")
 
 
-def cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def check_workers(workers: int | None) -> int:
-    n = cpu_count() if workers is None else workers
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
-        raise ExecutorError(f"--workers must be a whole number from 1 to 1024, got {workers!r}")
-    return n
-
 
 def make_executor(name: str = "local", *, workers: int | None = None, address: str | None = None,
                   max_retries: int = DEFAULT_RETRIES) -> Executor:
@@ -310,3 +189,4 @@ def make_executor(name: str = "local", *, workers: int | None = None, address: s
         return RayExecutor(address=address, workers=None if workers is None else check_workers(workers),
                            max_retries=max_retries)
     raise ExecutorError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
+

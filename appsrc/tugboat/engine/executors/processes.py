@@ -30,13 +30,13 @@ from pathlib import Path
 
 from ..errors import Cancelled
 from ..progress import CancelToken, Progress, null_progress
-from . import Context, Executor, Outcome, Task, compress, cpu_count
+from .base import Context, Executor, Outcome, PrefixCache, Task, compress, cpu_count, steps_key
 
 _CTX: Context | None = None
 _CTX_PATH: str | None = None
 _CTX_STAMP: float | None = None
 _GATE = None  # set by the driver while it measures: workers wait at their next progress check
-PRELOAD = ("tugboat.engine.recipe", "tugboat.engine.sweep", "tugboat.engine.prune", "tugboat.engine.quantize",
+PRELOAD = ("tugboat.engine.runner", "tugboat.engine.sweep", "tugboat.engine.prune", "tugboat.engine.quantize",
            "onnxruntime")
 
 
@@ -88,8 +88,6 @@ def _context() -> Context:
 
 
 def _run_group(tasks: list[Task]) -> list[Outcome]:
-    from ..sweep import PrefixCache
-
     ctx = _context()
     counts: dict[str, int] = {}
     for t in tasks:
@@ -109,8 +107,6 @@ def _run_group(tasks: list[Task]) -> list[Outcome]:
 def group_tasks(tasks: list[Task], workers: int) -> list[list[Task]]:
     """Tasks grouped by their first step (a shared prefix is made once), largest group first;
     the largest groups are split while there are fewer groups than workers."""
-    from ..sweep import steps_key
-
     by_first: dict[str, list[Task]] = {}
     for t in tasks:
         by_first.setdefault(steps_key(t.steps[:1]) if len(t.steps) > 1 else t.name, []).append(t)

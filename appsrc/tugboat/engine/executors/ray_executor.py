@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..progress import Progress, null_progress
-from . import Context, Executor, ExecutorError, Outcome, Task, compress
+from .base import Context, Executor, ExecutorError, Outcome, Task, compress
 
 INSTALL = "pip install 'tugboat-ml[ray]'"
 
@@ -62,7 +62,7 @@ class RayExecutor(Executor):
                 if self.address:
                     ray.init(address=self.address, **kwargs)
                 else:
-                    from . import cpu_count
+                    from .base import cpu_count
 
                     ray.init(num_cpus=self.workers or cpu_count(), num_gpus=0 if not self.num_gpus else None,
                              **kwargs)

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Cancelled, TugboatError
+from ..errors import Cancelled, TugboatError, one_line
+from ..timing import batch_inputs, fidelity, summary, time_loop
 
 RUNTIME_NAMES = ("onnxruntime", "torch", "openvino", "executorch")
 CORE = ("onnxruntime", "torch")  # installed with Tugboat itself
@@ -89,16 +90,9 @@ def as_list(runtime: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    text = exc.message if isinstance(exc, TugboatError) else f"{type(exc).__name__}: {exc}"
-    return " ".join(str(text).split())[:limit]
-
-
 # --- measuring one variant in several runtimes ---------------------------------------------------
 
 def _inputs(handle, data, n: int) -> list[np.ndarray]:
-    from ..measure import batch_inputs
-
     samples = data.split("test", limit=n)[0] if data is not None else None
     if samples is not None:
         count = len(next(iter(samples.values())))
@@ -128,8 +122,6 @@ def measure_runtime(name: str, handle, cfg, inputs: list[np.ndarray], reference:
                     data=None, progress=None) -> dict[str, Any]:
     """Latency at ``cfg.batch``, fidelity to ``reference`` on ``inputs`` and the version, in one
     runtime; an unavailable runtime or a variant it cannot run gives a one-line ``reason``."""
-    from ..measure import _summary, _time_loop, batch_inputs, fidelity
-
     entry = availability(name)
     if not entry["available"]:
         return entry
@@ -139,7 +131,7 @@ def measure_runtime(name: str, handle, cfg, inputs: list[np.ndarray], reference:
         outputs = run_batched(runner, inputs, progress)
         batch = runner.fixed_batch or cfg.batch
         x = batch_inputs(handle, batch, {n: a for n, a in zip(handle.input_names, inputs)})
-        times = _time_loop(lambda: runner.run(x), replace(cfg, noisy_seconds=cfg.max_seconds)
+        times = time_loop(lambda: runner.run(x), replace(cfg, noisy_seconds=cfg.max_seconds)
                            if hasattr(cfg, "noisy_seconds") else cfg, progress)
         if isinstance(times, tuple):  # the paired-timing measure returns (times, extended)
             times = times[0]
@@ -152,7 +144,7 @@ def measure_runtime(name: str, handle, cfg, inputs: list[np.ndarray], reference:
     fid = fidelity(outputs, [r[:len(outputs[0])] for r in reference] if reference is not None else None,
                    classification)
     bad = any(o.dtype.kind == "f" and not np.all(np.isfinite(o)) for o in outputs)
-    entry.update(ok=not bad, latency_ms=_summary(times, batch, cfg.threads, name), fidelity=fid,
+    entry.update(ok=not bad, latency_ms=summary(times, batch, cfg.threads, name), fidelity=fid,
                  samples=len(outputs[0]), seconds=round(time.perf_counter() - t0, 3))
     entry.update(getattr(runner, "notes", {}))
     if bad:

@@ -16,7 +16,7 @@ import weakref
 
 import numpy as np
 
-from ..errors import RuntimeUnsupportedError
+from ..errors import RuntimeUnsupportedError, one_line
 
 _CACHE: dict[tuple, tuple[weakref.ref, bytes, dict]] = {}
 _LOCK = threading.Lock()
@@ -60,7 +60,7 @@ def _calibration(handle, data, batch: int) -> list[list]:
         try:
             return [xs for xs, _, _ in data.batches("calib", batch, names=handle.input_names)][:8]
         except Exception:  # no calib split: the test split's first samples
-            from ..measure import batch_inputs
+            from ..timing import batch_inputs
 
             x = batch_inputs(handle, batch, data.split("test", limit=batch)[0])
             return [[torch.from_numpy(a) for a in x]]
@@ -88,7 +88,7 @@ def lower(handle, batch: int, data=None, progress=None) -> tuple[bytes, dict]:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
-    from ..models import eval_mode
+    from ..runtime import eval_mode
 
     notes: dict = {"delegate": "XNNPACK", "fixed_batch": batch}
     example = tuple(handle.example_inputs(batch))
@@ -157,8 +157,6 @@ def prepare(handle, *, batch: int, threads: int, data=None, progress=None) -> Ru
     except ImportError:
         raise
     except Exception as exc:
-        from . import one_line
-
         raise RuntimeUnsupportedError(f"export/lowering failed: {one_line(exc)}") from None
     _set_threads(threads)
     return Runner(load(buffer), batch, notes, threads)

@@ -1,0 +1,196 @@
+"""Facts about an ONNX graph, read without running it: its subgraphs, nodes and tensors, and the one
+definition of its "parameters" (weights, quantization scales and zero points excluded) that every
+model and report counts with. Imports nothing else of Tugboat."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+# inputs of quantization operators that are scales or zero points (not parameters), by position
+_QUANT_AUX_INPUTS = {
+    "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "DynamicQuantizeLinear": (),
+    "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "ConvInteger": (2, 3), "MatMulInteger": (2, 3), "MatMulIntegerToFloat": (2, 3, 4, 5),
+    "DynamicQuantizeMatMul": (2, 3), "MatMulNBits": (2, 3), "GatherBlockQuantized": (2, 3),
+    "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7),
+}
+
+
+def quantization_aux_names(model: onnx.ModelProto) -> set[str]:
+    """Initializers a quantized graph uses only as scales or zero points: not parameters (an int8
+    model has the float model's parameter count, not that plus one scale per channel).
+
+    Besides the scale and zero-point inputs of quantization operators, a dynamic-int8 graph
+    multiplies each weight's scale with the activation's run-time scale (``Mul(x_scale, w_scale)``
+    after ``DynamicQuantizeLinear``): a constant multiplied only with quantization scales is one
+    too. Anything also used elsewhere (as a weight, a bias) stays a parameter."""
+    nodes = list(graph_nodes(model.graph))
+    constants = {i.name for g in graphs(model.graph) for i in g.initializer}
+    constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    scales: set[str] = set()  # run-time values that are quantization scales
+    for node in nodes:
+        if node.op_type == "DynamicQuantizeLinear" and len(node.output) > 1:
+            scales.add(node.output[1])
+    aux: set[str] = set()
+    other: set[str] = set()
+    changed = True
+    while changed:  # scale products can chain (Mul(Mul(x_scale, a), b)); graphs are small to walk
+        changed = False
+        for node in nodes:
+            if (node.op_type == "Mul" and any(i in scales for i in node.input)
+                    and all(i in scales or i in constants for i in node.input)
+                    and not set(node.output) <= scales):
+                scales.update(node.output)
+                changed = True
+    for node in nodes:
+        positions = _QUANT_AUX_INPUTS.get(node.op_type)
+        if node.op_type == "Mul" and set(node.output) <= scales:
+            positions = range(len(node.input))
+        for i, name in enumerate(node.input):
+            if positions is not None and i in positions:
+                aux.add(name)
+            else:
+                other.add(name)
+    return aux - other
+
+
+def graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it (If branches, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for sub in node_subgraphs(node):
+            yield from graphs(sub)
+
+
+def graph_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs, each node followed by its subgraphs' nodes."""
+    for node in graph.node:
+        yield node
+        for sub in node_subgraphs(node):
+            yield from graph_nodes(sub)
+
+
+def onnx_weight_tensors(model: onnx.ModelProto):
+    """Every weight tensor of an ONNX graph, each once: initializers and ``Constant`` node values, in
+    the main graph and in every subgraph (If branches, Loop and Scan bodies).
+
+    A weight is a tensor of more than one element that is not ``int64`` or ``bool``: that excludes
+    scalars (quantization scales and zero points, constants such as 1.0) and the shape, axes and index
+    constants graphs carry as int64 vectors, and keeps float weights and int8/uint8/int32 quantized ones.
+    Tensors are keyed by name (an initializer overriding a graph input is counted once)."""
+    seen: set[str] = set()
+
+    def weight(t: onnx.TensorProto) -> bool:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        return n > 1 and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.BOOL,
+                                              onnx.TensorProto.STRING)
+
+    for graph in graphs(model.graph):
+        for init in graph.initializer:
+            if init.name not in seen and weight(init):
+                seen.add(init.name)
+                yield init.name, init
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                yield from _constant_weights(node, seen, weight)
+
+
+def _constant_weights(node: onnx.NodeProto, seen: set, weight):
+    """The weight a ``Constant`` node holds (``value`` or a ``value_floats`` list), unless seen."""
+    key = node.output[0] if node.output else id(node)
+    for attr in node.attribute:
+        if key in seen:
+            return
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR and weight(attr.t):
+            seen.add(key)
+            yield key, attr.t
+        elif attr.name == "value_floats" and len(attr.floats) > 1:
+            seen.add(key)
+            yield key, onnx.helper.make_tensor(key, onnx.TensorProto.FLOAT, [len(attr.floats)], list(attr.floats))
+
+
+def onnx_param_tensors(model: onnx.ModelProto) -> list[tuple[str, int, int]]:
+    """``(tensor name, parameters, non-zero parameters)`` for every weight tensor of the graph that
+    counts as parameters (:func:`onnx_param_count` sums them; the Layers view attributes each to its
+    layer, so the per-layer figures add up to the total)."""
+    from onnx import numpy_helper
+
+    aux = quantization_aux_names(model)
+    packed: dict[str, int] = {}  # 4-bit weights packed two per byte: count the weights, K x N
+    for node in graph_nodes(model.graph):
+        if node.op_type == "MatMulNBits" and len(node.input) > 1:
+            attrs = {a.name: a.i for a in node.attribute}
+            if attrs.get("K") and attrs.get("N"):
+                packed[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
+    out: list[tuple[str, int, int]] = []
+    for name, tensor in onnx_weight_tensors(model):
+        if name in aux:
+            continue
+        values = numpy_helper.to_array(tensor)
+        if name in packed:
+            # a packed byte is zero only when both of its weights are (at their zero point 0)
+            out.append((name, packed[name], min(packed[name], 2 * int(np.count_nonzero(values)))))
+        else:
+            out.append((name, int(np.prod(tensor.dims)), int(np.count_nonzero(values))))
+    return out
+
+
+def onnx_param_count(model: onnx.ModelProto) -> tuple[int, int]:
+    """(parameters, non-zero parameters) over :func:`onnx_weight_tensors` (initializers and Constant
+    nodes, subgraphs included), quantization scales and zero points excluded (the one definition of
+    "parameters" for every model and report: ``ModelHandle.param_count`` applies it to the deployed
+    artifact); 4-bit packed weights count as K x N."""
+    rows = onnx_param_tensors(model)
+    return sum(r[1] for r in rows), sum(r[2] for r in rows)
+
+
+def node_subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def lift_constant_weights(model: onnx.ModelProto) -> int:
+    """Turn weights stored as ``Constant`` nodes into initializers of the same name, in place, in the
+    main graph and in subgraphs; returns how many. The graph computes exactly the same, but the tools
+    that look for weights among initializers now find them: ONNX Runtime's quantizers (which otherwise
+    quantize only activations and make such a model *larger*) and onnx2torch (which otherwise cannot
+    convert it). Shape and index constants (int64) and scalars stay Constant nodes."""
+    count = 0
+
+    def lift(graph: onnx.GraphProto) -> None:
+        nonlocal count
+        keep = []
+        for node in graph.node:
+            for sub in node_subgraphs(node):
+                lift(sub)
+            value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
+                         None)
+            if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+                    and value is not None and len(node.output) == 1 and int(np.prod(value.dims)) > 1
+                    and value.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32,
+                                                onnx.TensorProto.BOOL, onnx.TensorProto.STRING)):
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(value)
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                count += 1
+            else:
+                keep.append(node)
+        if len(keep) != len(graph.node):
+            del graph.node[:]
+            graph.node.extend(keep)
+
+    lift(model.graph)
+    return count
