@@ -6,9 +6,11 @@ guarded against NaN, out of memory and cancels), measure each variant against th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +99,8 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
         progress.check()
         before = len(handle.history)
         label = describe_step(first_index + i + 1, step)
-        out_of_memory = False
-        try:  # on a helper thread: a cancel is honoured within cancellable.POLL_S, at any point
-            handle = cancellable.call(lambda f=tech.apply, h=handle, p=params, s=sub, k=this_seed: (
-                seed_everything(k), f(h, p, data, s))[1], progress, name=f"tugboat-{tech.name}")
-        except Exception as exc:
-            if not memory.is_out_of_memory(exc):
-                raise
-            out_of_memory = True  # raised outside the handler so the failed step's tensors are freed
-        if out_of_memory:
-            gc.collect()
-            raise ResourceError(memory.oom_message(f"in {label}"))
+        handle = out_of_memory_as_error(
+            functools.partial(_apply_one, tech, handle, params, data, progress, sub, this_seed), f"in {label}")
         if len(handle.history) <= before:  # the technique did not record the step itself
             handle.history = [*handle.history, step]
         reason = handle.info.pop(NO_CHANGE, None)
@@ -118,6 +111,17 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
         if probe is not None:
             check_outputs(handle, probe, label)
     return handle
+
+
+def _apply_one(tech, handle: ModelHandle, params: dict[str, Any], data: Dataset | None, progress: Progress,
+               sub: Progress, seed: int) -> ModelHandle:
+    """One technique on a helper thread (a cancel is honoured within cancellable.POLL_S, at any
+    point), from seeded generators."""
+    def work() -> ModelHandle:
+        seed_everything(seed)
+        return tech.apply(handle, params, data, sub)
+
+    return cancellable.call(work, progress, name=f"tugboat-{tech.name}")
 
 
 def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
@@ -178,24 +182,36 @@ def _check_first_run(recipe: Recipe, handle: ModelHandle, data: Dataset | None) 
 
 def _measure_original(recipe: Recipe, handle: ModelHandle, data: Dataset | None, cfg: MeasureConfig,
                       progress: Progress) -> tuple[dict[str, Any], list[np.ndarray] | None]:
-    metrics = outputs = None
+    def work():
+        try:
+            return cancellable.call(
+                lambda: measure(handle, data, cfg, reference=None,
+                                progress=progress.sub(0.3, 1.0, "baseline: ")), progress, name="tugboat-measure")
+        except TugboatError as exc:
+            if data is not None and any(m in exc.message.lower() for m in INDEX_MARKERS):
+                raise first_run_error(exc, handle, data) from None  # a bad token id beyond the probe's
+            raise
+        except Cancelled:
+            raise
+        except Exception as exc:
+            if not memory.is_out_of_memory(exc):
+                raise first_run_error(exc, handle, data) from None
+            raise
+
+    return out_of_memory_as_error(work, "measuring the original model", path=recipe.model)
+
+
+def out_of_memory_as_error(work: Callable[[], Any], where: str | Callable[[], str], path: str | None = None):
+    """``work()``; running out of memory in it raises :class:`ResourceError` naming ``where`` (a text
+    or a function giving it, read when it happens), after the failed work's tensors are freed: it is
+    raised outside the handler (whose traceback still holds them) and after ``gc.collect()``."""
     try:
-        metrics, outputs = cancellable.call(
-            lambda: measure(handle, data, cfg, reference=None,
-                            progress=progress.sub(0.3, 1.0, "baseline: ")), progress, name="tugboat-measure")
-    except TugboatError as exc:
-        if data is not None and any(m in exc.message.lower() for m in INDEX_MARKERS):
-            raise first_run_error(exc, handle, data) from None  # a bad token id beyond the probe's
-        raise
-    except Cancelled:
-        raise
+        return work()
     except Exception as exc:
         if not memory.is_out_of_memory(exc):
-            raise first_run_error(exc, handle, data) from None
-    if metrics is None:  # out of memory: raised here, outside the handler, so its tensors are freed
-        gc.collect()
-        raise ResourceError(memory.oom_message("measuring the original model"), path=recipe.model)
-    return metrics, outputs
+            raise
+    gc.collect()  # only out of memory reaches here
+    raise ResourceError(memory.oom_message(where() if callable(where) else where), path=path)
 
 
 def timing_reference(handle: ModelHandle, data: Dataset | None, cfg: MeasureConfig) -> TimingReference:
@@ -247,28 +263,26 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     todo = recipe.steps[done_steps:]
     memory.check(start or base.handle, todo, base.data, base.cfg, first_index=done_steps,
                     where=recipe.source or recipe.model)
-    out_of_memory = False
-    try:
-        handle = apply_steps(start or base.handle, todo, base.data, progress.sub(0.0, 0.7),
-                             first_index=done_steps, trust=recipe.trust_steps, seed=recipe.seed)
-        unchanged = set(handle.info.get("unchanged_steps", []))
-        if unchanged:  # the name claims only the steps that did something
-            done = [s for i, s in enumerate(recipe.steps) if i not in unchanged]
-            variant.name = variant_name(done) if done else "unchanged"
-        finish_variant(variant, handle, base, progress.sub(0.7, 1.0, "measuring: "))
-    except NumericalError as exc:
-        variant.status, variant.error = "failed", f"numerical failure: {exc.message}"
-    except Cancelled:
-        variant.status, variant.error = "cancelled", "cancelled by the user"
-        raise
-    except Exception as exc:
-        if not memory.is_out_of_memory(exc):
+    def work() -> None:
+        try:
+            handle = apply_steps(start or base.handle, todo, base.data, progress.sub(0.0, 0.7),
+                                 first_index=done_steps, trust=recipe.trust_steps, seed=recipe.seed)
+            unchanged = set(handle.info.get("unchanged_steps", []))
+            if unchanged:  # the name claims only the steps that did something
+                done = [s for i, s in enumerate(recipe.steps) if i not in unchanged]
+                variant.name = variant_name(done) if done else "unchanged"
+            finish_variant(variant, handle, base, progress.sub(0.7, 1.0, "measuring: "))
+        except NumericalError as exc:
+            variant.status, variant.error = "failed", f"numerical failure: {exc.message}"
+        except Cancelled:
+            variant.status, variant.error = "cancelled", "cancelled by the user"
             raise
-        out_of_memory = True
-    if out_of_memory:
-        variant.handle = None
-        gc.collect()
-        raise ResourceError(memory.oom_message(f"measuring {variant.name}"))
+        except Exception as exc:
+            if memory.is_out_of_memory(exc):
+                variant.handle = None
+            raise
+
+    out_of_memory_as_error(work, lambda: f"measuring {variant.name}")
     if variant.metrics:
         variant.metrics["seconds"] = round(time.perf_counter() - t0, 3)
     return variant
