@@ -21,6 +21,7 @@ from . import steps as step_registry
 from .capabilities import needs_torch_module
 from .data import Dataset, check_labels_fit, load_data
 from .errors import Cancelled, NumericalError, ResourceError, TugboatError
+from .export import write_onnx
 from .guards import (
     INDEX_MARKERS,
     check_outputs,
@@ -31,6 +32,8 @@ from .guards import (
     probe_outputs,
 )
 from .loading import load_model
+from .lock import locked_output
+from .machine import advice
 from .measure import (
     MeasureConfig,
     TimingReference,
@@ -44,8 +47,10 @@ from .measure import (
 from .models import ModelHandle, require_shapes
 from .progress import Progress, null_progress
 from .recipe import DEFAULT_SEED, Recipe
+from .report_json import build_report, write_report
 from .runtime import fixed_batch
 from .steps import NO_CHANGE
+from .stored import WORKSPACE_FILE
 from .tasks import set_task
 from .variants import Baseline, Variant, safe_name, variant_name
 
@@ -239,8 +244,6 @@ def finish_variant(variant: Variant, handle: ModelHandle, base: Baseline,
 def judge_timing(variant: Variant, baseline_metrics: dict[str, Any]) -> None:
     """Replace the variant's timing verdict (:func:`measure.slower_than`) and information notes
     (other runtimes and batches, advice for this machine and these steps)."""
-    from .machine import advice
-
     variant.warnings = [w for w in variant.warnings if not is_timing_warning(w)]
     steps = list((variant.recipe or {}).get("steps") or [])
     variant.warnings += slower_than(variant.metrics, baseline_metrics)
@@ -290,8 +293,6 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
 
 def write_variant_artifacts(variant: Variant, folder: str | os.PathLike) -> dict[str, str]:
     """Write the variant's ONNX artifact (and torch file where there is one), atomically."""
-    from .export import write_onnx
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if variant.handle is None:
@@ -307,9 +308,6 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
 
     ``out_dir`` is checked first (writable, not a sweep workspace) and locked while the run writes it
     (:mod:`lock`): a second run or sweep on it is refused with the PID that holds it."""
-    from .lock import locked_output
-    from .stored import WORKSPACE_FILE
-
     progress = progress or null_progress()
     out = Path(out_dir)
     if (out / WORKSPACE_FILE).is_file():  # its report.json belongs to the sweep: never replace it
@@ -321,8 +319,6 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
 
 
 def _run_locked(recipe: Recipe, out: Path, progress: Progress) -> dict[str, Any]:
-    from .report_json import build_report, write_report
-
     base = prepare(recipe, progress.sub(0.0, 0.3 if recipe.steps else 0.9))
     variants: list[Variant] = []
     baseline_variant = Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle)

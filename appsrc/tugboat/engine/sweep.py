@@ -48,14 +48,17 @@ from typing import Any
 
 from . import memory
 from . import steps as step_registry
-from .errors import Cancelled, RecipeError, TugboatError
-from .executors.base import PrefixCache, steps_key
+from .errors import Cancelled, NumericalError, RecipeError, ResourceError, TugboatError
+from .executors.base import Context, LocalExecutor, PrefixCache, Task, steps_key
 from .formatting import did_you_mean
+from .lock import locked_output
+from .machine import machine_info
 from .progress import Progress, null_progress
 from .recipe import Recipe, validate_steps
 from .report_json import quality_of
 from .runner import finish_variant, prepare
 from .variants import Baseline, Variant, variant_name
+from .workspace import Workspace, WorkspaceError
 
 SEARCH_KEYS = {"budget_seconds": (0.0, 7 * 24 * 3600.0), "max_variants": (1, 100000), "seed": (0, 2**31)}
 TARGET_KEYS = {**SEARCH_KEYS, "max_accuracy_drop": (0.0, 1.0), "objective": ("latency", "size")}
@@ -405,7 +408,6 @@ def plan(recipe: Recipe, max_variants: int | None = None) -> Plan:
 def finish_outcome(base: Baseline, recipe: Recipe, cand: Candidate, outcome, progress: Progress) -> Variant:
     """The variant for an executor's outcome: measured here (quality and latency, serially, in the
     driver), or failed with the reason it could not be made or measured."""
-    from .errors import NumericalError
     t0 = time.perf_counter()
     variant_recipe = recipe.with_steps(cand.steps)
     if outcome.error is not None:
@@ -424,8 +426,6 @@ def finish_outcome(base: Baseline, recipe: Recipe, cand: Candidate, outcome, pro
         except Exception as exc:
             if not memory.is_out_of_memory(exc):
                 raise
-            from .errors import ResourceError
-
             raise ResourceError(memory.oom_message(f"measuring {cand.name}")) from None
     variant.name = cand.name
     if outcome.reused_prefix_steps:
@@ -470,8 +470,6 @@ def run_sweep(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
 
     ``workspace`` (an open Workspace whose folder lock the caller holds, e.g. the window's) is
     continued instead of ``out_dir`` (as with ``resume``); ``base``: the baseline already prepared."""
-    from .lock import locked_output
-
     the_plan = plan(recipe, max_variants)  # every combination validated before any work
     if workspace is not None:
         return _run_sweep_locked(recipe, the_plan, workspace.path, None, resume=True, progress=progress,
@@ -528,8 +526,6 @@ def _run_sweep_locked(recipe: Recipe, the_plan: Plan, out: Path, lock, *, resume
     cache, source, total = driver.todo()
     if driver.result.skipped:
         log(f"resuming: {len(driver.result.skipped)} finished variant(s) kept, not recomputed")
-    from .executors.base import Context, LocalExecutor
-
     driver.executor = executor or LocalExecutor()
     driver.executor.start(Context.of(base, recipe), cache)
     ws.meta["sweep"]["executor"] = driver.executor.describe()
@@ -548,8 +544,6 @@ def _check_resumable(out: Path, lock, recipe: Recipe, resume: bool, given=None) 
     """Whether ``out`` holds a workspace already (``given``: one open already, the window's); refuses
     one with variants unless resuming, and one made with settings whose variants this recipe's could
     not be compared with."""
-    from .workspace import Workspace, WorkspaceError
-
     if given is None and not Workspace.exists(out):
         return False
     ws = given if given is not None else Workspace.open(out, lock=lock)
@@ -568,9 +562,6 @@ def _check_resumable(out: Path, lock, recipe: Recipe, resume: bool, given=None) 
 def _open_workspace(out: Path, lock, existing: bool, recipe: Recipe, base: Baseline, the_plan: Plan, given=None):
     """The workspace the sweep writes (``given``, or the one in ``out``), with its baseline (the one
     on record when resuming), recipe and the machine the timings come from, saved."""
-    from .machine import machine_info
-    from .workspace import Workspace
-
     if existing:
         ws = given if given is not None else Workspace.open(out, lock=lock)
         if not (len(ws) or ws.baseline is not None):  # an empty one takes this sweep's settings
@@ -644,8 +635,6 @@ class _Driver:
         return chunk
 
     def run_chunk(self, chunk: list[Candidate], total: int | None) -> None:
-        from .executors.base import Task
-
         budget, count = self.plan.budget_seconds, self.count
         elapsed = time.monotonic() - self.t_start
         by_name = {c.name: c for c in chunk}

@@ -13,9 +13,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import memory
 from ..errors import Cancelled, TugboatError
 from ..models import ModelHandle
 from ..progress import Progress, null_progress
+from ..runner import apply_steps
 
 DEFAULT_RETRIES = 2
 CRASH_ENV = "TUGBOAT_TEST_CRASH_ONCE"  # tests only: a marker file; the first task to see it absent dies
@@ -67,9 +69,6 @@ class Context:
 def compress(ctx: Context, task: Task, cache=None, progress: Progress | None = None) -> Outcome:
     """Apply a task's steps (from the longest prefix in ``cache``); a TugboatError becomes an
     outcome with its message (one combination that cannot be made does not end the sweep)."""
-    from .. import memory
-    from ..runner import apply_steps
-
     progress = progress or null_progress()
     _maybe_crash(ctx)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..progress import Progress, null_progress
-from .base import Context, Executor, ExecutorError, Outcome, Task, compress
+from .base import Context, Executor, ExecutorError, Outcome, Task, compress, cpu_count
 
 INSTALL = "pip install 'tugboat-ml[ray]'"
 
@@ -62,8 +62,6 @@ class RayExecutor(Executor):
                 if self.address:
                     ray.init(address=self.address, **kwargs)
                 else:
-                    from .base import cpu_count
-
                     ray.init(num_cpus=self.workers or cpu_count(), num_gpus=0 if not self.num_gpus else None,
                              **kwargs)
             except Exception as exc:
