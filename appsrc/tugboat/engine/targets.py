@@ -46,7 +46,7 @@ def output_files(path: str | os.PathLike, kind: str) -> list[Path]:
 
 
 def check_inputs(handle: ModelHandle, data=None, n: int = CHECK_SAMPLES) -> list[np.ndarray]:
-    from .measure import batch_inputs
+    from .timing import batch_inputs
 
     if data is not None:
         try:
