@@ -89,6 +89,57 @@ def edges(root: Path = PACKAGE_ROOT, missing: list[str] | None = None) -> dict[s
     return graph
 
 
+def _bound_names(tree: ast.Module) -> set[str] | None:
+    """Names a module binds at its top level (under ``if``/``try`` too); None when it has a module
+    ``__getattr__`` (any name may exist)."""
+    names: set[str] = set()
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(tree.body)
+    return None if "__getattr__" in names else names
+
+
+def missing_names(root: Path = PACKAGE_ROOT) -> list[str]:
+    """``from tugboat.x import name`` (deferred ones too) where module x neither binds ``name`` nor
+    has a submodule of that name: "file:line: tugboat.x has no name". A function moved to another
+    module while a deferred import elsewhere still names its old home fails only when that line runs."""
+    files = module_files(root)
+    bound = {m: _bound_names(ast.parse(p.read_text(encoding="utf-8"))) for m, p in files.items()}
+    out = []
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node, _ in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names = bound.get(base)
+            if names is None:
+                continue  # outside the package, or a module __getattr__
+            for alias in node.names:
+                if alias.name != "*" and alias.name not in names and f"{base}.{alias.name}" not in files:
+                    out.append(f"{path.relative_to(root.parent.parent)}:{node.lineno}: {base} has no {alias.name}")
+    return out
+
+
 def cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}

@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from import_graph import PACKAGE_ROOT, cycles, describe, edges, module_files
+from import_graph import PACKAGE_ROOT, cycles, describe, edges, missing_names, module_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,27 @@ def test_every_import_of_the_package_names_a_module_that_exists():
     missing: list[str] = []
     edges(missing=missing)
     assert not missing, "imports of modules that do not exist:\n" + "\n".join(missing)
+
+
+def test_every_name_imported_from_the_package_exists():
+    # a function moved to another module fails only when a deferred import of its old home runs
+    missing = missing_names()
+    assert not missing, "imports of names their module does not define:\n" + "\n".join(missing)
+
+
+def test_name_finder_sees_deferred_imports_of_moved_names(tmp_path):
+    pkg = tmp_path / "tugboat"
+    (pkg / "engine").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "engine" / "__init__.py").write_text("")
+    (pkg / "engine" / "a.py").write_text("import os\nfrom typing import Any as Thing\nX = 1\n"
+                                          "try:\n    import json\nexcept ImportError:\n    json = None\n"
+                                          "def moved_here(): pass\n")
+    (pkg / "engine" / "b.py").write_text("from .a import X, Thing, json, os\n\ndef f():\n"
+                                          "    from .a import gone\n    from tugboat.engine import a, c\n")
+    missing = missing_names(pkg)
+    assert len(missing) == 2 and missing[0].endswith("b.py:4: tugboat.engine.a has no gone"), missing
+    assert missing[1].endswith("b.py:5: tugboat.engine has no c"), missing
 
 
 def test_cycle_finder_sees_deferred_imports(tmp_path):
