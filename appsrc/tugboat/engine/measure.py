@@ -24,9 +24,13 @@ import torch
 
 from .devices import resolve as resolve_device
 from .errors import ModelLoadError, TugboatError
+from .machine import channel_multiple
 from .models import ModelHandle
+from .names import layer_key
+from .onnx_graph import graph_nodes, onnx_param_tensors
 from .progress import Progress, null_progress
 from .runtime import _cast, eval_mode, fixed_batch, ort_device, ort_session, predict, shared_session, torch_threads
+from .runtimes import measure_runtimes
 from .timing import (
     NOISY_SPREAD,
     check_finite,
@@ -449,8 +453,6 @@ def layer_table(handle: ModelHandle) -> list[dict[str, Any]]:
     torch model the rows are its modules (FLOPs of their exported nodes, see _module_flops): a BatchNorm the
     export folds into its convolution keeps a row with 0 parameters (``folded``), and weights the
     export puts outside any module row (e.g. a positional embedding) get rows of their ONNX nodes."""
-    from .names import layer_key
-
     model = handle.to_onnx()
     onnx_rows = _onnx_layer_rows(handle, model)
     if handle.module is None or handle.onnx_model is not None:
@@ -510,9 +512,6 @@ def _onnx_layer_rows(handle: ModelHandle, model: onnx.ModelProto) -> list[dict[s
     (:func:`~tugboat.engine.onnx_graph.onnx_param_tensors`) goes to the first node that uses it, seen
     through DequantizeLinear / Cast (a quantized or fp16 variant's layers have their parameters),
     and to that node's layer row when the layer has one already (a Linear's MatMul and its bias Add)."""
-    from .names import layer_key
-    from .onnx_graph import graph_nodes, onnx_param_tensors
-
     _, nodes = onnx_flops(model, input_shapes=input_shapes(handle))
     all_nodes = list(graph_nodes(model.graph))
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -904,8 +903,6 @@ def add_runtimes(metrics: dict[str, Any], handle: ModelHandle, data, cfg: Measur
                  reference: list[np.ndarray] | None, progress: Progress | None = None) -> None:
     """``metrics["runtimes"]``: latency, fidelity and version per runtime; ``latency_ms`` is the first
     runtime's when it could run the variant (else it stays ONNX Runtime's, and says so)."""
-    from .runtimes import measure_runtimes
-
     per = measure_runtimes(handle, cfg, names, data=data, reference=reference, progress=progress)
     metrics["runtimes"] = per
     first = per.get(cfg.runtime) or {}
@@ -1003,8 +1000,6 @@ def flops_promise(variant: dict[str, Any], baseline: dict[str, Any], steps: list
     prunes = [s for s in steps or [] if s.get("technique") == "prune" and s.get("method") == "structured"]
     hint = ""
     if prunes and not all(s.get("round_to") for s in prunes):
-        from .machine import channel_multiple
-
         n = channel_multiple(int((variant.get("latency_ms") or {}).get("threads") or 1))
         hint = (f"; channel counts that are not multiples of {n} run on slower kernels on this CPU "
                 f"(measured): try round_to = {n}")
