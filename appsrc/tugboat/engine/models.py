@@ -1,8 +1,8 @@
 """The model handle: :class:`ModelHandle` (a loaded model and everything known about it) and
 :class:`TensorSpec`, with the two conversions a handle makes of itself (its torch module to ONNX,
 an ONNX graph to torch). The bottom of the loading and saving layer: it reads no file (that is
-:mod:`.loading`, above the format readers) and imports nothing of the engine but errors, runtime,
-tasks and the ONNX graph facts.
+:mod:`.loading`, above the format readers) and imports nothing of the engine but errors, runtime
+and the ONNX graph facts (:mod:`.onnx_graph`).
 """
 
 from __future__ import annotations
