@@ -40,7 +40,7 @@ def test_a_listed_sweep_plans_exactly_its_entries_and_names_a_bad_one():
 def test_a_variant_deleted_while_a_sweep_writes_the_workspace_leaves_it_when_the_sweep_ends(qtbot, tmp_path):
     import threading
 
-    from tugboat.engine.recipe import Variant
+    from tugboat.engine.variants import Variant
     from tugboat.jobs import JobQueue
     from tugboat.ui.session import Session
     from tugboat.ui.store import VariantStore
