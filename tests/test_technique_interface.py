@@ -20,8 +20,9 @@ from tugboat.cli import main
 from tugboat.engine import distill, estimate, memory, prune, qat, quantize, steps
 from tugboat.engine.capabilities import capabilities
 from tugboat.engine.errors import RecipeError
-from tugboat.engine.recipe import parse_recipe, step_label, variant_name
+from tugboat.engine.recipe import parse_recipe
 from tugboat.engine.technique import Param, Technique
+from tugboat.engine.variants import step_label, variant_name
 
 
 def _zero_smallest(handle, params, data, progress):
