@@ -104,7 +104,7 @@ def test_fixed_batch_variant_is_diagnosed_on_padded_batches(demo_models, demo_da
     batch of its sample (10 rows) through quantize's reader and cuts the padding off again."""
     import onnx
 
-    from tugboat.engine.models import load_model
+    from tugboat.engine.loading import load_model
 
     h = demo_models("digits-cnn")
     fixed = h.to_onnx()

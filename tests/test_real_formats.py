@@ -34,7 +34,7 @@ _ROUND_TRIP_GAP = ("a graph onnx2torch made holds shape ops that torch.export ca
 @functools.cache
 def _loaded(name: str):
     from tugboat.engine.data import load_data
-    from tugboat.engine.models import load_model
+    from tugboat.engine.loading import load_model
 
     rm = real_model(name)
     trusted = bool(rm.arch and ":" in rm.arch)  # the architecture file is the corpus tool's own code
@@ -51,7 +51,8 @@ def _few(data, handle, n: int) -> list[np.ndarray]:
 
 def _prunes_and_exports(handle, data, name: str):
     from tugboat.engine import prune
-    from tugboat.engine.export import check_onnx, export_onnx_model
+    from tugboat.engine.export import check_onnx
+    from tugboat.engine.models import export_onnx_model
     from tugboat.engine.progress import null_progress
     from tugboat.engine.runtime import run_onnx
 
@@ -104,12 +105,12 @@ def test_an_onnx_only_corpus_model_says_why_and_still_quantizes(name):
 @pytest.mark.xfail(reason=_ROUND_TRIP_GAP, strict=True)
 @pytest.mark.parametrize("name,save", [("silero-vad-jit", "save_torchscript"), ("silero-vad-jit", "save_exported")])
 def test_a_pruned_corpus_model_saved_as_a_torch_file_reopens_and_compresses_again(name, save, tmp_path):
-    from tugboat.engine import models
+    from tugboat.engine import loading
 
     handle, data = _loaded(name)
     pruned = _prunes_and_exports(handle, data, name)
-    path = getattr(models, save)(pruned, tmp_path / ("again.pt2" if save == "save_exported" else "again.pt"))
-    reopened = models.load_model(path)
+    path = getattr(loading, save)(pruned, tmp_path / ("again.pt2" if save == "save_exported" else "again.pt"))
+    reopened = loading.load_model(path)
     from tugboat.engine.data import load_data
 
     again = load_data(data.ref, reopened)

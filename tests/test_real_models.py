@@ -156,7 +156,7 @@ def _default_int8(name: str):
     for all the tests below."""
     from tugboat.engine import quantize
     from tugboat.engine.data import load_data
-    from tugboat.engine.models import load_model
+    from tugboat.engine.loading import load_model
     from tugboat.engine.progress import null_progress
 
     rm = real_model(name)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tugboat.engine.errors import DataError, ModelLoadError
-from tugboat.engine.models import load_model
+from tugboat.engine.loading import load_model
 
 
 class Streaming(nn.Module):
