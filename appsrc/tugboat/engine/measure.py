@@ -485,8 +485,6 @@ def _module_flops(handle: ModelHandle, onnx_rows: list[dict[str, Any]]) -> dict[
     """FLOPs at batch 1 per torch module name: those of the exported graph's nodes of that module
     (the same formula), or from FlopCounterMode when no node maps onto a module. The counting mode
     imports torch._dynamo, sympy and scikit-learn (about 1 s), so it is only the fallback."""
-    from .names import layer_key
-
     names = {name for name, _ in handle.module.named_modules() if name}
     counts: dict[str, int] = {}
     for r in onnx_rows:
