@@ -27,7 +27,7 @@ def test_info_of_the_demo_imports_no_compiler_stack():
 
 
 def test_demo_data_and_example_inputs_import_nothing_heavy():
-    code = ("from tugboat.engine.models import load_model\nfrom tugboat.engine.data import load_data\n"
+    code = ("from tugboat.engine.loading import load_model\nfrom tugboat.engine.data import load_data\n"
             "h = load_model('demo:digits-cnn')\nd = load_data('demo:digits', h)\nh.example_inputs(4)")
     assert _modules_after(code) == []
 
@@ -77,7 +77,7 @@ def test_an_onnx_model_is_converted_to_torch_only_when_a_step_needs_it(tmp_path,
     assert needs_torch_module(recipe({"technique": "prune", "method": "structured", "ratio": 0.5}, quant))
     assert needs_torch_module(recipe({**quant, "method": "qat-int8"}))
     assert needs_torch_module(recipe(quant, measure={"runtime": "torch"}))
-    code = (f"from tugboat.engine.recipe import parse_recipe, prepare, run_variant\n"
+    code = (f"from tugboat.engine.recipe import parse_recipe\nfrom tugboat.engine.runner import prepare, run_variant\n"
             f"r = parse_recipe({{'model': {str(path)!r}, 'data': 'demo:digits', 'steps': [{quant!r}],"
             f" 'measure': {{'batch': 16, 'threads': 1, 'min_runs': 3, 'min_seconds': 0.0, 'max_seconds': 0.2}}}})\n"
             f"base = prepare(r)\nv = run_variant(base, r)\nassert v.status == 'ok', v.error\n"
