@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tugboat.engine.recipe import Variant
+from tugboat.engine.variants import Variant
 from tugboat.engine.workspace import Workspace
 from tugboat.jobs import JobQueue
 from tugboat.ui.chart import TradeoffChart
