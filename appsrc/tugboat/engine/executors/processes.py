@@ -81,10 +81,20 @@ def _context() -> Context:
     assert _CTX_PATH is not None
     stamp = os.stat(_CTX_PATH).st_mtime_ns
     if _CTX is None or stamp != _CTX_STAMP:
+        _check_private(Path(_CTX_PATH))
         with open(_CTX_PATH, "rb") as f:
             _CTX = pickle.load(f)  # written by this sweep's driver process (see the module doc)
         _CTX_STAMP = stamp
     return _CTX
+
+
+def _check_private(path: Path) -> None:
+    """The context is only read from the driver's own private folder: made by ``mkdtemp`` (0700),
+    owned by this user, the file ours too; anything else is refused rather than unpickled."""
+    for p in (path.parent, path):
+        st = os.lstat(p)
+        if st.st_uid != os.getuid() or (p == path.parent and st.st_mode & 0o077):
+            raise PermissionError(f"{p}: not this sweep's private worker folder; refusing to read it")
 
 
 def _run_group(tasks: list[Task]) -> list[Outcome]:
