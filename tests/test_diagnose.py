@@ -107,7 +107,8 @@ def test_fixed_batch_variant_is_diagnosed_on_padded_batches(demo_models, demo_da
     from tugboat.engine.loading import load_model
 
     h = demo_models("digits-cnn")
-    fixed = h.to_onnx()
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(h.to_onnx())  # the session's shared handle keeps its own graph
     for value in [*fixed.graph.input, *fixed.graph.output]:
         value.type.tensor_type.shape.dim[0].ClearField("dim_param")
         value.type.tensor_type.shape.dim[0].dim_value = 4

@@ -45,7 +45,7 @@ def _pruned_widths(out) -> dict[str, tuple[int, int]]:
 def test_rounded_keep_goes_to_the_nearest_multiple_and_never_to_zero():
     assert rounded_keep(40, 28, 16) == 32 and rounded_keep(40, 20, 16) == 16  # nearest, not down
     assert rounded_keep(24, 4, 16) == 16  # at least one multiple
-    assert rounded_keep(12, 6, 16) == 12  # no wider than the multiple: kept whole
+    assert rounded_keep(12, 6, 16) == 6  # no wider than the multiple: the exact count
     assert rounded_keep(50, 35, 8) == 32 and rounded_keep(50, 50, 8) == 50
     assert rounded_keep(50, 35, 0) == 35  # 0: no rounding
     for c, k in [(40, 32), (24, 16), (50, 32), (7, 3)]:

@@ -90,11 +90,11 @@ def kept_unrounded(channels: int, ratio: float) -> int:
 
 def rounded_keep(channels: int, keep: int, multiple: int) -> int:
     """``keep`` channels of a ``channels``-wide layer rounded to the nearest ``multiple``, at least one
-    multiple; a layer that loses nothing, or is no wider than the multiple, stays as it is."""
-    if multiple <= 1 or keep >= channels:
+    multiple. A layer no wider than the multiple keeps the exact count asked for: no multiple fits
+    it, and keeping it whole would ignore the ratio (and make a narrow model's pruning depend on
+    which multiple this CPU measured)."""
+    if multiple <= 1 or keep >= channels or channels <= multiple:
         return keep
-    if channels <= multiple:
-        return channels
     rounded = max(multiple, int(keep / multiple + 0.5) * multiple)
     return min(rounded, channels)
 
