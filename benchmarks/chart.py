@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     import tugboat.jobs._qt_compat  # noqa: F401  (PySide6 6.12 reference fix)
-    from tugboat.engine.variants import Variant
+    from tugboat.engine.running.variants import Variant
     from tugboat.ui.chart import TradeoffChart
     from tugboat.ui.store import VariantStore
 
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"case": "store.pareto() alone", **summary(timed(store.pareto, args.repeats))})
 
     if not args.no_estimate:
-        from tugboat.engine.estimate import build_profile, estimate
-        from tugboat.engine.measure import MeasureConfig, layer_table
-        from tugboat.engine.recipe import Recipe
-        from tugboat.engine.runner import prepare
+        from tugboat.engine.measuring.measure import MeasureConfig, layer_table
+        from tugboat.engine.running.recipe import Recipe
+        from tugboat.engine.running.runner import prepare
+        from tugboat.engine.techniques.estimate import build_profile, estimate
 
         cfg = MeasureConfig(batch=64, threads=1, warmup=1, min_runs=3, min_seconds=0.0, max_seconds=0.2,
                             also_batch1=False, both_runtimes=False)

@@ -33,12 +33,12 @@ os.environ.setdefault("TUGBOAT_CACHE_DIR", str(ROOT / ".test-home" / "cache"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tugboat.engine import distill  # noqa: E402
-from tugboat.engine.data import Dataset  # noqa: E402
+from tugboat.engine.io.data import Dataset  # noqa: E402
 from tugboat.engine.progress import null_progress  # noqa: E402
-from tugboat.engine.recipe import parse_recipe  # noqa: E402
-from tugboat.engine.runner import finish_variant, prepare  # noqa: E402
-from tugboat.engine.variants import Variant, variant_name  # noqa: E402
+from tugboat.engine.running.recipe import parse_recipe  # noqa: E402
+from tugboat.engine.running.runner import finish_variant, prepare  # noqa: E402
+from tugboat.engine.running.variants import Variant, variant_name  # noqa: E402
+from tugboat.engine.techniques import distill  # noqa: E402
 
 MEASURE = {"batch": 64, "threads": 1, "runtime": "onnxruntime", "both_runtimes": False,
            "also_batch1": True, "min_runs": 20, "max_seconds": 1.0}

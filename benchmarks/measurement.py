@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TUGBOAT_CACHE_DIR", str(ROOT / ".test-home" / "cache"))
 
 from tugboat.engine.machine import describe, machine_info  # noqa: E402
-from tugboat.engine.measure import measure, slower_than  # noqa: E402
+from tugboat.engine.measuring.measure import measure, slower_than  # noqa: E402
 from tugboat.engine.progress import null_progress  # noqa: E402
-from tugboat.engine.recipe import parse_recipe, validate_steps  # noqa: E402
-from tugboat.engine.runner import apply_steps, prepare  # noqa: E402
+from tugboat.engine.running.recipe import parse_recipe, validate_steps  # noqa: E402
+from tugboat.engine.running.runner import apply_steps, prepare  # noqa: E402
 
 VARIANTS = {
     "unstructured 0.5 (same speed)": ({"technique": "prune", "method": "unstructured", "ratio": 0.5}, "same"),

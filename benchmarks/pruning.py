@@ -24,12 +24,12 @@ os.environ.setdefault("TUGBOAT_CACHE_DIR", str(ROOT / ".test-home" / "cache"))
 
 import torch  # noqa: E402
 
-from tugboat.engine import prune  # noqa: E402
-from tugboat.engine.finetune import evaluate  # noqa: E402
 from tugboat.engine.progress import null_progress  # noqa: E402
-from tugboat.engine.recipe import parse_recipe  # noqa: E402
-from tugboat.engine.runner import finish_variant, prepare  # noqa: E402
-from tugboat.engine.variants import Variant, variant_name  # noqa: E402
+from tugboat.engine.running.recipe import parse_recipe  # noqa: E402
+from tugboat.engine.running.runner import finish_variant, prepare  # noqa: E402
+from tugboat.engine.running.variants import Variant, variant_name  # noqa: E402
+from tugboat.engine.techniques import prune  # noqa: E402
+from tugboat.engine.techniques.finetune import evaluate  # noqa: E402
 
 MODELS = ("digits-cnn", "digits-mlp", "digits-resnet", "digits-vit")
 SETTINGS = (

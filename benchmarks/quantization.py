@@ -24,9 +24,9 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import torch
 
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import Recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.running.recipe import Recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
 
 MODELS = ("digits-mlp", "digits-cnn", "digits-resnet", "digits-vit")
 METHODS = (

@@ -42,9 +42,9 @@ import numpy as np
 import onnx
 import torch
 
-from tugboat.engine import quantize
+from tugboat.engine.measuring.runtime import ort_session
 from tugboat.engine.progress import null_progress
-from tugboat.engine.runtime import ort_session
+from tugboat.engine.techniques import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 TUGBOAT = ("auto", "static-int8", "dynamic-int8", "weight-only-int8")
@@ -75,8 +75,8 @@ def corpus(images: int = 0):
     if not tool.exists():
         return {}
     rm = _module("real_models", tool)
-    from tugboat.engine.data import _make_dataset, load_data
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.data import _make_dataset, load_data
+    from tugboat.engine.io.loading import load_model
 
     out = {}
     for name, entry in rm.ENTRIES.items():

@@ -29,9 +29,9 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 import numpy as np
 import torch
 
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import Recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.running.recipe import Recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = ("dynamic-int8", "static-int8", "weight-only-int8", "weight-only-int4", "fp16", "qat-int8")
@@ -80,7 +80,7 @@ def _export_check(handle, data) -> str:
     """The deployable ONNX graph: checker, then an ONNX Runtime run on real samples."""
     import onnx
 
-    from tugboat.engine.runtime import run_onnx
+    from tugboat.engine.measuring.runtime import run_onnx
 
     model = handle.to_onnx()
     onnx.checker.check_model(model)

@@ -45,8 +45,8 @@ both_runtimes = false
 
 
 def one(name: str, text: str, make) -> tuple[float, int]:
-    from tugboat.engine.recipe import parse_recipe
-    from tugboat.engine.sweep import run_sweep
+    from tugboat.engine.running.recipe import parse_recipe
+    from tugboat.engine.running.sweep import run_sweep
 
     with tempfile.TemporaryDirectory() as d:
         recipe = parse_recipe(tomllib.loads(text), str(Path(d) / "r.toml"))
@@ -66,7 +66,7 @@ def main() -> None:
     ratios = [round(0.1 + 0.8 * i / max(1, args.variants // 3 - 1), 2) for i in range(max(1, args.variants // 3))]
     text = RECIPE.format(finetune=args.finetune, ratios=ratios)
 
-    from tugboat.engine.executors import LocalExecutor, make_executor
+    from tugboat.engine.running.executors import LocalExecutor, make_executor
 
     print(f"{len(ratios) * 3} variants, {args.finetune} fine-tuning epoch(s)")
     one("local (warm-up run)", text, LocalExecutor)  # first-use imports and caches out of the comparison
@@ -77,7 +77,7 @@ def main() -> None:
         return
     import ray
 
-    from tugboat.engine.executors.ray_executor import RayExecutor
+    from tugboat.engine.running.executors.ray_executor import RayExecutor
 
     for cpus in (1, 2):
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
-from tugboat.engine import runtimes
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import Recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
+from tugboat.engine.measuring import runtimes
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.running.recipe import Recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {

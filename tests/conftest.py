@@ -50,7 +50,7 @@ def _qt_garbage_on_the_gui_thread(request):
 
 @pytest.fixture(scope="session")
 def demo_data():
-    from tugboat.engine.data import load_data
+    from tugboat.engine.io.data import load_data
 
     return load_data("demo:digits")
 
@@ -58,7 +58,7 @@ def demo_data():
 @pytest.fixture(scope="session")
 def demo_models():
     """Loaded demo models by name, each loaded once per session."""
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.loading import load_model
 
     cache: dict[str, object] = {}
 

@@ -8,8 +8,8 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.runtime import eval_mode
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.measuring.runtime import eval_mode
 
 FAST = MeasureConfig(batch=32, min_runs=3, min_seconds=0.0, max_seconds=0.5, warmup=1,
                      also_batch1=False, both_runtimes=False, threads=1)

@@ -14,7 +14,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "appsrc" / "tugboat"
 
 
 def module_files(root: Path = PACKAGE_ROOT) -> dict[str, Path]:
-    """``tugboat.engine.models`` -> its file, for every module of the package."""
+    """``tugboat.engine.io.models`` -> its file, for every module of the package."""
     out = {}
     for path in sorted(root.rglob("*.py")):
         parts = list(path.relative_to(root.parent).with_suffix("").parts)
@@ -79,7 +79,7 @@ def edges(root: Path = PACKAGE_ROOT, missing: list[str] | None = None) -> dict[s
                 if missing is not None and name.split(".")[0] == top and name not in files:
                     missing.append(f"{where.removesuffix(' (deferred)')}: {name}")
             for target in targets:
-                # "import tugboat.engine.models" names the module; a name from a module is that module
+                # "import tugboat.engine.io.models" names the module; a name from a module is that module
                 while target and target not in files:
                     target = target.rpartition(".")[0]
                 if target and target != mod and target != "tugboat":

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tugboat.engine.data import Dataset, default_splits
-from tugboat.engine.models import ModelHandle, TensorSpec
+from tugboat.engine.io.data import Dataset, default_splits
+from tugboat.engine.io.models import ModelHandle, TensorSpec
 
 IMG = 24
 SEQ = 16

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import TugboatError
-from tugboat.engine.steps import Param, Technique
+from tugboat.engine.techniques import steps as step_registry
+from tugboat.engine.techniques.steps import Param, Technique
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,16 +20,16 @@ import torch
 from helpers import Wide
 from sweep_support import write_recipe
 from tugboat.engine import cancellable
-from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import Cancelled
-from tugboat.engine.export import export_variant
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.models import ModelHandle, TensorSpec
+from tugboat.engine.io.export import export_variant
+from tugboat.engine.io.models import ModelHandle, TensorSpec
+from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.engine.progress import CancelToken, Progress
-from tugboat.engine.recipe import Recipe, load_recipe
-from tugboat.engine.runner import prepare, run, run_variant
-from tugboat.engine.sweep import run_sweep
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.running.recipe import Recipe, load_recipe
+from tugboat.engine.running.runner import prepare, run, run_variant
+from tugboat.engine.running.sweep import run_sweep
+from tugboat.engine.running.workspace import Workspace
+from tugboat.engine.techniques import steps as step_registry
 
 BOUND_S = 1.0
 QUICK = MeasureConfig(batch=32, min_runs=3, min_seconds=0.0, max_seconds=0.5, warmup=1, also_batch1=False,
@@ -153,7 +153,7 @@ def test_work_that_cannot_be_interrupted_is_still_left_within_the_bound(base, sc
     """A step stuck in one long call that never checks the token (as one ONNX Runtime
     quantize_static call or torch-pruning's graph building is) still ends the job at once; the
     helper finishes in the background and its result is dropped."""
-    from tugboat.engine.steps import Technique
+    from tugboat.engine.techniques.steps import Technique
 
     finished = threading.Event()
 
@@ -286,7 +286,7 @@ def test_onnx_runtime_calibration_itself_stops_at_the_next_batch(base, scratch):
     its temporary folder on the way out."""
     import numpy as np
 
-    from tugboat.engine.quantize import static_int8
+    from tugboat.engine.techniques.quantize import static_int8
 
     calib = [np.random.default_rng(0).random((3200, 1, 8, 8), dtype=np.float32)]
     c = CancelDuring(r"calibrating: batch 3/", 0.0)

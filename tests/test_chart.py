@@ -11,9 +11,9 @@ import math
 import pytest
 from PySide6.QtCore import QPointF, Qt
 
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.report_json import dominates, objectives
-from tugboat.engine.variants import Variant
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.running.report_json import dominates, objectives
+from tugboat.engine.running.variants import Variant
 from tugboat.jobs import CANCELLED, DONE
 from tugboat.ui.chart import TradeoffChart
 from tugboat.ui.main_window import MainWindow
@@ -234,7 +234,7 @@ def gate(monkeypatch):
     import threading
     import time
 
-    from tugboat.engine import runner as recipe_mod
+    from tugboat.engine.running import runner as recipe_mod
 
     real, opened, calls = recipe_mod.run_variant, threading.Event(), []
 

@@ -13,11 +13,11 @@ import pytest
 
 from tugboat import cli
 from tugboat.engine import errors
-from tugboat.engine.data import load_data
 from tugboat.engine.errors import TugboatError
-from tugboat.engine.loading import load_model
-from tugboat.engine.recipe import Recipe, load_recipe
-from tugboat.engine.runner import prepare, run
+from tugboat.engine.io.data import load_data
+from tugboat.engine.io.loading import load_model
+from tugboat.engine.running.recipe import Recipe, load_recipe
+from tugboat.engine.running.runner import prepare, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "corpus"
@@ -33,7 +33,7 @@ def _ids(cases):
 
 def run_case(case: dict, out_dir: Path) -> None:
     """Feed one corpus case to the engine API it targets (raises for every case)."""
-    from tugboat.engine.measure import MeasureConfig
+    from tugboat.engine.measuring.measure import MeasureConfig
 
     path, opts, kind = CORPUS / case["file"], case.get("options", {}), case["kind"]
     if kind == "model":
@@ -52,7 +52,7 @@ def run_case(case: dict, out_dir: Path) -> None:
         recipe.measure = MeasureConfig(**MEASURE)
         run(recipe, out_dir)
     elif kind == "workspace":
-        from tugboat.engine.workspace import Workspace
+        from tugboat.engine.running.workspace import Workspace
 
         Workspace.open(path.parent)
     elif kind == "report":
@@ -185,7 +185,7 @@ GUI_CASES = {c["file"]: c for c in CASES}
 
 @pytest.mark.timeout(300)
 def test_gui_notifies_and_still_loads_the_demo(qtbot):
-    from tugboat.engine.measure import MeasureConfig
+    from tugboat.engine.measuring.measure import MeasureConfig
     from tugboat.ui.main_window import MainWindow
 
     window = MainWindow()

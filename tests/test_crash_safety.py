@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tugboat.engine.variants import Variant
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.running.variants import Variant
+from tugboat.engine.running.workspace import Workspace
 from tugboat.settings import Settings, load_settings, save_settings
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL (POSIX)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tugboat.engine.data import load_data
 from tugboat.engine.errors import DataError
+from tugboat.engine.io.data import load_data
 
 
 def test_demo_digits(demo_data):

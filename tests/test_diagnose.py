@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from tugboat.engine import diagnose as dg
-from tugboat.engine import prune, quantize
 from tugboat.engine.errors import Cancelled, TugboatError
+from tugboat.engine.measuring import diagnose as dg
+from tugboat.engine.measuring.runtime import run_onnx
 from tugboat.engine.progress import CancelToken, Progress, null_progress
-from tugboat.engine.runtime import run_onnx
-from tugboat.engine.variants import Variant
+from tugboat.engine.running.variants import Variant
+from tugboat.engine.techniques import prune, quantize
 
 CULPRIT = "features.7"
 
@@ -87,7 +87,7 @@ def test_quantized_variant_ranks_the_bad_layer_first_and_float_recovers(broken, 
 
 
 def test_quantize_advice_names_the_layer_diagnose_ranks_first(broken, demo_data):
-    """One ranking for the app (engine/quant_error.py): the low-fidelity warning of the quantize
+    """One ranking for the app (engine/techniques/quant_error.py): the low-fidelity warning of the quantize
     step and the Diagnose view blame the same layer, the culprit, not a ReLU after it."""
     bad, q = broken
     check = q.info["quantize"]["fidelity_check"]
@@ -104,7 +104,7 @@ def test_fixed_batch_variant_is_diagnosed_on_padded_batches(demo_models, demo_da
     batch of its sample (10 rows) through quantize's reader and cuts the padding off again."""
     import onnx
 
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.loading import load_model
 
     h = demo_models("digits-cnn")
     fixed = onnx.ModelProto()
@@ -205,7 +205,7 @@ def test_chained_prune_then_quantize_compares_with_the_pruned_float_model(demo_m
 
 
 def test_distilled_student_blocks_and_channels(demo_models, demo_data):
-    from tugboat.engine.zoo import DigitsCNN
+    from tugboat.engine.io.zoo import DigitsCNN
 
     h = demo_models("digits-cnn")
     torch.manual_seed(0)

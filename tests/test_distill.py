@@ -14,16 +14,17 @@ import torch
 from torch import nn
 
 from helpers import FAST, TokenClassifier, token_data
-from tugboat.engine import distill, steps, zoo
-from tugboat.engine.data import Dataset, default_splits
 from tugboat.engine.errors import Cancelled, RecipeError, TugboatError
-from tugboat.engine.export import parity, write_onnx
-from tugboat.engine.loading import load_demo_spec, load_model, save_torchscript
-from tugboat.engine.measure import measure, quality
-from tugboat.engine.models import ModelHandle, TensorSpec
+from tugboat.engine.io import zoo
+from tugboat.engine.io.data import Dataset, default_splits
+from tugboat.engine.io.export import parity, write_onnx
+from tugboat.engine.io.loading import load_demo_spec, load_model, save_torchscript
+from tugboat.engine.io.models import ModelHandle, TensorSpec
+from tugboat.engine.measuring.measure import measure, quality
 from tugboat.engine.progress import Progress
-from tugboat.engine.runner import apply_steps
-from tugboat.engine.students import build_student
+from tugboat.engine.running.runner import apply_steps
+from tugboat.engine.techniques import distill, steps
+from tugboat.engine.techniques.students import build_student
 
 
 @pytest.fixture(scope="module")

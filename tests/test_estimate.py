@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 
 from helpers import FAST
-from tugboat.engine.estimate import build_profile, estimate, estimate_errors, estimate_quality
-from tugboat.engine.measure import layer_table
-from tugboat.engine.recipe import Recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
+from tugboat.engine.measuring.measure import layer_table
+from tugboat.engine.running.recipe import Recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
+from tugboat.engine.techniques.estimate import build_profile, estimate, estimate_errors, estimate_quality
 
 pytestmark = pytest.mark.timeout(180)
 

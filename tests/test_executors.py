@@ -12,9 +12,9 @@ import tomllib
 import pytest
 
 from tugboat.cli import main
-from tugboat.engine.executors import CRASH_ENV, ExecutorError, make_executor
-from tugboat.engine.recipe import parse_recipe
-from tugboat.engine.sweep import run_sweep
+from tugboat.engine.running.executors import CRASH_ENV, ExecutorError, make_executor
+from tugboat.engine.running.recipe import parse_recipe
+from tugboat.engine.running.sweep import run_sweep
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 
@@ -133,7 +133,7 @@ def test_cli_flags_and_errors(tmp_path, capsys, monkeypatch):
                  "--quiet"]) == 0
     assert "6 variant(s) run" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
-    sys.modules.pop("tugboat.engine.executors.ray_executor", None)
+    sys.modules.pop("tugboat.engine.running.executors.ray_executor", None)
     assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--executor", "ray"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'tugboat-ml[ray]'" in err, err
@@ -157,7 +157,7 @@ def ray_local():
 
 @pytest.mark.slow
 def test_ray_gives_the_same_variants_and_metrics_as_local(tmp_path, ray_local, local_table):
-    from tugboat.engine.executors.ray_executor import RayExecutor
+    from tugboat.engine.running.executors.ray_executor import RayExecutor
 
     result = _sweep(tmp_path, "ws", RayExecutor())
     _assert_same(_table(result), local_table)
@@ -167,7 +167,7 @@ def test_ray_gives_the_same_variants_and_metrics_as_local(tmp_path, ray_local, l
 
 @pytest.mark.slow
 def test_ray_retries_a_task_whose_worker_died(tmp_path, monkeypatch, ray_local, local_table):
-    from tugboat.engine.executors.ray_executor import RayExecutor
+    from tugboat.engine.running.executors.ray_executor import RayExecutor
 
     marker = tmp_path / "crashed-once"
     monkeypatch.setenv(CRASH_ENV, str(marker))
@@ -178,7 +178,7 @@ def test_ray_retries_a_task_whose_worker_died(tmp_path, monkeypatch, ray_local, 
 
 @pytest.mark.slow
 def test_ray_without_retries_records_the_lost_task_as_failed(tmp_path, monkeypatch, ray_local):
-    from tugboat.engine.executors.ray_executor import RayExecutor
+    from tugboat.engine.running.executors.ray_executor import RayExecutor
 
     monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed-once"))
     text = SIX.replace('[0.25, 0.5, 0.75]', '[0.5]').replace('["dynamic-int8", "fp16"]', '["fp16"]')
@@ -190,9 +190,9 @@ def test_ray_without_retries_records_the_lost_task_as_failed(tmp_path, monkeypat
 @pytest.mark.slow
 def test_cancel_on_ray_cancels_the_tasks_and_keeps_only_finished_variants(tmp_path, monkeypatch, ray_local):
     from tugboat.engine.errors import Cancelled
-    from tugboat.engine.executors.ray_executor import RayExecutor
     from tugboat.engine.progress import CancelToken, Progress
-    from tugboat.engine.workspace import Workspace
+    from tugboat.engine.running.executors.ray_executor import RayExecutor
+    from tugboat.engine.running.workspace import Workspace
 
     cancelled = []
     real_cancel = ray_local.cancel
@@ -221,7 +221,7 @@ def test_cancel_stops_the_workers_and_keeps_only_finished_variants(tmp_path):
 
     from tugboat.engine.errors import Cancelled
     from tugboat.engine.progress import CancelToken, Progress
-    from tugboat.engine.workspace import Workspace
+    from tugboat.engine.running.workspace import Workspace
 
     token = CancelToken()
     recipe = parse_recipe(tomllib.loads(SIX), str(tmp_path / "r.toml"))
@@ -243,8 +243,8 @@ def _steps(ratio, method, epochs=1):
 
 
 def test_auto_uses_workers_only_for_enough_independent_variants(monkeypatch):
-    from tugboat.engine import executors
-    from tugboat.engine.executors.processes import ProcessExecutor, group_tasks
+    from tugboat.engine.running import executors
+    from tugboat.engine.running.executors.processes import ProcessExecutor, group_tasks
 
     monkeypatch.setattr(executors, "cpu_count", lambda: 2)
     monkeypatch.setattr(executors, "idle_cores", lambda: 2.0)
@@ -276,9 +276,9 @@ def test_auto_uses_workers_only_for_enough_independent_variants(monkeypatch):
 
 @pytest.mark.slow
 def test_tugboat_sweep_defaults_to_auto_and_gives_the_local_variants(tmp_path, capsys, local_table, monkeypatch):
-    from tugboat.engine import executors
-    from tugboat.engine.executors import cpu_count
-    from tugboat.engine.workspace import Workspace
+    from tugboat.engine.running import executors
+    from tugboat.engine.running.executors import cpu_count
+    from tugboat.engine.running.workspace import Workspace
 
     monkeypatch.setattr(executors, "idle_cores", lambda: float(cpu_count()))  # as on an idle machine
 

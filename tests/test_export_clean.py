@@ -9,10 +9,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tugboat import __version__
-from tugboat.engine.export import export_variant, provenance
-from tugboat.engine.info import model_info
-from tugboat.engine.loading import load_model
+from tugboat.engine.io.export import export_variant, provenance
+from tugboat.engine.io.loading import load_model
 from tugboat.engine.progress import null_progress
+from tugboat.engine.running.info import model_info
 from tugboat.ui.model_panel import provenance_text
 
 UNUSED = ("ai.onnx.training", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc",

@@ -18,10 +18,10 @@ from torch import nn
 from helpers import FAST
 from tugboat.cli import main
 from tugboat.engine.errors import ModelLoadError, UntrustedFileError
-from tugboat.engine.info import model_info
-from tugboat.engine.loading import load_model, save_exported, save_torchscript
-from tugboat.engine.recipe import parse_recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
+from tugboat.engine.io.loading import load_model, save_exported, save_torchscript
+from tugboat.engine.running.info import model_info
+from tugboat.engine.running.recipe import parse_recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
 
 
 class SqueezeExcite(nn.Module):
@@ -222,7 +222,7 @@ def test_pt2_with_a_dynamic_batch_and_a_flatten_runs_at_any_batch(tmp_path):
     program = _quiet(torch.export.export, model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(tmp_path / "flat.pt2"))
     handle = load_model(tmp_path / "flat.pt2")
-    from tugboat.engine.runtime import run_onnx
+    from tugboat.engine.measuring.runtime import run_onnx
 
     x5 = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_pt2_with_a_baked_in_batch_is_refused_with_what_to_do(tmp_path):
 
 @pytest.mark.slow
 def test_round_trip_of_every_file_tugboat_exports(files, tmp_path):
-    from tugboat.engine.export import export_variant
+    from tugboat.engine.io.export import export_variant
     from tugboat.engine.progress import null_progress
 
     d = files[0]

@@ -39,8 +39,8 @@ def test_did_you_mean():
 
 
 def test_engine_messages_use_the_shared_hint():
-    from tugboat.engine import steps
     from tugboat.engine.errors import RecipeError
+    from tugboat.engine.techniques import steps
 
     with pytest.raises(RecipeError, match=r"unknown technique 'prnue'.*did you mean 'prune'"):
         steps.get("prnue")
@@ -52,7 +52,7 @@ def test_a_technique_that_fails_to_import_is_an_error_not_a_missing_technique():
     code = ("import sys\n"
             "class Broken:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'tugboat.engine.students':\n"
+            "        if name == 'tugboat.engine.techniques.students':\n"
             "            raise ModuleNotFoundError('students_extra is broken', name='students_extra')\n"
             "sys.meta_path.insert(0, Broken())\n"
             "from tugboat.engine import steps\n"

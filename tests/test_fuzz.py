@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tugboat.engine import steps as step_registry
-from tugboat.engine.data import load_data
 from tugboat.engine.errors import TugboatError
-from tugboat.engine.loading import load_model
-from tugboat.engine.recipe import load_recipe, parse_recipe
+from tugboat.engine.io.data import load_data
+from tugboat.engine.io.loading import load_model
+from tugboat.engine.running.recipe import load_recipe, parse_recipe
+from tugboat.engine.techniques import steps as step_registry
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 SCALE = float(os.environ.get("TUGBOAT_FUZZ_SCALE", "1"))
@@ -212,7 +212,7 @@ def _load_file(work: Path, suffix: str, data: bytes, label: str):
     arch = "digits-mlp" if suffix == ".pth" else None
     handle = expect_only_tugboat_errors(label, load_model, path, arch=arch)
     if handle is not None:  # a mutation that still loads must still describe itself
-        from tugboat.engine.info import model_info
+        from tugboat.engine.running.info import model_info
 
         LOADED[label] += 1
         expect_only_tugboat_errors(None, model_info, str(path), handle=handle)
@@ -383,7 +383,7 @@ def test_model_metadata(work, meta, raw, carrier):
         torch.save({"state_dict": _mlp_state(), "tugboat": meta}, path)
     handle = expect_only_tugboat_errors(f"metadata{carrier}", load_model, path)
     if handle is not None:
-        from tugboat.engine.info import model_info
+        from tugboat.engine.running.info import model_info
 
         LOADED[f"metadata{carrier}"] += 1
         expect_only_tugboat_errors(None, model_info, str(path), handle=handle)
@@ -400,7 +400,7 @@ def _exported():
 
 def _mlp_state():
     if "mlp" not in _CACHE:
-        from tugboat.engine import zoo
+        from tugboat.engine.io import zoo
 
         torch.manual_seed(0)
         _CACHE["mlp"] = zoo.build("digits-mlp", hidden=8, depth=1).state_dict()

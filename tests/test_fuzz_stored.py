@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 
 from tugboat.console import format_summary
 from tugboat.engine.errors import TugboatError
-from tugboat.engine.report_html import render_html, to_csv
-from tugboat.engine.variants import Variant
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.running.report_html import render_html, to_csv
+from tugboat.engine.running.variants import Variant
+from tugboat.engine.running.workspace import Workspace
 from tugboat.report_command import load_any_report
 from tugboat.settings import Settings, load_settings
 

@@ -14,15 +14,15 @@ from onnx import numpy_helper
 
 from sweep_support import write_recipe
 from tugboat.cli import main
-from tugboat.engine import quantize
-from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import NumericalError
-from tugboat.engine.guards import non_finite
+from tugboat.engine.measuring.guards import non_finite
 from tugboat.engine.progress import null_progress
-from tugboat.engine.recipe import Recipe, load_recipe
-from tugboat.engine.runner import apply_steps, prepare, run_variant
-from tugboat.engine.steps import Param, Technique
-from tugboat.engine.sweep import run_sweep
+from tugboat.engine.running.recipe import Recipe, load_recipe
+from tugboat.engine.running.runner import apply_steps, prepare, run_variant
+from tugboat.engine.running.sweep import run_sweep
+from tugboat.engine.techniques import quantize
+from tugboat.engine.techniques import steps as step_registry
+from tugboat.engine.techniques.steps import Param, Technique
 
 
 def _corrupt(handle, params, data, progress):

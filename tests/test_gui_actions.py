@@ -13,10 +13,10 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import QApplication, QPlainTextEdit
 
 from helpers import run_prune
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import load_recipe
-from tugboat.engine.variants import Variant
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.running.recipe import load_recipe
+from tugboat.engine.running.variants import Variant
+from tugboat.engine.running.workspace import Workspace
 from tugboat.ui import theme
 from tugboat.ui.main_window import MainWindow
 
@@ -59,7 +59,7 @@ def onnx_run(path, x: np.ndarray) -> np.ndarray:
 def test_context_menu_export_rerun_show_recipe_delete(qtbot, window, tmp_path, demo_data):
     import torch
 
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.loading import load_model
 
     window.load_demo()
     wait_baseline(qtbot, window)
@@ -147,7 +147,7 @@ def _drop(window, paths) -> QDropEvent:
 
 
 def test_drop_model_file_and_recent_models_menu(qtbot, window, tmp_path, demo_models):
-    from tugboat.engine.export import write_onnx
+    from tugboat.engine.io.export import write_onnx
 
     a, b = tmp_path / "first.onnx", tmp_path / "second.onnx"
     write_onnx(demo_models("digits-mlp"), a)

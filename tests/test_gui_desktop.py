@@ -13,7 +13,7 @@ import pytest
 
 from tugboat import resources
 from tugboat.cli import parse_args
-from tugboat.engine.measure import MeasureConfig
+from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.settings import load_settings
 from tugboat.ui.app import start
 from tugboat.ui.main_window import MainWindow
@@ -34,7 +34,7 @@ def window(qtbot):
 
 @pytest.fixture
 def model_file(tmp_path, demo_models):
-    from tugboat.engine.export import write_onnx
+    from tugboat.engine.io.export import write_onnx
 
     path = tmp_path / "models" / "mlp.onnx"
     path.parent.mkdir()
@@ -106,7 +106,7 @@ def test_a_recipe_opens_its_model_and_sets_up_its_steps(qtbot, window, tmp_path)
 
 
 def test_demo_says_the_last_workspace_was_kept(qtbot, window, tmp_path):
-    from tugboat.engine.workspace import Workspace
+    from tugboat.engine.running.workspace import Workspace
 
     Workspace.create(tmp_path / "ws")
     window.settings.last_workspace = str(tmp_path / "ws")

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tugboat.engine.recipe import validate_steps
-from tugboat.engine.variants import Variant, settings_difference, variant_name
+from tugboat.engine.running.recipe import validate_steps
+from tugboat.engine.running.variants import Variant, settings_difference, variant_name
 from tugboat.jobs import JobQueue
 from tugboat.ui.jobs_view import JobsView
 from tugboat.ui.results_table import ResultsTable

@@ -13,8 +13,8 @@ import pytest
 from PySide6.QtCore import Qt
 
 from test_diagnose import CULPRIT, hard_to_quantize
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.models import export_onnx_model
+from tugboat.engine.io.models import export_onnx_model
+from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.ui.diagnose_view import (
     COL_ACCUM,
     COL_CHANNELS,

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QDialogButtonBox
 
 from helpers import run_prune
 from test_formats import ARCH_CODE, MobileLike
-from tugboat.engine.measure import MeasureConfig
+from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.ui.main_window import MainWindow
 
 pytestmark = pytest.mark.timeout(240)

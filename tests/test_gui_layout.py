@@ -10,7 +10,7 @@ import pytest
 from PySide6.QtCore import QRect
 from PySide6.QtWidgets import QComboBox, QWidget
 
-from tugboat.engine.measure import MeasureConfig
+from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.ui.main_window import MainWindow
 
 pytestmark = pytest.mark.timeout(240)

@@ -8,8 +8,8 @@ from PySide6.QtGui import QWheelEvent
 from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QApplication, QCheckBox, QComboBox, QLineEdit, QScrollArea, QStyle, QStyleOptionSlider
 
-from tugboat.engine import steps
-from tugboat.engine.steps import Param, Technique
+from tugboat.engine.techniques import steps
+from tugboat.engine.techniques.steps import Param, Technique
 from tugboat.ui.controls import NumberField, format_value, param_precision
 from tugboat.ui.technique_panel import TechniquePanel, build_panels
 
@@ -245,7 +245,7 @@ def test_wheel_scrolls_the_panel_and_changes_a_control_only_with_focus(qtbot):
 
 def test_model_panel_says_which_techniques_cannot_run_and_why(qtbot, tmp_path):
     from helpers import onnx_with_unsupported_op
-    from tugboat.engine.info import model_info
+    from tugboat.engine.running.info import model_info
     from tugboat.ui.model_panel import ModelPanel
 
     onnx_with_unsupported_op(tmp_path / "odd.onnx")
@@ -260,7 +260,7 @@ def test_model_panel_says_which_techniques_cannot_run_and_why(qtbot, tmp_path):
 
 def test_the_task_can_be_chosen_in_the_window_and_remeasures(qtbot, tmp_path):
     from helpers import onnx_with_unsupported_op
-    from tugboat.engine.measure import MeasureConfig
+    from tugboat.engine.measuring.measure import MeasureConfig
     from tugboat.ui.main_window import MainWindow
 
     onnx_with_unsupported_op(tmp_path / "enc.onnx")  # output [batch, 4]: inferred classification

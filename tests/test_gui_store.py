@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from tugboat.engine.variants import Variant
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.running.variants import Variant
+from tugboat.engine.running.workspace import Workspace
 from tugboat.jobs import JobQueue
 from tugboat.ui.chart import TradeoffChart
 from tugboat.ui.results_table import ResultsTable

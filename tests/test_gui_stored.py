@@ -12,10 +12,10 @@ import subprocess
 import pytest
 
 from tugboat.engine.lock import LOCK_FILE, FolderLock, FolderLockedError
-from tugboat.engine.recipe import parse_recipe
-from tugboat.engine.sweep import run_sweep
-from tugboat.engine.variants import Variant
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.running.recipe import parse_recipe
+from tugboat.engine.running.sweep import run_sweep
+from tugboat.engine.running.variants import Variant
+from tugboat.engine.running.workspace import Workspace
 from tugboat.ui.main_window import MainWindow
 
 pytestmark = pytest.mark.timeout(240)

@@ -8,10 +8,10 @@ import pytest
 
 from tugboat import cli
 from tugboat.engine.errors import RecipeError
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import load_recipe, parse_recipe
-from tugboat.engine.sweep import plan
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.running.recipe import load_recipe, parse_recipe
+from tugboat.engine.running.sweep import plan
+from tugboat.engine.running.workspace import Workspace
 from tugboat.ui import main_window as main_window_module
 from tugboat.ui.main_window import RAY_INSTALL, MainWindow
 
@@ -40,7 +40,7 @@ def test_a_listed_sweep_plans_exactly_its_entries_and_names_a_bad_one():
 def test_a_variant_deleted_while_a_sweep_writes_the_workspace_leaves_it_when_the_sweep_ends(qtbot, tmp_path):
     import threading
 
-    from tugboat.engine.variants import Variant
+    from tugboat.engine.running.variants import Variant
     from tugboat.jobs import JobQueue
     from tugboat.ui.session import Session
     from tugboat.ui.store import VariantStore
@@ -139,7 +139,7 @@ def test_window_sweep_on_a_local_ray_lands_in_the_table_and_chart(qtbot, monkeyp
     pytest.importorskip("ray")
     import ray
 
-    from tugboat.engine.executors import ray_executor
+    from tugboat.engine.running.executors import ray_executor
 
     # a small local instance (the window would use every core)
     real = ray_executor.RayExecutor

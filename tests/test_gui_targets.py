@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 
 from helpers import run_prune
-from tugboat.engine import runtimes
-from tugboat.engine.measure import MeasureConfig
+from tugboat.engine.measuring import runtimes
+from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.ui.main_window import MainWindow
 from tugboat.ui.model_panel import DataPanel
 

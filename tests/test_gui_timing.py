@@ -9,7 +9,7 @@ import pytest
 from PySide6.QtCore import Qt
 
 from helpers import run_prune
-from tugboat.engine.measure import MeasureConfig
+from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.ui.main_window import MainWindow
 from tugboat.ui.results_table import COLUMNS
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from helpers import run_prune
-from tugboat.engine.measure import MeasureConfig
+from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.jobs import CANCELLED
 from tugboat.ui.main_window import MainWindow
 

@@ -14,10 +14,10 @@ import pytest
 from helpers import run_prune
 from sweep_support import report_schema
 from tugboat import cli
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.recipe import parse_recipe
-from tugboat.engine.sweep import run_sweep
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.running.recipe import parse_recipe
+from tugboat.engine.running.sweep import run_sweep
+from tugboat.engine.running.workspace import Workspace
 from tugboat.ui.main_window import MainWindow
 
 pytestmark = pytest.mark.timeout(240)
@@ -137,8 +137,8 @@ def test_save_as_from_window_reopens_and_cli_reports_it(qtbot, tmp_path, capsys)
 
 def test_folder_saved_by_early_window_builds_still_opens(qtbot, tmp_path):
     """The first window builds wrote artifacts/<name>.onnx beside workspace.json (never released)."""
-    from tugboat.engine.export import write_onnx
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.export import write_onnx
+    from tugboat.engine.io.loading import load_model
 
     old = tmp_path / "old"
     (old / "artifacts").mkdir(parents=True)

@@ -12,11 +12,11 @@ import torch
 
 from helpers import FAST
 from tugboat.engine.errors import ModelLoadError, UntrustedFileError
-from tugboat.engine.info import model_info
-from tugboat.engine.loading import load_model
-from tugboat.engine.recipe import parse_recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
-from tugboat.engine.runtime import run_onnx
+from tugboat.engine.io.loading import load_model
+from tugboat.engine.measuring.runtime import run_onnx
+from tugboat.engine.running.info import model_info
+from tugboat.engine.running.recipe import parse_recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
 
 transformers = pytest.importorskip("transformers")
 

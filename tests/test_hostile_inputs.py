@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper
 
 from tugboat.engine.errors import DataError, ModelLoadError
-from tugboat.engine.loading import load_model, validate_meta
+from tugboat.engine.io.loading import load_model, validate_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "corpus"
@@ -53,7 +53,7 @@ def test_state_dict_with_arch_kwargs_in_its_metadata_loads():
 
 
 def test_torchscript_metadata_written_by_tugboat_still_loads(tmp_path, demo_models):
-    from tugboat.engine.loading import save_torchscript
+    from tugboat.engine.io.loading import save_torchscript
 
     path = save_torchscript(demo_models("digits-mlp"), tmp_path / "m.pt")
     handle = load_model(path)
@@ -99,8 +99,8 @@ def test_cli_info_refuses_the_bypass_with_exit_2(capsys):
 
 def test_npz_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch):
     from tugboat.engine import ram as resources
-    from tugboat.engine.data import load_data
     from tugboat.engine.errors import ResourceError
+    from tugboat.engine.io.data import load_data
 
     path = tmp_path / "big.npz"
     np.savez(path, input=np.zeros((64, 1, 64, 64), np.float32))  # 1 MB of arrays
@@ -115,7 +115,7 @@ def test_npz_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch)
 def test_npz_members_that_are_not_arrays_are_ignored(tmp_path):
     import zipfile
 
-    from tugboat.engine.data import load_data
+    from tugboat.engine.io.data import load_data
 
     np.savez(tmp_path / "d.npz", input=np.zeros((4, 1, 8, 8), np.float32))
     with zipfile.ZipFile(tmp_path / "d.npz", "a") as z:
@@ -127,9 +127,9 @@ def test_npz_members_that_are_not_arrays_are_ignored(tmp_path):
 def test_a_fifo_is_refused_without_blocking(tmp_path, name):
     import os
 
-    from tugboat.engine.data import load_data
     from tugboat.engine.errors import RecipeError
-    from tugboat.engine.recipe import load_recipe
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.running.recipe import load_recipe
 
     fifo = tmp_path / name
     os.mkfifo(fifo)
@@ -140,7 +140,7 @@ def test_a_fifo_is_refused_without_blocking(tmp_path, name):
 
 
 def test_devices_are_refused_as_models_and_data(tmp_path):
-    from tugboat.engine.data import load_data
+    from tugboat.engine.io.data import load_data
 
     (tmp_path / "zero.npz").symlink_to("/dev/zero")
     (tmp_path / "zero.pt").symlink_to("/dev/zero")
@@ -153,7 +153,7 @@ def test_devices_are_refused_as_models_and_data(tmp_path):
 def test_a_fifo_among_images_is_refused(tmp_path):
     import os
 
-    from tugboat.engine.data import load_data
+    from tugboat.engine.io.data import load_data
 
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
@@ -181,8 +181,8 @@ def test_non_utf8_file_names_give_one_clean_line(tmp_path):
 
 def test_a_fixed_batch_1_model_is_measured_at_batch_1_with_a_note(tmp_path):
     from helpers import FAST
-    from tugboat.engine.recipe import Recipe, validate_steps
-    from tugboat.engine.runner import prepare, run_variant
+    from tugboat.engine.running.recipe import Recipe, validate_steps
+    from tugboat.engine.running.runner import prepare, run_variant
 
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 8, 8])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])
@@ -222,14 +222,14 @@ def _bn_mlp() -> torch.nn.Module:
 
 
 def _handle(module):
-    from tugboat.engine.models import ModelHandle, TensorSpec
+    from tugboat.engine.io.models import ModelHandle, TensorSpec
 
     return ModelHandle(module, [TensorSpec("input", ("batch", 1, 8, 8))], [TensorSpec("logits", ("batch", 10))],
                        "mlp.pt", "pickle")
 
 
 def _digits_like(n: int, seed: int = 0):
-    from tugboat.engine.data import _make_dataset
+    from tugboat.engine.io.data import _make_dataset
 
     rng = np.random.default_rng(seed)
     return _make_dataset("d.npz", {"input": rng.random((n, 1, 8, 8)).astype(np.float32)}, rng.integers(0, 10, n))
@@ -237,9 +237,9 @@ def _digits_like(n: int, seed: int = 0):
 
 @pytest.mark.parametrize("method", ["structured", "unstructured"])
 def test_pruning_a_model_without_parameters_says_so(method):
-    from tugboat.engine import prune
     from tugboat.engine.errors import TugboatError
     from tugboat.engine.progress import null_progress
+    from tugboat.engine.techniques import prune
 
     with pytest.raises(TugboatError, match="no Conv or Linear weights to prune"):
         prune.apply(_handle(_NoParams()), {"method": method, "ratio": 0.5, "finetune_epochs": 1},
@@ -248,15 +248,15 @@ def test_pruning_a_model_without_parameters_says_so(method):
 
 def test_finetuning_nothing_trainable_is_a_clear_error():
     from tugboat.engine.errors import TugboatError
-    from tugboat.engine.finetune import finetune
+    from tugboat.engine.techniques.finetune import finetune
 
     with pytest.raises(TugboatError, match="no trainable parameters"):
         finetune(_NoParams(), _digits_like(20), input_names=["input"], epochs=1, lr=1e-3)
 
 
 def test_structured_pruning_of_an_onnx_mlp_with_batchnorm1d(tmp_path):
-    from tugboat.engine import prune
     from tugboat.engine.progress import null_progress
+    from tugboat.engine.techniques import prune
 
     torch.onnx.export(_bn_mlp(), (torch.zeros(2, 1, 8, 8),), str(tmp_path / "bn.onnx"), dynamo=False,
                       input_names=["input"], output_names=["logits"],
@@ -272,7 +272,7 @@ def test_structured_pruning_of_an_onnx_mlp_with_batchnorm1d(tmp_path):
 
 @pytest.mark.parametrize("batch_size", [1, 8])
 def test_finetuning_with_batchnorm_never_trains_on_one_sample(batch_size):
-    from tugboat.engine.finetune import finetune
+    from tugboat.engine.techniques.finetune import finetune
 
     data = _digits_like(24)
     assert len(data.splits["train"]) % 8 == 1  # the last batch would hold a single sample
@@ -282,8 +282,8 @@ def test_finetuning_with_batchnorm_never_trains_on_one_sample(batch_size):
 
 def test_a_prune_step_that_removes_nothing_is_named_and_warned(tmp_path):
     from helpers import FAST
-    from tugboat.engine.recipe import Recipe, validate_steps
-    from tugboat.engine.runner import prepare, run_variant
+    from tugboat.engine.running.recipe import Recipe, validate_steps
+    from tugboat.engine.running.runner import prepare, run_variant
 
     torch.save(_bn_mlp(), tmp_path / "bn.pt")
     rng = np.random.default_rng(0)
@@ -300,7 +300,7 @@ def test_a_prune_step_that_removes_nothing_is_named_and_warned(tmp_path):
 
 def test_unknown_quantize_op_types_are_refused_when_the_recipe_is_read():
     from tugboat.engine.errors import RecipeError
-    from tugboat.engine.recipe import validate_steps
+    from tugboat.engine.running.recipe import validate_steps
 
     with pytest.raises(RecipeError, match="unknown value 'Bogus'"):
         validate_steps([{"technique": "quantize", "method": "dynamic-int8", "op_types": ["Bogus"]}])
@@ -309,8 +309,8 @@ def test_unknown_quantize_op_types_are_refused_when_the_recipe_is_read():
 
 def test_a_quantize_step_that_quantizes_nothing_is_warned(tmp_path):
     from tugboat.engine.progress import null_progress
-    from tugboat.engine.recipe import validate_steps
-    from tugboat.engine.runner import apply_steps
+    from tugboat.engine.running.recipe import validate_steps
+    from tugboat.engine.running.runner import apply_steps
 
     steps = validate_steps([{"technique": "quantize", "method": "dynamic-int8", "op_types": ["LSTM"]}])
     out = apply_steps(_handle(_bn_mlp()), steps, None, null_progress())
@@ -321,7 +321,7 @@ def test_a_quantize_step_that_quantizes_nothing_is_warned(tmp_path):
 @pytest.mark.parametrize("second", ["dynamic-int8", "static-int8", "fp16"])
 def test_two_quantize_steps_are_refused_up_front(second):
     from tugboat.engine.errors import RecipeError
-    from tugboat.engine.recipe import validate_steps
+    from tugboat.engine.running.recipe import validate_steps
 
     with pytest.raises(RecipeError) as err:
         validate_steps([{"technique": "quantize", "method": "static-int8"},
@@ -375,9 +375,9 @@ def test_ctrl_c_mid_work_exits_130_cleanly(tmp_path, command):
 
 
 def test_pruning_a_torchscript_module_is_a_clear_error():
-    from tugboat.engine import prune
     from tugboat.engine.errors import TugboatError
     from tugboat.engine.progress import null_progress
+    from tugboat.engine.techniques import prune
 
     scripted = torch.jit.trace(_bn_mlp(), (torch.zeros(2, 1, 8, 8),))
     with pytest.raises(TugboatError, match="TorchScript"):

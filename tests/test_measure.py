@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from helpers import FAST, Wide
-from tugboat.engine.export import write_onnx
-from tugboat.engine.loading import load_model
-from tugboat.engine.measure import MeasureConfig, fidelity, measure, onnx_flops, slower_than
-from tugboat.engine.models import ModelHandle, TensorSpec
-from tugboat.engine.onnx_graph import onnx_param_count
+from tugboat.engine.io.export import write_onnx
+from tugboat.engine.io.loading import load_model
+from tugboat.engine.io.models import ModelHandle, TensorSpec
+from tugboat.engine.io.onnx_graph import onnx_param_count
+from tugboat.engine.measuring.measure import MeasureConfig, fidelity, measure, onnx_flops, slower_than
 
 
 def _handle(module) -> ModelHandle:
@@ -98,7 +98,7 @@ def test_slower_verdict_needs_the_whole_interval_below_the_threshold():
 
 
 def test_unpaired_and_other_runtimes_give_information_not_verdicts():
-    from tugboat.engine.measure import timing_notes
+    from tugboat.engine.measuring.measure import timing_notes
 
     base = {"latency": {"onnxruntime": {"b64": {"median": 1.0, "batch": 64, "threads": 2}},
                         "torch": {"b1": {"median": 0.1, "batch": 1, "threads": 2}}}}
@@ -111,7 +111,7 @@ def test_unpaired_and_other_runtimes_give_information_not_verdicts():
 
 
 def test_layer_table_lists_weighted_layers(demo_models):
-    from tugboat.engine.measure import layer_table
+    from tugboat.engine.measuring.measure import layer_table
 
     rows = layer_table(demo_models("digits-cnn"))
     convs = [r for r in rows if r["type"] == "Conv2d"]
@@ -136,7 +136,7 @@ def test_onnx_only_model_measures(tmp_path, demo_models, demo_data):
 
 
 def test_attention_flops_are_counted(demo_models):
-    from tugboat.engine.measure import layer_table
+    from tugboat.engine.measuring.measure import layer_table
 
     handle = demo_models("digits-vit")
     total, _ = onnx_flops(handle.to_onnx())

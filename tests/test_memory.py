@@ -12,14 +12,14 @@ import pytest
 
 from sweep_support import count_calls, write_recipe
 from tugboat.cli import main
-from tugboat.engine import memory
-from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import ResourceError
-from tugboat.engine.loading import load_model
-from tugboat.engine.recipe import load_recipe
-from tugboat.engine.runner import prepare, run_variant
-from tugboat.engine.steps import Param, Technique
-from tugboat.engine.sweep import run_sweep
+from tugboat.engine.io.loading import load_model
+from tugboat.engine.measuring import memory
+from tugboat.engine.running.recipe import load_recipe
+from tugboat.engine.running.runner import prepare, run_variant
+from tugboat.engine.running.sweep import run_sweep
+from tugboat.engine.techniques import steps as step_registry
+from tugboat.engine.techniques.steps import Param, Technique
 
 HUGE = 1 << 60  # bytes: more than any address space, so the allocation fails even with overcommit
 

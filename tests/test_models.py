@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from helpers import TokenClassifier, onnx_with_unsupported_op, outputs_of
-from tugboat.engine import zoo
 from tugboat.engine.errors import ModelLoadError, UntrustedFileError
-from tugboat.engine.export import parity, write_onnx
-from tugboat.engine.loading import load_model, save_exported, save_pickle, save_state_dict, save_torchscript
-from tugboat.engine.models import TensorSpec
-from tugboat.engine.runtime import run_onnx
+from tugboat.engine.io import zoo
+from tugboat.engine.io.export import parity, write_onnx
+from tugboat.engine.io.loading import load_model, save_exported, save_pickle, save_state_dict, save_torchscript
+from tugboat.engine.io.models import TensorSpec
+from tugboat.engine.measuring.runtime import run_onnx
 
 X = torch.from_numpy(zoo.digits_arrays()[0][:16])
 
@@ -162,8 +162,8 @@ def test_onnx_external_data_outside_folder_is_refused(cnn, tmp_path):
 
 def test_multi_input_model_everywhere(tmp_path):
     from helpers import FAST, token_data
-    from tugboat.engine.data import load_data
-    from tugboat.engine.measure import measure
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.measuring.measure import measure
 
     module = TokenClassifier().eval()
     ids, mask, labels = token_data()
@@ -182,7 +182,7 @@ def test_multi_input_model_everywhere(tmp_path):
 
 
 def _handle_for(module):
-    from tugboat.engine.models import ModelHandle
+    from tugboat.engine.io.models import ModelHandle
 
     specs = [TensorSpec("ids", ("batch", 12), "int64"), TensorSpec("mask", ("batch", 12), "int64")]
     handle = ModelHandle(module, specs, [TensorSpec("logits", ("batch", 10))], "test", "torch")

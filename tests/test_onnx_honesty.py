@@ -11,16 +11,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tugboat.engine.data import load_data
 from tugboat.engine.errors import DataError, RecipeError
-from tugboat.engine.info import model_info
-from tugboat.engine.loading import load_model
-from tugboat.engine.measure import onnx_flops
-from tugboat.engine.models import TensorSpec
-from tugboat.engine.onnx_graph import onnx_param_count
+from tugboat.engine.io.data import load_data
+from tugboat.engine.io.loading import load_model
+from tugboat.engine.io.models import TensorSpec
+from tugboat.engine.io.onnx_graph import onnx_param_count
+from tugboat.engine.io.tasks import infer_task
+from tugboat.engine.measuring.measure import onnx_flops
 from tugboat.engine.progress import null_progress
-from tugboat.engine.recipe import parse_recipe
-from tugboat.engine.tasks import infer_task
+from tugboat.engine.running.info import model_info
+from tugboat.engine.running.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -189,7 +189,7 @@ def test_multi_input_matched_by_name_then_position_with_a_warning(tmp_path):
 
 def test_dynamic_shapes_come_from_the_data_for_a_whole_run(tmp_path):
     """The issue's "has an unknown size in dimension 1 ... give the input shape" on a dynamic-H/W ONNX."""
-    from tugboat.engine.runner import prepare
+    from tugboat.engine.running.runner import prepare
 
     _conv_net_with_constant_weights(tmp_path / "c.onnx")
     np.savez(tmp_path / "d.npz", pixels=RNG.normal(size=(10, 3, 12, 12)).astype(np.float32),
@@ -207,7 +207,7 @@ def test_constant_node_weights_become_initializers_so_tools_find_them(tmp_path):
     """Weights stored as Constant nodes: onnx2torch could not convert the graph and ONNX Runtime's
     static int8 quantized only activations (the model grew). Lifted to initializers at load, the same
     graph converts to torch, computes the same, and int8 makes it about 4x smaller."""
-    from tugboat.engine.runtime import run_onnx
+    from tugboat.engine.measuring.runtime import run_onnx
 
     w = RNG.normal(size=(32, 3, 3, 3)).astype(np.float32)
     fc = RNG.normal(size=(32, 512)).astype(np.float32) * 0.1
@@ -228,8 +228,8 @@ def test_constant_node_weights_become_initializers_so_tools_find_them(tmp_path):
     np.testing.assert_allclose(run_onnx(handle.to_onnx(), [x])[0], run_onnx(original, [x])[0], rtol=1e-5, atol=1e-5)
     np.savez(tmp_path / "d.npz", x=RNG.normal(size=(40, 3, 8, 8)).astype(np.float32))
     data = load_data(tmp_path / "d.npz", handle)
-    from tugboat.engine.recipe import validate_steps
-    from tugboat.engine.runner import apply_steps
+    from tugboat.engine.running.recipe import validate_steps
+    from tugboat.engine.running.runner import apply_steps
 
     q = apply_steps(handle, validate_steps([{"technique": "quantize", "method": "static-int8"}]), data,
                     null_progress())
@@ -239,7 +239,7 @@ def test_constant_node_weights_become_initializers_so_tools_find_them(tmp_path):
 
 def test_capabilities_say_why_a_technique_cannot_run(tmp_path):
     from helpers import onnx_with_unsupported_op
-    from tugboat.engine.capabilities import capabilities, summary
+    from tugboat.engine.running.capabilities import capabilities, summary
 
     onnx_with_unsupported_op(tmp_path / "odd.onnx")
     info = model_info(str(tmp_path / "odd.onnx"))
@@ -281,7 +281,7 @@ def _recurrent_model(path):
 
 
 def test_recurrent_state_with_the_batch_on_axis_1_and_a_scalar_input_run(tmp_path):
-    from tugboat.engine.runner import prepare
+    from tugboat.engine.running.runner import prepare
 
     _recurrent_model(tmp_path / "vad.onnx")
     handle = load_model(tmp_path / "vad.onnx")
@@ -300,8 +300,8 @@ def test_recurrent_state_with_the_batch_on_axis_1_and_a_scalar_input_run(tmp_pat
     assert base.metrics["flops"] == 8
     assert model_info(str(tmp_path / "vad.onnx"))["flops"] == 160  # without data: the larger branch
     # static int8 calibrates on batches in the model's layout too
-    from tugboat.engine.recipe import validate_steps
-    from tugboat.engine.runner import apply_steps
+    from tugboat.engine.running.recipe import validate_steps
+    from tugboat.engine.running.runner import apply_steps
 
     q = apply_steps(base.handle, validate_steps([{"technique": "quantize", "method": "static-int8"}]), base.data,
                     null_progress())

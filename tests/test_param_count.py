@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tugboat.engine.onnx_graph import onnx_param_count
+from tugboat.engine.io.onnx_graph import onnx_param_count
 
 
 def _qdq_matmul(per_channel: int = 4) -> onnx.ModelProto:
@@ -48,8 +48,8 @@ def test_packed_int4_weights_count_as_weights():
 
 
 def test_layers_of_a_quantized_onnx_model_have_their_parameters(tmp_path):
-    from tugboat.engine.loading import load_model
-    from tugboat.engine.measure import layer_table
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.measuring.measure import layer_table
 
     path = tmp_path / "qdq.onnx"
     onnx.save(_qdq_matmul(), str(path))
@@ -62,14 +62,14 @@ def test_layers_of_a_quantized_onnx_model_have_their_parameters(tmp_path):
 
 def _variant(handle, data, **step):
     from tugboat.engine.progress import null_progress
-    from tugboat.engine.recipe import validate_steps
-    from tugboat.engine.runner import apply_steps
+    from tugboat.engine.running.recipe import validate_steps
+    from tugboat.engine.running.runner import apply_steps
 
     return apply_steps(handle, validate_steps([step]), data, null_progress())
 
 
 def test_a_float_model_and_its_variants_count_the_deployed_artifact(demo_models, demo_data):
-    from tugboat.engine.measure import layer_table
+    from tugboat.engine.measuring.measure import layer_table
 
     handle = demo_models("digits-cnn")
     params, nonzero = handle.param_count()
@@ -93,9 +93,9 @@ def test_a_torch_model_is_exported_once_and_again_when_its_weights_change(demo_d
     import torch
 
     from helpers import FAST
-    from tugboat.engine import models
-    from tugboat.engine.loading import load_model
-    from tugboat.engine.measure import measure
+    from tugboat.engine.io import models
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.measuring.measure import measure
 
     calls = []
     real = models.export_onnx_model

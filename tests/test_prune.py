@@ -9,15 +9,15 @@ import onnx
 import pytest
 import torch
 
-from tugboat.engine import prune
-from tugboat.engine.data import Dataset
 from tugboat.engine.errors import Cancelled, RecipeError
-from tugboat.engine.export import check_onnx, parity, write_onnx
-from tugboat.engine.finetune import evaluate, finetune
-from tugboat.engine.loading import load_model
+from tugboat.engine.io.data import Dataset
+from tugboat.engine.io.export import check_onnx, parity, write_onnx
+from tugboat.engine.io.loading import load_model
 from tugboat.engine.progress import CancelToken, Progress, null_progress
-from tugboat.engine.recipe import parse_recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
+from tugboat.engine.running.recipe import parse_recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
+from tugboat.engine.techniques import prune
+from tugboat.engine.techniques.finetune import evaluate, finetune
 
 # latency is asserted only for the structured CNN; enough runs for a stable median there
 LATENCY = dict(batch=64, threads=1, warmup=5, min_runs=30, min_seconds=0.4, max_seconds=3.0,

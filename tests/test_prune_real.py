@@ -16,8 +16,8 @@ import torch
 from torch import fx, nn
 
 from realmodels import real_model
-from tugboat.engine import prune
-from tugboat.engine.converted_graphs import ChannelConstant, normalise_for_pruning
+from tugboat.engine.io.converted_graphs import ChannelConstant, normalise_for_pruning
+from tugboat.engine.techniques import prune
 
 
 class _PaddleLike(nn.Module):
@@ -109,10 +109,10 @@ def _run_ort(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarra
 
 
 def _prune_export(name: str, epochs: int, batch: int, **extra):
-    from tugboat.engine.data import load_data
-    from tugboat.engine.export import check_onnx
-    from tugboat.engine.loading import load_model
-    from tugboat.engine.models import export_onnx_model
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.export import check_onnx
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.io.models import export_onnx_model
     from tugboat.engine.progress import null_progress
 
     rm = real_model(name)
@@ -172,8 +172,8 @@ def test_ocr_text_detector_converted_by_onnx2torch_prunes_and_exports():
 
 
 def test_normalising_the_real_ocr_classifier_is_exact():
-    from tugboat.engine.data import load_data
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.loading import load_model
 
     rm = real_model("ocr-cls")
     handle = load_model(rm.model)

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from tugboat.engine import prune
-from tugboat.engine.channels import ratio_for_keep, resolve_round_to, rounded_keep
-from tugboat.engine.data import Dataset, default_splits
 from tugboat.engine.errors import RecipeError
-from tugboat.engine.estimate import build_profile, estimate
-from tugboat.engine.models import ModelHandle, TensorSpec
+from tugboat.engine.io.data import Dataset, default_splits
+from tugboat.engine.io.models import ModelHandle, TensorSpec
 from tugboat.engine.progress import null_progress
-from tugboat.engine.recipe import validate_steps
+from tugboat.engine.running.recipe import validate_steps
+from tugboat.engine.techniques import prune
+from tugboat.engine.techniques.channels import ratio_for_keep, resolve_round_to, rounded_keep
+from tugboat.engine.techniques.estimate import build_profile, estimate
 
 
 def _odd_cnn() -> ModelHandle:
@@ -129,7 +129,7 @@ def test_the_round_to_field_reads_and_sets_auto(qtbot):
 def test_gradient_clipping_bounds_each_fine_tuning_step():
     import copy
 
-    from tugboat.engine.finetune import finetune
+    from tugboat.engine.techniques.finetune import finetune
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((100, 1, 16, 16)).astype(np.float32)
@@ -150,7 +150,8 @@ def test_gradient_clipping_bounds_each_fine_tuning_step():
 
 
 def test_the_measured_multiple_is_kept_in_the_cache(tmp_path, monkeypatch):
-    from tugboat.engine import channels, machine
+    from tugboat.engine import machine
+    from tugboat.engine.techniques import channels
 
     monkeypatch.setenv("TUGBOAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(machine, "channel_multiple", lambda threads=1: 8)

@@ -17,12 +17,12 @@ import torch
 
 from helpers import FAST
 from standins import build_hard_digits, build_senet, build_tinybert
-from tugboat.engine import prune as prune_mod
-from tugboat.engine import quantize
-from tugboat.engine.data import Dataset
-from tugboat.engine.finetune import evaluate
-from tugboat.engine.measure import measure
+from tugboat.engine.io.data import Dataset
+from tugboat.engine.measuring.measure import measure
 from tugboat.engine.progress import null_progress
+from tugboat.engine.techniques import prune as prune_mod
+from tugboat.engine.techniques import quantize
+from tugboat.engine.techniques.finetune import evaluate
 
 
 @functools.cache

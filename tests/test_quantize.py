@@ -13,16 +13,16 @@ import onnx
 import pytest
 import torch
 
-from tugboat.engine import steps
 from tugboat.engine.errors import Cancelled, RecipeError, TugboatError
-from tugboat.engine.loading import load_demo_spec, load_model, save_torchscript
-from tugboat.engine.measure import MeasureConfig, measure
+from tugboat.engine.io.loading import load_demo_spec, load_model, save_torchscript
+from tugboat.engine.measuring.measure import MeasureConfig, measure
+from tugboat.engine.measuring.runtime import run_onnx, run_torch
 from tugboat.engine.progress import CancelToken, Progress
-from tugboat.engine.quantize import layer_of, layer_sensitivity
-from tugboat.engine.recipe import Recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
-from tugboat.engine.runtime import run_onnx, run_torch
-from tugboat.engine.variants import Baseline
+from tugboat.engine.running.recipe import Recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
+from tugboat.engine.running.variants import Baseline
+from tugboat.engine.techniques import steps
+from tugboat.engine.techniques.quantize import layer_of, layer_sensitivity
 
 FAST = MeasureConfig(batch=64, min_runs=5, min_seconds=0.05, also_batch1=False, both_runtimes=False)
 BOTH = MeasureConfig(batch=64, min_runs=5, min_seconds=0.05, also_batch1=False, both_runtimes=True)

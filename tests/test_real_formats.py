@@ -33,8 +33,8 @@ _ROUND_TRIP_GAP = ("a graph onnx2torch made holds shape ops that torch.export ca
 
 @functools.cache
 def _loaded(name: str):
-    from tugboat.engine.data import load_data
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.loading import load_model
 
     rm = real_model(name)
     trusted = bool(rm.arch and ":" in rm.arch)  # the architecture file is the corpus tool's own code
@@ -50,11 +50,11 @@ def _few(data, handle, n: int) -> list[np.ndarray]:
 
 
 def _prunes_and_exports(handle, data, name: str):
-    from tugboat.engine import prune
-    from tugboat.engine.export import check_onnx
-    from tugboat.engine.models import export_onnx_model
+    from tugboat.engine.io.export import check_onnx
+    from tugboat.engine.io.models import export_onnx_model
+    from tugboat.engine.measuring.runtime import run_onnx
     from tugboat.engine.progress import null_progress
-    from tugboat.engine.runtime import run_onnx
+    from tugboat.engine.techniques import prune
 
     pruned = prune.apply(handle, {"method": "structured", "ratio": 0.25, "finetune_epochs": 0, "batch_size": 8},
                          data, null_progress())
@@ -86,10 +86,10 @@ def test_every_torch_loadable_corpus_model_prunes_and_exports_a_checked_onnx(nam
 
 @pytest.mark.parametrize("name", list(_ONNX_ONLY))
 def test_an_onnx_only_corpus_model_says_why_and_still_quantizes(name):
-    from tugboat.engine import quantize
-    from tugboat.engine.capabilities import capabilities
+    from tugboat.engine.measuring.runtime import run_onnx
     from tugboat.engine.progress import null_progress
-    from tugboat.engine.runtime import run_onnx
+    from tugboat.engine.running.capabilities import capabilities
+    from tugboat.engine.techniques import quantize
 
     handle, data = _loaded(name)
     assert handle.module is None and _ONNX_ONLY[name] in handle.conversion_error
@@ -105,13 +105,13 @@ def test_an_onnx_only_corpus_model_says_why_and_still_quantizes(name):
 @pytest.mark.xfail(reason=_ROUND_TRIP_GAP, strict=True)
 @pytest.mark.parametrize("name,save", [("silero-vad-jit", "save_torchscript"), ("silero-vad-jit", "save_exported")])
 def test_a_pruned_corpus_model_saved_as_a_torch_file_reopens_and_compresses_again(name, save, tmp_path):
-    from tugboat.engine import loading
+    from tugboat.engine.io import loading
 
     handle, data = _loaded(name)
     pruned = _prunes_and_exports(handle, data, name)
     path = getattr(loading, save)(pruned, tmp_path / ("again.pt2" if save == "save_exported" else "again.pt"))
     reopened = loading.load_model(path)
-    from tugboat.engine.data import load_data
+    from tugboat.engine.io.data import load_data
 
     again = load_data(data.ref, reopened)
     assert reopened.module is not None, reopened.conversion_error

@@ -76,10 +76,10 @@ def _cases():
 
 @pytest.mark.parametrize("name", list(_cases()))
 def test_info_on_every_real_model_shows_params_flops_and_task(name):
-    from tugboat.engine.data import load_data
-    from tugboat.engine.info import model_info
-    from tugboat.engine.loading import load_model
-    from tugboat.engine.measure import input_shapes, onnx_flops
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.measuring.measure import input_shapes, onnx_flops
+    from tugboat.engine.running.info import model_info
 
     rm = real_model(name)
     trusted = bool(rm.arch and ":" in rm.arch)  # the architecture file is the corpus tool's own code
@@ -100,8 +100,8 @@ def test_info_on_every_real_model_shows_params_flops_and_task(name):
 def test_quantizing_leaves_no_files_in_the_working_folder(tmp_path, monkeypatch):
     """ONNX Runtime's symbolic shape inference dumps a model and its external data (uuid.data) into the
     current folder when it cannot infer every shape (it cannot on the OCR text detector)."""
-    from tugboat.engine import quantize
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.techniques import quantize
 
     rm = real_model("ocr-det")
     model = load_model(rm.model).onnx_model
@@ -154,10 +154,10 @@ def _default_int8(name: str):
     """(size ratio, fidelity on held-out rows, decisive-row agreement, the variant's info) of the
     corpus model ``name`` quantized with the defaults (method "auto"); one quantization per model
     for all the tests below."""
-    from tugboat.engine import quantize
-    from tugboat.engine.data import load_data
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.loading import load_model
     from tugboat.engine.progress import null_progress
+    from tugboat.engine.techniques import quantize
 
     rm = real_model(name)
     handle = load_model(str(rm.model))

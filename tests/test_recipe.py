@@ -9,8 +9,8 @@ import pytest
 
 from sweep_support import write_recipe
 from tugboat.cli import main
-from tugboat.engine import steps as step_registry
-from tugboat.engine.recipe import load_recipe, parse_recipe, recipe_to_toml
+from tugboat.engine.running.recipe import load_recipe, parse_recipe, recipe_to_toml
+from tugboat.engine.techniques import steps as step_registry
 
 PRUNE = '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nfinetune_epochs = 0\n'
 

@@ -1,4 +1,4 @@
-"""Scripted (TorchScript) modules that are programs, not graphs (engine/scripted.py): non-tensor
+"""Scripted (TorchScript) modules that are programs, not graphs (engine/io/scripted.py): non-tensor
 forward arguments bound to values, a state kept in module attributes, and control flow on both."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tugboat.engine.errors import DataError, ModelLoadError
-from tugboat.engine.loading import load_model
+from tugboat.engine.io.loading import load_model
 
 
 class Streaming(nn.Module):
@@ -61,7 +61,7 @@ def test_constants_from_the_user_bind_arguments_and_the_state_starts_fresh(scrip
         mine = handle.module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(mine, _fresh(scripted, x, 8000, 0.5), rtol=1e-5, atol=1e-6)
     assert not np.allclose(mine, _fresh(scripted, x, 16000, 0.5))  # the other branch differs
-    from tugboat.engine.runtime import run_onnx
+    from tugboat.engine.measuring.runtime import run_onnx
 
     again = run_onnx(handle.onnx_model, [x])[0]  # every call is the start of a stream: same result
     np.testing.assert_allclose(run_onnx(handle.onnx_model, [x])[0], again)
@@ -69,7 +69,7 @@ def test_constants_from_the_user_bind_arguments_and_the_state_starts_fresh(scrip
 
 
 def test_constants_from_the_data_and_a_missing_one_named(scripted, tmp_path):
-    from tugboat.engine.data import load_data
+    from tugboat.engine.io.data import load_data
 
     x = np.random.default_rng(1).normal(size=(6, 8)).astype(np.float32)
     with pytest.raises(ModelLoadError, match=r"'rate' is a int with no default.*--constant rate=VALUE"):
@@ -92,7 +92,7 @@ def test_constants_from_the_data_and_a_missing_one_named(scripted, tmp_path):
 
 def test_cli_constant_option_and_recipe_constants(scripted, tmp_path, capsys):
     from tugboat.cli import main
-    from tugboat.engine.recipe import load_recipe
+    from tugboat.engine.running.recipe import load_recipe
 
     assert main(["info", str(scripted), "--input-shape", "8", "--constant", "rate=16000", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -122,8 +122,8 @@ class Encoder(nn.Module):
 @pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
 def test_traced_transformer_layers_with_fused_kernels_become_editable(tmp_path, norm_first, activation):
     """In eval mode these layers run fused kernels (no ONNX export); a trace records them."""
-    from tugboat.engine.data import load_data
-    from tugboat.engine.runtime import run_onnx
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.measuring.runtime import run_onnx
 
     torch.manual_seed(0)
     model = Encoder(norm_first, activation).eval()

@@ -20,7 +20,7 @@ from torch import nn
 
 from tugboat import cli
 from tugboat.engine.errors import ModelLoadError, UntrustedFileError
-from tugboat.engine.loading import load_model
+from tugboat.engine.io.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,8 @@ def test_source_never_unpickles_outside_the_trusted_path():
     # the process executor's workers read the sweep context their own driver pickled into a private
     # 0700 temp folder (checked before reading): our objects between our processes, as a pool's
     # initializer arguments would travel; never a file the user gave
-    allowed_unsafe = {("engine/loading.py", "_load_pickled_module"), ("engine/executors/processes.py", "pickle.load")}
+    allowed_unsafe = {("engine/io/loading.py", "_load_pickled_module"),
+                      ("engine/running/executors/processes.py", "pickle.load")}
     found_unsafe = set()
     for path in sorted((ROOT / "appsrc" / "tugboat").rglob("*.py")):
         rel = path.relative_to(ROOT / "appsrc" / "tugboat").as_posix()

@@ -27,20 +27,20 @@ def test_info_of_the_demo_imports_no_compiler_stack():
 
 
 def test_demo_data_and_example_inputs_import_nothing_heavy():
-    code = ("from tugboat.engine.loading import load_model\nfrom tugboat.engine.data import load_data\n"
+    code = ("from tugboat.engine.io.loading import load_model\nfrom tugboat.engine.io.data import load_data\n"
             "h = load_model('demo:digits-cnn')\nd = load_data('demo:digits', h)\nh.example_inputs(4)")
     assert _modules_after(code) == []
 
 
 def test_runtimes_listed_without_import_match_the_loaded_list():
     """The window lists runtimes without importing OpenVINO / ExecuTorch (about 1 s at start)."""
-    probe = ("import json, sys\nfrom tugboat.engine.runtimes import list_runtimes\n"
+    probe = ("import json, sys\nfrom tugboat.engine.measuring.runtimes import list_runtimes\n"
              "print(json.dumps([(r['name'], r['available']) for r in list_runtimes(load=False)]))\n"
              "print(json.dumps(sorted(m for m in ('openvino', 'executorch') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
     quick, imported = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
     assert imported == []
-    from tugboat.engine.runtimes import list_runtimes
+    from tugboat.engine.measuring.runtimes import list_runtimes
 
     assert [tuple(x) for x in quick] == [(r["name"], r["available"]) for r in list_runtimes()]
 
@@ -50,7 +50,7 @@ def test_layer_flops_from_the_graph_match_the_flop_counter(demo_models):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tugboat.engine.measure import layer_table
+    from tugboat.engine.measuring.measure import layer_table
 
     handle = demo_models("digits-cnn")
     counter = FlopCounterMode(display=False)
@@ -62,9 +62,9 @@ def test_layer_flops_from_the_graph_match_the_flop_counter(demo_models):
 
 
 def test_an_onnx_model_is_converted_to_torch_only_when_a_step_needs_it(tmp_path, demo_models):
-    from tugboat.engine.capabilities import needs_torch_module
-    from tugboat.engine.export import write_onnx
-    from tugboat.engine.recipe import parse_recipe
+    from tugboat.engine.io.export import write_onnx
+    from tugboat.engine.running.capabilities import needs_torch_module
+    from tugboat.engine.running.recipe import parse_recipe
 
     path = write_onnx(demo_models("digits-mlp"), tmp_path / "mlp.onnx")
 
@@ -77,7 +77,8 @@ def test_an_onnx_model_is_converted_to_torch_only_when_a_step_needs_it(tmp_path,
     assert needs_torch_module(recipe({"technique": "prune", "method": "structured", "ratio": 0.5}, quant))
     assert needs_torch_module(recipe({**quant, "method": "qat-int8"}))
     assert needs_torch_module(recipe(quant, measure={"runtime": "torch"}))
-    code = (f"from tugboat.engine.recipe import parse_recipe\nfrom tugboat.engine.runner import prepare, run_variant\n"
+    code = ("from tugboat.engine.running.recipe import parse_recipe\n"
+            "from tugboat.engine.running.runner import prepare, run_variant\n"
             f"r = parse_recipe({{'model': {str(path)!r}, 'data': 'demo:digits', 'steps': [{quant!r}],"
             f" 'measure': {{'batch': 16, 'threads': 1, 'min_runs': 3, 'min_seconds': 0.0, 'max_seconds': 0.2}}}})\n"
             f"base = prepare(r)\nv = run_variant(base, r)\nassert v.status == 'ok', v.error\n"

@@ -18,11 +18,11 @@ import pytest
 from tugboat import cli
 from tugboat.engine.errors import RecipeError, UntrustedFileError
 from tugboat.engine.lock import LOCK_FILE, FolderLock, FolderLockedError
-from tugboat.engine.recipe import load_recipe, parse_recipe, recipe_to_toml
+from tugboat.engine.running.recipe import load_recipe, parse_recipe, recipe_to_toml
+from tugboat.engine.running.sweep import MAX_VARIANTS, plan, random_candidates, run_sweep
+from tugboat.engine.running.variants import Variant
+from tugboat.engine.running.workspace import Workspace, WorkspaceError
 from tugboat.engine.stored import OutputError, StoredFileError, atomic_write_bytes, dumps, inside
-from tugboat.engine.sweep import MAX_VARIANTS, plan, random_candidates, run_sweep
-from tugboat.engine.variants import Variant
-from tugboat.engine.workspace import Workspace, WorkspaceError
 from tugboat.settings import Settings, load_settings
 
 PRUNE = '[[steps]]\ntechnique = "prune"\nmethod = "structured"\nratio = 0.5\nfinetune_epochs = 0\n'
@@ -210,9 +210,9 @@ def test_cli_warns_that_recipe_trust_is_ignored(tmp_path, capsys):
 def test_untrusted_student_file_names_the_option_that_covers_it(tmp_path):
     import torch
 
-    from tugboat.engine.distill import make_student
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.loading import load_model
     from tugboat.engine.progress import null_progress
+    from tugboat.engine.techniques.distill import make_student
 
     student = tmp_path / "student.pt"
     torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), student)
@@ -230,7 +230,7 @@ def test_untrusted_student_file_names_the_option_that_covers_it(tmp_path):
     ([], "", False, False), (["--trust"], "", True, True), ([], "trust = true\n", False, False)])
 def test_trust_comes_only_from_this_runs_command_line(tmp_path, monkeypatch, argv, recipe_says, model_trust,
                                                       step_trust):
-    from tugboat.engine import runner as recipe_mod
+    from tugboat.engine.running import runner as recipe_mod
 
     seen = {}
     monkeypatch.setattr(recipe_mod, "run", lambda recipe, out, progress: seen.update(
@@ -242,10 +242,10 @@ def test_trust_comes_only_from_this_runs_command_line(tmp_path, monkeypatch, arg
 
 
 def test_only_techniques_that_load_files_get_the_runs_trust(monkeypatch):
-    from tugboat.engine import steps as registry
-    from tugboat.engine.loading import load_model
+    from tugboat.engine.io.loading import load_model
     from tugboat.engine.progress import null_progress
-    from tugboat.engine.runner import apply_steps
+    from tugboat.engine.running.runner import apply_steps
+    from tugboat.engine.techniques import steps as registry
 
     seen = []
 

@@ -10,14 +10,14 @@ import pytest
 
 from sweep_support import ROOT, count_calls, install_scale, report_schema, write_recipe
 from tugboat.cli import main
-from tugboat.engine import steps as step_registry
 from tugboat.engine.errors import Cancelled, RecipeError
 from tugboat.engine.progress import Progress
-from tugboat.engine.recipe import load_recipe, parse_recipe
-from tugboat.engine.report_json import quality_of
-from tugboat.engine.runner import prepare, run_variant
-from tugboat.engine.sweep import PrefixCache, grid, plan, run_sweep
-from tugboat.engine.workspace import Workspace
+from tugboat.engine.running.recipe import load_recipe, parse_recipe
+from tugboat.engine.running.report_json import quality_of
+from tugboat.engine.running.runner import prepare, run_variant
+from tugboat.engine.running.sweep import PrefixCache, grid, plan, run_sweep
+from tugboat.engine.running.workspace import Workspace
+from tugboat.engine.techniques import steps as step_registry
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ import sys
 import numpy as np
 import pytest
 
-from tugboat.engine import runtimes
 from tugboat.engine.errors import Cancelled, RecipeError, TugboatError
-from tugboat.engine.measure import MeasureConfig
+from tugboat.engine.measuring import runtimes
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.measuring.runtime import run_onnx
+from tugboat.engine.measuring.targets import TARGETS, export_target
 from tugboat.engine.progress import CancelToken, Progress
-from tugboat.engine.recipe import Recipe, parse_recipe, validate_steps
-from tugboat.engine.runner import prepare, run_variant
-from tugboat.engine.runtime import run_onnx
-from tugboat.engine.targets import TARGETS, export_target
+from tugboat.engine.running.recipe import Recipe, parse_recipe, validate_steps
+from tugboat.engine.running.runner import prepare, run_variant
 
 FAST = dict(batch=16, min_runs=3, min_seconds=0.01, max_seconds=0.2, also_batch1=False, both_runtimes=False)
 INSTALLED = [r["name"] for r in runtimes.list_runtimes() if r["available"]]

@@ -17,12 +17,13 @@ from torch import nn
 
 from sweep_support import FAST_MEASURE
 from tugboat.cli import main
-from tugboat.engine import distill, estimate, memory, prune, qat, quantize, steps
-from tugboat.engine.capabilities import capabilities
 from tugboat.engine.errors import RecipeError
-from tugboat.engine.recipe import parse_recipe
-from tugboat.engine.technique import Param, Technique
-from tugboat.engine.variants import step_label, variant_name
+from tugboat.engine.measuring import memory
+from tugboat.engine.running.capabilities import capabilities
+from tugboat.engine.running.recipe import parse_recipe
+from tugboat.engine.running.variants import step_label, variant_name
+from tugboat.engine.techniques import distill, estimate, prune, qat, quantize, steps
+from tugboat.engine.techniques.technique import Param, Technique
 
 
 def _zero_smallest(handle, params, data, progress):

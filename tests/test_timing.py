@@ -16,9 +16,9 @@ import pytest
 from sweep_support import report_schema
 from tugboat.cli import main
 from tugboat.engine.machine import advice, describe, machine_info
-from tugboat.engine.measure import is_timing_warning, measure, speedup_interval
-from tugboat.engine.recipe import parse_recipe, validate_steps
-from tugboat.engine.runner import judge_timing, prepare, run, run_variant
+from tugboat.engine.measuring.measure import is_timing_warning, measure, speedup_interval
+from tugboat.engine.running.recipe import parse_recipe, validate_steps
+from tugboat.engine.running.runner import judge_timing, prepare, run, run_variant
 
 # small budgets: the demo CNN at batch 32 runs in about a millisecond
 MEASURE = {"batch": 32, "threads": 1, "warmup": 2, "min_runs": 5, "min_seconds": 0.1, "max_seconds": 0.4,
@@ -174,7 +174,7 @@ def _sweep(tmp_path, capsys):
 
 
 def test_remeasure_cli_retimes_and_saves(tmp_path, capsys):
-    from tugboat.engine.workspace import Workspace
+    from tugboat.engine.running.workspace import Workspace
 
     ws_path = _sweep(tmp_path, capsys)
     before = Workspace.open(ws_path)
@@ -244,7 +244,7 @@ def test_seed_is_validated():
 
 
 def test_fewer_flops_but_no_speed_up_is_a_warning_with_a_cause():
-    from tugboat.engine.measure import flops_promise
+    from tugboat.engine.measuring.measure import flops_promise
 
     base = {"flops": 1_000_000}
     sp = {"median": 0.98, "low": 0.95, "high": 1.02, "blocks": 8, "noisy": False}
@@ -265,9 +265,9 @@ def test_fewer_flops_but_no_speed_up_is_a_warning_with_a_cause():
 
 
 def test_a_noisy_original_timing_is_flagged_and_cleared_by_remeasure():
-    from tugboat.engine.measure import own_timing_warnings
-    from tugboat.engine.remeasure import remeasure
-    from tugboat.engine.variants import Variant
+    from tugboat.engine.measuring.measure import own_timing_warnings
+    from tugboat.engine.measuring.remeasure import remeasure
+    from tugboat.engine.running.variants import Variant
 
     noisy = {"latency_ms": {"median": 13.7, "p90": 14.2 * 7, "spread": 7.1, "load": 3.5, "noisy": True}}
     warning = own_timing_warnings(noisy)

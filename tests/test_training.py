@@ -1,4 +1,4 @@
-"""The one training loop (engine/training.py) and the device setting (engine/devices.py).
+"""The one training loop (engine/techniques/training.py) and the device setting (engine/devices.py).
 
 The loop: epoch rows for the GUI, early stop with the best epoch's weights, the divergence check,
 cancellation between batches; fine-tuning, distillation and QAT all run through it. Devices: auto
@@ -17,12 +17,14 @@ from torch import nn
 
 from helpers import FAST
 from tugboat.cli import main as cli_main
-from tugboat.engine import devices, distill, finetune, measure, qat, quantize, training
-from tugboat.engine.data import _make_dataset
+from tugboat.engine import devices
 from tugboat.engine.errors import Cancelled, DeviceError, NumericalError, RecipeError
-from tugboat.engine.models import ModelHandle, TensorSpec
+from tugboat.engine.io.data import _make_dataset
+from tugboat.engine.io.models import ModelHandle, TensorSpec
+from tugboat.engine.measuring import measure
 from tugboat.engine.progress import CancelToken, Progress
-from tugboat.engine.recipe import load_recipe
+from tugboat.engine.running.recipe import load_recipe
+from tugboat.engine.techniques import distill, finetune, qat, quantize, training
 
 NO_GPU = devices.gpu_count() == 0
 
@@ -171,7 +173,7 @@ def test_training_steps_take_the_device_and_refuse_a_missing_gpu(monkeypatch):
     for technique, method in (("distill", "kd"), ("quantize", "qat-int8"), ("prune", "structured")):
         tech = {"distill": distill.TECHNIQUE, "quantize": quantize.TECHNIQUE}.get(technique)
         if tech is None:
-            from tugboat.engine import prune
+            from tugboat.engine.techniques import prune
 
             tech = prune.TECHNIQUE
         step = tech.validate({"method": method, "device": "cuda:1"}, "steps.0")
@@ -200,7 +202,7 @@ def test_onnx_runtime_without_its_cuda_provider_says_it_timed_on_the_cpu():
     assert result["torch"]["b8"]["device"] == "cuda:0" and "device_note" not in result["torch"]["b8"]
     import onnxruntime as ort
 
-    from tugboat.engine.runtime import ort_providers
+    from tugboat.engine.measuring.runtime import ort_providers
     gpu = "CUDAExecutionProvider" in ort.get_available_providers()
     assert ort_providers("cpu") == ["CPUExecutionProvider"]
     assert ort_providers("cuda:0")[0] == ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider")
@@ -250,7 +252,7 @@ def test_cli_device_cuda_without_a_gpu_exits_2_before_any_work(tmp_path, capsys)
 
 def test_table_html_and_csv_say_which_device_latency_ran_on(demo_models, demo_data):
     from tugboat.console import format_summary
-    from tugboat.engine.report_html import render_html, rows, to_csv
+    from tugboat.engine.running.report_html import render_html, rows, to_csv
 
     metrics, _ = measure.measure(demo_models("digits-mlp"), demo_data, FAST)
     report = {"model": "demo:digits-mlp", "data": "demo:digits", "baseline": {"metrics": metrics},

@@ -12,8 +12,8 @@ import pytest
 from PySide6.QtWidgets import QCheckBox
 
 from tugboat.engine.errors import RecipeError
-from tugboat.engine.measure import MeasureConfig
-from tugboat.engine.prune import parse_layer_ratios
+from tugboat.engine.measuring.measure import MeasureConfig
+from tugboat.engine.techniques.prune import parse_layer_ratios
 from tugboat.jobs import CANCELLED, DONE
 from tugboat.ui.layers_view import COL_FLOAT, COL_SPARSITY
 from tugboat.ui.main_window import MainWindow

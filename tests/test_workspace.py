@@ -16,9 +16,9 @@ import onnx
 import pytest
 
 from sweep_support import report_schema, write_recipe
-from tugboat.engine.runtime import run_onnx
-from tugboat.engine.variants import Variant
-from tugboat.engine.workspace import Workspace, WorkspaceError
+from tugboat.engine.measuring.runtime import run_onnx
+from tugboat.engine.running.variants import Variant
+from tugboat.engine.running.workspace import Workspace, WorkspaceError
 
 ROOT = Path(__file__).resolve().parents[1]
 

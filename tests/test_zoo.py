@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import FAST
-from tugboat.engine import zoo
-from tugboat.engine.measure import measure
+from tugboat.engine.io import zoo
+from tugboat.engine.measuring.measure import measure
 
 
 @pytest.mark.parametrize("name", list(zoo.ARCHITECTURES))

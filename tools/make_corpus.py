@@ -140,7 +140,7 @@ def mlp_state_dict(hidden: int = 8, depth: int = 1) -> dict:
     """A small digits-mlp state_dict (built with arch_kwargs hidden/depth)."""
     import torch
 
-    from tugboat.engine import zoo
+    from tugboat.engine.io import zoo
 
     torch.manual_seed(0)
     return zoo.build("digits-mlp", hidden=hidden, depth=depth).state_dict()

@@ -603,7 +603,7 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
           covers=("recurrent", "control-flow", "non-classification", "torchscript"),
           make=_copy("data/silero_vad.jit"), data=_silero_jit_data,
           notes="x [N, 512] at 16 kHz; sr is a Python int argument: the data's sr array (16000 for every "
-                "sample) gives its value (engine/scripted.py)"),
+                "sample) gives its value (engine/io/scripted.py)"),
     Entry("minilm-hf", **_MINILM, format="hf", task="embedding",
           description="sentence-transformers all-MiniLM-L6-v2 as a Hugging Face folder (BertModel, 6 layers, "
                       "384 wide): int64 ids + attention mask, dynamic sequence length",

@@ -47,7 +47,7 @@ def shoot_chart(app, window, grab) -> None:
         prune.set_value("ratio", ratio)
         jobs.append(window.run_current())
     if "quantize" in window.panels:
-        from tugboat.engine.recipe import validate_steps
+        from tugboat.engine.running.recipe import validate_steps
 
         def quantize(method: str) -> dict:
             return validate_steps([{"technique": "quantize", "method": method}])[0]

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from .console import TerminalProgress, format_info, format_summary, print_notes
-from .engine.tasks import TASKS
+from .engine.io.tasks import TASKS
 
 __all__ = ["build_parser", "format_info", "format_summary", "main", "parse_args"]
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tugboat: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # running out of memory is the user's to fix (a smaller batch), not a bug
-        from .engine.memory import is_out_of_memory, oom_message
+        from .engine.measuring.memory import is_out_of_memory, oom_message
 
         if not is_out_of_memory(exc):
             raise
@@ -304,7 +304,7 @@ QT_PACKAGES = ("PySide6", "pyqtgraph", "superqt")
 def _start_gui(args) -> int:
     # the engine (torch, onnx) before Qt: once PySide6 is imported, its import hook reads the source
     # of every module imported after it (inspect.getsource: ~1 s for torch's thousand modules)
-    from .engine import recipe  # noqa: F401
+    from .engine.running import recipe  # noqa: F401
 
     try:
         from .ui.app import main as gui_main
@@ -318,10 +318,10 @@ def _start_gui(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .engine.info import model_info
+    from .engine.running.info import model_info
 
     if args.runtimes:
-        from .engine.runtimes import list_runtimes
+        from .engine.measuring.runtimes import list_runtimes
 
         rows = list_runtimes()
         if args.json:
@@ -349,8 +349,8 @@ def cmd_info(args) -> int:
 
 def cmd_run(args) -> int:
     from .engine.progress import Progress
-    from .engine.recipe import load_recipe
-    from .engine.runner import run
+    from .engine.running.recipe import load_recipe
+    from .engine.running.runner import run
 
     recipe = load_recipe(args.recipe)
     print_notes(recipe)
@@ -371,9 +371,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_remeasure(args) -> int:
+    from .engine.measuring.remeasure import remeasure_workspace
     from .engine.progress import Progress
-    from .engine.remeasure import remeasure_workspace
-    from .engine.workspace import Workspace
+    from .engine.running.workspace import Workspace
 
     bar = TerminalProgress(enabled=not args.quiet)
     try:
@@ -389,8 +389,8 @@ def cmd_remeasure(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .engine.measuring.targets import describe, export_from_folder
     from .engine.progress import Progress
-    from .engine.targets import describe, export_from_folder
 
     bar = TerminalProgress(enabled=not args.quiet)
     try:
@@ -402,10 +402,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .engine.executors import make_executor
     from .engine.progress import Progress
-    from .engine.recipe import load_recipe
-    from .engine.sweep import run_sweep
+    from .engine.running.executors import make_executor
+    from .engine.running.recipe import load_recipe
+    from .engine.running.sweep import run_sweep
 
     executor = make_executor(getattr(args, "executor", "auto") or "auto", workers=getattr(args, "workers", None),
                              address=getattr(args, "address", None))  # a missing Ray: one line, before any work

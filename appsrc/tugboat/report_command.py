@@ -15,8 +15,8 @@ def load_any_report(folder: str | Path) -> dict[str, Any]:
     """The report of a workspace (``workspace.json``) or of a ``tugboat run`` folder (``report.json``),
     validated (:mod:`tugboat.engine.stored`): a malformed file is one error naming it."""
     from .engine.errors import TugboatError
-    from .engine.report_json import read_report
-    from .engine.workspace import Workspace
+    from .engine.running.report_json import read_report
+    from .engine.running.workspace import Workspace
 
     folder = Path(folder)
     if Workspace.exists(folder):
@@ -47,7 +47,7 @@ def chart_png(report: dict[str, Any]) -> tuple[bytes | None, str]:
 
 def report_cli(args) -> int:
     from .console import format_summary
-    from .engine.report_html import write_csv, write_html
+    from .engine.running.report_html import write_csv, write_html
     from .engine.stored import check_writable_file
 
     report = load_any_report(args.dir)

@@ -151,7 +151,7 @@ def channel_multiple(threads: int = 1) -> int:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from .runtime import ort_session
+    from .measuring.runtime import ort_session
 
     def per_flop(c: int) -> float:
         rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ recognises ``MemoryError`` and torch's and ONNX Runtime's allocation failures, s
 out ends as a failed job with a clear message (:func:`oom_message`), not a dead app.
 
 Below everything that loads files or runs techniques (the data loader refuses a file too big for
-it); what a job will need is :mod:`tugboat.engine.memory`'s.
+it); what a job will need is :mod:`tugboat.engine.measuring.memory`'s.
 """
 
 from __future__ import annotations

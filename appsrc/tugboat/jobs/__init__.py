@@ -26,7 +26,7 @@ from typing import Any
 from PySide6.QtCore import QMetaObject, QObject, Qt, QTimer, Signal
 
 from ..engine.errors import Cancelled, TugboatError
-from ..engine.memory import is_out_of_memory, oom_message
+from ..engine.measuring.memory import is_out_of_memory, oom_message
 from ..engine.progress import CancelToken, Progress
 from . import _qt_compat  # noqa: F401  (guards a PySide6 6.12.0 emit bug; first, before any emit)
 

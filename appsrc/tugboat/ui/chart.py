@@ -44,8 +44,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..engine.report_json import quality_of
-from ..engine.variants import step_label
+from ..engine.running.report_json import quality_of
+from ..engine.running.variants import step_label
 from .store import BASELINE, VariantStore
 
 
@@ -721,7 +721,7 @@ class TradeoffChart(QWidget):
         }
 
     def to_csv(self) -> str:
-        from ..engine.report_html import to_csv
+        from ..engine.running.report_html import to_csv
 
         return to_csv(self.report_dict())
 

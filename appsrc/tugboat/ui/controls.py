@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..engine.steps import Param
+from ..engine.techniques.steps import Param
 
 MAX_DECIMALS = 6  # what a typed value may carry; the display uses the parameter's own precision
 INT_MAX = 2 ** 31 - 1

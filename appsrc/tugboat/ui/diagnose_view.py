@@ -2,7 +2,7 @@
 the one-click recipe change that would fix each layer; plus the side-by-side Compare dialog.
 
 Select a variant in the results table (or on the chart), press "Diagnose": a cancellable job runs
-:func:`tugboat.engine.diagnose.diagnose` on a bounded sample and the table fills, worst layer
+:func:`tugboat.engine.measuring.diagnose.diagnose` on a bounded sample and the table fills, worst layer
 first, coloured by severity (red under 10 dB, amber under 20 dB, green above). Each row's fix
 ("Keep this layer in float" for a quantized variant, "Prune this layer less" for a pruned one) is
 in the row's context menu, on the button above the table, and on a double-click: it runs the
@@ -358,7 +358,7 @@ class DiagnoseView(QWidget):
         reference = self._reference_handle(list((v.recipe or {}).get("steps", [])))
 
         def work(progress):
-            from ..engine.diagnose import diagnose
+            from ..engine.measuring.diagnose import diagnose
 
             return diagnose(original, handle, data, reference=reference, samples=samples,
                             progress=progress)
@@ -461,8 +461,8 @@ class DiagnoseView(QWidget):
         if v is None or self.session.baseline is None:
             self.notify(f"Variant {self.subject!r} is gone; diagnose another one.", "", "warning")
             return None
-        from ..engine.diagnose import fixed_steps
-        from ..engine.recipe import validate_steps
+        from ..engine.measuring.diagnose import fixed_steps
+        from ..engine.running.recipe import validate_steps
 
         try:
             steps = validate_steps(fixed_steps(list(v.recipe.get("steps", [])), row["action"]),
@@ -595,7 +595,7 @@ class CompareDialog(QDialog):
                 table.setItem(i, j, item)
 
     def refresh(self) -> None:
-        from ..engine.diagnose import compare
+        from ..engine.measuring.diagnose import compare
 
         va, vb = self.store.get(self.a_combo.currentText()), self.store.get(self.b_combo.currentText())
         if va is None or vb is None:

@@ -4,7 +4,7 @@ minds being pruned or quantized; per-layer overrides go from here into the next 
 Three bar charts share one row per layer (the model's layer table: every layer with weights):
 
 * cost: share of parameters, of FLOPs, and of measured latency (the runtime chosen in the Data
-  panel: ONNX Runtime's profiler or torch forward hooks, see :mod:`tugboat.engine.layers`);
+  panel: ONNX Runtime's profiler or torch forward hooks, see :mod:`tugboat.engine.measuring.layers`);
 * pruning sensitivity: quality drop when only that layer is structurally pruned (mean over 25, 50
   and 75 % of its channels);
 * quantization sensitivity: relative output error when only that layer is quantized to int8.
@@ -60,7 +60,7 @@ SERIES = {  # key: (legend, colour)
 def parse_pairs(items: list[str]) -> dict[str, float]:
     """Tolerant reading of the panel's ``layer=ratio`` entries (a half-typed one is skipped), by the
     engine's one parser of them."""
-    from ..engine.prune import parse_layer_ratios
+    from ..engine.techniques.prune import parse_layer_ratios
 
     return parse_layer_ratios(items, skip_bad=True)
 
@@ -216,7 +216,7 @@ class LayersView(QWidget):
         """The baseline's layer table arrives with the model info: params and FLOPs show at once."""
         if self.subject in (None, BASELINE):
             self.subject = BASELINE
-            from ..engine.layers import QUANTIZABLE_TYPES, layer_key
+            from ..engine.measuring.layers import QUANTIZABLE_TYPES, layer_key
 
             self.rows = [dict(r, layer=layer_key(r["name"]), latency_share=None, prunable=None,
                               quantizable=r["type"] in QUANTIZABLE_TYPES)
@@ -278,7 +278,7 @@ class LayersView(QWidget):
         batch, threads, runtime = int(cfg.batch), int(cfg.threads), str(cfg.runtime)
 
         def work(progress):
-            from ..engine.layers import layer_profile
+            from ..engine.measuring.layers import layer_profile
 
             return layer_profile(handle, batch=batch, threads=threads, runtime=runtime, progress=progress)
 
@@ -309,7 +309,7 @@ class LayersView(QWidget):
         data = base.data if base is not None else None
 
         def work(progress):
-            from ..engine.layers import layer_sensitivity
+            from ..engine.measuring.layers import layer_sensitivity
 
             return layer_sensitivity(handle, data, progress=progress)
 
@@ -490,7 +490,7 @@ class LayersView(QWidget):
         for old in (spin, holder):
             if old is not None:
                 old.hide()
-        from ..engine.prune import MAX_RATIO
+        from ..engine.techniques.prune import MAX_RATIO
 
         spin = QDoubleSpinBox()
         spin.setProperty("layer", layer)

@@ -1,6 +1,6 @@
 """Live preview: a ghost point that follows the sliders, then the real measurement.
 
-While a technique slider moves, every change is estimated at once (:mod:`tugboat.engine.estimate`,
+While a technique slider moves, every change is estimated at once (:mod:`tugboat.engine.techniques.estimate`,
 arithmetic on the baseline's layer shapes, no job) and the chart's hollow "ghost" point jumps there.
 When the setting is final (the panel's ``step_committed``: the slider released, a typed value
 entered, or the panel's one debounce after the last keyboard step; never while the mouse button is
@@ -24,7 +24,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from ..engine.estimate import build_profile, estimate, estimate_errors, estimate_quality
+from ..engine.techniques.estimate import build_profile, estimate, estimate_errors, estimate_quality
 from ..jobs import Job, JobQueue, JobSlot
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from PySide6.QtWidgets import (
 )
 
 from ..engine.errors import TugboatError
-from ..engine.recipe import recipe_to_toml
-from ..engine.variants import Variant, step_label
+from ..engine.running.recipe import recipe_to_toml
+from ..engine.running.variants import Variant, step_label
 from ..jobs import Job, JobQueue
 from ..settings import Settings, load_settings, save_settings
 from .chart import TradeoffChart
@@ -884,7 +884,7 @@ class MainWindow(QMainWindow):
     def open_recipe(self, path: str) -> Job | None:
         """Load a recipe's model and data; once measured, its steps are the chain and its last step
         is shown in its panel, ready to Run (``tugboat run`` reproduces it headless)."""
-        from ..engine.recipe import load_recipe
+        from ..engine.running.recipe import load_recipe
 
         try:
             recipe = load_recipe(path)

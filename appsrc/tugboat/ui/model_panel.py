@@ -20,9 +20,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..engine.capabilities import summary as capability_summary
 from ..engine.formatting import fmt_bytes, fmt_count
-from ..engine.tasks import TASKS
+from ..engine.io.tasks import TASKS
+from ..engine.running.capabilities import summary as capability_summary
 from .controls import ElidedLabel
 
 MODEL_FILTER = "Models (*.onnx *.pt *.pth *.pt2 *.ts *.bin *.ckpt *.safetensors);;All files (*)"
@@ -44,7 +44,7 @@ def provenance_text(made_by: dict[str, str]) -> str:
     if recipe.get("model"):
         text += f" from {recipe['model']}"
     if steps:
-        from ..engine.variants import step_label
+        from ..engine.running.variants import step_label
 
         text += ": " + " → ".join(step_label(s) for s in steps if isinstance(s, dict) and "technique" in s
                                   and "method" in s)
@@ -241,7 +241,7 @@ class DataPanel(QWidget):
 
     def _fill_runtimes(self) -> None:
         """Every runtime; one whose extra is not installed is shown disabled with the install command."""
-        from ..engine.runtimes import list_runtimes
+        from ..engine.measuring.runtimes import list_runtimes
 
         for i, r in enumerate(list_runtimes(load=False)):  # looked up, not imported (OpenVINO: ~1 s)
             self.runtime.addItem(r["name"] if r["available"] else f"{r['name']} (not installed)", r["name"])

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from ..engine.report_json import pareto_labels, quality_of
+from ..engine.running.report_json import pareto_labels, quality_of
 
 PARETO_COLOR = (217, 130, 43)
 OTHER_COLOR = (70, 110, 170)

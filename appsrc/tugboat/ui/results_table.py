@@ -22,7 +22,7 @@ from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QAbstractItemView, QApplication, QHeaderView, QMenu, QStyle, QTableView
 
 from ..engine.formatting import fmt_bytes, fmt_count
-from ..engine.variants import step_label
+from ..engine.running.variants import step_label
 from . import theme
 from .store import BASELINE, VariantStore
 
@@ -246,7 +246,7 @@ TARGET_ACTIONS = (("ort", "ONNX Runtime Mobile (.ort)...", "onnxruntime"),
 
 def runtime_choices() -> dict[str, tuple[bool, str]]:
     """Runtime -> (installed, tooltip: its version, or why not and the install command)."""
-    from ..engine.runtimes import list_runtimes
+    from ..engine.measuring.runtimes import list_runtimes
 
     return {r["name"]: (r["available"], r.get("version") or r.get("reason", "")) for r in list_runtimes()}
 

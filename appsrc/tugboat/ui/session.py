@@ -20,10 +20,10 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 
 from ..engine.errors import RecipeError, UntrustedFileError
-from ..engine.measure import MeasureConfig
-from ..engine.recipe import Recipe, validate_steps
-from ..engine.sweep import LISTED
-from ..engine.variants import Baseline, Variant, settings_difference, variant_name
+from ..engine.measuring.measure import MeasureConfig
+from ..engine.running.recipe import Recipe, validate_steps
+from ..engine.running.sweep import LISTED
+from ..engine.running.variants import Baseline, Variant, settings_difference, variant_name
 from ..jobs import Job, JobQueue, JobSlot
 from .store import BASELINE, VariantStore
 
@@ -117,8 +117,8 @@ class Session(QObject):
         self.loading.emit(self.model_ref, self.data_ref)
 
         def work(progress):
-            from ..engine.info import model_info
-            from ..engine.runner import prepare
+            from ..engine.running.info import model_info
+            from ..engine.running.runner import prepare
 
             try:
                 base = prepare(recipe, progress.sub(0.0, 0.9))
@@ -208,7 +208,7 @@ class Session(QObject):
         label = name or variant_name(recipe.steps)
 
         def work(progress):
-            from ..engine.runner import run_variant
+            from ..engine.running.runner import run_variant
 
             return run_variant(base, recipe, progress, start=start, done_steps=done)
 
@@ -246,8 +246,8 @@ class Session(QObject):
         data, batch = (base.data if base is not None else None), int(self.measure.batch)
 
         def work(progress):
-            from ..engine.loading import load_model
-            from ..engine.targets import describe, export_target
+            from ..engine.io.loading import load_model
+            from ..engine.measuring.targets import describe, export_target
 
             model = handle if handle is not None else load_model(source)
             result = export_target(model, kind, path, progress, data=data, batch=batch)
@@ -268,7 +268,7 @@ class Session(QObject):
         handle, cfg = v.handle, self.measure
 
         def work(progress):
-            from ..engine.runtimes import measure_runtimes
+            from ..engine.measuring.runtimes import measure_runtimes
 
             return measure_runtimes(handle, cfg, [runtime], data=base.data, reference=base.outputs,
                                     progress=progress)
@@ -315,8 +315,8 @@ class Session(QObject):
         base_copy = _timing_copy(self.store.baseline)
 
         def work(progress):
-            from ..engine.loading import load_model
-            from ..engine.remeasure import remeasure
+            from ..engine.io.loading import load_model
+            from ..engine.measuring.remeasure import remeasure
 
             pairs = [(copy_, handle if handle is not None else load_model(path)) for copy_, handle, path in chosen]
             remeasure(base.handle, base_copy, pairs, base.cfg, timing=base.timing, progress=progress)
@@ -373,8 +373,8 @@ class Session(QObject):
             return None
 
         def work(progress):
-            from ..engine.executors import make_executor
-            from ..engine.sweep import run_sweep
+            from ..engine.running.executors import make_executor
+            from ..engine.running.sweep import run_sweep
 
             runner = make_executor(executor, address=address or None) if executor != "local" else None
             return run_sweep(recipe, workspace.path, progress=progress, executor=runner,
@@ -390,7 +390,7 @@ class Session(QObject):
 
     def _checked_sweep_recipe(self) -> Recipe | None:
         """The sweep recipe, checked (each setting validated, the list planned) before a job starts."""
-        from ..engine.sweep import plan
+        from ..engine.running.sweep import plan
 
         recipe = self.sweep_as_recipe()
         try:
@@ -439,7 +439,7 @@ class Session(QObject):
 
         def work(progress):
             # atomic and cancellable: a cancelled export leaves the old file (or none), never a part
-            from ..engine.export import export_variant
+            from ..engine.io.export import export_variant
 
             use = "copy" if kind != "recipe" and handle is None else kind
             return str(export_variant(path, use, progress, handle=handle, recipe=recipe, source=source))

@@ -1,6 +1,6 @@
 """The results store: the window's observable face of the engine's :class:`Workspace`.
 
-The :class:`~tugboat.engine.workspace.Workspace` (the folder the CLI writes too) is the one
+The :class:`~tugboat.engine.running.workspace.Workspace` (the folder the CLI writes too) is the one
 collection of record; this adapter keeps no variants of its own. It reads through to the workspace
 it is attached to and emits Qt signals when that workspace gains, updates or loses a variant, so the
 chart, the results table and the details view subscribe to one model and keep no copies (ndv's
@@ -23,9 +23,9 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from ..engine.report_json import pareto_front
-from ..engine.variants import Variant
-from ..engine.workspace import BASELINE, Workspace
+from ..engine.running.report_json import pareto_front
+from ..engine.running.variants import Variant
+from ..engine.running.workspace import BASELINE, Workspace
 
 
 class VariantStore(QObject):

@@ -1,7 +1,7 @@
 """A technique panel built from the engine's registry: one control per recipe parameter.
 
 Nothing here knows about pruning, quantization or distillation. A :class:`TechniquePanel` reads a
-:class:`~tugboat.engine.steps.Technique` (methods and :class:`Param` schemas) and makes a method
+:class:`~tugboat.engine.techniques.steps.Technique` (methods and :class:`Param` schemas) and makes a method
 combo, a slider bound to an exact spin box for every numeric parameter (precision and step from the
 schema, see :func:`~tugboat.ui.controls.param_precision`), a combo for choices, a checkbox for
 booleans and a line edit for strings and lists, each with the parameter's help as tooltip. Only the
@@ -34,7 +34,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..engine.errors import RecipeError
-from ..engine.steps import Param, Technique
+from ..engine.techniques.steps import Param, Technique
 from .controls import NumberField, guard_wheel
 
 COMMIT_DELAY_MS = 600
@@ -255,6 +255,6 @@ class TechniquePanel(QWidget):
 
 def build_panels(parent: QWidget | None = None) -> dict[str, TechniquePanel]:
     """One panel per registered technique, in registry order."""
-    from ..engine.steps import techniques
+    from ..engine.techniques.steps import techniques
 
     return {name: TechniquePanel(tech, parent) for name, tech in techniques().items()}

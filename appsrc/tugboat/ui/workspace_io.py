@@ -1,4 +1,4 @@
-"""The window's workspace: the engine's :class:`~tugboat.engine.workspace.Workspace`, the one
+"""The window's workspace: the engine's :class:`~tugboat.engine.running.workspace.Workspace`, the one
 collection of record, shown through the :class:`VariantStore` attached to it.
 
 There is one workspace format. A folder made by ``tugboat sweep recipe.toml --out DIR`` opens in the
@@ -30,9 +30,9 @@ from PySide6.QtCore import QObject, Signal
 
 from ..engine.errors import TugboatError
 from ..engine.lock import FolderLock
+from ..engine.running.variants import Variant
+from ..engine.running.workspace import ARTIFACT, BASELINE, FILE, Workspace, WorkspaceError
 from ..engine.stored import atomic_write_bytes
-from ..engine.variants import Variant
-from ..engine.workspace import ARTIFACT, BASELINE, FILE, Workspace, WorkspaceError
 from ..jobs import Job, JobQueue
 from .store import VariantStore
 
