@@ -18,7 +18,7 @@ from torch import nn
 from sweep_support import FAST_MEASURE
 from tugboat.cli import main
 from tugboat.engine.errors import RecipeError
-from tugboat.engine.measuring import memory
+from tugboat.engine.measuring import diagnose, memory
 from tugboat.engine.running.capabilities import capabilities
 from tugboat.engine.running.recipe import parse_recipe
 from tugboat.engine.running.variants import step_label, variant_name
@@ -160,7 +160,7 @@ def test_no_default_is_restated_outside_its_param():
     and the modules that read their steps."""
     names = {p.name for tech in steps.techniques().values() for p in tech.params}
     offenders = []
-    for module in (prune, quantize, qat, distill, estimate, memory):
+    for module in (prune, quantize, qat, distill, estimate, memory, diagnose):
         tree = ast.parse(inspect.getsource(module))
         for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"

@@ -57,6 +57,7 @@ from ..io.data import Dataset
 from ..io.models import ModelHandle
 from ..names import layer_of
 from ..progress import Progress, null_progress
+from ..techniques import steps as registry
 from ..techniques.quant_error import (
     DQ_SUFFIX,
     PASS_THROUGH,
@@ -327,9 +328,9 @@ def _diagnose_quantized(reference: ModelHandle, variant: ModelHandle, steps: lis
     rows.sort(key=severity)  # the same key as the quantize step's advice (engine/techniques/quant_error.py)
     for i, r in enumerate(rows):
         r.update(rank=i + 1, score_db=severity(r), if_float=None)
-    step = steps[q_step]
+    step = registry.get("quantize").complete(steps[q_step])
     if method == "static-int8" and data is not None and verify > 0:
-        if step.get("max_accuracy_drop", 0.0) > 0:
+        if step["max_accuracy_drop"] > 0:
             notes.append("fixes not verified: the variant kept layers in float by itself "
                          "(max_accuracy_drop)")
         else:
@@ -392,12 +393,13 @@ def _prune_one(original, example, step: dict[str, Any], layer: str, ratio: float
     """The original with only ``layer`` pruned at ``ratio`` the way ``step`` prunes (no fine-tuning)."""
     from ..techniques.prune import prune_structured_module, prune_unstructured_module
 
-    if step.get("method") == "unstructured":
+    step = registry.get("prune").complete(step)
+    if step["method"] == "unstructured":
         return prune_unstructured_module(original, 0.0, per_layer={layer: ratio})
-    importance = step.get("importance", "l1")
+    importance = step["importance"]
     return prune_structured_module(original, example, 0.0, per_layer={layer: ratio},
                                    importance="l1" if importance == "taylor" else importance,
-                                   round_to=step.get("round_to") or None)
+                                   round_to=step["round_to"] or None)
 
 
 def _diagnose_torch(original: ModelHandle, variant: ModelHandle, steps: list[dict[str, Any]],
