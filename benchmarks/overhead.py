@@ -183,7 +183,7 @@ def info_pair(repeats: int) -> dict:
 WINDOW = r'''
 import os, sys, time
 t0 = float(sys.argv[1])
-from tugboat.engine import recipe  # as tugboat's own start does (cli._start_gui): the engine before Qt
+from tugboat.engine.running import recipe  # as tugboat's own start does (cli._start_gui): the engine before Qt
 from tugboat.ui.app import make_app
 from tugboat.jobs import warm_up_torch
 app = make_app()

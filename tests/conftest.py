@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _SESSION_HOME = Path(os.environ.get("TUGBOAT_TEST_HOME", ROOT / ".test-home"))
 # the demo zoo cache is shared across test runs (training is deterministic); settings are not
 os.environ.setdefault("TUGBOAT_CACHE_DIR", str(_SESSION_HOME / "cache"))
+# round_to = "auto" prunes to the channel multiple this CPU measures (8 or 16, a timing): the suite
+# uses one value so pruned counts are the same on every machine (the probe has its own tests)
+os.environ.setdefault("TUGBOAT_CHANNEL_MULTIPLE", "16")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

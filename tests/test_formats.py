@@ -421,7 +421,7 @@ def test_user_architecture_in_cli_and_recipe(user_arch, capsys):
     recipe = d / "r.toml"
     recipe.write_text('model = "weights.safetensors"\ndata = "imgs.npz"\narch = "my_models.py:ResNetish"\n'
                       '[arch_kwargs]\nwidth = 12\n[measure]\nbatch = 8\n'
-                      '[[steps]]\ntechnique = "prune"\nratio = 0.25\nfinetune_epochs = 0\n')
+                      '[[steps]]\ntechnique = "prune"\nratio = 0.25\nround_to = 0\nfinetune_epochs = 0\n')
     assert main(["run", str(recipe), "--out", str(d / "out"), "--quiet"]) == 2
     assert main(["run", str(recipe), "--out", str(d / "out"), "--quiet", "--trust"]) == 0
     report = json.loads((d / "out" / "report.json").read_text())

@@ -55,7 +55,7 @@ def test_a_technique_that_fails_to_import_is_an_error_not_a_missing_technique():
             "        if name == 'tugboat.engine.techniques.students':\n"
             "            raise ModuleNotFoundError('students_extra is broken', name='students_extra')\n"
             "sys.meta_path.insert(0, Broken())\n"
-            "from tugboat.engine import steps\n"
+            "from tugboat.engine.techniques import steps\n"
             "try:\n"
             "    steps.techniques()\n"
             "except ImportError as exc:\n"

@@ -45,7 +45,7 @@ def _pruned_widths(out) -> dict[str, tuple[int, int]]:
 def test_rounded_keep_goes_to_the_nearest_multiple_and_never_to_zero():
     assert rounded_keep(40, 28, 16) == 32 and rounded_keep(40, 20, 16) == 16  # nearest, not down
     assert rounded_keep(24, 4, 16) == 16  # at least one multiple
-    assert rounded_keep(12, 6, 16) == 6  # no wider than the multiple: the exact count
+    assert rounded_keep(12, 6, 16) == 12  # no wider than the multiple: kept whole
     assert rounded_keep(50, 35, 8) == 32 and rounded_keep(50, 50, 8) == 50
     assert rounded_keep(50, 35, 0) == 35  # 0: no rounding
     for c, k in [(40, 32), (24, 16), (50, 32), (7, 3)]:
@@ -154,6 +154,7 @@ def test_the_measured_multiple_is_kept_in_the_cache(tmp_path, monkeypatch):
     from tugboat.engine.techniques import channels
 
     monkeypatch.setenv("TUGBOAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TUGBOAT_CHANNEL_MULTIPLE")  # the suite's fixed value (conftest) aside
     monkeypatch.setattr(machine, "channel_multiple", lambda threads=1: 8)
     assert channels.resolve_round_to("auto") == 8
     stored = (tmp_path / channels.CACHE_FILE).read_text()
@@ -163,3 +164,5 @@ def test_the_measured_multiple_is_kept_in_the_cache(tmp_path, monkeypatch):
     assert channels.resolve_round_to("auto") == 8 and channels.resolve_round_to(16) == 16
     (tmp_path / channels.CACHE_FILE).write_text("{not json")  # a broken file is measured again
     assert channels.resolve_round_to("auto") == 16
+    monkeypatch.setenv("TUGBOAT_CHANNEL_MULTIPLE", "8")  # a fixed multiple wins over the cache
+    assert channels.resolve_round_to("auto") == 8

@@ -64,6 +64,9 @@ def measured_multiple(threads: int = 1) -> int:
     measured again; one that cannot be written leaves the value measured for this process only."""
     from ..machine import channel_multiple
 
+    forced = os.environ.get("TUGBOAT_CHANNEL_MULTIPLE", "").strip()
+    if forced.isdigit() and int(forced) > 1:  # the same counts on every machine (tests, comparisons)
+        return int(forced)
     path, key = _cache_path(), _probe_key(threads)
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -90,11 +93,12 @@ def kept_unrounded(channels: int, ratio: float) -> int:
 
 def rounded_keep(channels: int, keep: int, multiple: int) -> int:
     """``keep`` channels of a ``channels``-wide layer rounded to the nearest ``multiple``, at least one
-    multiple. A layer no wider than the multiple keeps the exact count asked for: no multiple fits
-    it, and keeping it whole would ignore the ratio (and make a narrow model's pruning depend on
-    which multiple this CPU measured)."""
-    if multiple <= 1 or keep >= channels or channels <= multiple:
+    multiple; a layer that loses nothing, or is no wider than the multiple, stays as it is (the
+    step then says it changed nothing where no layer could be pruned)."""
+    if multiple <= 1 or keep >= channels:
         return keep
+    if channels <= multiple:
+        return channels
     rounded = max(multiple, int(keep / multiple + 0.5) * multiple)
     return min(rounded, channels)
 
