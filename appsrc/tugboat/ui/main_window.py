@@ -251,6 +251,12 @@ class SweepView(QWidget):
         self.address.setVisible(bool(sweep) and self.where.currentData() == "ray")
 
 
+def _then(path: str | None, action) -> None:
+    """``action(path)`` when a dialog gave a path (not cancelled)."""
+    if path:
+        action(path)
+
+
 class MainWindow(QMainWindow):
     def __init__(self, store: VariantStore | None = None, queue: JobQueue | None = None,
                  settings: Settings | None = None) -> None:
@@ -585,14 +591,10 @@ class MainWindow(QMainWindow):
             open_folder=lambda: self._open_folder("models", "Open a Hugging Face model folder"))
 
     def open_data_dialog(self) -> None:
-        path = self._open_file("data", "Open data", DATA_FILTER)
-        if path:
-            self.load_data(path)
+        _then(self._open_file("data", "Open data", DATA_FILTER), self.load_data)
 
     def open_data_folder_dialog(self) -> None:
-        path = self._open_folder("data", "Open image folder (one sub-folder per class)")
-        if path:
-            self.load_data(path)
+        _then(self._open_folder("data", "Open image folder (one sub-folder per class)"), self.load_data)
 
     def _ask_trust(self, path: str) -> bool:
         what = (f"needs the architecture code {self.session.arch} to be run. That code"
@@ -744,19 +746,13 @@ class MainWindow(QMainWindow):
         return None
 
     def new_workspace_dialog(self) -> None:
-        path = self._open_folder("workspaces", "New workspace: choose an empty folder")
-        if path:
-            self.new_workspace(path)
+        _then(self._open_folder("workspaces", "New workspace: choose an empty folder"), self.new_workspace)
 
     def open_workspace_dialog(self) -> None:
-        path = self._open_folder("workspaces", "Open workspace folder")
-        if path:
-            self.open_workspace(path)
+        _then(self._open_folder("workspaces", "Open workspace folder"), self.open_workspace)
 
     def save_workspace_as_dialog(self) -> None:
-        path = self._open_folder("workspaces", "Save workspace as: choose a folder")
-        if path:
-            self.save_workspace_as(path)
+        _then(self._open_folder("workspaces", "Save workspace as: choose a folder"), self.save_workspace_as)
 
     # --- variants ---------------------------------------------------------------------------------
     def delete_variant(self, name: str) -> None:

@@ -60,20 +60,10 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model": self.model}
-        if self.data:
-            d["data"] = self.data
-        if self.name:
-            d["name"] = self.name
-        if self.arch:
-            d["arch"] = self.arch
-        if self.arch_kwargs:
-            d["arch_kwargs"] = dict(self.arch_kwargs)
-        if self.input_shape:
-            d["input_shape"] = list(self.input_shape)
-        if self.constants:
-            d["constants"] = dict(self.constants)
-        if self.task:
-            d["task"] = self.task
+        optional = {"data": self.data, "name": self.name, "arch": self.arch,
+                    "arch_kwargs": dict(self.arch_kwargs or {}), "input_shape": list(self.input_shape or []),
+                    "constants": dict(self.constants or {}), "task": self.task}
+        d.update({k: v for k, v in optional.items() if v})  # in this order; empty ones left out
         d["seed"] = self.seed
         d["steps"] = [dict(s) for s in self.steps]
         m = self.measure
