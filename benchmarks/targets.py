@@ -34,6 +34,14 @@ CASES = {
         "fp16": [{"technique": "quantize", "method": "fp16"}],
         "pruned-50%": [{"technique": "prune", "method": "structured", "ratio": 0.5, "finetune_epochs": 1}],
     }},
+    # the same encoder as a Hugging Face folder: a torch module, so torch and ExecuTorch can run it too
+    "minilm-hf": {"real": "minilm-hf", "batch": 8, "steps": {
+        "float": [],
+        "dynamic-int8": [{"technique": "quantize", "method": "dynamic-int8"}],
+        "weight-only-int4": [{"technique": "quantize", "method": "weight-only-int4"}],
+        "fp16": [{"technique": "quantize", "method": "fp16"}],
+        "pruned-25%": [{"technique": "prune", "method": "structured", "ratio": 0.25, "finetune_epochs": 1}],
+    }},
     "minilm": {"real": "minilm-onnx", "batch": 8, "steps": {
         "float": [],
         "dynamic-int8": [{"technique": "quantize", "method": "dynamic-int8"}],
