@@ -321,3 +321,28 @@ def test_a_model_file_that_names_no_inputs_takes_them_from_the_data(tmp_path):
     # the input keeps its name from forward()'s signature (engine.formats); the single array feeds it
     assert handle.input_names == ["input"] and handle.inputs[0].shape == ("batch", 6)
     assert ds.inputs["input"].shape == (8, 6) and ds.has_labels
+
+
+def test_a_file_with_minus_one_dimensions_round_trips_through_tugboat_files(tmp_path):
+    """Exporters (Paddle's among them) write -1 for an open dimension: it is an open dimension, and
+    the files Tugboat writes from such a model open again (they were refused: "shape dimension -1")."""
+    from tugboat.cli import main
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 10])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert load_model(str(tmp_path / "m.onnx")).inputs[0].shape == (None, 16)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((64, 16)).astype(np.float32), labels=rng.integers(0, 10, 64))
+    (tmp_path / "r.toml").write_text('model = "m.onnx"\ndata = "d.npz"\n[measure]\nbatch = 8\n'
+                                     '[[steps]]\ntechnique = "quantize"\nmethod = "dynamic-int8"\n')
+    assert main(["run", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    written = sorted((tmp_path / "out").glob("*.onnx"))
+    assert len(written) == 2
+    for path in written:
+        again = load_model(str(path))
+        assert again.inputs[0].shape == (None, 16), path.name

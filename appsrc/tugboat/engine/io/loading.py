@@ -629,9 +629,9 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     t = value.type.tensor_type
     dims: list[int | str | None] = []
     for d in t.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
+        elif d.HasField("dim_param") and d.dim_param:
             dims.append(d.dim_param)
         else:
             dims.append(None)
