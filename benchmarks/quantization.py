@@ -13,16 +13,14 @@ Prints one table and writes the same rows as JSON (default benchmarks/results/qu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import torch
+from _common import cell, write_results
 
 from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.engine.running.recipe import Recipe, validate_steps
@@ -94,20 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": model, "method": _label(step), "status": "failed",
                              "error": " ".join(str(exc).split())[:200]})
     _print(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                               "python": sys.version.split()[0], "torch": torch.__version__,
-                               "threads": args.threads, "batch": cfg.batch,
-                               "seconds": round(time.perf_counter() - t0, 1), "rows": rows}, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, rows, t0, threads=args.threads, batch=cfg.batch)
     return 0
 
 
-def _fmt(v, spec: str = "") -> str:
-    if v is None:
-        return "-"
-    return format(v, spec) if spec else str(v)
 
 
 def _print(rows: list[dict]) -> None:
@@ -121,10 +109,10 @@ def _print(rows: list[dict]) -> None:
             continue
         slower = "yes" if any("slower" in w for w in r["warnings"]) else ""
         print(f"| {r['model']} | {r['method']} | {r['size_bytes'] / 1024:.0f} | {r['compressed_bytes'] / 1024:.0f} "
-              f"| {_fmt(r['size_ratio'], '.2f')} | {_fmt(r['onnxruntime_b1_ms'], '.3f')} "
-              f"| {_fmt(r['onnxruntime_b64_ms'], '.3f')} | {_fmt(r['onnxruntime_b64_speedup'], '.2f')}x "
-              f"| {_fmt(r['torch_b1_ms'], '.3f')} | {_fmt(r['torch_b64_ms'], '.3f')} "
-              f"| {_fmt(r['accuracy'], '.4f')} | {_fmt(r['top1_agreement'], '.3f')} | {slower} |")
+              f"| {cell(r['size_ratio'], '.2f')} | {cell(r['onnxruntime_b1_ms'], '.3f')} "
+              f"| {cell(r['onnxruntime_b64_ms'], '.3f')} | {cell(r['onnxruntime_b64_speedup'], '.2f')}x "
+              f"| {cell(r['torch_b1_ms'], '.3f')} | {cell(r['torch_b64_ms'], '.3f')} "
+              f"| {cell(r['accuracy'], '.4f')} | {cell(r['top1_agreement'], '.3f')} | {slower} |")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -28,6 +26,7 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import numpy as np
 import torch
+from _common import cell, write_results
 
 from tugboat.engine.measuring.measure import MeasureConfig
 from tugboat.engine.running.recipe import Recipe, validate_steps
@@ -165,20 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {name}", file=sys.stderr, flush=True)
         rows.extend(bench_model(corpus, name, cfg, prune=not args.no_prune))
     print(format_table(rows, args.batch))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                               "python": sys.version.split()[0], "torch": torch.__version__,
-                               "threads": args.threads, "batch": args.batch,
-                               "seconds": round(time.perf_counter() - t0, 1), "rows": rows}, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, rows, t0, threads=args.threads, batch=args.batch)
     return 0
 
 
-def _f(v, spec: str = "") -> str:
-    if v is None:
-        return "-"
-    return format(v, spec) if spec else str(v)
 
 
 def _count(n) -> str:
@@ -216,9 +205,9 @@ def format_table(rows: list[dict], batch: int) -> str:
         notes = "; ".join(w[:90] for w in r.get("warnings", [])[:2])
         if r.get("export"):
             notes = f"export {r['export']}" + (f"; {notes}" if notes else "")
-        lines.append(f"| {r['model']} | {r['step']} | {_f(r['size_ratio'], '.2f')} | "
-                     f"{_f(r['ort_b1_speedup'], '.2f')} | {_f(r.get(f'ort_b{batch}_speedup'), '.2f')} | "
-                     f"{r['quality_kind']} {_f(r['quality'], '.3f')} | {notes} |")
+        lines.append(f"| {r['model']} | {r['step']} | {cell(r['size_ratio'], '.2f')} | "
+                     f"{cell(r['ort_b1_speedup'], '.2f')} | {cell(r.get(f'ort_b{batch}_speedup'), '.2f')} | "
+                     f"{r['quality_kind']} {cell(r['quality'], '.3f')} | {notes} |")
     return "\n".join(lines)
 
 
