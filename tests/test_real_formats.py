@@ -25,8 +25,7 @@ _ONNX_ONLY = {"silero-vad-onnx": "'If'",
               # the module fails to run ("Dimension out of range"); the HF folder of the same model prunes
               "minilm-onnx": "min/max"}
 # strict: the day these work, the marks must go
-_GAPS = {"ocr-rec": "the pruned graph re-exports with onnx2torch's Softmax reshaping to the example batch: "
-                    "the ONNX file runs only at batch 2"}
+_GAPS: dict[str, str] = {}  # none left (the OCR recogniser's batch-bound Softmax reshape is fixed)
 _ROUND_TRIP_GAP = ("a graph onnx2torch made holds shape ops that torch.export cannot trace (torch.Size of a "
                    "tensor) and that a TorchScript trace bakes to the example batch")
 

@@ -138,4 +138,16 @@ def register() -> None:
     for kind in ("GreaterOrEqual", "LessOrEqual"):
         with contextlib.suppress(ValueError):
             add_converter(operation_type=kind, version=16)(compare)
+    from onnx2torch.node_converters.activations import OnnxSoftmaxV1V11
+
+    OnnxSoftmaxV1V11.forward = _softmax_v1_v11
     _REGISTERED = True
+
+
+def _softmax_v1_v11(self, x: torch.Tensor) -> torch.Tensor:
+    """Softmax of opset 1-12 (over the input flattened from ``axis`` on), reshaped back *like the
+    input*: onnx2torch's own reshapes to ``x.shape``, which an ONNX export of the edited model (a
+    trace) freezes at the example's batch, so the pruned or trained file then ran at one batch only."""
+    flat = torch.flatten(x, start_dim=self.axis)
+    out = torch.log_softmax(flat, -1) if self.is_log else torch.softmax(flat, -1)
+    return out.reshape_as(x)
