@@ -69,16 +69,15 @@ def shoot_chart(app, window, grab) -> None:
     best = [n for n in chart.pareto_names() if n != "baseline"]
     if best:
         window.store.select(best[len(best) // 2])
-    if live is not None:  # a pending setting's ghost: the estimate, before anything runs
-        live.set_rest_ms(10 ** 7)
+    if live is not None:  # a pending setting's ghost: the estimate, grabbed before the commit runs it
         live.set_enabled(True)
         prune.set_value("ratio", 0.55)
     grab(chart, "chart")
     if sizes:
         split.setSizes(sizes)
-    if live is not None:
+    if live is not None:  # off before the panel's commit delay ends: the ghost stays a ghost
         live.set_enabled(False)
-        live.set_rest_ms(600)
+        live.clear_ghost()
         live.set_enabled(True)
 
 
