@@ -33,7 +33,7 @@ def _variant(n: int) -> Variant:
                    metrics={"size_bytes": n, "params": n, "accuracy": 0.5,
                             "latency_ms": {"median": float(n), "p90": float(n), "batch": 1, "threads": 1,
                                            "runtime": "onnxruntime"}},
-                   info={"curve": [{"epoch": i, "loss": 1.0 / (i + n)} for i in range(40)]})
+                   info={"curve": [{"epoch": i, "loss": 1.0 / (i + n)} for i in range(160)]})
 
 
 def _writer(ws_path: Path, settings_path: Path, out_fd: int) -> None:
@@ -86,9 +86,9 @@ def test_kill_during_save_never_corrupts_the_workspace_or_the_settings(tmp_path)
     total_saves = 0
     settings_before = Settings().measure_batch
     rounds = 0
-    # at least ROUNDS kills; more (up to 3x) until one lands inside a write, which is a matter of
+    # at least ROUNDS kills; more (up to 8x) until one lands inside a write, which is a matter of
     # timing: a loaded machine can spend whole rounds outside the writes
-    while rounds < ROUNDS or (mid_save == 0 and rounds < 3 * ROUNDS):
+    while rounds < ROUNDS or (mid_save == 0 and rounds < 8 * ROUNDS):
         rounds += 1
         confirmed, start = _run_and_kill(ws_path, settings_path, rng.uniform(0.05, 0.45))
         total_saves += confirmed - start
