@@ -11,6 +11,7 @@ import tomllib
 
 import pytest
 
+from sweep_support import FAST_MEASURE
 from tugboat.cli import main
 from tugboat.engine.running.executors import CRASH_ENV, ExecutorError, make_executor
 from tugboat.engine.running.recipe import parse_recipe
@@ -34,16 +35,7 @@ method = "dynamic-int8"
 [sweep]
 "steps.0.ratio" = [0.25, 0.5, 0.75]
 "steps.1.method" = ["dynamic-int8", "fp16"]
-[measure]
-batch = 32
-threads = 1
-warmup = 1
-min_runs = 3
-min_seconds = 0.0
-max_seconds = 0.3
-also_batch1 = false
-both_runtimes = false
-"""
+""" + FAST_MEASURE
 
 NON_TIMING = ("size_bytes", "compressed_bytes", "params", "nonzero_params", "flops")
 
