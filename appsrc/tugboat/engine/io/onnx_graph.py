@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 # inputs of quantization operators that are scales or zero points (not parameters), by position
 _QUANT_AUX_INPUTS = {
@@ -114,8 +115,6 @@ def onnx_param_tensors(model: onnx.ModelProto) -> list[tuple[str, int, int]]:
     """``(tensor name, parameters, non-zero parameters)`` for every weight tensor of the graph that
     counts as parameters (:func:`onnx_param_count` sums them; the Layers view attributes each to its
     layer, so the per-layer figures add up to the total)."""
-    from onnx import numpy_helper
-
     aux = quantization_aux_names(model)
     packed: dict[str, int] = {}  # 4-bit weights packed two per byte: count the weights, K x N
     for node in graph_nodes(model.graph):
@@ -194,3 +193,177 @@ def lift_constant_weights(model: onnx.ModelProto) -> int:
 
     lift(model.graph)
     return count
+
+
+def outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names ``graph`` (with its own subgraphs) reads but does not define: the values it takes from
+    the enclosing graphs by name (ONNX subgraphs see every value of their outer scopes)."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for sub in node_subgraphs(node):
+            used |= outer_names(sub)
+        defined.update(node.output)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every value ``node`` needs before it runs: its inputs and what its subgraphs read from outside."""
+    out = set(node.input)
+    for sub in node_subgraphs(node):
+        out |= outer_names(sub)
+    return out
+
+
+def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Order every graph's nodes (If branches, Loop and Scan bodies too) so each value is produced
+    before it is used, in place; returns ``model``. A node with subgraphs waits also for the outer
+    values its subgraphs read (converters that append input casts at the end of a graph break that,
+    and onnx.checker rejects it). A graph that cannot be ordered (a cycle) is left as it is."""
+    _toposort_graph(model.graph, set())
+    return model
+
+
+def _toposort_graph(graph: onnx.GraphProto, outer: set[str]) -> None:
+    ready = outer | {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    nodes = list(graph.node)
+    defined_here = {o for n in nodes for o in n.output}
+    reads = [node_reads(n) for n in nodes]
+    pending, order = list(range(len(nodes))), []
+    while pending:
+        rest = []
+        for k in pending:
+            # a name defined neither here nor in the scopes this walk knows does not block
+            if all(i in ready or i not in defined_here for i in reads[k]):
+                order.append(k)
+                ready.update(nodes[k].output)
+            else:
+                rest.append(k)
+        if len(rest) == len(pending):  # a cycle: leave the order alone
+            order = list(range(len(nodes)))
+            break
+        pending = rest
+    if order != sorted(order):
+        copies = [onnx.NodeProto() for _ in order]
+        for c, k in zip(copies, order):
+            c.CopyFrom(nodes[k])
+        del graph.node[:]
+        graph.node.extend(copies)
+    scope = ready | defined_here
+    for node in graph.node:
+        for sub in node_subgraphs(node):
+            _toposort_graph(sub, scope)
+
+
+def _graph_tree(graph: onnx.GraphProto, parent: int, out: list) -> list:
+    """``[(graph, parent index)]``: ``graph`` and its subgraphs, each after its parent (root: -1)."""
+    out.append((graph, parent))
+    me = len(out) - 1
+    for node in graph.node:
+        for sub in node_subgraphs(node):
+            _graph_tree(sub, me, out)
+    return out
+
+
+def _enclosing(tree: list, members: set[int]) -> int:
+    """The innermost graph of ``tree`` that is, or encloses, every graph in ``members``."""
+    def chain(k: int) -> list[int]:
+        path = []
+        while k >= 0:
+            path.append(k)
+            k = tree[k][1]
+        return path[::-1]
+
+    chains = [chain(k) for k in members]
+    common = 0
+    for level in zip(*chains):
+        if len(set(level)) > 1:
+            break
+        common = level[0]
+    return common
+
+
+def rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Point every reader of ``old`` in ``graph`` and its subgraphs (and its outputs) at ``new``."""
+    for node in graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        for sub in node_subgraphs(node):
+            rename_reads(sub, old, new)
+    for out in graph.output:
+        if out.name == old:
+            out.name = new
+
+
+def share_subgraph_weights(model: onnx.ModelProto, min_bytes: int = 64) -> int:
+    """Store equal weights that several graphs hold (If branches, Loop and Scan bodies) once, in the
+    innermost graph enclosing them all, in place; returns the bytes saved. Constant folding gives
+    every subgraph that reads an outer weight through its own Slice/Unsqueeze a folded copy (Silero
+    VAD's LSTM weights, read by both branches of an inner If, doubled its file): subgraphs see outer
+    values by name, so one copy serves them all. Names defined more than once are left alone."""
+    tree = _graph_tree(model.graph, -1, [])
+    defined: dict[str, int] = {}
+    for g, _ in tree:
+        for name in [*(i.name for i in g.input), *(i.name for i in g.initializer),
+                     *(o for n in g.node for o in n.output)]:
+            defined[name] = defined.get(name, 0) + 1
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for k, (g, _) in enumerate(tree):
+        inputs = {i.name for i in g.input} | {o.name for o in g.output}
+        for t in g.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL or t.name in inputs or defined[t.name] != 1:
+                continue
+            data = t.raw_data or numpy_helper.to_array(t).tobytes()
+            if len(data) >= min_bytes:
+                groups.setdefault((t.data_type, tuple(t.dims), data), []).append((k, t.name))
+    saved = 0
+    for (_, _, data), copies in groups.items():
+        if len(copies) > 1:
+            _share(tree, copies)
+            saved += len(data) * (len(copies) - 1)
+    return saved
+
+
+def _share(tree: list, copies: list[tuple[int, str]]) -> None:
+    """Keep the first of ``copies`` (graph index, initializer name) in their enclosing graph, and
+    point the others' readers at it."""
+    home = _enclosing(tree, {k for k, _ in copies})
+    keep_graph, keep = next(((k, n) for k, n in copies if k == home), copies[0])
+    if keep_graph != home:
+        _move_initializer(tree[keep_graph][0], tree[home][0], keep)
+    for k, name in copies:
+        if name != keep:
+            _move_initializer(tree[k][0], None, name)
+            rename_reads(tree[k][0], name, keep)
+
+
+def _move_initializer(src: onnx.GraphProto, dst: onnx.GraphProto | None, name: str) -> None:
+    """Take initializer ``name`` out of ``src`` (into ``dst`` unless None)."""
+    keep = []
+    for t in src.initializer:
+        if t.name == name and dst is not None:
+            dst.initializer.append(t)
+        elif t.name != name:
+            keep.append(t)
+    if len(keep) != len(src.initializer):
+        copies = [onnx.TensorProto() for _ in keep]
+        for c, t in zip(copies, keep):
+            c.CopyFrom(t)
+        del src.initializer[:]
+        src.initializer.extend(copies)
+
+
+def weights_in_subgraphs(model: onnx.ModelProto) -> tuple[int, int]:
+    """(weights in the main graph, weights inside If/Loop/Scan bodies), as element counts over
+    :func:`onnx_weight_tensors`: quantizers that do not enter subgraphs leave the second float."""
+    main = {i.name for i in model.graph.initializer}
+    main |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    outside = inside = 0
+    for name, tensor in onnx_weight_tensors(model):
+        size = int(np.prod(tensor.dims))
+        if name in main:
+            outside += size
+        else:
+            inside += size
+    return outside, inside

@@ -117,8 +117,9 @@ def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray] | None,
         return {"top1_agreement": 1.0 if classification else None, "cosine": 1.0, "rel_error": 0.0}
     y = outputs[0].astype(np.float64).reshape(len(outputs[0]), -1)
     y0 = reference[0].astype(np.float64).reshape(len(reference[0]), -1)
-    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(y0, axis=1)
-    cos = np.sum(y * y0, axis=1) / np.maximum(norms, 1e-12)
+    cy, cy0 = (y.T, y0.T) if y.shape[1] == 1 else (y, y0)  # one value a sample: the cosine over the batch
+    norms = np.linalg.norm(cy, axis=1) * np.linalg.norm(cy0, axis=1)
+    cos = np.sum(cy * cy0, axis=1) / np.maximum(norms, 1e-12)
     rel = float(np.linalg.norm(y - y0) / max(np.linalg.norm(y0), 1e-12))
     top1 = float(np.mean(y.argmax(1) == y0.argmax(1))) if classification else None
     return {"top1_agreement": top1, "cosine": float(np.clip(cos.mean(), -1, 1)), "rel_error": rel}

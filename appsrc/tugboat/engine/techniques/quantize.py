@@ -45,10 +45,19 @@ from ..devices import HELP as DEVICE_HELP
 from ..errors import Cancelled, DataError, TugboatError
 from ..io.data import Dataset
 from ..io.models import ModelHandle
+from ..io.onnx_graph import (
+    graph_nodes,
+    graphs,
+    node_subgraphs,
+    rename_reads,
+    share_subgraph_weights,
+    toposort,
+    weights_in_subgraphs,
+)
 from ..measuring.runtime import ort_session, run_onnx
 from ..names import layer_of
 from ..progress import Progress, null_progress
-from .quant_error import fixed_batch, rank_layers, severity, toposort
+from .quant_error import fixed_batch, rank_layers, severity
 from .quant_error import run as run_graph
 from .technique import NO_CHANGE, Param, Technique
 
@@ -166,12 +175,12 @@ _LOG = logging.getLogger(__name__)
 def _resolve_names(model: onnx.ModelProto, names: list[str], where: str) -> list[str]:
     """ONNX node names for user-given layer names (torch module names or node names)."""
     out: list[str] = []
+    nodes = [n for n in graph_nodes(model.graph) if n.name]  # If branches, Loop bodies too
     for name in names:
-        hits = [n.name for n in model.graph.node
-                if n.name == name or layer_of(n.name) == name or n.name.startswith(f"/{name}/")]
+        hits = [n.name for n in nodes if n.name == name or layer_of(n.name) == name
+                or n.name.startswith(f"/{name}/") or (f"__/{name}/" in n.name)]  # inlined branches
         if not hits:
-            known = sorted({layer_of(n.name) for n in model.graph.node
-                            if n.op_type in ("Conv", "Gemm", "MatMul")})
+            known = sorted({layer_of(n.name) for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul")})
             raise TugboatError(f"'{where}': no layer named {name!r}; layers with weights: "
                                f"{', '.join(known[:20])}")
         out += hits
@@ -247,8 +256,11 @@ def compact(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
     subgraphs (If/Loop) keep their names: subgraphs may refer to outer tensors by name."""
     g = q.graph
     del g.value_info[:]
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for n in g.node for a in n.attribute):
+    if any(True for n in g.node for _ in node_subgraphs(n)):
+        for sub in graphs(g):
+            del sub.value_info[:]
+        share_subgraph_weights(q)  # copies the pre-pass folded into each branch (see there)
+        _short_subgraph_names(q, source)
         return q
     keep = {i.name for i in g.input} | {o.name for o in g.output}
     keep |= {i.name for i in source.graph.initializer} | {i.name for i in source.graph.input}
@@ -277,6 +289,32 @@ def compact(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
         if node.name not in source_nodes:
             node.name = ""
     return q
+
+
+def _short_subgraph_names(q: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """:func:`compact`'s short ids for the tensors a quantizer added inside If/Loop/Scan bodies, in
+    place: each is defined in one body and read only there and in the bodies nested in it, so it is
+    renamed there. Names the source model has, graph outputs and names defined twice stay."""
+    keep = {i.name for g in graphs(source.graph) for i in [*g.initializer, *g.input, *g.output]}
+    keep |= {o for n in graph_nodes(source.graph) for o in n.output}
+    defined: dict[str, int] = {}
+    for g in graphs(q.graph):
+        keep |= {o.name for o in g.output} | {i.name for i in g.input}
+        for name in [*(i.name for i in g.initializer), *(o for n in g.node for o in n.output)]:
+            defined[name] = defined.get(name, 0) + 1
+    taken = set(defined) | keep
+    fresh = (f"s{k}" for k in range(10**9) if f"s{k}" not in taken)
+    for g in list(graphs(q.graph))[1:]:
+        for name in [*(i.name for i in g.initializer), *(o for n in g.node for o in n.output)]:
+            if name in keep or defined[name] != 1 or not name:
+                continue
+            new = next(fresh)
+            for init in g.initializer:
+                if init.name == name:
+                    init.name = new
+            for node in g.node:
+                node.output[:] = [new if o == name else o for o in node.output]
+            rename_reads(g, name, new)
 
 
 def _drop_zero_weight_zero_points(g: onnx.GraphProto) -> None:
@@ -738,6 +776,10 @@ def _histogram_errors(calibration: str):
     try:
         yield
     except ValueError as exc:
+        if "has not been collected" in str(exc):  # ORT's calibrator saw no activation to quantize
+            raise TugboatError("static int8 found no activation to calibrate: no operator it quantizes "
+                               "runs in the main graph (operators inside If/Loop/Scan bodies are not "
+                               "entered); use method = \"dynamic-int8\"") from None
         if "bins" not in str(exc) or calibration not in ("entropy", "percentile"):
             raise
         raise TugboatError(f"{calibration} calibration failed: an activation's range is too wide for "
@@ -746,17 +788,61 @@ def _histogram_errors(calibration: str):
 
 
 def dynamic_int8(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.ModelProto:
+    """``quantize_dynamic``, inside If/Loop/Scan bodies too; per-channel weights for convolutions."""
     from onnxruntime.quantization import quantize_dynamic
 
     params = TECHNIQUE.defaults("dynamic-int8") | params  # direct callers may give only some
+    subgraphs = any(True for n in model.graph.node for _ in node_subgraphs(n))
     with _tmp() as tmp:
         out = Path(tmp) / "q.onnx"
         with _quiet():
             quantize_dynamic(_copy(model), str(out), op_types_to_quantize=params["op_types"] or None,
                              per_channel=params["per_channel"],
                              weight_type=_quant_type(params["weight_type"]),
-                             nodes_to_exclude=exclude or None)
-        return onnx.load(str(out))
+                             nodes_to_exclude=exclude or None,
+                             # weights inside subgraphs (Silero VAD's are all in the If branches)
+                             extra_options={"EnableSubgraph": True} if subgraphs else None)
+        q = onnx.load(str(out))
+    if params["per_channel"] and params["weight_type"] == "int8":
+        per_channel_conv_integer(q, model)
+    return q
+
+
+def per_channel_conv_integer(q: onnx.ModelProto, source: onnx.ModelProto) -> int:
+    """Give the weights of dynamic int8's ``ConvInteger`` nodes one symmetric scale per output
+    channel, in place; returns how many. ONNX Runtime's dynamic quantizer gives a convolution one
+    scale for the whole weight whatever ``per_channel`` says, and a convolution whose channels'
+    ranges differ by 100x (re-parameterised or batch-norm-folded kernels: Silero VAD's encoder)
+    then loses its small channels: cosine 0.50 instead of 0.89 there. With zero points all 0 the
+    int32 sums stay exact per channel and the float rescale after the ``ConvInteger`` (a ``Mul`` by
+    activation scale x weight scale) broadcasts the per-channel scale over the output."""
+    floats: dict[str, list[onnx.TensorProto]] = {}
+    for g in graphs(source.graph):
+        for t in g.initializer:
+            floats.setdefault(t.name, []).append(t)
+    done = 0
+    for g in graphs(q.graph):
+        inits = {t.name: t for t in g.initializer}
+        for node in g.node:
+            if node.op_type != "ConvInteger" or len(node.input) < 4 \
+                    or not node.input[1].endswith("_quantized"):
+                continue
+            src = node.input[1][:-len("_quantized")]
+            parts = [inits.get(node.input[1]), inits.get(node.input[3]), inits.get(f"{src}_scale")]
+            if len(floats.get(src, ())) != 1 or any(p is None for p in parts) \
+                    or parts[0].data_type != onnx.TensorProto.INT8:
+                continue
+            w = numpy_helper.to_array(floats[src][0]).astype(np.float64)
+            rows = w.reshape(w.shape[0], -1)
+            scale = np.abs(rows).max(axis=1) / 127.0
+            scale[scale == 0] = 1.0
+            qw = np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
+            parts[0].CopyFrom(numpy_helper.from_array(qw, parts[0].name))
+            parts[1].CopyFrom(numpy_helper.from_array(np.array(0, np.int8), parts[1].name))
+            parts[2].CopyFrom(numpy_helper.from_array(
+                scale.astype(np.float32).reshape([-1] + [1] * (w.ndim - 2)), parts[2].name))
+            done += 1
+    return done
 
 
 def weight_only(model: onnx.ModelProto, bits: int, params: dict, exclude: list[str]) -> onnx.ModelProto:
@@ -927,6 +1013,8 @@ def fidelity_of(outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Top-1 agreement and mean cosine similarity of ``outputs`` with ``reference`` (row-wise)."""
     y = outputs.reshape(len(outputs), -1).astype(np.float64)
     y0 = reference.reshape(len(reference), -1).astype(np.float64)
+    if y.shape[1] == 1:  # one value a sample (a probability, a score): a row's cosine is its sign
+        y, y0 = y.T, y0.T
     norms = np.linalg.norm(y, axis=1) * np.linalg.norm(y0, axis=1)
     cos = np.sum(y * y0, axis=1) / np.maximum(norms, 1e-12)
     return {"top1_agreement": float(np.mean(y.argmax(1) == y0.argmax(1))),
@@ -979,7 +1067,8 @@ def _nodes_for(model: onnx.ModelProto, layers: list[str]) -> list[str]:
     """Node names of ``model`` for layer or node names (unknown ones skipped)."""
     out: list[str] = []
     for name in layers:
-        out += [n.name for n in model.graph.node if n.name and (n.name == name or layer_of(n.name) == name)]
+        out += [n.name for n in graph_nodes(model.graph)
+                if n.name and (n.name == name or layer_of(n.name) == name)]
     return out
 
 
@@ -997,7 +1086,8 @@ def error_by_layer(float_model: onnx.ModelProto, q: onnx.ModelProto, xs: list[np
                [*float_model.graph.value_info, *float_model.graph.output, *float_model.graph.input]}
     nodes = []
     for node in float_model.graph.node:
-        if not node.name or not node.output or node.output[0] not in q_tensors:
+        if not node.name or not node.output or node.output[0] not in q_tensors \
+                or any(True for _ in node_subgraphs(node)):  # an If is no layer to keep in float
             continue
         if f_types.get(node.output[0], onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
             continue
@@ -1178,7 +1268,8 @@ def torch_dynamic_int8(module, exclude: list[str]):
 # --- the technique -----------------------------------------------------------------------------
 
 def _count(model: onnx.ModelProto, ops: tuple[str, ...]) -> int:
-    return sum(1 for n in model.graph.node if n.op_type in ops)
+    """Nodes of ``ops`` in the graph and its subgraphs (If branches, Loop and Scan bodies)."""
+    return sum(1 for n in graph_nodes(model.graph) if n.op_type in ops)
 
 
 @dataclass
@@ -1248,7 +1339,23 @@ def _prepare_graphs(job: _Job) -> None:
     job.exclude = _resolve_names(job.work, names, "quantize.exclude") if names else []
 
 
+def _subgraph_weights_check(job: _Job) -> None:
+    """Static int8 (ONNX Runtime's QDQ quantizer) does not enter If/Loop/Scan bodies: refuse a
+    graph whose weights all sit there, say how many stay float otherwise."""
+    outside, inside = weights_in_subgraphs(job.handle.to_onnx())  # before folding copies weights
+    if not inside:
+        return
+    if outside == 0:
+        raise TugboatError(f"{job.method} cannot quantize this model: all {inside:,} of its weights are "
+                           f"inside If/Loop/Scan subgraphs, which ONNX Runtime's static (QDQ) quantizer "
+                           f"does not enter; use method = \"dynamic-int8\" (it quantizes them)",
+                           path=job.handle.source)
+    job.warn.append(f"{inside:,} of {outside + inside:,} weights are inside If/Loop/Scan subgraphs, which "
+                    f"static int8 leaves in float; dynamic-int8 quantizes them")
+
+
 def _quantize_static(job: _Job) -> onnx.ModelProto:
+    _subgraph_weights_check(job)
     params, handle, progress, prepared = job.params, job.handle, job.progress, job.work
     notes: list[str] = []
     calib = _calib_arrays(job.data, handle, params["calibration_samples"], job.method, notes)
@@ -1343,7 +1450,13 @@ def _finish(job: _Job, q: onnx.ModelProto, source: ModelHandle, step: dict[str, 
     handle, method, float_model, info, progress = job.handle, job.method, job.float_model, job.info, job.progress
     progress.check()
     q = compact(q, job.work)
-    if job.check is not None and not info.get("accuracy_aware"):
+    unchanged = _unchanged(job, q)
+    if unchanged and job.module_out is None:
+        # nothing was quantized: the variant is the input graph as it was, never the quantizer's
+        # copy (its pre-pass can fold one weight into several copies and make the file larger)
+        q = _copy(source.to_onnx())
+        unchanged += "; the variant keeps the input graph unchanged"
+    elif job.check is not None and not info.get("accuracy_aware"):
         progress.update(0.97, "checking fidelity to the float model")
         _fidelity_check(q, float_model, job.check, method, info, job.warn, job.redo)
     q = _with_meta(q, float_model)
@@ -1365,11 +1478,18 @@ def _finish(job: _Job, q: onnx.ModelProto, source: ModelHandle, step: dict[str, 
         if key in info:
             out.info[key] = info[key]
     out.warnings += job.warn
-    if method != "fp16" and not _count(q, QUANTIZED_OPS) and _count(float_model, QUANTIZED_OPS) == 0:
-        ops = job.params.get("op_types") or ["every supported type"]  # fp16 and weight-only have none
-        out.info[NO_CHANGE] = (f"no operator was quantized (op_types: {', '.join(ops)}; the model's "
-                               f"operators: {', '.join(sorted({n.op_type for n in float_model.graph.node}))})")
+    if unchanged:
+        out.info[NO_CHANGE] = unchanged
     return out
+
+
+def _unchanged(job: _Job, q: onnx.ModelProto) -> str | None:
+    """Why the quantized graph ``q`` quantizes nothing (None when it does: fp16 always does)."""
+    if job.method == "fp16" or _count(q, QUANTIZED_OPS) or _count(job.float_model, QUANTIZED_OPS):
+        return None
+    ops = job.params.get("op_types") or ["every supported type"]  # fp16 and weight-only have none
+    have = sorted({n.op_type for n in graph_nodes(job.float_model.graph)})
+    return f"no operator was quantized (op_types: {', '.join(ops)}; the model's operators: {', '.join(have)})"
 
 
 # --- the technique: its hooks and its one schema -----------------------------------------------------
@@ -1424,6 +1544,10 @@ def _unavailable(method: str, handle: ModelHandle, data: Dataset | None) -> str 
         return "the model has no MatMul/Linear weights (weight-only quantization skips convolutions)"
     if method in _STATIC and data is not None and len(data) < 2:
         return "needs data to calibrate activation ranges"
+    if method in _STATIC and handle.onnx_model is not None \
+            and weights_in_subgraphs(handle.onnx_model)[0] == 0 < weights_in_subgraphs(handle.onnx_model)[1]:
+        return ("the model's weights are all inside If/Loop/Scan subgraphs, which static int8 does not "
+                "enter (dynamic-int8 does)")
     return None
 
 
@@ -1435,8 +1559,8 @@ def _has_matmul_weights(handle: ModelHandle) -> bool:
         return any(isinstance(m, torch.nn.Linear) for m in handle.module.modules())
     if graph is None:
         return False
-    inits = {i.name: i for i in graph.graph.initializer}
-    for node in graph.graph.node:
+    inits = {i.name: i for g in graphs(graph.graph) for i in g.initializer}
+    for node in graph_nodes(graph.graph):
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
             w = inits.get(node.input[1])
             if w is not None and len(w.dims) == 2 and w.data_type in (onnx.TensorProto.FLOAT,
