@@ -301,7 +301,7 @@ def share_subgraph_weights(model: onnx.ModelProto, min_bytes: int = 64) -> int:
     innermost graph enclosing them all, in place; returns the bytes saved. Constant folding gives
     every subgraph that reads an outer weight through its own Slice/Unsqueeze a folded copy (Silero
     VAD's LSTM weights, read by both branches of an inner If, doubled its file): subgraphs see outer
-    values by name, so one copy serves them all. Names defined more than once are left alone."""
+    values by name, so one copy serves them all (under a fresh name where sibling graphs reuse one)."""
     tree = _graph_tree(model.graph, -1, [])
     defined: dict[str, int] = {}
     for g, _ in tree:
@@ -312,7 +312,7 @@ def share_subgraph_weights(model: onnx.ModelProto, min_bytes: int = 64) -> int:
     for k, (g, _) in enumerate(tree):
         inputs = {i.name for i in g.input} | {o.name for o in g.output}
         for t in g.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL or t.name in inputs or defined[t.name] != 1:
+            if t.data_location == onnx.TensorProto.EXTERNAL or t.name in inputs:
                 continue
             data = t.raw_data or numpy_helper.to_array(t).tobytes()
             if len(data) >= min_bytes:
@@ -320,38 +320,41 @@ def share_subgraph_weights(model: onnx.ModelProto, min_bytes: int = 64) -> int:
     saved = 0
     for (_, _, data), copies in groups.items():
         if len(copies) > 1:
-            _share(tree, copies)
+            _share(tree, copies, defined)
             saved += len(data) * (len(copies) - 1)
     return saved
 
 
-def _share(tree: list, copies: list[tuple[int, str]]) -> None:
-    """Keep the first of ``copies`` (graph index, initializer name) in their enclosing graph, and
-    point the others' readers at it."""
+def _share(tree: list, copies: list[tuple[int, str]], defined: dict[str, int]) -> None:
+    """Keep one of ``copies`` (graph index, initializer name) in their enclosing graph and point
+    every reader of the others at it."""
     home = _enclosing(tree, {k for k, _ in copies})
-    keep_graph, keep = next(((k, n) for k, n in copies if k == home), copies[0])
-    if keep_graph != home:
-        _move_initializer(tree[keep_graph][0], tree[home][0], keep)
+    first_k, first = next(((k, n) for k, n in copies if k == home), copies[0])
+    keep, i = first, 0
+    while defined.get(keep, 0) > (1 if keep == first else 0):  # defined elsewhere too: a fresh name
+        keep, i = f"{first}_shared{i or ''}", i + 1
+    defined[keep] = 1
     for k, name in copies:
+        _move_initializer(tree[k][0], tree[home][0] if (k, name) == (first_k, first) else None, name, keep)
         if name != keep:
-            _move_initializer(tree[k][0], None, name)
             rename_reads(tree[k][0], name, keep)
 
 
-def _move_initializer(src: onnx.GraphProto, dst: onnx.GraphProto | None, name: str) -> None:
-    """Take initializer ``name`` out of ``src`` (into ``dst`` unless None)."""
+def _move_initializer(src: onnx.GraphProto, dst: onnx.GraphProto | None, name: str, new_name: str) -> None:
+    """Take initializer ``name`` out of ``src`` (into ``dst`` as ``new_name`` unless dst is None)."""
     keep = []
     for t in src.initializer:
-        if t.name == name and dst is not None:
-            dst.initializer.append(t)
-        elif t.name != name:
+        if t.name != name:
             keep.append(t)
-    if len(keep) != len(src.initializer):
-        copies = [onnx.TensorProto() for _ in keep]
-        for c, t in zip(copies, keep):
-            c.CopyFrom(t)
-        del src.initializer[:]
-        src.initializer.extend(copies)
+        elif dst is not None:
+            dst.initializer.append(t)
+            dst.initializer[-1].name = new_name
+    copies = [onnx.TensorProto() for _ in keep]
+    for c, t in zip(copies, keep):
+        c.CopyFrom(t)
+    del src.initializer[:]
+    src.initializer.extend(copies)
+
 
 
 def weights_in_subgraphs(model: onnx.ModelProto) -> tuple[int, int]:
@@ -367,3 +370,29 @@ def weights_in_subgraphs(model: onnx.ModelProto) -> tuple[int, int]:
         else:
             inside += size
     return outside, inside
+
+
+def unique_initializer_names(model: onnx.ModelProto) -> int:
+    """Rename initializers whose name another graph of the model also defines (sibling If branches
+    may each hold a "weight"; ONNX allows it), in place, within their own graph; returns how many.
+    ONNX Runtime's float16 converter keys initializers by name over all subgraphs and fails on them."""
+    tree = _graph_tree(model.graph, -1, [])
+    seen: set[str] = set()
+    for g, _ in tree:
+        seen |= {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    count = 0
+    taken = set(seen) | {t.name for g, _ in tree for t in g.initializer}
+    for g, _ in tree:
+        for t in g.initializer:
+            if t.name not in seen:
+                seen.add(t.name)
+                continue
+            new, i = f"{t.name}_{count}", count
+            while new in taken:
+                i += 1
+                new = f"{t.name}_{i}"
+            taken.add(new)
+            rename_reads(g, t.name, new)
+            t.name = new
+            count += 1
+    return count

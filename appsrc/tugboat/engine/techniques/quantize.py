@@ -52,6 +52,7 @@ from ..io.onnx_graph import (
     rename_reads,
     share_subgraph_weights,
     toposort,
+    unique_initializer_names,
     weights_in_subgraphs,
 )
 from ..measuring.runtime import ort_session, run_onnx
@@ -793,10 +794,12 @@ def dynamic_int8(model: onnx.ModelProto, params: dict, exclude: list[str]) -> on
 
     params = TECHNIQUE.defaults("dynamic-int8") | params  # direct callers may give only some
     subgraphs = any(True for n in model.graph.node for _ in node_subgraphs(n))
+    model = _copy(model)
+    unique_initializer_names(model)  # sibling branches may both hold a "weight": find each one's own
     with _tmp() as tmp:
         out = Path(tmp) / "q.onnx"
         with _quiet():
-            quantize_dynamic(_copy(model), str(out), op_types_to_quantize=params["op_types"] or None,
+            quantize_dynamic(model, str(out), op_types_to_quantize=params["op_types"] or None,
                              per_channel=params["per_channel"],
                              weight_type=_quant_type(params["weight_type"]),
                              nodes_to_exclude=exclude or None,
@@ -869,8 +872,10 @@ def fp16(model: onnx.ModelProto, params: dict, exclude: list[str]) -> onnx.Model
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     params = TECHNIQUE.defaults("fp16") | params  # direct callers may give only some
+    model = _copy(model)
+    unique_initializer_names(model)  # the converter keys initializers by name over every subgraph
     with _quiet():
-        half = convert_float_to_float16(_copy(model), keep_io_types=params["keep_io_float32"],
+        half = convert_float_to_float16(model, keep_io_types=params["keep_io_float32"],
                                         node_block_list=exclude or None)
     return toposort(half)
 
