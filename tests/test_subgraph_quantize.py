@@ -206,3 +206,29 @@ def test_dynamic_int8_convolutions_get_one_weight_scale_per_channel():
 
     per_channel, per_tensor = rel_error(True), rel_error(False)
     assert per_channel < 0.03 and per_tensor > 3 * per_channel, (per_channel, per_tensor)
+
+
+@pytest.mark.slow
+def test_silero_vad_onnx_quantizes_inside_its_if_branches():
+    """The real file: every weight is a Constant node inside the 16 kHz / 8 kHz If branches. Dynamic
+    int8 reaches them (it quantized nothing and wrote a 1.4x *larger* file); its fidelity is what it is
+    (per-tensor int8 activations of the STFT and first encoder convolution), and said when low."""
+    from pathlib import Path
+
+    from realmodels import real_model
+    from tugboat.engine.techniques import quantize
+
+    rm = real_model("silero-vad-onnx")
+    handle = load_model(rm.model)
+    data = load_data(rm.data, handle)
+    q = quantize.apply(handle, {"method": "dynamic-int8"}, data, null_progress())
+    ops = [n.op_type for n in graph_nodes(q.onnx_model.graph)]
+    assert ops.count("ConvInteger") == 12 and ops.count("DynamicQuantizeLSTM") == 4
+    assert Path(rm.model).stat().st_size / len(q.onnx_model.SerializeToString()) >= 3.5
+    check = q.info["quantize"]["fidelity_check"]
+    assert check["value"] >= 0.99 or any("low fidelity" in w for w in q.warnings), (check, q.warnings)
+    with pytest.raises(TugboatError, match=r"silero_vad\.onnx.*If/Loop/Scan.*dynamic-int8"):
+        quantize.apply(handle, {"method": "static-int8"}, data, null_progress())
+    half = quantize.apply(handle, {"method": "fp16"}, data, null_progress())
+    onnx.checker.check_model(half.onnx_model)
+    assert half.info["quantize"]["fidelity_check"]["value"] >= 0.99
