@@ -1231,7 +1231,8 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
         advice.append("dynamic-int8 (what method \"auto\" picks for transformers) keeps "
                       "activations in float")
     elif method == "dynamic-int8":
-        advice.append("weight-only-int8 or fp16 keep activations and compute closer to float")
+        which = "weight-only-int8 or fp16" if _graph_has_matmul_weights(float_model) else "fp16"
+        advice.append(f"{which} keep activations and compute closer to float")
     info["fidelity_check"]["ranking"] = ranking[:10]
     warn.append(msg + ("; " + "; ".join(advice) if advice else ""))
 
@@ -1418,9 +1419,9 @@ def _quantize_dynamic(job: _Job) -> onnx.ModelProto:
         job.module_out = torch_dynamic_int8(job.handle.torch_module(), params["exclude"])
     if _count(q, ("ConvInteger",)):
         # advice only: whether it is really slower is measured (measure.slower_than)
+        static = "static-int8 or " if weights_in_subgraphs(work)[0] else ""  # static: main graph only
         job.info["note"] = ("dynamic int8 quantized convolutions (ConvInteger), which ONNX Runtime often "
-                            "runs slower than float; static-int8 or op_types = [\"MatMul\", \"Gemm\"] "
-                            "avoid it")
+                            f"runs slower than float; {static}op_types = [\"MatMul\", \"Gemm\"] avoid it")
     return q
 
 
@@ -1562,8 +1563,11 @@ def _has_matmul_weights(handle: ModelHandle) -> bool:
         import torch
 
         return any(isinstance(m, torch.nn.Linear) for m in handle.module.modules())
-    if graph is None:
-        return False
+    return graph is not None and _graph_has_matmul_weights(graph)
+
+
+def _graph_has_matmul_weights(graph: onnx.ModelProto) -> bool:
+    """Whether a MatMul/Gemm anywhere in ``graph`` (subgraphs too) has a 2-D float weight."""
     inits = {i.name: i for g in graphs(graph.graph) for i in g.initializer}
     for node in graph_nodes(graph.graph):
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
