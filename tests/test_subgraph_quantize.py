@@ -232,3 +232,20 @@ def test_silero_vad_onnx_quantizes_inside_its_if_branches():
     half = quantize.apply(handle, {"method": "fp16"}, data, null_progress())
     onnx.checker.check_model(half.onnx_model)
     assert half.info["quantize"]["fidelity_check"]["value"] >= 0.99
+
+
+def test_weight_only_int8_finds_matmul_weights_inside_if_branches(tmp_path):
+    from tugboat.engine.techniques import quantize
+
+    branches = [helper.make_graph([_const(f"w{k}", RNG.normal(size=(64, 64))),
+                                   helper.make_node("MatMul", ["x", f"w{k}"], [f"y{k}"])], f"b{k}", [],
+                                  [OUT(f"y{k}", TensorProto.FLOAT, None)]) for k in "ab"]
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branches[0], else_branch=branches[1])],
+                              "g", [OUT("x", TensorProto.FLOAT, [None, 64]), OUT("c", TensorProto.BOOL, [])],
+                              [OUT("y", TensorProto.FLOAT, [None, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    q = quantize.apply(load_model(tmp_path / "m.onnx"), {"method": "weight-only-int8"}, None, null_progress())
+    assert [n.op_type for n in graph_nodes(q.onnx_model.graph)].count("MatMulNBits") == 2
+    assert len(q.onnx_model.SerializeToString()) < 0.4 * len(model.SerializeToString())
