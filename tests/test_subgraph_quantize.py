@@ -133,6 +133,12 @@ def test_static_int8_refuses_in_one_line_naming_the_file_and_the_method_that_wor
     assert "vad.onnx" in msg and "If/Loop/Scan" in msg and "dynamic-int8" in msg and "\n" not in msg
 
 
+def test_auto_picks_dynamic_int8_when_every_weight_is_in_a_subgraph(vad):
+    q = _quantize(vad, method="auto")
+    assert q.info["quantize"]["auto"]["method"] == "dynamic-int8"
+    assert "DynamicQuantizeLSTM" in [n.op_type for n in graph_nodes(q.onnx_model.graph)]
+
+
 def test_fp16_of_a_graph_whose_branches_read_the_inputs_passes_the_checker(vad):
     _, handle, data = vad
     q = _quantize(vad, method="fp16")  # the converter's input casts land after the If that reads them

@@ -451,6 +451,10 @@ def model_kind(model: onnx.ModelProto) -> dict[str, Any]:
 
 def auto_method(model: onnx.ModelProto) -> tuple[str, str]:
     """(method, why) for ``method = "auto"``."""
+    outside, inside = weights_in_subgraphs(model)
+    if inside and not outside:  # static int8 (QDQ) does not enter If/Loop/Scan bodies
+        return "dynamic-int8", ("the weights are all inside If/Loop/Scan subgraphs, which only dynamic "
+                                "int8 enters")
     kind = model_kind(model)["kind"]
     if kind == "conv":
         return "static-int8", ("a convolutional network: static int8 runs its convolutions as fast "
