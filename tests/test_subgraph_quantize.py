@@ -255,3 +255,30 @@ def test_weight_only_int8_finds_matmul_weights_inside_if_branches(tmp_path):
     q = quantize.apply(load_model(tmp_path / "m.onnx"), {"method": "weight-only-int8"}, None, null_progress())
     assert [n.op_type for n in graph_nodes(q.onnx_model.graph)].count("MatMulNBits") == 2
     assert len(q.onnx_model.SerializeToString()) < 0.4 * len(model.SerializeToString())
+
+
+def test_dynamic_int8_quantizes_a_loop_body_weight(tmp_path):
+    """Loop bodies as well as If branches: a weight (Constant node) applied 3 times in a Loop."""
+    w = RNG.normal(size=(64, 64)) / 8
+    body = helper.make_graph(
+        [_const("w", w), helper.make_node("MatMul", ["h_in", "w"], ["h_mm"]), helper.make_node("Tanh", ["h_mm"], ["h"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [OUT("i", TensorProto.INT64, []), OUT("cond_in", TensorProto.BOOL, []), OUT("h_in", TensorProto.FLOAT, None)],
+        [OUT("cond_out", TensorProto.BOOL, []), OUT("h", TensorProto.FLOAT, None)])
+    nodes = [_const("trips", np.array(3, np.int64)), _const("true", np.array(True)),
+             helper.make_node("Loop", ["trips", "true", "x"], ["y"], body=body)]
+    graph = helper.make_graph(nodes, "loop", [OUT("x", TensorProto.FLOAT, [None, 64])],
+                              [OUT("y", TensorProto.FLOAT, [None, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "loop.onnx"))
+    np.savez(tmp_path / "d.npz", x=RNG.normal(size=(24, 64)).astype(np.float32))
+    handle = load_model(tmp_path / "loop.onnx")
+    q = _quantize((tmp_path, handle, load_data(tmp_path / "d.npz", handle)), method="dynamic-int8")
+    assert "MatMulInteger" in [n.op_type for n in graph_nodes(q.onnx_model.graph)]
+    assert len(q.onnx_model.SerializeToString()) < 0.4 * len(model.SerializeToString())
+    x = RNG.normal(size=(8, 64)).astype(np.float32)
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for m in (model, q.onnx_model)]
+    assert _cosine(*runs) > 0.99
