@@ -131,6 +131,11 @@ def test_static_int8_refuses_in_one_line_naming_the_file_and_the_method_that_wor
         _quantize(vad, method="static-int8")
     msg = str(err.value)
     assert "vad.onnx" in msg and "If/Loop/Scan" in msg and "dynamic-int8" in msg and "\n" not in msg
+    # the panel says so before Run; the methods that enter subgraphs stay available
+    from tugboat.engine.running.capabilities import capabilities
+
+    caps = capabilities(vad[1], vad[2])["quantize"]
+    assert "If/Loop/Scan" in caps["static-int8"] and caps["dynamic-int8"] is None and caps["fp16"] is None
 
 
 def test_auto_picks_dynamic_int8_when_every_weight_is_in_a_subgraph(vad):
