@@ -54,16 +54,21 @@ class Heartbeat:
         self.timer.timeout.connect(self._beat)
         self.beats: list[float] = []
         self.last = time.perf_counter()
+        self.probe = None  # a StallProbe with --diagnose
 
     def _beat(self) -> None:
         now = time.perf_counter()
         self.beats.append((now - self.last) * 1000.0)
         self.last = now
+        if self.probe is not None:
+            self.probe.beat(self.beats[-1], BEAT_MS)
 
     def run(self, label: str, start, min_seconds: float = 0.0) -> dict:
         from PySide6.QtCore import QTimer
 
         self.beats, self.last = [], time.perf_counter()
+        if self.probe is not None:
+            self.probe.label = label
         t0 = time.perf_counter()
         self.timer.start()
         jobs: list = []
@@ -163,27 +168,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "responsiveness.json"))
     parser.add_argument("--seconds", type=float, default=30.0, help="least seconds per job (default 30)")
     parser.add_argument("--skip", default="", help="comma-separated: prune-finetune, distill, sweep, static-int8")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="classify each stall (GUI work, CPU starvation, blocked on the GIL) with stacks")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
-    from tugboat.jobs import warm_up_torch, worker_threads
+    from tugboat.jobs import disk_sync, warm_up_torch, worker_threads
     from tugboat.ui.app import make_app
     from tugboat.ui.main_window import MainWindow
 
     app = make_app([sys.argv[0]])
+    disk_sync.start()  # as ui.app.main does
     window = MainWindow()
     window.show()
     warm_up_torch(wait=True)  # as the app does once the window is up, before any job can be clicked
     hb = Heartbeat(app, window)
+    if args.diagnose:
+        from stall_probe import StallProbe
+
+        hb.probe = StallProbe(TARGET_MS)
     rows = [hb.run("load + measure demo", window.load_demo)]
     rows += training_rows(hb, window, args.seconds, skip)
     if "static-int8" not in skip:
         rows += quant_rows(app, hb, window, args.seconds, skip)
     window.close()
+    disk_sync.finish()
     print(f"{'job':<36} {'state':<6} {'jobs':>4} {'s':>7} {'beats':>6} {'worst ms':>9} {'p99 ms':>7} {'median':>7}")
     for r in rows:
         print(f"{r['job']:<36} {r['state']:<6} {r['jobs']:>4} {r['seconds']:>7} {r['beats']:>6} "
               f"{r['worst_stall_ms']:>9} {r['p99_stall_ms']:>7} {r['median_stall_ms']:>7}")
+    if hb.probe is not None:
+        hb.probe.stop()
+        print("\n".join(hb.probe.summary()))
+        Path(args.out).with_suffix(".stalls.json").write_text(json.dumps(hb.probe.stalls, indent=1))
     ok = all(r["worst_stall_ms"] <= TARGET_MS for r in rows)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"target worst stall <= {TARGET_MS} ms: {'met' if ok else 'NOT met'} (machine load {load})")

@@ -130,7 +130,10 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
 
 def save_settings(settings: Settings, path: str | os.PathLike | None = None) -> Path | None:
     """Write atomically; returns the path, or None if the folder cannot be written (never raises)."""
+    from .engine.stored import fsync_file_and_dir, sync_later
+
     path = Path(path) if path else settings_path()
+    later = sync_later()  # the window's GUI thread: synced on another thread (jobs.disk_sync)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".json", dir=path.parent)
@@ -138,8 +141,11 @@ def save_settings(settings: Settings, path: str | os.PathLike | None = None) -> 
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(settings.to_dict(), fh, indent=2, allow_nan=False)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if later is None:
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
+            if later is not None:
+                later(lambda: fsync_file_and_dir(path))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

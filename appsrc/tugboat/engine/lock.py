@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FolderLockedError, TugboatError
+from .stored import fsync_file_and_dir, sync_later
 
 LOCK_FILE = ".tugboat.lock"
 
@@ -131,7 +132,11 @@ class FolderLock:
                 continue
             os.ftruncate(fd, 0)
             os.write(fd, self._info())
-            os.fsync(fd)
+            later = sync_later()  # the window's GUI thread does not wait on the disk
+            if later is None:
+                os.fsync(fd)
+            else:
+                later(lambda: fsync_file_and_dir(self.path))
             self._fd = fd
             return
         raise self._refuse()

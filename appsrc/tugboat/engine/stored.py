@@ -27,6 +27,8 @@ import math
 import os
 import stat
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -77,7 +79,8 @@ def recipe_dict_to_toml(recipe: dict[str, Any]) -> str:
 # --- writing -------------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: never a half-written file.
+    """Write to a temp file in the same folder, fsync, then rename: never a half-written file (on
+    the window's GUI thread the fsyncs run on another thread: :func:`sync_later_on_this_thread`).
 
     Any failure (a full disk, a read-only folder, a folder where the file should be) raises
     :class:`OutputError` naming the file; the previous version of the file is left as it was."""
@@ -87,11 +90,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if path.is_dir():
             raise OutputError("is a folder, not a file", path=str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
+        later = _SYNC_LATER.get(threading.get_ident())
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if later is None:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as exc:
@@ -103,8 +108,49 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if later is not None:
+        later(lambda: fsync_file_and_dir(path))
+    else:
+        fsync_dir(path.parent)
     return path
+
+
+# Threads whose atomic writes are synced later, elsewhere: thread id -> a function that runs a
+# sync on another thread (see :func:`sync_later_on_this_thread`).
+_SYNC_LATER: dict[int, Callable[[Callable[[], None]], None]] = {}
+
+
+def sync_later_on_this_thread(run: Callable[[Callable[[], None]], None] | None) -> None:
+    """Atomic writes made on the calling thread (the window's GUI thread) still write a temporary
+    file and rename it into place at once, so the file is whole and current for every reader and a
+    killed process never leaves half of it; only the fsyncs that make it survive a power loss
+    (about 10 ms each, two per file, longer on a busy disk) are handed to ``run``, which runs them on
+    another thread, so an event loop never waits on the disk. ``None`` restores synced writes."""
+    if run is None:
+        _SYNC_LATER.pop(threading.get_ident(), None)
+    else:
+        _SYNC_LATER[threading.get_ident()] = run
+
+
+def sync_later() -> Callable[[Callable[[], None]], None] | None:
+    """The calling thread's hand-off for syncs (None: sync in place), for writers of their own."""
+    return _SYNC_LATER.get(threading.get_ident())
+
+
+def fsync_file_and_dir(path: str | os.PathLike) -> None:
+    """fsync a written file and its folder (after its rename into place)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # replaced or removed since: its successor is synced by its own write
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def temp_file_beside(path: Path) -> Path:

@@ -42,7 +42,10 @@ def make_app(argv: list[str] | None = None) -> QApplication:
 def main(args) -> int:
     """Open the window (args from ``cli.build_parser``: demo, workspace, quit_after)."""
     app = make_app()
+    from ..jobs import disk_sync
     from .main_window import MainWindow
+
+    disk_sync.start()  # the workspace's index and report are fsynced off the GUI thread
 
     window = MainWindow()
     window.show()
@@ -56,6 +59,7 @@ def main(args) -> int:
         QTimer.singleShot(int(quit_after * 1000) + 50, app.quit)
     code = app.exec()
     window.queue.shutdown(timeout=5.0)
+    disk_sync.finish(timeout=5.0)
     _tear_down(window)
     del window
     return _exit_cleanly(int(code))
