@@ -7,8 +7,9 @@ then classified by where the GUI thread's time went during the gap:
 
 * ``gui``: it was on a CPU (its own work: redraws, model resets, signal floods, GC, ...);
 * ``starved``: it was runnable but waited for a core (compute threads >= cores);
-* ``blocked``: it was neither, i.e. asleep on a lock: the GIL held by another thread (a C
-  extension call on the worker), or a Qt lock.
+* ``blocked``: it was neither, i.e. asleep: on the GIL held by another thread (a C extension
+  call on the worker, or a worker holding the GIL while the machine has descheduled it), on a Qt
+  lock, or on the disk (an fsync); the GUI thread's stack in ``stacks`` tells which.
 
 Linux only (``/proc``); elsewhere every stall is ``unknown``.
 """
