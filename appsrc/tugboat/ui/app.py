@@ -8,7 +8,7 @@ from PySide6.QtCore import QTimer
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
-from ..jobs import warm_up_torch
+from ..jobs import freeze_start_up, warm_up_torch
 from .theme import apply_system_palette, dark_palette, follow_system
 
 __all__ = ["app_icon", "apply_system_palette", "dark_palette", "main", "make_app"]
@@ -52,6 +52,7 @@ def main(args) -> int:
     # torch._dynamo's import (the first optimizer's, ~1 s) in the background once the window is up:
     # before any job can be clicked, but not competing with the window's own imports for the GIL
     QTimer.singleShot(0, warm_up_torch)
+    freeze_start_up()  # the imports and the window (the warm-up freezes its own imports too)
     start(window, args)
     quit_after = getattr(args, "quit_after", None)
     if quit_after:
