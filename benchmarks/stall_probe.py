@@ -73,7 +73,7 @@ class StallProbe:
         for s in sorted(self.stalls, key=lambda s: -s["stall_ms"])[:25]:
             lines.append(f"{s['job'][:28]:<28} {s['stall_ms']:>7} ms  {s['class']:<8} gui {s['gui_cpu_ms']} "
                          f"runq {s['runqueue_ms']} blocked {s['blocked_ms']}")
-            lines += ["      " + ln for ln in s["stacks"].splitlines()[:14]]
+            lines += ["      " + ln for ln in s["stacks"].splitlines()[:24]]
         return lines
 
 
@@ -84,7 +84,7 @@ def _trim(stacks: str) -> str:
         if line.startswith(("Thread", "Current thread", "Timeout")):
             out.append(line)
             frames = 0
-        elif frames < 6 and line.strip():
+        elif frames < 10 and line.strip():
             out.append(line)
             frames += 1
     return "\n".join(out)
