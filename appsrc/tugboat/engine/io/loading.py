@@ -652,8 +652,21 @@ def _text_note(path: Path) -> str:
     return ""
 
 
-def save_torchscript(handle: ModelHandle, path: str | os.PathLike) -> Path:
+def _savable_module(handle: ModelHandle) -> nn.Module:
+    """The handle's torch module, with a converted graph's shape arithmetic rewritten as Python of the
+    batch (engine/io/batch_shapes.py) so that a trace or ``torch.export`` keeps the batch open."""
+    from tugboat.engine.io.batch_shapes import batch_dynamic
+
     module = handle.torch_module()
+    found = next(((i, s.batch_axis) for i, s in enumerate(handle.inputs) if s.batch_axis is not None), None)
+    if found is None:
+        return module
+    rewritten = batch_dynamic(module, handle.example_inputs, batch_input=found[0], batch_axis=found[1])
+    return module if rewritten is None else rewritten
+
+
+def save_torchscript(handle: ModelHandle, path: str | os.PathLike) -> Path:
+    module = _savable_module(handle)
     with torch.inference_mode():
         scripted = torch.jit.trace(module, tuple(handle.example_inputs(2)), check_trace=False)
     path = Path(path)
@@ -662,9 +675,9 @@ def save_torchscript(handle: ModelHandle, path: str | os.PathLike) -> Path:
 
 
 def save_exported(handle: ModelHandle, path: str | os.PathLike) -> Path:
-    module = handle.torch_module()
+    module = _savable_module(handle)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dims = {f"arg{i}": {0: batch} for i in range(len(handle.inputs))}
+    dims = {f"arg{i}": None if s.batch_axis is None else {s.batch_axis: batch} for i, s in enumerate(handle.inputs)}
     args = tuple(handle.example_inputs(2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

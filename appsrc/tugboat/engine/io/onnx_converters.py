@@ -34,10 +34,12 @@ class OnnxRecurrent(nn.Module):
         c0 = state[1 if self.has_h else 0] if self.has_c else None
         dirs = 2 if self.rnn.bidirectional else 1
         batch = x.shape[0] if self.batch_first else x.shape[1]
-        # zeros made from x itself, so that a trace (the ONNX export of an edited model) keeps the batch open
+        # zeros made from x itself, so that a trace (the ONNX export of an edited model) keeps the batch
+        # open; not zeros_like (the export folds it) nor ``* 0`` (a reloaded TorchScript trace exports
+        # the 0 as an int64 constant: Mul(float, int64) then fails in ONNX Runtime)
         first = x[:, :1, :1] if self.batch_first else x[:1, :, :1]
-        zeros = ((first.transpose(0, 1) if self.batch_first else first) * 0).expand(  # not zeros_like:
-            dirs, -1, self.rnn.hidden_size)                                         # the export folds it
+        first = first.transpose(0, 1) if self.batch_first else first
+        zeros = (first - first).expand(dirs, -1, self.rnn.hidden_size)
         if lstm:
             y, state = self.rnn(x, (zeros if h0 is None else h0, zeros if c0 is None else c0))
         elif h0 is None:
