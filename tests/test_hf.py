@@ -120,3 +120,24 @@ def test_missing_extra_and_broken_folders_say_what_to_do(folders, tmp_path, monk
     (empty / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"config\.json is not readable JSON"):
         load_model(empty)
+
+
+def test_a_torch_file_written_from_a_folder_reopens_and_quantizes(folders, tmp_path):
+    """The .pt2 Tugboat writes from a Hugging Face model reopens at another batch (its sizes were
+    baked into arange / zeros / new_ones by the ONNX exporter's tracer before) and compresses again."""
+    from tugboat.engine.io.loading import save_exported
+
+    _, base = _prepare(folders / "base", folders / "ids_mask.npz")
+    path = save_exported(base.handle, tmp_path / "bert.pt2")
+    again = parse_recipe({"model": str(path), "data": str(folders / "ids_mask.npz")})
+    again.measure = FAST
+    reopened = prepare(again)
+    assert reopened.handle.format == "pt2"
+    ids = torch.randint(1, 100, (5, 10))
+    with torch.no_grad():
+        expected = base.handle.module(ids, torch.ones_like(ids)).numpy()
+    (out,) = run_onnx(reopened.handle.to_onnx(), [ids.numpy(), np.ones_like(ids.numpy())])
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    v = run_variant(reopened, again.with_steps(validate_steps([{"technique": "quantize", "method": "dynamic-int8"}])))
+    assert v.status == "ok", v.error
+    assert v.metrics["size_bytes"] < reopened.metrics["size_bytes"]

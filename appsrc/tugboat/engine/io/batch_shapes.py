@@ -130,7 +130,7 @@ def _as_list(value: Any) -> Any:
     return value
 
 
-def _spec(values: Sequence[list | None], batches: Sequence[int]) -> tuple | None | bool:
+def _spec(values: Sequence[list | None], batches: Sequence[int]) -> tuple | bool | None:
     """The affine description of one argument seen at ``batches``; False when it is not one."""
     if all(v is None for v in values):
         return None
@@ -285,5 +285,5 @@ def batch_dynamic(module: nn.Module, inputs: Callable[[int], list], *, batch_inp
         if not _rewrite(gm, {by_name[n.name]: s for n, s in specs.items()}, batch_input, batch_axis):
             return None
         return gm if _same(module, gm, inputs) else None
-    except Exception:  # noqa: BLE001 - an unexplained graph stays as it was
+    except Exception:
         return None

@@ -219,6 +219,24 @@ def _expand(x: torch.Tensor, shape, *_):
     return x.expand(shape)
 
 
+def _arange(*args, **kwargs):
+    # torch.arange takes a traced size as its end (the aten overload wants a number)
+    return torch.arange(*args, dtype=kwargs.get("dtype"), device=kwargs.get("device"))
+
+
+def _filled(size, fill, dtype):
+    """``torch.full`` that keeps traced sizes open: a one-element tensor expanded to them."""
+    return torch.full([1] * len(size), fill, dtype=dtype).expand(list(size))
+
+
+def _zeros(size, *_, **kwargs):
+    return _filled(size, 0, kwargs.get("dtype") or torch.get_default_dtype())
+
+
+def _new_ones(x: torch.Tensor, size, *_, **kwargs):
+    return _filled(size, 1, kwargs.get("dtype") or x.dtype)
+
+
 def _keep_sizes_dynamic(gm: nn.Module) -> None:
     """A program exported with a dynamic batch computes sizes with ``aten.sym_size`` and passes them
     to ``aten.view`` / ``expand`` as plain ints; the TorchScript tracer behind the ONNX exporter would
@@ -229,7 +247,9 @@ def _keep_sizes_dynamic(gm: nn.Module) -> None:
         return
     swap = {torch.ops.aten.sym_size.int: _dim_size, torch.ops.aten.view.default: _reshape,
             torch.ops.aten.reshape.default: _reshape, torch.ops.aten._unsafe_view.default: _reshape,
-            torch.ops.aten.expand.default: _expand}
+            torch.ops.aten.expand.default: _expand, torch.ops.aten.arange.default: _arange,
+            torch.ops.aten.arange.start: _arange, torch.ops.aten.arange.start_step: _arange,
+            torch.ops.aten.zeros.default: _zeros, torch.ops.aten.new_ones.default: _new_ones}
     changed = False
     for node in graph.nodes:
         if node.op == "call_function" and node.target in swap:
