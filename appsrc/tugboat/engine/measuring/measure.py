@@ -44,6 +44,7 @@ from .timing import (
 )
 
 RUNTIMES = ("onnxruntime", "torch")
+BLOCKS_PER_MIN_SECONDS = 32  # the default block_seconds is min_seconds / 32
 
 
 def default_threads() -> int:
@@ -72,7 +73,7 @@ class MeasureConfig:
     device: str = "cpu"
     # paired timing of a variant against the baseline (docs/measurement.md)
     min_blocks: int = 8  # alternating blocks before the interval is judged
-    block_seconds: float = 0.0  # time per model per block; 0: min_seconds / min_blocks (2 ms to 0.1 s)
+    block_seconds: float = 0.0  # time per model per block; 0: min_seconds / 32 (2 ms to 0.1 s)
     max_width: float = 0.15  # an interval wider than this (high / low - 1) is noisy: extend, then mark
     noisy_seconds: float = 0.0  # how long a noisy timing may be extended; 0: 3 x max_seconds
     confidence: float = 0.95
@@ -82,8 +83,9 @@ class MeasureConfig:
         if not self.threads:
             self.threads = default_threads()
         if not self.block_seconds:
-            # the variant and the original each get about min_seconds over the min_blocks blocks
-            self.block_seconds = min(0.1, max(0.002, self.min_seconds / max(1, self.min_blocks)))
+            # short blocks: the interval comes from the spread between blocks (more blocks in a
+            # noisy window, never a weaker verdict); the defaults give 8 ms, 8 blocks in ~0.15 s
+            self.block_seconds = min(0.1, max(0.002, self.min_seconds / BLOCKS_PER_MIN_SECONDS))
         if not self.noisy_seconds:
             self.noisy_seconds = 3 * self.max_seconds
 
@@ -767,7 +769,9 @@ def _paired_blocks(variant_run, base_run, k: int, cfg: MeasureConfig, progress: 
         ratios.append(statistics.median(block[False]) / max(statistics.median(block[True]), 1e-9))
         elapsed = time.perf_counter() - start
         n = len(ratios)
-        if n >= cfg.min_blocks and elapsed >= cfg.min_seconds and n * k >= cfg.min_runs:
+        # decided by blocks and runs, not by a minimum time (min_seconds is for unpaired timings):
+        # a narrow interval after min_blocks blocks is a decided one
+        if n >= cfg.min_blocks and n * k >= cfg.min_runs:
             interval = speedup_interval(ratios, cfg.confidence, cfg.systematic)
             if interval[2] / interval[1] - 1 <= cfg.max_width or elapsed >= cfg.noisy_seconds:
                 return v_times, b_times, ratios, extended
