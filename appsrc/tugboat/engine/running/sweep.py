@@ -645,7 +645,8 @@ class _Driver:
                                 f"{label}{chunk[0].name}: ")
         for outcome in self.executor.map([Task(c.name, c.steps) for c in chunk], sub.sub(0.0, 0.7)):
             cand = by_name[outcome.name]
-            variant = finish_outcome(self.base, self.recipe, cand, outcome, sub.sub(0.7, 1.0, f"{cand.name}: "))
+            with self.executor.quiet():  # workers wait while this process measures; not while it writes
+                variant = finish_outcome(self.base, self.recipe, cand, outcome, sub.sub(0.7, 1.0, f"{cand.name}: "))
             self.ws.add_variant(variant)
             self.result.tried.append(variant.name)
             self.count += 1

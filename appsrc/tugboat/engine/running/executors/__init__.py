@@ -53,7 +53,7 @@ __all__ = ["CRASH_ENV", "DEFAULT_RETRIES", "EXECUTORS", "MIN_PARALLEL", "AutoExe
            "idle_cores", "make_executor"]
 
 EXECUTORS = ("auto", "local", "processes", "ray")
-MIN_PARALLEL = 6  # fewer variants than this are made in this process (a worker costs ~2 s to start)
+MIN_PARALLEL = 6  # fewer variants than this are made in this process (workers cost CPU to start)
 
 
 class AutoExecutor(Executor):
@@ -133,6 +133,9 @@ class AutoExecutor(Executor):
     def close(self) -> None:
         if self.inner is not None:
             self.inner.close()
+
+    def quiet(self):
+        return self.inner.quiet() if self.inner is not None else super().quiet()
 
     def describe(self) -> dict[str, Any]:
         # the same dict stays on record and is updated when the choice is made later, at map

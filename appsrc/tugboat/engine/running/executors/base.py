@@ -5,6 +5,7 @@ steps applied from the longest cached prefix), the :class:`PrefixCache` itself a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -119,6 +120,10 @@ class Executor:
 
     def close(self) -> None:
         pass
+
+    def quiet(self) -> contextlib.AbstractContextManager:
+        """Entered while the driver measures a variant: an executor that can pause its work does."""
+        return contextlib.nullcontext()
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "workers": self.width}

@@ -1,17 +1,23 @@
-"""A pool of ``spawn`` worker processes that make variants (issue 17.8: a sweep uses every core).
+"""A pool of worker processes that make variants (issue 17.8: a sweep uses every core).
 
 Tasks go to the workers in *groups* that share their first step (a pruned-and-fine-tuned model that
 three quantization methods start from is made once, in one worker, with a prefix cache of that group
 only); groups are handed out largest first, and split when there are fewer groups than workers.
 Each worker uses ``cores // workers`` torch threads.
 
-Start-up is paid once and early: :meth:`ProcessExecutor.warm` starts the workers (each imports
-torch and the engine, the slow part) while the driver still loads and measures the original; the
-model and data follow once per worker, in a private file the driver writes at :meth:`start` (our
-own objects between our own processes, as a pool's initializer arguments would be). A worker that
-dies takes its in-flight group with it: the pool is rebuilt and the group tried again, at most
-``max_retries`` times, then its variants are recorded as failed with the reason. A made model that
-cannot travel back (it does not pickle) is made again in the driver, so no variant is lost.
+Start-up is paid once and early: :meth:`ProcessExecutor.warm` starts the workers while the driver
+still loads and measures the original. Where the OS has it, the workers are forked from a
+``forkserver`` that imported torch, the engine and ONNX Runtime once (:data:`PRELOAD`), so a worker
+starts in milliseconds instead of importing torch again (about 1.3 s of CPU each); elsewhere they are
+``spawn``-ed. The model and data follow once per worker, in a private file the driver writes at
+:meth:`start` (our own objects between our own processes, as a pool's initializer arguments would
+be). Each variant comes back *as soon as it is made* (a file in the same private folder, written
+atomically), not when its whole group is done, so the driver measures it while the workers go on.
+Workers pause while the driver measures (:meth:`ProcessExecutor.quiet`, a gate checked at every
+progress check). A worker that dies takes its unfinished tasks with it: the pool is rebuilt and those
+tasks tried again, at most ``max_retries`` times, then they are recorded as failed with the reason. A
+made model that cannot travel back (it does not pickle) is made again in the driver, so no variant
+is lost.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -36,9 +43,12 @@ _CTX: Context | None = None
 _CTX_PATH: str | None = None
 _CTX_STAMP: float | None = None
 _GATE = None  # set by the driver while it measures: workers wait at their next progress check
-PRELOAD = ("tugboat.engine.running.runner", "tugboat.engine.running.sweep", "tugboat.engine.techniques.prune",
-           "tugboat.engine.techniques.quantize",
-           "onnxruntime")
+# what every task needs, imported once by the forkserver (or by each spawned worker); torch._dynamo
+# is what the first optimizer of a fine-tuning imports (about 1 s)
+PRELOAD = ("torch", "tugboat.engine.running.runner", "tugboat.engine.running.sweep", "tugboat.engine.techniques.prune",
+           "tugboat.engine.techniques.quantize", "onnxruntime", "torch._dynamo")
+POLL_S = 0.05  # how often the driver looks for variants made
+OUT = "made"  # the private folder's sub-folder where workers put each variant they made
 
 
 class _PauseToken(CancelToken):
@@ -98,21 +108,36 @@ def _check_private(path: Path) -> None:
             raise PermissionError(f"{p}: not this sweep's private worker folder; refusing to read it")
 
 
-def _run_group(tasks: list[Task]) -> list[Outcome]:
+def _run_group(group: list[tuple[int, Task]]) -> int:
+    """Make a group's variants in this worker, handing each back as soon as it is made."""
     ctx = _context()
     counts: dict[str, int] = {}
-    for t in tasks:
+    for _, t in group:
         for p in PrefixCache.prefixes(t.steps):
             counts[p] = counts.get(p, 0) + 1
     cache = PrefixCache({k: n for k, n in counts.items() if n > 1})
-    outs = []
     progress = Progress(token=_PauseToken(_GATE))
-    for task in tasks:
+    for seq, task in group:
+        progress.check()  # a new task waits while the driver measures
         out = compress(ctx, task, cache, progress)
         cache.release(task.steps)
         out.where = f"process {os.getpid()}"
-        outs.append(out)
-    return outs
+        _deliver(seq, out)
+    return len(group)
+
+
+def _deliver(seq: int, out: Outcome) -> None:
+    """Write one outcome for the driver, atomically (a worker killed mid-write leaves no file)."""
+    try:
+        data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # e.g. a made model that does not pickle: the driver makes it itself
+        data = pickle.dumps({"name": out.name, "unpicklable": f"{type(exc).__name__}: {exc}"})
+    assert _CTX_PATH is not None
+    path = Path(_CTX_PATH).parent / OUT / f"{seq:06d}.pickle"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def group_tasks(tasks: list[Task], workers: int) -> list[list[Task]]:
@@ -129,6 +154,16 @@ def group_tasks(tasks: list[Task], workers: int) -> list[list[Task]]:
     return groups
 
 
+def _start_context():
+    """forkserver with :data:`PRELOAD` imported once where the OS has it (workers start in
+    milliseconds), else spawn."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        mp = multiprocessing.get_context("forkserver")
+        mp.set_forkserver_preload(list(PRELOAD))  # only read when the forkserver starts
+        return mp
+    return multiprocessing.get_context("spawn")
+
+
 class ProcessExecutor(Executor):
     name = "processes"
 
@@ -138,21 +173,36 @@ class ProcessExecutor(Executor):
         self.threads = threads or max(1, cpu_count() // workers)
         self._pool: ProcessPoolExecutor | None = None
         self._dir: str | None = None
-        self._mp = multiprocessing.get_context("spawn")
+        self._mp = _start_context()
         self._gate = self._mp.Event()  # set while the driver measures a variant it got back
+        self._warming: threading.Thread | None = None
 
     @property
     def _ctx_path(self) -> str:
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="tugboat-workers-")  # private (0700)
+            os.mkdir(Path(self._dir) / OUT, 0o700)
         return str(Path(self._dir) / "context.pickle")
 
     def warm(self) -> None:
-        """Start every worker now (their imports overlap the driver's own work)."""
-        if self._pool is None:
+        """Start every worker now, on a helper thread (starting the forkserver waits for its imports):
+        the workers' start overlaps the driver's own loading and measuring of the original."""
+        if self._pool is None and self._warming is None:
             self._pool = self._new_pool()
+            self._warming = threading.Thread(target=self._ping_all, args=(self._pool,), name="tugboat-warm",
+                                             daemon=True)
+            self._warming.start()
+
+    def _ping_all(self, pool: ProcessPoolExecutor) -> None:
+        with contextlib.suppress(Exception):  # a pool that broke or was shut down meanwhile
             for _ in range(self.width):
-                self._pool.submit(_ping)
+                pool.submit(_ping)
+
+    def _warmed(self) -> None:
+        """Wait for :meth:`warm`'s helper (the pool is used from this thread only after it)."""
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
 
     def start(self, ctx: Context, cache=None) -> None:
         super().start(ctx, None)  # the driver's cache stays in the driver; each group has its own
@@ -161,13 +211,24 @@ class ProcessExecutor(Executor):
             pickle.dump(ctx, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, self._ctx_path)
 
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Workers wait (at their next progress check) while the driver measures a variant."""
+        self._gate.set()
+        try:
+            yield
+        finally:
+            self._gate.clear()
+
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.width, mp_context=self._mp, initializer=_init,
                                    initargs=(self._ctx_path, self.threads, self._gate))
 
-    def _submit(self, group: list[Task], pending: dict[Future, list[Task]], attempts: dict[str, int]) -> None:
-        for task in group:
+    def _submit(self, group: list[tuple[int, Task]], pending: dict[Future, list[tuple[int, Task]]],
+                attempts: dict[str, int]) -> None:
+        for _, task in group:
             attempts[task.name] = attempts.get(task.name, 0) + 1
+        self._warmed()
         if self._pool is None:
             self._pool = self._new_pool()
         try:
@@ -179,59 +240,84 @@ class ProcessExecutor(Executor):
 
     def map(self, tasks: Iterable[Task], progress: Progress | None = None) -> Iterator[Outcome]:
         progress = progress or null_progress()
+        tasks = list(tasks)
+        seq = {id(t): i for i, t in enumerate(tasks)}
+        todo = dict(enumerate(tasks))  # not handed back yet
         attempts: dict[str, int] = {}
-        pending: dict[Future, list[Task]] = {}
-        for group in group_tasks(list(tasks), self.width):
-            self._submit(group, pending, attempts)
+        pending: dict[Future, list[tuple[int, Task]]] = {}
+        for group in group_tasks(tasks, self.width):
+            self._submit([(seq[id(t)], t) for t in group], pending, attempts)
         try:
             while pending:
                 progress.check()
-                done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
-                broken: list[list[Task]] = []
+                done, _ = wait(list(pending), timeout=POLL_S, return_when=FIRST_COMPLETED)
+                yield from self._made(todo, attempts)
+                broken = False
                 for fut in done:
                     group = pending.pop(fut)
                     try:
-                        outs = fut.result()
+                        fut.result()
                     except BrokenProcessPool:
-                        broken.append(group)
-                        continue
+                        broken = True
+                        pending[fut] = group  # retried below with every group in flight
                     except Cancelled:
                         raise
-                    except Exception as exc:  # e.g. a made model that does not pickle: make it here
-                        outs = [self._in_driver(task, exc) for task in group]
-                    for out in outs:
-                        out.attempts = attempts[out.name]
-                        self._gate.set()  # workers wait while the driver measures this variant
-                        try:
-                            yield out
-                        finally:
-                            self._gate.clear()
+                    except Exception as exc:  # not expected: make what is left of the group here
+                        yield from self._made(todo, attempts)
+                        for i, task in group:
+                            if todo.pop(i, None) is not None:
+                                yield self._in_driver(task, exc)
                 if broken:
-                    yield from self._retry(broken + list(pending.values()), pending, attempts)
+                    yield from self._retry(todo, pending, attempts)
+            yield from self._made(todo, attempts)
         except BaseException:
             self._kill()
             raise
 
-    def _in_driver(self, task: Task, exc: Exception) -> Outcome:
+    def _made(self, todo: dict[int, Task], attempts: dict[str, int]) -> Iterator[Outcome]:
+        """The variants workers have handed back since the last look, in the order they were made."""
+        folder = Path(self._ctx_path).parent / OUT
+        for path in sorted(folder.glob("*.pickle"), key=lambda p: p.stat().st_mtime_ns):
+            _check_private(path)
+            with open(path, "rb") as f:
+                got = pickle.load(f)  # written by this sweep's own workers (see the module doc)
+            path.unlink()
+            task = todo.pop(int(path.stem), None)
+            if task is None:  # made twice (a retry raced the first worker's last write)
+                continue
+            if isinstance(got, dict):
+                got = self._in_driver(task, got["unpicklable"])
+            got.attempts = attempts.get(task.name, 1)
+            yield got
+
+    def _in_driver(self, task: Task, why: Exception | str) -> Outcome:
         out = compress(self.ctx, task)
-        out.where = f"driver ({type(exc).__name__} in the worker)"
+        kind = type(why).__name__ if isinstance(why, Exception) else str(why).split(":")[0]
+        out.where = f"driver ({kind} in the worker)"
         return out
 
-    def _retry(self, groups: list[list[Task]], pending: dict[Future, list[Task]],
+    def _retry(self, todo: dict[int, Task], pending: dict[Future, list[tuple[int, Task]]],
                attempts: dict[str, int]) -> Iterator[Outcome]:
-        """A dead worker breaks the pool and every group in flight: a new pool, and each group again
-        unless it has used up its retries."""
+        """A dead worker breaks the pool and every group in flight: a new pool, and the tasks of those
+        groups not handed back yet again, unless they have used up their retries."""
+        groups = list(pending.values())
         pending.clear()
         self._kill()
+        yield from self._made(todo, attempts)  # what the workers finished before the pool broke
         for group in groups:
-            if max(attempts[t.name] for t in group) > self.max_retries:
-                for t in group:
+            left = [(i, t) for i, t in group if i in todo]
+            if not left:
+                continue
+            if max(attempts[t.name] for _, t in left) > self.max_retries:
+                for i, t in left:
+                    del todo[i]
                     yield Outcome(t.name, error=f"its worker process died {attempts[t.name]} time(s) while "
                                   "making it", attempts=attempts[t.name], where="processes")
             else:
-                self._submit(group, pending, attempts)
+                self._submit(left, pending, attempts)
 
     def _kill(self) -> None:
+        self._warmed()
         pool, self._pool = self._pool, None
         if pool is None:
             return
