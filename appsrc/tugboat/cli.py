@@ -402,6 +402,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .engine.running.worker_start import prestart
+
+    # workers' forkserver first: its imports run on another core beside this process's own
+    prestart(args.recipe, getattr(args, "executor", "auto") or "auto")
     from .engine.progress import Progress
     from .engine.running.executors import make_executor
     from .engine.running.recipe import load_recipe

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ...progress import Progress
+from ..worker_start import MIN_PARALLEL, trains
 from .base import (
     CRASH_ENV,
     DEFAULT_RETRIES,
@@ -53,7 +54,6 @@ __all__ = ["CRASH_ENV", "DEFAULT_RETRIES", "EXECUTORS", "MIN_PARALLEL", "AutoExe
            "idle_cores", "make_executor"]
 
 EXECUTORS = ("auto", "local", "processes", "ray")
-MIN_PARALLEL = 6  # fewer variants than this are made in this process (workers cost CPU to start)
 
 
 class AutoExecutor(Executor):
@@ -81,7 +81,7 @@ class AutoExecutor(Executor):
         worker's start) on a machine with a core to spare (a busy machine gains nothing from them)."""
         return (self.cores > 1 and len(steps) >= MIN_PARALLEL and self.groups(steps) >= 2
                 and all(_builtin(step.get("technique")) for s in steps for step in s)
-                and any(_trains(step) for s in steps for step in s) and idle_cores() >= 1)
+                and any(trains(step) for s in steps for step in s) and idle_cores() >= 1)
 
     def choose(self, steps: list[list[dict[str, Any]]] | None) -> Executor:
         if self.inner is None:
@@ -143,11 +143,6 @@ class AutoExecutor(Executor):
             inner = self.inner.describe()
             self._described.update(chose=inner["name"], workers=inner["workers"])
         return self._described
-
-
-def _trains(step: dict[str, Any]) -> bool:
-    return bool(step.get("finetune_epochs") or step.get("technique") == "distill"
-                or step.get("method") == "qat-int8")
 
 
 def idle_cores() -> float:

@@ -23,7 +23,6 @@ is lost.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import pickle
 import shutil
@@ -37,16 +36,13 @@ from pathlib import Path
 
 from ...errors import Cancelled
 from ...progress import CancelToken, Progress, null_progress
+from ..worker_start import PRELOAD, start_context
 from .base import Context, Executor, Outcome, PrefixCache, Task, compress, cpu_count, steps_key
 
 _CTX: Context | None = None
 _CTX_PATH: str | None = None
 _CTX_STAMP: float | None = None
 _GATE = None  # set by the driver while it measures: workers wait at their next progress check
-# what every task needs, imported once by the forkserver (or by each spawned worker); torch._dynamo
-# is what the first optimizer of a fine-tuning imports (about 1 s)
-PRELOAD = ("torch", "tugboat.engine.running.runner", "tugboat.engine.running.sweep", "tugboat.engine.techniques.prune",
-           "tugboat.engine.techniques.quantize", "onnxruntime", "torch._dynamo")
 POLL_S = 0.05  # how often the driver looks for variants made
 OUT = "made"  # the private folder's sub-folder where workers put each variant they made
 
@@ -154,16 +150,6 @@ def group_tasks(tasks: list[Task], workers: int) -> list[list[Task]]:
     return groups
 
 
-def _start_context():
-    """forkserver with :data:`PRELOAD` imported once where the OS has it (workers start in
-    milliseconds), else spawn."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        mp = multiprocessing.get_context("forkserver")
-        mp.set_forkserver_preload(list(PRELOAD))  # only read when the forkserver starts
-        return mp
-    return multiprocessing.get_context("spawn")
-
-
 class ProcessExecutor(Executor):
     name = "processes"
 
@@ -173,7 +159,7 @@ class ProcessExecutor(Executor):
         self.threads = threads or max(1, cpu_count() // workers)
         self._pool: ProcessPoolExecutor | None = None
         self._dir: str | None = None
-        self._mp = _start_context()
+        self._mp = start_context()
         self._gate = self._mp.Event()  # set while the driver measures a variant it got back
         self._warming: threading.Thread | None = None
 
