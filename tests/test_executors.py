@@ -288,3 +288,83 @@ def test_tugboat_sweep_defaults_to_auto_and_gives_the_local_variants(tmp_path, c
 
     assert table(auto) == table(local) and len(table(auto)) == 6  # fine-tuned weights identical too
 
+
+
+# --- workers hand variants back as they are made, and wait while the driver measures ---------------
+
+def _one_worker(tmp_path, text):
+    from tugboat.engine.running.executors import Context
+    from tugboat.engine.running.executors.processes import ProcessExecutor
+    from tugboat.engine.running.runner import prepare
+
+    recipe = parse_recipe(tomllib.loads(text), str(tmp_path / "r.toml"))
+    ex = ProcessExecutor(1, threads=1)
+    ex.start(Context.of(prepare(recipe), recipe))
+    return ex
+
+
+@pytest.mark.slow
+def test_a_worker_hands_each_variant_back_when_made_not_when_its_group_is_done(tmp_path):
+    from tugboat.engine.running.executors import Task
+
+    prefix = {"technique": "prune", "method": "unstructured", "ratio": 0.25, "finetune_epochs": 0}
+    quick = Task("quick", [prefix, {"technique": "quantize", "method": "fp16"}])
+    slow = Task("slow", [prefix, {"technique": "prune", "method": "structured", "ratio": 0.5,
+                                  "finetune_epochs": 2}])  # seconds of training after the shared prefix
+    ex = _one_worker(tmp_path, SIX)
+    arrived = {}
+    try:
+        for out in ex.map([quick, slow]):  # one group (a shared first step): one worker, in order
+            assert out.error is None, out.error
+            arrived[out.name] = time.monotonic()
+    finally:
+        ex.close()
+    assert arrived["slow"] - arrived["quick"] > 0.3  # "quick" came back while "slow" was being made
+
+
+@pytest.mark.slow
+def test_workers_wait_while_the_driver_measures(tmp_path):
+    import threading
+
+    from tugboat.engine.running.executors import Task
+
+    task = Task("fp16", [{"technique": "quantize", "method": "fp16"}])
+    ex = _one_worker(tmp_path, SIX)
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(ex.map([task])), daemon=True)
+    try:
+        with ex.quiet():  # the driver is measuring: the worker starts, then waits at its first check
+            consumer.start()
+            consumer.join(3.0)
+            assert got == [] and consumer.is_alive()
+        consumer.join(60)
+        assert [o.name for o in got] == ["fp16"] and got[0].error is None
+    finally:
+        ex.close()
+
+
+def test_the_cli_starts_workers_early_only_for_a_grid_that_trains(tmp_path, monkeypatch):
+    from tugboat.engine.running import worker_start
+
+    started = []
+    monkeypatch.setattr(worker_start, "cores", lambda: 2)
+    monkeypatch.setattr(worker_start, "idle_cores", lambda: 2.0)
+    monkeypatch.setattr("multiprocessing.forkserver.ensure_running", lambda: started.append(1))
+    trains = tmp_path / "trains.toml"
+    trains.write_text(SIX.replace("finetune_epochs = 0", "finetune_epochs = 1"))
+    quick = tmp_path / "quick.toml"
+    quick.write_text(SIX)  # no step trains: quantizing alone costs less than a worker's start
+    assert worker_start.prestart(str(trains), "auto") is True and started == [1]
+    assert worker_start.prestart(str(quick), "auto") is False
+    assert worker_start.prestart(str(quick), "processes") is True  # asked for: always
+    assert worker_start.prestart(str(trains), "local") is False
+    swept = tmp_path / "swept.toml"  # training only in some combinations of the grid
+    swept.write_text(SIX.replace('"steps.1.method"', '"steps.0.finetune_epochs" = [0, 1]\n"steps.1.method"'))
+    assert worker_start.prestart(str(swept), "auto") is True
+    (tmp_path / "bad.toml").write_text("model = [")
+    assert worker_start.prestart(str(tmp_path / "bad.toml"), "auto") is False  # the sweep reports it
+    assert worker_start.prestart(str(tmp_path / "missing.toml"), "auto") is False
+    monkeypatch.setattr(worker_start, "idle_cores", lambda: 0.2)
+    assert worker_start.prestart(str(trains), "auto") is False  # a busy machine: auto runs locally
+    monkeypatch.setattr(worker_start, "cores", lambda: 1)
+    assert worker_start.prestart(str(trains), "processes") is False

@@ -280,3 +280,32 @@ def test_a_noisy_original_timing_is_flagged_and_cleared_by_remeasure():
     remeasure(base.handle, original, [], base.cfg, timing=base.timing)
     assert warning[0] not in original.warnings
     assert original.metrics["latency_ms"]["median"] < 13.7
+
+
+def test_paired_timing_is_decided_by_blocks_not_by_a_minimum_time():
+    """Short blocks (min_seconds / 32) and no minimum time for a paired timing: a clear 2x speed-up is
+    decided after min_blocks blocks, whatever min_seconds (for unpaired timings) says; the interval
+    is still reported, and a window that cannot decide is still extended and marked noisy."""
+    from tugboat.engine.measuring.measure import MeasureConfig, latency_paired
+
+    def work(n):
+        return lambda: sum(range(n))
+
+    assert MeasureConfig().block_seconds == pytest.approx(0.25 / 32)
+    cfg = MeasureConfig(min_seconds=30.0, max_seconds=1.0, warmup=1, block_seconds=0.004)
+    out = latency_paired(work(20000), work(40000), [np.zeros((1, 1))], cfg, "onnxruntime")
+    sp = out["speedup"]
+    if not sp["extended"]:  # decided at once: the fewest blocks that give min_blocks and min_runs
+        assert sp["blocks"] == max(cfg.min_blocks, -(-cfg.min_runs // sp["runs_per_block"]))
+    assert sp["low"] <= sp["median"] <= sp["high"] and 1.3 < sp["median"] < 3.0
+    assert sp["noisy"] == (sp["width"] > cfg.max_width)
+    # a variant whose time jumps around: the interval stays wide, the timing is extended, then marked
+    state = {"i": 0}
+
+    def erratic():
+        state["i"] += 1
+        sum(range(40000 if state["i"] % 3 else 400000))
+
+    cfg = MeasureConfig(min_seconds=0.0, max_seconds=0.3, warmup=1, block_seconds=0.002, max_width=0.05)
+    out = latency_paired(erratic, work(40000), [np.zeros((1, 1))], cfg, "onnxruntime")
+    assert out["speedup"]["extended"] and out["speedup"]["noisy"] and out["noisy"]
