@@ -138,8 +138,9 @@ def test_source_never_unpickles_outside_the_trusted_path():
     """Every torch.load in the app passes weights_only=True, except the one trusted loader;
     pickle/np.load never unpickle; nothing extracts archives to disk."""
     # the process executor's workers read the sweep context their own driver pickled into a private
-    # 0700 temp folder (checked before reading): our objects between our processes, as a pool's
-    # initializer arguments would travel; never a file the user gave
+    # 0700 temp folder, and the driver the variants its workers made into the same folder (checked
+    # before reading): our objects between our processes, as a pool's arguments and results would
+    # travel; never a file the user gave
     allowed_unsafe = {("engine/io/loading.py", "_load_pickled_module"),
                       ("engine/running/executors/processes.py", "pickle.load")}
     found_unsafe = set()

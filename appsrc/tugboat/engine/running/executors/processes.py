@@ -96,7 +96,7 @@ def _context() -> Context:
 
 
 def _check_private(path: Path) -> None:
-    """The context is only read from the driver's own private folder: made by ``mkdtemp`` (0700),
+    """Files (the context, made variants) are only read from the sweep's private folder (``mkdtemp``, 0700),
     owned by this user, the file ours too; anything else is refused rather than unpickled."""
     for p in (path.parent, path):
         st = os.lstat(p)
