@@ -368,3 +368,20 @@ def test_the_cli_starts_workers_early_only_for_a_grid_that_trains(tmp_path, monk
     assert worker_start.prestart(str(trains), "auto") is False  # a busy machine: auto runs locally
     monkeypatch.setattr(worker_start, "cores", lambda: 1)
     assert worker_start.prestart(str(trains), "processes") is False
+
+
+def test_a_made_variant_that_does_not_pickle_is_made_again_in_the_driver(tmp_path, monkeypatch):
+    """A worker hands back what it made through a file; a model that cannot be pickled leaves a note
+    instead, and the driver makes that variant itself (no worker process needed to show it)."""
+    from tugboat.engine.running.executors import Outcome, Task, processes
+
+    ex = _one_worker(tmp_path, SIX)
+    try:
+        monkeypatch.setattr(processes, "_CTX_PATH", ex._ctx_path)  # as in a worker of this executor
+        task = Task("fp16", [{"technique": "quantize", "method": "fp16"}])
+        processes._deliver(0, Outcome("fp16", handle=lambda: None))  # a lambda does not pickle
+        (out,) = list(ex._made({0: task}, {"fp16": 1}))
+        assert out.error is None and out.handle is not None and out.where.startswith("driver (")
+        assert "in the worker" in out.where and list(ex._made({}, {})) == []  # the note was consumed
+    finally:
+        ex.close()

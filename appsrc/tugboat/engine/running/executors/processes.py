@@ -231,6 +231,8 @@ class ProcessExecutor(Executor):
         todo = dict(enumerate(tasks))  # not handed back yet
         attempts: dict[str, int] = {}
         pending: dict[Future, list[tuple[int, Task]]] = {}
+        for stale in (Path(self._ctx_path).parent / OUT).iterdir():  # numbers restart with every map
+            stale.unlink()
         for group in group_tasks(tasks, self.width):
             self._submit([(seq[id(t)], t) for t in group], pending, attempts)
         try:
