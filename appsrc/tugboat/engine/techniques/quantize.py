@@ -85,6 +85,9 @@ _CALIBRATED = (*_STATIC, "auto")
 _WEIGHT_ONLY = ("weight-only-int8", "weight-only-int4")
 _INT8 = ("auto", "dynamic-int8", "static-int8", "qat-int8")
 CALIBRATIONS = ("auto", "percentile", "minmax", "entropy")
+FORMATS = ("auto", "qdq", "qoperator")
+# format "auto" tries QOperator where a QDQ graph's bytes besides its int8 weights exceed this share of them
+QOPERATOR_MIN_OVERHEAD = 0.25
 # below these the variant says fidelity dropped (and what to try): top-1 agreement with the float
 # model for classifiers, mean cosine similarity of the outputs for everything else
 MIN_TOP1_AGREEMENT = 0.95
@@ -127,6 +130,14 @@ PARAMS = [
     Param("weight_type", "choice", "int8",
           "storage type of quantized weights (int8 is what the fast CPU kernels expect)",
           choices=("int8", "uint8"), methods=_INT8),
+    Param("format", "choice", "auto",
+          "how the int8 graph is written: qdq (QuantizeLinear/DequantizeLinear pairs around float "
+          "ops: what every runtime reads, and what the Diagnose view ranks layer by layer), "
+          "qoperator (ONNX Runtime's QLinearConv/QLinearAdd/...: no Q/DQ nodes; per-tensor weight "
+          "scales unless per_channel) or auto: qdq, except where the Q/DQ nodes, scales and biases "
+          "weigh more than a quarter of the int8 weights (small graphs of many layers): there "
+          "qoperator with per-tensor weights is also tried and kept when it is smaller and as "
+          "close to the float model on the val split", choices=FORMATS, methods=_CALIBRATED),
     Param("op_types", "list", [],
           "operator types to quantize, e.g. [\"MatMul\", \"Gemm\"]; empty: every type the method "
           "supports (set [\"MatMul\", \"Gemm\"] to keep slow int8 convolutions out of dynamic-int8); "
@@ -269,6 +280,7 @@ def compact(q: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
     source_nodes = {n.name for n in source.graph.node}
     _drop_zero_weight_zero_points(g)
     _share_equal_constants(g, keep)
+    _drop_default_conv_attributes(g)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     kept_inits = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
@@ -332,6 +344,34 @@ def _drop_zero_weight_zero_points(g: onnx.GraphProto) -> None:
         if zp is not None and zp.data_type in signed and inits[node.input[0]].data_type == zp.data_type \
                 and not numpy_helper.to_array(zp).any():
             del node.input[2]
+
+
+# Conv attributes at their ONNX default values; kernel_shape is the weight's own when omitted
+_CONV_DEFAULTS = {"auto_pad": lambda v: v == b"NOTSET", "dilations": lambda v: all(x == 1 for x in v),
+                  "strides": lambda v: all(x == 1 for x in v), "group": lambda v: v == 1,
+                  "pads": lambda v: not any(v)}
+
+
+def _drop_default_conv_attributes(g: onnx.GraphProto) -> None:
+    """Drop the attributes of Conv / QLinearConv that state the default (``dilations = [1, 1]``,
+    ``group = 1``, ...) or the weight's own kernel shape: five attributes of 20-30 bytes on every
+    convolution, 3 % of a small many-layer network's int8 file. The graph computes the same."""
+    dims = {i.name: list(i.dims) for i in g.initializer}
+    for node in g.node:
+        if node.op_type not in ("Conv", "QLinearConv"):
+            continue
+        weight = node.input[1] if node.op_type == "Conv" else node.input[3]
+        kept = []
+        for a in node.attribute:
+            value = helper.get_attribute_value(a)
+            default = _CONV_DEFAULTS.get(a.name, lambda v: False)(value)
+            if a.name == "kernel_shape":
+                default = weight in dims and list(value) == dims[weight][2:]
+            if not default:
+                kept.append(a)
+        if len(kept) < len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(kept)
 
 
 def _share_equal_constants(g: onnx.GraphProto, keep: set[str], max_elements: int = 64) -> None:
@@ -704,8 +744,9 @@ def _remove_symbolic_shape_dump(since: float) -> None:
 
 def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray], params: dict,
                 progress: Progress, *, nodes_to_quantize: list[str] | None = None,
-                exclude: list[str] | None = None) -> onnx.ModelProto:
-    """``quantize_static`` in QDQ format, calibrated on ``calib`` (arrays in ``names`` order)."""
+                exclude: list[str] | None = None, qoperator: bool = False) -> onnx.ModelProto:
+    """``quantize_static`` in QDQ format (QOperator with ``qoperator``), calibrated on ``calib``
+    (arrays in ``names`` order)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     params = TECHNIQUE.defaults("static-int8") | params  # direct callers may give only some
@@ -717,7 +758,8 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
               "percentile": CalibrationMethod.Percentile}[
         "percentile" if calibration == "auto" else calibration]
     extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": 64}
-    if params["per_channel"] and params["weight_type"] == "int8":
+    if params["per_channel"] and params["weight_type"] == "int8" and not qoperator:
+        # (ONNX Runtime's QOperator quantizer takes no per-tensor overrides of per-channel weights)
         extra["TensorQuantOverrides"] = one_scale_layers(model)
     if method == CalibrationMethod.Percentile:
         extra["CalibPercentile"] = 99.999  # ONNX Runtime's own default
@@ -727,7 +769,8 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
             quantize_static(
                 # a copy: ORT may move the tensors of the model it is given to external data
                 _copy(model), str(out), _calibration_reader(names, calib, progress, fixed_batch(model)),
-                quant_format=QuantFormat.QDQ, op_types_to_quantize=params["op_types"] or None,
+                quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+                op_types_to_quantize=params["op_types"] or None,
                 per_channel=params["per_channel"],
                 activation_type=_quant_type(params["activation_type"]),
                 weight_type=_quant_type(params["weight_type"]),
@@ -744,7 +787,10 @@ def static_int8(model: onnx.ModelProto, names: list[str], calib: list[np.ndarray
 # with few weights per output channel (a depthwise 3x3 has 9) that is more than the weights. Where
 # one scale for the whole tensor loses little, it gets one scale.
 ONE_SCALE_MAX_WEIGHTS = 128  # weights per output channel: below it the bookkeeping is >= 10 %
-ONE_SCALE_MAX_ERROR = 0.1  # worst channel's relative rounding error with one scale for all
+# worst channel's relative rounding error with one scale for all: per-channel int8 rounds a 3x3
+# channel to about 0.5 %; at 0.1, EfficientNet-Lite0's stem and first depthwise convolution (its
+# two most sensitive layers) took one scale and the output cosine fell from 0.9925 to 0.9902
+ONE_SCALE_MAX_ERROR = 0.02
 
 
 def one_scale_layers(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
@@ -1382,13 +1428,47 @@ def _quantize_static(job: _Job) -> onnx.ModelProto:
         q = _quantize_accuracy_aware(job, calib)
     else:
         q, job.info["calibration"] = _best_calibration(prepared, handle, calib, params, exclude, job.check,
-                                                       progress.sub(0.05, 0.95))
+                                                       progress.sub(0.05, 0.85))
         chosen = {**params, "calibration": job.info["calibration"]["method"]}
+        q, chosen, qop = _choose_format(job, q, calib, chosen, progress.sub(0.85, 0.95, "QOperator format: "))
         job.redo = (lambda extra: static_int8(prepared, handle.input_names, calib, chosen,  # cancellable
                                               progress.sub(0.95, 1.0, "trying layers in float: "),
-                                              exclude=exclude + _nodes_for(prepared, extra)))
+                                              exclude=exclude + _nodes_for(prepared, extra), qoperator=qop))
     job.info["quantized_nodes"] = _count(q, ("QuantizeLinear",))
     return q
+
+
+def int8_overhead(q: onnx.ModelProto, source: onnx.ModelProto) -> float:
+    """Bytes of the compacted quantized graph besides its int8 weights, as a share of them: Q/DQ
+    nodes, scales, zero points, int32 biases, the float ops between (0.05 for EfficientNet-Lite0,
+    0.46 for the OCR direction classifier's 3146 output channels in 53 small convolutions)."""
+    small = compact(_copy(q), source)
+    weights = sum(int(np.prod(i.dims)) for i in small.graph.initializer
+                  if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and np.prod(i.dims) > 64)
+    return len(small.SerializeToString()) / max(weights, 1) - 1.0
+
+
+def _choose_format(job: _Job, q: onnx.ModelProto, calib, params: dict, progress: Progress
+                   ) -> tuple[onnx.ModelProto, dict, bool]:
+    """(graph, its params, whether QOperator) for ``format``: QDQ as quantized; ``qoperator``
+    re-quantized so; ``auto`` tries QOperator with per-tensor weights where the QDQ graph's
+    bookkeeping exceeds :data:`QOPERATOR_MIN_OVERHEAD` of its weights, and keeps it when it is
+    smaller and at least as close to the float model on the val split (or both pass the bar)."""
+    fmt, work = params["format"], job.work
+    if fmt == "qdq" or (fmt == "auto" and (job.check is None or int8_overhead(q, work) <= QOPERATOR_MIN_OVERHEAD)):
+        return q, params, False
+    trial = {**params, "per_channel": params["per_channel"] and fmt == "qoperator"}
+    qop = static_int8(work, job.handle.input_names, calib, trial, progress, exclude=job.exclude, qoperator=True)
+    if fmt == "qoperator":
+        job.info["format"] = {"format": "qoperator", "asked": fmt}
+        return qop, trial, True
+    sizes = [len(compact(_copy(m), work).SerializeToString()) for m in (q, qop)]
+    a, b = _score(q, job.check), _score(qop, job.check)
+    keep = sizes[1] < sizes[0] and not b["low"] and b["value"] >= min(a["value"], b["threshold"])
+    job.info["format"] = {"format": "qoperator" if keep else "qdq", "asked": fmt,
+                          "bytes": {"qdq": sizes[0], "qoperator": sizes[1]},
+                          "tried": {"qdq": a["value"], "qoperator": b["value"]}, "metric": a["metric"]}
+    return (qop, trial, True) if keep else (q, params, False)
 
 
 def _quantize_accuracy_aware(job: _Job, calib) -> onnx.ModelProto:
