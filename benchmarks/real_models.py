@@ -6,7 +6,7 @@ an ONNX export checked with ``onnx.checker`` and run in ONNX Runtime. Each varia
 float model with the same settings: size ratio, ONNX Runtime speed-up at batch 1 and at ``--batch``,
 fidelity (top-1 agreement for classifiers, cosine for every other task). A step that cannot run says why.
 
-    python benchmarks/real_models.py [--models ocr-cls,minilm-onnx] [--out FILE] [--quick]
+    python benchmarks/real_models.py [--models ocr-cls,minilm-onnx] [--steps static-int8,prune] [--out FILE] [--quick]
 
 Prints a Markdown table (docs/real-models.md holds the last full run) and writes JSON
 (default benchmarks/results/real_models.json).
@@ -90,7 +90,8 @@ def _export_check(handle, data) -> str:
     return f"ok ({len(model.SerializeToString()) / 1e6:.1f} MB)"
 
 
-def bench_model(corpus, name: str, cfg: MeasureConfig, prune: bool = True) -> list[dict]:
+def bench_model(corpus, name: str, cfg: MeasureConfig, prune: bool = True, only: list[str] | None = None
+                ) -> list[dict]:
     rm = corpus.materialise(name)
     e = rm.entry
     head = {"model": name, "format": e.format, "expected_task": e.task}
@@ -112,8 +113,8 @@ def bench_model(corpus, name: str, cfg: MeasureConfig, prune: bool = True) -> li
         rows.append({"model": name, "step": "export", "status": "ok", "result": _export_check(h, base.data)})
     except Exception as exc:
         rows.append({"model": name, "step": "export", "status": "failed", "error": _short(exc)})
-    steps = [{"technique": "quantize", "method": m} for m in QUANT]
-    if prune:
+    steps = [{"technique": "quantize", "method": m} for m in QUANT if m in (only or QUANT)]
+    if prune and (not only or "prune" in only):
         steps.append({"technique": "prune", "method": "structured", "ratio": 0.25, "finetune_epochs": 1})
     for raw in steps:
         label = raw["method"] if raw["technique"] == "quantize" else "prune-structured-0.25"
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-prune", action="store_true")
+    ap.add_argument("--steps", default="", help="only these steps, comma-separated: quantization methods "
+                                                "and/or 'prune' (default: all)")
     ap.add_argument("--quick", action="store_true", help="fewer timing runs (for a smoke test)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                          "error": corpus.ENTRIES[name].install_command})
             continue
         print(f"... {name}", file=sys.stderr, flush=True)
-        rows.extend(bench_model(corpus, name, cfg, prune=not args.no_prune))
+        rows.extend(bench_model(corpus, name, cfg, prune=not args.no_prune,
+                                only=[s for s in args.steps.split(",") if s]))
     print(format_table(rows, args.batch))
     write_results(args.out, rows, t0, threads=args.threads, batch=args.batch)
     return 0
