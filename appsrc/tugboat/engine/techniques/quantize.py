@@ -1216,14 +1216,14 @@ _RANK_ROWS = 32  # samples for the per-layer ranking (one ONNX Runtime session p
 
 
 def _ranking(float_model: onnx.ModelProto, q: onnx.ModelProto, check: _CheckSet) -> list[dict[str, Any]]:
-    """Layers worst first. A QDQ graph (static int8): the Diagnose view's ranking
+    """Layers worst first. A QDQ graph (static int8, QDQ format): the Diagnose view's ranking
     (:func:`tugboat.engine.techniques.quant_error.rank_layers`: the output error with only that layer
     quantized), so the advice names the layer the Diagnose view puts first. Graphs the quantizer
-    rewrote (dynamic int8, weight-only, fp16): the error each node adds (:func:`error_by_layer`)."""
+    rewrote (dynamic int8, weight-only, fp16, QOperator): the error each node adds (:func:`error_by_layer`)."""
     xs = [x[:_RANK_ROWS] for x in check.xs]
     ops = {n.op_type for n in q.graph.node}
     if not any(isinstance(x, _ModelLayout) for x in check.xs) and "DequantizeLinear" in ops \
-            and not ops & {"MatMulInteger", "ConvInteger", "MatMulNBits"}:
+            and not ops & {"MatMulInteger", "ConvInteger", "MatMulNBits", "QLinearConv", "QLinearMatMul"}:
         try:
             ranked = rank_layers(float_model, q, xs, budget_s=_ADVICE_SECONDS)
         except Cancelled:
