@@ -444,8 +444,12 @@ def _layer_bytes(lay: Layer, st: _LayerState, quant_params: dict[str, Any]) -> t
         else:
             b = w + 5 * o + 4 * bias
         return b, w * _deflate_rel(st.sparsity, 1) + (b - w), w + bias, w + bias - zeros, _PER_LAYER_BYTES[st.scheme]
-    # weight-only int8 / int4: block-wise over the input dimension
-    bits = 8 if st.scheme == "wo8" else 4
+    if st.scheme == "wo8":  # int8 behind DequantizeLinear, one float scale per output channel
+        b = w + 4 * o + 4 * bias
+        return (b, w * _deflate_rel(st.sparsity, 1) + (b - w), w + bias, w + bias - zeros,
+                _PER_LAYER_BYTES["weight-only"])
+    # weight-only int4: block-wise over the input dimension (MatMulNBits)
+    bits = 4
     k = st.in_ch * lay.unit
     blocks = math.ceil(k / int(quant_params["block_size"]))
     packed = math.ceil(k * bits / 8) * o

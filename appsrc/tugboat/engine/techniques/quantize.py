@@ -6,8 +6,12 @@ Every method works on the exported ONNX graph with ONNX Runtime's own quantizati
 * ``dynamic-int8``: int8 weights, activations quantized on the fly (``quantize_dynamic``).
 * ``static-int8``: int8 weights and activations, ranges calibrated on the data's ``calib`` split
   (``quantize_static``, QDQ format), with accuracy-aware exclusion (``max_accuracy_drop``).
-* ``weight-only-int8`` / ``weight-only-int4``: block-wise int8/int4 weights for MatMul/Linear layers
-  (``MatMulNBits``); activations stay float.
+* ``weight-only-int8``: int8 weights (one symmetric scale per output channel) for every weight-bearing
+  operator, Conv, ConvTranspose, Gemm/MatMul, LSTM/GRU/RNN, embedding Gather, inside If/Loop/Scan bodies
+  too, read through ``DequantizeLinear``; activations and compute stay float
+  (:mod:`tugboat.engine.techniques.weight_dequant`).
+* ``weight-only-int4``: block-wise int4 weights for MatMul/Linear layers (``MatMulNBits``); the other
+  weights as in ``weight-only-int8``.
 * ``fp16``: half-precision weights and compute (``onnxruntime.transformers.float16``).
 * ``qat-int8``: quantization-aware training in torch (``torch.ao.quantization.FakeQuantize`` on
   weights and layer inputs, trained on the ``train`` split), then static int8 in ONNX Runtime on the
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import io
 import logging
@@ -61,6 +66,7 @@ from ..progress import Progress, null_progress
 from .quant_error import fixed_batch, rank_layers, severity
 from .quant_error import run as run_graph
 from .technique import NO_CHANGE, Param, Technique
+from .weight_dequant import dequant_int8_weights
 
 METHODS = {
     "auto": "int8 chosen per model kind: static-int8 for convolutional networks (fast int8 "
@@ -70,10 +76,12 @@ METHODS = {
                     "Good for Linear/MatMul-heavy models; often slower on convolutions.",
     "static-int8": "int8 weights and activations, ranges calibrated on the calibration split. "
                    "Usually the smallest and fastest on CPU.",
-    "weight-only-int8": "int8 weights for MatMul/Linear layers (block-wise scales); activations stay "
-                        "float. Convolutions are left in float.",
-    "weight-only-int4": "4-bit weights for MatMul/Linear layers in blocks of block_size; about 6-7x "
-                        "smaller for Linear-heavy models. Convolutions are left in float.",
+    "weight-only-int8": "int8 weights (per output channel) for every layer with weights: convolutions, "
+                        "Linear/MatMul, LSTM/GRU, embeddings; activations and compute stay float. About "
+                        "4x smaller, nearly float fidelity, about float speed.",
+    "weight-only-int4": "4-bit weights for MatMul/Linear layers in blocks of block_size (about 6-7x "
+                        "smaller for Linear-heavy models); the other layers' weights int8 as in "
+                        "weight-only-int8.",
     "fp16": "half-precision weights and compute: about 2x smaller, nearly no accuracy change; "
             "speed depends on the CPU's fp16 support.",
     "qat-int8": "quantization-aware training: fine-tunes with simulated int8 for a few epochs, then "
@@ -151,11 +159,13 @@ PARAMS = [
           "val split drops at most this much (0.01 = 1 point); 0 turns it off",
           minimum=0.0, maximum=0.5, methods=(*_STATIC, "auto")),
     Param("block_size", "int", 32,
-          "weights per shared scale in weight-only quantization (power of two, at least 16): "
-          "smaller blocks are more accurate and a little larger", minimum=16, maximum=256,
+          "weights per shared scale of int4 MatMul/Linear weights (power of two, at least 16): "
+          "smaller blocks are more accurate and a little larger; int8 weights have one scale per "
+          "output channel", minimum=16, maximum=256,
           methods=_WEIGHT_ONLY, short="bs"),
     Param("symmetric", "bool", True,
-          "symmetric weight ranges (no zero point): simpler and usually as accurate",
+          "symmetric int4 weight ranges (no zero point): simpler and usually as accurate (int8 "
+          "weights are always symmetric)",
           methods=_WEIGHT_ONLY),
     Param("runtime", "choice", "onnxruntime",
           "where the dynamic int8 model will run: onnxruntime (the ONNX artifact) or torch "
@@ -493,6 +503,11 @@ def auto_method(model: onnx.ModelProto) -> tuple[str, str]:
     """(method, why) for ``method = "auto"``."""
     outside, inside = weights_in_subgraphs(model)
     if inside and not outside:  # static int8 (QDQ) does not enter If/Loop/Scan bodies
+        if _mostly_conv_or_recurrent(model):
+            return "weight-only-int8", ("the weights are all inside If/Loop/Scan subgraphs, which static int8 "
+                                        "does not enter, and they feed convolutions or recurrent layers, "
+                                        "whose inputs dynamic int8 would quantize on the fly: int8 weights "
+                                        "with float activations")
         return "dynamic-int8", ("the weights are all inside If/Loop/Scan subgraphs, which only dynamic "
                                 "int8 enters")
     kind = model_kind(model)["kind"]
@@ -502,6 +517,21 @@ def auto_method(model: onnx.ModelProto) -> tuple[str, str]:
     return "dynamic-int8", (f"a {kind} model: dynamic int8 on its MatMul/Gather weights keeps "
                             f"activations in float, where attention and LayerNorm outliers would "
                             f"lose fidelity with static ranges")
+
+
+def _mostly_conv_or_recurrent(model: onnx.ModelProto) -> bool:
+    """Whether a graph (subgraphs included) has recurrent layers or more convolution than
+    MatMul/Gemm/Gather weights (weights read directly or through one Unsqueeze/Reshape)."""
+    inits = {i.name: i for g in graphs(model.graph) for i in g.initializer}
+    via = {n.output[0]: n.input[0] for n in graph_nodes(model.graph)
+           if n.op_type in ("Unsqueeze", "Reshape", "Squeeze", "Identity") and n.output and n.input}
+    counts = {"conv": 0, "linear": 0, "embedding": 0, "recurrent": 0}
+    for node in graph_nodes(model.graph):
+        kind = _WEIGHTED.get(node.op_type)
+        if kind:
+            names = [via.get(i, i) for i in node.input]
+            counts[kind] += sum(int(np.prod(inits[n].dims)) for n in names if n in inits and len(inits[n].dims) >= 2)
+    return counts["recurrent"] + counts["conv"] >= max(1, counts["linear"] + counts["embedding"])
 
 
 # ops whose inputs stay float in static-int8 on a transformer; only layers with weights are
@@ -1281,8 +1311,8 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
         advice.append("dynamic-int8 (what method \"auto\" picks for transformers) keeps "
                       "activations in float")
     elif method == "dynamic-int8":
-        which = "weight-only-int8 or fp16" if _graph_has_matmul_weights(float_model) else "fp16"
-        advice.append(f"{which} keep activations and compute closer to float")
+        advice.append("weight-only-int8 (int8 weights, float activations) or fp16 keep activations "
+                      "and compute in float")
     info["fidelity_check"]["ranking"] = ranking[:10]
     warn.append(msg + ("; " + "; ".join(advice) if advice else ""))
 
@@ -1362,10 +1392,65 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     else:
         job.float_model = handle.to_onnx()
     _prepare_graphs(job)
-    q = {"static-int8": _quantize_static, "qat-int8": _quantize_static, "dynamic-int8": _quantize_dynamic,
-     "weight-only-int8": _quantize_weight_only, "weight-only-int4": _quantize_weight_only,
-     "fp16": _quantize_fp16}[job.method](job)
+    before = (dict(job.info), list(job.warn))  # what a method auto falls back to starts from
+    q = _runner(job.method)(job)
+    job, q = _auto_fallback(job, q, *before)
     return _finish(job, q, source, step)
+
+
+def _runner(method: str):
+    return {"static-int8": _quantize_static, "qat-int8": _quantize_static, "dynamic-int8": _quantize_dynamic,
+            "weight-only-int8": _quantize_weight_only, "weight-only-int4": _quantize_weight_only,
+            "fp16": _quantize_fp16}[method]
+
+
+def _auto_fallback(job: _Job, q: onnx.ModelProto, info: dict[str, Any], warn: list[str]
+                   ) -> tuple[_Job, onnx.ModelProto]:
+    """Method ``auto`` only: when the int8 method it chose falls below the fidelity threshold on the
+    val split, try the other int8 way that keeps activations float (weight-only int8 after static or
+    dynamic int8; dynamic int8 on MatMul/Gather/LSTM weights after weight-only int8) and use it only
+    if it passes that check. Where the first choice passes (static int8 on a CNN, dynamic int8 on a
+    transformer), nothing changes; where neither passes, the first choice stays, with its warning."""
+    if "auto" not in job.info or job.check is None or job.method not in ("static-int8", "dynamic-int8",
+                                                                          "weight-only-int8"):
+        return job, q
+    first = _score(q, job.check)
+    if not first["low"]:
+        return job, q
+    alt = _alternative(job, info, warn)
+    try:
+        q2 = _runner(alt.method)(alt)
+        second = _score(q2, job.check)
+    except Cancelled:
+        raise
+    except Exception as exc:  # the fallback is best effort: the first choice stands
+        _LOG.debug("auto: %s failed: %s", alt.method, exc)
+        return job, q
+    job.info["auto"]["tried"] = {alt.method: second["value"]}
+    if second["low"]:
+        return job, q
+    metric = "top-1 agreement" if first["metric"] == "top1_agreement" else "cosine"
+    alt.info["auto"] = {"method": alt.method, "instead_of": job.method, "first_choice_fidelity": first["value"],
+                        "why": f"{alt.info['auto']['why']}; but it fell below the fidelity threshold, and "
+                               f"{alt.method} did not"}
+    slow = ", at about the float model's speed" if alt.method == "weight-only-int8" else ""
+    alt.warn.append(f"method auto: {job.method} kept {metric} {first['value']:.3f} on the {first['split']} "
+                    f"split (below {first['threshold']:g}); {alt.method} keeps {second['value']:.3f} and is "
+                    f"used instead{slow}")
+    return alt, q2
+
+
+def _alternative(job: _Job, info: dict[str, Any], warn: list[str]) -> _Job:
+    """The job :func:`_auto_fallback` tries: same float graph, data and check, the other method."""
+    method = "dynamic-int8" if job.method == "weight-only-int8" else "weight-only-int8"
+    params = TECHNIQUE.defaults(method) | job.params
+    if method == "dynamic-int8":
+        params["op_types"] = list(params["op_types"] or _AUTO_DYNAMIC_OPS)
+    work = gemm_to_matmul(job.float_model) if method == "dynamic-int8" else job.float_model
+    names = params["exclude"]
+    return dataclasses.replace(job, params=params, method=method, info=dict(info, auto=dict(info["auto"])),
+                               warn=list(warn), work=work, redo=None,
+                               exclude=_resolve_names(work, names, "quantize.exclude") if names else [])
 
 
 def _prepare_graphs(job: _Job) -> None:
@@ -1373,7 +1458,7 @@ def _prepare_graphs(job: _Job) -> None:
     and the layers kept in float resolved once on it."""
     params = job.params
     job.float_model = constants_to_initializers(job.float_model)
-    if job.method in (*_INT8,) and params["per_channel"]:
+    if job.method in _WEIGHT_ONLY or (job.method in _INT8 and params["per_channel"]):
         job.float_model, why_not = at_least_opset(job.float_model, 13)
         if why_not:
             job.params = params = {**params, "per_channel": False}
@@ -1386,10 +1471,10 @@ def _prepare_graphs(job: _Job) -> None:
             job.params = {**params, "op_types": list(_AUTO_DYNAMIC_OPS)}
     job.check = _check_set(job.handle, job.data,
                            job.float_model if job.method != "qat-int8" else job.handle.to_onnx())
-    if job.method in (*_STATIC, "dynamic-int8"):
-        with _tmp() as tmp:  # shape inference and constant folding: fewer, smaller nodes
-            job.float_model = _prepared(job.float_model, Path(tmp))
-    job.work = gemm_to_matmul(job.float_model) if job.method in ("dynamic-int8", *_WEIGHT_ONLY) \
+    if job.method in (*_STATIC, "dynamic-int8", *_WEIGHT_ONLY):
+        with _tmp() as tmp:  # shape inference and constant folding: fewer, smaller nodes (and weights
+            job.float_model = _prepared(job.float_model, Path(tmp))  # read through Unsqueeze folded)
+    job.work = gemm_to_matmul(job.float_model) if job.method in ("dynamic-int8", "weight-only-int4") \
         else job.float_model
     names = job.params["exclude"]
     job.exclude = _resolve_names(job.work, names, "quantize.exclude") if names else []
@@ -1510,22 +1595,36 @@ def _quantize_dynamic(job: _Job) -> onnx.ModelProto:
 
 
 def _quantize_weight_only(job: _Job) -> onnx.ModelProto:
+    """int8 weights behind DequantizeLinear for every weight-bearing op (weight_dequant); int4 puts the
+    MatMul weights into MatMulNBits first and gives the rest int8 the same way."""
     work, exclude, params = job.work, job.exclude, job.params
-    bits = 8 if job.method == "weight-only-int8" else 4
-    job.progress.update(0.2, f"quantizing MatMul weights to {bits} bits")
-    q = weight_only(work, bits, params, exclude)
-    job.redo = lambda extra: weight_only(work, bits, params, exclude + _nodes_for(work, extra))
-    done = _count(q, ("MatMulNBits",))
-    left = [layer_of(n.name) for n in weight_nodes(q, ("Conv", "ConvTranspose"))]
-    job.info["quantized_layers"] = done
-    if left:
-        job.info["float_layers"] = left
-        job.warn.append(f"weight-only quantization covers MatMul/Linear only; {len(left)} "
-                        f"convolution layer(s) stay float")
-    if not done:
-        raise TugboatError(f"{job.method} found no MatMul/Linear weights of a size it can quantize",
-                           path=job.handle.source)
+    job.progress.update(0.2, "quantizing weights" + (" (MatMul to 4 bits, the rest to 8)"
+                                                     if job.method == "weight-only-int4" else " to 8 bits"))
+    q, done = weight_only_all(work, job.method, params, exclude)
+    job.redo = lambda extra: weight_only_all(work, job.method, params, exclude + _nodes_for(work, extra))[0]
+    int4 = _count(q, ("MatMulNBits",))
+    job.info["quantized_layers"] = int4 + done.tensors
+    job.info["weight_only"] = {"int4_matmul": int4, "int8_tensors": done.tensors, "int8_by_op": done.by_op,
+                               "int8_scales": "per output channel" if params.get("per_channel", True)
+                               else "per tensor"}
+    job.info["note"] = ("weight-only: weights are stored in fewer bits and expanded to float at run time; "
+                        "activations and compute stay float, so expect about the float model's speed "
+                        "(measured, not promised)")
+    if done.float_nodes:
+        job.info["float_layers"] = [layer_of(n) for n in done.float_nodes]
+    if not int4 and not done.tensors:
+        raise TugboatError(f"{job.method} found no weights of a size it can quantize (weights of Conv, "
+                           f"Gemm, MatMul, LSTM/GRU/RNN or Gather)", path=job.handle.source)
     return q
+
+
+def weight_only_all(model: onnx.ModelProto, method: str, params: dict, exclude: list[str]):
+    """(quantized graph, :class:`~tugboat.engine.techniques.weight_dequant.WeightOnlyResult`) for a
+    weight-only method: int4 MatMulNBits on MatMul weights for ``weight-only-int4``, then int8
+    DequantizeLinear weights for everything still float."""
+    if method == "weight-only-int4":
+        model = weight_only(model, 4, params, exclude)
+    return dequant_int8_weights(model, exclude)
 
 
 def _quantize_fp16(job: _Job) -> onnx.ModelProto:
@@ -1607,6 +1706,8 @@ def _layer_scheme(method: str, op: str, ops: list[str], linear_only: bool) -> st
         return None
     if op != "linear" and linear_only:
         return None
+    if method == "weight-only-int4" and op != "linear":
+        return "wo8"  # MatMulNBits takes MatMul only: the other weights are int8
     return _SCHEMES[method]
 
 
@@ -1622,7 +1723,7 @@ def _estimate(step: dict[str, Any], est) -> bool:
         if method == "dynamic-int8" and not ops:
             ops = ["MatMul"]
     torch_model = "runtime" in step and step["runtime"] == "torch"  # dynamic int8 in torch: Linear only
-    linear_only = method in _WEIGHT_ONLY or torch_model
+    linear_only = torch_model
     est.quantize(method, step, lambda op: _layer_scheme(method, op, ops, linear_only), step["exclude"],
                  runs_in_torch=torch_model, latency=LATENCY[method])
     return True
@@ -1630,8 +1731,8 @@ def _estimate(step: dict[str, Any], est) -> bool:
 
 def _unavailable(method: str, handle: ModelHandle, data: Dataset | None) -> str | None:
     """Why ``method`` cannot run on this model (capabilities; qat-int8's torch module is checked there)."""
-    if method in _WEIGHT_ONLY and not _has_matmul_weights(handle):
-        return "the model has no MatMul/Linear weights (weight-only quantization skips convolutions)"
+    if method in _WEIGHT_ONLY and not _has_weights(handle):
+        return "the model has no weight tensors to store in fewer bits"
     if method in _STATIC and data is not None and len(data) < 2:
         return "needs data to calibrate activation ranges"
     if method in _STATIC and handle.onnx_model is not None \
@@ -1641,25 +1742,12 @@ def _unavailable(method: str, handle: ModelHandle, data: Dataset | None) -> str 
     return None
 
 
-def _has_matmul_weights(handle: ModelHandle) -> bool:
+def _has_weights(handle: ModelHandle) -> bool:
+    """Whether the model has a weight (2-D or more) for weight-only quantization to store."""
     graph = handle.onnx_model or handle.deploy_onnx
     if graph is None and handle.module is not None:
-        import torch
-
-        return any(isinstance(m, torch.nn.Linear) for m in handle.module.modules())
-    return graph is not None and _graph_has_matmul_weights(graph)
-
-
-def _graph_has_matmul_weights(graph: onnx.ModelProto) -> bool:
-    """Whether a MatMul/Gemm anywhere in ``graph`` (subgraphs too) has a 2-D float weight."""
-    inits = {i.name: i for g in graphs(graph.graph) for i in g.initializer}
-    for node in graph_nodes(graph.graph):
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
-            w = inits.get(node.input[1])
-            if w is not None and len(w.dims) == 2 and w.data_type in (onnx.TensorProto.FLOAT,
-                                                                      onnx.TensorProto.FLOAT16):
-                return True
-    return False
+        return any(p.dim() >= 2 for p in handle.module.parameters())
+    return graph is not None and sum(weights_in_subgraphs(graph)) > 0
 
 
 def _memory(step: dict[str, Any], mem) -> None:
