@@ -138,10 +138,47 @@ def test_static_int8_refuses_in_one_line_naming_the_file_and_the_method_that_wor
     assert "If/Loop/Scan" in caps["static-int8"] and caps["dynamic-int8"] is None and caps["fp16"] is None
 
 
-def test_auto_picks_dynamic_int8_when_every_weight_is_in_a_subgraph(vad):
+def test_auto_picks_weight_only_int8_when_every_weight_is_in_a_subgraph(vad):
+    """Static int8 cannot enter the branches, dynamic int8 would quantize the conv's and LSTM's inputs
+    on the fly: int8 weights with float activations (it passes the fidelity check here)."""
     q = _quantize(vad, method="auto")
-    assert q.info["quantize"]["auto"]["method"] == "dynamic-int8"
+    assert q.info["quantize"]["auto"]["method"] == "weight-only-int8"
+    ops = [n.op_type for n in graph_nodes(q.onnx_model.graph)]
+    assert "DequantizeLinear" in ops and "DynamicQuantizeLSTM" not in ops and "QuantizeLinear" not in ops
+    assert q.info["quantize"]["fidelity_check"]["value"] >= 0.99
+
+
+def test_auto_falls_back_to_dynamic_int8_when_weight_only_loses_fidelity(vad, monkeypatch):
+    """When weight-only int8 fails its fidelity check (simulated: its graph's output layer replaced by
+    a wrong one), auto keeps dynamic int8 on LSTM/MatMul weights, and says why."""
+    from tugboat.engine.techniques import quantize
+
+    real = quantize.dequant_int8_weights
+
+    def wrong(model, exclude=None, skip_ops=()):
+        q, done = real(model, exclude, skip_ops)
+        for node in graph_nodes(q.graph):
+            if node.op_type == "Sigmoid":
+                node.op_type = "Neg"
+        return q, done
+
+    monkeypatch.setattr(quantize, "dequant_int8_weights", wrong)
+    q = _quantize(vad, method="auto")
+    auto = q.info["quantize"]["auto"]
+    assert auto["method"] == "dynamic-int8" and auto["instead_of"] == "weight-only-int8", auto
+    assert auto["first_choice_fidelity"] < 0.99 <= q.info["quantize"]["fidelity_check"]["value"]
+    assert any(w.startswith("method auto: weight-only-int8 kept cosine") for w in q.warnings), q.warnings
     assert "DynamicQuantizeLSTM" in [n.op_type for n in graph_nodes(q.onnx_model.graph)]
+
+
+def test_auto_keeps_its_first_choice_when_the_other_is_no_better(vad, monkeypatch):
+    from tugboat.engine.techniques import quantize
+
+    monkeypatch.setattr(quantize, "MIN_COSINE", 1.5)  # nothing passes
+    q = _quantize(vad, method="auto")
+    auto = q.info["quantize"]["auto"]
+    assert auto["method"] == "weight-only-int8" and "dynamic-int8" in auto["tried"]
+    assert any("low fidelity" in w for w in q.warnings)
 
 
 def test_fp16_of_a_graph_whose_branches_read_the_inputs_passes_the_checker(vad):

@@ -1,0 +1,208 @@
+"""Weight-only int8 covers every weight-bearing operator (Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU,
+embedding Gather, weights inside If branches), as int8 initializers behind DequantizeLinear with float
+activations: about 4x smaller, nearly float outputs, passes the checker, runs in ONNX Runtime (issue 14)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tugboat.engine.io.data import load_data
+from tugboat.engine.io.loading import load_model
+from tugboat.engine.io.onnx_graph import graph_nodes, graphs
+from tugboat.engine.progress import null_progress
+from tugboat.engine.techniques import quantize
+from tugboat.engine.techniques.weight_dequant import dequant_int8_weights, quantize_tensor
+
+RNG = np.random.default_rng(7)
+VI = helper.make_tensor_value_info
+
+
+def _init(name, arr):
+    return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+
+def _model(nodes, inputs, outputs, inits, opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _conv_gemm_model():
+    """Conv (channel ranges 100x apart) -> ConvTranspose -> Relu -> Flatten -> Gemm (transB) -> MatMul."""
+    gain = np.logspace(-1, 1, 32)[:, None, None, None]
+    nodes = [helper.make_node("Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["c", "wt"], ["t"], strides=[2, 2]),
+             helper.make_node("Relu", ["t"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["g"], transB=1),
+             helper.make_node("MatMul", ["g", "wm"], ["y"])]
+    inits = [_init("wc", RNG.normal(size=(32, 4, 3, 3)) * gain / 6), _init("bc", RNG.normal(size=32) * 0.1),
+             _init("wt", RNG.normal(size=(32, 8, 2, 2)) / 6),
+             _init("wg", RNG.normal(size=(64, 8 * 8 * 8)) / 24), _init("bg", RNG.normal(size=64) * 0.1),
+             _init("wm", RNG.normal(size=(64, 10)) / 8)]
+    return _model(nodes, [VI("x", TensorProto.FLOAT, [None, 4, 4, 4])], [VI("y", TensorProto.FLOAT, [None, 10])],
+                  inits)
+
+
+def _lstm_model():
+    """Embedding Gather -> LSTM (W, R, B) -> MatMul head, [T, N] token ids -> [T, N, 16]."""
+    h, e = 32, 24
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]),
+             helper.make_node("LSTM", ["x", "W", "R", "B"], ["yseq"], hidden_size=h),
+             helper.make_node("Squeeze", ["yseq", "ax"], ["y1"]),
+             helper.make_node("MatMul", ["y1", "wo"], ["y"])]
+    inits = [_init("emb", RNG.normal(size=(50, e))), _init("W", RNG.normal(size=(1, 4 * h, e)) / 5),
+             _init("R", RNG.normal(size=(1, 4 * h, h)) / 6), _init("B", RNG.normal(size=(1, 8 * h)) * 0.1),
+             _init("wo", RNG.normal(size=(h, 16)) / 6),
+             numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    return _model(nodes, [VI("ids", TensorProto.INT64, [None, None])], [VI("y", TensorProto.FLOAT, [None, None, 16])],
+                  inits)
+
+
+def _run(model, feed):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)[0]
+
+
+def _cos(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _float_inits(model):
+    return [t for g in graphs(model.graph) for t in g.initializer if t.data_type == TensorProto.FLOAT]
+
+
+def test_conv_convtranspose_gemm_and_matmul_weights_become_int8():
+    model = _conv_gemm_model()
+    q, done = dequant_int8_weights(model)
+    onnx.checker.check_model(q)
+    assert done.by_op == {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("DequantizeLinear") == 4 and {"Conv", "ConvTranspose", "Gemm", "MatMul"} <= set(ops)
+    assert not {"QuantizeLinear", "ConvInteger", "MatMulInteger"} & set(ops)  # activations stay float
+    # biases stay float; everything float left is 1-D (biases and per-channel scales)
+    assert all(len(t.dims) == 1 for t in _float_inits(q))
+    assert {"bc", "bg"} <= {t.name for t in q.graph.initializer}
+    assert len(model.SerializeToString()) / len(q.SerializeToString()) > 3.5
+    x = RNG.normal(size=(16, 4, 4, 4)).astype(np.float32)
+    ref, out = _run(model, {"x": x}), _run(q, {"x": x})
+    # per output channel: the conv's 100x-spread channels keep their precision
+    assert _cos(ref, out) > 0.999 and np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_scales_are_per_output_channel_on_the_right_axis():
+    w = RNG.normal(size=(6, 3, 2)) * np.array([1e-3, 1, 100, 1, 1, 1])[:, None, None]
+    q, scale = quantize_tensor(w, 0)
+    assert q.dtype == np.int8 and scale.shape == (6,) and np.abs(q).max() == 127
+    assert np.allclose(q * scale[:, None, None], w, rtol=0, atol=scale.max() / 2 + 1e-12)
+    assert np.abs(q * scale[:, None, None] - w)[0].max() <= scale[0] / 2 + 1e-12  # the small channel too
+    model = _conv_gemm_model()
+    q_model, _ = dequant_int8_weights(model)
+    axes = {n.output[0]: next(a.i for a in n.attribute if a.name == "axis")
+            for n in q_model.graph.node if n.op_type == "DequantizeLinear"}
+    assert axes == {"wc": 0, "wt": 1, "wg": 0, "wm": 1}  # Conv [M..], ConvT [C, M..], Gemm transB, MatMul [K, N]
+
+
+def test_lstm_w_and_r_and_the_embedding_become_int8_and_b_stays_float():
+    model = _lstm_model()
+    q, done = dequant_int8_weights(model)
+    onnx.checker.check_model(q)
+    assert done.by_op == {"Gather": 1, "LSTM": 2, "MatMul": 1}
+    int8 = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    assert int8 == {"emb", "W", "R", "wo"}
+    assert "B" in {t.name for t in _float_inits(q)}  # the LSTM bias stays float
+    ids = RNG.integers(0, 50, size=(7, 5)).astype(np.int64)
+    ref, out = _run(model, {"ids": ids}), _run(q, {"ids": ids})
+    assert _cos(ref, out) > 0.999
+    # the float LSTM bias and the per-row scales of a 24-wide embedding weigh on a model this small
+    assert len(model.SerializeToString()) / len(q.SerializeToString()) > 3.0
+
+
+def test_tiny_and_excluded_weights_stay_float():
+    nodes = [helper.make_node("MatMul", ["x", "tiny"], ["a"]), helper.make_node("MatMul", ["a", "big"], ["b"]),
+             helper.make_node("MatMul", ["b", "kept"], ["y"], name="head")]
+    inits = [_init("tiny", RNG.normal(size=(8, 8))), _init("big", RNG.normal(size=(8, 64))),
+             _init("kept", RNG.normal(size=(64, 64)))]
+    model = _model(nodes, [VI("x", TensorProto.FLOAT, [None, 8])], [VI("y", TensorProto.FLOAT, [None, 64])], inits)
+    q, done = dequant_int8_weights(model, exclude=["head"])
+    assert {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"} == {"big"}
+    assert "head" in done.float_nodes
+
+
+def test_weights_inside_if_branches_are_quantized_where_they_live():
+    """Both branches of an If each hold their own conv weight; a weight of the outer graph is read
+    inside a branch. Each gets int8 in the graph that holds it."""
+    def branch(tag):
+        return helper.make_graph([helper.make_node("Conv", ["x", f"w{tag}"], [f"c{tag}"]),
+                                  helper.make_node("MatMul", [f"c{tag}", "outer"], [f"y{tag}"])], f"b{tag}", [],
+                                 [VI(f"y{tag}", TensorProto.FLOAT, None)],
+                                 initializer=[_init(f"w{tag}", RNG.normal(size=(16, 8, 1, 1)))])
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b"))]
+    model = _model(nodes, [VI("x", TensorProto.FLOAT, [None, 8, 4, 4]), VI("c", TensorProto.BOOL, [])],
+                   [VI("y", TensorProto.FLOAT, [None, 16, 4, 32])], [_init("outer", RNG.normal(size=(4, 32)))])
+    q, done = dequant_int8_weights(model)
+    onnx.checker.check_model(q)
+    assert done.tensors == 3 and done.by_op == {"Conv": 2, "MatMul": 1}
+    assert [n.op_type for n in q.graph.node] == ["DequantizeLinear", "If"]  # the outer weight, before the If
+    for sub in list(graphs(q.graph))[1:]:
+        assert sub.node[0].op_type == "DequantizeLinear" and sub.initializer[0].data_type == TensorProto.INT8
+    x = RNG.normal(size=(3, 8, 4, 4)).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "c": np.array(cond)}
+        assert _cos(_run(model, feed), _run(q, feed)) > 0.999
+
+
+def test_per_channel_needs_opset_13_below_it_one_scale():
+    model = _conv_gemm_model()
+    model.opset_import[0].version = 11
+    q, _ = dequant_int8_weights(model)
+    onnx.checker.check_model(q)
+    assert not any(a.name == "axis" for n in q.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
+    x = RNG.normal(size=(4, 4, 4, 4)).astype(np.float32)
+    assert _cos(_run(model, {"x": x}), _run(q, {"x": x})) > 0.99
+
+
+# --- through the technique: the step, int4, method auto ------------------------------------------
+
+@pytest.fixture(scope="module")
+def conv_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wo")
+    onnx.save(_conv_gemm_model(), str(root / "m.onnx"))
+    np.savez(root / "d.npz", x=RNG.normal(size=(48, 4, 4, 4)).astype(np.float32))
+    handle = load_model(root / "m.onnx")
+    return root, handle, load_data(root / "d.npz", handle)
+
+
+def test_the_step_reports_what_it_quantized_and_that_speed_is_about_float(conv_files):
+    root, handle, data = conv_files
+    q = quantize.apply(handle, {"method": "weight-only-int8"}, data, null_progress())
+    info = q.info["quantize"]
+    assert info["weight_only"]["int8_by_op"] == {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+    assert "float model's speed" in info["note"]
+    assert info["fidelity_check"]["value"] >= 0.99 and not any("low fidelity" in w for w in q.warnings)
+    assert (root / "m.onnx").stat().st_size / len(q.onnx_model.SerializeToString()) > 3.5
+    onnx.checker.check_model(q.onnx_model)
+
+
+def test_int4_uses_matmulnbits_for_matmul_and_int8_for_the_rest(conv_files):
+    _, handle, data = conv_files
+    q = quantize.apply(handle, {"method": "weight-only-int4", "block_size": 16}, data, null_progress())
+    ops = [n.op_type for n in graph_nodes(q.onnx_model.graph)]
+    wo = q.info["quantize"]["weight_only"]
+    assert ops.count("MatMulNBits") == 2 and wo["int4_matmul"] == 2  # the Gemm (as MatMul) and the MatMul
+    assert wo["int8_by_op"] == {"Conv": 1, "ConvTranspose": 1}
+    x = data.inputs["x"]
+    assert _cos(_run(handle.onnx_model, {"x": x}), _run(q.onnx_model, {"x": x})) > 0.99
+
+
+def test_weight_only_is_available_for_a_convolution_only_model(conv_files):
+    from tugboat.engine.running.capabilities import capabilities
+
+    caps = capabilities(conv_files[1], conv_files[2])["quantize"]
+    assert caps["weight-only-int8"] is None and caps["weight-only-int4"] is None
