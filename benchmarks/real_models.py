@@ -113,7 +113,7 @@ def bench_model(corpus, name: str, cfg: MeasureConfig, prune: bool = True, only:
         rows.append({"model": name, "step": "export", "status": "ok", "result": _export_check(h, base.data)})
     except Exception as exc:
         rows.append({"model": name, "step": "export", "status": "failed", "error": _short(exc)})
-    steps = [{"technique": "quantize", "method": m} for m in QUANT if m in (only or QUANT)]
+    steps = [{"technique": "quantize", "method": m} for m in (*QUANT, "auto") if m in (only or QUANT)]
     if prune and (not only or "prune" in only):
         steps.append({"technique": "prune", "method": "structured", "ratio": 0.25, "finetune_epochs": 1})
     for raw in steps:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-prune", action="store_true")
     ap.add_argument("--steps", default="", help="only these steps, comma-separated: quantization methods "
-                                                "and/or 'prune' (default: all)")
+                                                "(auto too) and/or 'prune' (default: all but auto)")
     ap.add_argument("--quick", action="store_true", help="fewer timing runs (for a smoke test)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -282,7 +282,7 @@ def test_silero_vad_onnx_quantizes_inside_its_if_branches():
     assert half.info["quantize"]["fidelity_check"]["value"] >= 0.99
 
 
-def test_weight_only_int8_finds_matmul_weights_inside_if_branches(tmp_path):
+def test_weight_only_finds_matmul_weights_inside_if_branches(tmp_path):
     from tugboat.engine.techniques import quantize
 
     branches = [helper.make_graph([_const(f"w{k}", RNG.normal(size=(64, 64))),
@@ -295,8 +295,10 @@ def test_weight_only_int8_finds_matmul_weights_inside_if_branches(tmp_path):
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "m.onnx"))
     q = quantize.apply(load_model(tmp_path / "m.onnx"), {"method": "weight-only-int8"}, None, null_progress())
-    assert [n.op_type for n in graph_nodes(q.onnx_model.graph)].count("MatMulNBits") == 2
-    assert len(q.onnx_model.SerializeToString()) < 0.4 * len(model.SerializeToString())
+    assert [n.op_type for n in graph_nodes(q.onnx_model.graph)].count("DequantizeLinear") == 2
+    assert len(q.onnx_model.SerializeToString()) < 0.3 * len(model.SerializeToString())
+    q4 = quantize.apply(load_model(tmp_path / "m.onnx"), {"method": "weight-only-int4"}, None, null_progress())
+    assert [n.op_type for n in graph_nodes(q4.onnx_model.graph)].count("MatMulNBits") == 2
 
 
 def test_dynamic_int8_quantizes_a_loop_body_weight(tmp_path):
