@@ -1489,10 +1489,10 @@ def _subgraph_weights_check(job: _Job) -> None:
     if outside == 0:
         raise TugboatError(f"{job.method} cannot quantize this model: all {inside:,} of its weights are "
                            f"inside If/Loop/Scan subgraphs, which ONNX Runtime's static (QDQ) quantizer "
-                           f"does not enter; use method = \"dynamic-int8\" (it quantizes them)",
+                           f"does not enter; use method = \"weight-only-int8\" or \"dynamic-int8\" (both quantize them)",
                            path=job.handle.source)
     job.warn.append(f"{inside:,} of {outside + inside:,} weights are inside If/Loop/Scan subgraphs, which "
-                    f"static int8 leaves in float; dynamic-int8 quantizes them")
+                    f"static int8 leaves in float; weight-only-int8 and dynamic-int8 quantize them")
 
 
 def _quantize_static(job: _Job) -> onnx.ModelProto:
@@ -1738,7 +1738,7 @@ def _unavailable(method: str, handle: ModelHandle, data: Dataset | None) -> str 
     if method in _STATIC and handle.onnx_model is not None \
             and weights_in_subgraphs(handle.onnx_model)[0] == 0 < weights_in_subgraphs(handle.onnx_model)[1]:
         return ("the model's weights are all inside If/Loop/Scan subgraphs, which static int8 does not "
-                "enter (dynamic-int8 does)")
+                "enter (weight-only-int8 and dynamic-int8 do)")
     return None
 
 
