@@ -1489,7 +1489,8 @@ def _subgraph_weights_check(job: _Job) -> None:
     if outside == 0:
         raise TugboatError(f"{job.method} cannot quantize this model: all {inside:,} of its weights are "
                            f"inside If/Loop/Scan subgraphs, which ONNX Runtime's static (QDQ) quantizer "
-                           f"does not enter; use method = \"weight-only-int8\" or \"dynamic-int8\" (both quantize them)",
+                           f"does not enter; use method = \"weight-only-int8\" or \"dynamic-int8\" "
+                           f"(both quantize them)",
                            path=job.handle.source)
     job.warn.append(f"{inside:,} of {outside + inside:,} weights are inside If/Loop/Scan subgraphs, which "
                     f"static int8 leaves in float; weight-only-int8 and dynamic-int8 quantize them")
