@@ -25,7 +25,8 @@ def quantization_aux_names(model: onnx.ModelProto) -> set[str]:
     Besides the scale and zero-point inputs of quantization operators, a dynamic-int8 graph
     multiplies each weight's scale with the activation's run-time scale (``Mul(x_scale, w_scale)``
     after ``DynamicQuantizeLinear``): a constant multiplied only with quantization scales is one
-    too. Anything also used elsewhere (as a weight, a bias) stays a parameter."""
+    too. So is the scale of an int8 weight expanded by ``Cast`` and ``Mul`` (weight-only int8).
+    Anything also used elsewhere (as a weight, a bias) stays a parameter."""
     nodes = list(graph_nodes(model.graph))
     constants = {i.name for g in graphs(model.graph) for i in g.initializer}
     constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
@@ -33,6 +34,10 @@ def quantization_aux_names(model: onnx.ModelProto) -> set[str]:
     for node in nodes:
         if node.op_type == "DynamicQuantizeLinear" and len(node.output) > 1:
             scales.add(node.output[1])
+    widened = _widened_int8(model)
+    for node in nodes:
+        if node.op_type == "Mul" and len(node.input) == 2 and widened & set(node.input):
+            scales.update(i for i in node.input if i not in widened and i in constants)
     aux: set[str] = set()
     other: set[str] = set()
     changed = True
@@ -46,7 +51,9 @@ def quantization_aux_names(model: onnx.ModelProto) -> set[str]:
                 changed = True
     for node in nodes:
         positions = _QUANT_AUX_INPUTS.get(node.op_type)
-        if node.op_type == "Mul" and set(node.output) <= scales:
+        if node.op_type == "Mul" and widened & set(node.input):
+            positions = [i for i, name in enumerate(node.input) if name in scales]
+        elif node.op_type == "Mul" and set(node.output) <= scales:
             positions = range(len(node.input))
         for i, name in enumerate(node.input):
             if positions is not None and i in positions:
@@ -54,6 +61,14 @@ def quantization_aux_names(model: onnx.ModelProto) -> set[str]:
             else:
                 other.add(name)
     return aux - other
+
+
+def _widened_int8(model: onnx.ModelProto) -> set[str]:
+    """Outputs of ``Cast`` to float of an int8/uint8 initializer (weight-only int8's stored weights)."""
+    small = {t.name for g in graphs(model.graph) for t in g.initializer
+             if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    return {n.output[0] for n in graph_nodes(model.graph) if n.op_type == "Cast" and n.input and n.input[0] in small
+            and n.output and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)}
 
 
 def graphs(graph: onnx.GraphProto):

@@ -1458,7 +1458,7 @@ def _prepare_graphs(job: _Job) -> None:
     and the layers kept in float resolved once on it."""
     params = job.params
     job.float_model = constants_to_initializers(job.float_model)
-    if job.method in _WEIGHT_ONLY or (job.method in _INT8 and params["per_channel"]):
+    if job.method in (*_INT8,) and params["per_channel"]:
         job.float_model, why_not = at_least_opset(job.float_model, 13)
         if why_not:
             job.params = params = {**params, "per_channel": False}
@@ -1606,11 +1606,10 @@ def _quantize_weight_only(job: _Job) -> onnx.ModelProto:
     int4 = _count(q, ("MatMulNBits",))
     job.info["quantized_layers"] = int4 + done.tensors
     job.info["weight_only"] = {"int4_matmul": int4, "int8_tensors": done.tensors, "int8_by_op": done.by_op,
-                               "int8_scales": "per output channel" if params.get("per_channel", True)
-                               else "per tensor"}
-    job.info["note"] = ("weight-only: weights are stored in fewer bits and expanded to float at run time; "
-                        "activations and compute stay float, so expect about the float model's speed "
-                        "(measured, not promised)")
+                               "int8": "symmetric, one scale per output channel, expanded by Cast and Mul"}
+    job.info["note"] = ("weight-only: weights are stored in fewer bits and expanded to float when ONNX "
+                        "Runtime loads the model; activations and compute stay float, so expect about the "
+                        "float model's speed (measured, not promised)")
     if done.float_nodes:
         job.info["float_layers"] = [layer_of(n) for n in done.float_nodes]
     if not int4 and not done.tensors:
@@ -1677,6 +1676,8 @@ def _unchanged(job: _Job, q: onnx.ModelProto) -> str | None:
     """Why the quantized graph ``q`` quantizes nothing (None when it does: fp16 always does)."""
     if job.method == "fp16" or _count(q, QUANTIZED_OPS) or _count(job.float_model, QUANTIZED_OPS):
         return None
+    if job.info.get("weight_only", {}).get("int8_tensors"):  # int8 weights behind Cast + Mul
+        return None
     ops = job.params.get("op_types") or ["every supported type"]  # fp16 and weight-only have none
     have = sorted({n.op_type for n in graph_nodes(job.float_model.graph)})
     return f"no operator was quantized (op_types: {', '.join(ops)}; the model's operators: {', '.join(have)})"
@@ -1693,7 +1694,7 @@ LATENCY = {
     "static-int8": {"conv": (0.6, 0.35), "linear": (1.0, 0.45)},
     "qat-int8": {"conv": (0.6, 0.35), "linear": (1.0, 0.45)},
     "dynamic-int8": {"conv": (5.0, 7.0), "linear": (1.3, 0.55)},
-    "weight-only-int8": {"conv": (1.0, 1.0), "linear": (2.0, 2.0)},
+    "weight-only-int8": {"conv": (1.0, 1.0), "linear": (1.0, 1.0)},  # Cast + Mul folded at load
     "weight-only-int4": {"conv": (1.0, 1.0), "linear": (1.3, 1.3)},
     "fp16": {"conv": (1.0, 1.0), "linear": (1.0, 1.0)},
 }
