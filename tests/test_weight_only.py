@@ -105,6 +105,14 @@ def test_conv_convtranspose_gemm_and_matmul_weights_become_int8():
     assert _cos(ref, out) > 0.999 and np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_parameters_are_the_float_models_scales_are_not_parameters():
+    from tugboat.engine.io.onnx_graph import onnx_param_count
+
+    for model in (_conv_gemm_model(), _lstm_model()):
+        q, _ = dequant_int8_weights(model)
+        assert onnx_param_count(q)[0] == onnx_param_count(model)[0]
+
+
 def test_scales_are_per_output_channel_on_the_right_axis():
     w = RNG.normal(size=(6, 3, 2)) * np.array([1e-3, 1, 100, 1, 1, 1])[:, None, None]
     q, scale = quantize_tensor(w, 0)
