@@ -1163,7 +1163,7 @@ def error_by_layer(float_model: onnx.ModelProto, q: onnx.ModelProto, xs: list[np
     its output against the float model minus the largest relative error of its inputs, on
     ``rows`` samples, largest first. One run of each model with the tensors exposed as outputs.
 
-    Rows: ``{"node", "layer", "name", "op_type", "error_in", "error_out", "added_error"}``, where
+    Rows: ``{"node", "layer", "name", "op_type", "error_in", "error_out", "added_error", "weighted"}``, where
     ``name`` is what ``exclude`` takes: the torch layer for nodes with weights, else the node."""
     inits = {i.name: i for i in float_model.graph.initializer}
     q_tensors = {o for n in q.graph.node for o in n.output} | {i.name for i in q.graph.input}
@@ -1211,7 +1211,7 @@ def error_by_layer(float_model: onnx.ModelProto, q: onnx.ModelProto, xs: list[np
         before = max((rel(i) for i in ins), default=0.0)
         weighted = _weight_input(n, inits) is not None
         out.append({"node": n.name, "layer": layer_of(n.name), "op_type": n.op_type,
-                    "name": layer_of(n.name) if weighted else n.name,
+                    "name": layer_of(n.name) if weighted else n.name, "weighted": weighted,
                     "error_in": before, "error_out": rel(o), "added_error": rel(o) - before})
     out.sort(key=lambda r: r["added_error"], reverse=True)
     return out
@@ -1279,11 +1279,14 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
     msg = (f"low fidelity: {what} with the float model is {score['value']:.3f} on the "
            f"{check.split} split (below {score['threshold']:g})")
     ranking = _ranking(float_model, q, check)
+    if method in _WEIGHT_ONLY:  # activations are float: only the layers with weights add error of their own
+        ranking = [r for r in ranking if r.get("weighted")]
     advice = []
     best = None  # (fidelity, names kept float)
     started = time.perf_counter()
     for count in (3, 6, 12):  # widen until fidelity is back (each try is one quantization)
-        names = _neighbourhood(float_model, ranking, count)
+        names = _neighbourhood(float_model, ranking, count) if method not in _WEIGHT_ONLY \
+            else [r["name"] for r in ranking[:count]]
         if not names or redo is None or (best and names == best[1]) \
                 or time.perf_counter() - started > _ADVICE_SECONDS:
             break
