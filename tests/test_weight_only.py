@@ -37,11 +37,12 @@ def _model(nodes, inputs, outputs, inits, opset=17):
 def _conv_gemm_model():
     """Conv (channel ranges 100x apart) -> ConvTranspose -> Relu -> Flatten -> Gemm (transB) -> MatMul."""
     gain = np.logspace(-1, 1, 32)[:, None, None, None]
-    nodes = [helper.make_node("Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("ConvTranspose", ["c", "wt"], ["t"], strides=[2, 2]),
-             helper.make_node("Relu", ["t"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
-             helper.make_node("Gemm", ["f", "wg", "bg"], ["g"], transB=1),
-             helper.make_node("MatMul", ["g", "wm"], ["y"])]
+    nodes = [helper.make_node("Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("ConvTranspose", ["c", "wt"], ["t"], strides=[2, 2], name="convt"),
+             helper.make_node("Relu", ["t"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["g"], transB=1, name="gemm"),
+             helper.make_node("MatMul", ["g", "wm"], ["y"], name="mm")]
     inits = [_init("wc", RNG.normal(size=(32, 4, 3, 3)) * gain / 6), _init("bc", RNG.normal(size=32) * 0.1),
              _init("wt", RNG.normal(size=(32, 8, 2, 2)) / 6),
              _init("wg", RNG.normal(size=(64, 8 * 8 * 8)) / 24), _init("bg", RNG.normal(size=64) * 0.1),
@@ -255,3 +256,17 @@ def test_silero_vad_weight_only_int8_is_3_5x_smaller_with_float_activations():
     assert _cos(ref, out) >= 0.99, _cos(ref, out)
     check = q.info["quantize"]["fidelity_check"]
     assert check["value"] >= 0.99 or any("low fidelity" in w for w in q.warnings), (check, q.warnings)
+
+
+def test_low_fidelity_advice_names_only_layers_with_weights(conv_files, monkeypatch):
+    """Activations stay float, so a Relu or Flatten adds no error of its own: the advice tries and
+    offers keeping layers with weights in float, nothing else."""
+    _, handle, data = conv_files
+    monkeypatch.setattr(quantize, "MIN_COSINE", 1.5)  # every variant reads "low"
+    monkeypatch.setattr(quantize, "MIN_TOP1_AGREEMENT", 1.5)
+    q = quantize.apply(handle, {"method": "weight-only-int8"}, data, null_progress())
+    check = q.info["quantize"]["fidelity_check"]
+    assert check.get("suggested_exclude"), check
+    assert set(check["suggested_exclude"]) <= {"conv", "convt", "gemm", "mm"}
+    assert {r["name"] for r in check["ranking"]} <= {"conv", "convt", "gemm", "mm"}
+    assert any("low fidelity" in w and "exclude = [" in w for w in q.warnings)
