@@ -1266,6 +1266,31 @@ def _ranking(float_model: onnx.ModelProto, q: onnx.ModelProto, check: _CheckSet)
     return error_by_layer(float_model, q, check.xs)
 
 
+def _weight_only_ranking(rows: list[dict[str, Any]], check: _CheckSet, redo) -> list[dict[str, Any]]:
+    """The layers with weights, most harmful first, each measured with only its weights int8 (the
+    others float) on the check rows: the error a layer adds at its own output says little when a
+    later layer amplifies it (a weight-only graph's activations are float, so what counts is how far
+    the final output moves). Stops after ``_ADVICE_SECONDS``; layers not measured by then follow in
+    their first order."""
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    firsts = {r["name"]: r for r in reversed(rows)}
+    started, out = time.perf_counter(), []
+    for name in names:
+        if time.perf_counter() - started > _ADVICE_SECONDS:
+            break
+        try:
+            alone = _score(redo([n for n in names if n != name]), check)
+        except Cancelled:
+            raise
+        except Exception as exc:  # the advice is best effort
+            _LOG.debug("weight-only ranking: %s alone failed: %s", name, exc)
+            continue
+        out.append({**firsts[name], "alone": alone["value"], "added_error": 1.0 - alone["cosine"]})
+    out.sort(key=lambda r: (r["alone"], -r["added_error"]))
+    done = {r["name"] for r in out}
+    return out + [firsts[n] for n in names if n not in done]
+
+
 def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _CheckSet, method: str,
                     info: dict[str, Any], warn: list[str], redo) -> None:
     """Measure fidelity on the val split; when it is low, say so, find the layers that add the
@@ -1279,8 +1304,8 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
     msg = (f"low fidelity: {what} with the float model is {score['value']:.3f} on the "
            f"{check.split} split (below {score['threshold']:g})")
     ranking = _ranking(float_model, q, check)
-    if method in _WEIGHT_ONLY:  # activations are float: only the layers with weights add error of their own
-        ranking = [r for r in ranking if r.get("weighted")]
+    if method in _WEIGHT_ONLY and redo is not None:  # activations are float: only layers with weights count
+        ranking = _weight_only_ranking([r for r in ranking if r.get("weighted")], check, redo)
     advice = []
     best = None  # (fidelity, names kept float)
     started = time.perf_counter()
