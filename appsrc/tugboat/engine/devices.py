@@ -43,11 +43,11 @@ def gpu_count() -> int:
 def resolve(setting: object = "auto", where: str = "device") -> str:
     """The concrete device (``"cpu"`` or ``"cuda:N"``) for ``setting`` on this machine."""
     text = check(setting, where)
+    if text == "cpu":  # before asking torch about GPUs: an ONNX-only run never imports it
+        return "cpu"
     count = gpu_count()
     if text == "auto":
         return "cuda:0" if count else "cpu"
-    if text == "cpu":
-        return "cpu"
     index = int(text.partition(":")[2] or 0) if ":" in text else _current_gpu(count)
     if count == 0:
         raise DeviceError(f"'{where}' = {setting!r} asks for a GPU, but torch sees none on this machine "

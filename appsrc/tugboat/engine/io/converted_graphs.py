@@ -27,8 +27,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import torch
-from torch import fx, nn
+from ..lazy import fx, nn, torch
 
 _ADD = {torch.add, operator.add}
 _SUB = {torch.sub, operator.sub}

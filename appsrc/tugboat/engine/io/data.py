@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import DataError
-from . import zoo
+from ..lazy import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import ModelHandle
@@ -143,6 +142,8 @@ def load_data(ref: str | os.PathLike, model: ModelHandle | None = None, *,
 
 def _load_demo(ref: str) -> Dataset:
     name = ref[5:]
+    from . import zoo
+
     if name not in zoo.DEMO_DATASETS:
         raise DataError(f"unknown demo dataset; available: {', '.join('demo:' + d for d in zoo.DEMO_DATASETS)}",
                         path=ref)

@@ -21,22 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import torch
-from torch import nn
 
 from ..errors import ModelLoadError, UntrustedFileError
-from . import zoo
+from ..lazy import nn, torch
 from .data import check_regular_file, refuse_if_too_big
-from .formats import (
-    build_user_arch,
-    load_safetensors,
-    load_weights_into,
-    make_editable,
-    module_input_specs,
-    script_input_specs,
-    shapes_known,
-)
-from .hf import load_hf_folder
 from .models import METADATA_NAME, ONNX_OPSET, ModelHandle, TensorSpec, _short, onnx_to_torch
 from .onnx_graph import all_tensors, lift_constant_weights, node_subgraphs
 from .tasks import TASKS, infer_task
@@ -73,6 +61,7 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
         raise ModelLoadError("file not found", path=ref)
     if path.is_dir():
         if (path / "config.json").is_file():
+            from .hf import load_hf_folder
             return _with_shape(load_hf_folder(path, trust=trust), input_shape, path, constants)
         raise ModelLoadError("is a folder, not a model file (a Hugging Face model folder has a config.json)",
                              path=ref)
@@ -84,6 +73,7 @@ def load_model(ref: str | os.PathLike, *, trust: bool = False, arch: str | None 
     if suffix == ".onnx":
         return _with_shape(load_onnx(path, convert=torch_module), input_shape, path, constants)
     if suffix == ".safetensors":
+        from .formats import load_safetensors
         state = load_safetensors(path)
         return _with_shape(_from_state_dict(path, state, arch, {}, trust=trust, arch_kwargs=arch_kwargs),
                            input_shape, path, constants)
@@ -111,6 +101,7 @@ def _is_exported_program(names: list[str] | None) -> bool:
 
 
 def load_demo(name: str, progress=None) -> ModelHandle:
+    from . import zoo
     if name not in zoo.ARCHITECTURES:
         raise ModelLoadError(
             f"unknown demo model '{name}'; available: {', '.join('demo:' + a for a in zoo.ARCHITECTURES)}",
@@ -140,6 +131,7 @@ def _with_shape_inner(handle: ModelHandle, input_shape, path) -> ModelHandle:
             if len({(s.shape, s.dtype) for s in handle.inputs}) > 1:
                 raise ModelLoadError("--input-shape only works for single-input models", path=path)
             handle.inputs = [TensorSpec(s.name, ("batch", *input_shape), s.dtype) for s in handle.inputs]
+        from .formats import make_editable, shapes_known
         return make_editable(handle) if shapes_known(handle) else handle
     if input_shape is not None:
         if len(handle.inputs) > 1:
@@ -365,6 +357,7 @@ def _load_torchscript(path: Path) -> ModelHandle:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:
         raise ModelLoadError(f"not a valid TorchScript archive ({_short(exc)})", path=path) from None
+    from .formats import script_input_specs
     handle = ModelHandle(None, script_input_specs(module, path), [], source=str(path), format="torchscript",
                          pending=module.eval())
     handle.conversion_error = "the input shape is not known yet"
@@ -408,6 +401,8 @@ def _load_exported(path: Path) -> ModelHandle:
 
 def _from_state_dict(path: Path, state: dict[str, Any], arch: str | None, meta: dict, *,
                      trust: bool = False, arch_kwargs: dict[str, Any] | None = None) -> ModelHandle:
+    from . import zoo
+
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError("holds a dictionary that is not a state_dict of tensors", path=path)
     if arch is None:
@@ -457,6 +452,7 @@ def _from_user_arch(path: Path, state: dict[str, Any], arch: str, arch_kwargs: d
         raise UntrustedFileError(
             f"the architecture {arch} is Python code that runs when the model is built; it was not run",
             path=path, hint="if you trust that code, load with --trust (or confirm in the app)")
+    from .formats import build_user_arch, load_weights_into, module_input_specs
     module = build_user_arch(arch, arch_kwargs, path)
     load_weights_into(module, state, arch, path)
     handle = ModelHandle(None, module_input_specs(module, path), [], source=str(path), format="state_dict",
@@ -467,6 +463,7 @@ def _from_user_arch(path: Path, state: dict[str, Any], arch: str, arch_kwargs: d
 
 
 def load_demo_spec(module: nn.Module, arch: str, source: str, fmt: str) -> ModelHandle:
+    from . import zoo
     return ModelHandle(module.eval(), [TensorSpec("input", ("batch", *zoo.IMAGE_SHAPE))],
                        [TensorSpec("logits", ("batch", zoo.NUM_CLASSES))],
                        source=source, format=fmt, arch=arch)
@@ -487,6 +484,7 @@ def _load_pickled_module(path: Path) -> ModelHandle:
     meta = meta or getattr(obj, "_tugboat_meta", None) or {}
     handle = _apply_meta(handle, validate_meta(meta, path))
     if not handle.inputs:  # shapes come from the data or --input-shape, as for TorchScript
+        from .formats import module_input_specs
         handle.inputs = module_input_specs(obj, path)
         handle.module, handle.pending = None, obj.eval()
         handle.info["input_dtypes_guessed"] = True

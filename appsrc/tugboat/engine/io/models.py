@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
 from ..errors import ModelLoadError, TugboatError
+from ..lazy import nn, torch
 from ..measuring.runtime import eval_mode
 from .onnx_graph import node_subgraphs, onnx_param_count
 
@@ -169,6 +168,22 @@ class ModelHandle:
         return new
 
     def example_inputs(self, batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+        """Random inputs for the model as torch tensors (the values of :meth:`example_arrays`)."""
+        return [torch.from_numpy(a).to(getattr(torch, spec.dtype))
+                for spec, a in zip(self.inputs, self._example_raw(batch, seed))]
+
+    def example_arrays(self, batch: int = 2, seed: int = 0) -> list[np.ndarray]:
+        """The same random inputs as numpy arrays, without importing torch (an ONNX-only run needs
+        none); a dtype numpy lacks (bfloat16) stays float32."""
+        out = []
+        for spec, a in zip(self.inputs, self._example_raw(batch, seed)):
+            try:
+                out.append(a.astype(np.dtype(spec.dtype), copy=False))
+            except TypeError:
+                out.append(a)
+        return out
+
+    def _example_raw(self, batch: int, seed: int) -> list[np.ndarray]:
         # numpy's generator, not torch.Generator: torch.rand(generator=...) imports torch._dynamo
         # (and sympy, scikit-learn: about 1 s) the first time it runs
         gen = np.random.default_rng(seed)
@@ -180,11 +195,11 @@ class ModelHandle:
                 raise ModelLoadError(exc.message, path=self.source, hint=exc.hint) from None
             if spec.dtype.startswith("int"):
                 high = int(self.info.get("vocab_size", {}).get(spec.name, 2))
-                out.append(torch.from_numpy(gen.integers(0, high, shape)).to(getattr(torch, spec.dtype)))
+                out.append(gen.integers(0, high, shape))
             elif spec.dtype == "bool":
-                out.append(torch.ones(shape, dtype=torch.bool))
+                out.append(np.ones(shape, dtype=bool))
             else:
-                out.append(torch.from_numpy(gen.random(shape, dtype=np.float32)).to(getattr(torch, spec.dtype)))
+                out.append(gen.random(shape, dtype=np.float32))
         return out
 
     def torch_module(self) -> nn.Module:

@@ -34,7 +34,7 @@ def probe_inputs(handle: ModelHandle, data: Dataset | None, samples: int = PROBE
                 xs, _ = data.split(split, limit=samples)
                 arrays = [np.ascontiguousarray(xs[n]) for n in handle.input_names]
                 return fill_batch(arrays, fixed) if fixed else arrays
-    return [t.numpy() for t in handle.example_inputs(samples, seed=7)]
+    return handle.example_arrays(samples, seed=7)
 
 
 INDEX_MARKERS = ("index out of range", "out of data bounds", "indices element", "out of bounds")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-import torch
+from ..lazy import torch
 
 
 def hooked_times(module: torch.nn.Module, inputs: Sequence[torch.Tensor], names: list[str],

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
 from ..devices import resolve as resolve_device
 from ..errors import ModelLoadError, TugboatError
 from ..io.models import ModelHandle
 from ..io.onnx_graph import graph_nodes, onnx_param_tensors
+from ..lazy import torch
 from ..machine import channel_multiple
 from ..names import layer_key
 from ..progress import Progress, null_progress

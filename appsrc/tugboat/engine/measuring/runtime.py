@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-import torch
+
+from ..lazy import torch
 
 
 def ort_providers(device: str = "cpu") -> list[str]:
@@ -144,7 +145,7 @@ def predict(handle, inputs: dict[str, np.ndarray], *, runtime: str = "onnxruntim
     use_torch = runtime == "torch" and handle.module is not None and handle.onnx_model is None
     session = None if use_torch else shared_session(handle.to_onnx(), threads)
     chunks: list[list[np.ndarray]] = []
-    with torch_threads(threads):
+    with torch_threads(threads) if use_torch else contextlib.nullcontext():
         for i in range(0, n, batch):
             part = [a[i : i + batch] for a in arrays]
             rows = len(part[0]) if part else 0

@@ -90,7 +90,7 @@ def batch_inputs(handle: ModelHandle, batch: int, samples: dict[str, np.ndarray]
             reps = int(np.ceil(batch / len(arr)))
             out.append(np.ascontiguousarray(np.concatenate([arr] * reps)[:batch]))
         return out
-    return [t.numpy() for t in handle.example_inputs(batch)]
+    return handle.example_arrays(batch)
 
 
 

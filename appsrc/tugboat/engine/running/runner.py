@@ -23,6 +23,7 @@ from ..io.export import write_onnx
 from ..io.loading import load_model
 from ..io.models import ModelHandle, require_shapes
 from ..io.tasks import set_task
+from ..lazy import torch_loaded
 from ..lock import locked_output
 from ..machine import advice
 from ..measuring import memory
@@ -56,16 +57,18 @@ from .report_json import build_report, write_report
 from .variants import Baseline, Variant, safe_name, variant_name
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, torch_too: bool = True) -> None:
     """Seed the global torch, numpy and ``random`` generators (fine-tuning, distillation, dropout,
-    anything a technique draws without its own generator)."""
+    anything a technique draws without its own generator). ``torch_too=False``: torch's only if it
+    is imported already (a step on an ONNX graph alone does not import it just to seed it)."""
     import random
-
-    import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if torch_too or torch_loaded():
+        import torch
+
+        torch.manual_seed(seed)
 
 
 def step_seed(seed: int, index: int) -> int:
@@ -124,7 +127,7 @@ def _apply_one(tech, handle: ModelHandle, params: dict[str, Any], data: Dataset 
     """One technique on a helper thread (a cancel is honoured within cancellable.POLL_S, at any
     point), from seeded generators."""
     def work() -> ModelHandle:
-        seed_everything(seed)
+        seed_everything(seed, torch_too=tech.needs_torch or handle.module is not None)
         return tech.apply(handle, params, data, sub)
 
     return cancellable.call(work, progress, name=f"tugboat-{tech.name}")

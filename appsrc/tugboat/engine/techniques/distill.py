@@ -26,18 +26,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
 from ..devices import DEFAULT_TRAINING, DEVICE_CHOICES
 from ..devices import HELP as DEVICE_HELP
 from ..devices import resolve as resolve_device
 from ..errors import DataError, RecipeError, TugboatError
+from ..lazy import F, nn, torch
 from ..measuring.runtime import eval_mode
 from ..progress import Progress, null_progress
 from .finetune import kd_loss, output_loss
-from .students import build_student, input_kind
 from .technique import Param, Technique
 from .training import BatchLoss, TrainResult, TrainSpec, TrainTask, module_device, to_device, train
 
@@ -144,6 +141,8 @@ def _layer_hint(module: nn.Module) -> str:
 def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out_shape: tuple[int, ...],
                  progress: Progress) -> tuple[nn.Module, str | None, dict[str, Any]]:
     """(student module, its built-in arch name or None, notes for the report)."""
+    from .students import build_student, input_kind  # torch modules: imported when a student is made
+
     kind = params["student"]
     width = float(params["width"])
     names = handle.input_names
@@ -200,33 +199,6 @@ def make_student(handle: ModelHandle, params: dict[str, Any], data: Dataset, out
 
 
 # --- losses ------------------------------------------------------------------------------------
-
-class FeatureProjection(nn.Module):
-    """Maps a student feature onto the teacher's feature shape (learned; dropped after training)."""
-
-    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
-        super().__init__()
-        self.teacher_shape = tuple(teacher_shape)
-        self.conv = len(student_shape) == 3 and len(teacher_shape) == 3
-        self.tokens = (len(student_shape) == 2 and len(teacher_shape) == 2
-                       and student_shape[0] == teacher_shape[0])
-        if self.conv:
-            self.proj: nn.Module = nn.Conv2d(student_shape[0], teacher_shape[0], 1)
-        elif self.tokens:
-            self.proj = nn.Linear(student_shape[-1], teacher_shape[-1])
-        else:
-            self.proj = nn.Linear(math.prod(student_shape), math.prod(teacher_shape))
-
-    def forward(self, x):
-        if self.conv:
-            y = self.proj(x)
-            if tuple(y.shape[2:]) != self.teacher_shape[1:]:
-                y = F.adaptive_avg_pool2d(y, self.teacher_shape[1:])
-            return y
-        if self.tokens:
-            return self.proj(x)
-        return self.proj(x.reshape(len(x), -1)).reshape(len(x), *self.teacher_shape)
-
 
 def parse_pairs(pairs: list[str], where: str = "feature_pairs") -> list[tuple[str, str]]:
     """``["features.3:features.1"]`` -> ``[("features.3", "features.1")]``; also the parameter's check
@@ -362,6 +334,8 @@ def _student(handle: ModelHandle, params: dict[str, Any], data: Dataset, plan: _
     except BaseException:
         s.remove_hooks()
         raise
+    from .students import FeatureProjection
+
     s.projections = nn.ModuleList([FeatureProjection(tuple(captured[b].shape[1:]), tuple(f.shape[1:]))
                                    for (_, b), f in zip(plan.pairs, plan.t_train_feats)])
     s.feat_scale = [float(np.mean(np.square(f))) + 1e-8 for f in plan.t_train_feats]

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
 from ..errors import DataError, TugboatError
+from ..lazy import F, nn, torch
 from ..progress import Progress
 from .training import OPTIMIZERS as OPTIMIZERS  # re-exported: pruning's optimizer choices
 from .training import BatchLoss, TrainSpec, TrainTask, first_output, module_device, to_device, train

@@ -23,15 +23,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..devices import DEFAULT_TRAINING, DEVICE_CHOICES
 from ..devices import HELP as DEVICE_HELP
 from ..devices import resolve as resolve_device
 from ..errors import RecipeError, TugboatError
 from ..formatting import did_you_mean
-from ..io.converted_graphs import KEEP_OUT_CHANNELS, ChannelConstant, channel_constant_pruner, normalise_for_pruning
+from ..lazy import nn, torch
 from ..measuring.layer_timing import hooked_times
 from ..progress import Progress, null_progress
 from .channels import kept_unrounded, ratio_for_keep, resolve_round_to, rounded_keep
@@ -111,6 +109,7 @@ def default_ignored(module: nn.Module, example_inputs) -> list[str]:
 
 def _with_head(module: nn.Module, example, ignored: Iterable[str] | None) -> list[str]:
     """The user's ignored layers plus the classifier head (pruning it would change the output)."""
+    from ..io.converted_graphs import KEEP_OUT_CHANNELS
     names = list(ignored or [])
     # recurrent layers keep their hidden size: torch-pruning 1.6's LSTM pruner slices the wrong rows
     # (IndexError); so do layers whose channels are laid out by position further on (converted_graphs).
@@ -222,6 +221,7 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         raise TugboatError(f"structured pruning ratio must be in [0, 1), got {ratio}")
     example = _as_tuple(example_inputs)
     model = copy.deepcopy(module).eval()
+    from ..io.converted_graphs import normalise_for_pruning
     normalise_for_pruning(model, example)  # onnx2torch graphs: weights kept as buffers become prunable
     for p in model.parameters():
         p.requires_grad_(True)
@@ -426,6 +426,7 @@ def _compensate_removed_inputs(dg, group, means: dict[nn.Module, torch.Tensor],
 
 
 def _customized_pruners() -> dict:
+    from ..io.converted_graphs import ChannelConstant, channel_constant_pruner
     return {ChannelConstant: channel_constant_pruner()}
 
 
@@ -448,6 +449,7 @@ def prunable_layers(module: nn.Module, example_inputs, ignored: Iterable[str] | 
     example = _as_tuple(example_inputs)
     if isinstance(module, torch.fx.GraphModule):  # converted graph: as pruning sees it (same layer names)
         module = copy.deepcopy(module)
+        from ..io.converted_graphs import normalise_for_pruning
         normalise_for_pruning(module, example)
     ignored_layers = []
     for m in _resolve_names(module, _with_head(module, example, ignored), "ignored"):
@@ -751,6 +753,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     if isinstance(original, torch.fx.GraphModule) and not any(isinstance(m, _prunable_types())
                                                                 for m in original.modules()):
         probe = copy.deepcopy(original)  # a MatMul-only classifier becomes a Linear once normalised
+        from ..io.converted_graphs import normalise_for_pruning
         normalise_for_pruning(probe, example)
     if not any(isinstance(m, _prunable_types()) for m in probe.modules()):
         raise TugboatError("the model has no Conv or Linear weights to prune", path=handle.source)

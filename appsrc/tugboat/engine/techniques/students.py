@@ -18,10 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
 from ..errors import TugboatError
+from ..lazy import F, nn, torch
 
 CNN_BASE = 32
 MLP_BASE = 512
@@ -160,3 +158,30 @@ def build_student(kind: str, in_shapes: Sequence[tuple[int, ...]], out_shape: tu
         return StudentTransformer(vocab, int(in_shapes[0][0]), out_shape, width, depth,
                                   with_mask=len(in_shapes) > 1)
     raise TugboatError(f"unknown student kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+class FeatureProjection(nn.Module):
+    """Maps a student feature onto the teacher's feature shape (learned; dropped after training)."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+        super().__init__()
+        self.teacher_shape = tuple(teacher_shape)
+        self.conv = len(student_shape) == 3 and len(teacher_shape) == 3
+        self.tokens = (len(student_shape) == 2 and len(teacher_shape) == 2
+                       and student_shape[0] == teacher_shape[0])
+        if self.conv:
+            self.proj: nn.Module = nn.Conv2d(student_shape[0], teacher_shape[0], 1)
+        elif self.tokens:
+            self.proj = nn.Linear(student_shape[-1], teacher_shape[-1])
+        else:
+            self.proj = nn.Linear(math.prod(student_shape), math.prod(teacher_shape))
+
+    def forward(self, x):
+        if self.conv:
+            y = self.proj(x)
+            if tuple(y.shape[2:]) != self.teacher_shape[1:]:
+                y = F.adaptive_avg_pool2d(y, self.teacher_shape[1:])
+            return y
+        if self.tokens:
+            return self.proj(x)
+        return self.proj(x.reshape(len(x), -1)).reshape(len(x), *self.teacher_shape)

@@ -16,17 +16,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
-
 from ..errors import NumericalError, TugboatError
+from ..lazy import nn, torch
 from ..measuring.runtime import eval_mode
 from ..progress import Progress, null_progress
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 # (loss, rows in the batch, extra per-batch values to average over the epoch, e.g. a feature loss)
-BatchLoss = tuple[torch.Tensor, int, dict[str, float]]
+BatchLoss = tuple["torch.Tensor", int, dict[str, float]]
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
