@@ -47,3 +47,33 @@ fx: Any = LazyModule("torch.fx")
 def torch_loaded() -> bool:
     """Whether torch has been imported in this process (by Tugboat or anyone else)."""
     return "torch" in sys.modules
+
+
+def ort_symbolic_shape_inference() -> type:
+    """ONNX Runtime's ``SymbolicShapeInference``, without importing torch.
+
+    ``onnxruntime/tools/__init__.py`` imports torch whenever it is installed (for a PyTorch export
+    helper), so ``from onnxruntime.tools.symbolic_shape_infer import ...`` costs a torch import
+    (1.5-4 s) to a static int8 quantization of an ONNX model. The module itself needs only onnx,
+    numpy and sympy: it is loaded alone from its file (once), or the usual way if that fails."""
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name in sys.modules:
+        return sys.modules[name].SymbolicShapeInference
+    alone = "tugboat._ort_symbolic_shape_infer"
+    if alone not in sys.modules:
+        try:
+            import importlib.util
+            from pathlib import Path
+
+            import onnxruntime
+
+            path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+            spec = importlib.util.spec_from_file_location(alone, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[alone] = module
+        except Exception:  # another layout of the package: its own import, torch and all
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            return SymbolicShapeInference
+    return sys.modules[alone].SymbolicShapeInference

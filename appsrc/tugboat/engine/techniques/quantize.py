@@ -719,9 +719,9 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     MiniLM quantization. The same steps as ``infer_shapes``, so its result is handed on as-is (one
     inference, not a trial run and then the real one)."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        from ..lazy import ort_symbolic_shape_inference  # without torch (onnxruntime.tools imports it)
 
-        ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        ssi = ort_symbolic_shape_inference()(2**31 - 1, True, False, 0)
         ssi._preprocess(_copy(model))
         done = False
         while ssi.run_:
