@@ -1,0 +1,102 @@
+"""No wasted seconds (issue 17.7): an ONNX-only recipe never imports torch, and the work a run does
+once (shape inference, ONNX Runtime sessions, serialization) is not done again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlp_onnx(path: Path, features: int = 32, hidden: int = 64, classes: int = 5) -> None:
+    """A small float MLP written with onnx.helper alone (no torch export): MatMul, Add, Relu."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (features, hidden)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.normal(0, 0.1, hidden).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (hidden, classes)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="act"),
+             helper.make_node("MatMul", ["h2", "w2"], ["logits"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+                              [w1, b1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _run_in_fresh_process(tmp_path: Path, method: str) -> tuple[dict, bool]:
+    model, data = tmp_path / "mlp.onnx", tmp_path / "data.npz"
+    _mlp_onnx(model)
+    rng = np.random.default_rng(1)
+    np.savez(data, x=rng.normal(size=(60, 32)).astype(np.float32))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'model = "{model.as_posix()}"\ndata = "{data.as_posix()}"\n[[steps]]\n'
+                      f'technique = "quantize"\nmethod = "{method}"\n'
+                      '[measure]\nbatch = 8\nthreads = 1\nmin_runs = 3\nmin_seconds = 0.01\nmax_seconds = 0.05\n')
+    out = tmp_path / "out"
+    code = ("import sys\nfrom tugboat.cli import main\n"
+            f"rc = main(['run', {str(recipe)!r}, '--out', {str(out)!r}, '--quiet'])\n"
+            "print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH')\nsys.exit(rc)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "appsrc"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return json.loads((out / "report.json").read_text()), "NO-TORCH" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dynamic-int8", "static-int8"])
+def test_quantizing_an_onnx_model_never_imports_torch(tmp_path, method):
+    report, torch_free = _run_in_fresh_process(tmp_path, method)
+    base, variant = report["baseline"]["metrics"], report["variants"][0]["metrics"]
+    assert report["variants"][0]["status"] == "ok"
+    assert variant["size_bytes"] < 0.6 * base["size_bytes"]  # really quantized (float32 weights -> int8)
+    assert variant["fidelity"]["cosine"] > 0.98
+    assert variant["latency_ms"]["speedup"]["blocks"] >= 3  # measured, paired
+    assert torch_free, f"tugboat run of an ONNX model with {method} imported torch"
+
+
+def test_engine_modules_import_without_torch():
+    # the registry loads every built-in technique; none may need torch just to be imported
+    code = ("import sys\nimport tugboat.cli, tugboat.engine.running.runner, tugboat.engine.io.loading\n"
+            "import tugboat.engine.measuring.measure, tugboat.engine.measuring.memory\n"
+            "from tugboat.engine.techniques import steps\nsteps.techniques()\n"
+            "from tugboat.engine.running.recipe import parse_recipe\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "appsrc"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "[]", res.stdout
+
+
+def test_lazy_torch_is_the_real_module_once_used():
+    from tugboat.engine.lazy import nn, torch
+
+    import torch as real
+
+    assert torch.from_numpy is real.from_numpy
+    assert issubclass(real.nn.Linear, nn.Module)
+    assert isinstance(real.zeros(1), torch.Tensor)
+
+
+def test_example_arrays_are_the_example_inputs_without_torch():
+    from tugboat.engine.io.loading import load_model
+
+    handle = load_model("demo:digits-cnn")
+    arrays = handle.example_arrays(3, seed=5)
+    tensors = handle.example_inputs(3, seed=5)
+    assert [a.dtype for a in arrays] == [t.numpy().dtype for t in tensors]
+    for a, t in zip(arrays, tensors):
+        np.testing.assert_array_equal(a, t.numpy())
