@@ -27,9 +27,9 @@ def _mlp_onnx(path: Path, features: int = 32, hidden: int = 64, classes: int = 5
              helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
              helper.make_node("Relu", ["h1"], ["h2"], name="act"),
              helper.make_node("MatMul", ["h2", "w2"], ["logits"], name="fc2")]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-                              [w1, b1, w2])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
+    graph = helper.make_graph(nodes, "mlp", [x], [y], [w1, b1, w2])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -82,9 +82,9 @@ def test_engine_modules_import_without_torch():
 
 
 def test_lazy_torch_is_the_real_module_once_used():
-    from tugboat.engine.lazy import nn, torch
-
     import torch as real
+
+    from tugboat.engine.lazy import nn, torch
 
     assert torch.from_numpy is real.from_numpy
     assert issubclass(real.nn.Linear, nn.Module)
