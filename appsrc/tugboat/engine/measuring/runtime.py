@@ -46,6 +46,72 @@ def ort_session(model: onnx.ModelProto | bytes, threads: int = 1, device: str = 
     return ort.InferenceSession(data, opts, providers=providers)
 
 
+WEIGHTLESS_MIN_BYTES = 4096  # smaller tensors keep their values (shape constants, Reshape targets)
+_PROBE_DATA = "tugboat-weights-in-memory"
+
+
+def weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` whose large main-graph weights carry their name, type and shape but no
+    values, and the weights left out (by name, the caller's own tensors: not copied).
+
+    Shape inference reads a weight's type and shape only, so it gives the same shapes on this copy
+    in a fraction of the time (MiniLM, 90 MB: 0.01 s instead of 1.3 s; serializing the weights to
+    the C++ side was the cost); :func:`session_with_weights` runs it in ONNX Runtime with the
+    weights handed over in memory. Subgraph weights are kept (they are small, and inlined branches
+    take them along)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    left: dict[str, onnx.TensorProto] = {}
+    for init in model.graph.initializer:
+        if init.HasField("raw_data") and len(init.raw_data) >= WEIGHTLESS_MIN_BYTES:
+            out.graph.initializer.add(name=init.name, dims=list(init.dims), data_type=init.data_type)
+            left[init.name] = init
+        else:
+            out.graph.initializer.append(init)
+    return out, left
+
+
+def session_with_weights(model: onnx.ModelProto, weights: dict[str, onnx.TensorProto], opts):
+    """An ONNX Runtime session of a :func:`weightless` graph, its weights given in memory (as external
+    initializers: nothing of them is serialized)."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = _copy_model(model)
+    names, values = [], []
+    for init in model.graph.initializer:
+        if init.name in weights and not init.HasField("raw_data"):
+            init.data_location = onnx.TensorProto.EXTERNAL
+            del init.external_data[:]
+            for key, value in (("location", _PROBE_DATA), ("offset", "0"), ("length", "0")):
+                init.external_data.add(key=key, value=value)
+            names.append(init.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(weights[init.name])))
+    if names:
+        opts.add_external_initializers(names, values)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Every set field of protobuf message ``src`` but ``skip`` into ``dst`` (copies)."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 _SHARED: OrderedDict[tuple[int, int, str], tuple[object, object]] = OrderedDict()
 _SHARED_LOCK = threading.Lock()
 SHARED_SESSIONS = 2  # a variant's graph and the baseline's: enough for measuring one after another
