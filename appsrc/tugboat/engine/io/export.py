@@ -92,13 +92,15 @@ def provenance(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def write_onnx(handle: ModelHandle, path: str | os.PathLike, *, check: bool = True) -> Path:
-    model = handle.to_onnx()
+    from ..measuring.runtime import serialized
+
+    data = serialized(handle.to_onnx())  # the bytes measured (and run) already, not serialized again
     if check:
-        check_onnx(model, handle.source)
-    return atomic_write_bytes(path, onnx_bytes(model))
+        check_onnx(data, handle.source)
+    return atomic_write_bytes(path, data)
 
 
-def check_onnx(model: onnx.ModelProto, where: str = "") -> None:
+def check_onnx(model: onnx.ModelProto | bytes, where: str = "") -> None:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:

@@ -554,20 +554,25 @@ def check_domains(model: onnx.ModelProto, path: Path) -> None:
 
 def load_onnx(path: Path, convert: bool = True) -> ModelHandle:
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        data = path.read_bytes()
+        model = onnx.load_model_from_string(data)
     except Exception as exc:
         raise ModelLoadError(f"not a valid ONNX file ({_short(exc)})" + _text_note(path), path=path) from None
     if not model.graph.node:
         raise ModelLoadError("not a valid ONNX file (the graph has no nodes)", path=path)
     check_external_data(model, path)
     check_opsets(model, path)
+    from onnx.external_data_helper import _get_all_tensors  # subgraphs' tensors too
+
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model))
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
         raise ModelLoadError(f"its external weight data could not be read ({_short(exc)})",
                              path=path) from None
     try:
-        onnx.checker.check_model(model)
+        # the file's own bytes when they hold the whole model: not serialized again to be checked
+        onnx.checker.check_model(model if external else data)
     except Exception as exc:
         raise ModelLoadError(f"the ONNX graph is invalid: {_short(exc, 300)}", path=path) from None
     from onnx import numpy_helper

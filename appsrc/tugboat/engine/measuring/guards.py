@@ -60,13 +60,15 @@ def first_run_error(exc: BaseException, handle: ModelHandle, data: Dataset | Non
     return ModelLoadError(f"the model fails on {on}: {text}", path=handle.source)
 
 
-def probe_outputs(handle: ModelHandle, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    from .runtime import run_onnx, run_torch
+def probe_outputs(handle: ModelHandle, inputs: list[np.ndarray], threads: int = 1) -> list[np.ndarray]:
+    """The model's outputs on ``inputs``: torch eager for a torch model, else ONNX Runtime in the
+    session the quality pass and the timing at ``threads`` threads use next (one session per graph)."""
+    from .runtime import run_onnx, run_torch, shared_session
 
     inputs = [spec.to_model(x) for spec, x in zip(handle.inputs, inputs)]  # data is sample-first
     if handle.module is not None and handle.onnx_model is None:
         return run_torch(handle.module, inputs)
-    return run_onnx(handle.to_onnx(), inputs)
+    return run_onnx(None, inputs, session=shared_session(handle.to_onnx(), threads))
 
 
 def non_finite(outputs: list[np.ndarray]) -> str | None:
@@ -87,9 +89,9 @@ def describe_step(index: int, step: dict[str, Any]) -> str:
     return f"step {index} ({step.get('technique', '?')} {step.get('method', '')})".replace(" )", ")")
 
 
-def check_outputs(handle: ModelHandle, inputs: list[np.ndarray], after: str) -> None:
+def check_outputs(handle: ModelHandle, inputs: list[np.ndarray], after: str, threads: int = 1) -> None:
     """Raise :class:`NumericalError` ("outputs are NaN after step 2 (quantize static-int8)") if the
     model's outputs on ``inputs`` are not finite."""
-    bad = non_finite(probe_outputs(handle, inputs))
+    bad = non_finite(probe_outputs(handle, inputs, threads))
     if bad:
         raise NumericalError(f"outputs are {bad} after {after}", path=None)

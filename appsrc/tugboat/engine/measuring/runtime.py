@@ -118,23 +118,55 @@ SHARED_SESSIONS = 2  # a variant's graph and the baseline's: enough for measurin
 
 
 def shared_session(model: onnx.ModelProto, threads: int = 1, device: str = "cpu"):
-    """One ONNX Runtime session per graph and thread count, reused by the quality pass and the
-    timing of the same graph (each new session serializes the graph and optimises it again: about
-    0.3 s for a 90 MB model). Sessions are safe to run from several threads. The graph must not be
-    changed after (:meth:`ModelHandle.to_onnx` graphs are not)."""
+    """One ONNX Runtime session per graph and thread count, reused by the first-run probe, the quality
+    pass and the timing of the same graph (each new session serializes the graph and optimises it
+    again: about 0.3 s for a 90 MB model). Sessions are safe to run from several threads. The graph
+    must not be changed after (:meth:`ModelHandle.to_onnx` graphs are not)."""
+    sess = cached_session(model, threads, device)
+    if sess is not None:
+        return sess
     key = (id(model), max(1, int(threads)), device)
-    with _SHARED_LOCK:
-        hit = _SHARED.get(key)
-        if hit is not None and hit[0] is model:
-            _SHARED.move_to_end(key)
-            return hit[1]
-    sess = ort_session(model, threads, device)
+    sess = ort_session(serialized(model), threads, device)
     with _SHARED_LOCK:
         _SHARED[key] = (model, sess)  # the graph is held, so its id cannot be reused while cached
         _SHARED.move_to_end(key)
         while len(_SHARED) > SHARED_SESSIONS:
             _SHARED.popitem(last=False)
     return sess
+
+
+def cached_session(model: onnx.ModelProto, threads: int = 1, device: str = "cpu"):
+    """The :func:`shared_session` of this very graph object and thread count if there is one, else
+    None (for callers that run many throw-away graphs and must not push the measured ones out)."""
+    key = (id(model), max(1, int(threads)), device)
+    with _SHARED_LOCK:
+        hit = _SHARED.get(key)
+        if hit is not None and hit[0] is model:
+            _SHARED.move_to_end(key)
+            return hit[1]
+    return None
+
+
+_BYTES: OrderedDict[int, tuple[onnx.ModelProto, bytes]] = OrderedDict()
+
+
+def serialized(model: onnx.ModelProto) -> bytes:
+    """``model.SerializeToString()``, done once per graph for its size, its sessions and its file
+    (0.3-1 s each time for a 90 MB model). Only for graphs that are never changed after
+    (:meth:`ModelHandle.to_onnx` graphs); the last :data:`SHARED_SESSIONS` are kept."""
+    key = id(model)
+    with _SHARED_LOCK:
+        hit = _BYTES.get(key)
+        if hit is not None and hit[0] is model:
+            _BYTES.move_to_end(key)
+            return hit[1]
+    data = model.SerializeToString()
+    with _SHARED_LOCK:
+        _BYTES[key] = (model, data)
+        _BYTES.move_to_end(key)
+        while len(_BYTES) > SHARED_SESSIONS:
+            _BYTES.popitem(last=False)
+    return data
 
 
 def run_onnx(model, inputs: Sequence[np.ndarray], threads: int = 1, session=None) -> list[np.ndarray]:

@@ -44,6 +44,7 @@ from ..measuring.measure import (
     measure,
     own_timing_warnings,
     slower_than,
+    start_deflate,
     timing_notes,
 )
 from ..measuring.runtime import fixed_batch
@@ -79,7 +80,7 @@ def step_seed(seed: int, index: int) -> int:
 
 def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset | None,
                 progress: Progress, *, first_index: int = 0, guard: bool = True,
-                trust: bool = False, seed: int = DEFAULT_SEED) -> ModelHandle:
+                trust: bool = False, seed: int = DEFAULT_SEED, threads: int = 1) -> ModelHandle:
     """Apply validated steps in order; each technique returns a new handle.
 
     After every step the new model runs on a small probe batch (:mod:`guards`): NaN or Inf outputs
@@ -118,7 +119,7 @@ def apply_steps(handle: ModelHandle, steps: list[dict[str, Any]], data: Dataset 
             handle.warnings = [*handle.warnings, f"{label} changed nothing: {reason}"]
         progress.check()
         if probe is not None:
-            check_outputs(handle, probe, label)
+            check_outputs(handle, probe, label, threads)  # in the session measuring uses next
     return handle
 
 
@@ -140,6 +141,8 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     progress = progress or null_progress()
     progress.update(0.0, f"loading {recipe.model}")
     handle, data = cancellable.call(lambda: _load(recipe), progress, name="tugboat-load")
+    if handle.onnx_model is not None:  # its deflate size on another core from now on (issue 17.7)
+        start_deflate(handle.to_onnx())
     cfg = recipe.measure
     fixed = fixed_batch(handle)
     if fixed and (cfg.batch != fixed or cfg.also_batch1):
@@ -150,7 +153,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
         cfg = dataclasses.replace(cfg, batch=fixed, also_batch1=False)
     # refuse what cannot fit before any work, for the baseline and every step of the recipe
     memory.check(handle, recipe.steps, data, cfg, where=recipe.source or recipe.model)
-    _check_first_run(recipe, handle, data)
+    _check_first_run(recipe, handle, data, cfg.threads)
     progress.update(0.3, "measuring the original model")
     metrics, outputs = _measure_original(recipe, handle, data, cfg, progress)
     handle.warnings = [w for w in handle.warnings if not is_timing_warning(w)] + own_timing_warnings(metrics)
@@ -168,11 +171,11 @@ def _load(recipe: Recipe) -> tuple[ModelHandle, Dataset | None]:
     return handle, (load_data(recipe.data, handle) if recipe.data else None)
 
 
-def _check_first_run(recipe: Recipe, handle: ModelHandle, data: Dataset | None) -> None:
+def _check_first_run(recipe: Recipe, handle: ModelHandle, data: Dataset | None, threads: int = 1) -> None:
     """The original runs on a probe batch with finite outputs (and as many classes as the labels)."""
     probe = probe_inputs(handle, data)
     try:
-        outputs = probe_outputs(handle, probe)
+        outputs = probe_outputs(handle, probe, threads)
     except TugboatError:
         raise
     except Exception as exc:  # the first run of the original model: one line, naming model or data
@@ -273,7 +276,8 @@ def run_variant(base: Baseline, recipe: Recipe, progress: Progress | None = None
     def work() -> None:
         try:
             handle = apply_steps(start or base.handle, todo, base.data, progress.sub(0.0, 0.7),
-                                 first_index=done_steps, trust=recipe.trust_steps, seed=recipe.seed)
+                                 first_index=done_steps, trust=recipe.trust_steps, seed=recipe.seed,
+                                 threads=base.cfg.threads)
             unchanged = set(handle.info.get("unchanged_steps", []))
             if unchanged:  # the name claims only the steps that did something
                 done = [s for i, s in enumerate(recipe.steps) if i not in unchanged]

@@ -104,9 +104,9 @@ def run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None 
         rows: int = 256) -> list[np.ndarray]:
     """``model``'s outputs (all, or ``outputs``) on sample-first arrays, in chunks of ``rows``; a
     fixed-batch model gets exactly its batch per call (the last one padded, then cut)."""
-    from ..measuring.runtime import _cast, fill_batch, ort_session
+    from ..measuring.runtime import _cast, cached_session, fill_batch, ort_session
 
-    sess = ort_session(model, 1)
+    sess = cached_session(model, 1) or ort_session(model, 1)  # the measured original's, if it is that graph
     fixed = fixed_batch(model)
     rows = fixed or rows
     chunks: list[list[np.ndarray]] = []
