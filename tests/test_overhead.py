@@ -100,3 +100,45 @@ def test_example_arrays_are_the_example_inputs_without_torch():
     assert [a.dtype for a in arrays] == [t.numpy().dtype for t in tensors]
     for a, t in zip(arrays, tensors):
         np.testing.assert_array_equal(a, t.numpy())
+
+
+def test_a_large_artifacts_deflate_size_is_remembered_by_content(tmp_path, monkeypatch):
+    import zlib
+
+    from tugboat.engine.measuring import measure
+
+    monkeypatch.setenv("TUGBOAT_CACHE_DIR", str(tmp_path / "cache"))
+    artifact = np.random.default_rng(0).integers(0, 4, 3 << 20, dtype=np.uint8).tobytes()
+    expected = len(zlib.compress(artifact, 6))
+    assert measure.remembered_deflate(artifact) == expected
+    calls = []
+    compress = zlib.compress
+    monkeypatch.setattr(measure.zlib, "compress", lambda *a: calls.append(1) or compress(*a))
+    assert measure.remembered_deflate(artifact) == expected  # the same bytes: not compressed again
+    assert not calls
+    other = artifact[:-1] + bytes([artifact[-1] ^ 1])  # one bit differs: measured, not looked up
+    assert measure.remembered_deflate(other) == len(compress(other, 6)) and calls
+    (tmp_path / "cache" / "deflate-sizes.json").write_text("{not json")  # a broken table is only slower
+    assert measure.remembered_deflate(artifact) == expected
+
+
+def test_one_serialization_and_one_session_per_measured_graph(tmp_path, monkeypatch):
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.measuring import runtime
+    from tugboat.engine.measuring.guards import probe_outputs
+    from tugboat.engine.measuring.measure import MeasureConfig, measure
+
+    _mlp_onnx(tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(size=(40, 32)).astype(np.float32))
+    handle = load_model(tmp_path / "m.onnx", torch_module=False)
+    data = load_data(str(tmp_path / "d.npz"), handle)
+    made = []
+    real = runtime.ort_session
+    monkeypatch.setattr(runtime, "ort_session", lambda m, *a, **k: made.append(type(m)) or real(m, *a, **k))
+    cfg = MeasureConfig(batch=4, threads=1, min_runs=2, min_seconds=0.0, max_seconds=0.05)
+    probe_outputs(handle, [data.inputs["x"][:8]], threads=1)
+    metrics, _ = measure(handle, data, cfg)
+    assert made == [bytes]  # the probe, the quality pass and the timing share one session
+    assert metrics["size_bytes"] == len(handle.to_onnx().SerializeToString())
+    assert runtime.serialized(handle.to_onnx()) is runtime.serialized(handle.to_onnx())
