@@ -90,7 +90,9 @@ def session_with_weights(model: onnx.ModelProto, weights: dict[str, onnx.TensorP
             values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(weights[init.name])))
     if names:
         opts.add_external_initializers(names, values)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess.tugboat_weights = values  # ONNX Runtime reads the arrays in place: they live as long as the session
+    return sess
 
 
 def _copy_fields(src, dst, skip: str) -> None:
