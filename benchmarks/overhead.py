@@ -134,12 +134,15 @@ def load() -> float | None:
 
 
 def runs_in(report: dict) -> tuple[int, int]:
-    """(baseline runs, variant runs) Tugboat timed, warm-ups included, from its report."""
+    """(baseline runs, variant runs) Tugboat timed, warm-ups included, from its report: the
+    original's own timing (warm-up and timed runs), then the paired timing, whose warm-up runs both
+    models (reports before ``warmup_runs`` was recorded: 5 each, the most there can be)."""
     b = report["baseline"]["metrics"]["latency_ms"]
     v = report["variants"][0]["metrics"]["latency_ms"]
     sp = v.get("speedup") or {}
     paired = int(sp.get("blocks", 0)) * int(sp.get("runs_per_block", 0))
-    return int(b.get("runs", 0)) + paired + 5, int(v.get("runs", 0)) + 5
+    warm = int(sp.get("warmup_runs", 5))
+    return int(b.get("runs", 0)) + int(b.get("warmup_runs", 5)) + paired + warm, int(v.get("runs", 0)) + warm
 
 
 def quant_pair(name: str, entry: str, method: str, batch: int, repeats: int, tmp: Path) -> dict:

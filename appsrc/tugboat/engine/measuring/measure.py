@@ -717,17 +717,19 @@ def latency_onnx(model: onnx.ModelProto | bytes, inputs: list[np.ndarray], cfg: 
                  progress: Progress | None = None, session=None) -> dict[str, Any]:
     sess = session or ort_session(model, cfg.threads)
     load = machine_load()
-    times, extended = time_loop(_onnx_runner(sess, inputs), cfg, progress)
-    return _measured(times, inputs, cfg, "onnxruntime", load, extended)
+    counts: dict[str, int] = {}
+    times, extended = time_loop(_onnx_runner(sess, inputs), cfg, progress, counts)
+    return {**_measured(times, inputs, cfg, "onnxruntime", load, extended), "warmup_runs": counts["warmup"]}
 
 
 def latency_torch(module: torch.nn.Module, inputs: list[np.ndarray], cfg: MeasureConfig,
                   progress: Progress | None = None) -> dict[str, Any]:
     load = machine_load()
     run = _torch_runner(module, inputs, cfg.device)
+    counts: dict[str, int] = {}
     with _timing("torch", cfg.threads):
-        times, extended = time_loop(run, cfg, progress)
-    return _measured(times, inputs, cfg, "torch", load, extended)
+        times, extended = time_loop(run, cfg, progress, counts)
+    return {**_measured(times, inputs, cfg, "torch", load, extended), "warmup_runs": counts["warmup"]}
 
 
 class TimingReference:
@@ -792,14 +794,14 @@ def latency_paired(variant_run, base_run, inputs: list[np.ndarray], cfg: Measure
     "baseline_p90", "width", "noisy", ...}`` (speed-up > 1: the variant is faster)."""
     load0 = machine_load()
     t0 = time.perf_counter()
-    k = _runs_per_block(variant_run, base_run, cfg, progress)
+    k, warm = _runs_per_block(variant_run, base_run, cfg, progress)
     v_times, b_times, ratios, extended = _paired_blocks(variant_run, base_run, k, cfg, progress)
     med, lo, hi = speedup_interval(ratios, cfg.confidence, cfg.systematic)
     width = hi / lo - 1
     out = _measured(v_times, inputs, cfg, runtime, load0, False)
     out["speedup"] = {
         "median": round(med, 4), "low": round(lo, 4), "high": round(hi, 4), "blocks": len(ratios),
-        "runs_per_block": k, "confidence": cfg.confidence,
+        "runs_per_block": k, "warmup_runs": warm, "confidence": cfg.confidence,
         "baseline_median": round(statistics.median(b_times), 4), "baseline_p90": round(p90(b_times), 4),
         "baseline_spread": round(spread(b_times), 3), "width": round(width, 4),
         "noisy": bool(width > cfg.max_width or len(ratios) < 3), "extended": extended,
@@ -810,12 +812,14 @@ def latency_paired(variant_run, base_run, inputs: list[np.ndarray], cfg: Measure
     return out
 
 
-def _runs_per_block(variant_run, base_run, cfg: MeasureConfig, progress: Progress | None) -> int:
-    """Warm both models up and size a block (runs of one model in a row) to ``cfg.block_seconds``."""
+def _runs_per_block(variant_run, base_run, cfg: MeasureConfig, progress: Progress | None) -> tuple[int, int]:
+    """Warm both models up and size a block (runs of one model in a row) to ``cfg.block_seconds``:
+    (runs per block, warm-up runs of each model)."""
     warm_until = time.perf_counter() + max(cfg.max_seconds / 2, 0.05)
     # each model's time per run: its fastest warm-up run after the cold first one (a run caught by
     # a time slice of another process would make the blocks too short to filter such runs out)
     fastest = {True: float("inf"), False: float("inf")}
+    i = 0
     for i in range(max(3, cfg.warmup)):
         if progress is not None:
             progress.check()
@@ -827,7 +831,7 @@ def _runs_per_block(variant_run, base_run, cfg: MeasureConfig, progress: Progres
         if i and time.perf_counter() > warm_until:
             break
     per_run = max(fastest.values())
-    return int(min(64, max(1, cfg.block_seconds / max(per_run, 1e-6))))
+    return int(min(64, max(1, cfg.block_seconds / max(per_run, 1e-6)))), i + 1
 
 
 def _paired_blocks(variant_run, base_run, k: int, cfg: MeasureConfig, progress: Progress | None

@@ -27,18 +27,24 @@ def machine_load() -> float | None:
 
 
 
-def time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None) -> tuple[list[float], bool]:
+def time_loop(fn, cfg: MeasureConfig, progress: Progress | None = None,
+              counts: dict[str, int] | None = None) -> tuple[list[float], bool]:
     """Times of ``fn`` after warm-up (itself capped by time); a noisy series (p90 over 1.5x the
-    median) is extended up to ``cfg.noisy_seconds``. Returns (times in ms, extended)."""
+    median) is extended up to ``cfg.noisy_seconds``. Returns (times in ms, extended); ``counts``
+    gets ``"warmup"``, the runs before the timed ones (reports say how much work a timing was)."""
     # a cancel is checked before every run (a token read costs nanoseconds; one run of a large
     # model at batch 64 can take a second)
     warm_until = time.perf_counter() + max(cfg.max_seconds / 2, 0.05)
+    warm = 0
     for _ in range(cfg.warmup):
         if progress is not None:
             progress.check()
         fn()
+        warm += 1
         if time.perf_counter() > warm_until:
             break
+    if counts is not None:
+        counts["warmup"] = warm
     times: list[float] = []
     extended = False
     start = time.perf_counter()
