@@ -144,3 +144,19 @@ def test_one_serialization_and_one_session_per_measured_graph(tmp_path, monkeypa
     assert made == [bytes]  # the probe, the quality pass and the timing share one session
     assert metrics["size_bytes"] == len(handle.to_onnx().SerializeToString())
     assert runtime.serialized(handle.to_onnx()) is runtime.serialized(handle.to_onnx())
+
+
+def test_a_weight_with_too_few_bytes_is_still_refused_at_load(tmp_path):
+    # load checks each weight's byte count against its shape without decoding it (90 MB copied)
+    from tugboat.engine.errors import ModelLoadError
+    from tugboat.engine.io.loading import load_model
+
+    _mlp_onnx(tmp_path / "ok.onnx")
+    assert load_model(tmp_path / "ok.onnx", torch_module=False).onnx_model is not None
+    model = onnx.load(str(tmp_path / "ok.onnx"))
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    w1.raw_data = w1.raw_data[:-4]  # one float short
+    (tmp_path / "bad.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="w1") as err:
+        load_model(tmp_path / "bad.onnx", torch_module=False)
+    assert "bad.onnx" in str(err.value)

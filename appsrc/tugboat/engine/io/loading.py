@@ -579,7 +579,8 @@ def load_onnx(path: Path, convert: bool = True) -> ModelHandle:
 
     for tensor in all_tensors(model):  # the checker does not compare a weight's bytes with its shape
         try:
-            numpy_helper.to_array(tensor)
+            if not _raw_bytes_fit(tensor):  # else decode it: to_array says what is wrong
+                numpy_helper.to_array(tensor)
         except Exception as exc:
             raise ModelLoadError(f"weight '{tensor.name}' is corrupt ({_short(exc)})", path=path) from None
     lifted = lift_constant_weights(model)
@@ -604,6 +605,21 @@ def load_onnx(path: Path, convert: bool = True) -> ModelHandle:
         handle.conversion_error = exc.message
         handle.warnings.append(f"loaded for ONNX Runtime only: {exc.message}")
     return handle
+
+
+_WHOLE_BYTE_TYPES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+
+def _raw_bytes_fit(tensor: onnx.TensorProto) -> bool:
+    """Whether a weight's raw bytes are exactly as many as its shape and type need (what decoding it
+    checks, without copying 90 MB of weights to find out); False means: decode it to know."""
+    itemsize = _WHOLE_BYTE_TYPES.get(tensor.data_type)  # not strings, not packed 4-bit types
+    if itemsize is None or not tensor.HasField("raw_data"):
+        return False
+    n = 1
+    for d in tensor.dims:
+        n *= int(d)
+    return len(tensor.raw_data) == n * itemsize
 
 
 def _assign_batch_axes(inputs: list[TensorSpec]) -> None:
