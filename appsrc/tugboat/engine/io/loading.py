@@ -575,15 +575,12 @@ def load_onnx(path: Path, convert: bool = True) -> ModelHandle:
         onnx.checker.check_model(model if external else data)
     except Exception as exc:
         raise ModelLoadError(f"the ONNX graph is invalid: {_short(exc, 300)}", path=path) from None
-    from onnx import numpy_helper
-
-    for tensor in all_tensors(model):  # the checker does not compare a weight's bytes with its shape
-        try:
-            if not _raw_bytes_fit(tensor):  # else decode it: to_array says what is wrong
-                numpy_helper.to_array(tensor)
-        except Exception as exc:
-            raise ModelLoadError(f"weight '{tensor.name}' is corrupt ({_short(exc)})", path=path) from None
+    _check_weights(model, path)
     lifted = lift_constant_weights(model)
+    if not lifted and not external:  # the file's bytes are the graph's: not serialized again to be measured
+        from ..measuring.runtime import remember_serialized
+
+        remember_serialized(model, data)
     inits = {i.name for i in model.graph.initializer}
     inputs = [_spec(v) for v in model.graph.input if v.name not in inits]
     outputs = [_spec(v) for v in model.graph.output]
@@ -605,6 +602,18 @@ def load_onnx(path: Path, convert: bool = True) -> ModelHandle:
         handle.conversion_error = exc.message
         handle.warnings.append(f"loaded for ONNX Runtime only: {exc.message}")
     return handle
+
+
+def _check_weights(model: onnx.ModelProto, path: Path) -> None:
+    """Every weight's bytes fit its shape (the checker does not compare them)."""
+    from onnx import numpy_helper
+
+    for tensor in all_tensors(model):
+        try:
+            if not _raw_bytes_fit(tensor):  # else decode it: to_array says what is wrong
+                numpy_helper.to_array(tensor)
+        except Exception as exc:
+            raise ModelLoadError(f"weight '{tensor.name}' is corrupt ({_short(exc)})", path=path) from None
 
 
 _WHOLE_BYTE_TYPES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}

@@ -163,12 +163,17 @@ def serialized(model: onnx.ModelProto) -> bytes:
             _BYTES.move_to_end(key)
             return hit[1]
     data = model.SerializeToString()
+    remember_serialized(model, data)
+    return data
+
+
+def remember_serialized(model: onnx.ModelProto, data: bytes) -> None:
+    """``data`` is ``model`` serialized: the bytes of the file it was parsed from, unchanged."""
     with _SHARED_LOCK:
-        _BYTES[key] = (model, data)
-        _BYTES.move_to_end(key)
+        _BYTES[id(model)] = (model, data)
+        _BYTES.move_to_end(id(model))
         while len(_BYTES) > SHARED_SESSIONS:
             _BYTES.popitem(last=False)
-    return data
 
 
 def run_onnx(model, inputs: Sequence[np.ndarray], threads: int = 1, session=None) -> list[np.ndarray]:

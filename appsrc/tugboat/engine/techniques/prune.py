@@ -110,6 +110,7 @@ def default_ignored(module: nn.Module, example_inputs) -> list[str]:
 def _with_head(module: nn.Module, example, ignored: Iterable[str] | None) -> list[str]:
     """The user's ignored layers plus the classifier head (pruning it would change the output)."""
     from ..io.converted_graphs import KEEP_OUT_CHANNELS
+
     names = list(ignored or [])
     # recurrent layers keep their hidden size: torch-pruning 1.6's LSTM pruner slices the wrong rows
     # (IndexError); so do layers whose channels are laid out by position further on (converted_graphs).
@@ -221,8 +222,7 @@ def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, 
         raise TugboatError(f"structured pruning ratio must be in [0, 1), got {ratio}")
     example = _as_tuple(example_inputs)
     model = copy.deepcopy(module).eval()
-    from ..io.converted_graphs import normalise_for_pruning
-    normalise_for_pruning(model, example)  # onnx2torch graphs: weights kept as buffers become prunable
+    _normalise(model, example)  # onnx2torch graphs: weights kept as buffers become prunable
     for p in model.parameters():
         p.requires_grad_(True)
     ignored_layers = _resolve_names(model, _with_head(model, example, ignored), "ignored")
@@ -425,8 +425,17 @@ def _compensate_removed_inputs(dg, group, means: dict[nn.Module, torch.Tensor],
         kept[layer] = [o for i, o in enumerate(order) if i not in removed]
 
 
+def _normalise(module: nn.Module, example) -> None:
+    """onnx2torch graphs: weights kept as buffers become prunable (converted_graphs imports torch,
+    so it is imported when a pruning runs, not with the technique registry)."""
+    from ..io.converted_graphs import normalise_for_pruning
+
+    normalise_for_pruning(module, example)
+
+
 def _customized_pruners() -> dict:
     from ..io.converted_graphs import ChannelConstant, channel_constant_pruner
+
     return {ChannelConstant: channel_constant_pruner()}
 
 
@@ -449,8 +458,7 @@ def prunable_layers(module: nn.Module, example_inputs, ignored: Iterable[str] | 
     example = _as_tuple(example_inputs)
     if isinstance(module, torch.fx.GraphModule):  # converted graph: as pruning sees it (same layer names)
         module = copy.deepcopy(module)
-        from ..io.converted_graphs import normalise_for_pruning
-        normalise_for_pruning(module, example)
+        _normalise(module, example)
     ignored_layers = []
     for m in _resolve_names(module, _with_head(module, example, ignored), "ignored"):
         ignored_layers.extend(m.modules())
@@ -753,8 +761,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     if isinstance(original, torch.fx.GraphModule) and not any(isinstance(m, _prunable_types())
                                                                 for m in original.modules()):
         probe = copy.deepcopy(original)  # a MatMul-only classifier becomes a Linear once normalised
-        from ..io.converted_graphs import normalise_for_pruning
-        normalise_for_pruning(probe, example)
+        _normalise(probe, example)
     if not any(isinstance(m, _prunable_types()) for m in probe.modules()):
         raise TugboatError("the model has no Conv or Linear weights to prune", path=handle.source)
     run = _apply_unstructured if params["method"] == "unstructured" else _apply_structured
