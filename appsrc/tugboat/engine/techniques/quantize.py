@@ -1507,16 +1507,28 @@ def _prepare_graphs(job: _Job) -> None:
             job.params = {**params, "op_types": list(_AUTO_DYNAMIC_OPS)}
     job.check = _check_set(job.handle, job.data,
                            job.float_model if job.method != "qat-int8" else job.handle.to_onnx())
-    if job.method in (*_STATIC, *_WEIGHT_ONLY):
+    if job.method in (*_STATIC, *_WEIGHT_ONLY) or (job.method == "dynamic-int8" and _needs_pre_pass(job.float_model)):
         # shape inference and constant folding: fewer, smaller nodes (and weights read through
-        # Unsqueeze folded). Dynamic int8 skips it: on MiniLM the same 36 MatMulInteger, cosine
-        # 0.99314 either way, +0.1% bytes, no slower, and 2-5 s (sympy, symbolic shapes) saved (17.7)
+        # Unsqueeze folded). A graph of MatMuls skips it for dynamic int8: on MiniLM the same 36
+        # MatMulInteger, cosine 0.99314 either way, +0.1% bytes, no slower, 2-5 s saved (sympy,
+        # symbolic shape inference; issue 17.7). Recurrent layers and If/Loop/Scan bodies need it
+        # (their weights become initializers the quantizer sees: Silero's DynamicQuantizeLSTM), and
+        # convolutions keep it (EfficientNet-Lite0: same ops and fidelity, but 1.1% smaller with it)
         with _tmp() as tmp:
             job.float_model = _prepared(job.float_model, Path(tmp))
     job.work = gemm_to_matmul(job.float_model) if job.method in ("dynamic-int8", "weight-only-int4") \
         else job.float_model
     names = job.params["exclude"]
     job.exclude = _resolve_names(job.work, names, "quantize.exclude") if names else []
+
+
+_PRE_PASS_OPS = ("LSTM", "GRU", "RNN", "If", "Loop", "Scan", "Conv", "ConvTranspose")
+
+
+def _needs_pre_pass(model: onnx.ModelProto) -> bool:
+    """Whether dynamic int8 runs ``quant_pre_process`` first: for recurrent layers, subgraphs and
+    convolutions (where it was measured to matter), not for a transformer's MatMuls."""
+    return any(n.op_type in _PRE_PASS_OPS for n in graph_nodes(model.graph))
 
 
 def _subgraph_weights_check(job: _Job) -> None:
