@@ -36,7 +36,7 @@ def _mlp_onnx(path: Path, features: int = 32, hidden: int = 64, classes: int = 5
     onnx.save(model, str(path))
 
 
-def _run_in_fresh_process(tmp_path: Path, method: str) -> tuple[dict, bool]:
+def _run_in_fresh_process(tmp_path: Path, method: str) -> tuple[dict, bool, bool]:
     model, data = tmp_path / "mlp.onnx", tmp_path / "data.npz"
     _mlp_onnx(model)
     rng = np.random.default_rng(1)
@@ -48,18 +48,20 @@ def _run_in_fresh_process(tmp_path: Path, method: str) -> tuple[dict, bool]:
     out = tmp_path / "out"
     code = ("import sys\nfrom tugboat.cli import main\n"
             f"rc = main(['run', {str(recipe)!r}, '--out', {str(out)!r}, '--quiet'])\n"
-            "print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH')\nsys.exit(rc)\n")
+            "print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH')\n"
+            "print('SYMPY-IMPORTED' if 'sympy' in sys.modules else 'NO-SYMPY')\nsys.exit(rc)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "appsrc"), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return json.loads((out / "report.json").read_text()), "NO-TORCH" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    return report, "NO-TORCH" in res.stdout, "NO-SYMPY" in res.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dynamic-int8", "static-int8"])
 def test_quantizing_an_onnx_model_never_imports_torch(tmp_path, method):
-    report, torch_free = _run_in_fresh_process(tmp_path, method)
+    report, torch_free, sympy_free = _run_in_fresh_process(tmp_path, method)
     base, variant = report["baseline"]["metrics"], report["variants"][0]["metrics"]
     assert report["variants"][0]["status"] == "ok"
     assert variant["size_bytes"] < 0.6 * base["size_bytes"]  # really quantized (float32 weights -> int8)
@@ -68,6 +70,8 @@ def test_quantizing_an_onnx_model_never_imports_torch(tmp_path, method):
     # the work a timing did is on record (benchmarks/overhead.py gives its plain script as many runs)
     assert variant["latency_ms"]["speedup"]["warmup_runs"] >= 2 and base["latency_ms"]["warmup_runs"] >= 1
     assert torch_free, f"tugboat run of an ONNX model with {method} imported torch"
+    # dynamic int8 of MatMuls skips quant_pre_process (its symbolic shape inference imports sympy)
+    assert sympy_free == (method == "dynamic-int8")
 
 
 def test_engine_modules_import_without_torch():
