@@ -221,7 +221,9 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite ``Gemm`` with a constant weight as ``MatMul`` (+ ``Add``) on a copy of ``model``.
 
     ONNX Runtime's dynamic and weight-only quantizers only handle MatMul; the exporter writes
-    ``nn.Linear`` on 2-D inputs as Gemm."""
+    ``nn.Linear`` on 2-D inputs as Gemm. A graph without Gemm is returned as it is (not copied)."""
+    if not any(n.op_type == "Gemm" for n in model.graph.node):
+        return model
     model = _copy(model)
     inits = {i.name: i for i in model.graph.initializer}
     nodes = []
