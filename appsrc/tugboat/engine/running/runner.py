@@ -134,7 +134,7 @@ def _apply_one(tech, handle: ModelHandle, params: dict[str, Any], data: Dataset 
     return cancellable.call(work, progress, name=f"tugboat-{tech.name}")
 
 
-def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
+def prepare(recipe: Recipe, progress: Progress | None = None, *, deflate_later: bool = False) -> Baseline:
     """Load the recipe's model and data, check the original runs (finite outputs, labels that fit),
     refuse what cannot fit in memory, and measure it: the :class:`Baseline` every variant is
     compared with."""
@@ -155,7 +155,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None) -> Baseline:
     memory.check(handle, recipe.steps, data, cfg, where=recipe.source or recipe.model)
     _check_first_run(recipe, handle, data, cfg.threads)
     progress.update(0.3, "measuring the original model")
-    metrics, outputs = _measure_original(recipe, handle, data, cfg, progress)
+    metrics, outputs = _measure_original(recipe, handle, data, cfg, progress, deflate_later)
     handle.warnings = [w for w in handle.warnings if not is_timing_warning(w)] + own_timing_warnings(metrics)
     return Baseline(handle, data, metrics, outputs, cfg, timing_reference(handle, data, cfg))
 
@@ -193,12 +193,13 @@ def _check_first_run(recipe: Recipe, handle: ModelHandle, data: Dataset | None, 
 
 
 def _measure_original(recipe: Recipe, handle: ModelHandle, data: Dataset | None, cfg: MeasureConfig,
-                      progress: Progress) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+                      progress: Progress, deflate_later: bool = False
+                      ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
     def work():
         try:
             return cancellable.call(
-                lambda: measure(handle, data, cfg, reference=None,
-                                progress=progress.sub(0.3, 1.0, "baseline: ")), progress, name="tugboat-measure")
+                lambda: measure(handle, data, cfg, reference=None, progress=progress.sub(0.3, 1.0, "baseline: "),
+                                deflate_later=deflate_later), progress, name="tugboat-measure")
         except TugboatError as exc:
             if data is not None and any(m in exc.message.lower() for m in INDEX_MARKERS):
                 raise first_run_error(exc, handle, data) from None  # a bad token id beyond the probe's
@@ -327,7 +328,8 @@ def run(recipe: Recipe, out_dir: str | os.PathLike, progress: Progress | None = 
 
 
 def _run_locked(recipe: Recipe, out: Path, progress: Progress) -> dict[str, Any]:
-    base = prepare(recipe, progress.sub(0.0, 0.3 if recipe.steps else 0.9))
+    # the original's deflate size goes on beside the steps and the variant's measuring (issue 17.7)
+    base = prepare(recipe, progress.sub(0.0, 0.3 if recipe.steps else 0.9), deflate_later=True)
     variants: list[Variant] = []
     baseline_variant = Variant("baseline", recipe.with_steps([]).to_dict(), base.metrics, handle=base.handle)
     if recipe.steps:
@@ -337,6 +339,8 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress) -> dict[str, Any]
     for v in variants:
         if v.status == "ok":
             write_variant_artifacts(v, out)
+    if base.metrics.get("compressed_bytes") is None:
+        base.metrics["compressed_bytes"] = start_deflate(base.handle.to_onnx())()
     report = build_report(recipe, base.metrics, variants, baseline_artifacts=baseline_variant.artifacts)
     write_report(report, out / "report.json")
     progress.update(1.0, "done")
