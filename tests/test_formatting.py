@@ -52,7 +52,7 @@ def test_a_technique_that_fails_to_import_is_an_error_not_a_missing_technique():
     code = ("import sys\n"
             "class Broken:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'tugboat.engine.techniques.students':\n"
+            "        if name == 'tugboat.engine.techniques.training':\n"
             "            raise ModuleNotFoundError('students_extra is broken', name='students_extra')\n"
             "sys.meta_path.insert(0, Broken())\n"
             "from tugboat.engine.techniques import steps\n"

@@ -369,12 +369,14 @@ def _load_torchscript(path: Path) -> ModelHandle:
 
 def _load_exported(path: Path) -> ModelHandle:
     extra = {METADATA_NAME: ""}
-    # torch.export logs a full traceback at WARNING before re-raising; the error below says it all
+    # torch.export logs a full traceback at WARNING before re-raising; the error below says it all.
+    # torch is imported first (torch is lazy here): its logging set-up resets that logger's level
+    load = torch.export.load
     export_log = logging.getLogger("torch.export")
     level = export_log.level
     export_log.setLevel(logging.ERROR)
     try:
-        program = torch.export.load(str(path), extra_files=extra)
+        program = load(str(path), extra_files=extra)
     except Exception as exc:
         raise ModelLoadError(f"not a valid torch.export program ({_short(exc)})" + _text_note(path),
                              path=path) from None
