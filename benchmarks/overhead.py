@@ -17,6 +17,7 @@ the ratio is of the medians, from this one run:
   epoch x 3 quantization methods), default executor (< 8 s on 2 cores); ``--local`` adds the
   in-process executor for comparison.
 
+Tugboat's modules are byte-compiled first (``compileall``), as pip does for an installed app.
 Writes benchmarks/results/overhead.json. Timings on a shared machine vary: read the ratios, and the
 machine load printed beside them.
 """
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    # both sides from bytecode, as an installed app runs (pip compiles what it installs; the reference's
+    # site-packages are compiled): with PYTHONDONTWRITEBYTECODE set, Tugboat's own modules would
+    # otherwise be compiled from source in every timed run (~0.1-0.3 s) and the imports never would
+    subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "appsrc")], check=True, stdout=subprocess.DEVNULL)
     rows = []
     with tempfile.TemporaryDirectory(prefix="tugboat-overhead-") as d:
         tmp = Path(d)
