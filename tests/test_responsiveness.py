@@ -29,18 +29,23 @@ QUICK = {"batch": 16, "threads": 1, "warmup": 1, "min_runs": 3, "min_seconds": 0
          "also_batch1": False, "both_runtimes": False}
 
 
+def _threads_calling(monkeypatch, owner, name: str) -> list[str]:
+    """The names of the threads that call ``owner.name``, in order (the call goes through)."""
+    calls: list[str] = []
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
 @pytest.fixture
 def fsyncs(monkeypatch):
     """The names of the threads that called ``os.fsync``, in order."""
-    calls: list[str] = []
-    real = os.fsync
-
-    def fsync(fd):
-        calls.append(threading.current_thread().name)
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return calls
+    return _threads_calling(monkeypatch, os, "fsync")
 
 
 def test_atomic_writes_of_the_gui_thread_are_whole_at_once_and_synced_elsewhere(tmp_path, fsyncs):
@@ -64,14 +69,7 @@ def test_atomic_writes_of_the_gui_thread_are_whole_at_once_and_synced_elsewhere(
 def test_the_window_saves_results_on_the_gui_thread_without_waiting_on_the_disk(qtbot, fsyncs, monkeypatch):
     from tugboat.ui.main_window import MainWindow
 
-    saved_on: list[str] = []
-    real_save = Workspace.save
-
-    def save(self):
-        saved_on.append(threading.current_thread().name)
-        return real_save(self)
-
-    monkeypatch.setattr(Workspace, "save", save)
+    saved_on = _threads_calling(monkeypatch, Workspace, "save")
     disk_sync.start()
     try:
         w = MainWindow()

@@ -140,17 +140,8 @@ def sync_later() -> Callable[[Callable[[], None]], None] | None:
 def fsync_file_and_dir(path: str | os.PathLike) -> None:
     """fsync a written file and its folder (after its rename into place)."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # replaced or removed since: its successor is synced by its own write
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
+    if _fsync_path(path):  # else replaced or removed since: its successor is synced by its own write
+        fsync_dir(path.parent)
 
 
 def temp_file_beside(path: Path) -> Path:
@@ -173,18 +164,23 @@ def replace_with(tmp: Path, path: Path) -> Path:
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename durable across a power loss (POSIX; a no-op where folders cannot be opened)."""
-    if os.name != "posix":
-        return
+    if os.name == "posix":
+        _fsync_path(folder)
+
+
+def _fsync_path(path: Path) -> bool:
+    """fsync a file or folder by its path; False when it cannot be opened (an fsync error is ignored)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        return False
     try:
         os.fsync(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
+    return True
 
 
 def current_umask() -> int:

@@ -64,9 +64,13 @@ def constant_of_shape(batch: int, spec: tuple, fill: Any, dtype: torch.dtype) ->
     shape = numbers(batch, spec)
     if all(not isinstance(v, tuple) for v in spec):
         return torch.full(shape, fill, dtype=dtype)
-    # a size that follows the batch: expand a one-element tensor (a TorchScript trace keeps expand's
-    # sizes open, not those of torch.full, and the ONNX exporter behind a reopened file traces it)
-    return torch.full([1] * len(shape), fill, dtype=dtype).expand(shape)
+    return filled(shape, fill, dtype)
+
+
+def filled(shape: Sequence, fill: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.full`` whose sizes a trace keeps open: a one-element tensor expanded to them (a
+    TorchScript trace, and the ONNX exporter behind a reopened file, bake the sizes of torch.full)."""
+    return torch.full([1] * len(shape), fill, dtype=dtype).expand(list(shape))
 
 
 def onnx_expand(x: torch.Tensor, batch: int, spec: tuple) -> torch.Tensor:

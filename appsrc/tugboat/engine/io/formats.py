@@ -224,17 +224,16 @@ def _arange(*args, **kwargs):
     return torch.arange(*args, dtype=kwargs.get("dtype"), device=kwargs.get("device"))
 
 
-def _filled(size, fill, dtype):
-    """``torch.full`` that keeps traced sizes open: a one-element tensor expanded to them."""
-    return torch.full([1] * len(size), fill, dtype=dtype).expand(list(size))
-
-
 def _zeros(size, *_, **kwargs):
-    return _filled(size, 0, kwargs.get("dtype") or torch.get_default_dtype())
+    from .batch_shapes import filled
+
+    return filled(size, 0, kwargs.get("dtype") or torch.get_default_dtype())
 
 
 def _new_ones(x: torch.Tensor, size, *_, **kwargs):
-    return _filled(size, 1, kwargs.get("dtype") or x.dtype)
+    from .batch_shapes import filled
+
+    return filled(size, 1, kwargs.get("dtype") or x.dtype)
 
 
 def _keep_sizes_dynamic(gm: nn.Module) -> None:

@@ -66,7 +66,7 @@ from ..progress import Progress, null_progress
 from .quant_error import fixed_batch, rank_layers, severity
 from .quant_error import run as run_graph
 from .technique import NO_CHANGE, Param, Technique
-from .weight_dequant import dequant_int8_weights
+from .weight_dequant import dequant_int8_weights, quantize_tensor
 
 METHODS = {
     "auto": "int8 chosen per model kind: static-int8 for convolutional networks (fast int8 "
@@ -925,15 +925,11 @@ def per_channel_conv_integer(q: onnx.ModelProto, source: onnx.ModelProto) -> int
             if len(floats.get(src, ())) != 1 or any(p is None for p in parts) \
                     or parts[0].data_type != onnx.TensorProto.INT8:
                 continue
-            w = numpy_helper.to_array(floats[src][0]).astype(np.float64)
-            rows = w.reshape(w.shape[0], -1)
-            scale = np.abs(rows).max(axis=1) / 127.0
-            scale[scale == 0] = 1.0
-            qw = np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
+            w = numpy_helper.to_array(floats[src][0])
+            qw, scale = quantize_tensor(w, 0)
             parts[0].CopyFrom(numpy_helper.from_array(qw, parts[0].name))
             parts[1].CopyFrom(numpy_helper.from_array(np.array(0, np.int8), parts[1].name))
-            parts[2].CopyFrom(numpy_helper.from_array(
-                scale.astype(np.float32).reshape([-1] + [1] * (w.ndim - 2)), parts[2].name))
+            parts[2].CopyFrom(numpy_helper.from_array(scale.reshape([-1] + [1] * (w.ndim - 2)), parts[2].name))
             done += 1
     return done
 
