@@ -37,3 +37,33 @@ def real_model(name: str):
     if gone:
         pytest.skip(f"real model '{name}' needs {', '.join(gone)}: {corpus.ENTRIES[name].install_command}")
     return corpus.materialise(name)
+
+
+def animal_cnn(epochs: int = 6, size: int = 20, seed: int = 0):
+    """A small CNN trained on Animal-Shape MNIST (tools/real_models.py: ``animal_shapes``), 10,000
+    real 28x28 silhouettes of ten animals, resized to ``size`` (20: half the training cost of 28,
+    the same accuracy): (handle, dataset). Skips the calling test, naming the pip command, when the
+    package is absent."""
+    import numpy as np
+    import torch
+
+    from standins import SmallCNN, _train
+    from tugboat.engine.io.data import Dataset, default_splits
+    from tugboat.engine.io.models import ModelHandle, TensorSpec
+
+    try:
+        images, labels = corpus.animal_shapes()
+    except corpus.PackageMissingError as exc:
+        pytest.skip(str(exc))
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    if size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.numpy()
+    data = Dataset("animal-shapes", {"input": x}, labels, default_splits(len(labels), seed=seed))
+    torch.manual_seed(seed)
+    model = SmallCNN(width=24, size=size)
+    train = data.splits["train"]
+    _train(model, [torch.from_numpy(x[train])], torch.from_numpy(labels[train]), epochs, seed=seed)
+    handle = ModelHandle(model, [TensorSpec("input", ("batch", 1, size, size))], [TensorSpec("logits", ("batch", 10))],
+                         source="animal-shapes-cnn", format="torch", arch="smallcnn")
+    return handle, data

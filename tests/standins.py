@@ -225,32 +225,3 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
-
-
-def build_hard_digits(epochs: int = 6, size: int = 16, copies: int = 3, seed: int = 0
-                      ) -> tuple[ModelHandle, Dataset]:
-    """SmallCNN trained on digits at ``size`` x ``size``, ``copies`` noisy, shifted, dimmed
-    versions of each (5391 rows): accuracy in the 80s like Fashion-MNIST, so pruning half the
-    channels costs real points, and an epoch is long enough to mean something."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1).repeat(copies, 1, 1, 1)
-    x = F.interpolate(x, size=(size - 4, size - 4), mode="bilinear", align_corners=False)
-    x = F.pad(x, (2, 2, 2, 2))
-    shifts = rng.integers(-2, 3, size=(len(x), 2))
-    x = torch.stack([torch.roll(img, tuple(int(s) for s in sh), dims=(1, 2)) for img, sh in zip(x, shifts)])
-    x = x * torch.from_numpy(rng.uniform(0.5, 1.0, (len(x), 1, 1, 1)).astype(np.float32))
-    x = x + 0.2 * torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
-    x = x.numpy().astype(np.float32)
-    y = np.tile(d.target.astype(np.int64), copies)
-    data = Dataset("standin:hard-digits", {"input": x}, y, default_splits(len(y), seed=seed))
-    torch.manual_seed(seed)
-    model = SmallCNN(width=24, size=size)
-    train = data.splits["train"]
-    _train(model, [torch.from_numpy(x[train])], torch.from_numpy(y[train]), epochs, seed=seed)
-    handle = ModelHandle(model, [TensorSpec("input", ("batch", 1, size, size))],
-                         [TensorSpec("logits", ("batch", 10))], source="standin:hard-digits-cnn",
-                         format="torch", arch="smallcnn")
-    return handle, data

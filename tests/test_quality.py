@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from helpers import FAST
-from standins import build_hard_digits, build_senet, build_tinybert
+from realmodels import animal_cnn
+from standins import build_senet, build_tinybert
 from tugboat.engine.io.data import Dataset
 from tugboat.engine.measuring.measure import measure
 from tugboat.engine.progress import null_progress
@@ -178,16 +179,17 @@ def test_constant_weights_become_initializers():
 
 @pytest.mark.slow
 def test_pruned_half_recovers_within_two_points_in_two_epochs():
-    """Issue 14: a 0.5 structured prune of a small CNN on a hard 10-class task recovers in 2 epochs.
+    """Issue 14: a 0.5 structured prune of a small CNN on a real 10-class task recovers in 2 epochs.
 
+    The task is Animal-Shape MNIST (a third-party dataset from PyPI: 10,000 silhouettes of ten
+    animals, 1,000 each, 2,000 held out for the test), on which the CNN reaches about 96 %.
     ``round_to = 0`` prunes exactly half the channels of every layer (the default's rounding keeps
-    more here: 24 -> 16 channels instead of 12), the hard case. Over seeds 0-4 of this stand-in the
-    defaults (the original as teacher, AdamW at 3e-3, batch 32, gradients clipped to norm 2.5, a
-    cosine schedule, BatchNorm re-estimated) ended 0.7 points below the original on average and 1.4
-    at worst (seed 0: 0.3); with batch 64 and no clipping (the old defaults) 1.5 and 1.8. See
-    docs/techniques/pruning.md for the table."""
+    more here: 24 -> 16 channels instead of 12), the hard case: it costs 20-70 points before
+    fine-tuning. Over seeds 0-4 the defaults (the original as teacher, AdamW at 3e-3, batch 32,
+    gradients clipped to norm 2.5, a cosine schedule, BatchNorm re-estimated) ended within the
+    2 points on every seed; docs/techniques/pruning.md has the table."""
     with torch.random.fork_rng():
-        handle, data = build_hard_digits()
+        handle, data = animal_cnn()
     base = evaluate(handle.module, data, "test", handle.input_names)["accuracy"]
     params = prune_mod.TECHNIQUE.defaults("structured") | {"method": "structured", "ratio": 0.5, "round_to": 0}
     assert params["teacher_weight"] > 0 and params["finetune_epochs"] == 2  # distillation by default

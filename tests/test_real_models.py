@@ -210,3 +210,26 @@ def test_ocr_classifier_default_int8_is_written_as_qoperator_and_agrees():
     assert info["format"]["bytes"]["qoperator"] < 0.9 * info["format"]["bytes"]["qdq"], info["format"]
     assert fid["top1_agreement"] >= 0.98, fid
     assert ratio >= 3.5, ratio  # 2.7x before its per-channel bookkeeping was cut, 3.1x before QOperator
+
+
+def test_the_animal_dataset_is_read_as_arrays_only():
+    """Animal-Shape MNIST ships gzipped pickles: they are read with an unpickler that builds numpy
+    arrays and refuses anything else a pickle could call."""
+    import io
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="not part of a numpy array"):
+        corpus._ArraysOnly(io.BytesIO(pickle.dumps(Evil()))).load()
+    arr = np.arange(6, dtype=np.int64).reshape(2, 3)
+    assert np.array_equal(corpus._ArraysOnly(io.BytesIO(pickle.dumps(arr))).load(), arr)
+    try:
+        x, y = corpus.animal_shapes()
+    except corpus.PackageMissingError as exc:
+        pytest.skip(str(exc))
+    assert x.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert np.bincount(y).tolist() == [1000] * 10 and x.max() == 255

