@@ -592,21 +592,28 @@ def _calib_arrays(data: Dataset | None, handle: ModelHandle, samples: int, metho
     if data is None:
         raise DataError(f"quantize {method} needs data to calibrate activation ranges; give a "
                         f"dataset (recipe 'data = ...')")
-    rows = [np.asarray(data.splits.get(s, ()), dtype=np.int64) for s in ("calib", "train")]
-    idx = np.concatenate(rows) if any(len(r) for r in rows) else np.zeros(0, np.int64)
-    _, first = np.unique(idx, return_index=True)  # calib is a subset of train: no repeats
-    idx = idx[np.sort(first)]
-    if not len(idx):
+    idx, available = _calib_rows(data, samples)
+    if not available:
         raise DataError("has no calib or train samples to calibrate on", path=data.ref)
-    available = len(idx)
-    idx = idx[:samples]
-    batch = calib_batch(len(idx))
-    idx = idx[: len(idx) - len(idx) % batch]
+    batch = calib_batch(min(available, samples))
     if notes is not None and len(idx) < samples:
         why = (f"the data has {available}" if available < samples
                else f"whole batches of {batch}")
         notes.append(f"calibrated on {len(idx)} samples (asked for {samples}; {why})")
     return [_in_layout(data.inputs[spec.name][idx], spec) for spec in handle.inputs]
+
+
+def _calib_rows(data: Dataset, samples: int) -> tuple[np.ndarray, int]:
+    """(the rows static int8 calibrates on, the rows it could take): the calib split, then the rest
+    of the train split, ``samples`` at most, trimmed to whole calibration batches."""
+    rows = [np.asarray(data.splits.get(s, ()), dtype=np.int64) for s in ("calib", "train")]
+    idx = np.concatenate(rows) if any(len(r) for r in rows) else np.zeros(0, np.int64)
+    _, first = np.unique(idx, return_index=True)  # calib is a subset of train: no repeats
+    idx = idx[np.sort(first)]
+    available = len(idx)
+    idx = idx[:samples]
+    batch = calib_batch(len(idx))
+    return idx[: len(idx) - len(idx) % batch], available
 
 
 def _in_layout(array: np.ndarray, spec):
@@ -1067,31 +1074,59 @@ def _accuracy_aware(handle: ModelHandle, float_model: onnx.ModelProto, calib, da
 # --- fidelity: is the quantized model still the float model? ----------------------------------
 
 _CHECK_ROWS = 512
+# a val split under this many rows is too few to decide on (a 32-48 row file gives it 3-5, and one odd
+# row decides): the check then also reads every train row the method was not fitted to
+# (docs/techniques/quantization.md, "How many rows the check reads")
+MIN_CHECK_ROWS = 32
 
 
 @dataclass
 class _CheckSet:
-    """Held-out rows (val split) and the float model's outputs on them."""
+    """Held-out rows (the val split, topped up with train rows the method fits nothing to) and the
+    float model's outputs on them."""
 
     split: str
     xs: list[np.ndarray]
     reference: np.ndarray
     classification: bool
+    idx: np.ndarray | None = None  # the data's rows
+    where: str = "the val split"  # what the messages say the check read
 
 
-def _check_set(handle: ModelHandle, data: Dataset | None, float_model: onnx.ModelProto) -> _CheckSet | None:
+def check_rows(data: Dataset, method: str, params: dict[str, Any]) -> tuple[str, np.ndarray, int]:
+    """(split, row indices, how many of them are train rows) the fidelity check of ``method`` reads:
+    the val split (at most 512 rows); below :data:`MIN_CHECK_ROWS` rows, the train rows the method is
+    not fitted to join it (every train row for the methods that read no data, those beyond its
+    calibration rows for static int8, none for QAT, which trains on them). Test rows never."""
+    split = _eval_split(data)
+    idx = np.asarray(data.splits[split], np.int64)[:_CHECK_ROWS]
+    if len(idx) >= MIN_CHECK_ROWS or split != "val" or method == "qat-int8":
+        return split, idx, 0
+    fitted = _calib_rows(data, params["calibration_samples"])[0] if method in _STATIC else ()
+    held = {*idx.tolist(), *np.asarray(data.splits.get("test", ()), np.int64).tolist(), *np.asarray(fitted).tolist()}
+    extra = [i for i in np.asarray(data.splits.get("train", ()), np.int64).tolist() if i not in held]
+    extra = extra[: _CHECK_ROWS - len(idx)]
+    return ("val+train" if extra else split), np.concatenate([idx, np.asarray(extra, np.int64)]), len(extra)
+
+
+def _check_set(handle: ModelHandle, data: Dataset | None, float_model: onnx.ModelProto, method: str,
+               params: dict[str, Any], reuse: _CheckSet | None = None) -> _CheckSet | None:
+    """The rows :func:`check_rows` picks and the float model's outputs on them (``reuse`` when it
+    holds the same rows)."""
     if data is None:
         return None
     try:
-        split = _eval_split(data)
+        split, idx, extra = check_rows(data, method, params)
     except DataError:
         return None
-    xs_d, _ = data.split(split, limit=_CHECK_ROWS)
-    xs = [_in_layout(xs_d[spec.name], spec) for spec in handle.inputs]
+    if reuse is not None and reuse.idx is not None and np.array_equal(reuse.idx, idx):
+        return reuse
+    xs = [_in_layout(data.inputs[spec.name][idx], spec) for spec in handle.inputs]
     reference = _run(float_model, xs)
     classification = (handle.task == "classification" and reference.ndim == 2
                       and reference.shape[1] > 1)
-    return _CheckSet(split, xs, reference, classification)
+    where = f"the val split and {extra} train rows it was not fitted to" if extra else f"the {split} split"
+    return _CheckSet(split, xs, reference, classification, idx, where)
 
 
 def _run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None = None,
@@ -1116,7 +1151,8 @@ def _score(q: onnx.ModelProto, check: _CheckSet) -> dict[str, Any]:
     f = fidelity_of(_run(q, check.xs), check.reference)
     metric = "top1_agreement" if check.classification else "cosine"
     low = MIN_TOP1_AGREEMENT if check.classification else MIN_COSINE
-    return {"split": check.split, "metric": metric, "value": f[metric], "threshold": low,
+    return {"split": check.split, "rows": len(check.reference), "where": check.where, "metric": metric,
+            "value": f[metric], "threshold": low,
             "top1_agreement": f["top1_agreement"] if check.classification else None,
             "cosine": f["cosine"], "low": f[metric] < low}
 
@@ -1298,22 +1334,54 @@ def _weight_only_ranking(rows: list[dict[str, Any]], check: _CheckSet, redo) -> 
 
 
 def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _CheckSet, method: str,
-                    info: dict[str, Any], warn: list[str], redo) -> None:
-    """Measure fidelity on the val split; when it is low, say so, find the layers that add the
+                    info: dict[str, Any], warn: list[str], redo, int8_nodes: dict[str, int] | None = None) -> None:
+    """Measure fidelity on the check rows; when it is low, say so, find the layers that add the
     most error, try keeping them in float, and offer what worked (``exclude`` / accuracy-aware)."""
     score = _score(q, check)
-    info["fidelity_check"] = {k: score[k] for k in ("split", "metric", "value", "threshold",
+    info["fidelity_check"] = {k: score[k] for k in ("split", "rows", "metric", "value", "threshold",
                                                      "top1_agreement", "cosine")}
     if not score["low"]:
         return
     what = "top-1 agreement" if score["metric"] == "top1_agreement" else "cosine similarity"
-    msg = (f"low fidelity: {what} with the float model is {score['value']:.3f} on the "
-           f"{check.split} split (below {score['threshold']:g})")
-    ranking = _ranking(float_model, q, check)
-    if method in _WEIGHT_ONLY and redo is not None:  # activations are float: only layers with weights count
-        ranking = _weight_only_ranking([r for r in ranking if r.get("weighted")], check, redo)
+    msg = (f"low fidelity: {what} with the float model is {score['value']:.3f} on "
+           f"{check.where} (below {score['threshold']:g})")
+    found = fewest_float(q, check, redo, int8_nodes, null_progress()) \
+        if method in _WEIGHT_ONLY and redo is not None and int8_nodes else None
+    if found is not None:  # the fewest layers with weights kept float that pass, most harmful first
+        kept, _, after, losses = found
+        ranking = [{"node": n, "layer": layer_of(n), "name": layer_of(n), "weighted": True, "loss_alone": v}
+                   for n, v in losses]
+        best = (after["value"], list(dict.fromkeys(layer_of(n) for n in kept)))
+    else:
+        ranking = _ranking(float_model, q, check)
+        if method in _WEIGHT_ONLY and redo is not None:  # activations are float: only layers with weights count
+            ranking = _weight_only_ranking([r for r in ranking if r.get("weighted")], check, redo)
+        best = _widening_trials(float_model, ranking, method, check, redo)
     advice = []
-    best = None  # (fidelity, names kept float)
+    if best is not None:
+        value, names = best
+        info["fidelity_check"]["suggested_exclude"] = names
+        info["fidelity_check"]["with_suggested_exclude"] = value
+        listed = ", ".join(f'"{w}"' for w in names)
+        gain = "" if value > score["value"] else " (no better: the loss is spread out)"
+        advice.append(f"keeping {len(names)} layer(s) or node(s) around those that add the most "
+                      f"error in float gives {value:.3f}{gain}: exclude = [{listed}]")
+    if method in _STATIC:
+        advice.append("max_accuracy_drop = 0.01 searches for the fewest layers to keep in float")
+        advice.append("dynamic-int8 (what method \"auto\" picks for transformers) keeps "
+                      "activations in float")
+    elif method == "dynamic-int8":
+        advice.append("weight-only-int8 (int8 weights, float activations) or fp16 keep activations "
+                      "and compute in float")
+    info["fidelity_check"]["ranking"] = ranking[:10]
+    warn.append(msg + ("; " + "; ".join(advice) if advice else ""))
+
+
+def _widening_trials(float_model: onnx.ModelProto, ranking: list[dict[str, Any]], method: str, check: _CheckSet,
+                     redo) -> tuple[float, list[str]] | None:
+    """(best fidelity, names kept float) of trials keeping the 3, 6, then 12 worst layers (with their
+    neighbourhood for int8 activations) in float, until one passes or a minute has gone."""
+    best = None
     started = time.perf_counter()
     for count in (3, 6, 12):  # widen until fidelity is back (each try is one quantization)
         names = _neighbourhood(float_model, ranking, count) if method not in _WEIGHT_ONLY \
@@ -1332,23 +1400,129 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
             best = (trial["value"], names)
         if not trial["low"]:
             break
-    if best is not None:
-        value, names = best
-        info["fidelity_check"]["suggested_exclude"] = names
-        info["fidelity_check"]["with_suggested_exclude"] = value
-        listed = ", ".join(f'"{w}"' for w in names)
-        gain = "" if value > score["value"] else " (no better: the loss is spread out)"
-        advice.append(f"keeping {len(names)} layer(s) or node(s) around those that add the most "
-                      f"error in float gives {value:.3f}{gain}: exclude = [{listed}]")
-    if method in _STATIC:
-        advice.append("max_accuracy_drop = 0.01 searches for the fewest layers to keep in float")
-        advice.append("dynamic-int8 (what method \"auto\" picks for transformers) keeps "
-                      "activations in float")
-    elif method == "dynamic-int8":
-        advice.append("weight-only-int8 (int8 weights, float activations) or fp16 keep activations "
-                      "and compute in float")
-    info["fidelity_check"]["ranking"] = ranking[:10]
-    warn.append(msg + ("; " + "; ".join(advice) if advice else ""))
+    return best
+
+
+# --- keeping the few most sensitive layers in float ----------------------------------------------
+
+# weight-only int8 keeps its most sensitive layers float32 only while the variant stays at most this
+# much larger than with every weight int8 (a weight kept float costs 3 more bytes: about 3 % of the
+# weights at most); beyond it, it is no longer the ~4x smaller int8 file the method is about
+KEEP_FLOAT_BUDGET = 0.10
+_HARD_ROWS = 8  # the search runs layer groups on the check rows the all-int8 variant misses most
+_SEARCH_SHARE = 0.1  # a group of layers is split further while it costs this share of the loss or more
+
+
+def _keep_sensitive_float(job: _Job, q: onnx.ModelProto, score: dict[str, Any]
+                          ) -> tuple[onnx.ModelProto, dict[str, Any]] | None:
+    """Weight-only int8 below its check, under method auto: the variant with the fewest layers kept
+    float that passes the check (:func:`fewest_float`), its score, and what was kept recorded in
+    ``job.info`` (``kept_float``, ``sensitive_float``) and said in ``job.warn``. None where there is no
+    such set, and where the user gave ``exclude`` (their choice of float layers wins)."""
+    if job.method != "weight-only-int8" or job.params["exclude"] or not job.int8_nodes or job.redo is None:
+        return None
+    job.progress.update(0.9, "looking for the layers int8 weights hurt most")
+    found = fewest_float(q, job.check, job.redo, job.int8_nodes, job.progress)
+    if found is None:
+        job.int8_nodes = None  # searched: the advice need not search again
+        return None
+    kept, trial, after, losses = found
+    names = list(dict.fromkeys(layer_of(n) for n in kept))
+    share = sum(job.int8_nodes[n] for n in kept) / max(1, sum(job.int8_nodes.values()))
+    grow = len(trial.SerializeToString()) / len(q.SerializeToString()) - 1.0
+    job.info["kept_float"] = names
+    job.info["sensitive_float"] = {
+        "layers": names, "nodes": kept, "weights_share": share, "larger_by": grow, "budget": KEEP_FLOAT_BUDGET,
+        "metric": score["metric"], "before": score["value"], "after": after["value"], "rows": after["rows"],
+        "loss_alone": {layer_of(n): v for n, v in losses[:10]}}
+    job.info["float_layers"] = list(dict.fromkeys([*job.info.get("float_layers", []), *names]))
+    job.exclude = [*job.exclude, *kept]
+    what = "top-1 agreement" if score["metric"] == "top1_agreement" else "cosine"
+    job.warn.append(f"method auto: {job.method} kept {what} {score['value']:.3f} on {score['where']} (below "
+                    f"{score['threshold']:g}); its most sensitive layer(s) kept in float, {', '.join(names)} "
+                    f"({100 * share:.2g} % of the weights, the file {100 * grow:.2g} % larger), give "
+                    f"{after['value']:.3f}")
+    return trial, after
+
+
+def fewest_float(q: onnx.ModelProto, check: _CheckSet, redo, sizes: dict[str, int], progress: Progress):
+    """``(nodes kept float, the graph, its score, [(node, loss alone)...])`` for the fewest of the layers
+    ``sizes`` names (node -> int8 weight elements) that, kept float in ``redo(nodes)``, bring ``q``
+    back over the check's threshold, while the float weights cost at most :data:`KEEP_FLOAT_BUDGET`
+    of ``q``'s bytes; None when no such set is found (or keeping every one float would not pass
+    either: then the loss is not in the weights). Layers are tried most harmful first."""
+    started = time.perf_counter()
+    budget = KEEP_FLOAT_BUDGET * len(q.SerializeToString())
+    nodes = list(sizes)
+
+    def cost(names) -> int:
+        return 3 * sum(sizes[n] for n in names)
+
+    if _score(redo(nodes), check)["low"]:
+        return None
+    losses = _sensitive_layers(nodes, q, _hard_rows(q, check), redo,
+                               lambda group: min(cost([n]) for n in group) <= budget, progress)
+    kept: list[str] = []
+    for node, _ in losses:
+        if cost([*kept, node]) > budget or time.perf_counter() - started > 2 * _ADVICE_SECONDS:
+            continue
+        kept.append(node)
+        progress.check()
+        trial = redo(kept)
+        after = _score(trial, check)
+        if not after["low"]:
+            return kept, trial, after, losses
+    return None
+
+
+def _sensitive_layers(nodes: list[str], q: onnx.ModelProto, hard: _CheckSet, redo, affordable,
+                      progress: Progress) -> list[tuple[str, float]]:
+    """The layers whose int8 weights cost the most, most harmful first: ``[(node, loss)]``, where loss
+    is 1 - cosine on ``hard``'s rows with only that layer's weights int8. Found by halving: the small,
+    independent errors of int8 weights add up over layers (1 - cosine grows with the squared error),
+    so a group of layers (in graph order) is split in two while it costs at least
+    :data:`_SEARCH_SHARE` of the whole loss: a couple of runs per halving towards each sensitive layer
+    (12 runs for the OCR recogniser's one bad convolution among 47) instead of one per layer. Groups
+    with no layer ``affordable`` to keep float are not searched; it stops after ``_ADVICE_SECONDS``."""
+    started = time.perf_counter()
+
+    def loss(group: list[str]) -> float:
+        progress.check()
+        keep = set(group)
+        out = _run(redo([n for n in nodes if n not in keep]), hard.xs)
+        return 1.0 - fidelity_of(out, hard.reference)["cosine"]
+
+    total = 1.0 - fidelity_of(_run(q, hard.xs), hard.reference)["cosine"]
+    todo, found = [(nodes, total)], []
+    while todo and time.perf_counter() - started < _ADVICE_SECONDS:
+        group, value = todo.pop(0)
+        if len(group) == 1:
+            found.append((group[0], value))
+            continue
+        for part in (group[: len(group) // 2], group[len(group) // 2:]):
+            if affordable(part):
+                v = loss(part)
+                if v >= _SEARCH_SHARE * total:
+                    todo.append((part, v))
+        todo.sort(key=lambda t: -t[1])
+    return sorted(found, key=lambda t: -t[1])
+
+
+def _hard_rows(q: onnx.ModelProto, check: _CheckSet) -> _CheckSet:
+    """The :data:`_HARD_ROWS` rows of ``check`` where ``q`` is furthest from the float model (per-row
+    1 - cosine; absolute difference for one value a row)."""
+    n = len(check.reference)
+    if n <= _HARD_ROWS:
+        return check
+    y = np.asarray(_run(q, check.xs), np.float64).reshape(n, -1)
+    y0 = np.asarray(check.reference, np.float64).reshape(n, -1)
+    if y.shape[1] == 1:
+        err = np.abs(y - y0)[:, 0]
+    else:
+        err = 1.0 - np.sum(y * y0, 1) / np.maximum(np.linalg.norm(y, axis=1) * np.linalg.norm(y0, axis=1), 1e-12)
+    idx = np.sort(np.argsort(-err, kind="stable")[:_HARD_ROWS])
+    xs = [_ModelLayout(x.array[idx], x.spec) if isinstance(x, _ModelLayout) else x[idx] for x in check.xs]
+    return dataclasses.replace(check, xs=xs, reference=check.reference[idx], idx=None)
 
 
 # --- quantization-aware training ---------------------------------------------------------------
@@ -1409,6 +1583,8 @@ class _Job:
     check: _CheckSet | None = None
     redo: Any = None  # redo(extra layers kept float) -> quantized graph: to try the low-fidelity advice
     module_out: Any = None  # a torch module beside the graph (dynamic int8 for torch)
+    reference: onnx.ModelProto | None = None  # the float graph the check's reference outputs come from
+    int8_nodes: dict[str, int] | None = None  # weight-only: node -> int8 weight elements it reads
 
 
 def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
@@ -1440,21 +1616,28 @@ def _runner(method: str):
 
 def _auto_fallback(job: _Job, q: onnx.ModelProto, info: dict[str, Any], warn: list[str]
                    ) -> tuple[_Job, onnx.ModelProto]:
-    """Method ``auto`` only: when the int8 method it chose falls below the fidelity threshold on the
-    val split, try the other int8 way that keeps activations float (weight-only int8 after static or
-    dynamic int8; dynamic int8 on MatMul/Gather/LSTM weights after weight-only int8) and use it only
-    if it passes that check. Where the first choice passes (static int8 on a CNN, dynamic int8 on a
-    transformer), nothing changes; where neither passes, the first choice stays, with its warning."""
+    """Method ``auto`` only: when the int8 method it chose falls below the fidelity threshold, first
+    (weight-only int8) keep its few most sensitive layers in float (:func:`_keep_sensitive_float`),
+    then try the other int8 way that keeps activations float (weight-only int8, with its sensitive
+    layers float if need be, after static or dynamic int8; dynamic int8 on MatMul/Gather/LSTM weights
+    after weight-only int8), used only if it passes its check. Where the first choice passes, nothing
+    changes; where nothing passes, the first choice stays, with its warning."""
     if "auto" not in job.info or job.check is None or job.method not in ("static-int8", "dynamic-int8",
                                                                           "weight-only-int8"):
         return job, q
     first = _score(q, job.check)
     if not first["low"]:
         return job, q
+    rescued = _keep_sensitive_float(job, q, first)
+    if rescued is not None:
+        return job, rescued[0]
     alt = _alternative(job, info, warn)
     try:
         q2 = _runner(alt.method)(alt)
-        second = _score(q2, job.check)
+        second = _score(q2, alt.check)
+        rescued = _keep_sensitive_float(alt, q2, second) if second["low"] else None
+        if rescued is not None:
+            q2, second = rescued
     except Cancelled:
         raise
     except Exception as exc:  # the fallback is best effort: the first choice stands
@@ -1468,9 +1651,9 @@ def _auto_fallback(job: _Job, q: onnx.ModelProto, info: dict[str, Any], warn: li
                         "why": f"{alt.info['auto']['why']}; but it fell below the fidelity threshold, and "
                                f"{alt.method} did not"}
     slow = ", at about the float model's speed" if alt.method == "weight-only-int8" else ""
-    alt.warn.append(f"method auto: {job.method} kept {metric} {first['value']:.3f} on the {first['split']} "
-                    f"split (below {first['threshold']:g}); {alt.method} keeps {second['value']:.3f} and is "
-                    f"used instead{slow}")
+    alt.warn.append(f"method auto: {job.method} kept {metric} {first['value']:.3f} on {first['where']} "
+                    f"(below {first['threshold']:g}); {alt.method} keeps {second['value']:.3f} on "
+                    f"{second['where']} and is used instead{slow}")
     return alt, q2
 
 
@@ -1482,8 +1665,9 @@ def _alternative(job: _Job, info: dict[str, Any], warn: list[str]) -> _Job:
         params["op_types"] = list(params["op_types"] or _AUTO_DYNAMIC_OPS)
     work = gemm_to_matmul(job.float_model) if method == "dynamic-int8" else job.float_model
     names = params["exclude"]
+    check = _check_set(job.handle, job.data, job.reference, method, params, reuse=job.check)
     return dataclasses.replace(job, params=params, method=method, info=dict(info, auto=dict(info["auto"])),
-                               warn=list(warn), work=work, redo=None,
+                               warn=list(warn), work=work, redo=None, check=check, int8_nodes=None,
                                exclude=_resolve_names(work, names, "quantize.exclude") if names else [])
 
 
@@ -1506,7 +1690,8 @@ def _prepare_graphs(job: _Job) -> None:
     # the original graph where the float one only has its Constant nodes lifted (the same outputs, bit
     # for bit): its reference outputs come from the session the original was measured in
     same = job.method == "qat-int8" or opset_of(job.float_model) == opset_of(job.handle.to_onnx())
-    job.check = _check_set(job.handle, job.data, job.handle.to_onnx() if same else job.float_model)
+    job.reference = job.handle.to_onnx() if same else job.float_model
+    job.check = _check_set(job.handle, job.data, job.reference, job.method, job.params)
     if job.method in (*_STATIC, *_WEIGHT_ONLY) or (job.method == "dynamic-int8" and _needs_pre_pass(job.float_model)):
         # shape inference and constant folding: fewer, smaller nodes (and weights read through
         # Unsqueeze folded). A graph of MatMuls skips it for dynamic int8: on MiniLM the same 36
@@ -1654,6 +1839,7 @@ def _quantize_weight_only(job: _Job) -> onnx.ModelProto:
                                                      if job.method == "weight-only-int4" else " to 8 bits"))
     q, done = weight_only_all(work, job.method, params, exclude)
     job.redo = lambda extra: weight_only_all(work, job.method, params, exclude + _nodes_for(work, extra))[0]
+    job.int8_nodes = done.int8_nodes
     int4 = _count(q, ("MatMulNBits",))
     job.info["quantized_layers"] = int4 + done.tensors
     job.info["weight_only"] = {"int4_matmul": int4, "int8_tensors": done.tensors, "int8_by_op": done.by_op,
@@ -1698,7 +1884,7 @@ def _finish(job: _Job, q: onnx.ModelProto, source: ModelHandle, step: dict[str, 
         unchanged += "; the variant keeps the input graph unchanged"
     elif job.check is not None and not info.get("accuracy_aware"):
         progress.update(0.97, "checking fidelity to the float model")
-        _fidelity_check(q, float_model, job.check, method, info, job.warn, job.redo)
+        _fidelity_check(q, float_model, job.check, method, info, job.warn, job.redo, job.int8_nodes)
     q = _with_meta(q, float_model)
     try:
         onnx.checker.check_model(q)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..io.onnx_graph import node_subgraphs
+from ..io.onnx_graph import graph_nodes, node_subgraphs
 
 # which inputs of an operator are weights: {op type: input positions}
 WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,),
@@ -42,6 +42,9 @@ class WeightOnlyResult:
     elements: int = 0
     by_op: dict[str, int] = field(default_factory=dict)
     float_nodes: list[str] = field(default_factory=list)  # weight-bearing nodes whose weight stays float
+    # named nodes that read an int8 weight (in graph order) -> its elements: what keeping
+    # that node float (``exclude``) would give back to float32
+    int8_nodes: dict[str, int] = field(default_factory=dict)
 
 
 def output_axis(node: onnx.NodeProto, slot: int, ndim: int) -> int | None:
@@ -85,8 +88,8 @@ class _Walk:
 
 
 def _plan(graph: onnx.GraphProto, tensor: onnx.TensorProto, walk: _Walk):
-    """``((axis, op types), [])`` to quantize ``tensor`` with, or ``((None, None), nodes left float)``:
-    every reader must read it as the weight of a weight-bearing operator that is not excluded."""
+    """``((axis, op types), reader nodes)`` to quantize ``tensor`` with, or ``((None, None), nodes left
+    float)``: every reader must read it as the weight of a weight-bearing operator that is not excluded."""
     ndim = len(tensor.dims)
     if tensor.data_type != onnx.TensorProto.FLOAT or ndim < 2 or any(i.name == tensor.name for i in graph.input):
         return (None, None), []
@@ -103,7 +106,7 @@ def _plan(graph: onnx.GraphProto, tensor: onnx.TensorProto, walk: _Walk):
     size = int(np.prod(tensor.dims))
     if 3 * size <= 4 * channels + _NODE_BYTES:  # int8 would not pay for its scales and node
         return (None, None), [n.name for n, _ in weighted]
-    return (axis, sorted({n.op_type for n, _ in weighted})), []
+    return (axis, sorted({n.op_type for n, _ in weighted})), [n.name for n, _ in weighted]
 
 
 def quantize_tensor(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -128,9 +131,9 @@ def _quantize_graph(graph: onnx.GraphProto, walk: _Walk) -> None:
     keep, new_nodes = [], []
     result, taken = walk.result, walk.taken
     for tensor in graph.initializer:
-        (axis, ops), left = _plan(graph, tensor, walk)
+        (axis, ops), readers = _plan(graph, tensor, walk)
         if ops is None:
-            result.float_nodes += [n for n in left if n]
+            result.float_nodes += [n for n in readers if n]
             keep.append(tensor)
             continue
         q, scale = quantize_tensor(numpy_helper.to_array(tensor), axis)
@@ -142,6 +145,8 @@ def _quantize_graph(graph: onnx.GraphProto, walk: _Walk) -> None:
                       helper.make_node("Mul", [cast, s_name], [tensor.name], name=_fresh(f"{tensor.name}_Mul", taken))]
         result.tensors += 1
         result.elements += q.size
+        for name in filter(None, readers):
+            result.int8_nodes[name] = result.int8_nodes.get(name, 0) + q.size
         for op in ops:
             result.by_op[op] = result.by_op.get(op, 0) + 1
     if new_nodes:
@@ -170,6 +175,8 @@ def dequant_int8_weights(model: onnx.ModelProto, exclude: list[str] | None = Non
     result = WeightOnlyResult()
     _quantize_graph(out.graph, _Walk(set(exclude or ()), set(skip_ops), _all_names(out.graph, set()), result))
     result.float_nodes = list(dict.fromkeys(result.float_nodes))
+    order = [n.name for n in graph_nodes(out.graph) if n.name in result.int8_nodes]
+    result.int8_nodes = {name: result.int8_nodes[name] for name in dict.fromkeys(order)}
     return out, result
 
 
