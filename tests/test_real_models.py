@@ -118,7 +118,10 @@ def test_quantizing_leaves_no_files_in_the_working_folder(tmp_path, monkeypatch)
 # what each model must keep: top-1 agreement for classifiers, mean cosine similarity of the outputs
 # otherwise; issue 14 asks at least 3.5x smaller for all of them
 QUANT_FIDELITY = {"effnet-lite0-onnx": ("top1_agreement", 0.95), "ocr-cls": ("top1_agreement", 0.95),
-                  "minilm-onnx": ("cosine", 0.99)}
+                  "minilm-onnx": ("cosine", 0.99), "silero-vad-onnx": ("cosine", 0.99)}
+# what method auto picks for each (silero: every weight inside If branches, which static int8 cannot enter)
+AUTO_METHOD = {"effnet-lite0-onnx": "static-int8", "ocr-cls": "static-int8", "minilm-onnx": "dynamic-int8",
+               "silero-vad-onnx": "weight-only-int8"}
 MIN_RATIO = 3.5
 # strict: the day they pass, the marks must go (docs/techniques/quantization.md, "Real models")
 _QUANT_GAPS = {
@@ -131,8 +134,10 @@ _QUANT_GAPS = {
 def _held_out(name: str, rm, handle, data):
     """The test split (calibration and the auto choices never see it) and fresh rows made like the
     data file's with another seed, so that top-1 agreement counts more than a dozen images."""
+    from tugboat.engine.techniques.quantize import _in_layout
+
     xs, _ = data.split("test")
-    rows = [xs[n] for n in handle.input_names]
+    rows = [_in_layout(xs[spec.name], spec) for spec in handle.inputs]  # Silero's state: batch on axis 1
     if name.startswith("effnet"):
         rows = [np.concatenate([rows[0], corpus.imagenet_images(96, 224, seed=1414)])]
     elif name == "ocr-cls":
@@ -185,7 +190,7 @@ def _decisive(y: np.ndarray, ref: np.ndarray, margin: float = 0.1) -> tuple[floa
 @pytest.mark.parametrize(("name", "metric", "low"), list(_quant_cases()))
 def test_default_int8_is_3_5x_smaller_and_keeps_fidelity(name, metric, low):
     ratio, fid, _, info, warnings = _default_int8(name)
-    assert info["auto"]["method"] == ("dynamic-int8" if metric == "cosine" else "static-int8"), info["auto"]
+    assert info["auto"]["method"] == AUTO_METHOD[name], info["auto"]
     # what the variant says about itself is measured with the same metric
     assert info["fidelity_check"]["metric"] == metric
     assert fid[metric] >= low, (fid, ratio, warnings)
@@ -233,3 +238,29 @@ def test_the_animal_dataset_is_read_as_arrays_only():
         pytest.skip(str(exc))
     assert x.shape == (10000, 28, 28) and x.dtype == np.uint8
     assert np.bincount(y).tolist() == [1000] * 10 and x.max() == 255
+
+
+@pytest.mark.slow
+def test_ocr_recogniser_weight_only_finds_its_one_sensitive_convolution():
+    """Weight-only int8 of the OCR recogniser (every weight int8) reads cosine 0.976 on its check rows
+    and 0.944 on the test split: one 145-weight convolution, p2o.Conv.1, does it. The search finds that
+    one layer (what method auto then keeps float, after static int8 fails its check: about a minute and
+    a half on this machine, so not run here), and keeping it float gives >= 3.5x at cosine >= 0.99 on
+    the test split, which neither the check nor the search ever read."""
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.progress import null_progress
+    from tugboat.engine.techniques import quantize
+
+    rm = real_model("ocr-rec")
+    handle = load_model(str(rm.model))
+    data = load_data(str(rm.data), handle)
+    q = quantize.apply(handle, {"method": "weight-only-int8"}, data, null_progress())
+    check = q.info["quantize"]["fidelity_check"]
+    assert check["value"] < 0.99 and check["suggested_exclude"] == ["p2o.Conv.1"], check
+    kept = quantize.apply(handle, {"method": "weight-only-int8", "exclude": ["p2o.Conv.1"]}, data, null_progress())
+    assert kept.info["quantize"]["fidelity_check"]["value"] >= 0.99
+    xs = _held_out("ocr-rec", rm, handle, data)
+    fid = quantize.fidelity_of(quantize._run(kept.onnx_model, xs), quantize._run(handle.to_onnx(), xs))
+    ratio = len(handle.to_onnx().SerializeToString()) / len(kept.onnx_model.SerializeToString())
+    assert fid["cosine"] >= 0.99 and ratio >= MIN_RATIO, (fid, ratio)

@@ -1352,7 +1352,9 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
         ranking = [{"node": n, "layer": layer_of(n), "name": layer_of(n), "weighted": True, "loss_alone": v}
                    for n, v in losses]
         best = (after["value"], list(dict.fromkeys(layer_of(n) for n in kept)))
+        which = "whose int8 weights cost the most"
     else:
+        which = "around those that add the most error"
         ranking = _ranking(float_model, q, check)
         if method in _WEIGHT_ONLY and redo is not None:  # activations are float: only layers with weights count
             ranking = _weight_only_ranking([r for r in ranking if r.get("weighted")], check, redo)
@@ -1364,8 +1366,8 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
         info["fidelity_check"]["with_suggested_exclude"] = value
         listed = ", ".join(f'"{w}"' for w in names)
         gain = "" if value > score["value"] else " (no better: the loss is spread out)"
-        advice.append(f"keeping {len(names)} layer(s) or node(s) around those that add the most "
-                      f"error in float gives {value:.3f}{gain}: exclude = [{listed}]")
+        advice.append(f"keeping {len(names)} layer(s) or node(s) {which} in float gives "
+                      f"{value:.3f}{gain}: exclude = [{listed}]")
     if method in _STATIC:
         advice.append("max_accuracy_drop = 0.01 searches for the fewest layers to keep in float")
         advice.append("dynamic-int8 (what method \"auto\" picks for transformers) keeps "
