@@ -1484,7 +1484,7 @@ def _sensitive_layers(nodes: list[str], q: onnx.ModelProto, hard: _CheckSet, red
     independent errors of int8 weights add up over layers (1 - cosine grows with the squared error),
     so a group of layers (in graph order) is split in two while it costs at least
     :data:`_SEARCH_SHARE` of the whole loss: a couple of runs per halving towards each sensitive layer
-    (12 runs for the OCR recogniser's one bad convolution among 47) instead of one per layer. Groups
+    (10 runs for the OCR recogniser's one bad convolution among 47) instead of one per layer. Groups
     with no layer ``affordable`` to keep float are not searched; it stops after ``_ADVICE_SECONDS``."""
     started = time.perf_counter()
 
