@@ -116,3 +116,53 @@ def test_the_check_reads_train_rows_only_where_the_method_was_not_fitted_to_them
     assert extra == 33 - 16 and not set(rows) & set(data.splits["calib"][:16])
     assert quantize.check_rows(data, "static-int8", params)[2] == 0  # all 33 calibrated on
     assert quantize.check_rows(data, "qat-int8", params)[2] == 0  # trained on them
+
+
+def _deep_model(layers: int, sensitive: int) -> onnx.ModelProto:
+    """``layers`` MatMul + Tanh layers of width 32; layer ``sensitive`` has the outlier row on a unit the
+    layer before it never drives."""
+    rng = np.random.default_rng(32)
+    inits, nodes, x = [], [], "x"
+    for k in range(layers):
+        w = rng.normal(size=(32, 32)) * 1.2 / np.sqrt(32)
+        if k == sensitive - 1:
+            w[:, 0] = 0.0  # unit 0 of this layer's output is tanh(0) = 0 for every input
+        if k == sensitive:
+            w[0] = 300.0
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{k}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"m{k}"], name=f"mm{k}"),
+                  helper.make_node("Tanh", [f"m{k}"], [f"h{k}"], name=f"act{k}")]
+        x = f"h{k}"
+    # [N, 32, 1]: a dense output, compared by cosine (not top-1 agreement of 32 near-tied "classes")
+    inits.append(numpy_helper.from_array(np.array([2], np.int64), "axes"))
+    nodes.append(helper.make_node("Unsqueeze", [x, "axes"], ["y"], name="unsqueeze"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32, 1])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_the_search_halves_the_layers_instead_of_running_each(tmp_path):
+    """One sensitive layer among 32: found in a couple of runs per halving (log2 32 = 5), not 32."""
+    model = _deep_model(32, sensitive=20)
+    onnx.save(model, str(tmp_path / "deep.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(48).normal(size=(48, 32)).astype(np.float32))
+    handle = load_model(tmp_path / "deep.onnx")
+    data = load_data(tmp_path / "d.npz", handle)
+    params = quantize.TECHNIQUE.defaults("weight-only-int8")
+    check = quantize._check_set(handle, data, model, "weight-only-int8", params)
+    q, done = quantize.weight_only_all(model, "weight-only-int8", params, [])
+    runs = []
+
+    def redo(extra):
+        runs.append(list(extra))
+        return quantize.weight_only_all(model, "weight-only-int8", params, extra)[0]
+
+    assert quantize._score(q, check)["low"] and not check.classification
+    found = quantize.fewest_float(q, check, redo, done.int8_nodes, null_progress())
+    assert found is not None, (runs, quantize._score(redo(["mm20"]), check))
+    kept, _, after, losses = found
+    assert kept == ["mm20"] and not after["low"] and losses[0][0] == "mm20", (kept, losses[:3])
+    assert len(runs) <= 2 * 5 + 2, len(runs)
