@@ -1334,7 +1334,8 @@ def _weight_only_ranking(rows: list[dict[str, Any]], check: _CheckSet, redo) -> 
 
 
 def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _CheckSet, method: str,
-                    info: dict[str, Any], warn: list[str], redo, int8_nodes: dict[str, int] | None = None) -> None:
+                    info: dict[str, Any], warn: list[str], redo, int8_nodes: dict[str, int] | None = None,
+                    progress: Progress | None = None) -> None:
     """Measure fidelity on the check rows; when it is low, say so, find the layers that add the
     most error, try keeping them in float, and offer what worked (``exclude`` / accuracy-aware)."""
     score = _score(q, check)
@@ -1345,7 +1346,7 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
     what = "top-1 agreement" if score["metric"] == "top1_agreement" else "cosine similarity"
     msg = (f"low fidelity: {what} with the float model is {score['value']:.3f} on "
            f"{check.where} (below {score['threshold']:g})")
-    found = fewest_float(q, check, redo, int8_nodes, null_progress()) \
+    found = fewest_float(q, check, redo, int8_nodes, progress or null_progress()) \
         if method in _WEIGHT_ONLY and redo is not None and int8_nodes else None
     if found is not None:  # the fewest layers with weights kept float that pass, most harmful first
         kept, _, after, losses = found
@@ -1886,7 +1887,7 @@ def _finish(job: _Job, q: onnx.ModelProto, source: ModelHandle, step: dict[str, 
         unchanged += "; the variant keeps the input graph unchanged"
     elif job.check is not None and not info.get("accuracy_aware"):
         progress.update(0.97, "checking fidelity to the float model")
-        _fidelity_check(q, float_model, job.check, method, info, job.warn, job.redo, job.int8_nodes)
+        _fidelity_check(q, float_model, job.check, method, info, job.warn, job.redo, job.int8_nodes, progress)
     q = _with_meta(q, float_model)
     try:
         onnx.checker.check_model(q)
