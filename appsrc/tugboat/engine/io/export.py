@@ -92,11 +92,17 @@ def provenance(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def write_onnx(handle: ModelHandle, path: str | os.PathLike, *, check: bool = True) -> Path:
-    from ..measuring.runtime import serialized
+    from ..measuring.runtime import checked_bytes, serialized
 
-    data = serialized(handle.to_onnx())  # the bytes measured (and run) already, not serialized again
-    if check:
-        check_onnx(data, handle.source)
+    # the bytes measured (and run) already, not serialized again; checked once per graph (a loaded
+    # file's bytes at load, a quantized graph's when it was made)
+    model = handle.to_onnx()
+    if not check:
+        return atomic_write_bytes(path, serialized(model))
+    try:
+        data = checked_bytes(model)
+    except Exception as exc:
+        raise TugboatError(f"exported ONNX fails onnx.checker: {str(exc)[:300]}", path=handle.source) from None
     return atomic_write_bytes(path, data)
 
 

@@ -582,7 +582,7 @@ def load_onnx(path: Path, convert: bool = True) -> ModelHandle:
     if not lifted and not external:  # the file's bytes are the graph's: not serialized again to be measured
         from ..measuring.runtime import remember_serialized
 
-        remember_serialized(model, data)
+        remember_serialized(model, data, checked=True)  # checked above, as these bytes
     inits = {i.name for i in model.graph.initializer}
     inputs = [_spec(v) for v in model.graph.input if v.name not in inits]
     outputs = [_spec(v) for v in model.graph.output]

@@ -235,7 +235,9 @@ def onnx_flops(model: onnx.ModelProto, batch: int = 1,
     the sizes it really sees. Never negative."""
     # the large weights stay out of the working copy: shape inference needs their shapes only, and
     # the probe run gets them in memory (a 90 MB model: seconds less, issue 17.7)
-    work, weights = weightless(model)
+    shared, weights = weightless(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(shared)  # changed below; the copy holds no large weight values
     if samples:
         input_shapes = {**(input_shapes or {}), **{k: tuple(np.shape(v)) for k, v in samples.items()}}
     inits = {i.name for i in work.graph.initializer}

@@ -101,12 +101,15 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 
 def run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None = None,
-        rows: int = 256) -> list[np.ndarray]:
+        rows: int = 256, keep: bool = False) -> list[np.ndarray]:
     """``model``'s outputs (all, or ``outputs``) on sample-first arrays, in chunks of ``rows``; a
-    fixed-batch model gets exactly its batch per call (the last one padded, then cut)."""
-    from ..measuring.runtime import _cast, cached_session, fill_batch, ort_session
+    fixed-batch model gets exactly its batch per call (the last one padded, then cut). ``keep``: a
+    graph that is final (never changed after): its session is kept for measuring it next
+    (:func:`~tugboat.engine.measuring.runtime.trial_session`)."""
+    from ..measuring.runtime import _cast, cached_session, fill_batch, ort_session, trial_session
 
-    sess = cached_session(model, 1) or ort_session(model, 1)  # the measured original's, if it is that graph
+    # the measured original's session, if it is that graph
+    sess = trial_session(model, 1) if keep else (cached_session(model, 1) or ort_session(model, 1))
     fixed = fixed_batch(model)
     rows = fixed or rows
     chunks: list[list[np.ndarray]] = []

@@ -60,7 +60,7 @@ from ..io.onnx_graph import (
     unique_initializer_names,
     weights_in_subgraphs,
 )
-from ..measuring.runtime import ort_session, run_onnx
+from ..measuring.runtime import checked_bytes, ort_session, run_onnx
 from ..names import layer_of
 from ..progress import Progress, null_progress
 from .quant_error import fixed_batch, rank_layers, severity
@@ -891,8 +891,12 @@ def dynamic_int8(model: onnx.ModelProto, params: dict, exclude: list[str]) -> on
 
     params = TECHNIQUE.defaults("dynamic-int8") | params  # direct callers may give only some
     subgraphs = any(True for n in model.graph.node for _ in node_subgraphs(n))
-    model = _copy(model)
-    unique_initializer_names(model)  # sibling branches may both hold a "weight": find each one's own
+    names = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    if subgraphs or any(t.name in names for t in model.graph.initializer):
+        # sibling branches may both hold a "weight": find each one's own (renamed in a copy; else
+        # the quantizer copies the graph itself: a 90 MB copy less)
+        model = _copy(model)
+        unique_initializer_names(model)
     with _tmp() as tmp:
         out = Path(tmp) / "q.onnx"
         with _quiet():
@@ -1130,8 +1134,8 @@ def _check_set(handle: ModelHandle, data: Dataset | None, float_model: onnx.Mode
 
 
 def _run(model: onnx.ModelProto, xs: list[np.ndarray], outputs: list[str] | None = None,
-         rows: int = _CHECK_ROWS) -> Any:
-    cols = run_graph(model, xs, outputs, rows)
+         rows: int = _CHECK_ROWS, keep: bool = False) -> Any:
+    cols = run_graph(model, xs, outputs, rows, keep=keep)
     return cols if outputs is not None else cols[0]
 
 
@@ -1147,8 +1151,10 @@ def fidelity_of(outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "cosine": float(np.clip(cos.mean(), -1.0, 1.0))}
 
 
-def _score(q: onnx.ModelProto, check: _CheckSet) -> dict[str, Any]:
-    f = fidelity_of(_run(q, check.xs), check.reference)
+def _score(q: onnx.ModelProto, check: _CheckSet, keep: bool = False) -> dict[str, Any]:
+    """Fidelity of ``q`` on the check split; ``keep``: ``q`` is the final graph (its session is
+    kept for the measuring that follows)."""
+    f = fidelity_of(_run(q, check.xs, keep=keep), check.reference)
     metric = "top1_agreement" if check.classification else "cosine"
     low = MIN_TOP1_AGREEMENT if check.classification else MIN_COSINE
     return {"split": check.split, "rows": len(check.reference), "where": check.where, "metric": metric,
@@ -1338,7 +1344,7 @@ def _fidelity_check(q: onnx.ModelProto, float_model: onnx.ModelProto, check: _Ch
                     progress: Progress | None = None) -> None:
     """Measure fidelity on the check rows; when it is low, say so, find the layers that add the
     most error, try keeping them in float, and offer what worked (``exclude`` / accuracy-aware)."""
-    score = _score(q, check)
+    score = _score(q, check, keep=True)  # q is final: measuring runs it next in the same session
     info["fidelity_check"] = {k: score[k] for k in ("split", "rows", "metric", "value", "threshold",
                                                      "top1_agreement", "cosine")}
     if not score["low"]:
@@ -1885,12 +1891,12 @@ def _finish(job: _Job, q: onnx.ModelProto, source: ModelHandle, step: dict[str, 
         # copy (its pre-pass can fold one weight into several copies and make the file larger)
         q = _copy(source.to_onnx())
         unchanged += "; the variant keeps the input graph unchanged"
-    elif job.check is not None and not info.get("accuracy_aware"):
+    q = _with_meta(q, float_model)  # before the check: q is not changed after its session is made
+    if not (unchanged and job.module_out is None) and job.check is not None and not info.get("accuracy_aware"):
         progress.update(0.97, "checking fidelity to the float model")
         _fidelity_check(q, float_model, job.check, method, info, job.warn, job.redo, job.int8_nodes, progress)
-    q = _with_meta(q, float_model)
     try:
-        onnx.checker.check_model(q)
+        checked_bytes(q)  # the bytes its session ran, checked once (not again when it is written)
     except Exception as exc:
         raise TugboatError(f"quantized graph fails onnx.checker: {str(exc)[:300]}",
                            path=handle.source) from None
