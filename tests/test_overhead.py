@@ -164,3 +164,62 @@ def test_a_weight_with_too_few_bytes_is_still_refused_at_load(tmp_path):
     with pytest.raises(ModelLoadError, match="w1") as err:
         load_model(tmp_path / "bad.onnx", torch_module=False)
     assert "bad.onnx" in str(err.value)
+
+
+def _quick_recipe(tmp_path: Path, method: str = "dynamic-int8"):
+    from tugboat.engine.running.recipe import load_recipe
+
+    _mlp_onnx(tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(size=(60, 32)).astype(np.float32))
+    (tmp_path / "r.toml").write_text(
+        f'model = "{(tmp_path / "m.onnx").as_posix()}"\ndata = "{(tmp_path / "d.npz").as_posix()}"\n'
+        f'[[steps]]\ntechnique = "quantize"\nmethod = "{method}"\n'
+        '[measure]\nbatch = 8\nthreads = 1\nmin_runs = 3\nmin_seconds = 0.01\nmax_seconds = 0.05\n')
+    return load_recipe(tmp_path / "r.toml")
+
+
+def test_a_run_makes_one_session_and_one_check_per_graph(tmp_path, monkeypatch):
+    # the variant the quantize step checks on the val split is probed, measured and timed in that
+    # same session, and neither the original (checked at load) nor the variant (checked when made)
+    # goes through onnx.checker again when written
+    from tugboat.engine.measuring import runtime
+    from tugboat.engine.running import runner
+
+    recipe = _quick_recipe(tmp_path)
+    made, checked = [], []
+    real_session, real_check = runtime.ort_session, onnx.checker.check_model
+    monkeypatch.setattr(runtime, "ort_session", lambda m, *a, **k: made.append(m) or real_session(m, *a, **k))
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real_check(m, *a, **k))
+    report = runner.run(recipe, tmp_path / "out")
+    variant = report["variants"][0]
+    assert variant["status"] == "ok" and variant["metrics"]["latency_ms"]["speedup"]["blocks"] >= 3
+    assert variant["info"]["quantize"]["fidelity_check"]["split"] == "val"  # the step's own check ran
+    assert len(made) == 2, [type(m) for m in made]  # the original's session and the variant's
+    assert len(checked) == 2 and all(isinstance(m, bytes) for m in checked)
+    written = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.onnx")}
+    assert written["baseline.onnx"] == (tmp_path / "m.onnx").read_bytes()  # the original, unchanged
+    assert set(written) == {"baseline.onnx", variant["artifacts"]["onnx"]}
+    q = onnx.load_model_from_string(written[variant["artifacts"]["onnx"]])
+    real_check(q)
+    assert any(n.op_type == "MatMulInteger" for n in q.graph.node)
+    assert len(written[variant["artifacts"]["onnx"]]) == variant["metrics"]["size_bytes"]
+
+
+def test_a_trial_session_is_taken_over_only_by_its_unchanged_graph():
+    from tugboat.engine.measuring import runtime
+
+    a = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    trial = runtime.trial_session(a, 1)
+    assert runtime.trial_session(a, 1) is trial
+    assert runtime.shared_session(b, 1) is not trial  # another graph: the trial is dropped, not reused
+    trial = runtime.trial_session(a, 1)
+    assert runtime.shared_session(a, 2) is not trial  # another thread count
+    trial = runtime.trial_session(a, 1)
+    assert runtime.serialized(a) == a.SerializeToString()
+    assert runtime.shared_session(a, 1) is trial  # its graph, measured next: taken over
+    assert runtime.shared_session(a, 1) is trial and runtime.trial_session(a, 1) is trial
