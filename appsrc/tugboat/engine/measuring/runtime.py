@@ -73,7 +73,7 @@ def weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.
     _copy_fields(model.graph, out.graph, skip="initializer")
     left: dict[str, onnx.TensorProto] = {}
     for init in model.graph.initializer:
-        if init.HasField("raw_data") and len(init.raw_data) >= WEIGHTLESS_MIN_BYTES:
+        if init.HasField("raw_data") and _raw_size(init) >= WEIGHTLESS_MIN_BYTES:
             out.graph.initializer.add(name=init.name, dims=list(init.dims), data_type=init.data_type)
             left[init.name] = init
         else:
@@ -83,6 +83,21 @@ def weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.
         while len(_WEIGHTLESS) > SHARED_SESSIONS:
             _WEIGHTLESS.popitem(last=False)
     return out, left
+
+
+_ITEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+
+def _raw_size(init: onnx.TensorProto) -> int:
+    """Bytes of a weight's ``raw_data`` from its shape and type (reading ``raw_data`` copies it:
+    90 MB for MiniLM), its real length for types packed below a byte."""
+    itemsize = _ITEM_BYTES.get(init.data_type)
+    if itemsize is None:
+        return len(init.raw_data)
+    n = itemsize
+    for d in init.dims:
+        n *= int(d)
+    return n
 
 
 def session_with_weights(model: onnx.ModelProto, weights: dict[str, onnx.TensorProto], opts):
