@@ -182,13 +182,14 @@ def test_a_run_makes_one_session_and_one_check_per_graph(tmp_path, monkeypatch):
     # the variant the quantize step checks on the val split is probed, measured and timed in that
     # same session, and neither the original (checked at load) nor the variant (checked when made)
     # goes through onnx.checker again when written
-    from tugboat.engine.measuring import runtime
+    from tugboat.engine.measuring import measure, runtime
     from tugboat.engine.running import runner
 
     recipe = _quick_recipe(tmp_path)
-    made, checked = [], []
-    real_session, real_check = runtime.ort_session, onnx.checker.check_model
+    made, checked, counted = [], [], []
+    real_session, real_check, real_flops = runtime.ort_session, onnx.checker.check_model, measure.onnx_flops
     monkeypatch.setattr(runtime, "ort_session", lambda m, *a, **k: made.append(m) or real_session(m, *a, **k))
+    monkeypatch.setattr(measure, "onnx_flops", lambda m, *a, **k: counted.append(m) or real_flops(m, *a, **k))
     monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real_check(m, *a, **k))
     report = runner.run(recipe, tmp_path / "out")
     variant = report["variants"][0]
@@ -196,6 +197,8 @@ def test_a_run_makes_one_session_and_one_check_per_graph(tmp_path, monkeypatch):
     assert variant["info"]["quantize"]["fidelity_check"]["split"] == "val"  # the step's own check ran
     assert len(made) == 2, [type(m) for m in made]  # the original's session and the variant's
     assert len(checked) == 2 and all(isinstance(m, bytes) for m in checked)
+    assert len(counted) == 2  # the original's FLOPs (begun beside its first run) and the variant's
+    assert report["baseline"]["metrics"]["flops"] == 2 * (32 * 64 + 64 * 5)  # two MatMuls, batch 1
     written = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.onnx")}
     assert written["baseline.onnx"] == (tmp_path / "m.onnx").read_bytes()  # the original, unchanged
     assert set(written) == {"baseline.onnx", variant["artifacts"]["onnx"]}
@@ -223,3 +226,24 @@ def test_a_trial_session_is_taken_over_only_by_its_unchanged_graph():
     assert runtime.serialized(a) == a.SerializeToString()
     assert runtime.shared_session(a, 1) is trial  # its graph, measured next: taken over
     assert runtime.shared_session(a, 1) is trial and runtime.trial_session(a, 1) is trial
+
+
+def test_flops_begun_early_are_counted_once_per_graph_and_sample(tmp_path, monkeypatch):
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.measuring import measure
+
+    _mlp_onnx(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).normal(size=(40, 32)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    np.savez(tmp_path / "e.npz", x=x[::-1].copy())
+    handle = load_model(tmp_path / "m.onnx", torch_module=False)
+    data = load_data(str(tmp_path / "d.npz"), handle)
+    counted = []
+    real = measure.onnx_flops
+    monkeypatch.setattr(measure, "onnx_flops", lambda m, *a, **k: counted.append(m) or real(m, *a, **k))
+    waiter = measure.start_flops(handle, data)
+    assert measure.start_flops(handle, data) is waiter and waiter() == 2 * (32 * 64 + 64 * 5)
+    assert len(counted) == 1
+    other = load_data(str(tmp_path / "e.npz"), handle)  # another first sample: counted again, not reused
+    assert measure.start_flops(handle, other)() == waiter() and len(counted) == 2
