@@ -228,7 +228,7 @@ def test_a_trial_session_is_taken_over_only_by_its_unchanged_graph():
     assert runtime.shared_session(a, 1) is trial and runtime.trial_session(a, 1) is trial
 
 
-def test_flops_begun_early_are_counted_once_per_graph_and_sample(tmp_path, monkeypatch):
+def test_counts_begun_early_are_made_once_per_graph_and_sample(tmp_path, monkeypatch):
     from tugboat.engine.io.data import load_data
     from tugboat.engine.io.loading import load_model
     from tugboat.engine.measuring import measure
@@ -242,8 +242,9 @@ def test_flops_begun_early_are_counted_once_per_graph_and_sample(tmp_path, monke
     counted = []
     real = measure.onnx_flops
     monkeypatch.setattr(measure, "onnx_flops", lambda m, *a, **k: counted.append(m) or real(m, *a, **k))
-    waiter = measure.start_flops(handle, data)
-    assert measure.start_flops(handle, data) is waiter and waiter() == 2 * (32 * 64 + 64 * 5)
-    assert len(counted) == 1
+    waiter = measure.start_counts(handle, data)
+    params = 32 * 64 + 64 + 64 * 5
+    assert measure.start_counts(handle, data) is waiter and waiter() == (params, params, 2 * (32 * 64 + 64 * 5))
+    assert len(counted) == 1 and waiter()[:2] == handle.param_count()
     other = load_data(str(tmp_path / "e.npz"), handle)  # another first sample: counted again, not reused
-    assert measure.start_flops(handle, other)() == waiter() and len(counted) == 2
+    assert measure.start_counts(handle, other)() == waiter() and len(counted) == 2

@@ -27,7 +27,7 @@ import onnx
 from ..devices import resolve as resolve_device
 from ..errors import ModelLoadError, TugboatError
 from ..io.models import ModelHandle
-from ..io.onnx_graph import graph_nodes, onnx_param_tensors
+from ..io.onnx_graph import graph_nodes, onnx_param_count, onnx_param_tensors
 from ..lazy import torch
 from ..machine import channel_multiple
 from ..names import layer_key
@@ -525,41 +525,49 @@ def one_sample(handle: ModelHandle, data) -> dict[str, np.ndarray] | None:
         return None
 
 
-_FLOPS: dict[int, tuple[onnx.ModelProto, dict, Any, Any]] = {}  # graph, shapes, sample, waiter
+_COUNTS: dict[int, tuple[onnx.ModelProto, dict, Any, Any]] = {}  # graph, shapes, sample, waiter
 
 
-def start_flops(handle: ModelHandle, data=None):
-    """Begin the FLOPs count (:func:`onnx_flops` at batch 1, sizes from the first test sample) of
-    the handle's graph on a helper thread, once per graph; returns a function that waits for it
-    (None when it cannot be counted). ``tugboat run`` starts the original's right after the memory
-    check: its probe session is built beside the first-run check's (ONNX Runtime builds sessions
-    without holding the GIL), not after it. The graph must not change after
-    (:meth:`ModelHandle.to_onnx` graphs do not)."""
+def start_counts(handle: ModelHandle, data=None):
+    """Begin counting the handle's graph on a helper thread, once per graph: its parameters and
+    non-zero parameters (:func:`~tugboat.engine.io.onnx_graph.onnx_param_count`) and its FLOPs
+    (:func:`onnx_flops` at batch 1, sizes from the first test sample; None when they cannot be
+    counted). Returns a function that waits for ``(params, nonzero, flops)``. The counts go on
+    beside other work that is not a timing: ``tugboat run`` starts the original's right after the
+    memory check, so its FLOPs probe session is built beside the first-run check's (ONNX Runtime
+    builds sessions without holding the GIL), and :func:`measure` runs the quality pass meanwhile.
+    The graph must not change after (:meth:`ModelHandle.to_onnx` graphs do not)."""
     model = handle.to_onnx()
     shapes, sample = input_shapes(handle), one_sample(handle, data)
     with _DEFLATES_LOCK:
-        hit = _FLOPS.get(id(model))
+        hit = _COUNTS.get(id(model))
         if hit is not None and hit[0] is model and hit[1] == shapes and _same_sample(hit[2], sample):
             return hit[3]
-    box: dict[str, int | None] = {}
+    box: dict[str, Any] = {}
 
     def count() -> None:
         try:
-            box["n"] = onnx_flops(model, input_shapes=shapes, samples=sample)[0]
+            box["params"] = onnx_param_count(model)
+        except Exception as exc:  # raised by the waiter, as if counted there
+            box["error"] = exc
+        try:
+            box["flops"] = onnx_flops(model, input_shapes=shapes, samples=sample)[0]
         except Exception:  # a graph shape inference or a probe cannot handle: no FLOPs figure
-            box["n"] = None
+            box["flops"] = None
 
-    worker = threading.Thread(target=count, name="tugboat-flops", daemon=True)
+    worker = threading.Thread(target=count, name="tugboat-counts", daemon=True)
     worker.start()
 
-    def result() -> int | None:
+    def result() -> tuple[int, int, int | None]:
         worker.join()
-        return box.get("n")
+        if "error" in box:
+            raise box["error"]
+        return (*box["params"], box["flops"])
 
     with _DEFLATES_LOCK:
-        while len(_FLOPS) >= 2:  # the original's and the variant's being measured
-            _FLOPS.pop(next(iter(_FLOPS)))
-        _FLOPS[id(model)] = (model, shapes, sample, result)
+        while len(_COUNTS) >= 2:  # the original's and the variant's being measured
+            _COUNTS.pop(next(iter(_COUNTS)))
+        _COUNTS[id(model)] = (model, shapes, sample, result)
     return result
 
 
@@ -1069,10 +1077,8 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
     else:  # on another core while quality is measured, done before timing
         deflated = _deflate_beside(artifact)
     metrics: dict[str, Any] = {"size_bytes": len(artifact), "compressed_bytes": 0}
-    params, nonzero = handle.param_count()
-    metrics["params"] = max(1, params)
-    metrics["nonzero_params"] = nonzero
-    metrics["flops"] = start_flops(handle, data)()  # begun beside earlier work, or now
+    counts = start_counts(handle, data)  # begun beside earlier work, or now beside the quality pass
+    metrics.update(params=None, nonzero_params=None, flops=None)  # filled in below, in this order
     runtime = chosen_runtime(cfg, handle)
     outputs = None
     if data is not None:
@@ -1082,6 +1088,8 @@ def _measure(handle: ModelHandle, data=None, cfg: MeasureConfig | None = None, *
     else:
         metrics["accuracy"] = None
         metrics["fidelity"] = fidelity([np.zeros(1)], None, handle.task == "classification")
+    params, metrics["nonzero_params"], metrics["flops"] = counts()  # before the timing: it runs alone
+    metrics["params"] = max(1, params)
     spare_core = cfg.threads < _cores()  # the deflate may go on beside the timing on a core it leaves idle
     if not spare_core:
         metrics["compressed_bytes"] = deflated()

@@ -44,8 +44,8 @@ from ..measuring.measure import (
     measure,
     own_timing_warnings,
     slower_than,
+    start_counts,
     start_deflate,
-    start_flops,
     timing_notes,
 )
 from ..measuring.runtime import fixed_batch
@@ -154,8 +154,8 @@ def prepare(recipe: Recipe, progress: Progress | None = None, *, deflate_later: 
         cfg = dataclasses.replace(cfg, batch=fixed, also_batch1=False)
     # refuse what cannot fit before any work, for the baseline and every step of the recipe
     memory.check(handle, recipe.steps, data, cfg, where=recipe.source or recipe.model)
-    if handle.onnx_model is not None:  # its FLOPs probe beside the first-run check (issue 17.7)
-        start_flops(handle, data)
+    if handle.onnx_model is not None:  # its counts and FLOPs probe beside the first-run check (17.7)
+        start_counts(handle, data)
     _check_first_run(recipe, handle, data, cfg.threads)
     progress.update(0.3, "measuring the original model")
     metrics, outputs = _measure_original(recipe, handle, data, cfg, progress, deflate_later)
