@@ -248,3 +248,31 @@ def test_counts_begun_early_are_made_once_per_graph_and_sample(tmp_path, monkeyp
     assert len(counted) == 1 and waiter()[:2] == handle.param_count()
     other = load_data(str(tmp_path / "e.npz"), handle)  # another first sample: counted again, not reused
     assert measure.start_counts(handle, other)() == waiter() and len(counted) == 2
+
+
+def test_a_graph_is_checked_once_and_a_bad_one_is_never_written(tmp_path, monkeypatch):
+    from tugboat.engine.errors import TugboatError
+    from tugboat.engine.io.export import write_onnx
+    from tugboat.engine.io.loading import load_model
+
+    _mlp_onnx(tmp_path / "m.onnx")
+    handle = load_model(tmp_path / "m.onnx", torch_module=False)
+    good = onnx.ModelProto()
+    good.CopyFrom(handle.to_onnx())
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    bad.graph.node[0].input[1] = "no_such_weight"  # reads a value nothing defines
+    checked = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real(m, *a, **k))
+    write_onnx(handle, tmp_path / "a.onnx")  # its file's bytes, checked at load: not again
+    assert not checked and (tmp_path / "a.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
+    variant = handle.derive(onnx_model=good)
+    write_onnx(variant, tmp_path / "b.onnx")
+    write_onnx(variant, tmp_path / "c.onnx")
+    assert len(checked) == 1  # a new graph: checked on its first write only
+    with pytest.raises(TugboatError, match=r"onnx\.checker") as err:
+        write_onnx(handle.derive(onnx_model=bad), tmp_path / "d.onnx")
+    assert "m.onnx" in str(err.value) and not (tmp_path / "d.onnx").exists()
+    with pytest.raises(TugboatError, match=r"onnx\.checker"):  # and still refused the second time
+        write_onnx(handle.derive(onnx_model=bad), tmp_path / "d.onnx")
