@@ -194,7 +194,7 @@ def test_a_run_makes_one_session_and_one_check_per_graph(tmp_path, monkeypatch):
     report = runner.run(recipe, tmp_path / "out")
     variant = report["variants"][0]
     assert variant["status"] == "ok" and variant["metrics"]["latency_ms"]["speedup"]["blocks"] >= 3
-    assert variant["info"]["quantize"]["fidelity_check"]["split"] == "val"  # the step's own check ran
+    assert "val" in variant["info"]["quantize"]["fidelity_check"]["split"]  # the step's own check ran
     assert len(made) == 2, [type(m) for m in made]  # the original's session and the variant's
     assert len(checked) == 2 and all(isinstance(m, bytes) for m in checked)
     assert len(counted) == 2  # the original's FLOPs (begun beside its first run) and the variant's
