@@ -387,7 +387,7 @@ def lift_layer_constants(model) -> int:
     for node in model.graph.node:  # an omitted optional input written as "" (Clip's max): onnx2torch
         while node.input and not node.input[-1]:  # looks the empty name up as a value
             del node.input[-1]
-    wanted = {i for n in model.graph.node if n.op_type in _LAYER_OPS for i in list(n.input)[1:] if i}
+    wanted = _layer_weight_inputs(model)
     keep, count = [], 0
     for node in model.graph.node:
         value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
@@ -404,6 +404,24 @@ def lift_layer_constants(model) -> int:
         del model.graph.node[:]
         model.graph.node.extend(keep)
     return count
+
+
+def _layer_weight_inputs(model) -> set[str]:
+    return {i for n in model.graph.node if n.op_type in _LAYER_OPS for i in list(n.input)[1:] if i}
+
+
+def layer_constants_lifted(model):
+    """``model`` itself when :func:`lift_layer_constants` has nothing to do, else a lifted copy (the
+    original stays the deployable graph)."""
+    import onnx
+
+    constants = {n.output[0] for n in model.graph.node if n.op_type == "Constant" and len(n.output) == 1}
+    if not (constants & _layer_weight_inputs(model)) and all(not n.input or n.input[-1] for n in model.graph.node):
+        return model
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    lift_layer_constants(work)
+    return work
 
 
 def widen_edge_pads(model, feeds: list[dict[str, Any]]) -> int:

@@ -329,7 +329,7 @@ def convert_with_data_shapes(handle: ModelHandle) -> None:
     """Retry onnx2torch on an ONNX file it refused at load, with the shape of every value recorded from
     one run at the data's sizes (a BatchNormalization or LayerNormalization converter needs its input's
     rank, which shape inference loses after a Reshape to a computed shape) and a Clip's bounds as
-    initializers. Quietly leaves the model ONNX-only when that does not help."""
+    initializers. When that does not help the model stays ONNX-only, saying what still blocks."""
     from .converted_graphs import annotate_shapes, lift_layer_constants
 
     if handle.info.get("conversion_retried"):  # once per model, not at every data load
@@ -343,11 +343,13 @@ def convert_with_data_shapes(handle: ModelHandle) -> None:
     if work is None:
         return
     lift_layer_constants(work)
+    old = handle.conversion_error
     try:
         handle.module = _checked_torch(handle, work, reference=handle.onnx_model)
-    except ModelLoadError:
+    except ModelLoadError as exc:  # what still blocks after the fixes above says more than the first error
+        handle.conversion_error = exc.message
+        handle.warnings = [w.replace(old, exc.message) for w in handle.warnings]
         return
-    old = handle.conversion_error
     handle.conversion_error = None
     handle.warnings = [w for w in handle.warnings if old not in w]
 

@@ -306,7 +306,9 @@ def onnx_to_torch(model: onnx.ModelProto) -> nn.Module:
     from .onnx_converters import register
 
     register()  # converters onnx2torch lacks (LSTM, GRU, comparisons of opset 16)
-    work = _fold_initializer_identities(model)
+    from .converted_graphs import layer_constants_lifted
+
+    work = layer_constants_lifted(_fold_initializer_identities(model))  # a Clip's bounds as Constant nodes
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > 18:
         with contextlib.suppress(Exception):

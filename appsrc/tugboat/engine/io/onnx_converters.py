@@ -1,6 +1,7 @@
 """onnx2torch converters for ONNX operators it lacks: ``LSTM`` and ``GRU``, and the opset-16 versions
 of ``GreaterOrEqual`` / ``LessOrEqual`` (which only added types; the legacy exporter writes them for
-an attention mask).
+an attention mask); and fixes of two it gets wrong (``Softmax`` of opset 1-12, ``Flatten`` at axis 0
+or at the input's rank).
 
 Without them every recurrent graph (Silero VAD's LSTM cell, speech and text RNNs) stays ONNX-only:
 measured and quantized in ONNX Runtime, but not prunable or trainable. Each node becomes a real
@@ -143,6 +144,9 @@ def register() -> None:
     from onnx2torch.node_converters.activations import OnnxSoftmaxV1V11
 
     OnnxSoftmaxV1V11.forward = _softmax_v1_v11
+    from onnx2torch.node_converters.flatten import OnnxFlatten
+
+    OnnxFlatten.forward = _flatten
     _REGISTERED = True
 
 
@@ -153,3 +157,15 @@ def _softmax_v1_v11(self, x: torch.Tensor) -> torch.Tensor:
     flat = torch.flatten(x, start_dim=self.axis)
     out = torch.log_softmax(flat, -1) if self.is_log else torch.softmax(flat, -1)
     return out.reshape_as(x)
+
+
+def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+    """ONNX Flatten: ``[prod(shape[:axis]), prod(shape[axis:])]`` for every axis from 0 to the rank.
+    onnx2torch's flattens twice with ``start_dim=1``, which fails ("Dimension out of range") when
+    ``axis`` is 0 or the rank: a BERT export flattens its ``[batch, sequence]`` mask with axis 2."""
+    axis = self.axis if self.axis >= 0 else self.axis + x.dim()
+    if axis == 0:
+        x, axis = x.unsqueeze(0), 1
+    if axis == x.dim():
+        x = x.unsqueeze(-1)
+    return torch.flatten(torch.flatten(x, end_dim=axis - 1), start_dim=1)
