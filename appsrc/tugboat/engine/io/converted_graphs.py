@@ -196,9 +196,10 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
     """Rewrite an onnx2torch ``GraphModule`` in place (same outputs) so torch-pruning can prune it.
 
     Returns counts of what changed: ``{"flatten", "matmul_to_linear", "bias_folded", "channel_constants",
-    "fixed_channels"}`` (the last: layers whose output channels pruning must keep, see _fix_split_channels).
+    "head_reshapes", "fixed_channels"}`` (the last: layers whose output channels pruning must keep, see
+    _fix_split_channels).
     Any other module is left untouched (an empty dict)."""
-    counts = {"flatten": 0, "matmul_to_linear": 0, "bias_folded": 0, "channel_constants": 0}
+    counts = {"flatten": 0, "matmul_to_linear": 0, "bias_folded": 0, "channel_constants": 0, "head_reshapes": 0}
     if not isinstance(gm, fx.GraphModule):
         return {}
     known = _constants(gm)
@@ -207,6 +208,7 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
     _rewrite_flattens(gm, known, shapes, counts)
     _matmuls_to_linear(gm, known, shapes, counts)
     _channel_constants(gm, known, shapes, counts)
+    _rewrite_head_reshapes(gm, known, shapes, counts)
 
     if any(counts.values()):
         graph.eliminate_dead_code()
@@ -303,6 +305,60 @@ def _channel_constants(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes: di
         shapes[new] = shapes[n]  # a constant right after it (LayerNorm's shift after its scale) follows
         counts["channel_constants"] += 1
 
+
+
+NUM_HEADS = "tugboat_num_heads"  # set on a layer whose outputs are split into this many heads further on
+
+
+def _rewrite_head_reshapes(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes: dict,
+                           counts: dict[str, int]) -> None:
+    """An attention's split into heads, ``Reshape(x [.., C], [.., H, C / H])``, and its merge back,
+    ``Reshape(y [.., H, D], [.., H * D])``, write the head size into a shape computed from constants
+    (BERT's ``Concat(batch, sequence, 12, 32)``), which goes stale once head dimensions are pruned:
+    they become ``unflatten(x, -1, (H, -1))`` and ``flatten(y, -2)``, which follow. The layers whose
+    outputs are split get ``NUM_HEADS`` = H, so pruning removes the same share of every head's
+    dimensions (torch-pruning's ``num_heads``) and keeps the heads."""
+    graph = gm.graph
+    for n in list(graph.nodes):
+        if not _is(gm, n, "OnnxReshape", (torch.reshape,), ("reshape", "view")) or not n.args:
+            continue
+        x = n.args[0]
+        if not isinstance(x, fx.Node) or x in known or x not in shapes or n not in shapes:
+            continue
+        si, so = tuple(shapes[x]), tuple(shapes[n])
+        if len(so) == len(si) + 1 >= 3 and so[:-2] == si[:-1] and so[-2] * so[-1] == si[-1] and so[-1] > 1:
+            fn, args = torch.unflatten, (x, -1, (so[-2], -1))
+        elif len(si) == len(so) + 1 >= 4 and si[:-2] == so[:-1] and si[-2] * si[-1] == so[-1]:
+            fn, args = torch.flatten, (x, -2)
+        else:
+            continue
+        with graph.inserting_after(n):
+            new = graph.call_function(fn, args)
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        shapes[new] = shapes[n]
+        counts["head_reshapes"] += 1
+        if fn is torch.unflatten:
+            _mark_heads(gm, x, known, so[-2])
+
+
+def _mark_heads(gm: fx.GraphModule, start: fx.Node, known: dict[fx.Node, Any], heads: int) -> None:
+    """Give the layers that produce ``start`` (through anything but other layers) ``NUM_HEADS``; a layer
+    split two ways keeps its output channels instead."""
+    todo, seen = [start], set()
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, fx.Node) or node in seen or node in known or node.op == "placeholder":
+            continue
+        seen.add(node)
+        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(layer, _PRODUCERS):
+            if getattr(layer, NUM_HEADS, heads) != heads:
+                setattr(layer, KEEP_OUT_CHANNELS, True)
+            setattr(layer, NUM_HEADS, heads)
+        else:
+            todo.extend(node.all_input_nodes)
 
 
 # --- If nodes that only test shapes -----------------------------------------------------------------

@@ -194,6 +194,17 @@ def _channels(module: nn.Module) -> dict[str, int]:
     return out
 
 
+
+def _channels_as_pruned(module: nn.Module, example) -> dict[str, int]:
+    """:func:`_channels` of the layers as pruning sees them: a converted graph's MatMuls by constant
+    weights only become Linear layers once normalised (on a copy)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return _channels(module)
+    probe = copy.deepcopy(module)
+    _normalise(probe, _as_tuple(example))
+    return _channels(probe)
+
+
 # --- structured ----------------------------------------------------------------------------------
 
 def prune_structured_module(module: nn.Module, example_inputs, ratio: float, *, importance: str = "l1",
@@ -337,12 +348,22 @@ def _prune_step(pruner, model: nn.Module, gradient_batches, compensate) -> None:
 
 
 def _head_counts(model: nn.Module) -> dict[nn.Module, int]:
-    """Attention heads per projection (ours and Hugging Face's): torch-pruning prunes head dimensions."""
-    num_heads = {m.qkv: m.num_heads for _, m in attention_modules(model)}
+    """Attention heads per projection (ours, Hugging Face's and converted graphs'): torch-pruning prunes
+    head dimensions."""
+    from ..io.converted_graphs import NUM_HEADS
+
+    num_heads = {m: getattr(m, NUM_HEADS) for m in model.modules() if isinstance(getattr(m, NUM_HEADS, None), int)}
+    num_heads.update({m.qkv: m.num_heads for _, m in attention_modules(model)})
     for _, m in hf_attention_modules(model):
         num_heads.update({m.query: m.num_attention_heads, m.key: m.num_attention_heads,
                           m.value: m.num_attention_heads})
     return num_heads
+
+
+def _head_layers(model: nn.Module) -> dict[str, int]:
+    """Layer name -> heads, for the projections pruned alike in every head (the heads themselves kept)."""
+    names = {m: n for n, m in model.named_modules()}
+    return {names[m]: h for m, h in _head_counts(model).items() if m in names}
 
 
 def _update_head_sizes(model: nn.Module, num_heads: dict[nn.Module, int]) -> None:
@@ -835,7 +856,7 @@ def _apply_structured(handle: ModelHandle, params: dict[str, Any], data: Dataset
     notes: list[str] = []
     history = [] if unchanged else _finetune_after(handle, model, params, data,
                                                    progress.sub(0.5, 1.0, "fine-tuning: "), reference, notes)
-    before_ch, after_ch = _channels(original), _channels(model)
+    before_ch, after_ch = _channels_as_pruned(original, example), _channels(model)
     new = handle.derive(module=model, step={"technique": "prune", **params})
     new.warnings.extend(n for n in notes if n not in new.warnings)
     after_params = _deployed_params(new)
@@ -847,6 +868,7 @@ def _apply_structured(handle: ModelHandle, params: dict[str, Any], data: Dataset
         "achieved_param_ratio": after_params / max(1, before_params),
         "kept_channels": {n: {"before": before_ch[n], "after": after_ch.get(n, before_ch[n])} for n in before_ch},
         "per_layer_ratio": per_layer, "layer_ratios": parse_layer_ratios(params["layer_ratios"]),
+        "attention_heads": _head_layers(model),
         "finetune": history, "batchnorm_recalibrated": recalibrated,
         "teacher_weight": params["teacher_weight"] if history else None}})
     if rows is not None:
