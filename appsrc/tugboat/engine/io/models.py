@@ -378,7 +378,9 @@ def require_shapes(handle: ModelHandle) -> None:
 
 
 def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
-    """Export the handle's torch module with a dynamic batch dimension.
+    """Export the handle's torch module with a dynamic batch dimension, and the other sizes the
+    original file left open (an ONNX file's sequence length) where the export computes at other
+    sizes what the module does.
 
     The legacy TorchScript-based exporter is used on purpose: 0.05 s instead of 1-2.5 s for the
     dynamo exporter, a single self-contained file, and graphs onnx2torch can read back.
@@ -389,6 +391,16 @@ def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
     for name, dims in (handle.info.get("dynamic_dims") or {}).items():  # e.g. a text model's sequence
         if name in dynamic:
             dynamic[name].update({int(axis): label for axis, label in dims.items()})
+    opened = _open_sizes(handle)
+    model = _traced_onnx(handle, module, args, {n: {**d, **opened.get(n, {})} for n, d in dynamic.items()})
+    if opened and not _same_at_other_sizes(handle, module, model, opened):
+        model = _traced_onnx(handle, module, args, dynamic)  # a size the trace wrote into the graph
+    meta = model.metadata_props.add()
+    meta.key, meta.value = "tugboat", json.dumps(handle.spec_dict())
+    return model
+
+
+def _traced_onnx(handle: ModelHandle, module: nn.Module, args, dynamic: dict) -> onnx.ModelProto:
     buf = io.BytesIO()
     was_training = module.training
     eval_mode(module)
@@ -405,7 +417,43 @@ def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
                            path=handle.source) from None
     finally:
         eval_mode(module, was_training)
-    model = onnx.load_from_string(buf.getvalue())
-    meta = model.metadata_props.add()
-    meta.key, meta.value = "tugboat", json.dumps(handle.spec_dict())
-    return model
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _open_sizes(handle: ModelHandle) -> dict[str, dict[int, str]]:
+    """Input dimensions besides the batch that the original file names instead of fixing them."""
+    out = {}
+    for spec in handle.inputs:
+        dims = {i: d for i, d in enumerate(spec.shape) if i not in (0, spec.batch_axis)
+                and isinstance(d, str) and d not in ("", "?")}
+        if dims and spec.sample_shape is not None:
+            out[spec.name] = dims
+    return out
+
+
+def _same_at_other_sizes(handle: ModelHandle, module: nn.Module, model: onnx.ModelProto,
+                         opened: dict[str, dict[int, str]]) -> bool:
+    """Whether ``model`` runs and agrees with ``module`` with every opened size one larger than the
+    example's (a trace can write a size into a computed shape; then the size stays fixed)."""
+    from dataclasses import replace
+
+    from ..measuring.runtime import run_onnx
+
+    probe = copy.copy(handle)
+    probe.inputs = []
+    for spec in handle.inputs:
+        rest = [i for i in range(len(spec.shape)) if i != spec.batch_axis]
+        grown = spec.sample_shape if spec.name not in opened else tuple(
+            d + 1 if rest[k] in opened[spec.name] else d for k, d in enumerate(spec.sample_shape))
+        probe.inputs.append(replace(spec, sample_shape=grown))
+    try:
+        xs = probe.example_inputs(3, seed=5)
+        with torch.no_grad():
+            want = module(*xs)
+        want = [o.numpy() for o in (want if isinstance(want, (tuple, list)) else [want])]
+        got = run_onnx(model, [x.numpy() for x in xs])
+    except Exception:
+        return False
+    return len(got) == len(want) and all(
+        a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(b).max(initial=0))))
+        for a, b in zip(got, want))
