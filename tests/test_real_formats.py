@@ -20,10 +20,7 @@ pytestmark = pytest.mark.slow
 
 # formats Tugboat runs in ONNX Runtime only, and the reason it gives. Silero's ONNX file branches on the
 # *value* of its sample-rate input (If nodes holding the weights): no torch graph can take both branches
-_ONNX_ONLY = {"silero-vad-onnx": "'If'",
-              # onnx2torch converts the exported MiniLM (Clip bounds and opset-16 comparisons fixed here) but
-              # the module fails to run ("Dimension out of range"); the HF folder of the same model prunes
-              "minilm-onnx": "min/max"}
+_ONNX_ONLY = {"silero-vad-onnx": "'If'"}
 # strict: the day these work, the marks must go
 _GAPS: dict[str, str] = {}  # none left (the OCR recogniser's batch-bound Softmax reshape is fixed)
 
@@ -100,7 +97,8 @@ def test_an_onnx_only_corpus_model_says_why_and_still_quantizes(name):
 
 @pytest.mark.parametrize("name,save,pruned", [("silero-vad-jit", "save_torchscript", True),
                                                ("silero-vad-jit", "save_exported", True),
-                                               ("ocr-cls", "save_exported", False)])
+                                               ("ocr-cls", "save_exported", False),
+                                               ("minilm-hf", "save_exported", False)])
 def test_a_corpus_model_saved_as_a_torch_file_reopens_and_compresses_again(name, save, pruned, tmp_path):
     """Converted graphs (onnx2torch) keep shape arithmetic as tensors, which torch.export could not
     follow and a TorchScript trace baked to the example batch (engine/io/batch_shapes.py)."""
