@@ -101,6 +101,28 @@ def test_bias_compensation_keeps_what_removed_constant_channels_contributed():
     assert err_comp < 0.05 * err_plain, (err_comp, err_plain)
 
 
+def test_bias_compensation_is_not_set_by_a_few_outlier_positions():
+    """A transformer's few tokens with huge activations set the mean of the channels pruning removes;
+    moving that mean into the next bias shifted every other token (a MiniLM pruned 0.25 went from
+    cosine 0.71 to 0.12 with compensation). Where the shift makes the typical position worse, the
+    channels are dropped as they are."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        net[0].weight[:8] *= 0.01  # the quarter that l1 removes
+        net[0].bias[:8] = 0
+        net[2].weight[:, :8] *= 0.1
+    x = torch.randn(64, 16, 8)
+    x[:, 0] *= 1e4  # one outlier token per sequence
+    ref = net(x)
+    plain = prune.prune_structured_module(net, (x[:2],), 0.25, round_to=1)
+    comp = prune.prune_structured_module(net, (x[:2],), 0.25, round_to=1, compensate=[(x,)])
+    assert comp[0].out_features == plain[0].out_features == 24
+    err_plain = (plain(x) - ref)[:, 1:].norm(dim=-1).mean().item()
+    err_comp = (comp(x) - ref)[:, 1:].norm(dim=-1).mean().item()
+    assert err_comp <= 1.01 * err_plain, (err_comp, err_plain)  # it was 370x
+
+
 # --- the corpus ----------------------------------------------------------------------------------
 
 def _run_ort(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray:
