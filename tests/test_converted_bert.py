@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tugboat.engine.io.models import onnx_to_torch
 from tugboat.engine.measuring.runtime import run_onnx
@@ -33,6 +33,49 @@ def test_flatten_at_every_axis_converts_as_onnx_computes_it(axis):
         out = onnx_to_torch(model)(torch.from_numpy(data)).numpy()
     assert out.shape == expected.shape
     np.testing.assert_array_equal(out, expected)
+
+
+def _split_graph(tail_written: bool) -> onnx.ModelProto:
+    """x [batch, 8] -> MatMul by a constant [8, 24] -> Reshape to [batch, 2, 12] -> ReduceSum over the
+    last axis. The target is Concat(batch, 2, 12) with both sizes written down (a split into 2 heads),
+    or Concat(batch, width / 12, 12) with the first read from the input (not a head count)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 24)).astype(np.float32), "w")
+    consts = [numpy_helper.from_array(np.array(v, dtype=np.int64), n) for n, v in
+              [("zero", [0]), ("one", [1]), ("two", [2]), ("twelve", [12])]]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("Shape", ["y"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["batch"]),
+             helper.make_node("Gather", ["shape", "one"], ["width"]),
+             helper.make_node("Div", ["width", "twelve"], ["parts"])]
+    second = "two" if tail_written else "parts"
+    nodes += [helper.make_node("Concat", ["batch", second, "twelve"], ["target"], axis=0),
+              helper.make_node("Reshape", ["y", "target"], ["split"]),
+              helper.make_node("ReduceSum", ["split", "minus_one"], ["out"], keepdims=0)]
+    consts.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "minus_one"))
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 2])], [w, *consts])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("tail_written", [True, False])
+def test_only_a_split_into_a_written_number_of_heads_is_pruned_per_head(tail_written):
+    from tugboat.engine.io.converted_graphs import KEEP_OUT_CHANNELS, NUM_HEADS, normalise_for_pruning
+
+    model = _split_graph(tail_written)
+    onnx.checker.check_model(model)
+    module = onnx_to_torch(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = module(x)
+    counts = normalise_for_pruning(module, (x,))
+    (linear,) = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), before)  # the same function
+    if tail_written:
+        assert counts["head_reshapes"] == 1 and getattr(linear, NUM_HEADS) == 2
+    else:  # the 2 is read from the input: the reshape stays, and the layer keeps its outputs
+        assert counts["head_reshapes"] == 0 and getattr(linear, KEEP_OUT_CHANNELS, False)
+        assert not hasattr(linear, NUM_HEADS)
 
 
 # --- tiny BERTs ----------------------------------------------------------------------------------

@@ -326,7 +326,8 @@ def _rewrite_head_reshapes(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes
         if not isinstance(x, fx.Node) or x in known or x not in shapes or n not in shapes:
             continue
         si, so = tuple(shapes[x]), tuple(shapes[n])
-        if len(so) == len(si) + 1 >= 3 and so[:-2] == si[:-1] and so[-2] * so[-1] == si[-1] and so[-1] > 1:
+        if (len(so) == len(si) + 1 >= 3 and so[:-2] == si[:-1] and so[-2] * so[-1] == si[-1] and so[-1] > 1
+                and len(n.args) > 1 and _written_tail(gm, n.args[1], known)):
             fn, args = torch.unflatten, (x, -1, (so[-2], -1))
         elif len(si) == len(so) + 1 >= 4 and si[:-2] == so[:-1] and si[-2] * si[-1] == so[-1]:
             fn, args = torch.flatten, (x, -2)
@@ -340,12 +341,35 @@ def _rewrite_head_reshapes(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes
         shapes[new] = shapes[n]
         counts["head_reshapes"] += 1
         if fn is torch.unflatten:
-            _mark_heads(gm, x, known, so[-2])
+            _mark_heads(gm, x, known, so[-2], si[-1])
 
 
-def _mark_heads(gm: fx.GraphModule, start: fx.Node, known: dict[fx.Node, Any], heads: int) -> None:
-    """Give the layers that produce ``start`` (through anything but other layers) ``NUM_HEADS``; a layer
-    split two ways keeps its output channels instead."""
+def _written_tail(gm: fx.GraphModule, shape: Any, known: dict[fx.Node, Any]) -> bool:
+    """Whether a Reshape's target ends in two sizes written down as constants (heads and head size),
+    the rest computed from the input: ``Concat(batch, sequence, 12, 32)``. A size read from the input
+    there (a sequence split off a flattened map) must stay read at run time."""
+    if not isinstance(shape, fx.Node):
+        return False
+    if shape in known:
+        return True
+    if not _is(gm, shape, "OnnxConcat", (torch.cat,), ()):
+        return False
+    parts = list(shape.args[0] if shape.op == "call_function" else shape.args)
+    tail, count = list(reversed(parts)), 0
+    for part in tail:
+        value = known.get(part) if isinstance(part, fx.Node) else None
+        if value is None:
+            return False
+        count += int(torch.as_tensor(value).numel())
+        if count >= 2:
+            return True
+    return False
+
+
+def _mark_heads(gm: fx.GraphModule, start: fx.Node, known: dict[fx.Node, Any], heads: int, width: int) -> None:
+    """Give the Linear layers of ``width`` outputs that produce ``start`` (through anything but other
+    layers) ``NUM_HEADS``; any other layer found there, or one split two ways, keeps its output
+    channels instead."""
     todo, seen = [start], set()
     while todo:
         node = todo.pop()
@@ -354,9 +378,11 @@ def _mark_heads(gm: fx.GraphModule, start: fx.Node, known: dict[fx.Node, Any], h
         seen.add(node)
         layer = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(layer, _PRODUCERS):
-            if getattr(layer, NUM_HEADS, heads) != heads:
+            if not isinstance(layer, nn.Linear) or layer.out_features != width or \
+                    getattr(layer, NUM_HEADS, heads) != heads:
                 setattr(layer, KEEP_OUT_CHANNELS, True)
-            setattr(layer, NUM_HEADS, heads)
+            else:
+                setattr(layer, NUM_HEADS, heads)
         else:
             todo.extend(node.all_input_nodes)
 
