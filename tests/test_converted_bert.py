@@ -199,3 +199,22 @@ def test_bert_torch_files_written_by_tugboat_reopen_and_prune(bert_files, tmp_pa
     assert pruned.info["pruning"]["params_after"] < 0.85 * pruned.info["pruning"]["params_before"]
     assert len(pruned.info["pruning"]["attention_heads"]) == 6
     _runs_in_onnx_runtime(pruned, batch=5, seq=10)
+
+
+@pytest.mark.slow
+def test_a_bert_onnx_export_trains_quantization_aware(bert_files):
+    """qat-int8 found no Conv or Linear layers in the converted encoder (its weights are MatMuls by
+    constants): they become Linear layers for it, as for pruning."""
+    from tugboat.engine.progress import null_progress
+    from tugboat.engine.techniques import quantize
+
+    handle, data = _load(bert_files / "embedder.onnx", bert_files / "tokens.npz")
+    q = quantize.apply(handle, {"method": "qat-int8", "epochs": 1}, data, null_progress())
+    model = q.to_onnx()
+    assert model.ByteSize() < 0.5 * handle.to_onnx().ByteSize()
+    ids = torch.randint(1, 100, (4, 10))
+    (out,) = run_onnx(model, [ids.numpy(), np.ones_like(ids.numpy())])
+    with torch.no_grad():
+        ref = handle.module(ids, torch.ones_like(ids)).numpy()
+    cosine = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() > 0.9, cosine

@@ -158,6 +158,11 @@ def train_qat(handle: ModelHandle, data: Dataset, params: dict, progress: Progre
     device = resolve_device(params["device"], "quantize.device")
     teacher = handle.torch_module().eval()
     module = fold_batchnorm(copy.deepcopy(teacher).eval())
+    if isinstance(module, torch.fx.GraphModule) and not any(isinstance(m, _LAYERS) for m in module.modules()):
+        from ..io.converted_graphs import normalise_for_pruning
+
+        # a converted graph whose weights are MatMuls by constants (a BERT export): Linear layers then
+        normalise_for_pruning(module, tuple(handle.example_inputs(2)))
     layers, hooks, input_fqs = _fake_quantize(module, params, api, handle.source)
     try:
         with torch.no_grad():  # warm the observers so early steps see sane ranges
