@@ -348,7 +348,8 @@ def convert_with_data_shapes(handle: ModelHandle) -> None:
         handle.module = _checked_torch(handle, work, reference=handle.onnx_model)
     except ModelLoadError as exc:  # what still blocks after the fixes above says more than the first error
         handle.conversion_error = exc.message
-        handle.warnings = [w.replace(old, exc.message) for w in handle.warnings]
+        if old:
+            handle.warnings = [w.replace(old, exc.message) for w in handle.warnings]
         return
     handle.conversion_error = None
     handle.warnings = [w for w in handle.warnings if old not in w]

@@ -446,6 +446,8 @@ def _same_at_other_sizes(handle: ModelHandle, module: nn.Module, model: onnx.Mod
         grown = spec.sample_shape if spec.name not in opened else tuple(
             d + 1 if rest[k] in opened[spec.name] else d for k, d in enumerate(spec.sample_shape))
         probe.inputs.append(replace(spec, sample_shape=grown))
+    was_training = module.training
+    eval_mode(module)  # as exported: no BatchNorm statistics updated, no dropout
     try:
         xs = probe.example_inputs(3, seed=5)
         with torch.no_grad():
@@ -454,6 +456,8 @@ def _same_at_other_sizes(handle: ModelHandle, module: nn.Module, model: onnx.Mod
         got = run_onnx(model, [x.numpy() for x in xs])
     except Exception:
         return False
+    finally:
+        eval_mode(module, was_training)
     return len(got) == len(want) and all(
         a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(b).max(initial=0))))
         for a, b in zip(got, want))
