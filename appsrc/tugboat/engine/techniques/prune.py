@@ -758,15 +758,25 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
     if params["optimizer"] in ("adam", "adamw") and params["lr"] > 0.01:
         notes.append(f"fine-tuning with {params['optimizer']} at lr {params['lr']:g} (a rate for sgd) may "
                      f"undo the pruned model's weights: with {params['optimizer']} use about 3e-3")
+    quality, kind = _quality_fn(handle, data) if len(data.splits.get("val", ())) else (None, "")
+    before = quality(module) if quality else None
+    kept = copy.deepcopy(module.state_dict()) if quality else None
     # the original model is the teacher: its soft outputs recover a pruned model faster than
     # labels alone (teacher_weight = 0: labels only)
-    return finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=params["lr"],
-                    optimizer=params["optimizer"], batch_size=params["batch_size"],
-                    progress=progress, reference=reference, seed=params["seed"],
-                    classification=handle.task == "classification",
-                    teacher_weight=params["teacher_weight"], temperature=params["teacher_temperature"],
-                    augment=params["augment"], device=resolve_device(params["device"], "prune.device"),
-                    max_grad_norm=params["max_grad_norm"])
+    history = finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=params["lr"],
+                       optimizer=params["optimizer"], batch_size=params["batch_size"],
+                       progress=progress, reference=reference, seed=params["seed"],
+                       classification=handle.task == "classification",
+                       teacher_weight=params["teacher_weight"], temperature=params["teacher_temperature"],
+                       augment=params["augment"], device=resolve_device(params["device"], "prune.device"),
+                       max_grad_norm=params["max_grad_norm"])
+    after = quality(module) if quality else None
+    if before is not None and after < before:  # fine-tuning made it worse: the pruned weights before it
+        module.load_state_dict(kept)
+        notes.append(f"fine-tuning lowered the {kind} on the val split ({before:.3f} -> {after:.3f}) at lr "
+                     f"{params['lr']:g}, so the pruned weights before it are kept; a smaller lr may recover "
+                     f"instead (a pretrained transformer: about 5e-5)")
+    return history
 
 
 def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ratios", *,
