@@ -206,3 +206,40 @@ def test_pickle_module_is_not_imported_by_loading_npz_like_state(tmp_path):
         pickle.dump({"a": 1}, f)
     with pytest.raises(ModelLoadError):
         load_model(path)
+
+
+def test_an_exported_torch_module_keeps_each_inputs_own_batch_axis(tmp_path):
+    """A recurrent state [layers, batch, hidden] has its batch on axis 1 (and a scalar setting has
+    none): the ONNX Tugboat exports from the editable module keeps the batch there, so the variant
+    runs at any batch, not only at the example batch it was traced at."""
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.io.models import export_onnx_model
+
+    class Stateful(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x, state):
+            return self.fc(x) + state.sum(0), state * 0.5
+
+    path = tmp_path / "stateful.onnx"
+    torch.onnx.export(Stateful().eval(), (torch.zeros(3, 8), torch.zeros(2, 3, 4)), str(path), dynamo=False,
+                      input_names=["x", "state"], output_names=["y", "new_state"],
+                      dynamic_axes={"x": {0: "batch"}, "state": {1: "batch"}, "y": {0: "batch"},
+                                    "new_state": {1: "batch"}})
+    handle = load_model(str(path))
+    assert [s.batch_axis for s in handle.inputs] == [0, 1] and handle.module is not None
+    exported = export_onnx_model(handle)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in exported.graph.input}
+    assert dims["state"][1] and isinstance(dims["state"][1], str) and dims["state"][0] == 2, dims
+    sess = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x, state = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((2, 5, 4)).astype(np.float32)
+    y, new_state = sess.run(None, {"x": x, "state": state})
+    expected = handle.module(torch.from_numpy(x), torch.from_numpy(state))
+    assert np.allclose(y, expected[0].detach().numpy(), atol=1e-5) and new_state.shape == (2, 5, 4)

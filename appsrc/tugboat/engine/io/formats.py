@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, ModelLoadError
-from .models import ONNX_OPSET, ModelHandle, TensorSpec, _short, onnx_to_torch
+from .models import ONNX_OPSET, ModelHandle, TensorSpec, _short, batch_axes, onnx_to_torch
 
 UNKNOWN = "?"  # a dimension nothing has told yet
 _LOG = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ def _specialised(handle: ModelHandle, original: torch.jit.ScriptModule):
 
 
 def _export_onnx(handle: ModelHandle, module, args, out_names: list[str]) -> onnx.ModelProto:
-    dynamic = {n: {0: "batch"} for n in [*handle.input_names, *out_names]}
+    dynamic = batch_axes([*handle.inputs, *handle.outputs])
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -377,6 +377,12 @@ def require_shapes(handle: ModelHandle) -> None:
 
 
 
+def batch_axes(specs: list[TensorSpec]) -> dict[str, dict[int, str]]:
+    """The ONNX export's ``dynamic_axes`` for the batch: each tensor's own batch axis (a recurrent
+    state's is 1), none for a tensor without a batch (a scalar setting)."""
+    return {s.name: {int(s.batch_axis): "batch"} for s in specs if s.batch_axis is not None}
+
+
 def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
     """Export the handle's torch module with a dynamic batch dimension, and the other sizes the
     original file left open (an ONNX file's sequence length) where the export computes at other
@@ -387,10 +393,10 @@ def export_onnx_model(handle: ModelHandle) -> onnx.ModelProto:
     """
     module = handle.torch_module()
     args = tuple(handle.example_inputs(2))
-    dynamic = {n: {0: "batch"} for n in handle.input_names + handle.output_names}
+    dynamic = batch_axes([*handle.inputs, *handle.outputs])
     for name, dims in (handle.info.get("dynamic_dims") or {}).items():  # e.g. a text model's sequence
-        if name in dynamic:
-            dynamic[name].update({int(axis): label for axis, label in dims.items()})
+        if name in handle.input_names or name in handle.output_names:
+            dynamic.setdefault(name, {}).update({int(axis): label for axis, label in dims.items()})
     opened = _open_sizes(handle)
     model = _traced_onnx(handle, module, args, {n: {**d, **opened.get(n, {})} for n, d in dynamic.items()})
     if opened and not _same_at_other_sizes(handle, module, model, opened):
