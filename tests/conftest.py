@@ -19,6 +19,10 @@ os.environ.setdefault("TUGBOAT_CACHE_DIR", str(_SESSION_HOME / "cache"))
 # round_to = "auto" prunes to the channel multiple this CPU measures (8 or 16, a timing): the suite
 # uses one value so pruned counts are the same on every machine (the probe has its own tests)
 os.environ.setdefault("TUGBOAT_CHANNEL_MULTIPLE", "16")
+# the window makes its variants in a worker process (ui/session.py); the GUI tests drive the window's
+# behaviour in-thread (one process, spies and toys work), tests/test_child_jobs.py the worker itself.
+# TUGBOAT_JOBS_IN_CHILD=1 runs the whole GUI suite through the worker.
+os.environ.setdefault("TUGBOAT_JOBS_IN_CHILD", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -928,6 +928,7 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event) -> None:  # noqa: N802
         self.save_window_settings()
         self.queue.shutdown(timeout=5.0)
+        self.session.close()  # its worker process ends (after its runs were cancelled)
         self.keeper.close()  # the workspace's folder lock: after the last save job
         super().closeEvent(event)
 

@@ -29,6 +29,12 @@ from .store import BASELINE, VariantStore
 
 DEMO_MODEL, DEMO_DATA = "demo:digits-cnn", "demo:digits"
 _KEEP: Any = object()  # load(): keep the current architecture
+IN_CHILD_ENV = "TUGBOAT_JOBS_IN_CHILD"  # "0": the window's runs stay in its own process (tests, debugging)
+
+
+def jobs_in_child() -> bool:
+    """Whether the window makes its variants in a worker process (the default; see :class:`Session`)."""
+    return os.environ.get(IN_CHILD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _timing_copy(v: Variant) -> Variant:
@@ -62,10 +68,17 @@ class Session(QObject):
     message = Signal(str)  # information for the user (e.g. a re-measure in another runtime)
     remeasured = Signal(list)  # names (baseline included) whose timings were taken again
 
-    def __init__(self, store: VariantStore, queue: JobQueue, parent: QObject | None = None) -> None:
+    def __init__(self, store: VariantStore, queue: JobQueue, parent: QObject | None = None, *,
+                 in_child: bool | None = None) -> None:
         super().__init__(parent)
         self.store = store
         self.queue = queue
+        # the window's variants and sweeps are made (and measured) in one worker process, so C calls
+        # that hold the GIL (quantization, ONNX Runtime sessions, export) never stall the window; it
+        # holds the loaded original (~300-400 MB more while a model is loaded). Off: in a job thread.
+        self.in_child = jobs_in_child() if in_child is None else bool(in_child)
+        self.worker = None  # the ChildWorker, started when a model is loaded
+        self.worker_context: str | None = None  # its context file for the loaded baseline
         self.model_ref: str = ""
         self.data_ref: str = ""
         self.trust = False  # for this load only: never written into a recipe or workspace
@@ -115,6 +128,9 @@ class Session(QObject):
             self.arch, self.arch_kwargs = arch or None, dict(arch_kwargs or {})
         recipe = self.base_recipe()
         self.loading.emit(self.model_ref, self.data_ref)
+        worker = self._worker()
+        if worker is not None and worker.pid is None:
+            worker.warm()  # the worker starts (its imports) while the model loads
 
         def work(progress):
             from ..engine.running.info import model_info
@@ -126,13 +142,49 @@ class Session(QObject):
                 return _Untrusted(str(exc.path or recipe.model), str(exc))
             progress.update(0.92, "reading layers")
             info = model_info(recipe.model, handle=base.handle)
-            return base, info
+            return base, info, self._context_for(base, progress)
 
         # a newer load disconnects this one (the slot): what arrives here is the current load's
         self.load_job = self.load_slot.submit(
             work, name=f"load {Path(self.model_ref).name}", kind="load", finished=self._on_load_finished,
             failed=lambda msg, _det: self._on_load_ended(msg), cancelled=lambda: self._on_load_ended("cancelled"))
         return self.load_job
+
+    # --- the worker process -------------------------------------------------------------------------
+    def _worker(self):
+        """The worker process's handle (created on first use), or None when runs stay in-thread."""
+        if not self.in_child:
+            return None
+        if self.worker is None:
+            from ..engine.running.executors.child import ChildWorker
+            from ..jobs import worker_threads
+
+            self.worker = ChildWorker(self.queue.threads or worker_threads())
+        return self.worker
+
+    def _context_for(self, base: Baseline, progress) -> str | None:
+        """In the load job: the loaded original written once for the worker (None: runs in-thread)."""
+        worker = self._worker()
+        if worker is None:
+            return None
+        progress.update(0.96, "handing the model to the worker process")
+        try:
+            return worker.write_context(dataclasses.replace(base, timing=None))
+        except Exception as exc:  # e.g. a model that does not pickle: its runs stay in this process
+            progress.record("log", message=f"runs of this model stay in the window's process: {exc}")
+            return None
+
+    def _use_context(self, context: str | None) -> None:
+        """A new model is loaded: the worker drops the previous one (a fresh worker starts now)."""
+        self.worker_context = context
+        if self.worker is not None:
+            self.worker.use(context)
+
+    def close(self) -> None:
+        """The window closes: runs are cancelled, the worker process ends."""
+        self.model_jobs.cancel()
+        if self.worker is not None:
+            self.worker.close()
 
     def abandon_load(self, reason: str) -> None:
         """The user declined to trust the file: as if the load had failed."""
@@ -153,9 +205,10 @@ class Session(QObject):
         if isinstance(result, _Untrusted):
             self.trust_needed.emit(result.path, result.message)
             return
-        base, info = result
+        base, info, context = result
         self.model_jobs.cancel()  # runs of the previous model: their results would be stale
         self.baseline, self.info = base, info
+        self._use_context(context)
         self.chain, self.chain_from, self.sweep = [], None, []
         self.baseline_measured.emit(Variant(BASELINE, self.base_recipe().with_steps([]).to_dict(),
                                             base.metrics, handle=base.handle,
@@ -207,10 +260,12 @@ class Session(QObject):
             start, done = origin.handle, len(self.chain)
         label = name or variant_name(recipe.steps)
 
-        def work(progress):
-            from ..engine.running.runner import run_variant
+        worker, context = self.worker, self.worker_context
 
-            return run_variant(base, recipe, progress, start=start, done_steps=done)
+        def work(progress):
+            from ..engine.running.executors.child import run_variant_in
+
+            return run_variant_in(worker, context, base, recipe, progress, start=start, done_steps=done)
 
         return self.model_jobs.submit(work, name=label, kind="variant", keep=True,
                                       finished=self._on_variant_finished)
