@@ -135,3 +135,22 @@ def test_a_worker_that_cannot_start_means_an_in_thread_run_with_a_log_line(qtbot
     qtbot.waitUntil(lambda: job.is_ended, timeout=120000)
     assert job.state == DONE and job.result.info["made_by_pid"] == os.getpid()
     assert any("in the window's process" in line and "could not start" in line for line in job.logs)
+
+
+def test_the_window_sweep_makes_and_measures_in_the_worker_and_survives_its_crash(qtbot, window, toys):
+    session = window.session
+    session.add_to_sweep({"technique": child_toys.NAME, "method": "pid", "seconds": 1.0})
+    session.add_to_sweep({"technique": child_toys.NAME, "method": "crash"})
+    job = window.run_sweep()
+    with qtbot.waitSignal(session.sweep_ended, timeout=120000) as ended:
+        pass
+    assert ended.args[0] is not None, job.error
+    ws = window.workspace
+    made, crashed = (ws.get(n) for n in ws.names())
+    assert made.status == "ok" and made.info["made_by_pid"] != os.getpid()
+    assert made.info["made_on"] == f"process {made.info['made_by_pid']}"
+    assert made.metrics["fidelity"]["top1_agreement"] == 1.0 and ws.artifact_path(made.name).is_file()
+    assert window.store.get(made.name).handle is not None
+    assert crashed.status == "failed" and "worker process making variant" in crashed.error
+    assert "exit code 3" in crashed.error and "tried 3 times" in crashed.error
+    assert ws.meta["sweep"]["executor"]["name"] == "worker process"

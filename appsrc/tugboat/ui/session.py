@@ -427,11 +427,16 @@ class Session(QObject):
         if recipe is None:
             return None
 
+        worker, context = (self.worker, self.worker_context) if executor == "local" else (None, None)
+
         def work(progress):
             from ..engine.running.executors import make_executor
+            from ..engine.running.executors.child import ChildExecutor
             from ..engine.running.sweep import run_sweep
 
             runner = make_executor(executor, address=address or None) if executor != "local" else None
+            if worker is not None and context is not None:  # made and measured in the worker process
+                runner = ChildExecutor(worker, context)
             return run_sweep(recipe, workspace.path, progress=progress, executor=runner,
                              workspace=workspace, base=base,
                              on_variant=lambda v: progress.record("variant", variant=dataclasses.replace(v)),

@@ -56,7 +56,7 @@ from ..techniques import steps as step_registry
 from .executors.base import Context, LocalExecutor, PrefixCache, Task, steps_key
 from .recipe import Recipe, validate_steps
 from .report_json import quality_of
-from .runner import finish_variant, prepare
+from .runner import finish_variant, judge_timing, prepare
 from .variants import Baseline, Variant, variant_name
 from .workspace import Workspace, WorkspaceError
 
@@ -412,6 +412,10 @@ def finish_outcome(base: Baseline, recipe: Recipe, cand: Candidate, outcome, pro
     variant_recipe = recipe.with_steps(cand.steps)
     if outcome.error is not None:
         variant = Variant(cand.name, variant_recipe.to_dict(), status="failed", error=outcome.error)
+    elif outcome.measured is not None:  # measured where it was made, against the same original
+        variant = outcome.measured
+        variant.recipe = variant_recipe.to_dict()
+        judge_timing(variant, base.metrics)  # with this recipe's steps (advice) and the original on record
     else:
         variant = Variant(cand.name, variant_recipe.to_dict())
         try:

@@ -47,6 +47,9 @@ class Outcome:
     seconds: float = 0.0  # compression time, wherever it ran
     attempts: int = 1
     where: str = "local"
+    # the variant measured where it was made (the window's worker process): the driver only checks
+    # it against the recipe and writes it (None: the driver measures the handle itself)
+    measured: Any = None
 
 
 @dataclass

@@ -35,13 +35,14 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ...errors import Cancelled, TugboatError
-from ...progress import Progress
+from ...progress import Progress, null_progress
 from ..worker_start import start_context
+from .base import DEFAULT_RETRIES, Context, Executor, Outcome, PrefixCache, Task, compress
 
 POLL_S = 0.02  # how often the waiting job thread looks at its cancel token
 UPDATE_S = 0.05  # progress updates are coalesced to one per interval (records never are)
@@ -448,3 +449,91 @@ def keep_export(handle) -> None:
     if cached is not None and handle.module is not None and cached[0] is handle.module:
         with contextlib.suppress(Exception):
             handle.__dict__["_exported"] = (handle.module, handle._export_key(), cached[2])
+
+
+# --- the window's sweeps ----------------------------------------------------------------------------
+class ChildExecutor(Executor):
+    """The window's sweep in its worker process: each variant made *and measured* there, one after
+    another (so timing stays serial and paired with the original the worker holds), handed back as
+    soon as it is done; the driver (the sweep job, in the window's process) only writes it. A worker
+    that dies is replaced and its variant tried again (``max_retries``); work that cannot go to the
+    worker is made here."""
+
+    name = "worker process"
+
+    def __init__(self, worker: ChildWorker, context: str, max_retries: int = DEFAULT_RETRIES) -> None:
+        self.worker, self.context, self.max_retries = worker, context, max_retries
+        self.sweep_id = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"
+
+    def start(self, ctx: Context, cache=None) -> None:
+        super().start(ctx, cache)
+        self.needed = dict(cache.needed) if cache is not None and cache.needed is not None else None
+
+    def map(self, tasks: Iterable[Task], progress: Progress | None = None) -> Iterator[Outcome]:
+        progress = progress or null_progress()
+        tasks = list(tasks)
+        for i, task in enumerate(tasks):
+            yield self._one(task, progress.sub(i / len(tasks), (i + 1) / len(tasks)))
+            if self.cache is not None:
+                self.cache.release(task.steps)
+
+    def _one(self, task: Task, progress: Progress) -> Outcome:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                args = (task, self.ctx.trust_steps, self.ctx.seed, self.sweep_id, self.needed,
+                        technique_modules(task.steps))
+                out = self.worker.call(make_outcome, args, progress, context=self.context,
+                                       what=f"variant {task.name!r}")
+            except WorkerDiedError as exc:
+                if attempts <= self.max_retries:
+                    continue
+                return Outcome(task.name, error=f"{exc.message} (tried {attempts} times)", attempts=attempts,
+                               where=self.name)
+            except WorkerUnavailableError as exc:
+                progress.record("log", message=f"making {task.name!r} in the window's process: {exc}")
+                out = compress(self.ctx, task, self.cache, progress)
+                out.where = "driver (not in the worker)"
+                return out
+            out.attempts = attempts
+            for made in (out.handle, getattr(out.measured, "handle", None)):
+                if made is not None:
+                    keep_export(made)
+            return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "workers": 1, "pid": self.worker.pid}
+
+
+_SWEEP_CACHE: dict[str, PrefixCache] = {}  # in the worker: the running sweep's prefix cache
+
+
+def make_outcome(base, progress: Progress, task: Task, trust: bool, seed: int, sweep_id: str,
+                 needed: dict[str, int] | None, modules: list[str]) -> Outcome:
+    """The worker's side of :class:`ChildExecutor`: make one variant (from the sweep's prefix cache
+    here) and measure it against the original this worker holds."""
+    from ..runner import finish_variant
+    from ..variants import Variant
+
+    for module in modules:
+        importlib.import_module(module)
+    if sweep_id not in _SWEEP_CACHE:
+        _SWEEP_CACHE.clear()
+        _SWEEP_CACHE[sweep_id] = PrefixCache(dict(needed) if needed is not None else None)
+    cache = _SWEEP_CACHE[sweep_id]
+    t0 = time.perf_counter()
+    ctx = Context(base.handle, base.data, base.cfg, trust, seed=seed)
+    out = compress(ctx, task, cache, progress.sub(0.0, 0.7))
+    cache.release(task.steps)
+    out.where = f"process {os.getpid()}"
+    if out.handle is not None:
+        try:
+            out.measured = finish_variant(Variant(task.name, {}), out.handle, base, progress.sub(0.7, 1.0))
+            out.measured.info["made_on"] = out.where
+        except Cancelled:
+            raise
+        except Exception:  # measured by the driver instead, which reports it as a sweep does
+            out.measured = None
+    out.seconds = time.perf_counter() - t0 if out.measured is not None else out.seconds
+    return out
