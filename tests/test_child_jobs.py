@@ -154,3 +154,23 @@ def test_the_window_sweep_makes_and_measures_in_the_worker_and_survives_its_cras
     assert crashed.status == "failed" and "worker process making variant" in crashed.error
     assert "exit code 3" in crashed.error and "tried 3 times" in crashed.error
     assert ws.meta["sweep"]["executor"]["name"] == "worker process"
+
+
+def test_the_original_is_loaded_and_measured_in_the_worker(qtbot, monkeypatch):
+    from tugboat.engine.running import runner
+
+    def not_here(*_a, **_k):
+        raise AssertionError("the original was loaded in the window's process")
+
+    monkeypatch.setattr(runner, "prepare", not_here)  # this process's only: the worker has its own
+    monkeypatch.setenv(IN_CHILD_ENV, "1")
+    w = MainWindow()
+    qtbot.addWidget(w)
+    try:
+        job = w.load_demo()
+        qtbot.waitUntil(lambda: job.is_ended, timeout=120000)
+        assert job.state == DONE, job.error
+        assert w.store.baseline is not None and w.store.baseline.metrics["accuracy"] > 0.9
+        assert w.session.baseline.handle.module is not None and w.model_panel.layers.rowCount() > 0
+    finally:
+        w.close()

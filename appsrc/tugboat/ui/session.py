@@ -129,20 +129,12 @@ class Session(QObject):
         recipe = self.base_recipe()
         self.loading.emit(self.model_ref, self.data_ref)
         worker = self._worker()
-        if worker is not None and worker.pid is None:
-            worker.warm()  # the worker starts (its imports) while the model loads
 
         def work(progress):
-            from ..engine.running.info import model_info
-            from ..engine.running.runner import prepare
-
             try:
-                base = prepare(recipe, progress.sub(0.0, 0.9))
+                return self._load_original(recipe, worker, progress)
             except UntrustedFileError as exc:
                 return _Untrusted(str(exc.path or recipe.model), str(exc))
-            progress.update(0.92, "reading layers")
-            info = model_info(recipe.model, handle=base.handle)
-            return base, info, self._context_for(base, progress)
 
         # a newer load disconnects this one (the slot): what arrives here is the current load's
         self.load_job = self.load_slot.submit(
@@ -161,6 +153,24 @@ class Session(QObject):
 
             self.worker = ChildWorker(self.queue.threads or worker_threads())
         return self.worker
+
+    def _load_original(self, recipe: Recipe, worker, progress) -> tuple[Baseline, dict[str, Any], str | None]:
+        """In the load job: the original loaded and measured, in the worker process when there is one
+        (which keeps it for the runs to come), else here: (baseline, layer info, worker context)."""
+        from ..engine.running.info import model_info
+        from ..engine.running.runner import prepare
+
+        if worker is not None:
+            from ..engine.running.executors.child import WorkerUnavailableError, prepare_in
+
+            try:
+                return prepare_in(worker, recipe, progress)
+            except WorkerUnavailableError as exc:
+                progress.record("log", message=f"loading {recipe.model} in the window's process: {exc}")
+        base = prepare(recipe, progress.sub(0.0, 0.9))
+        progress.update(0.92, "reading layers")
+        info = model_info(recipe.model, handle=base.handle)
+        return base, info, self._context_for(base, progress)
 
     def _context_for(self, base: Baseline, progress) -> str | None:
         """In the load job: the loaded original written once for the worker (None: runs in-thread)."""

@@ -157,16 +157,17 @@ class ChildWorker:
             self._warm()
 
     # --- context ------------------------------------------------------------------------------------
+    def new_context_path(self) -> str:
+        """A new private file name for one loaded model's context."""
+        self._contexts += 1
+        return str(Path(self._dir) / f"context-{self._contexts:04d}.pickle")
+
     def write_context(self, context: Any) -> str:
         """Write what every call of one loaded model needs (its original, data, reference outputs) to
         a new private file; calls name it (:meth:`call`), and the worker reads it once."""
-        self._contexts += 1
-        path = Path(self._dir) / f"context-{self._contexts:04d}.pickle"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(context, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-        return str(path)
+        path = self.new_context_path()
+        _write_context(path, context)
+        return path
 
     def forget_contexts(self, keep: str | None) -> None:
         """Remove the context files of models no longer loaded (all but ``keep``)."""
@@ -188,7 +189,7 @@ class ChildWorker:
             request = pickle.dumps((fn.__module__, fn.__qualname__, args, context),
                                    protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise WorkerUnavailableError(f"what {what} needs cannot be sent to a worker ({exc})") from None
+            raise WorkerUnavailableError(f"what {what} needs cannot be sent to a worker process ({exc})") from None
         with self._calls:
             progress.check()
             self._ensure()
@@ -227,7 +228,7 @@ class ChildWorker:
         code = proc.exitcode if proc is not None else None
         self.stop()
         how = _exit_text(code)
-        return WorkerDiedError(f"the worker process making {what} {how}; nothing of it was kept and the "
+        return WorkerDiedError(f"the worker process {what} {how}; nothing of it was kept and the "
                                "next run starts a new worker")
 
 
@@ -346,22 +347,21 @@ def _serve(conn, threads: int) -> None:
     torch.set_num_threads(threads)
     sender = _Sender(conn)
     sender.send(("ready", os.getpid()))
-    contexts: dict[str, Any] = {}
     while True:
         try:
             raw = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        _serve_one(sender, raw, contexts)
+        _serve_one(sender, raw)
 
 
-def _serve_one(sender: _Sender, raw: bytes, contexts: dict[str, Any]) -> None:
+def _serve_one(sender: _Sender, raw: bytes) -> None:
     import traceback
 
     try:
         module, name, args, context_path = pickle.loads(raw)  # from our parent (see the module doc)
         fn = getattr(importlib.import_module(module), name)
-        context = _context(context_path, contexts)
+        context = _context(context_path)
         result = fn(context, Progress(sender.update, None, sender.record), *args)
     except Exception as exc:
         sender.send(("error", _error_payload(exc, traceback.format_exc())))
@@ -377,19 +377,61 @@ def _serve_one(sender: _Sender, raw: bytes, contexts: dict[str, Any]) -> None:
         os._exit(0)
 
 
-def _context(path: str | None, contexts: dict[str, Any]) -> Any:
+_CONTEXTS: dict[str, Any] = {}  # in the worker: the loaded model's context, by its file
+
+
+def _context(path: str | None) -> Any:
     """The context at ``path``, read once (the previous model's is dropped when another comes)."""
     if path is None:
         return None
-    if path not in contexts:
+    if path not in _CONTEXTS:
         from .processes import _check_private
 
         _check_private(Path(path))
         with open(path, "rb") as f:
-            loaded = pickle.load(f)  # written by our parent into its private folder
-        contexts.clear()
-        contexts[path] = loaded
-    return contexts[path]
+            loaded = pickle.load(f)  # written by our parent (or this worker) into its private folder
+        _CONTEXTS.clear()
+        _CONTEXTS[path] = loaded
+    return _CONTEXTS[path]
+
+
+def _write_context(path: str, context: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(context, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
+# --- the window's loads -------------------------------------------------------------------------------
+def prepare_in(worker: ChildWorker, recipe, progress: Progress):
+    """Load and measure the recipe's original in ``worker`` (:func:`~..runner.prepare`, the model's
+    layer table too), which keeps it as the context of the runs to come: (baseline, info, context
+    file). :class:`WorkerUnavailableError` when it cannot go there."""
+    path = worker.new_context_path()
+    base, info = worker.call(load_original, (recipe, path), progress, context=None,
+                             what=f"loading {recipe.model!r}")
+    worker._holds = path  # it keeps the original it loaded
+    if base.handle is not None:
+        keep_export(base.handle)
+    return base, info, path
+
+
+def load_original(_none, progress: Progress, recipe, path: str):
+    """The worker's side of :func:`prepare_in`: the original loaded, measured and kept here (its
+    context file written for a worker started later), then sent back."""
+    import dataclasses
+
+    from ..info import model_info
+    from ..runner import prepare
+
+    base = prepare(recipe, progress.sub(0.0, 0.9))
+    progress.update(0.92, "reading layers")
+    info = model_info(recipe.model, handle=base.handle)
+    kept = dataclasses.replace(base, timing=None)
+    _write_context(path, kept)
+    _CONTEXTS.clear()
+    _CONTEXTS[path] = base  # the same original, its timing sessions kept for the runs to come
+    return kept, info
 
 
 # --- the window's variant runs ----------------------------------------------------------------------
@@ -401,7 +443,7 @@ def run_variant_in(worker: ChildWorker | None, context: str | None, base, recipe
     from ..variants import variant_name
 
     if worker is not None and context is not None:
-        what = f"variant {variant_name(recipe.steps)!r}"
+        what = f"making variant {variant_name(recipe.steps)!r}"
         try:
             modules = technique_modules(recipe.steps)
             variant = worker.call(make_variant, (recipe, start, done_steps, base.metrics, modules), progress,
@@ -410,7 +452,7 @@ def run_variant_in(worker: ChildWorker | None, context: str | None, base, recipe
                 keep_export(variant.handle)
             return variant
         except WorkerUnavailableError as exc:
-            progress.record("log", message=f"making {what} in the window's process: {exc}")
+            progress.record("log", message=f"{what} in the window's process: {exc}")
     return run_variant(base, recipe, progress, start=start, done_steps=done_steps)
 
 
@@ -485,7 +527,7 @@ class ChildExecutor(Executor):
                 args = (task, self.ctx.trust_steps, self.ctx.seed, self.sweep_id, self.needed,
                         technique_modules(task.steps))
                 out = self.worker.call(make_outcome, args, progress, context=self.context,
-                                       what=f"variant {task.name!r}")
+                                       what=f"making variant {task.name!r}")
             except WorkerDiedError as exc:
                 if attempts <= self.max_retries:
                     continue
