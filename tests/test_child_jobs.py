@@ -174,3 +174,26 @@ def test_the_original_is_loaded_and_measured_in_the_worker(qtbot, monkeypatch):
         assert w.session.baseline.handle.module is not None and w.model_panel.layers.rowCount() > 0
     finally:
         w.close()
+
+
+def test_a_model_the_worker_cannot_read_keeps_its_runs_in_this_process(tmp_path):
+    import sys
+    import types
+
+    from tugboat.engine.progress import Progress
+    from tugboat.engine.running.executors.child import ChildWorker, WorkerUnavailableError, load_original
+
+    # a class the worker cannot import (as a model class from a user's architecture file)
+    module = types.ModuleType("tugboat_test_only_here")
+    module.OnlyHere = type("OnlyHere", (), {"__module__": "tugboat_test_only_here"})
+    sys.modules[module.__name__] = module
+    worker = ChildWorker(1)
+    try:
+        context = worker.write_context(module.OnlyHere())
+        for _ in range(2):  # the second time without asking the worker
+            with pytest.raises(WorkerUnavailableError, match=r"cannot be read in a worker.*tugboat_test_only_here"):
+                worker.call(load_original, (None, ""), Progress(), context=context, what="loading x")
+        assert context in worker._unreadable and worker.pid is not None  # the worker itself is fine
+    finally:
+        worker.close()
+        del sys.modules[module.__name__]

@@ -55,7 +55,12 @@ class WorkerDiedError(TugboatError):
 
 class WorkerUnavailableError(Exception):
     """The work cannot run in the worker (it cannot start, or the work or its result cannot travel):
-    the caller runs it in its own thread instead."""
+    the caller runs it in its own thread instead. ``context``: the context file the worker could not
+    read (its model's runs all stay in the caller's process)."""
+
+    def __init__(self, message: str, context: str | None = None) -> None:
+        super().__init__(message)
+        self.context = context
 
 
 class ChildWorker:
@@ -71,6 +76,7 @@ class ChildWorker:
         self._starting = threading.Lock()
         self._contexts = 0
         self._holds: str | None = None  # the context the running worker has read
+        self._unreadable: dict[str, str] = {}  # contexts a worker cannot read, and why
         self.closed = False
         self._finalizer = weakref.finalize(self, _end_process, self._live, self._dir)
 
@@ -183,6 +189,8 @@ class ChildWorker:
         name; ``what`` names the work in the error when the worker dies. Raises :class:`Cancelled`
         (the worker is ended) when ``progress`` is cancelled, :class:`WorkerUnavailableError` when the
         work cannot go to the worker (run it here instead)."""
+        if context is not None and context in self._unreadable:
+            raise WorkerUnavailableError(self._unreadable[context])
         if getattr(sys.modules.get(fn.__module__), "__spec__", None) is None:
             raise WorkerUnavailableError(f"{fn.__module__}.{fn.__qualname__} cannot be imported by a worker")
         try:
@@ -199,7 +207,12 @@ class ChildWorker:
                 conn.send_bytes(request)
             except OSError:
                 raise self._died(what, progress) from None
-            return self._wait(conn, progress, what)
+            try:
+                return self._wait(conn, progress, what)
+            except WorkerUnavailableError as exc:
+                if exc.context is not None:
+                    self._unreadable[exc.context] = str(exc)
+                raise
 
     def _wait(self, conn, progress: Progress, what: str) -> Any:
         try:
@@ -210,9 +223,10 @@ class ChildWorker:
                         raise self._died(what, progress)
                     continue
                 try:
-                    msg = _loads(conn.recv_bytes())
+                    raw = conn.recv_bytes()
                 except (EOFError, OSError):
                     raise self._died(what, progress) from None
+                msg = _read(raw)
                 done, result = _handle(msg, progress)
                 if done:
                     return result
@@ -242,7 +256,7 @@ def _handle(msg: tuple, progress: Progress) -> tuple[bool, Any]:
     elif kind == "done":
         return True, msg[1]
     elif kind == "unavailable":
-        raise WorkerUnavailableError(msg[1])
+        raise WorkerUnavailableError(msg[1], msg[2] if len(msg) > 2 else None)
     elif kind == "error":
         raise _rebuild(msg[1])
     return False, None
@@ -281,6 +295,24 @@ def _end_process(live: dict[str, Any], folder: str) -> None:
 
 def _loads(data: bytes) -> Any:
     return pickle.loads(data)  # only from our own worker process (see the module doc)
+
+
+def _read(data: bytes) -> Any:
+    """A message from the worker. A model converted by onnx2torch names its modules, which import
+    only through the engine's loader here (torchvision stubbed); what still cannot be read here
+    raises :class:`WorkerUnavailableError` (the caller makes it in this process)."""
+    try:
+        return _loads(data)
+    except ImportError:
+        try:
+            from ...io.models import _import_onnx2torch
+
+            _import_onnx2torch()
+            return _loads(data)
+        except Exception as exc:
+            raise WorkerUnavailableError(f"its result cannot be read in this process ({exc})") from None
+    except Exception as exc:
+        raise WorkerUnavailableError(f"its result cannot be read in this process ({exc})") from None
 
 
 # --- errors across the process boundary ------------------------------------------------------------
@@ -358,10 +390,16 @@ def _serve(conn, threads: int) -> None:
 def _serve_one(sender: _Sender, raw: bytes) -> None:
     import traceback
 
-    try:
+    context_path = None
+    try:  # what the parent sent, and the model it names (a class only the parent can import: its runs stay there)
         module, name, args, context_path = pickle.loads(raw)  # from our parent (see the module doc)
         fn = getattr(importlib.import_module(module), name)
         context = _context(context_path)
+    except Exception as exc:
+        sender.send(("unavailable", f"the work or its model cannot be read in a worker ({type(exc).__name__}: "
+                                    f"{exc})", context_path))
+        return
+    try:
         result = fn(context, Progress(sender.update, None, sender.record), *args)
     except Exception as exc:
         sender.send(("error", _error_payload(exc, traceback.format_exc())))
