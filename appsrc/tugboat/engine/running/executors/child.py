@@ -451,6 +451,9 @@ def prepare_in(worker: ChildWorker, recipe, progress: Progress):
     worker._holds = path  # it keeps the original it loaded
     if base.handle is not None:
         keep_export(base.handle)
+    from ..runner import timing_reference
+
+    base.timing = timing_reference(base.handle, base.data, base.cfg)  # for what is timed here (re-measure)
     return base, info, path
 
 
