@@ -21,7 +21,14 @@ machine shared with a load of 10 it was a worst of ~400 ms), so a job row is rea
 ``--diagnose`` (Linux) classifies every stall over 25 ms by where the GUI thread's time went (on a
 CPU: its own work; runnable but waiting: CPU starvation; asleep: blocked on the GIL or a lock) and
 keeps every thread's Python stack from that moment (``stall_probe.py``), printed and written to
-``<out>.stalls.json``.
+``<out>.stalls.json``. Its watchdog reads the other threads' frames without the GIL
+(``faulthandler.dump_traceback_later``), which can crash the whole run with a segfault (seen in 3 of
+4 runs on a busy machine): rerun it, or use ``--classify`` (the classes without the stacks), and take
+the table of record from a run without either.
+
+The window makes its variants, loads and sweeps in its worker process (``ui/session.py``,
+``engine/running/executors/child.py``), as a user's window does; ``TUGBOAT_JOBS_IN_CHILD=0`` measures
+the in-thread path instead (the window before that process existed).
 """
 
 from __future__ import annotations
@@ -194,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated: prune-finetune, distill, sweep, static-int8")
     parser.add_argument("--diagnose", action="store_true",
                         help="classify each stall (GUI work, CPU starvation, blocked on the GIL) with stacks")
+    parser.add_argument("--classify", action="store_true",
+                        help="--diagnose without the stacks (whose watchdog can crash the run)")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -208,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     window.show()
     warm_up_torch(wait=True)  # as the app does once the window is up, before any job can be clicked
     hb = Heartbeat(app, window)
-    if args.diagnose:
+    if args.diagnose or args.classify:
         from stall_probe import StallProbe
 
-        hb.probe = StallProbe(TARGET_MS)
+        hb.probe = StallProbe(TARGET_MS, stacks=args.diagnose)
     rows = [hb.idle(min(args.seconds, 10.0))]
     rows += [hb.run("load + measure demo", window.load_demo)]
     rows += training_rows(hb, window, args.seconds, skip)
@@ -233,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
           f"(machine load {load_start} at the start, {load} at the end)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from tugboat.ui.session import jobs_in_child
+
     out.write_text(json.dumps({"beat_ms": BEAT_MS, "target_worst_ms": TARGET_MS, "min_job_seconds": args.seconds,
+                               "jobs_in_child": jobs_in_child(),
                                "worker_threads": worker_threads(), "cpu_count": os.cpu_count(),
                                "load": load, "load_start": load_start, "results": rows}, indent=2))
     print(f"wrote {out}")

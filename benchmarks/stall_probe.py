@@ -33,7 +33,8 @@ def _schedstat(tid: int) -> tuple[int, int]:
 
 
 class StallProbe:
-    def __init__(self, threshold_ms: float = 25.0, dump_after: float = 0.03) -> None:
+    def __init__(self, threshold_ms: float = 25.0, dump_after: float = 0.03, stacks: bool = True) -> None:
+        self.stacks = stacks  # False: classify only (no watchdog reading other threads' frames)
         self.tid = threading.get_native_id()
         self.threshold_ms = threshold_ms
         self.dump_after = dump_after
@@ -63,7 +64,8 @@ class StallProbe:
                                 "class": max(parts, key=parts.get), "stacks": _trim(stacks)})
         else:
             self.read_pos = os.lseek(self.fd, 0, os.SEEK_END)
-        faulthandler.dump_traceback_later(self.dump_after, repeat=False, file=self.fd)
+        if self.stacks:
+            faulthandler.dump_traceback_later(self.dump_after, repeat=False, file=self.fd)
 
     def stop(self) -> None:
         faulthandler.cancel_dump_traceback_later()
