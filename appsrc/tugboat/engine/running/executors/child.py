@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import pickle
 import shutil
@@ -184,9 +185,11 @@ class ChildWorker:
 
     # --- calls --------------------------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], args: tuple, progress: Progress, *, context: str | None,
-             what: str) -> Any:
+             what: str, shared: dict[str, Any] | None = None) -> Any:
         """``fn(context, progress, *args)`` in the worker; its result. ``fn`` must be importable by
-        name; ``what`` names the work in the error when the worker dies. Raises :class:`Cancelled`
+        name; ``what`` names the work in the error when the worker dies; ``shared``: this process's
+        copies of the context's big parts (:func:`shared_parts`), which the result names instead of
+        carrying them again (an int8 variant's float model is the original's). Raises :class:`Cancelled`
         (the worker is ended) when ``progress`` is cancelled, :class:`WorkerUnavailableError` when the
         work cannot go to the worker (run it here instead)."""
         if context is not None and context in self._unreadable:
@@ -208,13 +211,13 @@ class ChildWorker:
             except OSError:
                 raise self._died(what, progress) from None
             try:
-                return self._wait(conn, progress, what)
+                return self._wait(conn, progress, what, shared or {})
             except WorkerUnavailableError as exc:
                 if exc.context is not None:
                     self._unreadable[exc.context] = str(exc)
                 raise
 
-    def _wait(self, conn, progress: Progress, what: str) -> Any:
+    def _wait(self, conn, progress: Progress, what: str, shared: dict[str, Any]) -> Any:
         try:
             while True:
                 if not conn.poll(POLL_S):
@@ -226,7 +229,7 @@ class ChildWorker:
                     raw = conn.recv_bytes()
                 except (EOFError, OSError):
                     raise self._died(what, progress) from None
-                msg = _read(raw)
+                msg = _read(raw, shared)
                 done, result = _handle(msg, progress)
                 if done:
                     return result
@@ -293,22 +296,46 @@ def _end_process(live: dict[str, Any], folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _loads(data: bytes) -> Any:
-    return pickle.loads(data)  # only from our own worker process (see the module doc)
+def _loads(data: bytes, shared: dict[str, Any] | None = None) -> Any:
+    """Unpickle a message from our own worker process (see the module doc); what it names by a key of
+    ``shared`` (:func:`shared_parts`) is this process's own copy."""
+    unpickler = pickle.Unpickler(io.BytesIO(data))
+    unpickler.persistent_load = lambda key: (shared or {})[key]
+    return unpickler.load()
 
 
-def _read(data: bytes) -> Any:
+def _dumps(obj: Any, shared: dict[str, Any] | None = None) -> bytes:
+    """Pickle for the other side; a part of ``shared`` (by identity) goes as its key only."""
+    keys = {id(v): k for k, v in (shared or {}).items()}
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.persistent_id = lambda o: keys.get(id(o))
+    pickler.dump(obj)
+    return buffer.getvalue()
+
+
+def shared_parts(handle, data=None) -> dict[str, Any]:
+    """The big parts of one loaded original, which both processes hold: a result that contains one
+    (the float model an int8 variant keeps is the original's module) names it instead of carrying
+    (and, for a converted graph module, compiling) it again."""
+    parts = {"module": getattr(handle, "module", None), "onnx": getattr(handle, "onnx_model", None),
+             "deploy": getattr(handle, "deploy_onnx", None), "float": getattr(handle, "float_module", None),
+             "data": data}
+    return {k: v for k, v in parts.items() if v is not None}
+
+
+def _read(data: bytes, shared: dict[str, Any] | None = None) -> Any:
     """A message from the worker. A model converted by onnx2torch names its modules, which import
     only through the engine's loader here (torchvision stubbed); what still cannot be read here
     raises :class:`WorkerUnavailableError` (the caller makes it in this process)."""
     try:
-        return _loads(data)
+        return _loads(data, shared)
     except ImportError:
         try:
             from ...io.models import _import_onnx2torch
 
             _import_onnx2torch()
-            return _loads(data)
+            return _loads(data, shared)
         except Exception as exc:
             raise WorkerUnavailableError(f"its result cannot be read in this process ({exc})") from None
     except Exception as exc:
@@ -405,7 +432,8 @@ def _serve_one(sender: _Sender, raw: bytes) -> None:
         sender.send(("error", _error_payload(exc, traceback.format_exc())))
         return
     try:
-        data = pickle.dumps(("done", result), protocol=pickle.HIGHEST_PROTOCOL)
+        base = context if hasattr(context, "handle") else None
+        data = _dumps(("done", result), shared_parts(base.handle, base.data) if base is not None else None)
     except Exception as exc:  # e.g. a made model that does not pickle: the parent makes it itself
         sender.send(("unavailable", f"the result cannot travel back ({type(exc).__name__}: {exc})"))
         return
@@ -488,7 +516,7 @@ def run_variant_in(worker: ChildWorker | None, context: str | None, base, recipe
         try:
             modules = technique_modules(recipe.steps)
             variant = worker.call(make_variant, (recipe, start, done_steps, base.metrics, modules), progress,
-                                  context=context, what=what)
+                                  context=context, what=what, shared=shared_parts(base.handle, base.data))
             if variant.handle is not None:
                 keep_export(variant.handle)
             return variant
@@ -568,7 +596,8 @@ class ChildExecutor(Executor):
                 args = (task, self.ctx.trust_steps, self.ctx.seed, self.sweep_id, self.needed,
                         technique_modules(task.steps))
                 out = self.worker.call(make_outcome, args, progress, context=self.context,
-                                       what=f"making variant {task.name!r}")
+                                       what=f"making variant {task.name!r}",
+                                       shared=shared_parts(self.ctx.handle, self.ctx.data))
             except WorkerDiedError as exc:
                 if attempts <= self.max_retries:
                     continue
