@@ -208,3 +208,25 @@ def test_a_model_the_worker_cannot_read_keeps_its_runs_in_this_process(tmp_path)
     finally:
         worker.close()
         del sys.modules[module.__name__]
+
+
+def test_a_worker_that_could_not_start_is_not_waited_for_again():
+    from tugboat.engine.progress import Progress
+    from tugboat.engine.running.executors.child import ChildWorker, WorkerUnavailableError, load_original
+
+    class Broken:
+        tries = 0
+
+        def Pipe(self, duplex=True):  # noqa: N802 (multiprocessing's name)
+            Broken.tries += 1
+            raise OSError("no pipes here")
+
+    worker = ChildWorker(1)
+    worker._mp = Broken()
+    try:
+        for _ in range(3):
+            with pytest.raises(WorkerUnavailableError, match=r"could not start .*no pipes here"):
+                worker.call(load_original, (None, ""), Progress(), context=None, what="loading x")
+        assert Broken.tries == 1
+    finally:
+        worker.close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -70,7 +71,10 @@ class ChildWorker:
 
     def __init__(self, threads: int = 1) -> None:
         self.threads = max(1, int(threads))
-        self._mp = start_context()
+        # a frozen bundle starts its workers by spawning itself (multiprocessing.freeze_support in its
+        # entry script); elsewhere they are forked from the forkserver that preloaded torch and the engine
+        self._mp = multiprocessing.get_context("spawn") if getattr(sys, "frozen", False) else start_context()
+        self._start_failed: str | None = None  # a worker that could not start is not tried again
         self._dir = tempfile.mkdtemp(prefix="tugboat-child-")  # private (0700)
         self._live: dict[str, Any] = {"proc": None, "conn": None}  # what the finalizer ends
         self._calls = threading.Lock()
@@ -113,6 +117,8 @@ class ChildWorker:
                 raise WorkerUnavailableError("the worker process was closed")
             if self._proc is not None and self._proc.is_alive():
                 return
+            if self._start_failed:
+                raise WorkerUnavailableError(self._start_failed)
             self._stop_process()
             proc = None
             try:
@@ -125,8 +131,8 @@ class ChildWorker:
                     raise OSError("no answer from the new worker")
             except Exception as exc:
                 _kill(proc, None)
-                raise WorkerUnavailableError(f"the worker process could not start ({type(exc).__name__}: {exc})") \
-                    from None
+                self._start_failed = f"the worker process could not start ({type(exc).__name__}: {exc})"
+                raise WorkerUnavailableError(self._start_failed) from None
             self._live.update(proc=proc, conn=parent)
             self._holds = None
             if self.closed:  # closed while it started
