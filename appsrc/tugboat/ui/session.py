@@ -75,7 +75,7 @@ class Session(QObject):
         self.queue = queue
         # the window's variants and sweeps are made (and measured) in one worker process, so C calls
         # that hold the GIL (quantization, ONNX Runtime sessions, export) never stall the window; it
-        # holds the loaded original (~300-400 MB more while a model is loaded). Off: in a job thread.
+        # holds the loaded original (330 MB with the demo, more with a big model: docs/guide.md). Off: in a job thread.
         self.in_child = jobs_in_child() if in_child is None else bool(in_child)
         self.worker = None  # the ChildWorker, started when a model is loaded
         self.worker_context: str | None = None  # its context file for the loaded baseline

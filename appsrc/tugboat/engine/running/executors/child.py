@@ -6,7 +6,8 @@ and a GUI thread in the same process waits for every one of them. So the window 
 in a second process, forked from the ``forkserver`` that imported torch, the engine and ONNX Runtime
 once (:mod:`..worker_start`), holding the loaded original (:meth:`ChildWorker.write_context`, one
 private file per loaded model, read once by the worker) and its timing sessions across runs. The
-price is a second copy of torch and the model: about 300-400 MB while a model is loaded.
+price is a second process with torch (~240 MB resident) and a copy of the model and data (330 MB in
+all with the demo; 1.4 GB with EfficientNet-Lite0 loaded and measured, its sessions included).
 
 The job thread that asked (:meth:`ChildWorker.call`) waits on a pipe and re-publishes what streams
 back while the worker works: ``progress.update`` (coalesced to one per :data:`UPDATE_S`) and every
