@@ -87,12 +87,21 @@ def test_fine_tuning_in_the_worker_streams_progress_and_epoch_rows(qtbot, window
     assert job.result.metrics["params"] < window.store.baseline.metrics["params"]
 
 
-def test_an_int8_variant_names_the_original_it_keeps_instead_of_carrying_it_back(qtbot, window):
+def test_an_int8_variant_comes_back_checked_and_naming_the_original_it_keeps(qtbot, window, monkeypatch):
+    import onnx
+
+    ws = window.keeper.ensure()
+    qtbot.waitUntil(lambda: not window.queue.active(), timeout=30000)
+    checks = []
+    monkeypatch.setattr(onnx.checker, "check_model", lambda *a, **k: checks.append(a))  # this process's
     job = run(qtbot, window, {"technique": "quantize", "method": "static-int8"})
     assert job.state == DONE, job.error
     handle = job.result.handle
     assert handle.onnx_model is not None and job.result.info["made_on"] != f"process {os.getpid()}"
     assert handle.float_module is window.session.baseline.handle.module  # this process's own copy
+    qtbot.waitUntil(lambda: not window.queue.active(), timeout=30000)  # its files are written here
+    assert ws.artifact_path(job.result.name).is_file()
+    assert checks == []  # checked (and serialized) in the worker, not again in the window's process
 
 
 def test_cancel_ends_the_worker_at_once_and_leaves_the_workspace_unchanged(qtbot, window, toys):

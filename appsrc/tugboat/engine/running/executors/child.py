@@ -481,11 +481,10 @@ def prepare_in(worker: ChildWorker, recipe, progress: Progress):
     layer table too), which keeps it as the context of the runs to come: (baseline, info, context
     file). :class:`WorkerUnavailableError` when it cannot go there."""
     path = worker.new_context_path()
-    base, info = worker.call(load_original, (recipe, path), progress, context=None,
-                             what=f"loading {recipe.model!r}")
+    base, info, onnx_bytes = worker.call(load_original, (recipe, path), progress, context=None,
+                                         what=f"loading {recipe.model!r}")
     worker._holds = path  # it keeps the original it loaded
-    if base.handle is not None:
-        keep_export(base.handle)
+    adopt(base.handle, onnx_bytes)
     from ..runner import timing_reference
 
     base.timing = timing_reference(base.handle, base.data, base.cfg)  # for what is timed here (re-measure)
@@ -507,7 +506,7 @@ def load_original(_none, progress: Progress, recipe, path: str):
     _write_context(path, kept)
     _CONTEXTS.clear()
     _CONTEXTS[path] = base  # the same original, its timing sessions kept for the runs to come
-    return kept, info
+    return kept, info, checked_onnx(base.handle)
 
 
 # --- the window's variant runs ----------------------------------------------------------------------
@@ -522,10 +521,10 @@ def run_variant_in(worker: ChildWorker | None, context: str | None, base, recipe
         what = f"making variant {variant_name(recipe.steps)!r}"
         try:
             modules = technique_modules(recipe.steps)
-            variant = worker.call(make_variant, (recipe, start, done_steps, base.metrics, modules), progress,
-                                  context=context, what=what, shared=shared_parts(base.handle, base.data))
-            if variant.handle is not None:
-                keep_export(variant.handle)
+            variant, onnx_bytes = worker.call(make_variant, (recipe, start, done_steps, base.metrics, modules),
+                                              progress, context=context, what=what,
+                                              shared=shared_parts(base.handle, base.data))
+            adopt(variant.handle, onnx_bytes)
             return variant
         except WorkerUnavailableError as exc:
             progress.record("log", message=f"{what} in the window's process: {exc}")
@@ -557,7 +556,34 @@ def make_variant(base, progress: Progress, recipe, start, done_steps: int, metri
     base.metrics = metrics  # the original's metrics on record now (a re-measure changes them)
     variant = run_variant(base, recipe, progress, start=start, done_steps=done_steps)
     variant.info["made_on"] = f"process {os.getpid()}"
-    return variant
+    return variant, checked_onnx(variant.handle)
+
+
+def checked_onnx(handle) -> bytes | None:
+    """In the worker: the made model's ONNX bytes, serialized and passed through ``onnx.checker``
+    here, so the window's process writes its artifact without doing either again (both hold the GIL:
+    30-120 ms on an 18 MB graph). None when there are none to give."""
+    if handle is None or getattr(handle, "status", "ok") != "ok":
+        return None
+    from ...measuring.runtime import checked_bytes
+
+    try:
+        return checked_bytes(handle.to_onnx())
+    except Exception:  # the window's process checks it when it writes it, and says what is wrong
+        return None
+
+
+def adopt(handle, onnx_bytes: bytes | None) -> None:
+    """In the window's process: a model that came back from the worker keeps its export (see
+    :func:`keep_export`) and the checked bytes of its graph (see :func:`checked_onnx`)."""
+    if handle is None:
+        return
+    keep_export(handle)
+    if onnx_bytes is not None:
+        from ...measuring.runtime import remember_serialized
+
+        with contextlib.suppress(Exception):
+            remember_serialized(handle.to_onnx(), onnx_bytes, checked=True)
 
 
 def keep_export(handle) -> None:
@@ -615,10 +641,10 @@ class ChildExecutor(Executor):
                 out = compress(self.ctx, task, self.cache, progress)
                 out.where = "driver (not in the worker)"
                 return out
+            out, onnx_bytes = out
             out.attempts = attempts
-            for made in (out.handle, getattr(out.measured, "handle", None)):
-                if made is not None:
-                    keep_export(made)
+            adopt(out.handle, None)
+            adopt(getattr(out.measured, "handle", None), onnx_bytes)
             return out
 
     def describe(self) -> dict[str, Any]:
@@ -629,7 +655,7 @@ _SWEEP_CACHE: dict[str, PrefixCache] = {}  # in the worker: the running sweep's 
 
 
 def make_outcome(base, progress: Progress, task: Task, trust: bool, seed: int, sweep_id: str,
-                 needed: dict[str, int] | None, modules: list[str]) -> Outcome:
+                 needed: dict[str, int] | None, modules: list[str]) -> tuple[Outcome, bytes | None]:
     """The worker's side of :class:`ChildExecutor`: make one variant (from the sweep's prefix cache
     here) and measure it against the original this worker holds."""
     from ..runner import finish_variant
@@ -655,4 +681,4 @@ def make_outcome(base, progress: Progress, task: Task, trust: bool, seed: int, s
         except Exception:  # measured by the driver instead, which reports it as a sweep does
             out.measured = None
     out.seconds = time.perf_counter() - t0 if out.measured is not None else out.seconds
-    return out
+    return out, checked_onnx(getattr(out.measured, "handle", None))
