@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QObject, Signal
+from PySide6.QtCore import QObject, QTimer, Signal
 
 from ..engine.errors import RecipeError, UntrustedFileError
 from ..engine.measuring.measure import MeasureConfig
@@ -30,6 +30,9 @@ from .store import BASELINE, VariantStore
 DEMO_MODEL, DEMO_DATA = "demo:digits-cnn", "demo:digits"
 _KEEP: Any = object()  # load(): keep the current architecture
 IN_CHILD_ENV = "TUGBOAT_JOBS_IN_CHILD"  # "0": the window's runs stay in its own process (tests, debugging)
+# the worker starts this long after the window (its forkserver imports torch and the engine, ~3 s of
+# the other core), so the first load does not wait for it and the window's own start is not slowed
+WARM_WORKER_AFTER_MS = 1000
 
 
 def jobs_in_child() -> bool:
@@ -79,6 +82,8 @@ class Session(QObject):
         self.in_child = jobs_in_child() if in_child is None else bool(in_child)
         self.worker = None  # the ChildWorker, started when a model is loaded
         self.worker_context: str | None = None  # its context file for the loaded baseline
+        if self.in_child:
+            QTimer.singleShot(WARM_WORKER_AFTER_MS, self._warm_worker)
         self.model_ref: str = ""
         self.data_ref: str = ""
         self.trust = False  # for this load only: never written into a recipe or workspace
@@ -153,6 +158,11 @@ class Session(QObject):
 
             self.worker = ChildWorker(self.queue.threads or worker_threads())
         return self.worker
+
+    def _warm_worker(self) -> None:
+        worker = self._worker()
+        if worker is not None and not worker.closed and worker.pid is None:
+            worker.warm()
 
     def _load_original(self, recipe: Recipe, worker, progress) -> tuple[Baseline, dict[str, Any], str | None]:
         """In the load job: the original loaded and measured, in the worker process when there is one
