@@ -354,7 +354,8 @@ class Workspace:
         if write:
             self.write_variant_files(variant)
         self._variants[variant.name] = variant
-        self.save()
+        # files written later (the window's job) save the index again with them: report.json then
+        self.save(report=write)
         return variant.name
 
     def remove_variant(self, name: str) -> None:
@@ -384,7 +385,8 @@ class Workspace:
                 "baseline": entry(self.baseline) if self.baseline else None,
                 "variants": [entry(v) for v in self.variants()]}
 
-    def save(self) -> Path:
+    def save(self, *, report: bool = True) -> Path:
+        """Write ``workspace.json`` and (with ``report``, once the original is measured) ``report.json``."""
         if not self.persist:
             return self.path / FILE
         try:
@@ -392,7 +394,7 @@ class Workspace:
         except OSError as exc:
             raise OutputError(f"cannot be created ({exc.strerror or exc})", path=str(self.path)) from None
         path = atomic_write_bytes(self.path / FILE, _dumps(self.to_dict()))
-        if self.baseline is not None and self.baseline.metrics:
+        if report and self.baseline is not None and self.baseline.metrics:
             self.export_report()
         return path
 
