@@ -103,6 +103,7 @@ def format_summary(report: dict[str, Any]) -> str:
     rows = [("baseline", report["baseline"]["metrics"], [])]
     rows += [(v["name"], v["metrics"], v.get("warnings", []) + ([v["error"]] if v.get("error") else []))
              for v in report["variants"]]
+    chosen = {v["name"]: (v.get("info") or {}).get("step_notes") or [] for v in report["variants"]}
     width = max(len(r[0]) for r in rows)
     out = [f"{'variant':<{width}}  {'size':>9} {'deflated':>9} {'params':>8} {'latency':>10} "
            f"{'speed-up [95%]':>20} {'accuracy':>8} {'agree':>6}"]
@@ -124,6 +125,7 @@ def format_summary(report: dict[str, Any]) -> str:
         out += format_runtimes(m, width)
         for w in warns:
             out.append(f"{'':<{width}}  ! {w}")
+        out += [f"{'':<{width}}  i {n}" for n in chosen.get(name, []) if isinstance(n, str)]
     lat = report["baseline"]["metrics"].get("latency_ms") or {}
     out.append(f"latency: median at batch {lat.get('batch')}, {lat.get('threads')} threads, "
                f"{lat.get('runtime')} on {lat.get('device') or 'cpu'}; speed-up: paired with the original, "

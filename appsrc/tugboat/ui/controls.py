@@ -100,6 +100,8 @@ class _LogSpinBox(QDoubleSpinBox):
         return f"{value:.4g}"
 
     def valueFromText(self, text: str) -> float:  # noqa: N802
+        if self.specialValueText() and text.strip().lower() == self.specialValueText():
+            return self.minimum()  # "auto": the value one step below the parameter's range
         try:
             return float(text.strip())
         except ValueError:
@@ -107,6 +109,11 @@ class _LogSpinBox(QDoubleSpinBox):
 
     def validate(self, text: str, pos: int):
         t = text.strip()
+        special = self.specialValueText()
+        if special and t.lower() == special:
+            return QValidator.State.Acceptable, text, pos
+        if special and special.startswith(t.lower()):
+            return QValidator.State.Intermediate, text, pos
         try:
             v = float(t)
         except ValueError:
@@ -141,8 +148,10 @@ class NumberField(QWidget):
         self.log = p.kind == "float" and p.log_scale and bounded and float(p.minimum) > 0
         lo = float(p.minimum) if p.minimum is not None else (0.0 if p.kind == "int" else -1e12)
         hi = float(p.maximum) if p.maximum is not None else (INT_MAX if p.kind == "int" else 1e12)
-        self.auto = p.auto and p.kind == "int"  # one step below the minimum reads "auto"
-        lo = lo - 1 if self.auto else lo
+        self.auto = p.auto and p.kind in ("int", "float")  # one step below the minimum reads "auto"
+        if self.auto:
+            lo = lo - (1 if p.kind == "int" else self.step) if not self.log \
+                else lo / 10 ** (1 / LOG_STEPS_PER_DECADE)
         self.lo, self.hi = lo, hi
 
         self.spin = self._make_spin(p, lo, hi)
@@ -175,6 +184,8 @@ class NumberField(QWidget):
             spin = _ExactSpinBox(self.decimals)
             spin.setRange(lo, hi)
             spin.setSingleStep(self.step)
+        if self.auto and p.kind == "float":
+            spin.setSpecialValueText("auto")
         spin.setKeyboardTracking(False)  # valueChanged when a typed value is entered, not per key
         spin.setAccelerated(True)
         spin.setObjectName("spin")
@@ -202,7 +213,7 @@ class NumberField(QWidget):
     # --- value ------------------------------------------------------------------------------------
     def value(self) -> Any:
         v = self.spin.value()
-        if self.auto and v == self.lo:
+        if self.auto and (v == self.lo or (self.param.minimum is not None and v < float(self.param.minimum))):
             return "auto"
         return int(v) if self.param.kind == "int" else float(v)
 
@@ -240,6 +251,8 @@ class NumberField(QWidget):
         if self._syncing:
             return
         v = min(max(self._value_at(pos), self.lo), self.hi)
+        if self.auto and self.param.minimum is not None and v < float(self.param.minimum):
+            v = self.lo  # the slider's first position: "auto"
         self._syncing = True
         try:
             self.spin.setValue(v)

@@ -259,7 +259,8 @@ def judge_timing(variant: Variant, baseline_metrics: dict[str, Any]) -> None:
     steps = list((variant.recipe or {}).get("steps") or [])
     variant.warnings += slower_than(variant.metrics, baseline_metrics)
     variant.warnings += flops_promise(variant.metrics, baseline_metrics, steps)
-    notes = timing_notes(variant.metrics, baseline_metrics)
+    notes = list(variant.info.get("step_notes") or [])  # what the steps chose (a fine-tuning's lr)
+    notes += timing_notes(variant.metrics, baseline_metrics)
     notes += advice(steps)
     if notes:
         variant.info["notes"] = notes

@@ -16,13 +16,16 @@ divergence check, the per-epoch ``progress.record("epoch", ...)`` rows) is
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError, TugboatError
+from ..errors import DataError, NumericalError, TugboatError
 from ..lazy import F, nn, torch
+from ..measuring.runtime import eval_mode
 from ..progress import Progress
 from .training import OPTIMIZERS as OPTIMIZERS  # re-exported: pruning's optimizer choices
 from .training import BatchLoss, TrainSpec, TrainTask, first_output, module_device, to_device, train
@@ -181,15 +184,18 @@ def _batch_loss(module: nn.Module, plan: _Targets, reference: nn.Module | None, 
     return loss
 
 
-def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs: int, lr: float,
+def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs: int, lr: float | str,
              optimizer: str = "adamw", batch_size: int = 64,
              teacher_outputs: np.ndarray | None = None, progress: Progress | None = None,
              split: str = "train", seed: int = 0, reference: nn.Module | None = None,
              classification: bool = True, temperature: float = 1.0,
              trainable: list[nn.Parameter] | None = None,
              teacher_weight: float = 0.0, augment: bool = False, device: str = "cpu",
-             max_grad_norm: float = 0.0) -> list[dict[str, Any]]:
+             max_grad_norm: float = 0.0, report: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train ``module`` in place for ``epochs`` epochs; returns one history row per epoch.
+
+    ``lr = "auto"`` chooses the learning rate by a short probe (:func:`probe_lr`); the rate used
+    (and the probe's rows) go into ``report`` when given, as ``lr`` and ``lr_probe``.
 
     ``teacher_outputs`` are the original model's outputs for the rows of ``split`` (in split
     order); with them and no labels the loss is a soft-target loss. ``reference`` (the original
@@ -230,7 +236,116 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
                      optimizer=optimizer, seed=seed, name="fine-tuning",
                      message="fine-tuning epoch {epoch}/{epochs}", device=device,
                      max_grad_norm=max_grad_norm)
+    probe = None
+    if lr == "auto":
+        held = _held_out(module, data, input_names, plan, reference, classification, temperature,
+                         batch_size, split)
+        # its own loss (own augmentation draws): a probe that picks the rate a user would give
+        # leaves the same fine-tuning as that user's
+        probe_task = TrainTask(batches=task.batches, loss=_batch_loss(module, plan, reference, temperature,
+                                                                      classification, seed + 1))
+        spec.lr, probe = probe_lr(module, params, spec, probe_task, held, progress)
+    if report is not None:
+        report.update(lr=float(spec.lr), lr_probe=probe)
     return train(module, params, spec, task, progress).history
+
+
+# The rates ``lr = "auto"`` tries, as multiples of the optimizer's usual rate (3e-3 for adam/adamw,
+# 0.03 for sgd): the usual rate suits small CNNs trained from scratch (docs/techniques/pruning.md);
+# a pretrained transformer wants about 1/60 of it (MiniLM: 5e-5), a pretrained ImageNet CNN between.
+PROBE_FACTORS = (1.0, 0.1, 0.01)
+PROBE_STEPS = 8  # training steps per candidate rate (at most the fine-tuning's own)
+BASE_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 3e-2}
+
+
+def probe_lr(module: nn.Module, params: list[nn.Parameter], spec: TrainSpec, task: TrainTask,
+             held: Callable[[], float], progress: Progress | None = None
+             ) -> tuple[float, list[dict[str, float | None]]]:
+    """The learning rate for ``spec`` measured on the model itself: from the same start, a few
+    steps of the fine-tuning at each candidate rate (a short cosine, as the real run), then the
+    fine-tuning loss on held-out rows (``held``); the rate with the lowest loss wins (a diverging
+    one never). Returns the rate and one row per candidate; the module's weights end as they were."""
+    base = BASE_LR.get(spec.optimizer, 3e-3)
+    total = max(1, spec.epochs * spec.steps_per_epoch)
+    steps = max(1, min(PROBE_STEPS, total))
+    start = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    rows: list[dict[str, float | None]] = [{"lr": 0.0, "loss": held()}]
+    try:
+        for i, factor in enumerate(PROBE_FACTORS):
+            if progress is not None:
+                progress.update(0.0, f"choosing the learning rate ({i + 1}/{len(PROBE_FACTORS)})")
+                progress.check()
+            rate = float(f"{base * factor:.3g}")
+            probe = TrainTask(batches=lambda _e: _first(task.batches, steps), loss=task.loss)
+            try:
+                train(module, params, replace(spec, epochs=1, lr=rate, steps_per_epoch=steps), probe)
+                loss = held()
+            except NumericalError:
+                loss = None
+            rows.append({"lr": rate, "loss": loss if loss is not None and math.isfinite(loss) else None})
+            module.load_state_dict(start)
+    finally:
+        module.load_state_dict(start)
+    tried = [r for r in rows[1:] if r["loss"] is not None]
+    best = min(tried, key=lambda r: r["loss"])["lr"] if tried else base * PROBE_FACTORS[-1]
+    return best, rows
+
+
+def lr_note(lr: float, probe: list[dict[str, float | None]]) -> str:
+    """One line for the result: the rate chosen and what the probe measured."""
+    def loss(r):
+        return "diverged" if r["loss"] is None else f"{r['loss']:.3g}"
+    tried = ", ".join(f"{r['lr']:g}: {loss(r)}" for r in probe if r["lr"])
+    before = next((loss(r) for r in probe if not r["lr"]), "-")
+    return (f"fine-tuning lr {lr:g} (auto): held-out loss after a few steps at each rate {tried} "
+            f"(before: {before})")
+
+
+def _first(make: Callable[[int], Iterable[tuple]], n: int) -> Iterator[tuple]:
+    """The first ``n`` training batches, going on into the next epochs when one has fewer."""
+    given, epoch = 0, 1
+    while given < n:
+        before = given
+        for batch in make(epoch):
+            yield batch
+            given += 1
+            if given >= n:
+                return
+        if given == before:
+            return
+        epoch += 1
+
+
+def _held_out(module: nn.Module, data: Dataset, input_names: list[str], plan: _Targets,
+              reference: nn.Module | None, classification: bool, temperature: float,
+              batch_size: int, split: str, max_batches: int = 4) -> Callable[[], float]:
+    """The fine-tuning loss (without augmentation) on the first rows of the ``val`` split (the
+    ``split`` trained on when there is no val), as a function of the module's current weights."""
+    held = "val" if len(data.splits.get("val", ())) else split
+    rows = max(32, batch_size)
+    teacher = None
+    if plan.distil or not plan.use_labels:
+        teacher = outputs_for(reference, data, held, input_names) if reference is not None \
+            else (plan.teacher_outputs if held == split else None)
+    use_labels = plan.use_labels and data.has_labels
+    if teacher is None and not use_labels:
+        teacher, held = plan.teacher_outputs, split
+    target = _Targets(use_labels, plan.alpha if teacher is not None else 0.0, False, False, teacher)
+    loss = _batch_loss(module, target, None, temperature, classification, 0)
+    extra = [teacher] if teacher is not None else None
+
+    def value() -> float:
+        eval_mode(module)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for b, batch in enumerate(data.batches(held, rows, names=input_names, extra=extra)):
+                if b >= max_batches:
+                    break
+                v, k, _ = loss(batch)
+                total, n = total + float(v) * k, n + k
+        return total / max(1, n)
+
+    return value
 
 
 def _renamed(ev: dict[str, float | None]) -> dict[str, float | None]:

@@ -38,6 +38,7 @@ from .finetune import (
     evaluate,
     finetune,
     frozen_copy,
+    lr_note,
     outputs_for,
     recalibrate_batchnorm,
     soft_target_loss,
@@ -746,16 +747,17 @@ def _compensation_batches(handle: ModelHandle, data: Dataset | None, n_batches: 
 
 
 def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, Any], data: Dataset | None,
-                    progress: Progress, reference: nn.Module, notes: list[str]) -> list[dict[str, Any]]:
+                    progress: Progress, reference: nn.Module, notes: list[str],
+                    chosen: dict[str, Any]) -> list[dict[str, Any]]:
     """Fine-tune ``module`` in place as ``params`` say; warnings go to ``notes`` (for the variant,
-    never the original handle)."""
+    never the original handle), the learning rate used to ``chosen``."""
     epochs = params["finetune_epochs"]
     if epochs <= 0:
         return []
     if data is None:
         notes.append("fine-tuning skipped: it needs data (give a dataset)")
         return []
-    if params["optimizer"] in ("adam", "adamw") and params["lr"] > 0.01:
+    if params["optimizer"] in ("adam", "adamw") and params["lr"] != "auto" and params["lr"] > 0.01:
         notes.append(f"fine-tuning with {params['optimizer']} at lr {params['lr']:g} (a rate for sgd) may "
                      f"undo the pruned model's weights: with {params['optimizer']} use about 3e-3")
     quality, kind = _quality_fn(handle, data) if len(data.splits.get("val", ())) else (None, "")
@@ -763,20 +765,35 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
     kept = copy.deepcopy(module.state_dict()) if quality else None
     # the original model is the teacher: its soft outputs recover a pruned model faster than
     # labels alone (teacher_weight = 0: labels only)
+    used: dict[str, Any] = {}
     history = finetune(module, data, input_names=handle.input_names, epochs=epochs, lr=params["lr"],
                        optimizer=params["optimizer"], batch_size=params["batch_size"],
                        progress=progress, reference=reference, seed=params["seed"],
                        classification=handle.task == "classification",
                        teacher_weight=params["teacher_weight"], temperature=params["teacher_temperature"],
                        augment=params["augment"], device=resolve_device(params["device"], "prune.device"),
-                       max_grad_norm=params["max_grad_norm"])
+                       max_grad_norm=params["max_grad_norm"], report=used)
+    # the rate used, and how it was chosen, for the variant's info (the result shows it)
+    chosen.update(lr=used["lr"], lr_chosen_by="probe" if params["lr"] == "auto" else "recipe",
+                  lr_probe=used["lr_probe"])
+    if used["lr_probe"]:
+        chosen["note"] = lr_note(used["lr"], used["lr_probe"])
     after = quality(module) if quality else None
     if before is not None and after < before:  # fine-tuning made it worse: the pruned weights before it
         module.load_state_dict(kept)
         notes.append(f"fine-tuning lowered the {kind} on the val split ({before:.3f} -> {after:.3f}) at lr "
-                     f"{params['lr']:g}, so the pruned weights before it are kept; a smaller lr may recover "
+                     f"{used['lr']:g}, so the pruned weights before it are kept; a smaller lr may recover "
                      f"instead (a pretrained transformer: about 5e-5)")
     return history
+
+
+def _add_step_note(new: ModelHandle, tuned: dict[str, Any]) -> None:
+    """The fine-tuning's chosen learning rate as a note of the variant (``info["step_notes"]``: the
+    result shows it), out of the pruning info it was put in."""
+    pruning = new.info.get("pruning") or {}
+    note = pruning.pop("note", None)
+    if note:
+        new.info["step_notes"] = [*new.info.get("step_notes", []), note]
 
 
 def parse_layer_ratios(items: Iterable[str] | None, where: str = "prune.layer_ratios", *,
@@ -834,8 +851,9 @@ def _apply_unstructured(handle: ModelHandle, params: dict[str, Any], data: Datas
                                       ignored=list(params["ignored"]), permanent=False, per_layer=overrides)
     progress.update(0.5, "pruned")
     notes: list[str] = []
+    tuned: dict[str, Any] = {}
     history = _finetune_after(handle, model, params, data, progress.sub(0.5, 1.0, "fine-tuning: "), reference,
-                              notes)
+                              notes, tuned)
     make_permanent(model)
     zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, _prunable_types()))
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _prunable_types()))
@@ -843,7 +861,8 @@ def _apply_unstructured(handle: ModelHandle, params: dict[str, Any], data: Datas
     new.info.update({"method": "unstructured", "pruning": {
         "method": "unstructured", "ratio": params["ratio"], "scope": params["scope"],
         "weights_zeroed": zeros, "weights": weights, "achieved_weight_sparsity": zeros / max(1, weights),
-        "layer_ratios": overrides, "finetune": history}})
+        "layer_ratios": overrides, "finetune": history, **tuned}})
+    _add_step_note(new, tuned)
     new.warnings.extend(n for n in [*notes, DENSE_RUNTIME_NOTE] if n not in new.warnings)
     return new
 
@@ -887,8 +906,10 @@ def _apply_structured(handle: ModelHandle, params: dict[str, Any], data: Dataset
         recalibrated = recalibrate_batchnorm(model, data, handle.input_names)
     # fine-tuning a model that was not pruned would change it under a name that says "pruned"
     notes: list[str] = []
+    tuned: dict[str, Any] = {}
     history = [] if unchanged else _finetune_after(handle, model, params, data,
-                                                   progress.sub(0.5, 1.0, "fine-tuning: "), reference, notes)
+                                                   progress.sub(0.5, 1.0, "fine-tuning: "), reference, notes,
+                                                   tuned)
     before_ch, after_ch = _channels_as_pruned(original, example), _channels(model)
     new = handle.derive(module=model, step={"technique": "prune", **params})
     new.warnings.extend(n for n in notes if n not in new.warnings)
@@ -903,7 +924,8 @@ def _apply_structured(handle: ModelHandle, params: dict[str, Any], data: Dataset
         "per_layer_ratio": per_layer, "layer_ratios": parse_layer_ratios(params["layer_ratios"]),
         "attention_heads": _head_layers(model),
         "finetune": history, "batchnorm_recalibrated": recalibrated,
-        "teacher_weight": params["teacher_weight"] if history else None}})
+        "teacher_weight": params["teacher_weight"] if history else None, **tuned}})
+    _add_step_note(new, tuned)
     if rows is not None:
         new.info["sensitivity"] = rows
     if unchanged:
@@ -998,9 +1020,11 @@ TECHNIQUE = Technique(
               "into the convolutions, as in every ONNX export, from drifting)", methods=("structured",)),
         Param("finetune_epochs", "int", 2, "epochs of fine-tuning after pruning (0: none)",
               minimum=0, maximum=200, methods=_FT),
-        Param("lr", "float", 3e-3, "fine-tuning learning rate (cosine decay to 0 over the epochs); "
-              "about 3e-3 suits adam and adamw, about 0.03 sgd", minimum=1e-7, maximum=1.0, log_scale=True,
-              methods=_FT),
+        Param("lr", "float", "auto", "fine-tuning learning rate (cosine decay to 0 over the epochs); "
+              "auto: a short probe picks the rate (the optimizer's usual one, 1/10 or 1/100 of it: 3e-3, "
+              "3e-4, 3e-5 for adam and adamw, 0.03 .. 3e-4 for sgd) whose few steps lower the fine-tuning "
+              "loss on held-out rows most: the usual rate for a small CNN, about 100x less for a "
+              "pretrained transformer", minimum=1e-7, maximum=1.0, log_scale=True, methods=_FT, auto=True),
         Param("optimizer", "choice", "adamw", "fine-tuning optimizer (sgd: momentum 0.9, Nesterov: "
               "recovered a pruned CNN with labels best, but collapsed a text detector's probability "
               "map; see docs/techniques/pruning.md)", choices=OPTIMIZERS, methods=_FT),

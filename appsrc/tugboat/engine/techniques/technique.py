@@ -62,7 +62,8 @@ class Param:
         if self.auto and isinstance(value, str):
             if value.strip().lower() == "auto":
                 return "auto"
-            raise RecipeError(f"'{name}' must be a whole number or \"auto\", got {value!r}")
+            number = "a whole number" if self.kind == "int" else "a number"
+            raise RecipeError(f"'{name}' must be {number} or \"auto\", got {value!r}")
         value = self._typed(value, name)
         if self.kind in ("float", "int"):
             # NaN passes every comparison below, and Infinity is no setting
