@@ -282,3 +282,23 @@ def test_the_task_can_be_chosen_in_the_window_and_remeasures(qtbot, tmp_path):
         assert w.session.recipe_for(None).to_dict()["task"] == "embedding"
     finally:
         w.queue.shutdown(10)
+
+
+def test_learning_rate_auto_is_a_position_of_its_field(qtbot):
+    """Pruning's ``lr`` defaults to "auto" (the engine probes the rate): the field shows "auto" at
+    the slider's first position, takes a typed rate and gives "auto" back when typed or dragged."""
+    panel = build_panels()["prune"]
+    qtbot.addWidget(panel)
+    panel.show()
+    qtbot.waitExposed(panel)
+    lr = panel.controls["lr"]
+    assert lr.value() == "auto" and lr.text() == "auto" and panel.step()["lr"] == "auto"
+    type_into(qtbot, lr, "0.0003")
+    assert lr.value() == pytest.approx(3e-4) and panel.step()["lr"] == pytest.approx(3e-4)
+    type_into(qtbot, lr, "auto")
+    assert lr.value() == "auto" and panel.step()["lr"] == "auto"
+    lr.setValue(3e-3)
+    lr.slider.setValue(lr.slider.minimum())
+    assert lr.value() == "auto"
+    lr.slider.setValue(lr.slider.minimum() + 1)
+    assert lr.value() == pytest.approx(lr.param.minimum, rel=0.2) and lr.value() >= lr.param.minimum

@@ -38,9 +38,9 @@ INT_MAX = 2 ** 31 - 1
 LOG_STEPS_PER_DECADE = 20
 
 
-def _places(x: float | None) -> int:
-    """Decimal places written in ``x`` (0.02 -> 2, 4.0 -> 0)."""
-    if x is None or not math.isfinite(float(x)):
+def _places(x: float | str | None) -> int:
+    """Decimal places written in ``x`` (0.02 -> 2, 4.0 -> 0; "auto" -> 0)."""
+    if x is None or isinstance(x, str) or not math.isfinite(float(x)):
         return 0
     text = f"{float(x):.{MAX_DECIMALS}f}".rstrip("0")
     return len(text.split(".")[1]) if "." in text else 0
