@@ -84,3 +84,25 @@ def test_finetune_reports_the_rate_and_the_cli_summary_shows_it(demo_models, dem
     summary = format_summary({"baseline": {"metrics": {}}, "variants": [
         {"name": "prune", "metrics": {"size_bytes": 1}, "info": {"step_notes": [note]}}]})
     assert f"i fine-tuning lr {report['lr']:g} (auto)" in summary
+
+
+def test_distill_auto_lr_probes_only_a_pretrained_student(demo_models, demo_data):
+    """Distillation into a fresh student trains from scratch: auto is 3e-3 there, no probe. A pruned
+    copy of the teacher is already trained: the probe decides, and restores the student (and the
+    feature projections) after each rate."""
+    from tugboat.engine.techniques import distill
+
+    teacher = demo_models("digits-mlp")
+    fresh = distill.apply(teacher, {"student": "family", "epochs": 1}, demo_data, null_progress())
+    info = fresh.info["distill"]
+    assert info["lr"] == 3e-3 and info["lr_chosen_by"] == "fresh student" and info["lr_probe"] is None
+    pruned = distill.apply(teacher, {"student": "pruned", "width": 0.5, "epochs": 1}, demo_data,
+                           null_progress())
+    info = pruned.info["distill"]
+    assert info["lr_chosen_by"] == "probe" and info["lr"] in {3e-3, 3e-4, 3e-5}
+    assert len(info["lr_probe"]) == 4 and any("(auto)" in n for n in pruned.info["step_notes"])
+    given = distill.apply(teacher, {"student": "pruned", "width": 0.5, "epochs": 1, "lr": info["lr"]},
+                          demo_data, null_progress())
+    assert given.info["distill"]["lr_chosen_by"] == "recipe"
+    for a, b in zip(pruned.module.state_dict().values(), given.module.state_dict().values()):
+        assert torch.equal(a, b)  # the probe left the run as the explicit rate's

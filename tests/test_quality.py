@@ -185,7 +185,8 @@ def test_pruned_half_recovers_within_two_points_in_two_epochs():
     animals, 1,000 each, 2,000 held out for the test), on which the CNN reaches about 96 %.
     ``round_to = 0`` prunes exactly half the channels of every layer (the default's rounding keeps
     more here: 24 -> 16 channels instead of 12), the hard case: it costs 20-70 points before
-    fine-tuning. Over seeds 0-4 the defaults (the original as teacher, AdamW at 3e-3, batch 32,
+    fine-tuning. Over seeds 0-4 the defaults (the original as teacher, AdamW at 3e-3 (which the
+    ``lr = "auto"`` probe picks here), batch 32,
     gradients clipped to norm 2.5, a cosine schedule, BatchNorm re-estimated) ended within the
     2 points on every seed; docs/techniques/pruning.md has the table."""
     with torch.random.fork_rng():
@@ -201,6 +202,8 @@ def test_pruned_half_recovers_within_two_points_in_two_epochs():
     info = tuned.info["pruning"]
     assert info["achieved_param_ratio"] < 0.35
     assert info["batchnorm_recalibrated"] == 2 and info["teacher_weight"] == params["teacher_weight"]
+    # lr = "auto": the probe keeps AdamW's 3e-3 for a CNN trained from scratch (what the table measured)
+    assert params["lr"] == "auto" and info["lr_chosen_by"] == "probe" and info["lr"] == 3e-3, info["lr_probe"]
     assert base - before > 0.1, (base, before)  # hard enough that pruning costs real accuracy
     assert base - after <= 0.02, (base, before, after)
 

@@ -34,7 +34,7 @@ from ..errors import DataError, RecipeError, TugboatError
 from ..lazy import F, nn, torch
 from ..measuring.runtime import eval_mode
 from ..progress import Progress, null_progress
-from .finetune import kd_loss, output_loss
+from .finetune import kd_loss, lr_note, output_loss, probe_lr
 from .technique import Param, Technique
 from .training import BatchLoss, TrainResult, TrainSpec, TrainTask, module_device, to_device, train
 
@@ -422,24 +422,55 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     plan = _plan(handle, params, data, progress)
     student = _student(handle, params, data, plan, progress.sub(0.1, 0.12, "student: "))
     epochs, batch_size = int(params["epochs"]), int(params["batch_size"])
-    spec = TrainSpec(epochs=epochs, lr=float(params["lr"]), optimizer=params["optimizer"],
+    spec = TrainSpec(epochs=epochs, lr=FRESH_LR, optimizer=params["optimizer"],
                      steps_per_epoch=max(1, math.ceil(len(data.splits["train"]) / batch_size)),
                      seed=int(params["seed"]), patience=int(params["patience"]), name="distillation",
                      device=device)
     student.projections.to(device)
     trainable = list(student.module.parameters()) + list(student.projections.parameters())
     try:
-        result = train(student.module, trainable, spec,
-                       _task(student, plan, params, data, handle.input_names, device),
-                       progress.sub(0.12, 1.0))
+        task = _task(student, plan, params, data, handle.input_names, device)
+        spec.lr, probe = _learning_rate(student, trainable, spec, params, data, plan, handle.input_names,
+                                        progress)
+        result = train(student.module, trainable, spec, task, progress.sub(0.12, 1.0))
     finally:
         student.remove_hooks()
     for p in student.module.parameters():
         p.requires_grad_(False)
     new = _distilled(handle, params, plan, student, result)
-    new.info["distill"].update(device=device, seconds=round(time.perf_counter() - t_start, 3))
+    new.info["distill"].update(device=device, seconds=round(time.perf_counter() - t_start, 3), lr=spec.lr,
+                               lr_chosen_by="recipe" if params["lr"] != "auto" else "probe" if probe
+                               else "fresh student", lr_probe=probe)
+    if probe:
+        new.info["step_notes"] = [*new.info.get("step_notes", []), lr_note(spec.lr, probe)]
     progress.update(1.0, "distilled")
     return new
+
+
+FRESH_LR = 3e-3  # lr = "auto" for a student built fresh (family): training from scratch
+
+
+def _learning_rate(student: _Student, trainable: list, spec: TrainSpec, params: dict[str, Any], data: Dataset,
+                   plan: _Plan, names: list[str], progress: Progress) -> tuple[float, list | None]:
+    """The rate and, when it was probed, the probe's rows. ``lr = "auto"``: a fresh student
+    (``family``) trains from scratch at AdamW's 3e-3, what the defaults were tuned on; a pruned copy
+    of the teacher or the user's own student file is already trained, so a few steps at 3e-3, 3e-4
+    and 3e-5 decide, measured by the val loss (as pruning's fine-tuning,
+    :func:`tugboat.engine.techniques.finetune.probe_lr`)."""
+    if params["lr"] != "auto":
+        return float(params["lr"]), None
+    if params["student"] == "family":
+        return FRESH_LR, None
+    # its own batch order and augmentation draws: the real run's are left as they were
+    task = _task(student, plan, {**params, "seed": int(params["seed"]) + 1}, data, names, spec.device)
+    both = nn.ModuleList([student.module, student.projections])  # both restored after each rate
+
+    def held() -> float:
+        eval_mode(student.module)
+        return float(task.evaluate(0)["val_loss"])
+
+    return probe_lr(both, trainable, spec, TrainTask(batches=task.batches, loss=task.loss), held,
+                    progress.sub(0.12, 0.15, "learning rate: "))
 
 
 def _distilled(handle: ModelHandle, params: dict[str, Any], plan: _Plan, student: _Student,
@@ -510,7 +541,9 @@ TECHNIQUE = Technique(
         Param("loss", "choice", "auto", "auto: kd for class logits, cosine for embeddings, mse otherwise",
               choices=LOSSES),
         Param("epochs", "int", 20, "training epochs (at most)", minimum=1, maximum=1000),
-        Param("lr", "float", 3e-3, "learning rate", minimum=1e-6, maximum=1.0, log_scale=True),
+        Param("lr", "float", "auto", "learning rate; auto: 3e-3 for a fresh student (family), and for a "
+              "pretrained one (pruned, file) a short probe picks 3e-3, 3e-4 or 3e-5 (x10 for sgd) by "
+              "the val loss after a few steps at each", minimum=1e-6, maximum=1.0, log_scale=True, auto=True),
         Param("batch_size", "int", 64, "batch size", minimum=1, maximum=8192),
         Param("optimizer", "choice", "adamw", "optimizer (cosine learning-rate schedule)",
               choices=("adamw", "sgd")),

@@ -254,7 +254,7 @@ def finetune(module: nn.Module, data: Dataset, *, input_names: list[str], epochs
 # 0.03 for sgd): the usual rate suits small CNNs trained from scratch (docs/techniques/pruning.md);
 # a pretrained transformer wants about 1/60 of it (MiniLM: 5e-5), a pretrained ImageNet CNN between.
 PROBE_FACTORS = (1.0, 0.1, 0.01)
-PROBE_STEPS = 8  # training steps per candidate rate (at most the fine-tuning's own)
+PROBE_STEPS = 8  # training steps per candidate rate (at most half the fine-tuning's own, 2 at least)
 BASE_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 3e-2}
 
 
@@ -267,7 +267,7 @@ def probe_lr(module: nn.Module, params: list[nn.Parameter], spec: TrainSpec, tas
     one never). Returns the rate and one row per candidate; the module's weights end as they were."""
     base = BASE_LR.get(spec.optimizer, 3e-3)
     total = max(1, spec.epochs * spec.steps_per_epoch)
-    steps = max(1, min(PROBE_STEPS, total))
+    steps = min(total, PROBE_STEPS, max(2, total // 2))  # on a small data set: half the fine-tuning's
     start = {k: v.detach().clone() for k, v in module.state_dict().items()}
     rows: list[dict[str, float | None]] = [{"lr": 0.0, "loss": held()}]
     try:
