@@ -106,3 +106,20 @@ def test_distill_auto_lr_probes_only_a_pretrained_student(demo_models, demo_data
     assert given.info["distill"]["lr_chosen_by"] == "recipe"
     for a, b in zip(pruned.module.state_dict().values(), given.module.state_dict().values()):
         assert torch.equal(a, b)  # the probe left the run as the explicit rate's
+
+
+def test_the_undo_check_breaks_a_tie_of_agreement_by_the_cosine(demo_models, demo_data):
+    """Top-1 agreement on a small val split is coarse (EfficientNet-Lite0's 10 rows: 0.0 before and
+    after while the logits' cosine fell 0.27 -> 0.16): the cosine to the original decides a tie."""
+    import copy
+
+    from tugboat.engine.io.data import Dataset
+
+    handle = demo_models("digits-mlp")
+    unlabeled = Dataset("unlabeled", demo_data.inputs, None, demo_data.splits)
+    score, kind = prune._guard_score(handle, unlabeled, handle.module)
+    shifted = copy.deepcopy(handle.module)
+    with torch.no_grad():  # the same constant on every logit: the same top-1, a lower cosine
+        [m for m in shifted.modules() if isinstance(m, torch.nn.Linear)][-1].bias += 20.0
+    same, worse = score(handle.module), score(shifted)
+    assert kind == "fidelity" and same[0] == worse[0] == 1.0 and worse[1] < same[1] - 0.01 and worse < same

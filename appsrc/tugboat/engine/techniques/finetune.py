@@ -297,8 +297,7 @@ def lr_note(lr: float, probe: list[dict[str, float | None]]) -> str:
         return "diverged" if r["loss"] is None else f"{r['loss']:.3g}"
     tried = ", ".join(f"{r['lr']:g}: {loss(r)}" for r in probe if r["lr"])
     before = next((loss(r) for r in probe if not r["lr"]), "-")
-    return (f"fine-tuning lr {lr:g} (auto): held-out loss after a few steps at each rate {tried} "
-            f"(before: {before})")
+    return f"fine-tuning lr {lr:g} (auto): held-out loss after a few steps at {tried}; before: {before}"
 
 
 def _first(make: Callable[[int], Iterable[tuple]], n: int) -> Iterator[tuple]:
