@@ -784,8 +784,10 @@ def _finetune_after(handle: ModelHandle, module: nn.Module, params: dict[str, An
         what = f"the {kind} on the val split ({before[0]:.3f} -> {after[0]:.3f})" if after[0] < before[0] \
             else (f"the outputs' cosine to the original's on the val split ({before[1]:.3f} -> {after[1]:.3f}; "
                   f"{kind} {after[0]:.3f} either way)")
+        hint = "more training rows may let it recover (the rate was probed)" if params["lr"] == "auto" \
+            else "a smaller lr may recover instead (a pretrained transformer: about 5e-5; or lr = \"auto\")"
         notes.append(f"fine-tuning lowered {what} at lr {used['lr']:g}, so the pruned weights before it are "
-                     f"kept; a smaller lr may recover instead (a pretrained transformer: about 5e-5)")
+                     f"kept; {hint}")
     return history
 
 
