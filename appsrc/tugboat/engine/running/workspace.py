@@ -89,7 +89,7 @@ def variant_from_dict(d: dict[str, Any]) -> Variant:
 
 
 def _dumps(obj: Any) -> bytes:
-    return dumps(jsonable(obj))
+    return dumps(obj)  # dumps makes plain JSON types itself (numpy scalars, tuples, non-finite floats)
 
 
 class Workspace:
