@@ -24,6 +24,7 @@ group-convolution rule once nothing else hides the channels. Constants are folde
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -219,24 +220,34 @@ def normalise_for_pruning(gm: nn.Module, example: tuple[torch.Tensor, ...]) -> d
     return counts
 
 def _rewrite_flattens(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes: dict, counts: dict[str, int]) -> None:
-    graph = gm.graph
     # 0. a Reshape to [N, C*H*W] (a flatten whose target size is partly written down as a constant,
     #    which goes stale once channels are removed): torch.flatten(x, 1)
-    for n in list(graph.nodes):
+    for n, x, si, so in _reshapes(gm, known, shapes):
+        if len(si) > 2 and len(so) == 2 and so[0] == si[0] and so[1] == math.prod(si[1:]):
+            _replace(gm, n, torch.flatten, (x, 1), shapes)
+            counts["flatten"] += 1
+
+
+def _reshapes(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes: dict):
+    """(node, input, input shape, output shape) of every Reshape of a computed (not constant) input
+    whose shapes were recorded."""
+    for n in list(gm.graph.nodes):
         if not _is(gm, n, "OnnxReshape", (torch.reshape,), ("reshape", "view")) or not n.args:
             continue
         x = n.args[0]
-        if not isinstance(x, fx.Node) or x in known or x not in shapes or n not in shapes:
-            continue
-        si, so = shapes[x], shapes[n]
-        if len(si) > 2 and len(so) == 2 and so[0] == si[0] and so[1] == si[1:].numel():
-            with graph.inserting_after(n):
-                new = graph.call_function(torch.flatten, (x, 1))
-            new.meta = dict(n.meta)
-            n.replace_all_uses_with(new)
-            graph.erase_node(n)
-            shapes[new] = so
-            counts["flatten"] += 1
+        if isinstance(x, fx.Node) and x not in known and x in shapes and n in shapes:
+            yield n, x, tuple(shapes[x]), tuple(shapes[n])
+
+
+def _replace(gm: fx.GraphModule, n: fx.Node, fn, args: tuple, shapes: dict) -> fx.Node:
+    """``n`` replaced by ``fn(*args)`` (same meta and recorded shape)."""
+    with gm.graph.inserting_after(n):
+        new = gm.graph.call_function(fn, args)
+    new.meta = dict(n.meta)
+    n.replace_all_uses_with(new)
+    gm.graph.erase_node(n)
+    shapes[new] = shapes[n]
+    return new
 
 
 def _matmuls_to_linear(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes: dict, counts: dict[str, int]) -> None:
@@ -318,14 +329,7 @@ def _rewrite_head_reshapes(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes
     they become ``unflatten(x, -1, (H, -1))`` and ``flatten(y, -2)``, which follow. The layers whose
     outputs are split get ``NUM_HEADS`` = H, so pruning removes the same share of every head's
     dimensions (torch-pruning's ``num_heads``) and keeps the heads."""
-    graph = gm.graph
-    for n in list(graph.nodes):
-        if not _is(gm, n, "OnnxReshape", (torch.reshape,), ("reshape", "view")) or not n.args:
-            continue
-        x = n.args[0]
-        if not isinstance(x, fx.Node) or x in known or x not in shapes or n not in shapes:
-            continue
-        si, so = tuple(shapes[x]), tuple(shapes[n])
+    for n, x, si, so in _reshapes(gm, known, shapes):
         if (len(so) == len(si) + 1 >= 3 and so[:-2] == si[:-1] and so[-2] * so[-1] == si[-1] and so[-1] > 1
                 and len(n.args) > 1 and _written_tail(gm, n.args[1], known)):
             fn, args = torch.unflatten, (x, -1, (so[-2], -1))
@@ -333,12 +337,7 @@ def _rewrite_head_reshapes(gm: fx.GraphModule, known: dict[fx.Node, Any], shapes
             fn, args = torch.flatten, (x, -2)
         else:
             continue
-        with graph.inserting_after(n):
-            new = graph.call_function(fn, args)
-        new.meta = dict(n.meta)
-        n.replace_all_uses_with(new)
-        graph.erase_node(n)
-        shapes[new] = shapes[n]
+        _replace(gm, n, fn, args, shapes)
         counts["head_reshapes"] += 1
         if fn is torch.unflatten:
             _mark_heads(gm, x, known, so[-2], si[-1])
