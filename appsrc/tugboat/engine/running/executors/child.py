@@ -469,10 +469,9 @@ def _context(path: str | None) -> Any:
 
 
 def _write_context(path: str, context: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(context, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    from .processes import write_pickle
+
+    write_pickle(path, context)
 
 
 # --- the window's loads -------------------------------------------------------------------------------

@@ -95,6 +95,15 @@ def _context() -> Context:
     return _CTX
 
 
+def write_pickle(path: str, obj) -> None:
+    """``obj`` pickled into ``path`` (in a private worker folder), atomically: a process killed
+    mid-write leaves no file, and a reader never sees half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
 def _check_private(path: Path) -> None:
     """Files (the context, made variants) are only read from the sweep's private folder (``mkdtemp``, 0700),
     owned by this user, the file ours too; anything else is refused rather than unpickled."""
@@ -192,10 +201,7 @@ class ProcessExecutor(Executor):
 
     def start(self, ctx: Context, cache=None) -> None:
         super().start(ctx, None)  # the driver's cache stays in the driver; each group has its own
-        tmp = self._ctx_path + ".tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(ctx, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self._ctx_path)
+        write_pickle(self._ctx_path, ctx)
 
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:
