@@ -34,7 +34,7 @@ from ..errors import DataError, RecipeError, TugboatError
 from ..lazy import F, nn, torch
 from ..measuring.runtime import eval_mode
 from ..progress import Progress, null_progress
-from .finetune import kd_loss, lr_note, output_loss, probe_lr
+from .finetune import BASE_LR, kd_loss, lr_note, output_loss, probe_lr
 from .technique import Param, Technique
 from .training import BatchLoss, TrainResult, TrainSpec, TrainTask, module_device, to_device, train
 
@@ -447,7 +447,7 @@ def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
     return new
 
 
-FRESH_LR = 3e-3  # lr = "auto" for a student built fresh (family): training from scratch
+FRESH_LR = BASE_LR["adamw"]  # lr = "auto" for a student built fresh (family): training from scratch
 
 
 def _learning_rate(student: _Student, trainable: list, spec: TrainSpec, params: dict[str, Any], data: Dataset,
