@@ -169,10 +169,18 @@ def training_rows(hb: Heartbeat, window, seconds: float, skip: set[str]) -> list
     if "sweep" not in skip and "prune" in window.panels:
         e = epochs_for(hb, window, prune, seconds / 4)
         session = window.session
-        session.clear_sweep()
-        for ratio in (0.25, 0.4, 0.55, 0.7):
-            session.add_to_sweep({**prune(e), "ratio": ratio})
-        rows.append({**hb.run("sweep (4 variants)", window.run_sweep, seconds), "epochs": e})
+        repeats = iter(range(1000))
+
+        def sweep():
+            # other ratios on every repeat: a sweep of variants the workspace already holds resumes,
+            # i.e. does nothing (the first version of this row repeated such empty sweeps)
+            k = next(repeats)
+            session.clear_sweep()
+            for ratio in (0.25, 0.4, 0.55, 0.7):
+                session.add_to_sweep({**prune(e), "ratio": round(ratio + 0.01 * k, 2)})
+            return window.run_sweep()
+
+        rows.append({**hb.run("sweep (4 variants)", sweep, seconds), "epochs": e})
         session.clear_sweep()
     return rows
 

@@ -83,3 +83,32 @@ def test_the_running_job_is_scrolled_into_view(qtbot):
     assert all(j.is_ended for j in jobs)
     qtbot.waitUntil(lambda: last.is_ended, timeout=5000)
     queue.shutdown(5)
+
+
+def test_routine_autosaves_get_a_row_only_when_slow_or_failed(qtbot, monkeypatch):
+    from tugboat.ui import jobs_view
+
+    monkeypatch.setattr(jobs_view, "SAVE_ROW_AFTER_MS", 200)
+    queue = JobQueue()
+    view = JobsView(queue)
+    qtbot.addWidget(view)
+    quick = queue.submit(lambda p: None, name="save quick", kind="save")
+    qtbot.waitUntil(lambda: quick.is_ended, timeout=5000)
+    qtbot.wait(300)
+    assert quick.id not in view.rows and "save quick" in view.log_view.toPlainText()
+
+    def fail(p):
+        raise OSError("disk full")
+
+    bad = queue.submit(fail, name="save bad", kind="save")
+    qtbot.waitUntil(lambda: bad.is_ended, timeout=5000)
+    assert bad.id in view.rows and "disk full" in view.rows[bad.id].status.text()
+
+    slow = queue.submit(lambda p: time.sleep(1.0), name="save slow", kind="save")
+    qtbot.waitUntil(lambda: slow.id in view.rows, timeout=5000)  # still running after 200 ms
+    assert not slow.is_ended and view.rows[slow.id].cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: slow.is_ended, timeout=5000)
+    qtbot.waitUntil(lambda: slow.id not in view.rows, timeout=2000)  # done: back to the log only
+    run = queue.submit(lambda p: None, name="a run")
+    assert run.id in view.rows  # every other job has its row at once
+    queue.shutdown(5)

@@ -112,7 +112,8 @@ def test_diagnose_ranks_the_bad_layer_and_keep_in_float_recovers(qtbot, window, 
     step = fixed.recipe["steps"][0]
     assert step["technique"] == "quantize" and step["exclude"] == [view.result["rows"][0]["node"]]
     assert fixed.status == "ok" and fixed.metrics["accuracy"] >= base_acc - 0.02
-    assert fixed.name in window.chart.plotted_names()  # it lands on the chart like any run
+    # it lands on the chart like any run (the chart redraws a moment after the store changes)
+    qtbot.waitUntil(lambda: fixed.name in window.chart.plotted_names(), timeout=2000)
 
     # Compare: the last two selected variants side by side
     click_row(qtbot, window.results_table, row_of(window, broken.name))

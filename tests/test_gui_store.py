@@ -161,3 +161,59 @@ def test_a_reload_shows_the_workspace_only_when_its_results_compare(qtbot, tmp_p
     assert problems and "measure settings (batch)" in problems[0] and str(ws.path) in problems[0]
     assert Workspace.open(tmp_path / "ws").names() == ["prune-a"]  # left as it was
     queue.shutdown(5)
+
+
+def test_the_index_names_the_artifact_when_saved_is_told_and_a_burst_saves_it_once(qtbot, tmp_path, monkeypatch):
+    # once a variant's files are written, the index that names its artifact is saved in the event
+    # loop's next turn (a shorter piece of GUI-thread work per landing, issue 17): ``saved`` comes
+    # after that save, and files written in one turn are one save, not one each
+    queue, store = JobQueue(), VariantStore()
+    session = Session(store, queue)
+    keeper = WorkspaceKeeper(store, session, queue)
+    ws = keeper.new(str(tmp_path / "ws"))
+    saves = []
+    real_save = Workspace.save
+    monkeypatch.setattr(Workspace, "save", lambda self, **kw: (saves.append(kw), real_save(self, **kw))[1])
+    runs = [Variant(f"prune-{i}", {"steps": PRUNE}, _metrics(1000 + i, 1.0, 0.9)) for i in range(3)]
+    on_saved = {}
+
+    def check(name: str) -> None:
+        index = json.loads((tmp_path / "ws" / "workspace.json").read_text())
+        on_saved[name] = {d["name"]: d["artifacts"] for d in index["variants"]}.get(name)
+
+    keeper.saved.connect(check)
+    for run in runs:
+        session._on_variant_finished(run)
+    assert len(saves) == 3  # each lands in the index at once, before any view shows it
+    qtbot.waitUntil(lambda: not queue.active(), timeout=10000)
+    qtbot.waitUntil(lambda: len(on_saved) == 3, timeout=5000)
+    assert all(on_saved[r.name] is not None for r in runs)  # listed when saved is told ...
+    # ... with its files (demo-less variants have no model, so metrics.json and recipe.toml)
+    assert all((ws.folder(r.name) / "metrics.json").is_file() for r in runs)
+    assert len(saves) <= 3 + 3 and {"report": True} in saves[3:]
+
+    saves.clear()
+    for run in runs:  # three files written in one turn: the index and report are saved once
+        keeper._on_written(ws, run)
+    assert saves == []
+    qtbot.waitUntil(lambda: len(saves) == 1, timeout=2000)
+    qtbot.wait(50)
+    assert saves == [{"report": True}]
+    keeper.close()
+    queue.shutdown(5)
+
+
+def test_switching_workspace_writes_the_put_off_save_first(qtbot, tmp_path):
+    queue, store = JobQueue(), VariantStore()
+    session = Session(store, queue)
+    keeper = WorkspaceKeeper(store, session, queue)
+    ws = keeper.new(str(tmp_path / "ws"))
+    run = Variant("prune-a", {"steps": PRUNE}, _metrics(1000, 1.0, 0.9))
+    session._on_variant_finished(run)
+    qtbot.waitUntil(lambda: not queue.active(), timeout=10000)
+    run.metrics["accuracy"] = 0.5  # changed after its last save: only the put-off save has it
+    keeper._on_written(ws, run)
+    keeper.close()  # before the event loop's next turn
+    index = json.loads((tmp_path / "ws" / "workspace.json").read_text())
+    assert index["variants"][0]["metrics"]["accuracy"] == 0.5
+    queue.shutdown(5)

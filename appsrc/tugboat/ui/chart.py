@@ -132,6 +132,7 @@ LOG_BY_DEFAULT = {"size", "compressed", "latency"}
 SYMBOLS = ["o", "s", "t", "d", "h", "p", "t1", "t2", "t3", "+", "x"]
 BASELINE_SYMBOL = "star"
 CHART_BG = "w"
+REFRESH_DELAY_MS = 30  # store changes coalesced into one redraw this long after the first
 NO_COLOUR_BRUSH = (70, 110, 170, 220)
 PARETO_PEN = pg.mkPen((217, 130, 43), width=2, style=Qt.PenStyle.DashLine)
 SELECTION_PEN = pg.mkPen((200, 30, 30), width=2.5)
@@ -238,10 +239,13 @@ class TradeoffChart(QWidget):
         self._ghost_xy: tuple[float, float] | None = None
         self._xdiv = self._ydiv = 1.0
         self._labels: dict[str, Any] = {}
-        # a burst of store changes (a sweep finishing, a workspace opening) redraws once
+        # a burst of store changes (a sweep finishing, a workspace opening) redraws once, a few
+        # milliseconds after the landing's own work, not in the same turn of the event loop: the
+        # redraw (5-10 ms, pyqtgraph's axes) and a landing's work back to back were the window's
+        # longest stalls while runs landed one after another (issue 17)
         self._refresh_timer = QTimer(self)
         self._refresh_timer.setSingleShot(True)
-        self._refresh_timer.setInterval(0)
+        self._refresh_timer.setInterval(REFRESH_DELAY_MS)
         self._refresh_timer.timeout.connect(self.refresh)
         bar = self._build_toolbar()
         self._build_plot()

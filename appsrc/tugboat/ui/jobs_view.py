@@ -21,6 +21,7 @@ from ..engine.formatting import fmt_seconds
 from ..jobs import CANCELLED, DONE, FAILED, Job, JobQueue
 
 MAX_ROWS = 30
+SAVE_ROW_AFTER_MS = 1000  # an autosave still running this long gets a row (progress, cancel)
 
 
 class JobRow(QWidget):
@@ -121,18 +122,30 @@ class JobsView(QWidget):
         self._eta_timer.start()
 
     def _on_job_added(self, job: Job) -> None:
+        self._append_log(f"queued: {job.name}")
+        job.log.connect(lambda text, j=job: self._append_log(f"[{j.name}] {text}"))
+        job.state_changed.connect(lambda s, j=job: self._on_job_state(j, s))
+        if job.kind == "save":
+            # a routine autosave (tens of milliseconds, one per landing result) gets a row only
+            # when it takes long or fails: building and removing one was a few milliseconds of the
+            # GUI thread's work per landing (issue 17)
+            QTimer.singleShot(SAVE_ROW_AFTER_MS, self, lambda j=job: None if j.is_ended else self._add_row(j))
+            return
+        self._add_row(job)
+
+    def _add_row(self, job: Job) -> None:
+        if job.id in self.rows:
+            return
         self.empty.hide()
         row = JobRow(job)
         self.rows[job.id] = row
         self.list_layout.insertWidget(self.list_layout.count() - 1, row)
-        self._append_log(f"queued: {job.name}")
-        job.log.connect(lambda text, j=job: self._append_log(f"[{j.name}] {text}"))
-        job.state_changed.connect(lambda s, j=job: self._on_job_state(j, s))
         if len(self.rows) > MAX_ROWS:
             self._on_clear()
 
     def _on_job_state(self, job: Job, state: str) -> None:
         if state == FAILED:
+            self._add_row(job)
             self._append_log(f"failed: {job.name}: {job.error}")
             if job.details:
                 self._append_log(job.details.rstrip())

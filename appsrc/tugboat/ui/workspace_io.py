@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QObject, Signal
+from PySide6.QtCore import QObject, QTimer, Signal
 
 from ..engine.errors import TugboatError
 from ..engine.lock import FolderLock
@@ -80,6 +80,14 @@ class WorkspaceKeeper(QObject):
         self._lock: FolderLock | None = None  # the open workspace's folder lock
         self._restoring: Workspace | None = None  # reopened, waiting for the baseline to be measured
         self._writer: Job | None = None  # a sweep writing the open workspace from its worker thread
+        # index saves asked for while a result lands, made once in the event loop's next turn (see
+        # _save_soon): {id(ws): (ws, with report.json)} and the names whose files that save completes
+        self._pending: dict[int, tuple[Workspace, bool]] = {}
+        self._pending_saved: list[str] = []
+        self._save_timer = QTimer(self)
+        self._save_timer.setSingleShot(True)
+        self._save_timer.setInterval(0)
+        self._save_timer.timeout.connect(self.flush)
         session.baseline_measured.connect(self.place_baseline)
         session.variant_measured.connect(self.place_variant)
 
@@ -87,6 +95,8 @@ class WorkspaceKeeper(QObject):
     def _set(self, ws: Workspace | None, lock: FolderLock | None = None, *, show: str = "attach") -> None:
         """Make ``ws`` the open workspace. ``show``: "attach" (the store shows ``ws``), "adopt" (``ws``
         takes over what the store shows) or "keep" (the store is left as it is: the window closes)."""
+        if ws is not self.ws:
+            self.flush()  # the index of the workspace shown until now is written under its lock
         if lock is not self._lock:
             old, self._lock = self._lock, lock
             if old is not None:
@@ -230,10 +240,41 @@ class WorkspaceKeeper(QObject):
             if variant.name == BASELINE:
                 self.store.set_baseline(variant)
             else:
-                self.store.add(variant)
+                self.store.add(variant)  # the index names it before any view shows it
         except (OSError, TugboatError) as exc:
             self.problem.emit(f"Could not save the workspace: {exc}", "warning")
         return self._write(ws, variant)
+
+    def _save_soon(self, ws: Workspace, *, report: bool, saved: str | None = None) -> None:
+        """Save ``ws``'s index (and report.json) in the event loop's next turn, once for every
+        request made until then. Used once a variant's files are on disk (the index then names its
+        artifact; the variant itself was in the index before any view showed it): the job's end
+        (the jobs view, the next queued job starting) and the save are two shorter pieces of the GUI
+        thread's work instead of one, so the window keeps answering while runs land one after
+        another (issue 17), and a burst of files written saves the index once. ``saved``: the
+        variant whose files that save completes (``saved`` is emitted after it)."""
+        prev = self._pending.get(id(ws))
+        self._pending[id(ws)] = (ws, report or (prev is not None and prev[1]))
+        if saved is not None:
+            self._pending_saved.append(saved)
+        self._save_timer.start()
+
+    def flush(self) -> None:
+        """Make the saves :meth:`_save_soon` put off now (the timer's turn, another workspace shown,
+        the window closing)."""
+        self._save_timer.stop()
+        pending, self._pending = list(self._pending.values()), {}
+        names, self._pending_saved = self._pending_saved, []
+        failed = False
+        for ws, report in pending:
+            try:
+                ws.save(report=report)
+            except (OSError, TugboatError) as exc:
+                failed = True
+                self.problem.emit(f"Could not save the workspace: {exc}", "warning")
+        if not failed:
+            for name in names:
+                self.saved.emit(name)
 
     # --- writing ----------------------------------------------------------------------------------
     def _write(self, ws: Workspace, variant: Variant, source: Workspace | None = None) -> Job:
@@ -268,11 +309,10 @@ class WorkspaceKeeper(QObject):
                     ws.add_variant(variant, write=False)
                     ws.remove_variant(variant.name)
                 return
-            ws.save()  # the index now names its artifact
         except (OSError, TugboatError) as exc:
             self.problem.emit(f"Could not save the workspace: {exc}", "warning")
             return
-        self.saved.emit(variant.name)
+        self._save_soon(ws, report=True, saved=variant.name)  # the index now names its artifact
 
     def ensure(self) -> Workspace | None:
         """The open workspace, or a new one in the data folder that takes over what the window shows
