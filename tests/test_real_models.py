@@ -125,9 +125,10 @@ AUTO_METHOD = {"effnet-lite0-onnx": "static-int8", "ocr-cls": "static-int8", "mi
 MIN_RATIO = 3.5
 # strict: the day they pass, the marks must go (docs/techniques/quantization.md, "Real models")
 _QUANT_GAPS = {
-    "effnet-lite0-onnx": "top-1 agreement ~0.9 on photo crops where the float model is unsure (a fifth "
-                         "within 0.1 probability of the runner-up); int8-rounded weights alone, with "
-                         "float activations, flip as many (docs/real-models.md)",
+    "effnet-lite0-onnx": "auto picks static int8 (its 10-row val check reads 1.000), which keeps top-1 "
+                         "agreement ~0.92 on photo crops where the float model is unsure (a fifth within "
+                         "0.1 probability of the runner-up), even with GPTQ rounding; weight-only int8 "
+                         "with GPTQ rounding passes (the test below, docs/real-models.md)",
 }
 
 
@@ -208,6 +209,28 @@ def test_efficientnet_default_int8_changes_no_decision_the_float_model_is_sure_o
 
 
 @pytest.mark.slow
+def test_efficientnet_weight_only_int8_with_gptq_rounding_is_3_5x_smaller_at_0_95_agreement():
+    """Issue 14's bar for EfficientNet-Lite0, met by method weight-only-int8 with its default rounding
+    (GPTQ on the calibration rows): 0.965 on the 115 held-out rows, 0.922 with nearest rounding."""
+    from tugboat.engine.io.data import load_data
+    from tugboat.engine.io.loading import load_model
+    from tugboat.engine.progress import null_progress
+    from tugboat.engine.techniques import quantize
+
+    rm = real_model("effnet-lite0-onnx")
+    handle = load_model(str(rm.model))
+    data = load_data(str(rm.data), handle)
+    out = quantize.apply(handle, {"method": "weight-only-int8"}, data, null_progress())
+    info = out.info["quantize"]
+    assert info["rounding"]["method"] == "gptq" and info["rounding"]["layers"] == 50, info["rounding"]
+    float_model, q = handle.to_onnx(), out.onnx_model
+    xs = _held_out("effnet-lite0-onnx", rm, handle, data)
+    fid = quantize.fidelity_of(quantize._run(q, xs), quantize._run(float_model, xs))
+    assert fid["top1_agreement"] >= 0.95 and fid["cosine"] >= 0.999, fid  # measured 0.965, 0.9994
+    assert len(float_model.SerializeToString()) / len(q.SerializeToString()) >= MIN_RATIO
+
+
+@pytest.mark.slow
 def test_ocr_classifier_default_int8_is_written_as_qoperator_and_agrees():
     ratio, fid, _, info, _ = _default_int8("ocr-cls")
     # 53 small convolutions: the QDQ graph's bookkeeping is ~0.45 of its int8 weights (3.1x)
@@ -255,12 +278,20 @@ def test_ocr_recogniser_weight_only_finds_its_one_sensitive_convolution():
     rm = real_model("ocr-rec")
     handle = load_model(str(rm.model))
     data = load_data(str(rm.data), handle)
-    q = quantize.apply(handle, {"method": "weight-only-int8"}, data, null_progress())
+    nearest = {"method": "weight-only-int8", "rounding": "nearest"}
+    q = quantize.apply(handle, nearest, data, null_progress())
     check = q.info["quantize"]["fidelity_check"]
     assert check["value"] < 0.99 and check["suggested_exclude"] == ["p2o.Conv.1"], check
-    kept = quantize.apply(handle, {"method": "weight-only-int8", "exclude": ["p2o.Conv.1"]}, data, null_progress())
+    kept = quantize.apply(handle, {**nearest, "exclude": ["p2o.Conv.1"]}, data, null_progress())
     assert kept.info["quantize"]["fidelity_check"]["value"] >= 0.99
     xs = _held_out("ocr-rec", rm, handle, data)
-    fid = quantize.fidelity_of(quantize._run(kept.onnx_model, xs), quantize._run(handle.to_onnx(), xs))
+    ref = quantize._run(handle.to_onnx(), xs)
+    fid = quantize.fidelity_of(quantize._run(kept.onnx_model, xs), ref)
     ratio = len(handle.to_onnx().SerializeToString()) / len(kept.onnx_model.SerializeToString())
+    assert fid["cosine"] >= 0.99 and ratio >= MIN_RATIO, (fid, ratio)
+    # with GPTQ rounding (the default) no layer needs to stay float: 0.9995 on the test split, 3.77x
+    gptq = quantize.apply(handle, {"method": "weight-only-int8"}, data, null_progress())
+    assert gptq.info["quantize"]["rounding"]["method"] == "gptq" and "float_layers" not in gptq.info["quantize"]
+    fid = quantize.fidelity_of(quantize._run(gptq.onnx_model, xs), ref)
+    ratio = len(handle.to_onnx().SerializeToString()) / len(gptq.onnx_model.SerializeToString())
     assert fid["cosine"] >= 0.99 and ratio >= MIN_RATIO, (fid, ratio)

@@ -63,6 +63,7 @@ from ..io.onnx_graph import (
 from ..measuring.runtime import checked_bytes, ort_session, run_onnx
 from ..names import layer_of
 from ..progress import Progress, null_progress
+from . import weight_dequant
 from .quant_error import fixed_batch, rank_layers, severity
 from .quant_error import run as run_graph
 from .technique import NO_CHANGE, Param, Technique
@@ -154,6 +155,13 @@ PARAMS = [
     Param("exclude", "list", [],
           "layers kept in float: torch module names (e.g. \"classifier.3\") or ONNX node names",
           methods=(*_INT8, *_WEIGHT_ONLY, "fp16")),
+    Param("rounding", "choice", "auto",
+          "how weights are rounded to int8: nearest (each weight on its own), gptq (GPTQ: one input "
+          "column at a time, each column's rounding error spread over the columns not rounded yet, "
+          "weighted by how the layer's inputs on the calibration rows correlate, so the layer's "
+          "output moves far less for the same int8 values and scales; a pass over the calibration "
+          "rows) or auto: gptq where there are calibration rows, else nearest",
+          choices=("auto", "gptq", "nearest"), methods=("auto", "static-int8", "weight-only-int8")),
     Param("max_accuracy_drop", "float", 0.0,
           "accuracy-aware exclusion: keep the most sensitive layers in float until accuracy on the "
           "val split drops at most this much (0.01 = 1 point); 0 turns it off",
@@ -1106,7 +1114,8 @@ def check_rows(data: Dataset, method: str, params: dict[str, Any]) -> tuple[str,
     idx = np.asarray(data.splits[split], np.int64)[:_CHECK_ROWS]
     if len(idx) >= MIN_CHECK_ROWS or split != "val" or method == "qat-int8":
         return split, idx, 0
-    fitted = _calib_rows(data, params["calibration_samples"])[0] if method in _STATIC else ()
+    fits = method in _STATIC or (method == "weight-only-int8" and params.get("rounding") == "gptq")
+    fitted = _calib_rows(data, _samples(params))[0] if fits else ()
     held = {*idx.tolist(), *np.asarray(data.splits.get("test", ()), np.int64).tolist(), *np.asarray(fitted).tolist()}
     extra = [i for i in np.asarray(data.splits.get("train", ()), np.int64).tolist() if i not in held]
     extra = extra[: _CHECK_ROWS - len(idx)]
@@ -1594,6 +1603,8 @@ class _Job:
     module_out: Any = None  # a torch module beside the graph (dynamic int8 for torch)
     reference: onnx.ModelProto | None = None  # the float graph the check's reference outputs come from
     int8_nodes: dict[str, int] | None = None  # weight-only: node -> int8 weight elements it reads
+    rounded: Any = None  # gptq.Rounded: the weights of ``work`` GPTQ put on the int8 grid
+    qmax: int = 127  # the grid ``rounded`` is on
 
 
 def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
@@ -1674,10 +1685,19 @@ def _alternative(job: _Job, info: dict[str, Any], warn: list[str]) -> _Job:
         params["op_types"] = list(params["op_types"] or _AUTO_DYNAMIC_OPS)
     work = gemm_to_matmul(job.float_model) if method == "dynamic-int8" else job.float_model
     names = params["exclude"]
-    check = _check_set(job.handle, job.data, job.reference, method, params, reuse=job.check)
-    return dataclasses.replace(job, params=params, method=method, info=dict(info, auto=dict(info["auto"])),
-                               warn=list(warn), work=work, redo=None, check=check, int8_nodes=None,
-                               exclude=_resolve_names(work, names, "quantize.exclude") if names else [])
+    alt = dataclasses.replace(job, params=params, method=method, info=dict(info, auto=dict(info["auto"])),
+                              warn=list(warn), work=work, redo=None, check=None, int8_nodes=None,
+                              rounded=None, qmax=127,
+                              exclude=_resolve_names(work, names, "quantize.exclude") if names else [])
+    alt.params = {**params, "rounding": _rounding(alt)}
+    alt.check = _check_set(job.handle, job.data, job.reference, method, alt.params, reuse=job.check)
+    if alt.params["rounding"] == "gptq":
+        if job.rounded is not None and job.qmax == 127 and job.work is not None and not alt.exclude:
+            alt.work, alt.rounded = job.work, job.rounded  # the same grid: GPTQ's pass is not made twice
+            alt.info["rounding"] = job.info["rounding"]
+        else:
+            _gptq(alt)
+    return alt
 
 
 def _prepare_graphs(job: _Job) -> None:
@@ -1696,6 +1716,7 @@ def _prepare_graphs(job: _Job) -> None:
         job.params = params = TECHNIQUE.defaults(job.method) | params  # the chosen method's own settings
         if job.method == "dynamic-int8" and not params["op_types"]:
             job.params = {**params, "op_types": list(_AUTO_DYNAMIC_OPS)}
+    job.params = {**job.params, "rounding": _rounding(job)}
     # the original graph where the float one only has its Constant nodes lifted (the same outputs, bit
     # for bit): its reference outputs come from the session the original was measured in
     same = job.method == "qat-int8" or opset_of(job.float_model) == opset_of(job.handle.to_onnx())
@@ -1714,6 +1735,64 @@ def _prepare_graphs(job: _Job) -> None:
         else job.float_model
     names = job.params["exclude"]
     job.exclude = _resolve_names(job.work, names, "quantize.exclude") if names else []
+    if job.params["rounding"] == "gptq":
+        _gptq(job)
+
+
+def _samples(params: dict[str, Any]) -> int:
+    """Calibration rows of ``params`` (weight-only int8 has no such setting: GPTQ takes the default)."""
+    return int(params.get("calibration_samples") or next(p.default for p in PARAMS if p.name == "calibration_samples"))
+
+
+def _rounding(job: _Job) -> str:
+    """``rounding`` resolved for the method: "gptq" or "nearest"."""
+    if job.method not in ("static-int8", "weight-only-int8"):
+        return "nearest"
+    asked = job.params["rounding"]
+    if asked == "nearest":
+        return "nearest"
+    if (job.params.get("max_accuracy_drop") or 0) > 0:  # not a weight-only setting  # its layer-by-layer search rounds to nearest
+        if asked == "gptq":
+            job.warn.append("rounding = \"gptq\" is not combined with max_accuracy_drop: nearest rounding")
+        return "nearest"
+    has_rows = job.data is not None and any(len(job.data.splits.get(s, ())) for s in ("calib", "train"))
+    if not has_rows:
+        if asked == "gptq":
+            raise DataError("rounding = \"gptq\" needs calibration rows (a calib or train split); give a "
+                            "dataset (recipe 'data = ...') or use rounding = \"nearest\"")
+        return "nearest"
+    from . import gptq
+
+    # nothing GPTQ can round (weights only inside If/Loop bodies, or all too small): nearest, and the
+    # fidelity check keeps the train rows a GPTQ pass would have been fitted to
+    pays = (lambda size, channels: True) if job.method in _STATIC else weight_dequant.pays_for_int8
+    return "gptq" if gptq.eligible(job.float_model, pays) else "nearest"
+
+
+def _gptq(job: _Job) -> None:
+    """Put ``job.work``'s weights on the int8 grid the method will use, GPTQ-rounded on the
+    calibration rows (:mod:`.gptq`): the quantizer's nearest rounding then keeps them as they are."""
+    from . import gptq
+
+    static = job.method in _STATIC
+    job.qmax = 64 if static and _reduce_range(job.params["reduce_range"]) else 127
+    calib = _calib_arrays(job.data, job.handle, _samples(job.params), job.method)
+    pays = (lambda size, channels: True) if static else weight_dequant.pays_for_int8
+    # the convolutions static int8 gives one scale (one_scale_layers): rounded on that grid
+    one = set(one_scale_layers(job.work)) if static else set()
+    job.work, job.rounded = gptq.round_weights(job.work, calib, job.handle.input_names, qmax=job.qmax,
+                                               exclude=job.exclude, pays=pays, one_scale=one,
+                                               progress=job.progress.sub(0.0, 0.05, ""))
+    job.info["rounding"] = {**job.rounded.info(), "calibration_samples": len(calib[0])}
+
+
+def _unrounded(job: _Job, model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
+    """``model`` with the original float weights of ``nodes`` (layers a search keeps float)."""
+    if job.rounded is None or not nodes:
+        return model
+    from . import gptq
+
+    return gptq.restore(model, job.rounded, nodes)
 
 
 _PRE_PASS_OPS = ("LSTM", "GRU", "RNN", "If", "Loop", "Scan", "Conv", "ConvTranspose")
@@ -1762,7 +1841,8 @@ def _quantize_static(job: _Job) -> onnx.ModelProto:
                                                        progress.sub(0.05, 0.85))
         chosen = {**params, "calibration": job.info["calibration"]["method"]}
         q, chosen, qop = _choose_format(job, q, calib, chosen, progress.sub(0.85, 0.95, "QOperator format: "))
-        job.redo = (lambda extra: static_int8(prepared, handle.input_names, calib, chosen,  # cancellable
+        job.redo = (lambda extra: static_int8(_unrounded(job, prepared, _nodes_for(prepared, extra)),  # cancellable
+                                              handle.input_names, calib, chosen,
                                               progress.sub(0.95, 1.0, "trying layers in float: "),
                                               exclude=exclude + _nodes_for(prepared, extra), qoperator=qop))
     job.info["quantized_nodes"] = _count(q, ("QuantizeLinear",))
@@ -1847,7 +1927,8 @@ def _quantize_weight_only(job: _Job) -> onnx.ModelProto:
     job.progress.update(0.2, "quantizing weights" + (" (MatMul to 4 bits, the rest to 8)"
                                                      if job.method == "weight-only-int4" else " to 8 bits"))
     q, done = weight_only_all(work, job.method, params, exclude)
-    job.redo = lambda extra: weight_only_all(work, job.method, params, exclude + _nodes_for(work, extra))[0]
+    job.redo = lambda extra: weight_only_all(_unrounded(job, work, _nodes_for(work, extra)), job.method, params,
+                                             exclude + _nodes_for(work, extra))[0]
     job.int8_nodes = done.int8_nodes
     int4 = _count(q, ("MatMulNBits",))
     job.info["quantized_layers"] = int4 + done.tensors

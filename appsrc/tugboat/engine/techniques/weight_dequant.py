@@ -103,10 +103,15 @@ def _plan(graph: onnx.GraphProto, tensor: onnx.TensorProto, walk: _Walk):
     axes = {output_axis(n, i, ndim) for n, i in weighted}
     axis = axes.pop() if len(axes) == 1 else None
     channels = tensor.dims[axis] if axis is not None else 1
-    size = int(np.prod(tensor.dims))
-    if 3 * size <= 4 * channels + _NODE_BYTES:  # int8 would not pay for its scales and node
+    if not pays_for_int8(int(np.prod(tensor.dims)), channels):
         return (None, None), [n.name for n, _ in weighted]
     return (axis, sorted({n.op_type for n, _ in weighted})), [n.name for n, _ in weighted]
+
+
+def pays_for_int8(size: int, channels: int) -> bool:
+    """Whether int8 pays for a weight of ``size`` elements with ``channels`` scales (and the Cast
+    and Mul nodes that expand it): it saves 3 bytes per element."""
+    return 3 * size > 4 * channels + _NODE_BYTES
 
 
 def quantize_tensor(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
