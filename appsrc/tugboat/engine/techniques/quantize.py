@@ -1751,7 +1751,7 @@ def _rounding(job: _Job) -> str:
     asked = job.params["rounding"]
     if asked == "nearest":
         return "nearest"
-    if (job.params.get("max_accuracy_drop") or 0) > 0:  # not a weight-only setting  # its layer-by-layer search rounds to nearest
+    if (job.params.get("max_accuracy_drop") or 0) > 0:  # its layer search rounds to nearest
         if asked == "gptq":
             job.warn.append("rounding = \"gptq\" is not combined with max_accuracy_drop: nearest rounding")
         return "nearest"
