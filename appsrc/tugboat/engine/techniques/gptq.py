@@ -49,7 +49,7 @@ class Rounded:
     skipped: dict[str, str] = field(default_factory=dict)  # node -> why it kept nearest rounding
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": "gptq", "layers": len(self.nodes)}
+        out: dict[str, Any] = {"method": "gptq", "layers": len(self.original)}
         if self.skipped:
             out["nearest"] = len(self.skipped)
         return out
@@ -114,48 +114,53 @@ def eligible(model: onnx.ModelProto, pays=lambda size, channels: True) -> int:
     return len(_candidates(model, set(), pays)[0])
 
 
-def _patches(node: onnx.NodeProto, x: np.ndarray, w_shape: list[int]):
-    """The layer's input ``x`` as [groups, rows, inputs per group] (torch tensor, float32)."""
-    import torch
-    import torch.nn.functional as F
+def _patches(node: onnx.NodeProto, x: np.ndarray, w_shape: list[int]) -> np.ndarray:
+    """The layer's input ``x`` as [groups, rows, inputs per group] (float32): the patches a
+    convolution multiplies with its weight, in the weight's (channel, kernel) order. numpy only: a
+    quantized ONNX model never imports torch (issue 17)."""
+    from numpy.lib.stride_tricks import sliding_window_view
 
     a = _attrs(node)
-    groups = int(a.get("group", 1))
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    one_d = len(w_shape) == 3
-    if one_d:
-        xt = xt.unsqueeze(2)
-    kernel = [1, w_shape[2]] if one_d else list(w_shape[2:])
-    strides = [1, *a.get("strides", [1])] if one_d else list(a.get("strides", [1, 1]))
-    dil = [1, *a.get("dilations", [1])] if one_d else list(a.get("dilations", [1, 1]))
-    pads = list(a.get("pads", [0] * (2 if one_d else 4)))
     if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise ValueError("auto_pad")
-    if one_d:  # [begin, end] -> 2-D with no height padding
-        pads = [0, pads[0], 0, pads[1]]
-    xt = F.pad(xt, (pads[1], pads[3], pads[0], pads[2]))
-    cols = F.unfold(xt, kernel, dilation=dil, stride=strides)  # [N, C*k, L]
-    n, ck, length = cols.shape
-    per = ck // groups
-    return cols.view(n, groups, per, length).permute(1, 0, 3, 2).reshape(groups, n * length, per)
+    groups = int(a.get("group", 1))
+    x = np.asarray(x, np.float32)
+    one_d = len(w_shape) == 3
+    if one_d:  # [N, C, L] -> [N, C, 1, L]
+        x = x[:, :, None, :]
+    kh, kw = (1, w_shape[2]) if one_d else (w_shape[2], w_shape[3])
+    sh, sw = (1, *a.get("strides", [1])) if one_d else tuple(a.get("strides", [1, 1]))
+    dh, dw = (1, *a.get("dilations", [1])) if one_d else tuple(a.get("dilations", [1, 1]))
+    pads = list(a.get("pads", [0] * (2 if one_d else 4)))
+    top, left, bottom, right = (0, pads[0], 0, pads[1]) if one_d else (pads[0], pads[1], pads[2], pads[3])
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    win = sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
+    n, c, ho, wo = win.shape[:4]
+    per = c // groups
+    win = win.reshape(n, groups, per, ho, wo, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+    return np.ascontiguousarray(win).reshape(groups, n * ho * wo, per * kh * kw)
 
 
-def _accumulate(h: dict[str, Any], node: onnx.NodeProto, layout: str, x: np.ndarray, w_shape: list[int]) -> None:
-    import torch
-
+def _accumulate(h: dict[int, np.ndarray], key: int, node: onnx.NodeProto, layout: str, x: np.ndarray,
+                w_shape: list[int]) -> None:
     if layout == "conv":
         p = _patches(node, x, w_shape)
     else:
-        p = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(1, -1, x.shape[-1])
-    part = torch.bmm(p.transpose(1, 2), p).double()
-    h[node.name] = part if node.name not in h else h[node.name] + part
+        p = np.asarray(x, np.float32).reshape(1, -1, x.shape[-1])
+    part = np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
+    h[key] = part if key not in h else h[key] + part
 
 
 def hessians(model: onnx.ModelProto, targets: list[tuple[onnx.NodeProto, str, str]], calib: list,
-             input_names: list[str], progress: Progress | None = None) -> dict[str, np.ndarray]:
-    """``{node name: H}`` with ``H`` [groups, d, d] = sum of ``x x^T`` over the calibration rows'
-    inputs of each target layer (patches for convolutions), from one ONNX Runtime pass."""
+             input_names: list[str], progress: Progress | None = None) -> list[np.ndarray]:
+    """``H`` [groups, d, d] for each target layer, in order: the sum of ``x x^T`` over the
+    calibration rows' inputs of the layer (patches for convolutions), from one ONNX Runtime pass
+    (a model with a fixed batch gets exactly its batch per run)."""
+    import os
+
     from ..measuring.runtime import ort_session
+    from .quant_error import fixed_batch
 
     progress = progress or null_progress()
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -163,23 +168,22 @@ def hessians(model: onnx.ModelProto, targets: list[tuple[onnx.NodeProto, str, st
     m.CopyFrom(model)
     wanted = list(dict.fromkeys(n.input[0] for n, _, _ in targets))
     have = {o.name for o in m.graph.output}
-    del m.graph.value_info[:]  # intermediate outputs of any shape
     for name in wanted:
         if name not in have:
             m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    import torch
-
-    session = ort_session(m.SerializeToString(), threads=torch.get_num_threads())
+    session = ort_session(m.SerializeToString(), threads=max(1, (os.cpu_count() or 2) - 1))
     outs = [o.name for o in session.get_outputs()]
     rows = len(calib[0])
-    h: dict[str, Any] = {}
-    for start in range(0, rows, BATCH):
+    batch = fixed_batch(model) or BATCH
+    h: dict[int, np.ndarray] = {}
+    for start in range(0, rows - batch + 1 if fixed_batch(model) else rows, batch):
+        progress.check()
         progress.update(start / max(rows, 1), f"GPTQ: layer inputs {start}/{rows}")
-        feed = {name: np.asarray(arr[start:start + BATCH]) for name, arr in zip(input_names, calib)}
+        feed = {name: np.asarray(arr[start:start + batch]) for name, arr in zip(input_names, calib)}
         got = dict(zip(outs, session.run(None, feed)))
-        for node, weight, layout in targets:
-            _accumulate(h, node, layout, got[node.input[0]], inits[weight])
-    return {k: v.numpy() for k, v in h.items()}
+        for k, (node, weight, layout) in enumerate(targets):
+            _accumulate(h, k, node, layout, got[node.input[0]], inits[weight])
+    return [h[k] for k in range(len(targets))] if len(h) == len(targets) else []
 
 
 def gptq_round(w: np.ndarray, hess: np.ndarray, qmax: int = 127, *, one_scale: bool = False) -> np.ndarray:
@@ -261,6 +265,9 @@ def round_weights(model: onnx.ModelProto, calib: list, input_names: list[str], *
     if not targets:
         return model, done
     hs = hessians(model, targets, calib, input_names, progress.sub(0.0, 0.5))
+    if not hs:  # fewer calibration rows than the model's fixed batch
+        done.skipped.update({n.name: "no calibration batch" for n, _, _ in targets})
+        return model, done
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {i.name: i for i in out.graph.initializer}
@@ -269,13 +276,14 @@ def round_weights(model: onnx.ModelProto, calib: list, input_names: list[str], *
         w = numpy_helper.to_array(inits[weight])
         rows = w.reshape(w.shape[0], -1) if layout in ("conv", "rows") else w.T
         try:
-            q = gptq_round(rows, hs[node.name], qmax, one_scale=weight in one_scale)
+            q = gptq_round(rows, hs[k], qmax, one_scale=weight in one_scale)
         except (np.linalg.LinAlgError, ValueError) as exc:
             done.skipped[node.name] = str(exc)
             continue
         new = q.reshape(w.shape) if layout in ("conv", "rows") else np.ascontiguousarray(q.T)
         inits[weight].CopyFrom(numpy_helper.from_array(new.astype(np.float32), weight))
-        done.nodes[node.name] = weight
+        if node.name:
+            done.nodes[node.name] = weight
         done.original[weight] = w
     return out, done
 
