@@ -149,3 +149,18 @@ def test_layers_kept_float_get_their_original_weights_back(net_files):
     orig = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     assert np.array_equal(w["w2"], orig["w2"]) and not np.array_equal(w["w1"], orig["w1"])
     assert np.array_equal(w["w3"], orig["w3"])
+
+
+def test_layers_beyond_the_memory_budget_take_another_pass_with_the_same_result(net_files, monkeypatch):
+    _, handle, data = net_files
+    model = handle.to_onnx()
+    calib = [data.split("train")[0]["x"]]
+    one, _ = gptq.round_weights(model, calib, ["x"])
+    passes = []
+    real = gptq.hessians
+    monkeypatch.setattr(gptq, "hessians", lambda *a, **k: (passes.append(len(a[1])), real(*a, **k))[1])
+    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 8 * 30 * 30)  # room for about one small layer at a time
+    split, done = gptq.round_weights(model, calib, ["x"])
+    assert len(passes) == 3 and len(done.original) == 3
+    for a, b in zip(one.graph.initializer, split.graph.initializer):
+        assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))

@@ -38,6 +38,7 @@ DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse 
 BLOCK = 128  # columns rounded between two lazy updates of the rest (GPTQ's blocking)
 MAX_COLUMNS = 8192  # a layer with more inputs per output channel than this keeps nearest rounding
 BATCH = 8  # calibration rows per ONNX Runtime run
+HESSIAN_BYTES = 1 << 30  # Hessians held at once; more layers take more passes over the calibration rows
 
 
 @dataclass
@@ -264,28 +265,56 @@ def round_weights(model: onnx.ModelProto, calib: list, input_names: list[str], *
     done = Rounded(skipped=skipped)
     if not targets:
         return model, done
-    hs = hessians(model, targets, calib, input_names, progress.sub(0.0, 0.5))
-    if not hs:  # fewer calibration rows than the model's fixed batch
-        done.skipped.update({n.name: "no calibration batch" for n, _, _ in targets})
-        return model, done
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {i.name: i for i in out.graph.initializer}
-    for k, (node, weight, layout) in enumerate(targets):
-        progress.update(0.5 + 0.5 * k / len(targets), f"GPTQ: rounding {node.name or weight}")
-        w = numpy_helper.to_array(inits[weight])
-        rows = w.reshape(w.shape[0], -1) if layout in ("conv", "rows") else w.T
-        try:
-            q = gptq_round(rows, hs[k], qmax, one_scale=weight in one_scale)
-        except (np.linalg.LinAlgError, ValueError) as exc:
-            done.skipped[node.name] = str(exc)
-            continue
-        new = q.reshape(w.shape) if layout in ("conv", "rows") else np.ascontiguousarray(q.T)
-        inits[weight].CopyFrom(numpy_helper.from_array(new.astype(np.float32), weight))
-        if node.name:
-            done.nodes[node.name] = weight
-        done.original[weight] = w
+    chunks = _chunks(model, targets)
+    for c, chunk in enumerate(chunks):
+        # the Hessians of one chunk at a time (one ONNX Runtime pass each), within HESSIAN_BYTES;
+        # inputs always from the float model, as in the one pass
+        part = progress.sub(c / len(chunks), (c + 1) / len(chunks))
+        hs = hessians(model, chunk, calib, input_names, part.sub(0.0, 0.5))
+        if not hs:  # fewer calibration rows than the model's fixed batch
+            done.skipped.update({n.name: "no calibration batch" for n, _, _ in targets})
+            return model, done
+        for k, (node, weight, layout) in enumerate(chunk):
+            part.update(0.5 + 0.5 * k / len(chunk), f"GPTQ: rounding {node.name or weight}")
+            w = numpy_helper.to_array(inits[weight])
+            rows = w.reshape(w.shape[0], -1) if layout in ("conv", "rows") else w.T
+            try:
+                q = gptq_round(rows, hs[k], qmax, one_scale=weight in one_scale)
+            except (np.linalg.LinAlgError, ValueError) as exc:
+                done.skipped[node.name] = str(exc)
+                continue
+            new = q.reshape(w.shape) if layout in ("conv", "rows") else np.ascontiguousarray(q.T)
+            inits[weight].CopyFrom(numpy_helper.from_array(new.astype(np.float32), weight))
+            if node.name:
+                done.nodes[node.name] = weight
+            done.original[weight] = w
+        del hs
     return out, done
+
+
+def _chunks(model: onnx.ModelProto, targets: list) -> list[list]:
+    """``targets`` in runs whose Hessians (float64, [groups, d, d] each) fit in :data:`HESSIAN_BYTES`."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    out: list[list] = [[]]
+    used = 0
+    for t in targets:
+        node, weight, layout = t
+        shape = dims[weight]
+        if layout == "conv":
+            groups = int(_attrs(node).get("group", 1))
+            d = int(np.prod(shape[1:]))
+        else:
+            groups, d = 1, shape[1] if layout == "rows" else shape[0]
+        size = 8 * groups * d * d
+        if out[-1] and used + size > HESSIAN_BYTES:
+            out.append([])
+            used = 0
+        out[-1].append(t)
+        used += size
+    return out
 
 
 def restore(model: onnx.ModelProto, rounded: Rounded, nodes: list[str]) -> onnx.ModelProto:
