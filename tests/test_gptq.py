@@ -164,3 +164,19 @@ def test_layers_beyond_the_memory_budget_take_another_pass_with_the_same_result(
     assert len(passes) == 3 and len(done.original) == 3
     for a, b in zip(one.graph.initializer, split.graph.initializer):
         assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_a_gptq_pass_that_fails_leaves_nearest_rounding_and_a_warning(net_files, monkeypatch):
+    _, handle, data = net_files
+
+    def broken(*_a, **_k):
+        raise MemoryError("no room for the layer inputs")
+
+    monkeypatch.setattr(gptq, "hessians", broken)
+    made = quantize.apply(handle, {"method": "weight-only-int8"}, data, null_progress())
+    nearest = quantize.apply(handle, {"method": "weight-only-int8", "rounding": "nearest"}, data, null_progress())
+    assert made.info["quantize"]["rounding"]["method"] == "nearest"
+    assert any("GPTQ rounding could not run" in w and "MemoryError" in w for w in made.warnings)
+    a = [numpy_helper.to_array(i) for i in made.onnx_model.graph.initializer]
+    b = [numpy_helper.to_array(i) for i in nearest.onnx_model.graph.initializer]
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -60,17 +60,17 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _layout(node: onnx.NodeProto, w: np.ndarray) -> str | None:
-    """How ``node`` reads its weight: "conv", "rows" ([out, in]: Gemm transB) or "cols" ([in, out]:
-    MatMul, Gemm without transB); None when GPTQ does not apply."""
-    if node.op_type == "Conv" and w.ndim in (3, 4):
+def _layout(node: onnx.NodeProto, ndim: int) -> str | None:
+    """How ``node`` reads its ``ndim``-D weight: "conv", "rows" ([out, in]: Gemm transB) or "cols"
+    ([in, out]: MatMul, Gemm without transB); None when GPTQ does not apply."""
+    if node.op_type == "Conv" and ndim in (3, 4):
         return "conv"
-    if node.op_type == "Gemm" and w.ndim == 2:
+    if node.op_type == "Gemm" and ndim == 2:
         a = _attrs(node)
         if a.get("transA", 0):
             return None
         return "rows" if a.get("transB", 0) else "cols"
-    if node.op_type == "MatMul" and w.ndim == 2:
+    if node.op_type == "MatMul" and ndim == 2:
         return "cols"
     return None
 
@@ -92,7 +92,7 @@ def _candidates(model: onnx.ModelProto, exclude: set[str], pays) -> tuple[list[t
         if n.name in exclude or t.data_type != onnx.TensorProto.FLOAT:
             continue
         w_shape = list(t.dims)
-        layout = _layout(n, np.empty(w_shape, np.float32)) if len(w_shape) in (2, 3, 4) else None
+        layout = _layout(n, len(w_shape))
         if layout is None:
             skipped[n.name] = "a layout GPTQ does not handle"
             continue

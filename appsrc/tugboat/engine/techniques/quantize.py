@@ -1780,9 +1780,17 @@ def _gptq(job: _Job) -> None:
     pays = (lambda size, channels: True) if static else weight_dequant.pays_for_int8
     # the convolutions static int8 gives one scale (one_scale_layers): rounded on that grid
     one = set(one_scale_layers(job.work)) if static else set()
-    job.work, job.rounded = gptq.round_weights(job.work, calib, job.handle.input_names, qmax=job.qmax,
-                                               exclude=job.exclude, pays=pays, one_scale=one,
-                                               progress=job.progress.sub(0.0, 0.05, ""))
+    try:
+        job.work, job.rounded = gptq.round_weights(job.work, calib, job.handle.input_names, qmax=job.qmax,
+                                                   exclude=job.exclude, pays=pays, one_scale=one,
+                                                   progress=job.progress.sub(0.0, 0.05, ""))
+    except Cancelled:
+        raise
+    except Exception as exc:  # an improvement, not a requirement: the step goes on with nearest rounding
+        job.warn.append(f"GPTQ rounding could not run ({type(exc).__name__}: {str(exc)[:200]}); "
+                        f"weights rounded to nearest")
+        job.info["rounding"] = {"method": "nearest", "gptq_failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        return
     job.info["rounding"] = {**job.rounded.info(), "calibration_samples": len(calib[0])}
 
 
