@@ -369,7 +369,19 @@ def _mark_heads(gm: fx.GraphModule, start: fx.Node, known: dict[fx.Node, Any], h
     """Give the Linear layers of ``width`` outputs that produce ``start`` (through anything but other
     layers) ``NUM_HEADS``; any other layer found there, or one split two ways, keeps its output
     channels instead."""
-    todo, seen = [start], set()
+    for _node, layer in _layers_behind(gm, [start], known):
+        if not isinstance(layer, nn.Linear) or layer.out_features != width or \
+                getattr(layer, NUM_HEADS, heads) != heads:
+            setattr(layer, KEEP_OUT_CHANNELS, True)
+        else:
+            setattr(layer, NUM_HEADS, heads)
+
+
+def _layers_behind(gm: fx.GraphModule, starts: list, known: dict[fx.Node, Any], stop=lambda node: False):
+    """``(node, layer)`` for each layer (:data:`_PRODUCERS`) reached walking back from ``starts``
+    through everything but other layers, graph inputs, computed constants (``known``) and the nodes
+    ``stop`` says end the walk; each node once."""
+    todo, seen = list(starts), set()
     while todo:
         node = todo.pop()
         if not isinstance(node, fx.Node) or node in seen or node in known or node.op == "placeholder":
@@ -377,12 +389,8 @@ def _mark_heads(gm: fx.GraphModule, start: fx.Node, known: dict[fx.Node, Any], h
         seen.add(node)
         layer = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(layer, _PRODUCERS):
-            if not isinstance(layer, nn.Linear) or layer.out_features != width or \
-                    getattr(layer, NUM_HEADS, heads) != heads:
-                setattr(layer, KEEP_OUT_CHANNELS, True)
-            else:
-                setattr(layer, NUM_HEADS, heads)
-        else:
+            yield node, layer
+        elif not stop(node):
             todo.extend(node.all_input_nodes)
 
 
@@ -571,21 +579,11 @@ def _feeding_reshapes(gm: fx.GraphModule, known: dict[fx.Node, Any]) -> set[str]
     turned back into a map: their shapes hold the channel count, written down or computed), walking
     back through everything but other layers and reshapes. Flattens were already rewritten as
     torch.flatten, which follows pruning."""
-    found: set[str] = set()
-    todo = [n.args[0] for n in gm.graph.nodes
-            if _is(gm, n, "OnnxReshape", (torch.reshape,), ("reshape", "view")) and n.args]
-    seen: set[fx.Node] = set()
-    while todo:
-        node = todo.pop()
-        if not isinstance(node, fx.Node) or node in seen or node in known or node.op == "placeholder":
-            continue
-        seen.add(node)
-        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(layer, _PRODUCERS):
-            found.add(node.target)
-        elif not _is(gm, node, "OnnxReshape", (torch.reshape,), ("reshape", "view")):
-            todo.extend(node.all_input_nodes)
-    return found
+    def reshape(n: fx.Node) -> bool:
+        return _is(gm, n, "OnnxReshape", (torch.reshape,), ("reshape", "view"))
+
+    starts = [n.args[0] for n in gm.graph.nodes if reshape(n) and n.args]
+    return {node.target for node, _layer in _layers_behind(gm, starts, known, stop=reshape)}
 
 
 def _fix_split_channels(gm: fx.GraphModule, known: dict[fx.Node, Any]) -> int:
