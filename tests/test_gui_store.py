@@ -32,6 +32,13 @@ def _points(chart) -> set[str]:
     return {str(n) for n in chart.scatter.data["data"]}
 
 
+def _window_parts() -> tuple[JobQueue, VariantStore, Session, WorkspaceKeeper]:
+    """What the window wires together around its workspace: queue, store, session, keeper."""
+    queue, store = JobQueue(), VariantStore()
+    session = Session(store, queue)
+    return queue, store, session, WorkspaceKeeper(store, session, queue)
+
+
 def test_a_variant_the_workspace_gains_reaches_table_and_chart_through_the_adapter(qtbot, tmp_path):
     ws = Workspace.create(tmp_path / "ws", model="demo:digits-cnn")
     store = VariantStore(workspace=ws)
@@ -87,9 +94,7 @@ def test_the_store_keeps_a_model_the_workspace_dropped(qtbot, tmp_path):
 
 
 def test_a_single_run_lands_in_the_workspace_before_the_table(qtbot, tmp_path):
-    queue, store = JobQueue(), VariantStore()
-    session = Session(store, queue)
-    keeper = WorkspaceKeeper(store, session, queue)
+    queue, store, session, keeper = _window_parts()
     table = ResultsTable(store)
     qtbot.addWidget(table)
     ws = keeper.new(str(tmp_path / "ws"))
@@ -117,9 +122,7 @@ def test_a_single_run_lands_in_the_workspace_before_the_table(qtbot, tmp_path):
 def test_results_made_before_a_folder_move_into_the_first_one(qtbot, tmp_path, monkeypatch):
     from tugboat.ui import workspace_io
 
-    queue, store = JobQueue(), VariantStore()
-    session = Session(store, queue)
-    keeper = WorkspaceKeeper(store, session, queue)
+    queue, store, _session, keeper = _window_parts()
     unsaved = store.workspace
     assert not unsaved.persist
     store.start(Variant("baseline", {"steps": []}, _metrics(4000, 2.0, 0.97)))
@@ -139,9 +142,7 @@ def test_results_made_before_a_folder_move_into_the_first_one(qtbot, tmp_path, m
 
 
 def test_a_reload_shows_the_workspace_only_when_its_results_compare(qtbot, tmp_path):
-    queue, store = JobQueue(), VariantStore()
-    session = Session(store, queue)
-    keeper = WorkspaceKeeper(store, session, queue)
+    queue, store, session, keeper = _window_parts()
     ws = keeper.new(str(tmp_path / "ws"))
     session.model_ref, session.data_ref = "demo:digits-cnn", "demo:digits"  # as if it were loaded
     keeper.place_baseline(Variant("baseline", {"steps": []}, _metrics(4000, 2.0, 0.97)))
@@ -167,9 +168,7 @@ def test_the_index_names_the_artifact_when_saved_is_told_and_a_burst_saves_it_on
     # once a variant's files are written, the index that names its artifact is saved in the event
     # loop's next turn (a shorter piece of GUI-thread work per landing, issue 17): ``saved`` comes
     # after that save, and files written in one turn are one save, not one each
-    queue, store = JobQueue(), VariantStore()
-    session = Session(store, queue)
-    keeper = WorkspaceKeeper(store, session, queue)
+    queue, _store, session, keeper = _window_parts()
     ws = keeper.new(str(tmp_path / "ws"))
     saves = []
     real_save = Workspace.save
@@ -204,9 +203,7 @@ def test_the_index_names_the_artifact_when_saved_is_told_and_a_burst_saves_it_on
 
 
 def test_switching_workspace_writes_the_put_off_save_first(qtbot, tmp_path):
-    queue, store = JobQueue(), VariantStore()
-    session = Session(store, queue)
-    keeper = WorkspaceKeeper(store, session, queue)
+    queue, _store, session, keeper = _window_parts()
     ws = keeper.new(str(tmp_path / "ws"))
     run = Variant("prune-a", {"steps": PRUNE}, _metrics(1000, 1.0, 0.9))
     session._on_variant_finished(run)
