@@ -175,9 +175,10 @@ def hessians(model: onnx.ModelProto, targets: list[tuple[onnx.NodeProto, str, st
     session = ort_session(m.SerializeToString(), threads=max(1, (os.cpu_count() or 2) - 1))
     outs = [o.name for o in session.get_outputs()]
     rows = len(calib[0])
-    batch = fixed_batch(model) or BATCH
+    fixed = fixed_batch(model)
+    batch = fixed or BATCH
     h: dict[int, np.ndarray] = {}
-    for start in range(0, rows - batch + 1 if fixed_batch(model) else rows, batch):
+    for start in range(0, rows - batch + 1 if fixed else rows, batch):
         progress.check()
         progress.update(start / max(rows, 1), f"GPTQ: layer inputs {start}/{rows}")
         feed = {name: np.asarray(arr[start:start + batch]) for name, arr in zip(input_names, calib)}

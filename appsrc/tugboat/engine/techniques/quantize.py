@@ -1605,6 +1605,7 @@ class _Job:
     int8_nodes: dict[str, int] | None = None  # weight-only: node -> int8 weight elements it reads
     rounded: Any = None  # gptq.Rounded: the weights of ``work`` GPTQ put on the int8 grid
     qmax: int = 127  # the grid ``rounded`` is on
+    calib: tuple[list, list[str]] | None = None  # (calibration arrays, notes): see _calibration
 
 
 def apply(handle: ModelHandle, params: dict[str, Any], data: Dataset | None,
@@ -1765,8 +1766,22 @@ def _rounding(job: _Job) -> str:
 
     # nothing GPTQ can round (weights only inside If/Loop bodies, or all too small): nearest, and the
     # fidelity check keeps the train rows a GPTQ pass would have been fitted to
-    pays = (lambda size, channels: True) if job.method in _STATIC else weight_dequant.pays_for_int8
-    return "gptq" if gptq.eligible(job.float_model, pays) else "nearest"
+    return "gptq" if gptq.eligible(job.float_model, _pays(job.method)) else "nearest"
+
+
+def _pays(method: str):
+    """Which weights ``method`` quantizes, as ``pays(size, channels)``: every one for static int8,
+    those int8 pays for (their scales and nodes) for weight-only int8."""
+    return (lambda size, channels: True) if method in _STATIC else weight_dequant.pays_for_int8
+
+
+def _calibration(job: _Job) -> tuple[list, list[str]]:
+    """The calibration rows (and what :func:`_calib_arrays` notes about them), made once per job:
+    the GPTQ pass and static int8's calibration read the same rows."""
+    if job.calib is None:
+        notes: list[str] = []
+        job.calib = (_calib_arrays(job.data, job.handle, _samples(job.params), job.method, notes), notes)
+    return job.calib
 
 
 def _gptq(job: _Job) -> None:
@@ -1776,13 +1791,12 @@ def _gptq(job: _Job) -> None:
 
     static = job.method in _STATIC
     job.qmax = 64 if static and _reduce_range(job.params["reduce_range"]) else 127
-    calib = _calib_arrays(job.data, job.handle, _samples(job.params), job.method)
-    pays = (lambda size, channels: True) if static else weight_dequant.pays_for_int8
+    calib, _notes = _calibration(job)
     # the convolutions static int8 gives one scale (one_scale_layers): rounded on that grid
     one = set(one_scale_layers(job.work)) if static else set()
     try:
         job.work, job.rounded = gptq.round_weights(job.work, calib, job.handle.input_names, qmax=job.qmax,
-                                                   exclude=job.exclude, pays=pays, one_scale=one,
+                                                   exclude=job.exclude, pays=_pays(job.method), one_scale=one,
                                                    progress=job.progress.sub(0.0, 0.05, ""))
     except Cancelled:
         raise
@@ -1831,8 +1845,7 @@ def _subgraph_weights_check(job: _Job) -> None:
 def _quantize_static(job: _Job) -> onnx.ModelProto:
     _subgraph_weights_check(job)
     params, handle, progress, prepared = job.params, job.handle, job.progress, job.work
-    notes: list[str] = []
-    calib = _calib_arrays(job.data, handle, params["calibration_samples"], job.method, notes)
+    calib, notes = _calibration(job)
     params, keep_float, plan = _static_plan(prepared, params)
     job.params = params
     if plan:
