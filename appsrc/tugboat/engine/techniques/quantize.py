@@ -1801,9 +1801,9 @@ def _gptq(job: _Job) -> None:
     except Cancelled:
         raise
     except Exception as exc:  # an improvement, not a requirement: the step goes on with nearest rounding
-        job.warn.append(f"GPTQ rounding could not run ({type(exc).__name__}: {str(exc)[:200]}); "
-                        f"weights rounded to nearest")
-        job.info["rounding"] = {"method": "nearest", "gptq_failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        why = f"{type(exc).__name__}: {str(exc)[:200]}"
+        job.warn.append(f"GPTQ rounding could not run ({why}); weights rounded to nearest")
+        job.info["rounding"] = {"method": "nearest", "gptq_failed": why}
         return
     job.info["rounding"] = {**job.rounded.info(), "calibration_samples": len(calib[0])}
 
